@@ -1,0 +1,96 @@
+"""DTLS 1.2 record framing (RFC 6347 section 4.1).
+
+Hand-written because neither backend exposes record boundaries: OpenSSL's memory BIO joins the
+datagrams it writes, and tinydtls writes one record per call. Only the 13-byte header is read;
+nothing here looks inside a record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from .errors import ProtocolViolation
+
+HEADER_LEN = 13
+CONTENT_CHANGE_CIPHER_SPEC = 20
+CONTENT_ALERT = 21
+CONTENT_HANDSHAKE = 22
+CONTENT_APPLICATION_DATA = 23
+_CONTENT_TYPES = frozenset(
+    (CONTENT_CHANGE_CIPHER_SPEC, CONTENT_ALERT, CONTENT_HANDSHAKE, CONTENT_APPLICATION_DATA)
+)
+HANDSHAKE_CLIENT_HELLO = 1
+HANDSHAKE_HELLO_VERIFY_REQUEST = 3
+MAX_RECORD_PAYLOAD = 16384 + 2048  # RFC 6347: ciphertext fragment limit
+
+
+def split_records(data: bytes) -> list[bytes]:
+    """Split a buffer of concatenated DTLS records, raising :class:`ProtocolViolation`."""
+    return list(iter_records(data))
+
+
+def iter_records(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < HEADER_LEN:
+            raise ProtocolViolation(f"truncated DTLS record header ({len(view) - pos} bytes)")
+        ctype = view[pos]
+        if ctype not in _CONTENT_TYPES:
+            raise ProtocolViolation(f"unknown DTLS content type {ctype}")
+        if view[pos + 1] != 0xFE:
+            raise ProtocolViolation("not a DTLS record (version major byte is not 0xfe)")
+        length = int.from_bytes(view[pos + 11 : pos + 13], "big")
+        if length > MAX_RECORD_PAYLOAD:
+            raise ProtocolViolation(f"DTLS record length {length} exceeds the limit")
+        end = pos + HEADER_LEN + length
+        if end > len(view):
+            raise ProtocolViolation("DTLS record runs past the end of the datagram")
+        yield bytes(view[pos:end])
+        pos = end
+
+
+def content_type(record: bytes) -> int:
+    return record[0]
+
+
+def epoch(record: bytes) -> int:
+    return int.from_bytes(record[3:5], "big")
+
+
+def handshake_type(record: bytes) -> int | None:
+    """The handshake message type of an unencrypted (epoch 0) handshake record."""
+    if record[0] != CONTENT_HANDSHAKE or epoch(record) != 0 or len(record) <= HEADER_LEN:
+        return None
+    return record[HEADER_LEN]
+
+
+def client_hello_random(datagram: bytes) -> bytes | None:
+    """The 32-byte random of the ClientHello that starts ``datagram``, if it starts with one.
+
+    RFC 6347 section 4.2.1 keeps the random unchanged when the client repeats its ClientHello
+    with a cookie, so it names one handshake attempt across the cookie exchange.
+    """
+    # record header 13, handshake header 12, client_version 2, random 32
+    if len(datagram) < HEADER_LEN + 12 + 2 + 32:
+        return None
+    if datagram[0] != CONTENT_HANDSHAKE or datagram[HEADER_LEN] != HANDSHAKE_CLIENT_HELLO:
+        return None
+    if epoch(datagram) != 0:
+        return None
+    start = HEADER_LEN + 12 + 2
+    return bytes(datagram[start : start + 32])
+
+
+def pack_datagrams(records: Iterable[bytes], mtu: int) -> list[bytes]:
+    """Pack records into as few datagrams as fit ``mtu``; an oversized record goes alone."""
+    out: list[bytes] = []
+    current = bytearray()
+    for record in records:
+        if current and len(current) + len(record) > mtu:
+            out.append(bytes(current))
+            current = bytearray()
+        current += record
+    if current:
+        out.append(bytes(current))
+    return out

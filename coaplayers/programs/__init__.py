@@ -1,0 +1,1 @@
+"""The programs people run; client/ and server/ install here (see pyproject.toml)."""
