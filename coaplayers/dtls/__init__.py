@@ -1,1 +1,68 @@
-"""(filled in as the layer is built)"""
+"""The sans-I/O DTLS engine used by both layers.
+
+One interface (:class:`DtlsSession`), two backends:
+
+* :mod:`~coaplayers.dtls.tinydtls`: PSK, TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK profile);
+* :mod:`~coaplayers.dtls.openssl`: X.509 (ECDSA P-256, ECDHE, CCM-8/GCM), cookies, resumption
+  and the TLS exporter.
+
+Servers accept sessions through a listener (:class:`TinyDtlsListener`,
+:class:`OpenSslListener`) that stays stateless until a ClientHello returns a valid cookie.
+"""
+
+from .credentials import (
+    CertificateCredentials,
+    KeyFilePermissionWarning,
+    PskClientCredentials,
+    PskStore,
+    check_key_file_permissions,
+    parse_key_text,
+)
+from .errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DtlsError,
+    HandshakeTimeout,
+    IdleTimeout,
+    PeerAlert,
+    ProtocolViolation,
+    SessionClosed,
+)
+from .events import AlertReceived, ApplicationData, ConnectionClosed, Event, HandshakeComplete
+from .openssl import OpenSslListener, OpenSslSession, TicketStore, build_context
+from .session import DtlsConfig, DtlsSession, State
+from .tinydtls import TinyDtlsListener, TinyDtlsSession
+
+Listener = TinyDtlsListener | OpenSslListener
+
+__all__ = [
+    "AlertReceived",
+    "ApplicationData",
+    "AuthenticationFailed",
+    "CertificateCredentials",
+    "ConfigurationError",
+    "ConnectionClosed",
+    "DtlsConfig",
+    "DtlsError",
+    "DtlsSession",
+    "Event",
+    "HandshakeComplete",
+    "HandshakeTimeout",
+    "IdleTimeout",
+    "KeyFilePermissionWarning",
+    "Listener",
+    "OpenSslListener",
+    "OpenSslSession",
+    "PeerAlert",
+    "ProtocolViolation",
+    "PskClientCredentials",
+    "PskStore",
+    "SessionClosed",
+    "State",
+    "TicketStore",
+    "TinyDtlsListener",
+    "TinyDtlsSession",
+    "build_context",
+    "check_key_file_permissions",
+    "parse_key_text",
+]

@@ -1,0 +1,397 @@
+"""OpenSSL backend (through pyOpenSSL): X.509 with ECDSA P-256, ECDHE, AES-CCM-8 and AES-GCM.
+
+The only backend with a TLS exporter (RFC 5705), so the one that keys OSCORE. It runs over
+memory BIOs: OpenSSL's memory BIO joins the datagrams it writes, so the output is split on
+record boundaries again (:mod:`coaplayers.dtls.records`) and repacked to the configured MTU.
+
+Server sessions come from an :class:`OpenSslListener`, which follows OpenSSL's own pattern for
+stateless cookies: one listening SSL object answers ClientHellos with a HelloVerifyRequest
+(``DTLSv1_listen``); when a ClientHello returns a valid cookie, that object becomes the
+session and a fresh one listens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Hashable
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
+from OpenSSL import SSL, crypto
+
+from . import records
+from .credentials import CertificateCredentials
+from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
+from .session import DtlsConfig, DtlsSession, State
+
+DEFAULT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
+    ":@SECLEVEL=0"  # CCM_8's 64-bit tag is below OpenSSL's default security level
+)
+_COOKIE_LEN = 16
+_lib = SSL._lib  # type: ignore[attr-defined]  # SSL_session_reused is not wrapped
+
+
+class TicketStore:
+    """Resumption state a client keeps per server (OpenSSL session objects, in memory)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self._limit = limit
+        self._sessions: dict[Hashable, SSL.Session] = {}
+
+    def get(self, key: Hashable) -> SSL.Session | None:
+        return self._sessions.get(key)
+
+    def put(self, key: Hashable, session: SSL.Session) -> None:
+        self._sessions.pop(key, None)
+        self._sessions[key] = session
+        while len(self._sessions) > self._limit:
+            self._sessions.pop(next(iter(self._sessions)))
+
+    def forget(self, key: Hashable) -> None:
+        self._sessions.pop(key, None)
+
+
+def build_context(
+    credentials: CertificateCredentials, *, server: bool, ciphers: str = DEFAULT_CIPHERS
+) -> SSL.Context:
+    """An OpenSSL context for DTLS 1.2 with these credentials; build once per endpoint."""
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_options(
+        SSL.OP_NO_QUERY_MTU | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_TICKET
+    )
+    try:
+        ctx.set_cipher_list(ciphers.encode())
+    except SSL.Error as exc:
+        raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
+    if not credentials.certificate_chain:
+        raise ConfigurationError("certificate credentials need at least one certificate")
+    try:
+        ctx.use_certificate(crypto.X509.from_cryptography(credentials.certificate_chain[0]))
+        for extra in credentials.certificate_chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.private_key))  # type: ignore[arg-type]
+        ctx.check_privatekey()
+    except (SSL.Error, TypeError, ValueError) as exc:
+        raise ConfigurationError("certificate and private key do not match or are unusable") from exc
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in credentials.trusted:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    mode = SSL.VERIFY_NONE
+    if credentials.trusted or credentials.require_peer:
+        mode = SSL.VERIFY_PEER
+        if server and credentials.require_peer:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, None)
+    # Resumption by session ID (no tickets: a ticket would add ~200 bytes to every handshake).
+    ctx.set_session_id(b"coaplayers")
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER if server else SSL.SESS_CACHE_CLIENT)
+    return ctx
+
+
+class OpenSslSession(DtlsSession):
+    """A certificate-mode session; create with :meth:`client` or through a listener."""
+
+    def __init__(
+        self,
+        connection: SSL.Connection,
+        credentials: CertificateCredentials,
+        *,
+        is_client: bool,
+        config: DtlsConfig | None,
+    ) -> None:
+        super().__init__(is_client=is_client, config=config)
+        self._conn: SSL.Connection | None = connection
+        self._credentials = credentials
+        connection.set_ciphertext_mtu(self.config.mtu)
+
+    @classmethod
+    def client(
+        cls,
+        context: SSL.Context,
+        credentials: CertificateCredentials,
+        config: DtlsConfig | None = None,
+        *,
+        resume: SSL.Session | None = None,
+    ) -> OpenSslSession:
+        conn = SSL.Connection(context, None)
+        conn.set_connect_state()
+        if credentials.server_name and not _is_ip(credentials.server_name):
+            conn.set_tlsext_host_name(credentials.server_name.encode())
+        if resume is not None:
+            conn.set_session(resume)
+        return cls(conn, credentials, is_client=True, config=config)
+
+    @property
+    def resumption_state(self) -> SSL.Session | None:
+        """What a later :meth:`client` call passes as ``resume`` to skip the full handshake."""
+        if self._conn is None or self.state is not State.ESTABLISHED:
+            return None
+        return self._conn.get_session()
+
+    def export_keying_material(
+        self, label: bytes, length: int, context: bytes | None = None
+    ) -> bytes:
+        if self._conn is None or self.state is not State.ESTABLISHED:
+            raise DtlsError("the exporter needs an established session")
+        return bytes(self._conn.export_keying_material(label, length, context))
+
+    # DtlsSession hooks
+
+    def _backend_start(self) -> None:
+        self._handshake_step()
+
+    def _backend_receive(self, recs: list[bytes]) -> None:
+        conn = self._require()
+        conn.bio_write(b"".join(recs))
+        if self.state is State.HANDSHAKING:
+            self._handshake_step()
+        if self.state is State.ESTABLISHED:
+            self._read_application_data()
+
+    def _backend_send(self, data: bytes) -> None:
+        conn = self._require()
+        limit = conn.get_cleartext_mtu() if hasattr(conn, "get_cleartext_mtu") else None
+        if limit and len(data) > limit:
+            raise DtlsError(f"{len(data)} bytes do not fit one record of this MTU ({limit})")
+        try:
+            conn.send(data)
+        except SSL.Error as exc:
+            raise _map_error(exc, self.is_client) from exc
+        self._pump()
+
+    def _backend_close_notify(self) -> None:
+        conn = self._require()
+        try:
+            conn.shutdown()
+        except SSL.Error:
+            pass
+        self._pump()
+
+    def _backend_free(self) -> None:
+        self._conn = None
+
+    # internals
+
+    def _require(self) -> SSL.Connection:
+        if self._conn is None:
+            raise DtlsError("session is closed")
+        return self._conn
+
+    def _pump(self) -> None:
+        conn = self._require()
+        while True:
+            try:
+                chunk = conn.bio_read(65536)
+            except SSL.WantReadError:
+                return
+            if not chunk:
+                return
+            for record in records.split_records(chunk):
+                self._emit(record)
+
+    def _handshake_step(self) -> None:
+        conn = self._require()
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            self._pump()
+            return
+        except SSL.Error as exc:
+            self._pump()  # our fatal alert, if OpenSSL queued one
+            raise _map_error(exc, self.is_client) from exc
+        self._pump()
+        identity = self._verify_peer(conn)
+        cipher = conn.get_cipher_name() or "unknown"
+        self._established(identity, cipher, bool(_lib.SSL_session_reused(conn._ssl)))
+
+    def _verify_peer(self, conn: SSL.Connection) -> str | None:
+        peer = conn.get_peer_certificate()
+        if peer is None:
+            if self.is_client or self._credentials.require_peer:
+                raise AuthenticationFailed("the peer presented no certificate")
+            return None
+        cert = peer.to_cryptography()
+        creds = self._credentials
+        if self.is_client and creds.server_name and not _name_matches(cert, creds.server_name):
+            raise AuthenticationFailed(
+                f"the server's certificate is not for {creds.server_name!r}"
+                f" (it names {', '.join(_cert_names(cert)) or 'nothing'})"
+            )
+        if creds.verify_peer is not None and not creds.verify_peer(cert):
+            raise AuthenticationFailed("the peer's certificate was refused by local policy")
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cns[0].value) if cns else cert.subject.rfc4514_string()
+
+    def _read_application_data(self) -> None:
+        conn = self._require()
+        while True:
+            try:
+                data = conn.recv(65536)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                self._alert(1, 0)
+                self._pump()
+                self._fail(None)
+                return
+            except SSL.Error as exc:
+                self._pump()
+                raise _map_error(exc, self.is_client) from exc
+            self._app_data(bytes(data))
+
+
+class OpenSslListener:
+    """Accepts certificate-mode handshakes; stateless until a ClientHello returns our cookie."""
+
+    def __init__(
+        self,
+        credentials: CertificateCredentials,
+        config: DtlsConfig | None = None,
+        *,
+        ciphers: str = DEFAULT_CIPHERS,
+    ) -> None:
+        self.credentials = credentials
+        self.config = config or DtlsConfig()
+        self.context = build_context(credentials, server=True, ciphers=ciphers)
+        self._secret = os.urandom(32)
+        self.context.set_cookie_generate_callback(self._cookie)
+        self.context.set_cookie_verify_callback(
+            lambda _conn, cookie: hmac.compare_digest(cookie, self._cookie(_conn))
+        )
+        self._listening = self._new_listener()
+
+    def _cookie(self, conn: SSL.Connection) -> bytes:
+        msg = repr(conn.get_app_data()).encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()[:_COOKIE_LEN]
+
+    def _new_listener(self) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_accept_state()
+        conn.set_ciphertext_mtu(self.config.mtu)
+        return conn
+
+    def accept(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], OpenSslSession | None]:
+        """As :meth:`coaplayers.dtls.tinydtls.TinyDtlsListener.accept`."""
+        if records.client_hello_random(datagram) is None:
+            return [], None
+        conn = self._listening
+        conn.set_app_data(peer_key)  # what the cookie binds to, read by _cookie()
+        try:
+            conn.bio_write(datagram)
+            conn.DTLSv1_listen()
+        except SSL.WantReadError:
+            out: list[bytes] = []
+            while True:
+                try:
+                    out.append(conn.bio_read(65536))
+                except SSL.WantReadError:
+                    break
+            if out:  # a HelloVerifyRequest
+                return records.pack_datagrams(records.split_records(b"".join(out)), self.config.mtu), None
+            return [], None
+        except (SSL.Error, ValueError, DtlsError):
+            self._listening = self._new_listener()
+            return [], None
+        # The cookie was valid: this SSL object is now the session.
+        self._listening = self._new_listener()
+        session = OpenSslSession(conn, self.credentials, is_client=False, config=self.config)
+        session._now = now
+        session.state = State.HANDSHAKING
+        session._handshake_deadline = now + self.config.handshake_timeout
+        session._received_any = True
+        session._guard(session._handshake_step)
+        session._after_step(progressed=True)
+        return [], session
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+_ALERT_RE = re.compile(r"alert (.+)$")
+_ALERT_NUMBERS = {
+    "bad certificate": 42,
+    "unsupported certificate": 43,
+    "certificate revoked": 44,
+    "certificate expired": 45,
+    "certificate unknown": 46,
+    "unknown ca": 48,
+    "access denied": 49,
+    "decode error": 50,
+    "decrypt error": 51,
+    "handshake failure": 40,
+    "protocol version": 70,
+    "insufficient security": 71,
+    "internal error": 80,
+    "illegal parameter": 47,
+    "unexpected message": 10,
+    "bad record mac": 20,
+}
+
+
+def _map_error(exc: SSL.Error, we_are_client: bool) -> DtlsError:
+    reasons = [str(r[2]) for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else [])]
+    text = "; ".join(reasons) or str(exc)
+    for reason in reasons:
+        m = _ALERT_RE.search(reason)
+        if m:
+            number = _ALERT_NUMBERS.get(m.group(1).strip())
+            if number is not None:
+                return alert_error(number, we_are_client=we_are_client)
+            return PeerAlert(0, f"peer sent fatal alert: {m.group(1)}")
+    if "certificate verify failed" in text:
+        who = "server" if we_are_client else "client"
+        return AuthenticationFailed(
+            f"the {who}'s certificate is not trusted (certificate verify failed): is our CA file"
+            " the one that signed it?"
+        )
+    if "peer did not return a certificate" in text:
+        return AuthenticationFailed("the client presented no certificate, and one is required")
+    if "no shared cipher" in text or "no suitable" in text:
+        return AuthenticationFailed(f"no cipher suite in common with the peer ({text})")
+    return DtlsError(f"DTLS error: {text}")
+
+
+def _cert_names(cert: x509.Certificate) -> list[str]:
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        names += san.get_values_for_type(x509.DNSName)
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names
+
+
+def _name_matches(cert: x509.Certificate, name: str) -> bool:
+    name = name.strip("[]").lower()
+    for candidate in _cert_names(cert):
+        candidate = candidate.lower()
+        if candidate == name:
+            return True
+        if candidate.startswith("*.") and "." in name and name.split(".", 1)[1] == candidate[2:]:
+            return True
+    return False
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def generate_p256_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())

@@ -1,0 +1,300 @@
+"""The sans-I/O DTLS session that both layers drive.
+
+A :class:`DtlsSession` is one DTLS 1.2 association. Like aioquic's ``QuicConnection`` it is driven
+by exactly three things, and owns no socket, no event loop and no clock:
+
+* API calls: :meth:`DtlsSession.connect`, :meth:`DtlsSession.send`, :meth:`DtlsSession.close`;
+* received datagrams: :meth:`DtlsSession.receive_datagram`;
+* a timer: :meth:`DtlsSession.get_timer` says when, :meth:`DtlsSession.handle_timer` runs it.
+
+After each call, the owner collects :meth:`DtlsSession.datagrams_to_send` (already packed into
+datagrams of at most ``mtu`` bytes) and :meth:`DtlsSession.next_event` until it returns ``None``.
+
+Handshake retransmission lives here rather than in the backends: both OpenSSL and tinydtls read
+the wall clock for their own timers, which would make the engine untestable with hand-driven
+time. The session keeps the last flight it sent and repeats it, byte for byte, when its timer
+expires (RFC 6347 section 4.2.4); the peer's replay window drops a copy it already has. The side
+that sends the final flight repeats it when the peer's previous flight arrives again.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from . import records
+from .errors import (
+    DtlsError,
+    HandshakeTimeout,
+    ProtocolViolation,
+    SessionClosed,
+)
+from .events import (
+    AlertReceived,
+    ApplicationData,
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DtlsConfig:
+    """Timers and sizes of one session; the defaults suit CoAP over constrained links."""
+
+    mtu: int = 1152
+    """Largest datagram the session emits (ciphertext, DTLS headers included)."""
+    initial_retransmit: float = 1.0
+    """First handshake retransmission timeout (RFC 6347 recommends 1 s)."""
+    max_retransmit: float = 8.0
+    """Cap of the doubling retransmission timeout."""
+    handshake_timeout: float = 30.0
+    """A handshake not complete after this many seconds fails with :class:`HandshakeTimeout`."""
+
+    def __post_init__(self) -> None:
+        if not 256 <= self.mtu <= 65507:
+            raise ValueError(f"mtu {self.mtu} outside 256..65507")
+        if self.initial_retransmit <= 0 or self.max_retransmit < self.initial_retransmit:
+            raise ValueError("retransmission timeouts must be positive and ordered")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class DtlsSession(abc.ABC):
+    """One DTLS association; backends implement the ``_backend_*`` hooks."""
+
+    cipher_suite: str | None = None
+    peer_identity: bytes | str | None = None
+    resumed: bool = False
+
+    def __init__(self, *, is_client: bool, config: DtlsConfig | None = None) -> None:
+        self.is_client = is_client
+        self.config = config or DtlsConfig()
+        self.state = State.IDLE
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []  # records produced since the last datagrams_to_send()
+        self._datagrams: list[bytes] = []
+        self._flight: list[bytes] = []  # datagrams of the last flight we sent
+        self._final_flight: list[bytes] = []
+        self._rto = self.config.initial_retransmit
+        self._retransmit_at: float | None = None
+        self._handshake_deadline: float | None = None
+        self._received_any = False
+        self._now = 0.0
+        self.close_error: DtlsError | None = None
+
+    # ----------------------------------------------------------------- public API
+
+    def connect(self, now: float) -> None:
+        """Start the handshake (client role)."""
+        if not self.is_client:
+            raise DtlsError("connect() is for client sessions")
+        if self.state is not State.IDLE:
+            raise DtlsError(f"connect() in state {self.state.value}")
+        self._now = now
+        self.state = State.HANDSHAKING
+        self._handshake_deadline = now + self.config.handshake_timeout
+        self._guard(self._backend_start)
+        self._after_step()
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """Feed one received datagram. Malformed input is dropped, as RFC 6347 asks."""
+        self._now = now
+        if self.state is State.CLOSED:
+            return
+        try:
+            recs = records.split_records(data)
+        except ProtocolViolation:
+            return
+        if not recs:
+            return
+        if self.state is State.IDLE:
+            # A server session starts with the datagram the listener accepted.
+            self.state = State.HANDSHAKING
+            self._handshake_deadline = now + self.config.handshake_timeout
+        if self.state is State.ESTABLISHED and self._final_flight:
+            if any(records.content_type(r) != records.CONTENT_APPLICATION_DATA for r in recs):
+                if any(
+                    records.content_type(r)
+                    in (records.CONTENT_HANDSHAKE, records.CONTENT_CHANGE_CIPHER_SPEC)
+                    for r in recs
+                ):
+                    # The peer repeats its flight: our final flight was lost.
+                    self._datagrams.extend(self._final_flight)
+            else:
+                self._final_flight = []  # the peer sends data, so it has our final flight
+        self._received_any = True
+        was_handshaking = self.state is State.HANDSHAKING
+        self._guard(lambda: self._backend_receive(recs))
+        self._after_step(progressed=was_handshaking)
+
+    def send(self, data: bytes) -> None:
+        """Send application data; only once the handshake is complete."""
+        if self.state is not State.ESTABLISHED:
+            raise SessionClosed(f"cannot send application data in state {self.state.value}")
+        self._guard(lambda: self._backend_send(data))
+        self._flush_out(as_flight=False)
+
+    def close(self) -> None:
+        """Send close_notify (when established) and end the session."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.ESTABLISHED:
+            try:
+                self._backend_close_notify()
+            except DtlsError:
+                pass
+            self._flush_out(as_flight=False)
+        self._terminate(None)
+
+    def abort(self, error: DtlsError | None = None) -> None:
+        """Drop the session without telling the peer (eviction, shutdown)."""
+        if self.state is not State.CLOSED:
+            self._terminate(error)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must run next, or ``None``: an idle session costs nothing."""
+        if self.state is not State.HANDSHAKING:
+            return None
+        times = [t for t in (self._retransmit_at, self._handshake_deadline) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        if self.state is not State.HANDSHAKING:
+            return
+        if self._handshake_deadline is not None and now >= self._handshake_deadline:
+            self._terminate(self._timeout_error())
+            return
+        if self._retransmit_at is not None and now >= self._retransmit_at and self._flight:
+            self._datagrams.extend(self._flight)
+            self._rto = min(self._rto * 2, self.config.max_retransmit)
+            self._retransmit_at = now + self._rto
+
+    @property
+    def is_established(self) -> bool:
+        return self.state is State.ESTABLISHED
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def export_keying_material(
+        self, label: bytes, length: int, context: bytes | None = None
+    ) -> bytes:
+        """RFC 5705 exporter; only backends that have one implement it."""
+        raise DtlsError(f"{type(self).__name__} has no TLS exporter")
+
+    # ------------------------------------------------------------ backend hooks
+
+    @abc.abstractmethod
+    def _backend_start(self) -> None:
+        """Client: emit the first flight via :meth:`_emit`."""
+
+    @abc.abstractmethod
+    def _backend_receive(self, recs: list[bytes]) -> None:
+        """Process received records; call :meth:`_emit`, :meth:`_established`, ..."""
+
+    @abc.abstractmethod
+    def _backend_send(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _backend_close_notify(self) -> None: ...
+
+    def _backend_free(self) -> None:  # noqa: B027 - optional hook
+        """Release backend state once the session is over."""
+
+    # ---------------------------------------------------- helpers for backends
+
+    def _emit(self, record_bytes: bytes) -> None:
+        self._out.append(record_bytes)
+
+    def _established(self, peer_identity: bytes | str | None, cipher: str, resumed: bool) -> None:
+        self.peer_identity = peer_identity
+        self.cipher_suite = cipher
+        self.resumed = resumed
+        self.state = State.ESTABLISHED
+        self._retransmit_at = None
+        self._handshake_deadline = None
+        self._events.append(HandshakeComplete(peer_identity, cipher, resumed))
+
+    def _app_data(self, data: bytes) -> None:
+        self._events.append(ApplicationData(data))
+
+    def _alert(self, level: int, description: int) -> None:
+        self._events.append(AlertReceived(level, description))
+
+    def _fail(self, error: DtlsError | None) -> None:
+        """End the session after flushing what the backend queued (e.g. our fatal alert)."""
+        self._flush_out(as_flight=False)
+        self._terminate(error)
+
+    # ---------------------------------------------------------------- internals
+
+    def _guard(self, step) -> None:  # type: ignore[no-untyped-def]
+        try:
+            step()
+        except DtlsError as exc:
+            self._fail(exc)
+
+    def _after_step(self, progressed: bool = False) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.HANDSHAKING:
+            self._flush_out(as_flight=True)
+        elif self._out:
+            # The step completed the handshake and produced our final flight.
+            final = self._flush_out(as_flight=False)
+            if progressed:
+                self._final_flight = final
+
+    def _flush_out(self, *, as_flight: bool) -> list[bytes]:
+        if not self._out:
+            return []
+        datagrams = records.pack_datagrams(self._out, self.config.mtu)
+        self._out = []
+        self._datagrams.extend(datagrams)
+        if as_flight:
+            self._flight = datagrams
+            self._rto = self.config.initial_retransmit
+            self._retransmit_at = self._now + self._rto
+        return datagrams
+
+    def _timeout_error(self) -> DtlsError:
+        t = self.config.handshake_timeout
+        if not self._received_any:
+            return HandshakeTimeout(
+                f"no DTLS answer within {t:g} s: the peer is unreachable, is not a DTLS server"
+                " on that port, or dropped our ClientHello"
+            )
+        return HandshakeTimeout(
+            f"DTLS handshake did not complete within {t:g} s although the peer answered: with"
+            " PSK this is how a wrong key looks (the peer silently drops what it cannot"
+            " decrypt); otherwise the path loses too much"
+        )
+
+    def _terminate(self, error: DtlsError | None) -> None:
+        self.state = State.CLOSED
+        self.close_error = error
+        self._flight = []
+        self._final_flight = []
+        self._retransmit_at = None
+        self._handshake_deadline = None
+        self._events.append(ConnectionClosed(error))
+        self._backend_free()

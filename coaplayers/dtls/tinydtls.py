@@ -1,0 +1,268 @@
+"""tinydtls backend (through DTLSSocket's ``dtls`` module): PSK with TLS_PSK_WITH_AES_128_CCM_8.
+
+tinydtls is callback based and keyed by peer address. Server sessions of one listener share one
+tinydtls context, because tinydtls' stateless cookie check (RFC 6347 section 4.2.1) uses a
+per-context secret: only a shared context lets a second ClientHello carry the cookie of the
+first without any state kept in between. Each session gets a synthetic IPv6 address inside that
+context, derived from the caller's peer key and the ClientHello random (which the client keeps
+across the cookie exchange), so the real address can change without tinydtls noticing.
+
+tinydtls reads the wall clock for its own retransmissions; we never call its timer, the
+:class:`~coaplayers.dtls.session.DtlsSession` base retransmits instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Hashable
+
+from DTLSSocket import dtls
+
+from . import records
+from .credentials import PskClientCredentials, PskStore
+from .errors import AuthenticationFailed, DtlsError, alert_error, alert_name
+from .session import DtlsConfig, DtlsSession, State
+
+CIPHER_SUITE = "TLS_PSK_WITH_AES_128_CCM_8"
+_EVENT_CONNECTED = 0x1DE
+_ALERT_CLOSE_NOTIFY = 0
+
+dtls.setLogLevel(dtls.DTLS_LOG_EMERG)  # tinydtls logs key material at debug level
+
+
+class _KeyView:
+    """The ``pskStore`` tinydtls consults; records which identity a handshake used.
+
+    tinydtls copies the key out of the returned ``bytes`` by pointer, so values must stay
+    referenced: they are the objects held by the underlying dict.
+    """
+
+    def __init__(self, context: _TinyContext, lookup) -> None:  # type: ignore[no-untyped-def]
+        self._context = context
+        self._lookup = lookup
+
+    def keys(self) -> _KeyView:
+        return self
+
+    def __contains__(self, identity: object) -> bool:
+        if not isinstance(identity, bytes):
+            return False
+        found = self._lookup(identity) is not None
+        current = self._context.current
+        if current is not None:
+            current._psk_identity_seen(identity, found)
+        return found
+
+    def __getitem__(self, identity: bytes) -> bytes:
+        key = self._lookup(identity)
+        if key is None:
+            raise KeyError(identity)
+        return key
+
+
+class _TinyContext:
+    """A tinydtls context and the sessions living in it, by (synthetic) address."""
+
+    def __init__(self, own_identity: bytes, lookup) -> None:  # type: ignore[no-untyped-def]
+        self.sessions: dict[tuple[str, int], TinyDtlsSession] = {}
+        self.current: TinyDtlsSession | None = None
+        self._own_identity = own_identity  # referenced: tinydtls keeps a char* into it
+        self._view = _KeyView(self, lookup)
+        self.d = dtls.DTLS(
+            read=self._on_read,
+            write=self._on_write,
+            event=self._on_event,
+            pskId=self._own_identity,
+            pskStore=self._view,
+        )
+
+    def _on_write(self, addr: tuple[str, int], data: bytes) -> int:
+        session = self.sessions.get(addr) or self.current
+        if session is not None:
+            session._emit(bytes(data))
+        return len(data)
+
+    def _on_read(self, addr: tuple[str, int], data: bytes) -> int:
+        session = self.sessions.get(addr)
+        if session is not None:
+            session._app_data(bytes(data))
+        return len(data)
+
+    def _on_event(self, level: int, code: int) -> None:
+        session = self.current
+        if session is not None:
+            session._tiny_event(level, code)
+
+    def handle(self, session: TinyDtlsSession, data: bytes) -> int:
+        self.current = session
+        try:
+            return int(self.d.handleMessageAddr(session.address[0], session.address[1], data))
+        finally:
+            self.current = None
+
+
+class TinyDtlsSession(DtlsSession):
+    """A PSK session on tinydtls; create through :meth:`client` or a :class:`TinyDtlsListener`."""
+
+    def __init__(
+        self,
+        context: _TinyContext,
+        address: tuple[str, int],
+        *,
+        is_client: bool,
+        config: DtlsConfig | None,
+        client_identity: bytes | None = None,
+    ) -> None:
+        super().__init__(is_client=is_client, config=config)
+        self._context = context
+        self.address = address
+        self._tsession = dtls.Session(address[0], address[1])
+        self._connection: object | None = None
+        self._client_identity = client_identity
+        self._identity_seen: bytes | None = None
+        self._unknown_identity: bytes | None = None
+        self._freed = False
+
+    @classmethod
+    def client(
+        cls, credentials: PskClientCredentials, config: DtlsConfig | None = None
+    ) -> TinyDtlsSession:
+        keys = {credentials.identity: credentials.key}
+        context = _TinyContext(credentials.identity, keys.get)
+        context._keys = keys  # type: ignore[attr-defined]  # keep the key bytes referenced
+        session = cls(
+            context, ("::1", 5684), is_client=True, config=config,
+            client_identity=credentials.identity,
+        )
+        context.sessions[session.address] = session
+        return session
+
+    # hooks called from the context's callbacks
+
+    def _psk_identity_seen(self, identity: bytes, found: bool) -> None:
+        if found:
+            self._identity_seen = identity
+        else:
+            self._unknown_identity = identity
+
+    def _tiny_event(self, level: int, code: int) -> None:
+        if level == 0 and code == _EVENT_CONNECTED:
+            identity = self._client_identity if self.is_client else self._identity_seen
+            self._established(identity, CIPHER_SUITE, False)
+        elif level in (1, 2):
+            self._alert(level, code)
+            if code == _ALERT_CLOSE_NOTIFY:
+                self._pending_close = None
+                self._peer_gone = True
+            elif level == 2:
+                if self.is_client and self.state is State.HANDSHAKING and code in (40, 49, 80, 115):
+                    # tinydtls and libcoap servers abort with internal_error or
+                    # handshake_failure when the identity is not in their store.
+                    self._pending_close = AuthenticationFailed(
+                        f"the server aborted the PSK handshake ({alert_name(code)}): likely an"
+                        " unknown PSK identity"
+                    )
+                else:
+                    self._pending_close = alert_error(code, we_are_client=self.is_client)
+                self._peer_gone = True
+
+    _peer_gone = False
+    _pending_close: DtlsError | None = None
+
+    # DtlsSession hooks
+
+    def _backend_start(self) -> None:
+        self._context.current = self
+        try:
+            self._connection = self._context.d.connect(self.address[0], self.address[1])
+        finally:
+            self._context.current = None
+        if self._connection is None:
+            raise DtlsError("tinydtls could not start the handshake")
+
+    def _backend_receive(self, recs: list[bytes]) -> None:
+        self._context.handle(self, b"".join(recs))
+        if self._unknown_identity is not None and not self.is_client:
+            ident = self._unknown_identity
+            self._unknown_identity = None
+            self._fail(AuthenticationFailed(f"client offered unknown PSK identity {ident!r}"))
+            return
+        if self._peer_gone:
+            self._fail(self._pending_close)
+
+    def _backend_send(self, data: bytes) -> None:
+        self._context.current = self
+        try:
+            ret = self._context.d.write(self._tsession, data)
+        finally:
+            self._context.current = None
+        if ret < 0:
+            raise DtlsError("tinydtls refused to send application data")
+
+    def _backend_close_notify(self) -> None:
+        self._context.current = self
+        try:
+            self._context.d.close(self._tsession)
+        except Exception as exc:  # DTLSSocket raises a bare Exception
+            raise DtlsError("tinydtls could not send close_notify") from exc
+        finally:
+            self._context.current = None
+
+    def _backend_free(self) -> None:
+        if self._freed:
+            return
+        self._freed = True
+        self._context.d.resetPeer(self._tsession)
+        self._context.sessions.pop(self.address, None)
+        self._connection = None
+
+
+class TinyDtlsListener:
+    """Accepts PSK handshakes for a server: stateless until the client returns our cookie."""
+
+    def __init__(self, store: PskStore, config: DtlsConfig | None = None) -> None:
+        self.store = store
+        self.config = config or DtlsConfig()
+        self._context = _TinyContext(b"server", store.get)
+
+    def accept(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], TinyDtlsSession | None]:
+        """Handle a datagram from a peer without a session.
+
+        Returns datagrams to answer statelessly (a HelloVerifyRequest) and, once the ClientHello
+        carries a valid cookie, the new session (whose first flight is waiting in
+        :meth:`~DtlsSession.datagrams_to_send`).
+        """
+        random = records.client_hello_random(datagram)
+        if random is None:
+            return [], None
+        address = _synthetic_address(peer_key, random)
+        existing = self._context.sessions.get(address)
+        if existing is not None:
+            existing.receive_datagram(datagram, now)
+            return [], existing
+        session = TinyDtlsSession(self._context, address, is_client=False, config=self.config)
+        session._now = now
+        self._context.handle(session, datagram)
+        produced = session._out
+        if not produced or records.handshake_type(produced[0]) == records.HANDSHAKE_HELLO_VERIFY_REQUEST:
+            session._out = []
+            self._context.d.resetPeer(session._tsession)
+            return records.pack_datagrams(produced, self.config.mtu), None
+        self._context.sessions[address] = session
+        session.state = State.HANDSHAKING
+        session._handshake_deadline = now + self.config.handshake_timeout
+        session._received_any = True
+        session._after_step()
+        return [], session
+
+    @property
+    def session_count(self) -> int:
+        return len(self._context.sessions)
+
+
+def _synthetic_address(peer_key: Hashable, random: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(repr(peer_key).encode() + random).digest()
+    return socket.inet_ntop(socket.AF_INET6, digest[:16]), 1 + int.from_bytes(digest[16:18]) % 65535
