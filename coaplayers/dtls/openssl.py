@@ -78,7 +78,9 @@ def build_context(
         ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.private_key))  # type: ignore[arg-type]
         ctx.check_privatekey()
     except (SSL.Error, TypeError, ValueError) as exc:
-        raise ConfigurationError("certificate and private key do not match or are unusable") from exc
+        raise ConfigurationError(
+            "certificate and private key do not match or are unusable"
+        ) from exc
     store = ctx.get_cert_store()
     assert store is not None
     for ca in credentials.trusted:
@@ -296,7 +298,8 @@ class OpenSslListener:
                 except SSL.WantReadError:
                     break
             if out:  # a HelloVerifyRequest
-                return records.pack_datagrams(records.split_records(b"".join(out)), self.config.mtu), None
+                hvr = records.split_records(b"".join(out))
+                return records.pack_datagrams(hvr, self.config.mtu), None
             return [], None
         except (SSL.Error, ValueError, DtlsError):
             self._listening = self._new_listener()
@@ -338,7 +341,8 @@ _ALERT_NUMBERS = {
 
 
 def _map_error(exc: SSL.Error, we_are_client: bool) -> DtlsError:
-    reasons = [str(r[2]) for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else [])]
+    details = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [str(r[2]) for r in details]
     text = "; ".join(reasons) or str(exc)
     for reason in reasons:
         m = _ALERT_RE.search(reason)

@@ -247,7 +247,8 @@ class TinyDtlsListener:
         session._now = now
         self._context.handle(session, datagram)
         produced = session._out
-        if not produced or records.handshake_type(produced[0]) == records.HANDSHAKE_HELLO_VERIFY_REQUEST:
+        hvr = records.HANDSHAKE_HELLO_VERIFY_REQUEST
+        if not produced or records.handshake_type(produced[0]) == hvr:
             session._out = []
             self._context.d.resetPeer(session._tsession)
             return records.pack_datagrams(produced, self.config.mtu), None
