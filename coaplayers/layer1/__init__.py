@@ -1,1 +1,18 @@
-"""(filled in as the layer is built)"""
+"""Layer 1: hop-by-hop DTLS for aiocoap (``coaps://``), client and server in one context."""
+
+from .context import LayeredContext, create_context, parse_listen_uri
+from .credentials import ClientCredentials, DtlsCert
+from .transport import Layer1Claim, Layer1Error, Layer1Limits, Layer1Remote, layer1_identity
+
+__all__ = [
+    "ClientCredentials",
+    "DtlsCert",
+    "Layer1Claim",
+    "Layer1Error",
+    "Layer1Limits",
+    "Layer1Remote",
+    "LayeredContext",
+    "create_context",
+    "layer1_identity",
+    "parse_listen_uri",
+]

@@ -1,0 +1,121 @@
+"""Build an aiocoap context that speaks plain ``coap://`` and Layer 1 ``coaps://``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiocoap
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+from .. import dtls
+from .credentials import ClientCredentials
+from .transport import Layer1Limits, MessageInterfaceLayer1
+
+DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}
+
+
+def parse_listen_uri(uri: str) -> tuple[str, str, int]:
+    """``coaps://[::]:5684`` -> ("coaps", "::", 5684); the port defaults per scheme."""
+    parts = urlsplit(uri)
+    if parts.scheme not in DEFAULT_PORTS:
+        raise dtls.ConfigurationError(f"cannot listen on {uri!r}: scheme must be coap or coaps")
+    if parts.path not in ("", "/") or parts.query:
+        raise dtls.ConfigurationError(f"a listen URI has no path: {uri!r}")
+    host = parts.hostname
+    if host is None:
+        raise dtls.ConfigurationError(f"listen URI {uri!r} names no address")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise dtls.ConfigurationError(f"bad port in {uri!r}") from exc
+    return parts.scheme, host, DEFAULT_PORTS[parts.scheme] if port is None else port
+
+
+def _uri(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+class LayeredContext:
+    """An aiocoap context plus what was bound and the Layer 1 transport's handle."""
+
+    def __init__(self, context: aiocoap.Context, layer1: MessageInterfaceLayer1,
+                 bound: list[str]) -> None:
+        self.context = context
+        self.layer1 = layer1
+        self.bound = bound
+
+    async def shutdown(self) -> None:
+        await self.context.shutdown()
+
+
+async def create_context(
+    site: Any = None,
+    *,
+    listen: Sequence[str] = (),
+    psk_store: dtls.PskStore | None = None,
+    certificate: dtls.CertificateCredentials | None = None,
+    client_credentials: ClientCredentials | None = None,
+    limits: Layer1Limits | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    loggername: str = "coaplayers",
+) -> LayeredContext:
+    """A context serving ``site`` on each listen URI and able to request coap and coaps URIs.
+
+    Port 0 binds an ephemeral port; ``bound`` reports the real URIs in order.
+    """
+    ctx = aiocoap.Context(serversite=site, loggername=loggername)
+    limits = limits or Layer1Limits()
+    bound: list[str] = []
+    holder: list[MessageInterfaceLayer1] = []
+
+    async def make_layer1(mman: Any) -> MessageInterfaceLayer1:
+        t = MessageInterfaceLayer1(
+            mman,
+            psk_store=psk_store,
+            certificate=certificate,
+            client_credentials=client_credentials,
+            limits=limits,
+            on_event=on_event,
+        )
+        holder.append(t)
+        return t
+
+    try:
+        await ctx._append_tokenmanaged_messagemanaged_transport(make_layer1)
+        layer1 = holder[0]
+        plain_bound = False
+        for uri in listen:
+            scheme, host, port = parse_listen_uri(uri)
+            if scheme == "coaps":
+                h, p = await layer1.listen(host, port)
+                bound.append(_uri("coaps", h, p))
+            else:
+                iface: list[Any] = []
+
+                async def make_udp(mman: Any, host: str = host, port: int = port) -> Any:
+                    t = await MessageInterfaceUDP6.create_server_transport_endpoint(
+                        mman, log=ctx.log, loop=ctx.loop, bind=(host, port), multicast=[]
+                    )
+                    iface.append(t)
+                    return t
+
+                await ctx._append_tokenmanaged_messagemanaged_transport(make_udp)
+                sock = iface[0]._transport.get_extra_info("socket")
+                h, p = sock.getsockname()[:2]
+                if sock.family == socket.AF_INET6 and h.startswith("::ffff:"):
+                    h = h[7:]
+                bound.append(_uri("coap", host if host not in ("::", "0.0.0.0") else h, p))
+                plain_bound = True
+        if not plain_bound:
+            await ctx._append_tokenmanaged_messagemanaged_transport(
+                lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
+                    mman, log=ctx.log, loop=ctx.loop
+                )
+            )
+    except BaseException:
+        await ctx.shutdown()
+        raise
+    return LayeredContext(ctx, layer1, bound)

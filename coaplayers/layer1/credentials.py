@@ -1,0 +1,114 @@
+"""Layer 1 client credentials in aiocoap's credentials JSON format, plus certificates.
+
+aiocoap's format already has ``dtls`` entries (PSK and client identity). This module adds a
+``dtls-cert`` entry type for the certificate mode, so one file can hold both::
+
+    {
+      "coaps://gateway.example*": {"dtls": {"psk": {"ascii": "secret"},
+                                            "client-identity": {"ascii": "dev-1"}}},
+      "coaps://[2001:db8::1]*": {"dtls-cert": {"cert": "client.pem", "key": "client.key",
+                                               "ca": "ca.pem"}}
+    }
+
+Matching is aiocoap's: the most specific wildcard pattern over the whole request URI, port
+included (so ``coaps://127.0.0.1*`` rather than ``coaps://127.0.0.1/*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiocoap.credentials as aiocoap_credentials
+from aiocoap import Message
+
+from ..dtls import CertificateCredentials, ConfigurationError, PskClientCredentials
+
+
+class DtlsCert(aiocoap_credentials._Objectish):  # type: ignore[misc]
+    """A ``dtls-cert`` entry: PEM file names, relative to the credentials file."""
+
+    def __init__(
+        self, cert: str, key: str, ca: str | None = None, server_name: str | None = None
+    ) -> None:
+        self.cert = cert
+        self.key = key
+        self.ca = ca
+        self.server_name = server_name
+        self._loaded: CertificateCredentials | None = None
+        self.base: Path = Path(".")
+
+    def load(self) -> CertificateCredentials:
+        if self._loaded is None:
+            ca = self.base / self.ca if self.ca else None
+            self._loaded = CertificateCredentials.from_files(
+                self.base / self.cert, self.base / self.key, ca, server_name=self.server_name
+            )
+        return self._loaded
+
+
+class ClientCredentials(aiocoap_credentials.CredentialsMap):
+    """aiocoap's credentials map that also understands ``dtls-cert`` entries."""
+
+    _class_map = {
+        **aiocoap_credentials.CredentialsMap._class_map,
+        "dtls-cert": lambda: DtlsCert,
+    }
+
+    def __init__(self, base: str | os.PathLike[str] = ".") -> None:
+        super().__init__()
+        self._base = Path(base)
+
+    def load_from_dict(self, d: dict[str, Any]) -> None:
+        try:
+            super().load_from_dict(d)
+        except (aiocoap_credentials.CredentialsLoadError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid credentials: {exc}") from exc
+        for item in self.values():
+            if isinstance(item, DtlsCert):
+                item.base = self._base
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ClientCredentials:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read credentials file {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"credentials file {path} is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"credentials file {path} must hold a JSON object")
+        self = cls(Path(path).parent)
+        self.load_from_dict(data)
+        return self
+
+    def for_request(self, message: Message) -> PskClientCredentials | CertificateCredentials:
+        """The DTLS credentials to present for this request, or a clear error."""
+        try:
+            item = self.credentials_from_request(message)
+        except aiocoap_credentials.CredentialsMissingError as exc:
+            raise ConfigurationError(
+                f"no coaps credentials match {message.get_request_uri()}: add an entry such as"
+                ' "coaps://HOST*" to the credentials (patterns match the whole URI, port'
+                " included)"
+            ) from exc
+        if isinstance(item, DtlsCert):
+            return item.load()
+        if hasattr(item, "as_dtls_psk"):
+            identity, key = item.as_dtls_psk()
+            return PskClientCredentials(bytes(identity), bytes(key))
+        raise ConfigurationError(
+            f"the credentials for {message.get_request_uri()} are not DTLS credentials"
+        )
+
+    def add_psk(self, pattern: str, identity: bytes, key: bytes) -> None:
+        self.load_from_dict(
+            {pattern: {"dtls": {"psk": {"hex": key.hex()}, "client-identity": {"hex": identity.hex()}}}}
+        )
+
+    def add_certificate(self, pattern: str, credentials: CertificateCredentials) -> None:
+        item = DtlsCert("-", "-")
+        item._loaded = credentials
+        self[pattern] = item

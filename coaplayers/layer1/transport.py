@@ -1,0 +1,646 @@
+"""Layer 1: hop-by-hop DTLS (``coaps://``) as an aiocoap message transport.
+
+This is the asyncio shell around :mod:`coaplayers.dtls`. It plugs into aiocoap where its UDP
+transports do (``interfaces.MessageInterface`` below the message manager, which keeps doing
+CoAP retransmission and deduplication), and plays both roles in one context: it serves
+``coaps://`` listeners and opens client sessions for requests to ``coaps://`` URIs, so a proxy
+needs nothing else.
+
+Sessions are keyed by (socket, peer address). A server may send requests to a client over the
+client's existing session (devices behind NAT are reached that way). Timers exist only while
+something is due: a handshake retransmission, or one idle check per idle period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiocoap import Message, error, interfaces
+from aiocoap.numbers import COAPS_PORT, constants
+from aiocoap.util import hostportjoin, hostportsplit
+
+from .. import dtls
+from ..dtls import records
+from .credentials import ClientCredentials
+
+log = logging.getLogger("coaplayers.layer1")
+
+
+@dataclass(frozen=True, slots=True)
+class Layer1Limits:
+    """Every resource bound of the transport, explicit and configurable."""
+
+    max_sessions: int = 1000
+    """Established sessions; beyond this the least recently used one is closed."""
+    max_half_open: int = 100
+    """Handshakes in progress (after a valid cookie); beyond this new ones are refused."""
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    """A session with no traffic for this long is closed with close_notify."""
+    max_datagram_size: int = 1500
+    """Received datagrams larger than this are dropped; sent ones are packed to ``mtu``."""
+    mtu: int = 1152
+    max_queued_per_session: int = 64
+    """Messages waiting for a handshake to finish, per session."""
+    initial_retransmit: float = 1.0
+
+    def dtls_config(self) -> dtls.DtlsConfig:
+        return dtls.DtlsConfig(
+            mtu=self.mtu,
+            initial_retransmit=self.initial_retransmit,
+            handshake_timeout=self.handshake_timeout,
+        )
+
+
+class Layer1Error(error.Error):
+    """A Layer 1 failure surfaced to aiocoap requests; the message names the likely cause."""
+
+    def __init__(self, cause: dtls.DtlsError | str, remote: str) -> None:
+        self.cause = cause
+        text = str(cause)
+        super().__init__(f"coaps to {remote}: {text}")
+
+
+class Layer1Remote(interfaces.EndpointAddress):
+    """A peer reached over one of our sockets; stable across re-handshakes."""
+
+    scheme = "coaps"
+    is_multicast = False
+    is_multicast_locally = False
+    maximum_block_size_exp = constants.MAX_REGULAR_BLOCK_SIZE_EXP
+
+    def __init__(self, endpoint: _Endpoint, address: tuple[Any, ...], hostname: str | None):
+        self._endpoint = endpoint
+        self.address = address
+        self._hostname = hostname
+        self.peer: _Peer | None = None
+
+    def __repr__(self) -> str:
+        return f"<Layer1Remote {self.hostinfo} via {self._endpoint.local_hostinfo}>"
+
+    @property
+    def hostinfo(self) -> str:
+        host = self._hostname or self.address[0]
+        port = self.address[1]
+        return hostportjoin(host, None if port == COAPS_PORT else port)
+
+    @property
+    def hostinfo_local(self) -> str:
+        return self._endpoint.local_hostinfo
+
+    @property
+    def uri_base(self) -> str:
+        return "coaps://" + self.hostinfo
+
+    @property
+    def uri_base_local(self) -> str:
+        return "coaps://" + self.hostinfo_local
+
+    @property
+    def blockwise_key(self) -> tuple[Any, ...]:
+        return (id(self._endpoint), self.address)
+
+    @property
+    def peer_identity(self) -> bytes | str | None:
+        """Who authenticated at Layer 1 (PSK identity or certificate name), if anyone yet."""
+        return self.peer.identity if self.peer is not None else None
+
+    @property
+    def authenticated_claims(self) -> list[Any]:
+        ident = self.peer_identity
+        return [] if ident is None else [Layer1Claim(ident)]
+
+
+@dataclass(frozen=True, slots=True)
+class Layer1Claim:
+    """What a resource finds in ``request.remote.authenticated_claims`` for Layer 1."""
+
+    identity: bytes | str
+    layer: int = 1
+
+
+def layer1_identity(request: Message) -> bytes | str | None:
+    """The Layer 1 peer identity a request arrived with (None for plain CoAP)."""
+    remote = request.remote
+    return getattr(remote, "peer_identity", None)
+
+
+class _Peer:
+    """One DTLS session on one socket to one address, plus what waits for it."""
+
+    def __init__(self, transport: MessageInterfaceLayer1, remote: Layer1Remote) -> None:
+        self.transport = transport
+        self.remote = remote
+        self.session: dtls.DtlsSession | None = None
+        self.is_client = False
+        self.identity: bytes | str | None = None
+        self.queue: list[bytes] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_activity = time.monotonic()
+        self.last_received = time.monotonic()
+        self.sent_cons: dict[int, float] = {}  # message id -> first send time
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    """One UDP socket; a listener if it has a DTLS listener, else client-only."""
+
+    def __init__(self, transport: MessageInterfaceLayer1, listeners: list[Any]) -> None:
+        self.owner = transport
+        self.listeners = listeners
+        self.udp: asyncio.DatagramTransport | None = None
+        self.local_hostinfo = ""
+        self.family = socket.AF_INET6
+
+    def connection_made(self, udp: asyncio.BaseTransport) -> None:
+        self.udp = udp  # type: ignore[assignment]
+        sock = udp.get_extra_info("socket")
+        self.family = sock.family
+        host, port = sock.getsockname()[:2]
+        self.sockname = (host, port)
+        self.local_hostinfo = hostportjoin(host, port)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.owner._datagram_received(self, data, addr[:2])
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error on %s: %s", self.local_hostinfo, exc)
+
+    def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.udp is not None and not self.udp.is_closing():
+            self.udp.sendto(data, addr)
+
+
+class MessageInterfaceLayer1(interfaces.MessageInterface):
+    """aiocoap message interface for ``coaps://`` on the coaplayers DTLS engine."""
+
+    def __init__(
+        self,
+        mman: interfaces.MessageManager,
+        *,
+        psk_store: dtls.PskStore | None,
+        certificate: dtls.CertificateCredentials | None,
+        client_credentials: ClientCredentials | None,
+        limits: Layer1Limits,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._mman: interfaces.MessageManager | None = mman
+        self.limits = limits
+        self.psk_store = psk_store
+        self.certificate = certificate
+        self.client_credentials = client_credentials or ClientCredentials()
+        self._on_event = on_event
+        self._endpoints: list[_Endpoint] = []
+        self._client_endpoints: dict[int, _Endpoint] = {}
+        self._peers: OrderedDict[tuple[int, tuple[Any, ...]], _Peer] = OrderedDict()
+        self._remotes: dict[tuple[int, tuple[Any, ...]], Layer1Remote] = {}
+        self._openssl_contexts: dict[int, Any] = {}
+        self._tickets = dtls.TicketStore()
+        self._loop = asyncio.get_running_loop()
+        self.stats: dict[str, int] = {
+            "handshakes_ok": 0,
+            "handshakes_failed": 0,
+            "sessions_evicted": 0,
+            "datagrams_dropped": 0,
+            "half_open_refused": 0,
+        }
+
+    # ------------------------------------------------------------ construction
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Serve coaps on ``host``:``port`` (port 0: ephemeral); returns the bound address."""
+        listeners: list[Any] = []
+        config = self.limits.dtls_config()
+        if self.psk_store is not None:
+            listeners.append(dtls.TinyDtlsListener(self.psk_store, config))
+        if self.certificate is not None:
+            listeners.append(dtls.OpenSslListener(self.certificate, config))
+        if not listeners:
+            raise dtls.ConfigurationError(
+                "a coaps listener needs server credentials: PSKs (--psk/--psk-file) or a"
+                " certificate (--cert/--key)"
+            )
+        endpoint = await self._bind(host, port, listeners)
+        return endpoint.sockname
+
+    async def _bind(self, host: str, port: int, listeners: list[Any]) -> _Endpoint:
+        family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                # "::" serves IPv4 too, as users expect from a wildcard address.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host or "::", port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot bind coaps to {hostportjoin(host, port)}: {exc.strerror}") from exc
+        sock.setblocking(False)
+        _, endpoint = await self._loop.create_datagram_endpoint(
+            lambda: _Endpoint(self, listeners), sock=sock
+        )
+        self._endpoints.append(endpoint)
+        return endpoint
+
+    async def _client_endpoint(self, family: int) -> _Endpoint:
+        endpoint = self._client_endpoints.get(family)
+        if endpoint is None:
+            endpoint = await self._bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0, [])
+            self._client_endpoints[family] = endpoint
+        return endpoint
+
+    # ------------------------------------------------------ MessageInterface API
+
+    def send(self, message: Message) -> None:
+        remote = message.remote
+        if not isinstance(remote, Layer1Remote):
+            raise ValueError("not a coaps remote")
+        key = (id(remote._endpoint), remote.address)
+        peer = self._peers.get(key)
+        data = message.encode()
+        if peer is None:
+            peer = self._new_peer(remote)
+        if message.mtype == 0:  # CON: watch for a peer that lost its state
+            first = peer.sent_cons.setdefault(message.mid, time.monotonic())
+            if (
+                peer.session is not None
+                and peer.session.is_established
+                and peer.is_client
+                and len(peer.sent_cons) < 512
+                and first < time.monotonic() - 0.5
+                and peer.last_received < first
+            ):
+                # A CON retransmission on a session the peer has not answered since the
+                # first transmission: a restarted server drops our records silently, so
+                # handshake again rather than retransmit into the void.
+                log.info("no answer from %s on an established session; new handshake",
+                         remote.hostinfo)
+                self._drop_session(peer, None, notify=False, forget=False)
+        self._send_plaintext(peer, data)
+
+    async def determine_remote(self, message: Message) -> Layer1Remote | None:
+        if message.requested_scheme != "coaps":
+            return None
+        if message.unresolved_remote is not None:
+            host, port = hostportsplit(message.unresolved_remote)
+        elif message.opt.uri_host:
+            host, port = message.opt.uri_host, message.opt.uri_port
+        else:
+            raise ValueError("no host to send the coaps request to")
+        port = port or COAPS_PORT
+        if self._mman is None:
+            raise error.LibraryShutdown()
+        address = await self._resolve(host, port)
+        # An existing session to that address, on any socket (a server calling back a
+        # client over the client's own session), is used first.
+        for (_, addr), peer in self._peers.items():
+            if addr == address and peer.session is not None and not peer.session.is_closed:
+                return peer.remote
+        creds = self.client_credentials.for_request(message)
+        endpoint = await self._client_endpoint(
+            socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        )
+        key = (id(endpoint), address)
+        remote = self._remotes.get(key)
+        if remote is None:
+            remote = Layer1Remote(endpoint, address, _hostname(host))
+            self._remotes[key] = remote
+        remote._credentials = creds  # type: ignore[attr-defined]
+        return remote
+
+    async def recognize_remote(self, remote: Any) -> bool:
+        return isinstance(remote, Layer1Remote) and remote._endpoint in self._endpoints
+
+    async def shutdown(self) -> None:
+        for peer in list(self._peers.values()):
+            if peer.session is not None and peer.session.is_established:
+                peer.session.close()
+                self._flush(peer)
+            self._drop_session(peer, None, notify=False)
+        self._mman = None
+        for endpoint in self._endpoints:
+            if endpoint.udp is not None:
+                endpoint.udp.close()
+        self._endpoints.clear()
+
+    # ------------------------------------------------------------- internals
+
+    async def _resolve(self, host: str, port: int) -> tuple[str, int]:
+        try:
+            ip = ipaddress.ip_address(host)
+            return (str(ip), port)
+        except ValueError:
+            pass
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise error.ResolutionError(f"cannot resolve {host}")
+        return infos[0][4][:2]
+
+    def _new_peer(self, remote: Layer1Remote) -> _Peer:
+        key = (id(remote._endpoint), remote.address)
+        peer = _Peer(self, remote)
+        remote.peer = peer
+        self._peers[key] = peer
+        self._remotes[key] = remote
+        self._enforce_session_limit()
+        return peer
+
+    def _send_plaintext(self, peer: _Peer, data: bytes) -> None:
+        peer.last_activity = time.monotonic()
+        session = peer.session
+        if session is not None and session.is_established:
+            try:
+                session.send(data)
+            except dtls.DtlsError as exc:
+                self._dispatch_error(peer, exc)
+                return
+            self._flush(peer)
+            return
+        if len(peer.queue) >= self.limits.max_queued_per_session:
+            self.stats["datagrams_dropped"] += 1
+            return
+        peer.queue.append(data)
+        if session is None or session.is_closed:
+            self._start_client(peer)
+
+    def _start_client(self, peer: _Peer) -> None:
+        remote = peer.remote
+        creds = getattr(remote, "_credentials", None)
+        if creds is None:
+            self._dispatch_error(
+                peer,
+                dtls.SessionClosed(
+                    "the client's DTLS session is gone and we hold no credentials to open one"
+                ),
+            )
+            self._forget(peer)
+            return
+        if self._half_open() >= self.limits.max_half_open:
+            self.stats["half_open_refused"] += 1
+            self._dispatch_error(peer, dtls.DtlsError("too many handshakes in progress"))
+            self._forget(peer)
+            return
+        config = self.limits.dtls_config()
+        if isinstance(creds, dtls.PskClientCredentials):
+            session: dtls.DtlsSession = dtls.TinyDtlsSession.client(creds, config)
+        else:
+            ctx = self._openssl_contexts.get(id(creds))
+            if ctx is None:
+                ctx = dtls.build_context(creds, server=False)
+                self._openssl_contexts[id(creds)] = ctx
+            session = dtls.OpenSslSession.client(
+                ctx, creds, config, resume=self._tickets.get((id(creds), remote.address))
+            )
+        peer.session = session
+        peer.is_client = True
+        peer.sent_cons.clear()
+        session.connect(time.monotonic())
+        self._process(peer)
+
+    def _datagram_received(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) > self.limits.max_datagram_size:
+            self.stats["datagrams_dropped"] += 1
+            return
+        now = time.monotonic()
+        key = (id(endpoint), addr)
+        peer = self._peers.get(key)
+        is_hello = records.client_hello_random(data) is not None
+        if peer is not None and peer.session is not None and not peer.session.is_closed:
+            if not (is_hello and endpoint.listeners and not peer.is_client and
+                    peer.session.is_established):
+                self._peers.move_to_end(key)
+                peer.last_received = now
+                peer.last_activity = now
+                peer.session.receive_datagram(data, now)
+                self._process(peer)
+                return
+            # An established client says ClientHello again: it lost its state (restart, or
+            # the same port reused). Let the listener run a fresh, cookie-checked handshake.
+        if not endpoint.listeners or not is_hello:
+            self.stats["datagrams_dropped"] += 1
+            return
+        listener = self._pick_listener(endpoint, data)
+        if listener is None:
+            self.stats["datagrams_dropped"] += 1
+            return
+        if self._half_open() >= self.limits.max_half_open:
+            self.stats["half_open_refused"] += 1
+            return
+        try:
+            replies, session = listener.accept(addr, data, now)
+        except Exception:  # a listener must never take the socket down
+            log.exception("DTLS listener failed on a datagram from %s", addr[0])
+            return
+        for reply in replies:
+            endpoint.sendto(reply, addr)
+        if session is None:
+            return
+        remote = self._remotes.get(key)
+        if remote is None:
+            remote = Layer1Remote(endpoint, addr, None)
+        if peer is not None:
+            self._drop_session(peer, None, notify=False)
+        peer = self._new_peer(remote)
+        peer.session = session
+        peer.is_client = False
+        peer.last_received = now
+        self._process(peer)
+
+    def _pick_listener(self, endpoint: _Endpoint, hello: bytes) -> Any:
+        if len(endpoint.listeners) == 1:
+            return endpoint.listeners[0]
+        # Both PSK and certificates on one port: choose by the cipher suites offered.
+        psk = _offers_psk(hello)
+        for listener in endpoint.listeners:
+            if isinstance(listener, dtls.TinyDtlsListener) == psk:
+                return listener
+        return endpoint.listeners[0]
+
+    def _process(self, peer: _Peer) -> None:
+        """Move a session's output to the socket and its events to aiocoap."""
+        session = peer.session
+        if session is None:
+            return
+        self._flush(peer)
+        while (event := session.next_event()) is not None:
+            if isinstance(event, dtls.HandshakeComplete):
+                peer.identity = event.peer_identity
+                self.stats["handshakes_ok"] += 1
+                self._emit_event("handshake", peer, cipher=event.cipher_suite,
+                                 resumed=event.resumed)
+                if peer.is_client and isinstance(session, dtls.OpenSslSession):
+                    state = session.resumption_state
+                    creds = getattr(peer.remote, "_credentials", None)
+                    if state is not None and creds is not None:
+                        self._tickets.put((id(creds), peer.remote.address), state)
+                queued, peer.queue = peer.queue, []
+                for data in queued:
+                    session.send(data)
+                self._flush(peer)
+                self._arm_idle(peer)
+            elif isinstance(event, dtls.ApplicationData):
+                self._deliver(peer, event.data)
+            elif isinstance(event, dtls.ConnectionClosed):
+                if event.error is not None and not session.is_established and peer.identity is None:
+                    self.stats["handshakes_failed"] += 1
+                    self._emit_event("handshake_failed", peer, error=str(event.error))
+                self._drop_session(peer, event.error, notify=event.error is not None)
+                return
+        self._arm_timer(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        if peer.session is None:
+            return
+        for datagram in peer.session.datagrams_to_send():
+            peer.remote._endpoint.sendto(datagram, peer.remote.address)
+
+    def _deliver(self, peer: _Peer, data: bytes) -> None:
+        if self._mman is None:
+            return
+        try:
+            message = Message.decode(data, remote=peer.remote)
+        except error.UnparsableMessage:
+            log.warning("unparsable CoAP message inside DTLS from %s", peer.remote.hostinfo)
+            return
+        if message.code.is_response() or message.mtype in (2, 3):
+            peer.sent_cons.pop(message.mid, None)
+        self._mman.dispatch_message(message)
+
+    def _dispatch_error(self, peer: _Peer, exc: dtls.DtlsError) -> None:
+        if self._mman is not None:
+            self._mman.dispatch_error(Layer1Error(exc, peer.remote.hostinfo), peer.remote)
+
+    def _drop_session(
+        self, peer: _Peer, exc: dtls.DtlsError | None, *, notify: bool, forget: bool = True
+    ) -> None:
+        """End the peer's session; with ``forget`` the peer leaves the table too."""
+        session = peer.session
+        peer.session = None
+        if session is not None and not session.is_closed:
+            session.abort(exc)
+        for handle in (peer.timer, peer.idle_timer):
+            if handle is not None:
+                handle.cancel()
+        peer.timer = peer.idle_timer = None
+        peer.identity = None
+        peer.sent_cons.clear()
+        if notify and exc is not None:
+            self._dispatch_error(peer, exc)
+        if forget:
+            self._forget(peer)
+
+    def _forget(self, peer: _Peer) -> None:
+        peer.queue.clear()
+        key = (id(peer.remote._endpoint), peer.remote.address)
+        if self._peers.get(key) is peer:
+            del self._peers[key]
+        if not peer.is_client:
+            self._remotes.pop(key, None)
+        peer.remote.peer = None
+
+    def _arm_timer(self, peer: _Peer) -> None:
+        if peer.timer is not None:
+            peer.timer.cancel()
+            peer.timer = None
+        session = peer.session
+        if session is None:
+            return
+        when = session.get_timer()
+        if when is None:
+            return
+        delay = max(0.0, when - time.monotonic())
+        peer.timer = self._loop.call_later(delay, self._on_timer, peer)
+
+    def _on_timer(self, peer: _Peer) -> None:
+        peer.timer = None
+        if peer.session is None:
+            return
+        peer.session.handle_timer(time.monotonic())
+        self._process(peer)
+
+    def _arm_idle(self, peer: _Peer) -> None:
+        if peer.idle_timer is not None:
+            peer.idle_timer.cancel()
+        due = peer.last_activity + self.limits.idle_timeout
+        peer.idle_timer = self._loop.call_later(
+            max(0.0, due - time.monotonic()), self._on_idle, peer
+        )
+
+    def _on_idle(self, peer: _Peer) -> None:
+        peer.idle_timer = None
+        session = peer.session
+        if session is None or not session.is_established:
+            return
+        if time.monotonic() - peer.last_activity < self.limits.idle_timeout:
+            self._arm_idle(peer)  # there was traffic: check again one period after it
+            return
+        session.close()
+        self._flush(peer)
+        self._drop_session(peer, None, notify=False)
+
+    def _half_open(self) -> int:
+        return sum(
+            1 for p in self._peers.values()
+            if p.session is not None and not p.session.is_established and not p.session.is_closed
+        )
+
+    def _enforce_session_limit(self) -> None:
+        while len(self._peers) > self.limits.max_sessions:
+            _, oldest = next(iter(self._peers.items()))
+            self.stats["sessions_evicted"] += 1
+            if oldest.session is not None and oldest.session.is_established:
+                oldest.session.close()
+                self._flush(oldest)
+            self._drop_session(oldest, None, notify=False)
+
+    def _emit_event(self, kind: str, peer: _Peer, **fields: Any) -> None:
+        ident = peer.identity
+        fields.update(
+            peer=peer.remote.hostinfo,
+            identity=ident.decode(errors="replace") if isinstance(ident, bytes) else ident,
+            role="client" if peer.is_client else "server",
+        )
+        log.info("layer1 %s %s", kind, fields)
+        if self._on_event is not None:
+            with contextlib.suppress(Exception):
+                self._on_event(kind, fields)
+
+    # --------------------------------------------------------------- queries
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        return [e.sockname for e in self._endpoints if e.listeners]
+
+    @property
+    def session_count(self) -> int:
+        return sum(1 for p in self._peers.values() if p.session is not None)
+
+
+def _hostname(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+def _offers_psk(hello: bytes) -> bool:
+    """Whether a ClientHello offers any PSK cipher suite (RFC 4279 / RFC 6655 numbers)."""
+    try:
+        pos = records.HEADER_LEN + 12 + 2 + 32
+        pos += 1 + hello[pos]  # session id
+        pos += 1 + hello[pos]  # cookie
+        n = int.from_bytes(hello[pos : pos + 2], "big")
+        suites = hello[pos + 2 : pos + 2 + n]
+    except IndexError:
+        return False
+    psk_suites = {0xC0A8, 0xC0A4, 0xC0A5, 0x00A8, 0x00AE, 0x008C, 0xC0AA, 0xCCAB}
+    return any(int.from_bytes(suites[i : i + 2], "big") in psk_suites for i in range(0, n, 2))
