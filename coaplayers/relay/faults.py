@@ -279,6 +279,16 @@ class FaultModel(Generic[P]):
             raise ValueError(f"duration must not be negative, got {duration!r}")
         self._windows.append(_Window(now, now + duration))
 
+    def end_blackholes(self, now: float) -> None:
+        """Close every blackhole window open at ``now`` and cancel the ones not yet begun."""
+        kept = []
+        for w in self._windows:
+            if w.end <= now:
+                continue
+            if w.start < now:
+                kept.append(_Window(w.start, now))
+        self._windows = kept
+
     def in_blackhole(self, now: float) -> bool:
         return any(w.start <= now < w.end for w in self._windows)
 

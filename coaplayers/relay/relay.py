@@ -352,6 +352,10 @@ class FaultRelay:
         """Drop every datagram, both ways, for ``duration`` seconds from ``start_in`` from now."""
         self._require_model().blackhole(self._require_loop().time() + start_in, duration)
 
+    def end_blackhole(self) -> None:
+        """End every blackhole now, and cancel those scheduled for later (from flags too)."""
+        self._require_model().end_blackholes(self._require_loop().time())
+
     def expire_idle(self, now: float | None = None) -> int:
         """Close the mappings idle for ``idle_timeout``; returns how many were closed.
 
@@ -414,6 +418,7 @@ class FaultRelay:
             except ConnectionRefusedError:
                 # ICMP port unreachable for an earlier send: the upstream is not listening (yet).
                 self._upstream_unreachable += 1
+                self._notify()
                 continue
             except OSError as e:
                 log.debug("upstream socket error for client %s: %s", _fmt(mapping.key), e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -15,7 +16,9 @@ def model(faults: Faults, seed: int = 1, start: float = 0.0) -> FaultModel[int]:
     return FaultModel(faults, random.Random(seed), start=start)
 
 
-def run(m: FaultModel[int], n: int, direction: Direction = UP, step: float = 0.001) -> list[Delivery[int]]:
+def run(
+    m: FaultModel[int], n: int, direction: Direction = UP, step: float = 0.001
+) -> list[Delivery[int]]:
     """Submit packets 0..n-1 one ``step`` apart; return every delivery, held ones included."""
     out: list[Delivery[int]] = []
     now = 0.0
@@ -122,7 +125,7 @@ def test_reorder_rate_and_nothing_lost() -> None:
     deliveries = run(m, n)
     order = [d.packet for d in deliveries]
     assert sorted(order) == list(range(n))
-    swaps = sum(1 for a, b in zip(order, order[1:], strict=False) if a > b)
+    swaps = sum(1 for a, b in itertools.pairwise(order) if a > b)
     assert swaps == m.stats(UP).reordered
     # A datagram is held with p=0.3 only when nothing is held already.
     assert 0.15 * n <= swaps <= 0.3 * n
@@ -165,7 +168,7 @@ def test_jitter_spreads_delay_within_bounds_and_can_reorder() -> None:
         assert 0.06 - 1e-9 <= d.at - now <= 0.14 + 1e-9
         times.append(d.at)
     # Delivery times are not monotonic: jitter reorders, as on a real path.
-    assert any(b < a for a, b in zip(times, times[1:], strict=False))
+    assert any(b < a for a, b in itertools.pairwise(times))
     spread = [t - i * 0.001 for i, t in enumerate(times)]
     assert min(spread) < 0.065 and max(spread) > 0.135
 
