@@ -123,6 +123,7 @@ class TinyDtlsSession(DtlsSession):
         self._identity_seen: bytes | None = None
         self._unknown_identity: bytes | None = None
         self._freed = False
+        self._client_hello_random: bytes | None = None  # server: the one that created us
 
     @classmethod
     def client(
@@ -182,6 +183,15 @@ class TinyDtlsSession(DtlsSession):
             raise DtlsError("tinydtls could not start the handshake")
 
     def _backend_receive(self, recs: list[bytes]) -> None:
+        if self._client_hello_random is not None:
+            # A repeated ClientHello of the handshake that created this session (the network
+            # duplicated it, or the client retransmitted it): tinydtls would start the
+            # handshake over with a new ServerHello random, and the client, which already
+            # took the first ServerHello, could then never finish. Drop it; our own timer
+            # repeats our flight if the first one was lost.
+            recs = [r for r in recs if records.client_hello_random(r) != self._client_hello_random]
+            if not recs:
+                return
         self._context.handle(self, b"".join(recs))
         if self._unknown_identity is not None and not self.is_client:
             ident = self._unknown_identity
@@ -253,6 +263,7 @@ class TinyDtlsListener:
             self._context.d.resetPeer(session._tsession)
             return records.pack_datagrams(produced, self.config.mtu), None
         self._context.sessions[address] = session
+        session._client_hello_random = random
         session.state = State.HANDSHAKING
         session._handshake_deadline = now + self.config.handshake_timeout
         session._received_any = True
