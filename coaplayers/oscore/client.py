@@ -1,0 +1,200 @@
+"""Client side: an aiocoap request interface that protects requests with our contexts.
+
+It is aiocoap's ``TransportOSCORE`` with three changes:
+
+* Contexts come from a :class:`ClientContexts` map of its own, not from the aiocoap
+  Context's ``client_credentials``. A stock credentials map returns one object per URI
+  pattern, and both aiocoap's OSCORE transport and its DTLS transports ask that map for the
+  same request URI, so one URI could not have an OSCORE context *and* DTLS credentials
+  (OSCORE over a ``coaps://`` hop). Keeping OSCORE contexts apart removes the clash.
+* Requests are protected with :class:`~coaplayers.oscore.context.SecurityContext`, whose
+  outer message keeps Proxy-Scheme and Uri-Port, so requests work through forward proxies.
+* Answers that mean "this context is dead" become
+  :class:`~coaplayers.oscore.errors.RehandshakeRequired` (also passed to an
+  ``on_rehandshake`` callback), and other unprotected answers become
+  :class:`~coaplayers.oscore.errors.UnprotectedErrorResponse`, instead of aiocoap's
+  generic "not a protected message".
+
+Install it with :func:`attach`; requests whose URI origin has a context are then protected
+transparently (``await ctx.request(Message(code=GET, uri=...)).response``), including
+block-wise transfers (inner, RFC 8613 Section 4.1.3.4) and Observe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiocoap
+from aiocoap import oscore as _aiooscore
+from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
+
+from .context import SecurityContext
+from .errors import (
+    RehandshakeReason,
+    RehandshakeRequired,
+    SequenceNumbersExhausted,
+    UnprotectedErrorResponse,
+)
+from .server import CONTEXT_NOT_FOUND, DECRYPTION_FAILED
+
+log = logging.getLogger("coaplayers.oscore.client")
+
+_DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684}
+
+RehandshakeCallback = Callable[[RehandshakeRequired], None]
+
+
+def origin_of(uri: str) -> str:
+    """``scheme://host:port`` of a CoAP URI, lower-cased, default port made explicit.
+
+    Contexts belong to the origin server (RFC 8613 is end to end), so the key ignores the
+    path and which proxy the request goes through.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if not scheme or not host:
+        raise ValueError(f"not an absolute CoAP URI: {uri!r}")
+    port = parts.port if parts.port is not None else _DEFAULT_PORTS.get(scheme)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def classify_unprotected(response: aiocoap.Message) -> RehandshakeReason | None:
+    """Which unprotected OSCORE error answers mean "run a new handshake"."""
+    payload = bytes(response.payload)
+    if response.code == aiocoap.UNAUTHORIZED and payload.startswith(CONTEXT_NOT_FOUND.encode()):
+        return RehandshakeReason.CONTEXT_NOT_FOUND
+    if response.code == aiocoap.BAD_REQUEST and payload.startswith(DECRYPTION_FAILED.encode()):
+        return RehandshakeReason.DECRYPTION_FAILED
+    return None
+
+
+class ClientContexts:
+    """Origin -> security context, for the client. Layer 0 sets an entry after each handshake."""
+
+    def __init__(self) -> None:
+        self._by_origin: dict[str, SecurityContext] = {}
+
+    def set(self, uri: str, context: SecurityContext) -> None:
+        """Use ``context`` for every request to the origin of ``uri`` (path is ignored)."""
+        self._by_origin[origin_of(uri)] = context
+
+    def remove(self, uri: str) -> SecurityContext | None:
+        return self._by_origin.pop(origin_of(uri), None)
+
+    def get(self, uri: str) -> SecurityContext | None:
+        return self._by_origin.get(origin_of(uri))
+
+    def __len__(self) -> int:
+        return len(self._by_origin)
+
+    def for_request(self, message: aiocoap.Message) -> SecurityContext | None:
+        """The context for an outgoing request, by its request URI's origin.
+
+        For a request through a forward proxy (Proxy-Scheme/Uri-Host/Uri-Port set, remote
+        is the proxy), that is the origin server's URI, not the proxy's.
+        """
+        try:
+            uri = message.get_request_uri()
+        except Exception:  # e.g. no remote and no Uri-Host yet
+            return None
+        try:
+            return self._by_origin.get(origin_of(uri))
+        except ValueError:
+            return None
+
+
+class OscoreClientTransport(TransportOSCORE):
+    """aiocoap request interface for OSCORE with :class:`ClientContexts` (see module doc).
+
+    :param context: the aiocoap client Context; protected messages are sent through it.
+    :param contexts: the origin -> SecurityContext map.
+    :param on_rehandshake: called with the RehandshakeRequired error (context dead, sequence
+        numbers exhausted); the same error is raised to whoever awaits the response. The
+        low-watermark signal (``SEQUENCE_NUMBERS_LOW``) comes from the context's own
+        ``on_rekey_needed`` instead, since the request still succeeds.
+    """
+
+    def __init__(
+        self,
+        context: aiocoap.Context,
+        contexts: ClientContexts,
+        on_rehandshake: RehandshakeCallback | None = None,
+    ) -> None:
+        super().__init__(context, context)
+        self.contexts = contexts
+        self.on_rehandshake = on_rehandshake
+
+    async def fill_or_recognize_remote(self, message: aiocoap.Message) -> bool:
+        if isinstance(message.remote, OSCOREAddress):
+            # Follow-up requests (block-wise, re-registration) reuse a response's remote.
+            return isinstance(message.remote.security_context, SecurityContext)
+        if message.opt.oscore is not None:
+            return False  # already protected: this is our own outer message
+        context = self.contexts.for_request(message)
+        if context is None:
+            return False
+        message.remote = OSCOREAddress(context, message.remote)
+        return True
+
+    def request(self, request: Any) -> None:
+        task = self.loop.create_task(
+            self._request_mapping_errors(request), name=f"OSCORE request {request!r}"
+        )
+        self._tasks.add(task)
+
+        def done(t: Any, _request: Any = request) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                _request.add_exception(exc)
+
+        task.add_done_callback(done)
+
+    async def _request_mapping_errors(self, request: Any) -> None:
+        secctx = request.request.remote.security_context
+        try:
+            await self._request(request)
+        except _aiooscore.NotAProtectedMessage as e:
+            plain = e.plain_message
+            reason = classify_unprotected(plain)
+            if reason is None:
+                raise UnprotectedErrorResponse(plain) from None
+            self._signal(RehandshakeRequired(reason, secctx, plain))
+        except SequenceNumbersExhausted as e:
+            self._signal(e)
+        except _aiooscore.ContextUnavailable:
+            self._signal(SequenceNumbersExhausted(secctx))
+
+    def _signal(self, error: RehandshakeRequired) -> None:
+        log.info("OSCORE context %r needs a new handshake: %s", error.security_context,
+                 error.reason.value)
+        if self.on_rehandshake is not None:
+            try:
+                self.on_rehandshake(error)
+            except Exception:
+                log.exception("on_rehandshake callback failed")
+        raise error
+
+
+def attach(
+    context: aiocoap.Context,
+    contexts: ClientContexts | None = None,
+    on_rehandshake: RehandshakeCallback | None = None,
+) -> OscoreClientTransport:
+    """Put an :class:`OscoreClientTransport` in front of ``context``'s request interfaces.
+
+    In front, so that it sees requests before aiocoap's own OSCORE transport (which keeps
+    working for contexts placed in ``client_credentials``) and before plain transports.
+    Returns the transport; its ``contexts`` attribute is the map to fill.
+    """
+    transport = OscoreClientTransport(context, contexts or ClientContexts(), on_rehandshake)
+    context.request_interfaces.insert(0, transport)
+    return transport

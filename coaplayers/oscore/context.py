@@ -1,0 +1,264 @@
+"""The project's RFC 8613 security context: aiocoap's OSCORE, plus what this project needs.
+
+:class:`SecurityContext` reuses aiocoap's protect/unprotect code (COSE, nonces, AAD, replay
+window) and changes four things:
+
+* **Outer options.** aiocoap 0.4.17 drops Proxy-Scheme and Uri-Port when it builds the outer
+  message of a request; RFC 8613 Section 4.1.3.3 keeps them outer (Class U), and a forward
+  proxy needs them. :meth:`SecurityContext._split_message` puts them back. They are not
+  part of the AAD, so this changes nothing in the ciphertext.
+* **Sequence numbers.** They are never reused: a hard limit raises
+  :class:`~coaplayers.oscore.errors.SequenceNumbersExhausted` before the space runs out,
+  a lower ``rekey_threshold`` fires ``on_rekey_needed`` once so that Layer 0 can run a new
+  handshake in time, and with a :class:`~coaplayers.oscore.persistence.ContextFile` the
+  high-water mark is stored ahead (RFC 8613 Appendix B.1.1) before a number is used.
+* **Identity.** ``peer`` names the authenticated Layer 0 peer the keys came from; resources
+  see it as ``request.remote.authenticated_claims`` and the context as
+  ``request.remote.security_context``.
+* **No secrets in repr or logs.**
+
+It is sans-I/O except for the optional persistence hook, which writes synchronously on
+purpose: a sequence number must be on disk before it is on the wire.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiocoap import Message
+from aiocoap import oscore as _aiooscore
+
+from .errors import KeyingError, SequenceNumbersExhausted
+from .params import (
+    DEFAULT_AEAD,
+    DEFAULT_HKDF,
+    aead_algorithm,
+    hkdf_hash,
+    max_id_length,
+)
+
+if TYPE_CHECKING:
+    from .persistence import ContextFile
+
+#: Highest sender sequence number RFC 8613 allows (Partial IV is at most 5 bytes).
+MAX_SEQUENCE_NUMBER = _aiooscore.MAX_SEQNO
+
+#: Replay window size (RFC 8613 Section 7.4 suggests 32 as the default).
+DEFAULT_REPLAY_WINDOW = 32
+
+
+class SecurityContext(
+    _aiooscore.CanProtect, _aiooscore.CanUnprotect, _aiooscore.SecurityContextUtils
+):
+    """One RFC 8613 security context (one peer, one role), usable with aiocoap.
+
+    Usually built by :func:`coaplayers.oscore.keying.derive_context` from a Layer 0
+    handshake; built directly for static keys (tests, pre-provisioned peers).
+
+    :param master_secret: RFC 8613 Master Secret.
+    :param master_salt: RFC 8613 Master Salt (``b""`` is the RFC's default).
+    :param sender_id: our Sender ID; :param recipient_id: the peer's Sender ID.
+    :param id_context: RFC 8613 ID Context, or None.
+    :param aead: COSE AEAD algorithm (default 10, AES-CCM-16-64-128).
+    :param hkdf: HKDF parameter (-10: SHA-256, -11: SHA-512).
+    :param sender_sequence_number: first sequence number to use.
+    :param replay_window: size of the replay window for received requests.
+    :param replay_window_known: False after a restart from persisted state: the window is
+        then unknown and requests are answered with 4.01 + Echo (RFC 8613 Appendix B.1.2)
+        until a fresh request proves liveness.
+    :param sequence_limit: highest sequence number this context may use (hard limit).
+    :param rekey_threshold: at this sequence number, ``on_rekey_needed(self)`` is called once
+        and :attr:`needs_rekey` becomes true; protection goes on until ``sequence_limit``.
+    :param on_rekey_needed: callback for the above.
+    :param peer: name of the authenticated peer the keys belong to (e.g. its certificate
+        subject); exposed to resources as the request's authenticated claims.
+    :param store: persistence for the sequence number high-water mark (see
+        :class:`~coaplayers.oscore.persistence.ContextFile`).
+    """
+
+    def __init__(
+        self,
+        *,
+        master_secret: bytes,
+        sender_id: bytes,
+        recipient_id: bytes,
+        master_salt: bytes = b"",
+        id_context: bytes | None = None,
+        aead: int = DEFAULT_AEAD,
+        hkdf: int = DEFAULT_HKDF,
+        sender_sequence_number: int = 0,
+        replay_window: int = DEFAULT_REPLAY_WINDOW,
+        replay_window_known: bool = True,
+        sequence_limit: int = MAX_SEQUENCE_NUMBER,
+        rekey_threshold: int | None = None,
+        on_rekey_needed: Callable[[SecurityContext], None] | None = None,
+        peer: str | None = None,
+        store: ContextFile | None = None,
+    ) -> None:
+        self._set_identity(sender_id, recipient_id, id_context, aead, hkdf)
+        self.derive_keys(bytes(master_salt), bytes(master_secret))
+        self._set_state(
+            sender_sequence_number=sender_sequence_number,
+            replay_window=replay_window,
+            replay_window_known=replay_window_known,
+            sequence_limit=sequence_limit,
+            rekey_threshold=rekey_threshold,
+            on_rekey_needed=on_rekey_needed,
+            peer=peer,
+            store=store,
+        )
+
+    @classmethod
+    def from_derived_keys(
+        cls,
+        *,
+        sender_key: bytes,
+        recipient_key: bytes,
+        common_iv: bytes,
+        sender_id: bytes,
+        recipient_id: bytes,
+        id_context: bytes | None = None,
+        aead: int = DEFAULT_AEAD,
+        hkdf: int = DEFAULT_HKDF,
+        **state: Any,
+    ) -> SecurityContext:
+        """Rebuild a context from its derived keys (what a persisted context file holds,
+        so that the Master Secret need not outlive the derivation)."""
+        self = cls.__new__(cls)
+        self._set_identity(sender_id, recipient_id, id_context, aead, hkdf)
+        key_bytes = self.alg_aead.key_bytes
+        if len(sender_key) != key_bytes or len(recipient_key) != key_bytes:
+            raise KeyingError("key length does not match the AEAD algorithm")
+        if len(common_iv) != self.alg_aead.iv_bytes:
+            raise KeyingError("Common IV length does not match the AEAD algorithm")
+        self.sender_key = bytes(sender_key)
+        self.recipient_key = bytes(recipient_key)
+        self.common_iv = bytes(common_iv)
+        self._set_state(**state)
+        return self
+
+    def _set_identity(
+        self,
+        sender_id: bytes,
+        recipient_id: bytes,
+        id_context: bytes | None,
+        aead: int,
+        hkdf: int,
+    ) -> None:
+        self.alg_aead = aead_algorithm(aead)
+        self.hashfun = hkdf_hash(hkdf)
+        self.aead_value = aead
+        self.hkdf_value = hkdf
+        limit = max_id_length(aead)
+        if len(sender_id) > limit or len(recipient_id) > limit:
+            raise KeyingError(f"Sender/Recipient ID longer than {limit} bytes")
+        if sender_id == recipient_id:
+            raise KeyingError("Sender ID and Recipient ID must differ")
+        self.sender_id = bytes(sender_id)
+        self.recipient_id = bytes(recipient_id)
+        self.id_context = None if id_context is None else bytes(id_context)
+
+    def _set_state(
+        self,
+        *,
+        sender_sequence_number: int = 0,
+        replay_window: int = DEFAULT_REPLAY_WINDOW,
+        replay_window_known: bool = True,
+        sequence_limit: int = MAX_SEQUENCE_NUMBER,
+        rekey_threshold: int | None = None,
+        on_rekey_needed: Callable[[SecurityContext], None] | None = None,
+        peer: str | None = None,
+        store: ContextFile | None = None,
+    ) -> None:
+        if not 0 <= sender_sequence_number <= MAX_SEQUENCE_NUMBER:
+            raise KeyingError("sender sequence number out of range")
+        self.sender_sequence_number = sender_sequence_number
+        self.sequence_limit = min(sequence_limit, MAX_SEQUENCE_NUMBER)
+        self.rekey_threshold = rekey_threshold
+        self.on_rekey_needed = on_rekey_needed
+        self._rekey_signalled = False
+
+        self.recipient_replay_window = _aiooscore.ReplayWindow(replay_window, lambda: None)
+        if replay_window_known:
+            self.recipient_replay_window.initialize_empty()
+            # aiocoap's unprotect consults this only while the window is uninitialized.
+            self.echo_recovery: bytes | None = None
+        else:
+            self.echo_recovery = secrets.token_bytes(8)
+
+        self.peer = peer
+        self.authenticated_claims = [peer] if peer is not None else []
+        self.store = store
+        if store is not None:
+            store.attach(self)
+
+    def __repr__(self) -> str:
+        # Never the keys: repr ends up in aiocoap's debug logs.
+        return (
+            f"<{type(self).__name__} sender_id={self.sender_id.hex()!r}"
+            f" recipient_id={self.recipient_id.hex()!r}"
+            f" id_context={None if self.id_context is None else self.id_context.hex()!r}"
+            f" peer={self.peer!r} seq={self.sender_sequence_number}>"
+        )
+
+    # -- sequence numbers ------------------------------------------------------------
+
+    @property
+    def needs_rekey(self) -> bool:
+        """True once the rekey threshold is reached: Layer 0 should run a new handshake."""
+        return (
+            self.rekey_threshold is not None
+            and self.sender_sequence_number >= self.rekey_threshold
+        )
+
+    @property
+    def remaining_sequence_numbers(self) -> int:
+        """How many more messages this context can protect with a fresh Partial IV."""
+        return max(0, self.sequence_limit + 1 - self.sender_sequence_number)
+
+    def new_sequence_number(self) -> int:
+        """Hand out the next sender sequence number, exactly once.
+
+        The store (if any) is asked to cover the number *before* it is returned, so that no
+        crash can lead to the same number being used again after a restart.
+        """
+        number = self.sender_sequence_number
+        if number > self.sequence_limit:
+            raise SequenceNumbersExhausted(self)
+        if self.store is not None:
+            self.store.reserve(number)
+        self.sender_sequence_number = number + 1
+        if self.needs_rekey and not self._rekey_signalled:
+            self._rekey_signalled = True
+            if self.on_rekey_needed is not None:
+                self.on_rekey_needed(self)
+        return number
+
+    def post_seqnoincrease(self) -> None:
+        """Required by aiocoap's CanProtect; the work is done in :meth:`new_sequence_number`."""
+
+    # -- RFC 8613 outer options --------------------------------------------------------
+
+    def _split_message(self, message: Message, request_id: Any) -> tuple[Message, bytes]:
+        """aiocoap's split, plus the Class U options it drops (Proxy-Scheme, Uri-Port).
+
+        RFC 8613 Section 4.1.3.3: Uri-Host, Uri-Port and Proxy-Scheme are outer options
+        (Proxy-Uri is split into them plus inner Uri-Path/Uri-Query, which aiocoap already
+        does). They are not authenticated, so the ciphertext is the same either way.
+        """
+        outer, plaintext = super()._split_message(message, request_id)
+        if message.code.is_request():
+            if message.opt.proxy_scheme is not None and outer.opt.proxy_scheme is None:
+                outer.opt.proxy_scheme = message.opt.proxy_scheme
+            if message.opt.uri_port is not None and outer.opt.uri_port is None:
+                outer.opt.uri_port = message.opt.uri_port
+        return outer, plaintext
+
+    # -- server-side lookup (aiocoap credentials interface) ----------------------------
+
+    @property
+    def lookup_key(self) -> tuple[bytes, bytes | None]:
+        """(Recipient ID, ID Context): what identifies this context in an incoming request."""
+        return (self.recipient_id, self.id_context)

@@ -1,0 +1,96 @@
+"""Typed errors of the OSCORE mode.
+
+They are split by who has to act: a :class:`ParameterError` means the peer sent a keying
+message we will not use (the handshake has to be abandoned), a :class:`RehandshakeRequired`
+means our own security context cannot go on and Layer 0 should run a new handshake, and
+:class:`PersistenceError` means the local state on disk cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiocoap import Message
+
+
+class OscoreError(Exception):
+    """Base class of every error raised by :mod:`coaplayers.oscore`."""
+
+
+class ParameterError(OscoreError, ValueError):
+    """The OSCORE parameters sent by the server inside the Layer 0 tunnel are malformed.
+
+    Raised by the strict parser for any deviation from docs/OSCORE-KEYING.md (bad CBOR,
+    trailing bytes, unknown or missing map keys, wrong types, unsupported algorithms,
+    identifiers too long for the AEAD nonce, equal Sender and Recipient IDs). The peer that
+    broke the protocol is always the server that sent the parameters.
+    """
+
+
+class KeyingError(OscoreError, ValueError):
+    """The exporter output does not fit the parameters (wrong length, for example)."""
+
+
+class PersistenceError(OscoreError):
+    """A persisted context file is missing fields, corrupt, or not owner-only."""
+
+
+class RehandshakeReason(enum.Enum):
+    """Why a security context can no longer be used."""
+
+    #: The server answered an unprotected 4.01 "Security context not found": it lost the
+    #: context (restart, eviction) or never had it.
+    CONTEXT_NOT_FOUND = "context-not-found"
+    #: The server answered an unprotected 4.00 "Decryption failed": both ends have a context
+    #: for the Recipient ID but with different keys (e.g. the server restarted and gave the
+    #: same ID to another client).
+    DECRYPTION_FAILED = "decryption-failed"
+    #: The sender sequence number reached the configured re-key threshold.
+    SEQUENCE_NUMBERS_LOW = "sequence-numbers-low"
+    #: The sender sequence number space is used up; nothing more can be protected.
+    SEQUENCE_NUMBERS_EXHAUSTED = "sequence-numbers-exhausted"
+
+
+class RehandshakeRequired(OscoreError):
+    """Layer 0 should run a new handshake and replace the security context.
+
+    Raised from a request made through :class:`coaplayers.oscore.client.OscoreClientTransport`
+    (``await context.request(msg).response`` raises it) and passed to its ``on_rehandshake``
+    callback. The request it was raised for has *not* been processed by the server (for
+    ``CONTEXT_NOT_FOUND`` / ``DECRYPTION_FAILED`` the server said so, for the sequence number
+    reasons nothing was sent), so it is safe to send it again under the new context.
+
+    Note that the 4.01/4.00 answers that lead here are unprotected: an on-path attacker can
+    forge them and so force handshakes (a denial of service, never a security breach).
+    """
+
+    def __init__(
+        self,
+        reason: RehandshakeReason,
+        security_context: Any = None,
+        response: Message | None = None,
+    ) -> None:
+        super().__init__(f"new Layer 0 handshake required: {reason.value}")
+        self.reason = reason
+        self.security_context = security_context
+        self.response = response
+
+
+class SequenceNumbersExhausted(RehandshakeRequired):
+    """The context's sender sequence numbers are used up (hard limit reached)."""
+
+    def __init__(self, security_context: Any = None) -> None:
+        super().__init__(RehandshakeReason.SEQUENCE_NUMBERS_EXHAUSTED, security_context)
+
+
+class UnprotectedErrorResponse(OscoreError):
+    """The server answered an OSCORE request with an unprotected message that is not one of
+    the answers mapped to :class:`RehandshakeRequired` (e.g. 4.01 "Replay detected", a
+    proxy's 5.04, or 4.02 from a proxy). ``response`` holds the message as received."""
+
+    def __init__(self, response: Message) -> None:
+        payload = bytes(response.payload[:64]).decode("utf-8", "replace")
+        super().__init__(f"unprotected {response.code} response: {payload!r}")
+        self.response = response
