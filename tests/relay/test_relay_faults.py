@@ -225,3 +225,13 @@ def test_update_changes_faults_from_now_on() -> None:
 def test_invalid_faults_are_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Faults(**kwargs)  # type: ignore[arg-type]
+
+
+def test_end_blackholes_closes_open_and_cancels_later_windows() -> None:
+    m = model(Faults(blackholes=((1.0, 10.0), (20.0, 5.0))))
+    assert m.submit(0, UP, 2.0).fate is Fate.BLACKHOLED
+    m.end_blackholes(3.0)
+    assert m.submit(1, UP, 3.0).fate is Fate.DELIVERED
+    assert m.submit(2, UP, 21.0).fate is Fate.DELIVERED
+    m.blackhole(30.0, 1.0)
+    assert m.submit(3, UP, 30.5).fate is Fate.BLACKHOLED

@@ -264,7 +264,7 @@ async def test_delay_applies_each_way(echo: Endpoint, client: Endpoint) -> None:
         got = [(await client.recv())[0] for _ in range(5)]
         elapsed = loop.time() - t0
         assert got == [b"%d" % i for i in range(5)]  # fixed delay keeps order
-        assert elapsed >= 0.079
+        assert elapsed >= 0.075  # both delays, less the timer slack
         s = relay.stats
         assert s.up.delayed == 5 and s.down.delayed == 5
 
