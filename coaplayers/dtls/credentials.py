@@ -86,11 +86,12 @@ class CertificateCredentials:
 
     ``trusted`` are the CA certificates that authenticate the peer; with ``require_peer`` the
     handshake fails unless the peer presents a certificate chaining to one of them. A client
-    checks the server's name against ``server_name`` when it is set.
+    checks the server's name against ``server_name`` when it is set. A client that only
+    authenticates the server has an empty ``certificate_chain`` and ``private_key=None``.
     """
 
     certificate_chain: list[x509.Certificate]
-    private_key: PrivateKeyTypes
+    private_key: PrivateKeyTypes | None
     trusted: list[x509.Certificate] = field(default_factory=list)
     require_peer: bool = True
     server_name: str | None = None

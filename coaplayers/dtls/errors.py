@@ -80,7 +80,8 @@ def alert_error(description: int, *, we_are_client: bool) -> DtlsError:
         side = "server" if we_are_client else "client"
         return AuthenticationFailed(
             f"the {side} rejected our certificate ({name}): is it signed by a CA the peer trusts,"
-            " and still valid?"
+            " still valid"
+            + (", and issued for the name the client asked for?" if side == "client" else "?")
         )
     if description in (40, 115, 49):
         return AuthenticationFailed(

@@ -69,18 +69,20 @@ def build_context(
         ctx.set_cipher_list(ciphers.encode())
     except SSL.Error as exc:
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
-    if not credentials.certificate_chain:
-        raise ConfigurationError("certificate credentials need at least one certificate")
-    try:
-        ctx.use_certificate(crypto.X509.from_cryptography(credentials.certificate_chain[0]))
-        for extra in credentials.certificate_chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.private_key))  # type: ignore[arg-type]
-        ctx.check_privatekey()
-    except (SSL.Error, TypeError, ValueError) as exc:
-        raise ConfigurationError(
-            "certificate and private key do not match or are unusable"
-        ) from exc
+    if credentials.certificate_chain:
+        try:
+            ctx.use_certificate(crypto.X509.from_cryptography(credentials.certificate_chain[0]))
+            for extra in credentials.certificate_chain[1:]:
+                ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+            ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.private_key))  # type: ignore[arg-type]
+            ctx.check_privatekey()
+        except (SSL.Error, TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                "certificate and private key do not match or are unusable"
+            ) from exc
+    elif server:
+        raise ConfigurationError("a server needs a certificate (certificate_chain is empty)")
+    # else: a client that authenticates the server only, and presents no certificate itself
     store = ctx.get_cert_store()
     assert store is not None
     for ca in credentials.trusted:
@@ -112,6 +114,19 @@ class OpenSslSession(DtlsSession):
         self._conn: SSL.Connection | None = connection
         self._credentials = credentials
         connection.set_ciphertext_mtu(self.config.mtu)
+        self._rejected: list[AuthenticationFailed] = []
+        self._peer_leaf: list[x509.Certificate] = []  # what the peer presented, even if refused
+        # The server name and the local policy are checked inside OpenSSL's verification
+        # rather than after the handshake, so that OpenSSL sends the peer a fatal alert:
+        # otherwise the peer would consider the session established and keep it until it
+        # idles out.
+        if is_client and credentials.server_name:
+            _require_peer_name(connection, credentials.server_name)
+        if credentials.verify_peer is not None or is_client:
+            connection.set_verify(
+                connection.get_context().get_verify_mode(),
+                _local_verifier(credentials, self._rejected, self._peer_leaf),
+            )
 
     @classmethod
     def client(
@@ -207,11 +222,24 @@ class OpenSslSession(DtlsSession):
             return
         except SSL.Error as exc:
             self._pump()  # our fatal alert, if OpenSSL queued one
-            raise _map_error(exc, self.is_client) from exc
+            if self._rejected:
+                raise self._rejected[0] from exc
+            if _lib.SSL_get_verify_result(conn._ssl) in _NAME_MISMATCH:
+                raise self._name_mismatch(conn) from exc
+            raise _map_error(
+                exc, self.is_client, presented_certificate=bool(self._credentials.certificate_chain)
+            ) from exc
         self._pump()
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
         self._established(identity, cipher, bool(_lib.SSL_session_reused(conn._ssl)))
+
+    def _name_mismatch(self, conn: SSL.Connection) -> AuthenticationFailed:
+        names = _cert_names(self._peer_leaf[0]) if self._peer_leaf else []
+        return AuthenticationFailed(
+            f"the server's certificate is not for {self._credentials.server_name!r}"
+            f" (it names {', '.join(dict.fromkeys(names)) or 'nothing'})"
+        )
 
     def _verify_peer(self, conn: SSL.Connection) -> str | None:
         peer = conn.get_peer_certificate()
@@ -340,7 +368,54 @@ _ALERT_NUMBERS = {
 }
 
 
-def _map_error(exc: SSL.Error, we_are_client: bool) -> DtlsError:
+_NAME_MISMATCH = (_lib.X509_V_ERR_HOSTNAME_MISMATCH, 64)  # 64: X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _require_peer_name(conn: SSL.Connection, name: str) -> None:
+    """Have OpenSSL check the server's DNS name or IP address (RFC 6125) as part of the chain."""
+    import ipaddress
+
+    param = _lib.SSL_get0_param(conn._ssl)
+    bare = name.strip("[]")
+    try:
+        packed = ipaddress.ip_address(bare).packed
+    except ValueError:
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, bare.encode(), len(bare.encode()))
+    else:
+        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
+    if ok != 1:
+        raise ConfigurationError(f"cannot check the server name {name!r}")
+
+
+def _local_verifier(
+    credentials: CertificateCredentials,
+    rejected: list[AuthenticationFailed],
+    leaf_seen: list[x509.Certificate],
+):  # type: ignore[no-untyped-def]
+    """An OpenSSL verify callback: adds local policy to the chain check, notes the leaf."""
+
+    def verify(
+        _conn: SSL.Connection, cert: crypto.X509, _errno: int, depth: int, ok: int
+    ) -> bool:
+        if depth != 0:
+            return bool(ok)
+        leaf = cert.to_cryptography()
+        leaf_seen[:] = [leaf]
+        if not ok:
+            return False
+        if credentials.verify_peer is not None and not credentials.verify_peer(leaf):
+            rejected.append(
+                AuthenticationFailed("the peer's certificate was refused by local policy")
+            )
+            return False
+        return True
+
+    return verify
+
+
+def _map_error(
+    exc: SSL.Error, we_are_client: bool, *, presented_certificate: bool = True
+) -> DtlsError:
     details = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
     reasons = [str(r[2]) for r in details]
     text = "; ".join(reasons) or str(exc)
@@ -348,6 +423,11 @@ def _map_error(exc: SSL.Error, we_are_client: bool) -> DtlsError:
         m = _ALERT_RE.search(reason)
         if m:
             number = _ALERT_NUMBERS.get(m.group(1).strip())
+            if number == 40 and we_are_client and not presented_certificate:
+                return AuthenticationFailed(
+                    "the server refused the handshake (handshake_failure): it likely requires a"
+                    " client certificate, and we presented none"
+                )
             if number is not None:
                 return alert_error(number, we_are_client=we_are_client)
             return PeerAlert(0, f"peer sent fatal alert: {m.group(1)}")
