@@ -270,7 +270,7 @@ class FaultRelay:
             self._capture.close()
         for _, fut in self._waiters:
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(RuntimeError("relay closed"))
         self._waiters.clear()
 
     # -- API ----------------------------------------------------------------------------------
@@ -378,7 +378,8 @@ class FaultRelay:
         self, predicate: Callable[[RelayStats], bool], timeout: float | None = None
     ) -> RelayStats:
         """Wait until ``predicate(stats)`` holds (checked after every datagram and API change),
-        so that tests await what the relay did instead of sleeping. Raises ``TimeoutError``."""
+        so that tests await what the relay did instead of sleeping. Raises ``TimeoutError``, or
+        ``RuntimeError`` if the relay closes first."""
         current = self.stats
         if predicate(current):
             return current
