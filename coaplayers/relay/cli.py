@@ -26,15 +26,15 @@ seconds. A plain flag (--loss) applies both ways; --X-up (client -> upstream) an
 (upstream -> client) override it for one direction.
 
 examples:
-  # 20%% loss both ways in front of a CoAP server; the first output line is the bound address
+  # 20% loss both ways in front of a CoAP server; the first output line is the bound address
   coap-relay --listen 127.0.0.1:0 --upstream 127.0.0.1:5683 --loss 0.2 --seed 1
 
-  # 50 ms +- 20 ms of delay, 5%% duplicates and 10%% reordering, only towards the client
+  # 50 ms +- 20 ms of delay, 5% duplicates and 10% reordering, only towards the client
   coap-relay --listen [::1]:6683 --upstream [::1]:5683 \\
       --delay-down 50 --jitter-down 20 --duplicate-down 0.05 --reorder-down 0.1
 
   # NAT rebinding every 10 s, a 5 s blackhole 30 s after start, counters printed on exit
-  coap-relay --listen 0.0.0.0:5684 --upstream 192.0.2.7:5684 --rebind-every 10 \\
+  coap-relay --listen 0.0.0.0:5684 --upstream 127.0.0.1:5684 --rebind-every 10 \\
       --blackhole 30:5 -v
 
   # record every datagram seen (time, direction, hex) to check what crossed the hop

@@ -84,6 +84,7 @@ def test_help_gives_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "coap-relay --listen 127.0.0.1:0" in out
+    assert "%%" not in out
 
 
 class Echo(asyncio.DatagramProtocol):
