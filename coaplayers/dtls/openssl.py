@@ -71,10 +71,10 @@ def build_context(
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
     if credentials.certificate_chain:
         try:
-            ctx.use_certificate(crypto.X509.from_cryptography(credentials.certificate_chain[0]))
+            ctx.use_certificate(credentials.certificate_chain[0])
             for extra in credentials.certificate_chain[1:]:
                 ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-            ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.private_key))  # type: ignore[arg-type]
+            ctx.use_privatekey(credentials.private_key)  # type: ignore[arg-type]
             ctx.check_privatekey()
         except (SSL.Error, TypeError, ValueError) as exc:
             raise ConfigurationError(
@@ -172,11 +172,13 @@ class OpenSslSession(DtlsSession):
         if self.state is State.ESTABLISHED:
             self._read_application_data()
 
+    def _backend_max_plaintext(self) -> int:
+        # OpenSSL derives its cleartext MTU from the datagram MTU but does not cap it at the
+        # 2^14 bytes a record may carry; above that, SSL_write fails and ends the session.
+        return min(int(self._require().get_cleartext_mtu()), 16384)
+
     def _backend_send(self, data: bytes) -> None:
         conn = self._require()
-        limit = conn.get_cleartext_mtu() if hasattr(conn, "get_cleartext_mtu") else None
-        if limit and len(data) > limit:
-            raise DtlsError(f"{len(data)} bytes do not fit one record of this MTU ({limit})")
         try:
             conn.send(data)
         except SSL.Error as exc:

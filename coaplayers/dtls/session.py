@@ -138,9 +138,19 @@ class DtlsSession(abc.ABC):
         self._after_step(progressed=was_handshaking)
 
     def send(self, data: bytes) -> None:
-        """Send application data; only once the handshake is complete."""
+        """Send application data as one record; only once the handshake is complete.
+
+        Data larger than :attr:`max_send_size` raises :class:`DtlsError` and leaves the
+        session open (it would not fit one datagram of the configured MTU).
+        """
         if self.state is not State.ESTABLISHED:
             raise SessionClosed(f"cannot send application data in state {self.state.value}")
+        limit = self.max_send_size
+        if limit is not None and len(data) > limit:
+            raise DtlsError(
+                f"{len(data)} bytes do not fit one DTLS record within the MTU of"
+                f" {self.config.mtu} bytes (at most {limit})"
+            )
         self._guard(lambda: self._backend_send(data))
         self._flush_out(as_flight=False)
 
@@ -188,6 +198,13 @@ class DtlsSession(abc.ABC):
             self._retransmit_at = now + self._rto
 
     @property
+    def max_send_size(self) -> int | None:
+        """Most plaintext bytes one :meth:`send` takes (``None`` before the handshake)."""
+        if self.state is not State.ESTABLISHED:
+            return None
+        return self._backend_max_plaintext()
+
+    @property
     def is_established(self) -> bool:
         return self.state is State.ESTABLISHED
 
@@ -216,6 +233,10 @@ class DtlsSession(abc.ABC):
 
     @abc.abstractmethod
     def _backend_close_notify(self) -> None: ...
+
+    @abc.abstractmethod
+    def _backend_max_plaintext(self) -> int:
+        """Largest plaintext of one application-data record that fits the MTU."""
 
     def _backend_free(self) -> None:  # noqa: B027 - optional hook
         """Release backend state once the session is over."""
