@@ -103,7 +103,7 @@ async def create_context(
                     return t
 
                 await ctx._append_tokenmanaged_messagemanaged_transport(make_udp)
-                sock = iface[0]._transport.get_extra_info("socket")
+                sock = iface[0].transport.get_extra_info("socket")
                 h, p = sock.getsockname()[:2]
                 if sock.family == socket.AF_INET6 and h.startswith("::ffff:"):
                     h = h[7:]

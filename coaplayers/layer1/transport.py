@@ -61,13 +61,21 @@ class Layer1Limits:
         )
 
 
-class Layer1Error(error.Error):
-    """A Layer 1 failure surfaced to aiocoap requests; the message names the likely cause."""
+class Layer1Error(error.NetworkError):
+    """A Layer 1 failure surfaced to aiocoap requests; the message names the likely cause.
 
-    def __init__(self, cause: dtls.DtlsError | str, remote: str) -> None:
+    A :class:`aiocoap.error.NetworkError`, so aiocoap passes it to the request unchanged;
+    ``cause`` is the engine's typed error (:class:`~coaplayers.dtls.AuthenticationFailed`,
+    :class:`~coaplayers.dtls.HandshakeTimeout`, ...).
+    """
+
+    def __init__(self, cause: dtls.DtlsError, remote: str) -> None:
         self.cause = cause
-        text = str(cause)
-        super().__init__(f"coaps to {remote}: {text}")
+        self.remote_hostinfo = remote
+        super().__init__(f"coaps://{remote}: {cause}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Layer1Remote(interfaces.EndpointAddress):
@@ -489,10 +497,16 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             elif isinstance(event, dtls.ApplicationData):
                 self._deliver(peer, event.data)
             elif isinstance(event, dtls.ConnectionClosed):
-                if event.error is not None and not session.is_established and peer.identity is None:
+                err = event.error
+                if peer.identity is None:  # closed before the handshake completed
+                    err = err or dtls.AuthenticationFailed(
+                        "the peer ended the DTLS handshake without saying why"
+                    )
                     self.stats["handshakes_failed"] += 1
-                    self._emit_event("handshake_failed", peer, error=str(event.error))
-                self._drop_session(peer, event.error, notify=event.error is not None)
+                    self._emit_event("handshake_failed", peer, error=str(err))
+                elif err is None and peer.queue:
+                    err = dtls.SessionClosed("the peer closed the DTLS session")
+                self._drop_session(peer, err, notify=err is not None)
                 return
         self._arm_timer(peer)
 

@@ -1,0 +1,95 @@
+"""Shared fixtures: free ports, a demo PKI, and subprocess helpers with bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+
+from coaplayers import pki
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def need_program(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package libcoap3-bin; scripts/setup installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_pki() -> dict[str, pki.Issued]:
+    ca = pki.make_ca()
+    return {
+        "ca": ca,
+        "server": pki.issue(ca, "server.test", names=["server.test", "127.0.0.1", "::1"]),
+        "client": pki.issue(ca, "device-1"),
+        "other_ca": pki.make_ca("another CA"),
+    }
+
+
+async def run_program(
+    *argv: str, timeout: float = 30.0, stdin: bytes | None = None
+) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+@asynccontextmanager
+async def background(*argv: str, ready_port: tuple[str, int] | None = None,
+                     env: dict[str, str] | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run a program for the duration of a block; kill it afterwards."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def wait_udp_bound(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until some process has bound a UDP port (polls the kernel's socket table)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"nothing bound {host}:{port} within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+def argv(*parts: str | int) -> Sequence[str]:
+    return [str(p) for p in parts]
