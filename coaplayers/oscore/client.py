@@ -195,6 +195,8 @@ def attach(
     working for contexts placed in ``client_credentials``) and before plain transports.
     Returns the transport; its ``contexts`` attribute is the map to fill.
     """
-    transport = OscoreClientTransport(context, contexts or ClientContexts(), on_rehandshake)
+    transport = OscoreClientTransport(
+        context, contexts if contexts is not None else ClientContexts(), on_rehandshake
+    )
     context.request_interfaces.insert(0, transport)
     return transport

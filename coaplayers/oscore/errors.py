@@ -11,12 +11,19 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
+from aiocoap import error as _aiocoap_error
+
 if TYPE_CHECKING:
     from aiocoap import Message
 
 
-class OscoreError(Exception):
-    """Base class of every error raised by :mod:`coaplayers.oscore`."""
+class OscoreError(_aiocoap_error.Error):
+    """Base class of every error raised by :mod:`coaplayers.oscore`.
+
+    An aiocoap ``Error``, because these errors surface through aiocoap request objects
+    (``await ctx.request(m).response``), and aiocoap treats other exceptions from a
+    transport as bugs.
+    """
 
 
 class ParameterError(OscoreError, ValueError):
