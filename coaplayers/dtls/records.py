@@ -58,6 +58,15 @@ def epoch(record: bytes) -> int:
     return int.from_bytes(record[3:5], "big")
 
 
+def sequence_number(record: bytes) -> int:
+    return int.from_bytes(record[5:11], "big")
+
+
+def with_sequence_number(record: bytes, seq: int) -> bytes:
+    """The record with another 48-bit sequence number (only sound for epoch 0: unprotected)."""
+    return record[:5] + seq.to_bytes(6, "big") + record[11:]
+
+
 def handshake_type(record: bytes) -> int | None:
     """The handshake message type of an unencrypted (epoch 0) handshake record."""
     if record[0] != CONTENT_HANDSHAKE or epoch(record) != 0 or len(record) <= HEADER_LEN:

@@ -12,9 +12,17 @@ datagrams of at most ``mtu`` bytes) and :meth:`DtlsSession.next_event` until it 
 
 Handshake retransmission lives here rather than in the backends: both OpenSSL and tinydtls read
 the wall clock for their own timers, which would make the engine untestable with hand-driven
-time. The session keeps the last flight it sent and repeats it, byte for byte, when its timer
-expires (RFC 6347 section 4.2.4); the peer's replay window drops a copy it already has. The side
-that sends the final flight repeats it when the peer's previous flight arrives again.
+time. The session keeps the last flight it sent and repeats it when its timer expires (RFC 6347
+section 4.2.4). The side that sends the final flight repeats it when the peer's previous flight
+arrives again.
+
+A repeat is not byte for byte: RFC 6347 gives every record a new sequence number, and a peer's
+replay window drops a number it has seen even when its state machine ignored that record (an
+OpenSSL server that got the ChangeCipherSpec before the last fragment of the client's
+certificate never accepts the same record again, and the handshake stalls). Epoch 0 records are
+unprotected, so the session numbers them itself, strictly increasing across fresh records and
+repeats. Protected records (the Finished message) are repeated unchanged; the backends buffer
+those by handshake message sequence, so a copy the peer has is all it needs.
 """
 
 from __future__ import annotations
@@ -89,6 +97,8 @@ class DtlsSession(abc.ABC):
         self._retransmit_at: float | None = None
         self._handshake_deadline: float | None = None
         self._received_any = False
+        self._epoch0_top: int | None = None  # highest epoch 0 sequence number we sent
+        self._epoch0_shift = 0  # what we add to the backend's epoch 0 sequence numbers
         self._now = 0.0
         self.close_error: DtlsError | None = None
 
@@ -129,7 +139,7 @@ class DtlsSession(abc.ABC):
                     for r in recs
                 ):
                     # The peer repeats its flight: our final flight was lost.
-                    self._datagrams.extend(self._final_flight)
+                    self._datagrams.extend(self._repeat(self._final_flight))
             else:
                 self._final_flight = []  # the peer sends data, so it has our final flight
         self._received_any = True
@@ -193,7 +203,7 @@ class DtlsSession(abc.ABC):
             self._terminate(self._timeout_error())
             return
         if self._retransmit_at is not None and now >= self._retransmit_at and self._flight:
-            self._datagrams.extend(self._flight)
+            self._datagrams.extend(self._repeat(self._flight))
             self._rto = min(self._rto * 2, self.config.max_retransmit)
             self._retransmit_at = now + self._rto
 
@@ -288,7 +298,8 @@ class DtlsSession(abc.ABC):
     def _flush_out(self, *, as_flight: bool) -> list[bytes]:
         if not self._out:
             return []
-        datagrams = records.pack_datagrams(self._out, self.config.mtu)
+        fresh = [self._number(r, fresh=True) for r in self._out]
+        datagrams = records.pack_datagrams(fresh, self.config.mtu)
         self._out = []
         self._datagrams.extend(datagrams)
         if as_flight:
@@ -296,6 +307,28 @@ class DtlsSession(abc.ABC):
             self._rto = self.config.initial_retransmit
             self._retransmit_at = self._now + self._rto
         return datagrams
+
+    def _number(self, record: bytes, *, fresh: bool) -> bytes:
+        """Give an epoch 0 record a sequence number above every one we sent before."""
+        if records.epoch(record) != 0:
+            return record
+        seq = records.sequence_number(record)
+        top = self._epoch0_top
+        new = seq + self._epoch0_shift if fresh else (top or 0) + 1
+        if top is not None and new <= top:
+            new = top + 1
+        if fresh:
+            self._epoch0_shift = new - seq
+        self._epoch0_top = new
+        return record if new == seq else records.with_sequence_number(record, new)
+
+    def _repeat(self, datagrams: list[bytes]) -> list[bytes]:
+        """A flight again, with new epoch 0 sequence numbers (same datagram boundaries)."""
+        out = []
+        for datagram in datagrams:
+            recs = records.split_records(datagram)
+            out.append(b"".join(self._number(r, fresh=False) for r in recs))
+        return out
 
     def _timeout_error(self) -> DtlsError:
         t = self.config.handshake_timeout

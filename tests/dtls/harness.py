@@ -49,6 +49,8 @@ class Network:
     duplicate: float = 0.0
     reorder: float = 0.0
     drop: DropRule | None = None
+    drop_final_flight: bool = False
+    """Lose the datagrams a side sends as its handshake completes (its last flight), once."""
     now: float = 0.0
 
     server: DtlsSession | None = None
@@ -60,9 +62,12 @@ class Network:
     )
     timer_wakeups: dict[str, int] = field(default_factory=lambda: {CLIENT: 0, SERVER: 0})
     lost: int = 0
+    final_flight: tuple[str, list[bytes]] | None = None
+    """Who finished the handshake first, and the datagrams it sent in that step."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self._was_established = {CLIENT: False, SERVER: False}
 
     # ------------------------------------------------------------------ driving
 
@@ -175,7 +180,17 @@ class Network:
         for name, session in ((CLIENT, self.client), (SERVER, self.server)):
             if session is None:
                 continue
-            for datagram in session.datagrams_to_send():
+            datagrams = session.datagrams_to_send()
+            finishing = session.is_established and not self._was_established[name]
+            self._was_established[name] = session.is_established
+            if finishing and datagrams and self.final_flight is None:
+                self.final_flight = (name, datagrams)
+                if self.drop_final_flight:
+                    for datagram in datagrams:
+                        self.sent.append(Sent(name, self.now, datagram))
+                        self.lost += 1
+                    datagrams = []
+            for datagram in datagrams:
                 self._transmit(name, datagram)
             while (event := session.next_event()) is not None:
                 self.events[name].append((self.now, event))
