@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import aiocoap
 import pytest
@@ -27,15 +26,6 @@ from .support import aiocoap_proxy, oscore_server, static_pair
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-    try:
-        yield ctx
-    finally:
-        await ctx.shutdown()
 
 
 def test_stock_aiocoap_outer_message_lacks_proxy_scheme_and_uri_port() -> None:
