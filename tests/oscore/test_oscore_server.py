@@ -1,0 +1,203 @@
+"""Server side: the bounded context store, the Site wrapper, peer identity, and interop
+with aiocoap's own (independently configured) OSCORE contexts in both directions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiocoap
+import pytest
+from aiocoap import Message
+from aiocoap import oscore as aiooscore
+from aiocoap.numbers.codes import GET, POST
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+
+from coaplayers.oscore import (
+    ClientContexts,
+    ContextStore,
+    OscoreParameters,
+    RehandshakeReason,
+    RehandshakeRequired,
+    Role,
+    SecurityContext,
+    attach,
+    derive_context,
+    split_exporter,
+)
+
+from .support import build_site, free_udp_port, oscore_server, static_pair
+
+TIMEOUT = 10.0
+
+
+def _ctx(client_id: bytes) -> SecurityContext:
+    return static_pair(client_id=client_id)[1]
+
+
+# -- ContextStore (no network) -------------------------------------------------------------
+
+
+def test_store_is_bounded_and_evicts_least_recently_used() -> None:
+    store = ContextStore(max_contexts=3)
+    a, b, c, d = (_ctx(bytes([i])) for i in range(1, 5))
+    for ctx in (a, b, c):
+        assert store.add(ctx) == []
+    assert store.find_oscore({aiooscore.COSE_KID: b"\x01"}) is a  # a is now most recent
+    assert store.add(d) == [b]  # b was least recently used
+    assert len(store) == 3 and b not in store and a in store and d in store
+    assert store.evictions == 1
+    with pytest.raises(KeyError):
+        store.find_oscore({aiooscore.COSE_KID: b"\x02"})
+    with pytest.raises(KeyError):
+        store.find_oscore({})  # no kid at all
+
+
+def test_store_add_replaces_same_id_and_remove_is_exact() -> None:
+    store = ContextStore()
+    old, new = _ctx(b"\x09"), _ctx(b"\x09")
+    store.add(old)
+    store.add(new)
+    assert len(store) == 1 and store.get(b"\x09") is new
+    assert not store.remove(old)  # the stale object does not remove its successor
+    assert store.remove(new) and len(store) == 0
+
+
+def test_store_distinguishes_id_contexts() -> None:
+    store = ContextStore()
+    plain = _ctx(b"\x01")
+    with_ctx = static_pair(client_id=b"\x01", id_context=b"\xaa")[1]
+    with_ctx.id_context = b"\xaa"
+    store.add(plain)
+    store.add(with_ctx)
+    assert store.find_oscore({aiooscore.COSE_KID: b"\x01"}) is plain
+    assert store.find_oscore({aiooscore.COSE_KID: b"\x01",
+                              aiooscore.COSE_KID_CONTEXT: b"\xaa"}) is with_ctx
+
+
+def test_allocate_client_id_is_unique_and_never_the_server_id() -> None:
+    store = ContextStore(server_id=b"\x00", max_contexts=200)
+    seen = set()
+    for _ in range(128):  # 1-byte IDs: 255 candidates besides the server's own
+        cid = store.allocate_client_id(length=1)
+        assert cid != b"\x00" and cid not in seen
+        seen.add(cid)
+        store.add(static_pair(client_id=cid, server_id=b"\x00")[1])
+    with pytest.raises(RuntimeError):
+        store.allocate_client_id(length=1)  # half the space in use: refuse
+
+
+# -- the wrapped site over real UDP -----------------------------------------------------------
+
+
+async def test_plain_requests_pass_and_require_oscore_blocks(client: aiocoap.Context) -> None:
+    async with oscore_server(ContextStore()) as (port, _):
+        resp = await asyncio.wait_for(
+            client.request(Message(code=GET, uri=f"coap://127.0.0.1:{port}/hello")).response,
+            TIMEOUT,
+        )
+        assert resp.payload == b"hello anonymous"
+    async with oscore_server(ContextStore(), require_oscore=True) as (port, _):
+        resp = await asyncio.wait_for(
+            client.request(Message(code=GET, uri=f"coap://127.0.0.1:{port}/hello")).response,
+            TIMEOUT,
+        )
+        assert resp.code == aiocoap.UNAUTHORIZED
+
+
+async def test_eviction_leads_the_client_to_a_new_handshake(client: aiocoap.Context) -> None:
+    store = ContextStore(max_contexts=1)
+    first_client, first_server = static_pair(client_id=b"\x01")
+    store.add(first_server)
+    contexts = ClientContexts()
+    attach(client, contexts)
+    async with oscore_server(store) as (port, _):
+        uri = f"coap://127.0.0.1:{port}/hello"
+        contexts.set(uri, first_client)
+        resp = await asyncio.wait_for(client.request(Message(code=GET, uri=uri)).response,
+                                      TIMEOUT)
+        assert resp.payload == b"hello client-1"
+        store.add(static_pair(client_id=b"\x02", peer="other")[1])  # evicts the first
+        with pytest.raises(RehandshakeRequired) as info:
+            await asyncio.wait_for(client.request(Message(code=GET, uri=uri)).response,
+                                   TIMEOUT)
+        assert info.value.reason is RehandshakeReason.CONTEXT_NOT_FOUND
+
+
+# -- interop with aiocoap's own OSCORE contexts -------------------------------------------------
+
+
+def _aiocoap_context_dir(base: Path, sender: bytes, recipient: bytes, secret: bytes,
+                         salt: bytes) -> str:
+    """An aiocoap FilesystemSecurityContext directory: the way an independent OSCORE peer
+    would be configured from the exported parameters (secret, salt, IDs), nothing shared
+    with coaplayers' objects."""
+    base.mkdir()
+    (base / "secret.json").write_text(json.dumps({
+        "sender-id_hex": sender.hex(), "recipient-id_hex": recipient.hex(),
+        "secret_hex": secret.hex(), "salt_hex": salt.hex(),
+    }))
+    return str(base)
+
+
+EXPORTER = bytes(range(200, 232))  # stands in for the Layer 0 exporter output
+
+
+async def test_aiocoap_oscore_client_talks_to_our_server(tmp_path: Path) -> None:
+    # A stock aiocoap client: its own OSCORE transport, contexts in client_credentials.
+    client = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    params = OscoreParameters(client_id=b"\x21", server_id=b"\x01")
+    store = ContextStore()
+    store.add(derive_context(EXPORTER, params, Role.SERVER, peer="aiocoap-peer"))
+    material = split_exporter(EXPORTER, params)
+    peer_ctx = aiooscore.FilesystemSecurityContext(_aiocoap_context_dir(
+        tmp_path / "peer", params.client_id, params.server_id,
+        material.master_secret, material.master_salt))
+    try:
+        async with oscore_server(store) as (port, _):
+            client.client_credentials[f"coap://127.0.0.1:{port}/*"] = peer_ctx
+            resp = await asyncio.wait_for(
+                client.request(Message(code=GET, uri=f"coap://127.0.0.1:{port}/hello"))
+                .response, TIMEOUT)
+            assert resp.payload == b"hello aiocoap-peer"
+            assert resp.remote.security_context is peer_ctx
+            body = bytes(range(256)) * 8
+            resp = await asyncio.wait_for(
+                client.request(Message(code=POST, uri=f"coap://127.0.0.1:{port}/echo",
+                                       payload=body)).response, TIMEOUT)
+            assert resp.payload == body
+    finally:
+        peer_ctx._destroy()
+        await client.shutdown()
+
+
+async def test_our_client_talks_to_aiocoap_oscore_server(
+    client: aiocoap.Context, tmp_path: Path
+) -> None:
+    params = OscoreParameters(client_id=b"\x33", server_id=b"")
+    material = split_exporter(EXPORTER, params)
+    peer_ctx = aiooscore.FilesystemSecurityContext(_aiocoap_context_dir(
+        tmp_path / "peer", params.server_id, params.client_id,
+        material.master_secret, material.master_salt))
+    site, _ = build_site()
+    creds = aiocoap.credentials.CredentialsMap()
+    creds[":peer"] = peer_ctx
+    port = free_udp_port()
+    server = await aiocoap.Context.create_server_context(
+        OscoreSiteWrapper(site, creds), bind=("127.0.0.1", port), transports=["udp6"])
+    try:
+        contexts = ClientContexts()
+        attach(client, contexts)
+        ours = derive_context(EXPORTER, params, Role.CLIENT)
+        contexts.set(f"coap://127.0.0.1:{port}", ours)
+        resp = await asyncio.wait_for(
+            client.request(Message(code=GET, uri=f"coap://127.0.0.1:{port}/hello")).response,
+            TIMEOUT)
+        assert resp.code == aiocoap.CONTENT
+        assert resp.payload == b"hello anonymous"  # aiocoap's wrapper has no peer names
+        assert resp.remote.security_context is ours
+        assert ours.sender_sequence_number == 1
+    finally:
+        await server.shutdown()
+        peer_ctx._destroy()
