@@ -194,7 +194,14 @@ class OpenSslSession(DtlsSession):
         self._pump()
 
     def _backend_free(self) -> None:
-        self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None and self.cipher_suite is not None:
+            # OpenSSL treats a session freed without a two-way shutdown as bad and marks it
+            # not resumable (ssl_clear_bad_session): an evicted, idle or aborted session, and
+            # even one ended by close_notify from the peer, could then never be resumed, on
+            # either side. Sessions that ended in a fatal alert were already removed from the
+            # cache by OpenSSL itself.
+            conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
 
     # internals
 

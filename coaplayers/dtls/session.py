@@ -177,7 +177,11 @@ class DtlsSession(abc.ABC):
         self._terminate(None)
 
     def abort(self, error: DtlsError | None = None) -> None:
-        """Drop the session without telling the peer (eviction, shutdown)."""
+        """Drop the session without telling the peer (eviction, shutdown).
+
+        Owners end every session with :meth:`close` or :meth:`abort` before dropping it: an
+        OpenSSL session that is merely garbage-collected can no longer be resumed.
+        """
         if self.state is not State.CLOSED:
             self._terminate(error)
 

@@ -1,0 +1,133 @@
+"""What only the OpenSSL backend has: the TLS exporter and session resumption."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from coaplayers.dtls import DtlsConfig, DtlsError, OpenSslListener
+
+from .conftest import Backend, Pki, openssl_backend, tinydtls_backend
+from .harness import CLIENT, SERVER, Network
+
+
+def test_exporter_agrees_on_both_sides(openssl: Backend) -> None:
+    net = openssl.network()
+    net.handshake()
+    assert net.server is not None
+    client_key = net.client.export_keying_material(b"atls-oscore", 32)
+    server_key = net.server.export_keying_material(b"atls-oscore", 32)
+    assert client_key == server_key and len(client_key) == 32
+    assert net.client.export_keying_material(b"other label", 32) != client_key
+    with_context = net.client.export_keying_material(b"atls-oscore", 32, b"ctx")
+    assert with_context == net.server.export_keying_material(b"atls-oscore", 32, b"ctx")
+    assert with_context != client_key
+    # a second session between the same two parties exports different keys
+    again = Network(openssl.new_client(DtlsConfig()), net.listener)
+    again.handshake()
+    assert again.client.export_keying_material(b"atls-oscore", 32) != client_key
+
+
+def test_exporter_needs_an_established_session(openssl: Backend) -> None:
+    net = openssl.network()
+    with pytest.raises(DtlsError, match="established"):
+        net.client.export_keying_material(b"atls-oscore", 32)
+    net.handshake()
+    net.client.close()
+    with pytest.raises(DtlsError):
+        net.client.export_keying_material(b"atls-oscore", 32)
+
+
+def test_tinydtls_has_no_exporter() -> None:
+    net = tinydtls_backend().network()
+    net.handshake()
+    assert net.both_established()
+    with pytest.raises(DtlsError, match="no TLS exporter"):
+        net.client.export_keying_material(b"atls-oscore", 32)
+    assert net.both_established()  # asking did not hurt the session
+
+
+def test_resumption_is_shorter_and_reported(openssl: Backend) -> None:
+    full = openssl.network()
+    full.handshake()
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    assert state is not None
+    full.client.close()
+
+    resumed = Network(openssl.new_client(DtlsConfig(), resume=state), full.listener)
+    resumed.handshake()
+    assert resumed.both_established()
+    for side in (CLIENT, SERVER):
+        done = resumed.handshake_complete(side)
+        assert done.resumed is True
+    assert resumed.client.resumed and resumed.server.resumed  # type: ignore[union-attr]
+    assert resumed.handshake_complete(SERVER).peer_identity == openssl.identity_seen_by_server
+    assert resumed.handshake_complete(CLIENT).peer_identity == openssl.identity_seen_by_client
+    assert resumed.bytes_sent() < full.bytes_sent() / 2, (resumed.bytes_sent(), full.bytes_sent())
+    assert resumed.client.export_keying_material(b"x", 16) == resumed.server.export_keying_material(  # type: ignore[union-attr]
+        b"x", 16
+    )
+    resumed.client_send(b"after resumption")
+    resumed.settle()
+    assert resumed.received(SERVER) == [b"after resumption"]
+
+
+def test_resumption_against_a_restarted_server_falls_back_to_a_full_handshake(
+    openssl: Backend, certs: Pki
+) -> None:
+    full = openssl.network()
+    full.handshake()
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    restarted = OpenSslListener(certs.server_credentials())  # empty session cache
+    net = Network(openssl.new_client(DtlsConfig(), resume=state), restarted)
+    net.handshake()
+    assert net.both_established()
+    assert net.handshake_complete(CLIENT).resumed is False
+    assert net.handshake_complete(SERVER).resumed is False
+
+
+def test_resumption_under_loss(certs: Pki) -> None:
+    backend = openssl_backend(certs)
+    patient = DtlsConfig(handshake_timeout=300.0)
+    listener = backend.new_listener(patient)
+    full = Network(backend.new_client(patient), listener)
+    full.handshake()
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    for seed in range(20):
+        net = Network(
+            backend.new_client(patient, resume=state), listener,
+            seed=seed, loss=0.3, duplicate=0.2, reorder=0.4,
+        )
+        net.handshake()
+        assert net.both_established(), f"seed {seed}"
+        assert net.handshake_complete(CLIENT).resumed
+        assert net.handshake_complete(SERVER).resumed
+        net.client.abort()  # as an owner does when it drops a session
+        net.server.abort()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("end", ["client closes", "server closes", "both evicted"])
+def test_sessions_stay_resumable_after_an_orderly_end_or_eviction(
+    openssl: Backend, end: str
+) -> None:
+    full = openssl.network()
+    full.handshake()
+    assert full.server is not None
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    if end == "client closes":
+        full.client.close()
+    elif end == "server closes":
+        full.server.close()
+    else:
+        full.client.abort(DtlsError("evicted"))
+        full.server.abort(DtlsError("evicted"))
+    full._collect()
+    full.settle()
+    assert full.client.is_closed and full.server.is_closed
+    del full.client, full.server, full.servers  # let OpenSSL free both connections
+    gc.collect()
+    net = Network(openssl.new_client(DtlsConfig(), resume=state), full.listener)
+    net.handshake()
+    assert net.handshake_complete(CLIENT).resumed and net.handshake_complete(SERVER).resumed
+
