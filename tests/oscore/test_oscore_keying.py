@@ -231,3 +231,32 @@ def test_openssl_dtls12_exporter_keys_both_ends() -> None:
     # why docs/OSCORE-KEYING.md fixes "no context".
     empty_ctx = bytes(server_conn.export_keying_material(EXPORTER_LABEL, 32, b""))
     assert empty_ctx != server_exp
+
+
+def test_documented_example() -> None:
+    """The worked example of docs/OSCORE-KEYING.md, recomputed with a bare HKDF (RFC 8613
+    Section 3.2.1, written out here without aiocoap) and through derive_context."""
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    params = OscoreParameters(client_id=bytes.fromhex("a1b2"), server_id=b"")
+    assert params.to_cbor().hex() == "a20742a1b20840"
+    exporter = bytes(range(32))
+    secret, salt = exporter[:16], exporter[16:]
+
+    def hkdf(id_: bytes, kind: str, length: int) -> bytes:
+        info = cbor2.dumps([id_, None, 10, kind, length])
+        return HKDF(hashes.SHA256(), length, salt, info).derive(secret)
+
+    expected = {
+        "client_key": "b338c4a582d18aa8075d1cd3f95f58ca",
+        "server_key": "2569cc909c28202dc1e91db8d6b6ad4a",
+        "common_iv": "847507d1e9a906eac5412bef45",
+    }
+    assert hkdf(bytes.fromhex("a1b2"), "Key", 16).hex() == expected["client_key"]
+    assert hkdf(b"", "Key", 16).hex() == expected["server_key"]
+    assert hkdf(b"", "IV", 13).hex() == expected["common_iv"]
+    client = derive_context(exporter, params, Role.CLIENT)
+    server = derive_context(exporter, params, Role.SERVER)
+    assert client.sender_key.hex() == server.recipient_key.hex() == expected["client_key"]
+    assert client.recipient_key.hex() == server.sender_key.hex() == expected["server_key"]
+    assert client.common_iv.hex() == server.common_iv.hex() == expected["common_iv"]
