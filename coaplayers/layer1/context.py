@@ -95,7 +95,9 @@ async def create_context(
             else:
                 iface: list[Any] = []
 
-                async def make_udp(mman: Any, host: str = host, port: int = port) -> Any:
+                async def make_udp(
+                    mman: Any, host: str = host, port: int = port, iface: list[Any] = iface
+                ) -> Any:
                     t = await MessageInterfaceUDP6.create_server_transport_endpoint(
                         mman, log=ctx.log, loop=ctx.loop, bind=(host, port), multicast=[]
                     )

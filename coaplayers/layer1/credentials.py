@@ -75,7 +75,9 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         try:
             data = json.loads(Path(path).read_text())
         except OSError as exc:
-            raise ConfigurationError(f"cannot read credentials file {path}: {exc.strerror}") from exc
+            raise ConfigurationError(
+                f"cannot read credentials file {path}: {exc.strerror}"
+            ) from exc
         except json.JSONDecodeError as exc:
             raise ConfigurationError(f"credentials file {path} is not JSON: {exc}") from exc
         if not isinstance(data, dict):
@@ -104,9 +106,8 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         )
 
     def add_psk(self, pattern: str, identity: bytes, key: bytes) -> None:
-        self.load_from_dict(
-            {pattern: {"dtls": {"psk": {"hex": key.hex()}, "client-identity": {"hex": identity.hex()}}}}
-        )
+        entry = {"psk": {"hex": key.hex()}, "client-identity": {"hex": identity.hex()}}
+        self.load_from_dict({pattern: {"dtls": entry}})
 
     def add_certificate(self, pattern: str, credentials: CertificateCredentials) -> None:
         item = DtlsCert("-", "-")

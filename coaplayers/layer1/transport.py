@@ -155,8 +155,9 @@ class _Peer:
         self.timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_activity = time.monotonic()
-        self.last_received = time.monotonic()
-        self.sent_cons: dict[int, float] = {}  # message id -> first send time
+        self.last_received = time.monotonic()  # last CoAP message out of the session
+        # Unanswered CON messages we sent as a client: mid -> [first send, bytes, resends].
+        self.sent_cons: OrderedDict[int, list[Any]] = OrderedDict()
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -250,7 +251,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             sock.bind((host or "::", port))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"cannot bind coaps to {hostportjoin(host, port)}: {exc.strerror}") from exc
+            where = hostportjoin(host, port)
+            raise OSError(exc.errno, f"cannot bind coaps to {where}: {exc.strerror}") from exc
         sock.setblocking(False)
         _, endpoint = await self._loop.create_datagram_endpoint(
             lambda: _Endpoint(self, listeners), sock=sock
@@ -276,23 +278,44 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         data = message.encode()
         if peer is None:
             peer = self._new_peer(remote)
-        if message.mtype == 0:  # CON: watch for a peer that lost its state
-            first = peer.sent_cons.setdefault(message.mid, time.monotonic())
-            if (
-                peer.session is not None
-                and peer.session.is_established
-                and peer.is_client
-                and len(peer.sent_cons) < 512
-                and first < time.monotonic() - 0.5
-                and peer.last_received < first
-            ):
-                # A CON retransmission on a session the peer has not answered since the
-                # first transmission: a restarted server drops our records silently, so
-                # handshake again rather than retransmit into the void.
-                log.info("no answer from %s on an established session; new handshake",
-                         remote.hostinfo)
-                self._drop_session(peer, None, notify=False, forget=False)
+        if message.mtype == 0 and peer.is_client and self._watch_con(peer, message.mid, data):
+            return  # the message already waits for the new session
         self._send_plaintext(peer, data)
+
+    def _watch_con(self, peer: _Peer, mid: int, data: bytes) -> bool:
+        """Notice a server that lost our session: it silently drops what we send.
+
+        Our own server says so at once with an unauthenticated alert (see
+        :meth:`_datagram_received`); for other servers the second retransmission of a
+        request that nothing has answered since its first transmission is the sign.
+        """
+        now = time.monotonic()
+        entry = peer.sent_cons.get(mid)
+        if entry is None:
+            peer.sent_cons[mid] = [now, data, 0]
+            while len(peer.sent_cons) > 256:
+                peer.sent_cons.popitem(last=False)
+            return False
+        entry[2] += 1
+        session = peer.session
+        if (
+            entry[2] >= 2
+            and session is not None
+            and session.is_established
+            and peer.last_received < entry[0]
+        ):
+            log.info("no answer from %s on an established session; new handshake",
+                     peer.remote.hostinfo)
+            self._rehandshake(peer)
+            return True
+        return False
+
+    def _rehandshake(self, peer: _Peer) -> None:
+        """Replace the client session; unanswered requests go out again on the new one."""
+        self._drop_session(peer, None, notify=False, forget=False)
+        peer.queue = [entry[1] for entry in peer.sent_cons.values()] + peer.queue
+        del peer.queue[self.limits.max_queued_per_session :]
+        self._start_client(peer)
 
     async def determine_remote(self, message: Message) -> Layer1Remote | None:
         if message.requested_scheme != "coaps":
@@ -425,8 +448,17 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             if not (is_hello and endpoint.listeners and not peer.is_client and
                     peer.session.is_established):
                 self._peers.move_to_end(key)
-                peer.last_received = now
                 peer.last_activity = now
+                if (
+                    peer.is_client
+                    and peer.session.is_established
+                    and _is_plaintext_alert(data)
+                ):
+                    # Unauthenticated, so never fed to the engine (a forger could end the
+                    # session); only a hint that the server lost our session.
+                    if any(e[0] > peer.last_received for e in peer.sent_cons.values()):
+                        self._rehandshake(peer)
+                    return
                 peer.session.receive_datagram(data, now)
                 self._process(peer)
                 return
@@ -434,6 +466,11 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             # the same port reused). Let the listener run a fresh, cookie-checked handshake.
         if not endpoint.listeners or not is_hello:
             self.stats["datagrams_dropped"] += 1
+            if endpoint.listeners and data[:1] == b"\x17" and len(data) > records.HEADER_LEN:
+                # Application data for a session we do not have (we restarted, or evicted
+                # it): a 15-byte plaintext alert tells the client to handshake again now
+                # instead of after its retransmissions. Smaller than what triggers it.
+                endpoint.sendto(_LOST_SESSION_ALERT, addr)
             return
         listener = self._pick_listener(endpoint, data)
         if listener is None:
@@ -459,7 +496,6 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer = self._new_peer(remote)
         peer.session = session
         peer.is_client = False
-        peer.last_received = now
         self._process(peer)
 
     def _pick_listener(self, endpoint: _Endpoint, hello: bytes) -> Any:
@@ -524,6 +560,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         except error.UnparsableMessage:
             log.warning("unparsable CoAP message inside DTLS from %s", peer.remote.hostinfo)
             return
+        peer.last_received = time.monotonic()
         if message.code.is_response() or message.mtype in (2, 3):
             peer.sent_cons.pop(message.mid, None)
         self._mman.dispatch_message(message)
@@ -636,6 +673,18 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     @property
     def session_count(self) -> int:
         return sum(1 for p in self._peers.values() if p.session is not None)
+
+
+# Fatal unexpected_message alert in epoch 0 (RFC 6347 record, RFC 5246 alert).
+_LOST_SESSION_ALERT = bytes.fromhex("15fefd" "0000" "000000000000" "0002" "020a")
+
+
+def _is_plaintext_alert(datagram: bytes) -> bool:
+    return (
+        len(datagram) >= records.HEADER_LEN
+        and datagram[0] == records.CONTENT_ALERT
+        and records.epoch(datagram) == 0
+    )
 
 
 def _hostname(host: str) -> str | None:
