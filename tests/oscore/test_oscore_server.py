@@ -201,3 +201,29 @@ async def test_our_client_talks_to_aiocoap_oscore_server(
     finally:
         await server.shutdown()
         peer_ctx._destroy()
+
+
+async def test_oscore_context_and_dtls_credentials_for_the_same_uri(tmp_path: Path) -> None:
+    """A stock credentials map holds one object per URI pattern, which aiocoap's OSCORE and
+    DTLS transports would both be handed. With OSCORE contexts in ClientContexts, the
+    Layer 1 credentials stay in client_credentials for the very same URI, untouched."""
+    client = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    client_sc, server_sc = static_pair(peer="both")
+    store = ContextStore()
+    store.add(server_sc)
+    try:
+        async with oscore_server(store) as (port, _):
+            uri = f"coap://127.0.0.1:{port}/hello"
+            dtls = aiocoap.credentials.DTLS(psk=b"hop-key", client_identity=b"hop-id")
+            client.client_credentials[f"coap://127.0.0.1:{port}/*"] = dtls
+            contexts = ClientContexts()
+            attach(client, contexts)
+            contexts.set(uri, client_sc)
+            resp = await asyncio.wait_for(client.request(Message(code=GET, uri=uri)).response,
+                                          TIMEOUT)
+            assert resp.payload == b"hello both"
+            assert resp.remote.security_context is client_sc
+            probe = Message(code=GET, uri=uri)
+            assert client.client_credentials.credentials_from_request(probe) is dtls
+    finally:
+        await client.shutdown()
