@@ -102,6 +102,13 @@ class CertificateCredentials:
         return f"CertificateCredentials(subject={subj!r}, trusted={len(self.trusted)})"
 
     @classmethod
+    def trust_only(
+        cls, ca: str | os.PathLike[str], *, server_name: str | None = None
+    ) -> CertificateCredentials:
+        """A client that authenticates the server but presents no certificate itself."""
+        return cls([], None, load_certificates(ca), True, server_name)
+
+    @classmethod
     def from_files(
         cls,
         cert: str | os.PathLike[str],

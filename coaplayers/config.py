@@ -1,0 +1,120 @@
+"""Configuration shared by the programs: TOML files under command-line flags, and credentials.
+
+Every program takes ``--config FILE.toml`` whose keys are the long flag names (``listen``,
+``psk``, ``e2e-psk``, ...); a flag given on the command line wins over the file. Repeatable flags
+are TOML arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from . import dtls
+from .dtls import ConfigurationError
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"configuration {path} is not valid TOML: {exc}") from exc
+    return data
+
+
+def merge_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any]
+) -> argparse.Namespace:
+    """Fill every option the command line left unset from ``config``; unknown keys are errors.
+
+    Relative paths in the file are taken relative to the file's folder, so a configuration
+    set can be moved as a whole.
+    """
+    base = Path(getattr(args, "_config_dir", "."))
+    by_key = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    by_name: dict[str, argparse.Action] = {}
+    for action in by_key.values():
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                by_name[opt[2:]] = action
+    for key, value in config.items():
+        action = by_name.get(key) or by_key.get(key.replace("-", "_"))
+        if action is None:
+            raise ConfigurationError(f"unknown configuration key {key!r}")
+        current = getattr(args, action.dest)
+        if current not in (None, [], False):
+            continue  # the command line wins
+        if isinstance(action, argparse._AppendAction):
+            if not isinstance(value, list):
+                value = [value]
+            value = [_path(base, action.dest, v) for v in value]
+        elif isinstance(value, str):
+            value = _path(base, action.dest, value)
+        setattr(args, action.dest, value)
+    return args
+
+
+_PATH_KEYS = ("file", "cert", "key", "ca", "credentials", "store")
+
+
+def _path(base: Path, dest: str, value: Any) -> Any:
+    if isinstance(value, str) and dest.endswith(_PATH_KEYS) and not dest.endswith("psk"):
+        p = Path(value)
+        return str(p if p.is_absolute() else base / p)
+    return value
+
+
+def parse_psk_pair(text: str) -> tuple[bytes, bytes]:
+    """``IDENTITY:KEY`` (KEY as text, or hex after ``0x``), as libcoap's users write it."""
+    identity, sep, key = text.partition(":")
+    if not sep or not identity or not key:
+        raise ConfigurationError(f"PSK {identity or '?'}:... must be given as IDENTITY:KEY")
+    return identity.encode(), dtls.parse_key_text(key)
+
+
+def psk_store_from(pairs: Iterable[str] = (), files: Iterable[str] = ()) -> dtls.PskStore | None:
+    """A PSK store from ``ID:KEY`` pairs and JSON files (object identity -> key)."""
+    store = dtls.PskStore()
+    for pair in pairs:
+        store.add(*parse_psk_pair(pair))
+    for file in files:
+        dtls.check_key_file_permissions(file)
+        try:
+            data = json.loads(Path(file).read_text())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read PSK file {file}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"PSK file {file} is not JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise ConfigurationError(
+                f"PSK file {file} must be a JSON object of identity -> key strings"
+            )
+        for identity, key in data.items():
+            store.add(identity.encode(), dtls.parse_key_text(key))
+    return store if len(store) else None
+
+
+def certificate_from(
+    cert: str | None, key: str | None, ca: str | None, *, require_peer: bool = True,
+    server_name: str | None = None, what: str = "",
+) -> dtls.CertificateCredentials | None:
+    """Certificate credentials from PEM files, or None when none are given."""
+    if not cert and not key:
+        if ca:
+            raise ConfigurationError(f"{what}--ca needs {what}--cert and {what}--key too")
+        return None
+    if not (cert and key):
+        raise ConfigurationError(f"{what}--cert and {what}--key must be given together")
+    return dtls.CertificateCredentials.from_files(
+        cert, key, ca, require_peer=require_peer, server_name=server_name
+    )
