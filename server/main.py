@@ -1,0 +1,125 @@
+"""coap-server: the application server (resources behind Layer 1, Layer 0 and OSCORE)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from coaplayers import config as cfg
+from coaplayers import dtls, layer1
+from coaplayers.e2e import E2EServerOptions, wrap_site
+
+from .resources import build_site
+
+EPILOG = """\
+examples:
+  coap-server --listen coap://[::]:5683
+  coap-server --listen coaps://0.0.0.0:5684 --psk proxy:0x6b6579 --e2e-psk dev1:secret
+  coap-server --listen coaps://[::]:0 --cert server.pem --key server.key --ca ca.pem \\
+              --e2e-cert e2e-server.pem --e2e-key e2e-server.key --e2e-ca ca.pem --e2e-required
+  coap-server --config server.toml
+
+resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
+Each bound address is printed on stdout as "listening URI" (port 0 -> the real port).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coap-server",
+        description="CoAP application server with hop-by-hop (Layer 1) and end-to-end "
+        "(Layer 0 DTLS or OSCORE) security.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="configuration file (flags win)")
+    p.add_argument("--listen", action="append", default=[], metavar="URI",
+                   help="coap://HOST:PORT or coaps://HOST:PORT (repeatable; default coap://[::]:5683)")
+    l1 = p.add_argument_group("Layer 1 (hop-by-hop DTLS on coaps:// listeners)")
+    l1.add_argument("--psk", action="append", default=[], metavar="ID:KEY",
+                    help="accepted PSK identity and key (KEY as text or 0x-hex; repeatable)")
+    l1.add_argument("--psk-file", action="append", default=[], metavar="FILE",
+                    help="JSON object identity -> key (repeatable)")
+    l1.add_argument("--cert", metavar="PEM", help="server certificate")
+    l1.add_argument("--key", metavar="PEM", help="server private key")
+    l1.add_argument("--ca", metavar="PEM", help="CA that client certificates must chain to")
+    l0 = p.add_argument_group("Layer 0 (end-to-end DTLS and OSCORE through proxies)")
+    l0.add_argument("--e2e-psk", action="append", default=[], metavar="ID:KEY",
+                    help="accepted end-to-end PSK identity and key (repeatable)")
+    l0.add_argument("--e2e-cert", metavar="PEM", help="end-to-end server certificate")
+    l0.add_argument("--e2e-key", metavar="PEM", help="end-to-end server private key")
+    l0.add_argument("--e2e-ca", metavar="PEM", help="CA for end-to-end client certificates")
+    l0.add_argument("--e2e-required", action="store_true", default=None,
+                    help="application resources answer only inside Layer 0 or OSCORE")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        args._config_dir = str(Path(args.config).parent)
+        cfg.merge_config(parser, args, cfg.load_toml(args.config))
+    if not args.listen:
+        args.listen = ["coap://[::]:5683"]
+    return args
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
+    psk_store = cfg.psk_store_from(args.psk, args.psk_file)
+    certificate = cfg.certificate_from(args.cert, args.key, args.ca, require_peer=bool(args.ca))
+    e2e = E2EServerOptions(
+        psk_store=cfg.psk_store_from(args.e2e_psk),
+        certificate=cfg.certificate_from(
+            args.e2e_cert, args.e2e_key, args.e2e_ca, require_peer=bool(args.e2e_ca),
+            what="--e2e",
+        ),
+        required=bool(args.e2e_required),
+    )
+    site: Any = wrap_site(build_site(), e2e)
+    ctx = await layer1.create_context(
+        site, listen=args.listen, psk_store=psk_store, certificate=certificate,
+        loggername="coap-server",
+    )
+    for uri in ctx.bound:
+        print(f"listening {uri}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await ctx.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except dtls.ConfigurationError as exc:
+        print(f"coap-server: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.captureWarnings(True)
+    try:
+        return asyncio.run(serve(args))
+    except dtls.ConfigurationError as exc:
+        print(f"coap-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"coap-server: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The application server's resources: what the demo and the tests talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import math
+import time
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.numbers.contentformat import ContentFormat
+
+from coaplayers.identity import describe_peer
+
+FIRMWARE_SIZE = 64 * 1024
+
+
+class Hello(resource.Resource):
+    """Plain text greeting that names who asked, per layer."""
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(
+            payload=f"Hello from coap-server ({describe_peer(request)})".encode(),
+            content_format=ContentFormat.TEXT,
+        )
+
+
+class Time(resource.Resource):
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        return aiocoap.Message(payload=now.encode(), content_format=ContentFormat.TEXT)
+
+
+class Echo(resource.Resource):
+    """Answers POST and PUT with the same payload and Content-Format."""
+
+    async def _echo(self, request: aiocoap.Message) -> aiocoap.Message:
+        response = aiocoap.Message(code=aiocoap.CHANGED, payload=request.payload)
+        if request.opt.content_format is not None:
+            response.opt.content_format = request.opt.content_format
+        return response
+
+    render_post = _echo
+    render_put = _echo
+
+
+class Temperature(resource.ObservableResource):
+    """A reading that changes every second while someone observes it (no timer otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def update_observation_count(self, count: int) -> None:
+        if count and self._handle is None:
+            self._tick()
+        elif not count and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        self.updated_state()
+        self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        t = time.time()
+        value = 21.0 + 2.5 * math.sin(t / 30.0) + (int(t) % 7) * 0.01
+        return aiocoap.Message(
+            payload=f"{value:.2f} C".encode(), content_format=ContentFormat.TEXT
+        )
+
+
+class Firmware(resource.Resource):
+    """A 64 KiB deterministic image, for block-wise transfers; ETag-free on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks = []
+        seed = b"coaplayers-firmware"
+        while sum(map(len, blocks)) < FIRMWARE_SIZE:
+            seed = hashlib.sha256(seed).digest()
+            blocks.append(seed)
+        self.image = b"".join(blocks)[:FIRMWARE_SIZE]
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(payload=self.image, content_format=ContentFormat.OCTETSTREAM)
+
+
+def build_site() -> resource.Site:
+    site = resource.Site()
+    site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
+    site.add_resource(["hello"], Hello())
+    site.add_resource(["time"], Time())
+    site.add_resource(["echo"], Echo())
+    site.add_resource(["sensors", "temperature"], Temperature())
+    site.add_resource(["firmware"], Firmware())
+    return site
