@@ -32,7 +32,8 @@ def peer_info(request: Message) -> PeerInfo:
 
     l0 = layer0_peer(request)
     if l0 is not None:
-        return PeerInfo(_text(getattr(l0, "outer_identity", None)), _text(l0.identity), "layer0-dtls")
+        outer = _text(getattr(l0, "outer_identity", None))
+        return PeerInfo(outer, _text(l0.identity), "layer0-dtls")
     if oscore_context_of(request) is not None:
         return PeerInfo(None, _text(peer_of(request)), "oscore")
     return PeerInfo(_text(layer1_identity(request)), None, "plain")

@@ -90,7 +90,8 @@ class Firmware(resource.Resource):
 
 def build_site() -> resource.Site:
     site = resource.Site()
-    site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
+    wkc = resource.WKCResource(site.get_resources_as_linkheader)
+    site.add_resource([".well-known", "core"], wkc)
     site.add_resource(["hello"], Hello())
     site.add_resource(["time"], Time())
     site.add_resource(["echo"], Echo())
