@@ -74,6 +74,33 @@ def handshake_type(record: bytes) -> int | None:
     return record[HEADER_LEN]
 
 
+def plausible(record: bytes) -> bool:
+    """False for an epoch 0 record that cannot be what it claims to be.
+
+    Application data (only ever sent under keys), a handshake record whose fragment header
+    contradicts its length, or a ChangeCipherSpec whose body is not the single byte 1.
+
+    Epoch 0 is unprotected, so nothing else stops such a record; tinydtls takes a malformed
+    one in and can no longer finish the handshake. Other records pass (protected ones are
+    checked by their MAC).
+    """
+    if epoch(record) != 0:
+        return True
+    if record[0] == CONTENT_APPLICATION_DATA:
+        return False  # never legitimate before the keys exist
+    if record[0] == CONTENT_CHANGE_CIPHER_SPEC:
+        return record[HEADER_LEN:] == b"\x01"
+    if record[0] != CONTENT_HANDSHAKE:
+        return True
+    body = record[HEADER_LEN:]
+    if len(body) < 12:
+        return False
+    length = int.from_bytes(body[1:4], "big")
+    offset = int.from_bytes(body[6:9], "big")
+    frag = int.from_bytes(body[9:12], "big")
+    return len(body) == 12 + frag and offset + frag <= length
+
+
 def client_hello_random(datagram: bytes) -> bytes | None:
     """The 32-byte random of the ClientHello that starts ``datagram``, if it starts with one.
 

@@ -125,6 +125,7 @@ class DtlsSession(abc.ABC):
             recs = records.split_records(data)
         except ProtocolViolation:
             return
+        recs = [r for r in recs if records.plausible(r)]
         if not recs:
             return
         if self.state is State.IDLE:
