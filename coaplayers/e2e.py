@@ -40,3 +40,51 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
     policy = Policy.build(protected=("/",) if options.required else ())
     credentials: Any = options.certificate or options.psk_store
     return Layer0Site(site, credentials, policy=policy)
+
+
+@dataclass(frozen=True)
+class E2EClientOptions:
+    """A client's end-to-end mode and credentials (separate from its Layer 1 credentials)."""
+
+    mode: str  # "dtls" or "oscore"
+    psk: dtls.PskClientCredentials | None = None
+    certificate: dtls.CertificateCredentials | None = None
+
+
+class PlainRequester:
+    """Requests as aiocoap sends them (Layer 1 on coaps:// hops), optionally via a proxy."""
+
+    def __init__(self, context: Any, proxy: str | None) -> None:
+        from aiocoap.proxy.client import ProxyForwarder
+
+        self._context = context
+        self._via = ProxyForwarder(proxy, context.context) if proxy else context.context
+
+    def request(self, message: Any) -> Any:
+        return self._via.request(message)
+
+    def describe(self, response: Any) -> dict[str, Any]:
+        return {"layer 1": layer1_details(response)}
+
+
+def layer1_details(response: Any) -> dict[str, Any] | None:
+    """What the first hop's DTLS session says about itself, for ``coap-client -v``."""
+    remote = getattr(response, "remote", None)
+    peer = getattr(remote, "peer", None)
+    if peer is None or getattr(peer, "session", None) is None:
+        return {"mode": "none (plain CoAP on the first hop)"}
+    ident = peer.identity
+    return {
+        "peer": ident.decode(errors="replace") if isinstance(ident, bytes) else ident,
+        "mode": "psk" if isinstance(peer.session, dtls.TinyDtlsSession) else "certificate",
+        "cipher": peer.session.cipher_suite,
+    }
+
+
+async def open_requester(
+    context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str
+) -> Any:
+    """Something with ``request(message)`` and ``describe(response)`` for the chosen mode."""
+    if e2e is None:
+        return PlainRequester(context, proxy)
+    raise dtls.ConfigurationError(f"end-to-end mode {e2e.mode!r} is not wired in yet")
