@@ -1,0 +1,703 @@
+"""The client side of Layer 0: a channel to one origin server, used like an aiocoap context.
+
+``Layer0Channel(context, "coap://server", credentials, proxy="coap://proxy")`` sends nothing
+until the first request; then it runs the end-to-end DTLS handshake through whatever outer
+transport and proxies ``context`` reaches, and carries each inner request in one record. Its
+:meth:`Layer0Channel.request` mirrors aiocoap's: it returns an object whose ``response`` is
+awaited and whose ``observation`` (for Observe requests) is iterated.
+
+What it does by itself, so applications need not:
+
+* block-wise inside the tunnel (512-byte inner blocks), in both directions;
+* Observe inside the tunnel: notifications are fetched with long-polling empty POSTs, because
+  not every proxy forwards outer observations (aiocoap 0.4.17's forward proxy cannot);
+* a new handshake when the server answers 4.04 (it forgot the session), and resending the
+  request if its method is idempotent (the server never decrypted it, but a lost answer after
+  a server crash cannot be told apart, so POST is only resent when the channel allows it);
+* resumption with the OpenSSL backend (a :class:`~coaplayers.dtls.TicketStore`, shareable).
+
+It never hands the application anything that did not authenticate: an altered or replayed
+answer raises :class:`~coaplayers.layer0.errors.ResponseRejected`, a refused request
+:class:`~coaplayers.layer0.errors.RecordRejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiocoap
+from aiocoap import Message
+from aiocoap.message import UndecidedRemote
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.optiontypes import BlockOption
+
+from ..dtls import (
+    AlertReceived,
+    ApplicationData,
+    CertificateCredentials,
+    ConnectionClosed,
+    DtlsError,
+    DtlsSession,
+    HandshakeComplete,
+    OpenSslSession,
+    PskClientCredentials,
+    TicketStore,
+    TinyDtlsSession,
+    build_context,
+)
+from . import inner
+from .errors import (
+    ChannelClosed,
+    HandshakeFailed,
+    InnerMessageError,
+    Layer0Error,
+    OuterError,
+    RecordRejected,
+    ResponseRejected,
+    ServerBusy,
+    SessionLost,
+)
+from .profile import (
+    CONTENT_FORMAT,
+    IDEMPOTENT_METHODS,
+    INNER_BLOCK_SIZE,
+    INNER_BLOCK_SZX,
+    OUTER_ONLY_OPTIONS,
+    WELL_KNOWN_PATH,
+)
+from .server import MAX_INNER, layer0_config
+
+__all__ = ["ChannelConfig", "Layer0Channel", "Layer0Observation", "Layer0Request"]
+
+log = logging.getLogger(__name__)
+
+ClientCredentials = PskClientCredentials | CertificateCredentials
+_RETRYABLE_GATEWAY = (Code.BAD_GATEWAY, Code.GATEWAY_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Every bound the channel applies."""
+
+    handshake_timeout: float = 60.0
+    """A handshake (all its outer exchanges and repeats) not done by then fails."""
+    exchange_timeout: float = 100.0
+    """Bound on one outer exchange; aiocoap's own CON retransmission gives up sooner (~93 s)."""
+    max_attempts: int = 3
+    """Outer attempts for one inner request (new handshakes and resends included)."""
+    max_flight_repeats: int = 4
+    """How often one handshake flight is sent again after its outer exchange failed."""
+    resend_non_idempotent: bool = False
+    """Resend POST/PATCH automatically after the server forgot the session (see module doc)."""
+    use_proxy_uri: bool = False
+    """Name the origin with Proxy-Uri instead of Proxy-Scheme + Uri-Host + Uri-Port."""
+    poll_pause: float = 0.5
+    """Pause after an empty poll answer before the next poll (rate limit, not synchronisation)."""
+    close_timeout: float = 5.0
+    """Bound on the DELETE that carries close_notify when the channel closes."""
+    transport_tuning: TransportTuning | None = None
+    """aiocoap transmission parameters of the outer messages (``None``: aiocoap's defaults)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.max_flight_repeats < 0:
+            raise ValueError("max_attempts must be >= 1 and max_flight_repeats >= 0")
+        for name in ("handshake_timeout", "exchange_timeout", "close_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class _Restart(Exception):
+    """The server dropped our half-open session: start the handshake from the beginning."""
+
+
+class Layer0Observation:
+    """Notifications of one inner observation; iterate with ``async for``.
+
+    Ends with :class:`StopAsyncIteration` after :meth:`cancel` or a final notification, and raises
+    the Layer 0 error that ended it otherwise (e.g. :class:`SessionLost`).
+    """
+
+    def __init__(self, channel: Layer0Channel) -> None:
+        self._channel = channel
+        self._queue: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
+        self.token: bytes | None = None
+        self.cancelled = False
+        self._last: tuple[int, float] | None = None
+
+    def _push(self, message: Message) -> None:
+        number = message.opt.observe
+        if number is not None:
+            now = time.monotonic()
+            if self._last is not None:
+                v1, t1 = self._last
+                fresh = (v1 < number < v1 + 2**23) or (number < v1 - 2**23) or now > t1 + 128
+                if not fresh:
+                    return  # an older notification overtaken by a newer one
+            self._last = (number, now)
+        self._queue.put_nowait(message)
+        if number is None:  # a notification without Observe ends the observation
+            self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.token is not None:
+            self._channel._observations.pop(self.token, None)
+        self._queue.put_nowait(error)
+
+    def cancel(self) -> None:
+        """Stop observing; the server is told with an Observe: 1 request (best effort)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        token = self.token
+        self._end(None)
+        if token is not None:
+            self._channel._deregister(token)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            raise item
+        return item
+
+
+class Layer0Request:
+    """One application request on a channel: ``await req.response``; ``req.observation``."""
+
+    def __init__(self, channel: Layer0Channel, message: Message) -> None:
+        self._channel = channel
+        self.observation = Layer0Observation(channel) if message.opt.observe == 0 else None
+        self.response: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(message.copy()), name="Layer 0 request")
+        channel._tasks.add(self._task)
+        self._task.add_done_callback(channel._tasks.discard)
+
+    async def _run(self, message: Message) -> None:
+        try:
+            response = await self._channel._blockwise(message, self.observation)
+        except BaseException as exc:
+            if not self.response.done():
+                self.response.set_exception(exc)
+            if self.observation is not None and not self.observation.cancelled:
+                self.observation._end(exc if isinstance(exc, Exception) else None)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not self.response.done():
+                self.response.set_result(response)
+
+
+class Layer0Channel:
+    """An end-to-end DTLS channel to ``origin`` (``coap://host[:port]`` or ``coaps://...``).
+
+    ``context`` is any aiocoap client context; it carries the outer messages (plain CoAP, or
+    Layer 1 when the origin or proxy URI is ``coaps://``). ``credentials`` are Layer 0's own:
+    :class:`PskClientCredentials` (tinydtls) or :class:`CertificateCredentials` (OpenSSL).
+    ``proxy`` is a forward proxy's URI (``coap://proxy:5683``). ``tickets`` keeps resumption
+    state (OpenSSL only); share one store between channels to resume across them.
+    """
+
+    def __init__(
+        self,
+        context: aiocoap.Context,
+        origin: str,
+        credentials: ClientCredentials,
+        *,
+        proxy: str | None = None,
+        config: ChannelConfig | None = None,
+        tickets: TicketStore | None = None,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(origin)
+        if parsed.scheme not in ("coap", "coaps", "coap+tcp", "coaps+tcp") or not parsed.hostname:
+            raise ValueError(f"origin must be a coap:// or coaps:// URI with a host: {origin!r}")
+        self._ctx = context
+        self.origin = f"{parsed.scheme}://{parsed.netloc}"
+        self._scheme = parsed.scheme
+        self._host = parsed.hostname
+        self._port = parsed.port
+        self._proxy = UndecidedRemote.from_pathless_uri(proxy) if proxy else None
+        self.config = config or ChannelConfig()
+        self._credentials = credentials
+        self._ssl_context = None
+        if isinstance(credentials, CertificateCredentials):
+            self._ssl_context = build_context(credentials, server=False)
+        elif not isinstance(credentials, PskClientCredentials):
+            raise TypeError("Layer 0 client credentials must be PskClientCredentials or "
+                            f"CertificateCredentials, not {type(credentials).__name__}")
+        self._tickets = tickets if tickets is not None else TicketStore()
+        self._session: DtlsSession | None = None
+        self._path: tuple[str, ...] = WELL_KNOWN_PATH
+        self._generation = 0
+        self._lock = asyncio.Lock()
+        self._pending: dict[bytes, asyncio.Future[Message]] = {}
+        self._observations: dict[bytes, Layer0Observation] = {}
+        self._tokens = itertools.count(int.from_bytes(os.urandom(3), "big"))
+        self._poller: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.handshakes = 0
+        """Completed handshakes (full or resumed) over the channel's life."""
+        self.last_handshake: HandshakeComplete | None = None
+        self.on_handshake: list[Callable[[Layer0Channel, HandshakeComplete], None]] = []
+        """Called after every completed handshake: the OSCORE mode's hook (see exporter)."""
+
+    # ------------------------------------------------------------------ public API
+
+    def request(self, message: Message) -> Layer0Request:
+        """Send ``message`` (code, Uri-Path, options, payload) to the origin inside the tunnel."""
+        if self._closed:
+            raise ChannelClosed("the channel is closed")
+        return Layer0Request(self, message)
+
+    async def connect(self) -> HandshakeComplete:
+        """Handshake now rather than on the first request."""
+        await self._ensure()
+        assert self.last_handshake is not None
+        return self.last_handshake
+
+    @property
+    def established(self) -> bool:
+        return self._session is not None and self._session.is_established
+
+    @property
+    def session_path(self) -> tuple[str, ...] | None:
+        return self._path if self.established else None
+
+    def export_keying_material(
+        self, label: bytes, length: int, context: bytes | None = None
+    ) -> bytes:
+        """RFC 5705 exporter of the current session (OpenSSL backend only)."""
+        if self._session is None or not self._session.is_established:
+            raise SessionLost("no established session")
+        return self._session.export_keying_material(label, length, context)
+
+    def forget_session(self) -> None:
+        """Drop the session locally without telling the server (tests, key rollover)."""
+        self._invalidate(self._generation, SessionLost("session dropped by the application"))
+
+    async def close(self) -> None:
+        """End the session with close_notify (DELETE), stop polling and fail what is pending."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._poller is not None:
+            self._poller.cancel()
+        session, path = self._session, self._path
+        self._invalidate(self._generation, ChannelClosed("the channel was closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        if session is not None and session.is_established:
+            session.close()
+            datagram = b"".join(session.datagrams_to_send())
+            try:
+                await asyncio.wait_for(
+                    self._post(Code.DELETE, path, datagram), self.config.close_timeout
+                )
+            except (Layer0Error, TimeoutError):
+                pass
+
+    async def __aenter__(self) -> Layer0Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ outer side
+
+    def _outer(self, code: Code, path: tuple[str, ...], payload: bytes) -> Message:
+        kwargs = {}
+        if self.config.transport_tuning is not None:
+            kwargs["transport_tuning"] = self.config.transport_tuning
+        msg = Message(code=code, payload=payload, **kwargs)
+        if payload:
+            msg.opt.content_format = CONTENT_FORMAT
+        if self._proxy is None:
+            msg.remote = UndecidedRemote.from_pathless_uri(self.origin)
+            msg.opt.uri_path = path
+        else:
+            msg.remote = self._proxy
+            msg.opt.uri_path = path
+            if self.config.use_proxy_uri:
+                quoted = "/".join(urllib.parse.quote(p, safe="") for p in path)
+                msg.opt.proxy_uri = f"{self.origin}/{quoted}"
+                msg.opt.uri_path = ()
+            else:
+                msg.opt.proxy_scheme = self._scheme
+                msg.opt.uri_host = self._host
+                if self._port is not None:
+                    msg.opt.uri_port = self._port
+        return msg
+
+    async def _post(self, code: Code, path: tuple[str, ...], payload: bytes) -> Message:
+        msg = self._outer(code, path, payload)
+        try:
+            return await asyncio.wait_for(
+                self._ctx.request(msg).response, self.config.exchange_timeout
+            )
+        except (aiocoap.error.Error, OSError, TimeoutError) as exc:
+            raise OuterError(f"outer exchange failed: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ handshake
+
+    def _new_engine(self) -> DtlsSession:
+        config = layer0_config(self.config.handshake_timeout)
+        if isinstance(self._credentials, PskClientCredentials):
+            return TinyDtlsSession.client(self._credentials, config)
+        assert self._ssl_context is not None
+        return OpenSslSession.client(
+            self._ssl_context,
+            self._credentials,
+            config,
+            resume=self._tickets.get(self.origin),
+        )
+
+    async def _ensure(self) -> int:
+        if self._closed:
+            raise ChannelClosed("the channel is closed")
+        if self._session is not None and self._session.is_established:
+            return self._generation
+        async with self._lock:
+            if self._session is not None and self._session.is_established:
+                return self._generation
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    for _ in range(3):
+                        try:
+                            session, path, event = await self._handshake_once()
+                            break
+                        except _Restart:
+                            continue
+                    else:
+                        raise HandshakeFailed("the server kept dropping our handshake")
+            except TimeoutError as exc:
+                raise HandshakeFailed(
+                    f"no Layer 0 handshake within {self.config.handshake_timeout:g} s: the path"
+                    " loses too much, or (with PSK) the key is wrong, which looks the same"
+                ) from exc
+            self._session, self._path = session, path
+            self._generation += 1
+            self.handshakes += 1
+            self.last_handshake = event
+            if isinstance(session, OpenSslSession) and session.resumption_state is not None:
+                self._tickets.put(self.origin, session.resumption_state)
+            log.info("Layer 0 session established (resumed=%s)", event.resumed)
+            for callback in list(self.on_handshake):
+                callback(self, event)
+            return self._generation
+
+    async def _handshake_once(self) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
+        loop = asyncio.get_running_loop()
+        dtls = self._new_engine()
+        dtls.connect(loop.time())
+        path = WELL_KNOWN_PATH
+        queue = dtls.datagrams_to_send()
+        flight = list(queue)
+        repeats = 0
+        done: HandshakeComplete | None = None
+
+        def repeat_flight() -> None:
+            nonlocal repeats, queue
+            repeats += 1
+            if repeats > self.config.max_flight_repeats:
+                raise HandshakeFailed("the server does not answer our handshake flight")
+            queue = list(flight)
+
+        while True:
+            datagram = queue.pop(0) if queue else b""
+            try:
+                resp = await self._post(Code.POST, path, datagram)
+            except OuterError:
+                if done is not None or datagram:
+                    queue.insert(0, datagram)
+                repeats += 1
+                if repeats > self.config.max_flight_repeats:
+                    raise
+                continue
+            code = resp.code
+            if code == Code.CREATED:
+                location = tuple(resp.opt.location_path)
+                if location[: len(WELL_KNOWN_PATH)] != WELL_KNOWN_PATH or len(location) != 3:
+                    raise HandshakeFailed(f"server named the session oddly: {location!r}")
+                path = location
+            elif code == Code.SERVICE_UNAVAILABLE:
+                raise ServerBusy("the server has too many handshakes in progress (5.03)")
+            elif code == Code.NOT_FOUND and path != WELL_KNOWN_PATH:
+                raise _Restart()
+            elif code == Code.FORBIDDEN:
+                dtls.receive_datagram(bytes(resp.payload), loop.time())
+                raise HandshakeFailed("the server refused the handshake") from _closing_error(dtls)
+            elif code != Code.CHANGED:
+                raise HandshakeFailed(f"unexpected outer answer {code} during the handshake")
+            if resp.payload:
+                dtls.receive_datagram(bytes(resp.payload), loop.time())
+            while (event := dtls.next_event()) is not None:
+                if isinstance(event, HandshakeComplete):
+                    done = event
+                elif isinstance(event, ConnectionClosed):
+                    await self._send_alert(dtls, path)
+                    raise HandshakeFailed(f"Layer 0 handshake failed: {event.error}") from (
+                        event.error
+                    )
+            new = dtls.datagrams_to_send()
+            if new:
+                queue.extend(new)
+                flight = list(new)
+            if done is not None and not queue:
+                return dtls, path, done
+            if queue or (resp.payload and done is None):
+                continue  # send the rest of our flight, or pull the rest of the server's
+            if not datagram:
+                repeat_flight()  # we pulled and got nothing: our flight or its answer was lost
+
+    async def _send_alert(self, dtls: DtlsSession, path: tuple[str, ...]) -> None:
+        """Tell the server (best effort) that we abandon the handshake, so it frees the slot."""
+        out = b"".join(dtls.datagrams_to_send())
+        if out and path != WELL_KNOWN_PATH:
+            try:
+                await asyncio.wait_for(self._post(Code.POST, path, out), self.config.close_timeout)
+            except (Layer0Error, TimeoutError):
+                pass
+
+    # ------------------------------------------------------------------ inner side
+
+    def _invalidate(self, generation: int, error: Exception) -> None:
+        if generation != self._generation or self._session is None:
+            return
+        session, self._session = self._session, None
+        self._path = WELL_KNOWN_PATH
+        session.abort()
+        for obs in list(self._observations.values()):
+            obs._end(error)
+        self._observations.clear()
+
+    def _receive(self, payload: bytes, generation: int) -> None:
+        """Feed an answer to the session and route each inner message by its token."""
+        session = self._session
+        if generation != self._generation or session is None or not payload:
+            return
+        session.receive_datagram(payload, asyncio.get_running_loop().time())
+        closed: ConnectionClosed | None = None
+        while (event := session.next_event()) is not None:
+            if isinstance(event, ApplicationData):
+                try:
+                    msg = inner.decode(event.data)
+                except InnerMessageError as exc:
+                    log.warning("dropping an inner message the server sent: %s", exc)
+                    continue
+                future = self._pending.get(msg.token)
+                if future is not None and not future.done():
+                    future.set_result(msg.message)
+                elif msg.token in self._observations:
+                    self._observations[msg.token]._push(msg.message)
+                else:
+                    log.debug("answer for a token no longer awaited")
+            elif isinstance(event, ConnectionClosed):
+                closed = event
+            elif isinstance(event, AlertReceived):
+                log.info("Layer 0 alert from the server: %d/%d", event.level, event.description)
+        if closed is not None:
+            self._invalidate(generation, SessionLost(f"the server closed the session: {closed}"))
+
+    def _new_token(self) -> bytes:
+        return (next(self._tokens) & 0xFFFFFFFF).to_bytes(4, "big")
+
+    async def _exchange(
+        self,
+        message: Message,
+        observation: Layer0Observation | None = None,
+        token: bytes | None = None,
+    ) -> Message:
+        """One inner request, one inner response, with new handshakes and resends as needed."""
+        idempotent = message.code in IDEMPOTENT_METHODS or self.config.resend_non_idempotent
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            may_retry = idempotent and attempt < self.config.max_attempts
+            generation = await self._ensure()
+            session, path = self._session, self._path
+            assert session is not None
+            this_token = token or self._new_token()
+            future: asyncio.Future[Message] = loop.create_future()
+            self._pending[this_token] = future
+            if observation is not None:
+                observation.token = this_token
+                self._observations[this_token] = observation
+            try:
+                plaintext = inner.encode(this_token, message)
+                if len(plaintext) > MAX_INNER:
+                    raise Layer0Error(f"inner message of {len(plaintext)} bytes is too large")
+                session.send(plaintext)
+                datagram = b"".join(session.datagrams_to_send())
+                try:
+                    resp = await self._post(Code.POST, path, datagram)
+                except OuterError:
+                    if may_retry:
+                        continue
+                    raise
+                code = resp.code
+                if code == Code.CHANGED:
+                    self._receive(bytes(resp.payload), generation)
+                    if future.done():
+                        return future.result()
+                    if resp.payload:
+                        raise ResponseRejected(
+                            "the answer did not authenticate or was not ours: altered or"
+                            " replayed in transit"
+                        )
+                    raise ResponseRejected("the server's answer carried no record")
+                if code == Code.NOT_FOUND:
+                    self._invalidate(generation, SessionLost("the server forgot the session"))
+                    if may_retry:
+                        continue
+                    raise SessionLost(
+                        "the server does not know the session (restarted or evicted); a new"
+                        " handshake follows on the next request, this one was not resent"
+                    )
+                if code in (Code.UNAUTHORIZED, Code.BAD_REQUEST):
+                    raise RecordRejected(
+                        f"the server refused our record ({code}): altered or replayed in transit"
+                    )
+                if code == Code.FORBIDDEN:
+                    self._receive(bytes(resp.payload), generation)
+                    self._invalidate(generation, SessionLost("the server ended the session"))
+                    raise SessionLost("the server ended the session with an alert")
+                if code in _RETRYABLE_GATEWAY and may_retry:
+                    continue
+                raise OuterError(f"unexpected outer answer {code}")
+            except BaseException:
+                if observation is not None:
+                    self._observations.pop(this_token, None)
+                raise
+            finally:
+                self._pending.pop(this_token, None)
+
+    async def _blockwise(
+        self, message: Message, observation: Layer0Observation | None
+    ) -> Message:
+        for number in OUTER_ONLY_OPTIONS:
+            message.opt.delete_option(number)
+        payload = bytes(message.payload)
+        if len(payload) > INNER_BLOCK_SIZE:
+            number = 0
+            while True:
+                chunk = payload[number * INNER_BLOCK_SIZE : (number + 1) * INNER_BLOCK_SIZE]
+                more = (number + 1) * INNER_BLOCK_SIZE < len(payload)
+                block = message.copy(
+                    payload=chunk,
+                    block1=BlockOption.BlockwiseTuple(number, more, INNER_BLOCK_SZX),
+                    observe=None,
+                )
+                if number == 0:
+                    block.opt.size1 = len(payload)
+                response = await self._exchange(block)
+                if not more or response.code != Code.CONTINUE:
+                    break
+                b1 = response.opt.block1
+                if b1 is None or b1.block_number != number:
+                    raise Layer0Error("the server answered the wrong inner block")
+                number += 1
+        else:
+            response = await self._exchange(message, observation)
+            if observation is not None:
+                if response.opt.observe is None or not response.code.is_successful():
+                    observation._end(None)
+                else:
+                    self._start_poller()
+        return await self._complete_block2(message, response)
+
+    async def _complete_block2(self, request: Message, response: Message) -> Message:
+        b2 = response.opt.block2
+        if b2 is None or not b2.more:
+            return response
+        if b2.block_number != 0:
+            raise Layer0Error("inner block-wise answer did not start with block 0")
+        body = bytearray(response.payload)
+        number, szx = 0, b2.size_exponent
+        while True:
+            follow = request.copy(
+                payload=b"",
+                observe=None,
+                block1=None,
+                block2=BlockOption.BlockwiseTuple(number + 1, False, szx),
+            )
+            part = await self._exchange(follow)
+            p2 = part.opt.block2
+            if not part.code.is_successful() or p2 is None or p2.block_number != number + 1:
+                raise Layer0Error(f"inner block-wise transfer broke off ({part.code})")
+            body += part.payload
+            number += 1
+            if not p2.more:
+                break
+        response.payload = bytes(body)
+        response.opt.block2 = None
+        return response
+
+    # ------------------------------------------------------------------ Observe
+
+    def _start_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_loop(), name="Layer 0 poller")
+
+    async def _poll_loop(self) -> None:
+        """Long-poll with empty POSTs while observations are active (see module doc)."""
+        failures = 0
+        while self._observations and not self._closed:
+            generation, session = self._generation, self._session
+            if session is None:
+                break
+            try:
+                resp = await self._post(Code.POST, self._path, b"")
+            except OuterError as exc:
+                failures += 1
+                if failures >= self.config.max_attempts:
+                    for obs in list(self._observations.values()):
+                        obs._end(exc)
+                    break
+                continue
+            failures = 0
+            if resp.code == Code.CHANGED:
+                if resp.payload:
+                    self._receive(bytes(resp.payload), generation)
+                else:
+                    await asyncio.sleep(self.config.poll_pause)
+            elif resp.code == Code.NOT_FOUND:
+                self._invalidate(generation, SessionLost("the server forgot the session"))
+            else:
+                failures += 1
+                await asyncio.sleep(self.config.poll_pause)
+
+    def _deregister(self, token: bytes) -> None:
+        """Tell the server an observation ended (RFC 7641 Observe: 1 with the same token)."""
+
+        async def send() -> None:
+            try:
+                await self._exchange(Message(code=Code.GET, observe=1), token=token)
+            except Layer0Error:
+                pass
+
+        if self._session is not None and not self._closed:
+            task = asyncio.create_task(send(), name="Layer 0 deregistration")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+def _closing_error(dtls: DtlsSession) -> DtlsError | None:
+    while (event := dtls.next_event()) is not None:
+        if isinstance(event, ConnectionClosed):
+            return event.error
+    return dtls.close_error

@@ -1,0 +1,414 @@
+"""The server's tunnel state machine, without sockets, CoAP stack or clock (sans-I/O).
+
+:class:`TunnelCore` is driven by exactly three things, like the DTLS engine under it:
+
+* outer requests, already reduced to (resource, payload, now): :meth:`TunnelCore.entry` for the
+  entry resource, :meth:`TunnelCore.datagram` and :meth:`TunnelCore.pull` for a session resource;
+* the shell sealing inner responses and notifications: :meth:`TunnelCore.seal`,
+  :meth:`TunnelCore.enqueue`;
+* time: every call takes ``now``, and :meth:`TunnelCore.expire` drops idle and stale sessions.
+
+Each call returns an :class:`Answer` (the outer CoAP code and payload) that the shell sends back
+unchanged, so every outer answer the profile defines can be tested here without a network.
+
+Why the server never retransmits by timer: every server flight rides the response to a client
+request, and CoAP's confirmable exchange already repeats that on each hop. When a whole outer
+exchange fails, the client repeats its flight in a new one; the server recognises the repeat by
+its digest and answers it again from a cache, which does not depend on how the DTLS backend
+treats duplicate handshake messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from aiocoap.numbers.codes import Code
+
+from ..dtls import (
+    ApplicationData,
+    ConnectionClosed,
+    DtlsError,
+    DtlsSession,
+    HandshakeComplete,
+    Listener,
+    records,
+)
+from .policy import identity_text
+from .profile import (
+    BAD_REQUEST,
+    CHANGED,
+    CREATED,
+    DELETED,
+    FORBIDDEN,
+    MAX_DATAGRAM,
+    NOT_FOUND,
+    REQUEST_ENTITY_TOO_LARGE,
+    SERVICE_UNAVAILABLE,
+    SESSION_ID_BYTES,
+    UNAUTHORIZED,
+    WELL_KNOWN_PATH,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every bound the tunnel server applies; the defaults suit a small gateway."""
+
+    max_sessions: int = 256
+    """Established sessions; beyond it the least recently used one is evicted (its client gets
+    4.04 next time and handshakes again)."""
+    max_half_open: int = 32
+    """Sessions past the cookie exchange but not yet established; beyond it: 5.03."""
+    idle_timeout: float = 600.0
+    """An established session unused for this long is dropped."""
+    handshake_timeout: float = 30.0
+    """A half-open session older than this is dropped."""
+    max_queued: int = 32
+    """Datagrams waiting for the client to pull them, per session (oldest dropped first)."""
+    max_observations: int = 8
+    """Concurrent inner observations per session; more are served as plain requests."""
+    poll_hold: float = 20.0
+    """How long an empty POST (a pull) waits for a notification before it is answered empty."""
+    inner_timeout: float = 60.0
+    """How long a resource may take for its first response before the client gets 5.03."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_half_open", "max_queued", "max_observations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("idle_timeout", "handshake_timeout", "poll_hold", "inner_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An outer response: code, payload (DTLS records, or a diagnostic for errors), and the
+    Location-Path of a new session."""
+
+    code: Code
+    payload: bytes = b""
+    location: tuple[str, ...] | None = None
+
+    @property
+    def carries_records(self) -> bool:
+        return self.code in (CREATED, CHANGED, DELETED, FORBIDDEN) and bool(self.payload)
+
+
+@dataclass(frozen=True)
+class Layer0Peer:
+    """The authenticated peer of one tunnel, as resources see it (an authenticated claim).
+
+    ``identity`` is the PSK identity (as text) or the certificate's common name; ``mode`` says
+    which. :meth:`export_keying_material` is the RFC 5705 exporter of the session (OpenSSL
+    backend only): the hook the OSCORE mode keys from.
+    """
+
+    identity: str | None
+    raw_identity: bytes | str | None
+    mode: str
+    cipher_suite: str
+    resumed: bool
+    session_id: str
+    _session: DtlsSession = field(repr=False, compare=False)
+
+    def export_keying_material(
+        self, label: bytes, length: int, context: bytes | None = None
+    ) -> bytes:
+        return self._session.export_keying_material(label, length, context)
+
+
+@dataclass(eq=False)
+class TunnelSession:
+    """One tunnel: its engine session, name, queue and handshake-repeat cache."""
+
+    sid: str
+    dtls: DtlsSession
+    created: float
+    last_active: float
+    entry_digest: bytes
+    entry_answer: list[bytes]
+    outbox: deque[bytes] = field(default_factory=deque)
+    peer: Layer0Peer | None = None
+    hs_last_in: bytes | None = None
+    hs_last_out: list[bytes] = field(default_factory=list)
+    observations: dict[bytes, Callable[[], None]] = field(default_factory=dict)
+    dropped: int = 0
+
+    @property
+    def established(self) -> bool:
+        return self.dtls.is_established
+
+    @property
+    def location(self) -> tuple[str, ...]:
+        return (*WELL_KNOWN_PATH, self.sid)
+
+
+@dataclass
+class CoreStats:
+    handshakes: int = 0
+    resumed: int = 0
+    evicted: int = 0
+    expired: int = 0
+    rejected_records: int = 0
+    busy: int = 0
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class TunnelCore:
+    """Session table and outer-answer logic of the tunnel resources (see module docstring)."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        limits: ServerLimits | None = None,
+        *,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.listener = listener
+        self.limits = limits or ServerLimits()
+        self._random = random
+        self.sessions: OrderedDict[str, TunnelSession] = OrderedDict()  # LRU order
+        self._half_open: set[str] = set()
+        self._by_entry: dict[bytes, str] = {}
+        self._by_engine: dict[int, str] = {}
+        self.stats = CoreStats()
+        self.on_close: Callable[[TunnelSession], None] | None = None
+        self.on_established: Callable[[Layer0Peer], None] | None = None
+
+    # ------------------------------------------------------------------ entry resource
+
+    def entry(self, peer_key: Hashable, payload: bytes, now: float) -> Answer:
+        """A POST to ``/.well-known/atls``: stateless cookie exchange, then a new session."""
+        self.expire(now)
+        if len(payload) > MAX_DATAGRAM:
+            return Answer(REQUEST_ENTITY_TOO_LARGE, b"datagram larger than 1024 bytes")
+        digest = _digest(payload)
+        sid = self._by_entry.get(digest)
+        if sid is not None and sid in self.sessions:
+            s = self.sessions[sid]
+            if not s.established:  # our 2.01 was lost: answer the repeat the same way
+                s.outbox = deque(s.entry_answer[1:])
+                first = s.entry_answer[0] if s.entry_answer else b""
+                return Answer(CREATED, first, s.location)
+        if records.client_hello_random(payload) is None:
+            return Answer(BAD_REQUEST, b"not a DTLS ClientHello")
+        full = len(self._half_open) >= self.limits.max_half_open
+        try:
+            replies, dtls = self.listener.accept(peer_key, payload, now)
+        except DtlsError:
+            return Answer(BAD_REQUEST, b"ClientHello refused")
+        if dtls is None:
+            if replies:
+                return Answer(CHANGED, replies[0])  # HelloVerifyRequest: no state kept
+            return Answer(BAD_REQUEST, b"ClientHello refused")
+        if id(dtls) in self._by_engine:  # a backend that recognised the repeat by itself
+            s = self.sessions[self._by_engine[id(dtls)]]
+            out = dtls.datagrams_to_send() or s.entry_answer
+            s.outbox = deque(out[1:])
+            return Answer(CREATED, out[0] if out else b"", s.location)
+        if full:
+            dtls.abort()
+            self.stats.busy += 1
+            log.info("half-open limit %d reached: 5.03", self.limits.max_half_open)
+            return Answer(SERVICE_UNAVAILABLE, b"too many handshakes in progress")
+        out = dtls.datagrams_to_send()
+        closed = self._drain_closed(dtls)
+        if closed:
+            return Answer(FORBIDDEN, out[0] if out else b"")
+        sid = self._new_sid()
+        s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]))
+        self.sessions[sid] = s
+        self._half_open.add(sid)
+        self._by_entry[digest] = sid
+        self._by_engine[id(dtls)] = sid
+        log.debug("session %s created (half-open %d)", sid, len(self._half_open))
+        return Answer(CREATED, out[0] if out else b"", s.location)
+
+    # ---------------------------------------------------------------- session resource
+
+    def datagram(
+        self, sid: str, payload: bytes, now: float, *, delete: bool = False
+    ) -> tuple[Answer, list[bytes]]:
+        """A POST (or DELETE) with records to a session: returns the answer so far and the
+        decrypted inner messages, whose responses the shell seals into the answer."""
+        s = self.sessions.get(sid)
+        if s is None:
+            return Answer(NOT_FOUND, b"unknown session"), []
+        if len(payload) > MAX_DATAGRAM:
+            return Answer(REQUEST_ENTITY_TOO_LARGE, b"datagram larger than 1024 bytes"), []
+        try:
+            recs = records.split_records(payload)
+        except DtlsError:
+            return Answer(BAD_REQUEST, b"not DTLS records"), []
+        if not recs:
+            return Answer(BAD_REQUEST, b"no DTLS record"), []
+        self._touch(s, now)
+        was_established = s.established
+        digest = _digest(payload)
+        if not was_established and digest == s.hs_last_in:
+            s.outbox = deque(s.hs_last_out[1:])
+            return Answer(CHANGED, s.hs_last_out[0] if s.hs_last_out else b""), []
+        s.dtls.receive_datagram(payload, now)
+        out = s.dtls.datagrams_to_send()
+        plaintexts: list[bytes] = []
+        closed = False
+        error: DtlsError | None = None
+        while (event := s.dtls.next_event()) is not None:
+            if isinstance(event, HandshakeComplete):
+                self._established(s, event)
+            elif isinstance(event, ApplicationData):
+                plaintexts.append(event.data)
+            elif isinstance(event, ConnectionClosed):
+                closed, error = True, event.error
+        if closed:
+            self.remove(sid)
+            log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
+            code = DELETED if error is None else FORBIDDEN
+            return Answer(code, out[0] if out else b""), []
+        if delete:
+            # Ending a session needs its authenticated close_notify: a bare DELETE from
+            # anyone who saw the session name must not end it.
+            return Answer(UNAUTHORIZED, b"DELETE needs the session's close_notify"), []
+        if not was_established:
+            s.hs_last_in, s.hs_last_out = digest, list(out)
+            s.outbox = deque(out[1:])
+            return Answer(CHANGED, out[0] if out else b""), []
+        only_data = all(records.content_type(r) == records.CONTENT_APPLICATION_DATA for r in recs)
+        if not plaintexts and only_data:
+            self.stats.rejected_records += 1
+            log.info("session %s: record not accepted (altered or replayed)", sid)
+            return Answer(UNAUTHORIZED, b"record not accepted"), []
+        for extra in out[1:]:
+            self.enqueue(sid, extra)
+        return Answer(CHANGED, out[0] if out else b""), plaintexts
+
+    def pull(self, sid: str, now: float) -> Answer | None:
+        """An empty POST: the next queued datagrams, or ``None`` when nothing is queued."""
+        s = self.sessions.get(sid)
+        if s is None:
+            return Answer(NOT_FOUND, b"unknown session")
+        self._touch(s, now)
+        if not s.outbox:
+            return None
+        batch = [s.outbox.popleft()]
+        size = len(batch[0])
+        while s.outbox and size + len(s.outbox[0]) <= MAX_DATAGRAM:
+            size += len(s.outbox[0])
+            batch.append(s.outbox.popleft())
+        return Answer(CHANGED, b"".join(batch))
+
+    def seal(self, sid: str, plaintext: bytes) -> bytes:
+        """Encrypt one inner message for the session's client; raises if the session is gone."""
+        s = self.sessions.get(sid)
+        if s is None or not s.established:
+            raise KeyError(sid)
+        s.dtls.send(plaintext)
+        return b"".join(s.dtls.datagrams_to_send())
+
+    def enqueue(self, sid: str, datagram: bytes) -> bool:
+        """Queue a datagram for the next pull; the oldest goes when the queue is full."""
+        s = self.sessions.get(sid)
+        if s is None:
+            return False
+        if len(s.outbox) >= self.limits.max_queued:
+            s.outbox.popleft()
+            s.dropped += 1
+        s.outbox.append(datagram)
+        return True
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    def expire(self, now: float) -> list[str]:
+        """Drop half-open sessions older than the handshake timeout and idle established ones."""
+        stale = [
+            sid
+            for sid, s in self.sessions.items()
+            if (not s.established and now - s.created >= self.limits.handshake_timeout)
+            or (s.established and now - s.last_active >= self.limits.idle_timeout)
+        ]
+        for sid in stale:
+            self.stats.expired += 1
+            self.remove(sid)
+        return stale
+
+    def remove(self, sid: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return
+        self._half_open.discard(sid)
+        if self._by_entry.get(s.entry_digest) == sid:
+            del self._by_entry[s.entry_digest]
+        self._by_engine.pop(id(s.dtls), None)
+        s.dtls.abort()
+        if self.on_close is not None:
+            self.on_close(s)
+
+    def close_all(self) -> None:
+        for sid in list(self.sessions):
+            self.remove(sid)
+
+    @property
+    def half_open_count(self) -> int:
+        return len(self._half_open)
+
+    @property
+    def established_count(self) -> int:
+        return len(self.sessions) - len(self._half_open)
+
+    # ------------------------------------------------------------------------ internals
+
+    def _touch(self, s: TunnelSession, now: float) -> None:
+        s.last_active = now
+        self.sessions.move_to_end(s.sid)
+
+    def _established(self, s: TunnelSession, event: HandshakeComplete) -> None:
+        self._half_open.discard(s.sid)
+        self._by_entry.pop(s.entry_digest, None)
+        s.hs_last_in, s.hs_last_out = None, []
+        mode = "psk" if isinstance(event.peer_identity, bytes) else "x509"
+        s.peer = Layer0Peer(
+            identity_text(event.peer_identity),
+            event.peer_identity,
+            mode,
+            event.cipher_suite,
+            event.resumed,
+            s.sid,
+            s.dtls,
+        )
+        self.stats.handshakes += 1
+        self.stats.resumed += int(event.resumed)
+        log.info("session %s established (%s, resumed=%s)", s.sid, mode, event.resumed)
+        while self.established_count > self.limits.max_sessions:
+            victim = next(
+                sid for sid, v in self.sessions.items() if v.established and v is not s
+            )
+            self.stats.evicted += 1
+            log.info("session limit %d: evicting %s", self.limits.max_sessions, victim)
+            self.remove(victim)
+        if self.on_established is not None:
+            self.on_established(s.peer)
+
+    def _drain_closed(self, dtls: DtlsSession) -> bool:
+        closed = False
+        while (event := dtls.next_event()) is not None:
+            if isinstance(event, ConnectionClosed):
+                closed = True
+        return closed
+
+    def _new_sid(self) -> str:
+        while True:
+            sid = base64.urlsafe_b64encode(self._random(SESSION_ID_BYTES)).decode().rstrip("=")
+            if sid not in self.sessions:
+                return sid

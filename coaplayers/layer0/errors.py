@@ -1,0 +1,48 @@
+"""Typed errors of Layer 0. Each says which side refused what, so callers can tell "handshake
+again" (:class:`SessionLost`) from "somebody tampered" (:class:`RecordRejected`,
+:class:`ResponseRejected`)."""
+
+from __future__ import annotations
+
+
+class Layer0Error(Exception):
+    """Base class of every Layer 0 error."""
+
+
+class InnerMessageError(Layer0Error):
+    """Bytes inside a record are not a valid inner message (docs/PROTOCOL.md, "Inner message")."""
+
+
+class HandshakeFailed(Layer0Error):
+    """The end-to-end DTLS handshake failed; ``__cause__`` holds the engine's error if any."""
+
+
+class SessionLost(Layer0Error):
+    """The server does not know the session any more (4.04), e.g. after a restart or eviction.
+
+    Raised for a request that was not resent automatically (non-idempotent methods, unless the
+    channel allows it): the server never decrypted it, but the caller decides whether to repeat.
+    """
+
+
+class RecordRejected(Layer0Error):
+    """The server refused our record (4.01/4.00): it was altered in transit or replayed."""
+
+
+class ResponseRejected(Layer0Error):
+    """The answer did not authenticate or did not belong to the request: altered in transit.
+
+    The response is dropped; nothing unauthenticated is ever handed to the application.
+    """
+
+
+class ServerBusy(Layer0Error):
+    """The server has no room for another handshake (5.03); retry later."""
+
+
+class OuterError(Layer0Error):
+    """The outer CoAP exchange failed (timeout, network error, or an unexpected answer)."""
+
+
+class ChannelClosed(Layer0Error):
+    """The channel was closed by the application."""

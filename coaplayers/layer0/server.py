@@ -1,0 +1,354 @@
+"""The server side of Layer 0: an aiocoap resource that wraps an existing :class:`~aiocoap.resource.Site`.
+
+:class:`Layer0Site` is the thin asyncio shell around :class:`~coaplayers.layer0.core.TunnelCore`.
+Give it as the ``serversite`` of any aiocoap server context (plain UDP, or the Layer 1 coaps
+transport); it serves the tunnel under ``/.well-known/atls``, hands every decrypted inner request
+to the wrapped site exactly as aiocoap's own server would (so block-wise and Observe of the
+existing resources work unchanged), and answers plain requests to protected paths with 4.01.
+
+Resources learn who is calling with :func:`layer0_peer` (or from
+``request.remote.authenticated_claims``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable
+
+from aiocoap import Message, error, interfaces
+from aiocoap.message import Direction
+from aiocoap.numbers.codes import Code
+from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+
+from ..dtls import (
+    CertificateCredentials,
+    DtlsConfig,
+    OpenSslListener,
+    PskStore,
+    TinyDtlsListener,
+    records,
+)
+from . import inner
+from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
+from .errors import InnerMessageError
+from .policy import Policy
+from .profile import (
+    CONTENT_FORMAT,
+    INNER_BLOCK_SIZE,
+    INNER_BLOCK_SZX,
+    MAX_DATAGRAM,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    UNSUPPORTED_CONTENT_FORMAT,
+    WELL_KNOWN_PATH,
+)
+
+__all__ = ["Layer0Remote", "Layer0Site", "layer0_peer"]
+
+log = logging.getLogger(__name__)
+
+ServerCredentials = PskStore | CertificateCredentials
+# Largest inner message a record may carry: MAX_DATAGRAM minus the worst record overhead
+# (13 header + 8 explicit nonce + 16 GCM tag) with margin.
+MAX_INNER = MAX_DATAGRAM - 64
+
+
+def layer0_config(handshake_timeout: float = 30.0) -> DtlsConfig:
+    """The engine settings of a Layer 0 session: datagrams fit one outer payload."""
+    return DtlsConfig(mtu=MAX_DATAGRAM, handshake_timeout=handshake_timeout)
+
+
+def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None):  # type: ignore[no-untyped-def]
+    """A PSK store selects tinydtls, certificate credentials select OpenSSL."""
+    config = config or layer0_config()
+    if isinstance(credentials, PskStore):
+        return TinyDtlsListener(credentials, config)
+    if isinstance(credentials, CertificateCredentials):
+        return OpenSslListener(credentials, config)
+    raise TypeError(f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
+                    f"not {type(credentials).__name__}")
+
+
+class Layer0Remote(interfaces.EndpointAddress):
+    """The ``remote`` of an inner request: one tunnel session, whatever path it took.
+
+    Its block-wise key is the session, so inner block-wise transfers continue across proxy
+    restarts and address changes, and inner blocks are 512 bytes so each fits one record.
+    """
+
+    def __init__(self, peer: Layer0Peer) -> None:
+        self.peer = peer
+
+    def __hash__(self) -> int:
+        return hash(("layer0", self.peer.session_id))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layer0Remote) and other.peer.session_id == self.peer.session_id
+
+    def __repr__(self) -> str:
+        return f"<Layer0Remote session={self.peer.session_id} identity={self.peer.identity!r}>"
+
+    hostinfo = property(lambda self: "layer0.invalid")
+    hostinfo_local = property(lambda self: "layer0.invalid")
+    uri_base = property(lambda self: "coap://layer0.invalid")
+    uri_base_local = property(lambda self: "coap://layer0.invalid")
+    is_multicast = False
+    is_multicast_locally = False
+    scheme = "coap"
+
+    @property
+    def maximum_block_size_exp(self) -> int:
+        return INNER_BLOCK_SZX
+
+    @property
+    def maximum_payload_size(self) -> int:
+        return INNER_BLOCK_SIZE
+
+    @property
+    def authenticated_claims(self) -> tuple[Layer0Peer, ...]:
+        return (self.peer,)
+
+    @property
+    def blockwise_key(self) -> Hashable:
+        return ("layer0", self.peer.session_id)
+
+
+def layer0_peer(request: Message) -> Layer0Peer | None:
+    """The Layer 0 peer of a request rendered through the tunnel, ``None`` for plain requests."""
+    remote = getattr(request, "remote", None)
+    for claim in getattr(remote, "authenticated_claims", ()) or ():
+        if isinstance(claim, Layer0Peer):
+            return claim
+    return None
+
+
+def _outer(answer: Answer) -> Message:
+    msg = Message(code=answer.code, payload=answer.payload)
+    if answer.carries_records:
+        msg.opt.content_format = CONTENT_FORMAT
+    if answer.location is not None:
+        msg.opt.location_path = answer.location
+    return msg
+
+
+class Layer0Site(interfaces.Resource):
+    """Serve ``site`` through Layer 0 (see the module docstring).
+
+    ``credentials`` are Layer 0's own (a :class:`PskStore` or :class:`CertificateCredentials`);
+    ``policy`` decides which paths need Layer 0 and which identity may use which path;
+    ``on_established`` is called with each new :class:`Layer0Peer` (the OSCORE mode's hook).
+    """
+
+    def __init__(
+        self,
+        site: interfaces.Resource,
+        credentials: ServerCredentials,
+        *,
+        policy: Policy | None = None,
+        limits: ServerLimits | None = None,
+        on_established: Callable[[Layer0Peer], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.site = site
+        self.policy = policy or Policy()
+        self.limits = limits or ServerLimits()
+        listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout))
+        self.core = TunnelCore(listener, self.limits)
+        self.core.on_close = self._session_closed
+        self.core.on_established = on_established
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # aiocoap's abstract Resource interface; render_to_pipe below replaces both.
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return False
+
+    async def render(self, request: Message) -> Message:
+        raise error.NotFound()
+
+    def close(self) -> None:
+        """Drop every session (ending their observations) and stop the idle sweeper."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.core.close_all()
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        request = pipe.request
+        path = tuple(request.opt.uri_path)
+        if path[: len(WELL_KNOWN_PATH)] == WELL_KNOWN_PATH:
+            self._arm_sweeper()
+            response = await self._tunnel(request, path[len(WELL_KNOWN_PATH) :])
+            pipe.add_response(response, is_last=True)
+            return
+        if self.policy.requires_layer0(path):
+            pipe.add_response(
+                Message(code=Code.UNAUTHORIZED, payload=b"this resource needs Layer 0"),
+                is_last=True,
+            )
+            return
+        await self.site.render_to_pipe(pipe)
+
+    # ------------------------------------------------------------------- outer side
+
+    async def _tunnel(self, request: Message, rest: tuple[str, ...]) -> Message:
+        now = asyncio.get_running_loop().time()
+        payload = bytes(request.payload)
+        cf = request.opt.content_format
+        if payload and cf is not None and int(cf) != CONTENT_FORMAT:
+            return Message(code=UNSUPPORTED_CONTENT_FORMAT)
+        if not rest:
+            if request.code != Code.POST:
+                return Message(code=METHOD_NOT_ALLOWED)
+            peer_key = (request.remote.scheme, request.remote.hostinfo)
+            return _outer(self.core.entry(peer_key, payload, now))
+        if len(rest) != 1:
+            return Message(code=NOT_FOUND)
+        sid = rest[0]
+        if request.code == Code.DELETE:
+            answer, _ = self.core.datagram(sid, payload, now, delete=True)
+            return _outer(answer)
+        if request.code != Code.POST:
+            return Message(code=METHOD_NOT_ALLOWED)
+        if not payload:
+            return _outer(await self._pull(sid))
+        answer, plaintexts = self.core.datagram(sid, payload, now)
+        if not plaintexts:
+            return _outer(answer)
+        sealed = await asyncio.gather(*(self._dispatch(sid, p) for p in plaintexts))
+        recs = [answer.payload] if answer.payload else []
+        recs += [r for r in sealed if r]
+        packed = records.pack_datagrams(recs, MAX_DATAGRAM)
+        for extra in packed[1:]:
+            self.core.enqueue(sid, extra)
+        return _outer(Answer(answer.code, packed[0] if packed else b""))
+
+    async def _pull(self, sid: str) -> Answer:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.poll_hold
+        while True:
+            answer = self.core.pull(sid, loop.time())
+            if answer is not None:
+                return answer
+            s = self.core.sessions.get(sid)
+            remaining = deadline - loop.time()
+            if s is None or not s.established or not s.observations or remaining <= 0:
+                return Answer(Code.CHANGED)
+            event = self._wakeups.setdefault(sid, asyncio.Event())
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------- inner side
+
+    async def _dispatch(self, sid: str, plaintext: bytes) -> bytes | None:
+        """Render one inner message through the wrapped site; returns its sealed response."""
+        s = self.core.sessions.get(sid)
+        if s is None or s.peer is None:
+            return None
+        try:
+            msg = inner.decode(plaintext)
+        except InnerMessageError as exc:
+            token = inner.peek_token(plaintext)
+            log.info("session %s: bad inner message (%s)", sid, exc)
+            if token is None:
+                return None
+            return self._seal(sid, token, Message(code=Code.BAD_REQUEST))
+        token, request = msg.token, msg.message
+        if not request.code.is_request():
+            return None
+        old = s.observations.pop(token, None)
+        if old is not None:  # same token again (e.g. Observe: 1): the old observation ends
+            old()
+        if not self.policy.allows(s.peer.identity, request.opt.uri_path):
+            return self._seal(sid, token, Message(code=Code.FORBIDDEN))
+        request.remote = Layer0Remote(s.peer)
+        request.direction = Direction.INCOMING
+        request.token = token
+        pipe = Pipe(request, log)
+        first: asyncio.Future[Pipe.Event] = asyncio.get_running_loop().create_future()
+
+        def on_event(event: Pipe.Event) -> bool:
+            if not first.done():
+                first.set_result(event)
+                return not event.is_last
+            if event.message is not None:
+                self._notify(sid, token, event.message)
+            if event.is_last:
+                live = self.core.sessions.get(sid)
+                if live is not None:
+                    live.observations.pop(token, None)
+            return not event.is_last
+
+        stop = pipe.on_event(on_event)
+        run_driving_pipe(
+            error_to_message(pipe, log),
+            self.site.render_to_pipe(pipe),
+            name=f"Layer 0 inner request on {sid}",
+        )
+        try:
+            event = await asyncio.wait_for(asyncio.shield(first), self.limits.inner_timeout)
+        except TimeoutError:
+            stop()
+            return self._seal(sid, token, Message(code=Code.SERVICE_UNAVAILABLE))
+        response = event.message or Message(code=Code.INTERNAL_SERVER_ERROR)
+        if not event.is_last:
+            live = self.core.sessions.get(sid)
+            observing = response.opt.observe is not None
+            if live is None or not observing:
+                stop()
+            elif len(live.observations) >= self.limits.max_observations:
+                stop()
+                response.opt.observe = None
+            else:
+                live.observations[token] = stop
+        return self._seal(sid, token, response)
+
+    def _seal(self, sid: str, token: bytes, response: Message) -> bytes | None:
+        response = response.copy()
+        for number in (3, 7, 35, 39):  # outer-only: never echoed inside
+            response.opt.delete_option(number)
+        try:
+            plaintext = inner.encode(token, response)
+        except InnerMessageError:
+            plaintext = inner.encode(token, Message(code=Code.INTERNAL_SERVER_ERROR))
+        if len(plaintext) > MAX_INNER:
+            log.warning("session %s: inner response of %d bytes does not fit a record",
+                        sid, len(plaintext))
+            plaintext = inner.encode(token, Message(code=Code.INTERNAL_SERVER_ERROR))
+        try:
+            return self.core.seal(sid, plaintext)
+        except Exception:  # session ended meanwhile
+            return None
+
+    def _notify(self, sid: str, token: bytes, message: Message) -> None:
+        sealed = self._seal(sid, token, message)
+        if sealed is None:
+            return
+        self.core.enqueue(sid, sealed)
+        event = self._wakeups.get(sid)
+        if event is not None:
+            event.set()
+
+    def _session_closed(self, s: TunnelSession) -> None:
+        for stop in list(s.observations.values()):
+            stop()
+        s.observations.clear()
+        event = self._wakeups.pop(s.sid, None)
+        if event is not None:
+            event.set()
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is not None:
+            return
+        loop = asyncio.get_running_loop()
+        period = max(0.5, min(10.0, self.limits.handshake_timeout / 2, self.limits.idle_timeout / 2))
+
+        def sweep() -> None:
+            self.core.expire(loop.time())
+            self._sweeper = loop.call_later(period, sweep)
+
+        self._sweeper = loop.call_later(period, sweep)
