@@ -55,18 +55,19 @@ def merge_config(
         if isinstance(action, argparse._AppendAction):
             if not isinstance(value, list):
                 value = [value]
-            value = [_path(base, action.dest, v) for v in value]
+            value = [_path(base, action, v) for v in value]
         elif isinstance(value, str):
-            value = _path(base, action.dest, value)
+            value = _path(base, action, value)
         setattr(args, action.dest, value)
     return args
 
 
-_PATH_KEYS = ("file", "cert", "key", "ca", "credentials", "store")
+_PATH_METAVARS = ("FILE", "PEM")
 
 
-def _path(base: Path, dest: str, value: Any) -> Any:
-    if isinstance(value, str) and dest.endswith(_PATH_KEYS) and not dest.endswith("psk"):
+def _path(base: Path, action: argparse.Action, value: Any) -> Any:
+    """Options whose metavar says they name a file are resolved against the config's folder."""
+    if isinstance(value, str) and action.metavar in _PATH_METAVARS and value != "-":
         p = Path(value)
         return str(p if p.is_absolute() else base / p)
     return value
