@@ -23,7 +23,7 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 def need_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (Debian package libcoap3-bin; scripts/setup installs it)")
+        pytest.skip(f"{name} is not installed (Debian libcoap3-bin; scripts/setup installs it)")
     return path
 
 
@@ -58,8 +58,9 @@ async def run_program(
 
 
 @asynccontextmanager
-async def background(*argv: str, ready_port: tuple[str, int] | None = None,
-                     env: dict[str, str] | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+async def background(
+    *argv: str, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run a program for the duration of a block; kill it afterwards."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
