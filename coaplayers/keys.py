@@ -113,7 +113,7 @@ def create(
     proxy_uri_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
     files["server.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in server_host else '0.0.0.0'}:{server_port}"],
-        "psk-file": ["server-psk.json"],
+        "psk-file": "server-psk.json",
         "e2e-psk": [f"{psks['e2e'][0]}:0x{psks['e2e'][1]}"],
         "e2e-cert": "server-e2e.pem",
         "e2e-key": "server-e2e.key",
@@ -121,7 +121,7 @@ def create(
     }), True)
     files["proxy.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in proxy_host else '0.0.0.0'}:{proxy_port}"],
-        "psk-file": ["proxy-psk.json"],
+        "psk-file": "proxy-psk.json",
         "upstream-credentials": "proxy-upstream.json",
     }), False)
     files["client.toml"] = (_toml({
