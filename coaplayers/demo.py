@@ -47,7 +47,7 @@ class Demo:
 
     def start(self, name: str, *argv: str) -> tuple[subprocess.Popen[str], str]:
         """Start a program and return it with the first line it prints (its address)."""
-        log = open(self.dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(self.dir / f"{name}.log", "w")
         proc = subprocess.Popen(
             [_bin(argv[0]), *argv[1:]], stdout=subprocess.PIPE, stderr=log, text=True
         )
@@ -164,7 +164,7 @@ class Demo:
         for d in up[:3]:
             try:
                 msg = aiocoap.Message.decode(d.data)
-            except Exception:  # noqa: BLE001 - shown raw
+            except Exception:
                 print(f"    {d.data[:40].hex()}...")
                 continue
             opts = ", ".join(
