@@ -1,0 +1,61 @@
+"""JSON-lines logging: one line per forwarded exchange, plus the proxy's own events.
+
+Each line is a JSON object with ``ts`` (Unix time) and ``event``. Payloads and key material are
+never passed in, so they cannot end up in a log; only outer routing options, codes, sizes and
+latencies are (see ``site.routing_fields``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """Formats records carrying a ``fields`` dict as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {"ts": round(record.created, 6)}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            data.update(fields)
+        else:
+            data["event"] = "log"
+            data["level"] = record.levelname.lower()
+            data["logger"] = record.name
+            data["message"] = record.getMessage()
+        return json.dumps(data, separators=(",", ":"), default=str)
+
+
+class AccessLog:
+    """Where exchange and event lines go (a file in append mode, or a stream)."""
+
+    def __init__(self, path: str | None = None, stream: TextIO | None = None) -> None:
+        self.logger = logging.getLogger(f"coaplayers.proxy.access.{id(self):x}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        handler: logging.Handler
+        if path is not None:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        else:
+            handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(JsonLinesFormatter())
+        self.handler = handler
+        self.logger.addHandler(handler)
+
+    def exchange(self, entry: dict[str, Any]) -> None:
+        self.logger.info("exchange", extra={"fields": entry})
+
+    def event(self, event: str, **fields: Any) -> None:
+        self.logger.info(event, extra={"fields": {"event": event, **fields}})
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,167 @@
+"""``coap-proxy``: command-line flags and a TOML file into a ``ProxyConfig``, then run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .accesslog import AccessLog
+from .config import (
+    ConfigError,
+    Layer1Settings,
+    ProxyConfig,
+    RateLimit,
+    Route,
+    load_config_file,
+    parse_hostport,
+)
+from .node import ProxyNode
+from .transport import format_uri
+
+EPILOG = """\
+examples:
+  forward proxy on the default port (clients send Proxy-Uri or Proxy-Scheme):
+    coap-proxy --listen coap://[::]:5683
+  reverse proxy: /sensors/... to one server, Uri-Host app.example to another, nothing else:
+    coap-proxy --no-forward --listen coap://0.0.0.0:5683 \\
+        --route /sensors=coap://10.0.0.5 --route app.example=coap://10.0.0.6:5683
+  ephemeral port, metrics, a rate limit of 20 requests/s (bursts of 40) per client:
+    coap-proxy --listen coap://127.0.0.1:0 --metrics 127.0.0.1:9100 --rate-limit 20/40
+  everything from a file, one flag overriding it:
+    coap-proxy --config /etc/coap-proxy.toml --log-file /var/log/coap-proxy.jsonl
+
+At start, each bound listen URI is printed on stdout as "listen URI" (port 0 shows the real
+port), then "metrics http://HOST:PORT/metrics" if enabled, then "ready".
+Exit status: 0 after SIGINT/SIGTERM, 2 for configuration errors, 1 if binding failed.
+See docs/PROXY.md for the configuration file, logs and metrics.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coap-proxy",
+        description="CoAP forward and reverse proxy routing on outer options only "
+        "(Layer 0 / OSCORE payloads pass untouched).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="configuration file; flags win")
+    p.add_argument("--listen", metavar="URI", action="append",
+                   help="listen URI, repeatable (default coap://[::]:5683)")
+    p.add_argument("--route", metavar="NAME_OR_PREFIX=UPSTREAM_URI", action="append",
+                   help="reverse route by Uri-Host name or /path/prefix, repeatable")
+    p.add_argument("--forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="act as a forward proxy for Proxy-Uri / Proxy-Scheme (default on)")
+    p.add_argument("--name", metavar="NAME", action="append",
+                   help="a name this proxy is known by (requests for it are not forwarded)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus text at http://HOST:PORT/metrics (port 0: any)")
+    p.add_argument("--rate-limit", metavar="RATE[/BURST]",
+                   help="per-client requests per second (answers 4.29 beyond)")
+    p.add_argument("--log-file", metavar="FILE", help="JSON-lines log (default stderr)")
+    p.add_argument("--upstream-timeout", metavar="SECONDS", type=float,
+                   help="answer 5.04 after this long without an upstream answer (default 10)")
+    p.add_argument("--max-in-flight", metavar="N", type=int,
+                   help="exchanges waiting on upstreams at once; 5.03 beyond (default 256)")
+    p.add_argument("--upstream-sockets", metavar="N", type=int,
+                   help="upstream sockets; each client sticks to one (default 32)")
+    p.add_argument("--hop-limit", metavar="N", type=int,
+                   help="Hop-Limit inserted when a request has none (default 16)")
+    p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
+                   help="how long in-flight exchanges may take at shutdown (default 5)")
+    l1 = p.add_argument_group("Layer 1 (coaps://), wired in by the Layer 1 transport")
+    l1.add_argument("--psk", metavar="ID:KEY", action="append",
+                    help="PSK for coaps listeners, repeatable")
+    l1.add_argument("--psk-file", metavar="FILE", help="JSON object identity -> key")
+    l1.add_argument("--cert", metavar="PEM")
+    l1.add_argument("--key", metavar="PEM")
+    l1.add_argument("--ca", metavar="PEM")
+    l1.add_argument("--upstream-credentials", metavar="FILE",
+                    help="aiocoap credentials JSON for coaps upstreams")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    """The file (if any) first, then each flag that was given replaces that setting."""
+    cfg = load_config_file(args.config) if args.config else ProxyConfig()
+    changes: dict[str, Any] = {}
+    if args.listen:
+        changes["listen"] = tuple(args.listen)
+    if args.route:
+        changes["routes"] = tuple(Route.parse(r) for r in args.route)
+    if args.forward is not None:
+        changes["forward"] = args.forward
+    if args.name:
+        changes["names"] = tuple(args.name)
+    if args.metrics:
+        changes["metrics"] = parse_hostport(args.metrics, "--metrics")
+    if args.rate_limit:
+        changes["rate_limit"] = RateLimit.parse(args.rate_limit)
+    for flag in (
+        "log_file", "upstream_timeout", "max_in_flight", "upstream_sockets", "hop_limit",
+        "shutdown_grace",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[flag] = value
+    l1: dict[str, Any] = {}
+    if args.psk:
+        l1["psk"] = tuple(args.psk)
+    for flag in ("psk_file", "cert", "key", "ca", "upstream_credentials"):
+        if getattr(args, flag) is not None:
+            l1[flag] = getattr(args, flag)
+    if l1:
+        changes["layer1"] = replace(cfg.layer1 or Layer1Settings(), **l1)
+    try:
+        return replace(cfg, **changes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _announce(node: ProxyNode) -> None:
+    for uri in node.bound_uris:
+        print(f"listen {uri}")
+    if node.metrics_address is not None:
+        print(f"metrics http://{format_uri('x', *node.metrics_address)[4:]}/metrics")
+    print("ready", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        access_log = AccessLog(config.log_file)
+    except ConfigError as exc:
+        print(f"coap-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"coap-proxy: cannot open log file: {exc}", file=sys.stderr)
+        return 2
+    # aiocoap's own warnings go to the same JSON-lines destination.
+    root = logging.getLogger()
+    root.addHandler(access_log.handler)
+    root.setLevel(logging.WARNING)
+    node = ProxyNode(config, access_log=access_log)
+    try:
+        asyncio.run(node.run(on_ready=_announce))
+    except ConfigError as exc:
+        print(f"coap-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"coap-proxy: cannot bind: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        root.removeHandler(access_log.handler)
+        access_log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""What an operator configures: one dataclass, filled from TOML and then from flags (flags win).
+
+Kept free of aiocoap and asyncio so that configuration mistakes are found (and tested) before any
+socket is opened.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message names the offending setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a route sends requests: scheme, host, port and an optional base path."""
+
+    scheme: str
+    host: str
+    port: int
+    path: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, uri: str) -> Upstream:
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ConfigError(f"upstream {uri!r}: scheme must be coap or coaps")
+        if not parts.hostname:
+            raise ConfigError(f"upstream {uri!r} names no host")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"upstream {uri!r}: no query or fragment allowed")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"upstream {uri!r}: bad port") from exc
+        path = tuple(unquote(s) for s in parts.path.split("/")[1:] if s != "")
+        return cls(scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port, path)
+
+    @property
+    def hostinfo(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.hostinfo}" + "".join("/" + s for s in self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A reverse-proxy rule: requests for a Uri-Host name, or under a path prefix, go upstream.
+
+    ``NAME=URI`` matches the request's Uri-Host (case-insensitive); ``/PREFIX=URI`` matches
+    whole Uri-Path segments. With no path in the upstream URI, the request path is forwarded
+    unchanged (so Location-Path answers stay valid); with one, it replaces the prefix.
+    """
+
+    match: str
+    upstream: Upstream
+
+    @classmethod
+    def parse(cls, spec: str) -> Route:
+        key, sep, uri = spec.partition("=")
+        if not sep or not key or not uri:
+            raise ConfigError(f"route {spec!r}: expected NAME_OR_PREFIX=UPSTREAM_URI")
+        return cls.make(key, uri)
+
+    @classmethod
+    def make(cls, key: str, uri: str) -> Route:
+        key = key.strip()
+        if not key.startswith("/"):
+            key = key.lower()
+        return cls(key, Upstream.parse(uri.strip()))
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.match.startswith("/")
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return tuple(s for s in self.match.split("/") if s != "")
+
+    def __str__(self) -> str:
+        return f"{self.match}={self.upstream}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Token bucket per client: ``rate`` requests per second, bursts of up to ``burst``."""
+
+    rate: float
+    burst: float
+
+    @classmethod
+    def parse(cls, spec: str) -> RateLimit:
+        """``RATE`` or ``RATE/BURST`` (requests per second; burst defaults to the rate, min 1)."""
+        rate_s, _, burst_s = spec.partition("/")
+        try:
+            rate = float(rate_s)
+            burst = float(burst_s) if burst_s else max(rate, 1.0)
+        except ValueError as exc:
+            raise ConfigError(f"rate limit {spec!r}: expected RATE or RATE/BURST") from exc
+        if rate <= 0 or burst < 1:
+            raise ConfigError(f"rate limit {spec!r}: rate must be > 0 and burst >= 1")
+        return cls(rate, burst)
+
+
+def parse_hostport(spec: str, what: str) -> tuple[str, int]:
+    """``127.0.0.1:9100`` or ``[::1]:9100`` -> (host, port)."""
+    host, sep, port_s = spec.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigError(f"{what} {spec!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer1Settings:
+    """Layer 1 (coaps://) credentials: parsed here, used by ``transport.build_context``.
+
+    Downstream (listener) and upstream keys are separate policies, as issue 4 asks. The Layer 1
+    transport wires these into the context; until then any of them set is refused with a clear
+    message rather than silently ignored.
+    """
+
+    psk: tuple[str, ...] = ()  # "IDENTITY:KEY" entries for coaps listeners
+    psk_file: str | None = None  # JSON object identity -> key
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    upstream_credentials: str | None = None  # aiocoap credentials JSON for upstream coaps
+
+    def any_set(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything coap-proxy can be told; the CLI and the TOML file fill the same fields."""
+
+    listen: tuple[str, ...] = ("coap://[::]:5683",)
+    routes: tuple[Route, ...] = ()
+    forward: bool = True
+    # Names (Uri-Host values) that mean this proxy itself, besides its bound addresses.
+    names: tuple[str, ...] = ()
+    allowed_schemes: tuple[str, ...] = ("coap", "coaps")
+    upstream_timeout: float = 10.0
+    hop_limit: int = 16
+    max_in_flight: int = 256
+    upstream_sockets: int = 32
+    max_observations: int = 1024
+    rate_limit: RateLimit | None = None
+    rate_limit_clients: int = 10000
+    shutdown_grace: float = 5.0
+    metrics: tuple[str, int] | None = None
+    log_file: str | None = None
+    layer1: Layer1Settings = field(default_factory=Layer1Settings)
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("at least one listen URI is needed")
+        if not 1 <= self.hop_limit <= 255:
+            raise ConfigError("hop_limit must be between 1 and 255")
+        if self.upstream_timeout <= 0 or self.shutdown_grace < 0:
+            raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
+        if not 1 <= self.upstream_sockets <= 1024:
+            raise ConfigError("upstream_sockets must be between 1 and 1024")
+        if self.max_in_flight < 1 or self.max_observations < 0:
+            raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
+        bad = set(self.allowed_schemes) - set(DEFAULT_PORTS)
+        if bad:
+            raise ConfigError(f"allowed_schemes: unknown scheme(s) {sorted(bad)}")
+
+
+_SCALARS: dict[str, type] = {
+    "forward": bool,
+    "upstream_timeout": float,
+    "hop_limit": int,
+    "max_in_flight": int,
+    "upstream_sockets": int,
+    "max_observations": int,
+    "rate_limit_clients": int,
+    "shutdown_grace": float,
+    "log_file": str,
+}
+_LISTS = ("listen", "names", "allowed_schemes")
+_LAYER1_LISTS = ("psk",)
+_LAYER1_SCALARS = ("psk_file", "cert", "key", "ca", "upstream_credentials")
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of strings")
+    return tuple(value)
+
+
+def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -> ProxyConfig:
+    """Apply a parsed TOML document to ``base``; unknown keys are errors (typos must not pass)."""
+    cfg = base or ProxyConfig()
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SCALARS:
+            changes[key] = _typed(key, value, _SCALARS[key])
+        elif key in _LISTS:
+            changes[key] = _strings(key, value)
+        elif key == "routes":
+            if not isinstance(value, dict):
+                raise ConfigError('routes: expected a table like { "/sensors" = "coap://..." }')
+            changes["routes"] = tuple(
+                Route.make(k, _typed(f"routes.{k}", v, str)) for k, v in value.items()
+            )
+        elif key == "metrics":
+            changes["metrics"] = parse_hostport(_typed(key, value, str), "metrics")
+        elif key == "rate_limit":
+            if isinstance(value, dict):
+                unknown = set(value) - {"rate", "burst"}
+                if unknown or "rate" not in value:
+                    raise ConfigError("rate_limit: expected { rate = N, burst = M }")
+                rate = float(_typed("rate_limit.rate", value["rate"], float))
+                burst = float(_typed("rate_limit.burst", value.get("burst", max(rate, 1.0)), float))
+                changes["rate_limit"] = RateLimit.parse(f"{rate}/{burst}")
+            else:
+                changes["rate_limit"] = RateLimit.parse(str(value))
+        elif key == "layer1":
+            if not isinstance(value, dict):
+                raise ConfigError("layer1: expected a table")
+            l1: dict[str, Any] = {}
+            for k, v in value.items():
+                if k in _LAYER1_LISTS:
+                    l1[k] = _strings(f"layer1.{k}", v)
+                elif k in _LAYER1_SCALARS:
+                    l1[k] = _typed(f"layer1.{k}", v, str)
+                else:
+                    raise ConfigError(f"layer1: unknown setting {k!r}")
+            changes["layer1"] = replace(cfg.layer1, **l1)
+        else:
+            raise ConfigError(f"unknown setting {key!r}")
+    try:
+        return replace(cfg, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> ProxyConfig:
+    """Read a TOML file (top-level keys as in ``ProxyConfig``; see docs/PROXY.md)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    return config_from_mapping(data, base)

@@ -1,0 +1,108 @@
+"""The running proxy: context, site, metrics endpoint and graceful shutdown, without the CLI.
+
+Tests and other programs can run a proxy in-process with ``ProxyNode``; ``cli.py`` only turns
+flags into a ``ProxyConfig`` and calls ``run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from .accesslog import AccessLog
+from .config import ProxyConfig
+from .metrics import MetricsRegistry, MetricsServer
+from .site import ProxySite
+from .transport import ProxyContext, build_context, format_uri
+
+
+class ProxyNode:
+    """One proxy instance. ``metrics`` is the registry Layer 1 adds its DTLS counters to."""
+
+    def __init__(
+        self, config: ProxyConfig, *, access_log: AccessLog | None = None,
+        metrics: MetricsRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or MetricsRegistry()
+        self.access_log = access_log or AccessLog(config.log_file)
+        self.site = ProxySite(config, self.metrics, self.access_log)
+        self.context: ProxyContext | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def bound_uris(self) -> list[str]:
+        return self.context.bound_uris if self.context else []
+
+    async def start(self) -> list[str]:
+        """Bind everything; returns the listen URIs with real ports (port 0 resolved)."""
+        self.context = await build_context(self.config, self.site, self.metrics)
+        try:
+            for scheme, host, port in self.context.bound:
+                self.site.router.add_own_address(scheme, host, port)
+            self.site.upstream_schemes = self.context.upstream_schemes
+            self.site.upstream = self.context.upstream
+            first = self.context.bound[0]
+            self.site.self_name = format_uri(*first).split("://", 1)[1]
+            for scheme, host, port in self.context.bound:
+                if self.site.router.is_self(scheme, host, port) and any(
+                    r.upstream.scheme == scheme and self.site.router.is_self(
+                        scheme, r.upstream.host, r.upstream.port)
+                    for r in self.config.routes
+                ):
+                    self.access_log.event(
+                        "warning", message="a route points at this proxy itself; requests "
+                        "on it end with 5.08 Hop Limit Reached")
+                    break
+            if self.config.metrics is not None:
+                self.metrics_server = MetricsServer(self.metrics)
+                self.metrics_address = await self.metrics_server.start(*self.config.metrics)
+        except BaseException:
+            await self.context.shutdown()
+            raise
+        self.access_log.event(
+            "start", listen=self.bound_uris, routes=[str(r) for r in self.config.routes],
+            forward=self.config.forward,
+            metrics=None if self.metrics_address is None else
+            f"http://{format_uri('x', *self.metrics_address)[4:]}/metrics",
+        )
+        return self.bound_uris
+
+    async def stop(self) -> bool:
+        """Refuse new requests (5.03), let in-flight ones finish within the grace period, close.
+
+        Returns whether everything in flight finished in time.
+        """
+        if self._stopped.is_set():
+            return True
+        self.site.begin_drain()
+        finished = await self.site.wait_idle(self.config.shutdown_grace)
+        self.access_log.event("stop", in_flight_left=self.site.in_flight.count,
+                              clean=finished)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        if self.context is not None:
+            await self.context.shutdown()
+        self._stopped.set()
+        return finished
+
+    async def run(self, on_ready: Callable[[ProxyNode], None] | None = None) -> None:
+        """Start, serve until SIGINT or SIGTERM, then stop gracefully."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+            logging.getLogger("coaplayers.proxy").debug("stopped")

@@ -1,0 +1,228 @@
+"""Where a request goes: the proxy's routing decision, computed from outer options only.
+
+Pure functions of the request's options and the configuration (no sockets, no clock), so every
+RFC 7252 section 5.7 / RFC 8768 rule can be tested without a network. The forwarding site
+(``site.py``) turns a :class:`Decision` into an upstream request and a :class:`Refusal` into an
+error response.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from aiocoap import Message
+from aiocoap.numbers import OptionNumber, codes
+from aiocoap.numbers.codes import Code
+
+from .config import DEFAULT_PORTS, ProxyConfig, Route, Upstream
+
+Opt = OptionNumber
+
+# Options the proxy consumes and regenerates: everything else is copied through unchanged.
+ROUTING_OPTIONS = frozenset(
+    {
+        Opt.PROXY_URI, Opt.PROXY_SCHEME, Opt.URI_HOST, Opt.URI_PORT, Opt.URI_PATH,
+        Opt.URI_QUERY, Opt.HOP_LIMIT,
+    }
+)
+
+# Proxy-unsafe options this proxy understands (RFC 7252 5.7.1): block-wise and Observe pass
+# through hop by hop, Max-Age and No-Response are carried end to end with known meaning.
+KNOWN_UNSAFE = frozenset(
+    {
+        Opt.URI_HOST, Opt.URI_PORT, Opt.URI_PATH, Opt.URI_QUERY, Opt.PROXY_URI, Opt.PROXY_SCHEME,
+        Opt.OBSERVE, Opt.BLOCK1, Opt.BLOCK2, Opt.MAX_AGE, Opt.NO_RESPONSE,
+    }
+)
+
+
+class Refusal(Exception):
+    """The proxy answers this request itself; ``kind`` labels the metric and the log line."""
+
+    def __init__(self, code: Code, diagnostic: str, kind: str) -> None:
+        super().__init__(diagnostic)
+        self.code = code
+        self.diagnostic = diagnostic
+        self.kind = kind
+
+    def to_message(self) -> Message:
+        return Message(code=self.code, payload=self.diagnostic.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An upstream target for one request, and what to put in its routing options."""
+
+    kind: str  # "forward" or "reverse"
+    upstream: Upstream  # scheme, host, port; its path is already folded into ``path``
+    path: tuple[str, ...]
+    query: tuple[str, ...]
+    uri_host: str | None  # sent as Uri-Host; None for IP literals (RFC 7252 6.4)
+    hop_limit: int  # the Hop-Limit value to send
+    route: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return str(self.upstream) + "".join("/" + s for s in self.path) + (
+            "?" + "&".join(self.query) if self.query else ""
+        )
+
+
+def unknown_unsafe(options: Iterable[object]) -> list[int]:
+    """Numbers of proxy-unsafe options this proxy does not understand (answered with 4.02)."""
+    return sorted(
+        {int(o.number) for o in options if o.number.is_unsafe() and o.number not in KNOWN_UNSAFE}  # type: ignore[attr-defined]
+    )
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+_WILDCARDS = frozenset({"::", "0.0.0.0", ""})
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+
+class Router:
+    """Decides forward / reverse / refuse for each request; knows the proxy's own names."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.names = {n.lower() for n in config.names}
+        self.addresses: set[tuple[str, str, int]] = set()  # (scheme, host, port) we listen on
+        self.host_routes = {r.match: r for r in config.routes if not r.is_prefix}
+        # Longest prefix first, so "/a/b" wins over "/a" and "/" is the catch-all.
+        self.prefix_routes = sorted(
+            (r for r in config.routes if r.is_prefix), key=lambda r: -len(r.prefix)
+        )
+
+    def add_own_address(self, scheme: str, host: str, port: int) -> None:
+        self.addresses.add((scheme, host.strip("[]").lower(), port))
+
+    def is_self(self, scheme: str, host: str, port: int) -> bool:
+        """Whether scheme://host:port names this proxy (so forwarding there would loop)."""
+        host = host.strip("[]").lower()
+        for s, h, p in self.addresses:
+            if s != scheme or p != port:
+                continue
+            if host == h or host in self.names:
+                return True
+            if h in _WILDCARDS and host in _LOOPBACK_NAMES:
+                return True
+        return False
+
+    def decide(self, request: Message) -> Decision:
+        """The routing decision for ``request``, or raise :class:`Refusal`."""
+        opt = request.opt
+        bad = unknown_unsafe(opt.option_list())
+        if bad:
+            raise Refusal(
+                codes.BAD_OPTION, "unknown proxy-unsafe option " + ",".join(map(str, bad)),
+                "bad_option",
+            )
+        decision = self._route(request)
+        return decision
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _route(self, request: Message) -> Decision:
+        opt = request.opt
+        if opt.proxy_uri is not None:
+            scheme, host, port, path, query = self._split_proxy_uri(opt.proxy_uri)
+            return self._forward(request, scheme, host, port, path, query)
+        if opt.proxy_scheme is not None:
+            if opt.uri_host is None:
+                raise Refusal(codes.BAD_REQUEST, "Proxy-Scheme needs Uri-Host", "bad_request")
+            scheme = opt.proxy_scheme.lower()
+            port = opt.uri_port if opt.uri_port is not None else DEFAULT_PORTS.get(scheme, 0)
+            return self._forward(
+                request, scheme, opt.uri_host, port, tuple(opt.uri_path), tuple(opt.uri_query)
+            )
+        return self._reverse(request, opt.uri_host, tuple(opt.uri_path), tuple(opt.uri_query))
+
+    @staticmethod
+    def _split_proxy_uri(uri: str) -> tuple[str, str, int, tuple[str, ...], tuple[str, ...]]:
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError as exc:
+            raise Refusal(codes.BAD_REQUEST, "malformed Proxy-Uri", "bad_request") from exc
+        scheme = parts.scheme.lower()
+        if not parts.hostname or parts.fragment or parts.username is not None:
+            raise Refusal(codes.BAD_REQUEST, "malformed Proxy-Uri", "bad_request")
+        path = tuple(unquote(s) for s in parts.path.split("/")[1:]) if parts.path not in (
+            "", "/") else ()
+        query = tuple(unquote(q) for q in parts.query.split("&")) if parts.query else ()
+        host = parts.hostname if not is_ip_literal(parts.hostname) else parts.hostname.lower()
+        return scheme, host, port if port is not None else DEFAULT_PORTS.get(scheme, 0), path, query
+
+    def _forward(
+        self, request: Message, scheme: str, host: str, port: int,
+        path: tuple[str, ...], query: tuple[str, ...],
+    ) -> Decision:
+        host = host.strip("[]")
+        if scheme in DEFAULT_PORTS and self.is_self(scheme, host, port):
+            # Addressed to us by name or address: not a proxy request (RFC 7252 5.7.2), so
+            # route it as if it had come without proxy options instead of forwarding to
+            # ourselves.
+            return self._reverse(request, None, path, query)
+        if not self.config.forward:
+            raise Refusal(
+                codes.PROXYING_NOT_SUPPORTED, "forward proxying is disabled", "not_proxying"
+            )
+        if scheme not in self.config.allowed_schemes:
+            raise Refusal(
+                codes.PROXYING_NOT_SUPPORTED, f"will not proxy to {scheme!r}", "not_proxying"
+            )
+        upstream = Upstream(scheme, host, port)
+        return Decision(
+            "forward", upstream, path, query,
+            None if is_ip_literal(host) else host.lower(),
+            self._next_hop_limit(request),
+        )
+
+    def _reverse(
+        self, request: Message, uri_host: str | None, path: tuple[str, ...],
+        query: tuple[str, ...],
+    ) -> Decision:
+        route: Route | None = None
+        rest = path
+        if uri_host is not None and uri_host.lower() not in self.names:
+            route = self.host_routes.get(uri_host.lower())
+        if route is None:
+            for r in self.prefix_routes:
+                if path[: len(r.prefix)] == r.prefix:
+                    route = r
+                    rest = path[len(r.prefix):] if r.upstream.path else path
+                    break
+        if route is None:
+            raise Refusal(codes.PROXYING_NOT_SUPPORTED, "no route for this request", "no_route")
+        up = route.upstream
+        return Decision(
+            "reverse",
+            Upstream(up.scheme, up.host, up.port),
+            up.path + rest,
+            query,
+            None if is_ip_literal(up.host) else up.host.lower(),
+            self._next_hop_limit(request),
+            route=route.match,
+        )
+
+    def _next_hop_limit(self, request: Message) -> int:
+        """RFC 8768: insert the initial value if absent, else decrement; 5.08 at zero."""
+        raw = request.opt.get_option(Opt.HOP_LIMIT)
+        if not raw:
+            return self.config.hop_limit
+        value = raw[0].value
+        if not isinstance(value, int) or value < 1:
+            raise Refusal(codes.BAD_REQUEST, "Hop-Limit must be 1..255", "bad_request")
+        if value - 1 < 1:
+            raise Refusal(codes.HOP_LIMIT_REACHED, "", "hop_limit")
+        return value - 1

@@ -1,0 +1,427 @@
+"""The forwarding site: aiocoap hands every incoming request here, and it relays it upstream.
+
+Implements ``render_to_pipe`` directly (not ``resource.Resource``) so that aiocoap neither
+reassembles block-wise transfers nor answers Observe itself: each Block1/Block2 message and each
+notification is relayed as its own exchange, which keeps OSCORE and Layer 0 payloads
+byte-identical end to end. Nothing is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiocoap import Message, error
+from aiocoap.message import UndecidedRemote
+from aiocoap.numbers import OptionNumber, codes
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
+from aiocoap.optiontypes import UintOption
+from aiocoap.pipe import Pipe
+
+from .accesslog import AccessLog
+from .config import ProxyConfig
+from .limits import InFlight, RateLimiter
+from .metrics import MetricsRegistry
+from .routing import ROUTING_OPTIONS, Decision, Refusal, Router, unknown_unsafe
+from .transport import UpstreamPool
+
+Opt = OptionNumber
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_508_TRACE = 256  # bytes of RFC 8768 proxy trace kept in relayed 5.08 payloads
+
+
+def client_identity(request: Message) -> str | None:
+    """The Layer 1 identity the request arrived with, if its transport authenticated one.
+
+    The hook Layer 1 fills: its remotes expose ``authenticated_claims`` (objects with an
+    ``identity``) and ``peer_identity``. Plain ``coap://`` remotes have neither.
+    """
+    remote = request.remote
+    ident: Any = None
+    try:
+        claims = getattr(remote, "authenticated_claims", None) or []
+        for claim in claims:
+            ident = getattr(claim, "identity", None)
+            if ident is not None:
+                break
+    except Exception:  # a transport's property must not break forwarding
+        ident = None
+    if ident is None:
+        ident = getattr(remote, "peer_identity", None)
+    if ident is None:
+        return None
+    if isinstance(ident, bytes):
+        return ident.decode("utf-8", "backslashreplace")
+    return str(ident)
+
+
+def routing_fields(request: Message) -> dict[str, Any]:
+    """The outer options a proxy routes on, for the access log (never the payload)."""
+    opt = request.opt
+    out: dict[str, Any] = {}
+    if opt.proxy_uri is not None:
+        out["proxy_uri"] = opt.proxy_uri
+    if opt.proxy_scheme is not None:
+        out["proxy_scheme"] = opt.proxy_scheme
+    if opt.uri_host is not None:
+        out["uri_host"] = opt.uri_host
+    if opt.uri_port is not None:
+        out["uri_port"] = opt.uri_port
+    if opt.uri_path:
+        out["uri_path"] = "/" + "/".join(opt.uri_path)
+    if opt.uri_query:
+        out["uri_query"] = list(opt.uri_query)
+    hop = opt.get_option(Opt.HOP_LIMIT)
+    if hop:
+        out["hop_limit"] = hop[0].value
+    if opt.observe is not None:
+        out["observe"] = opt.observe
+    if opt.block1 is not None:
+        out["block1"] = f"{opt.block1.block_number}/{int(opt.block1.more)}/{opt.block1.size}"
+    if opt.block2 is not None:
+        out["block2"] = f"{opt.block2.block_number}/{int(opt.block2.more)}/{opt.block2.size}"
+    if opt.get_option(Opt.OSCORE):
+        out["oscore"] = True
+    return out
+
+
+@dataclass
+class ProxyMetrics:
+    """The proxy's own counters, registered in the shared registry."""
+
+    registry: MetricsRegistry
+    requests: Any = field(init=False)
+    errors: Any = field(init=False)
+    responses: Any = field(init=False)
+    latency: Any = field(init=False)
+    bytes: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = r.counter(
+            "coap_proxy_requests_total", "Requests received, by routing kind", ["kind"]
+        )
+        self.errors = r.counter(
+            "coap_proxy_errors_total", "Requests the proxy answered itself, by reason", ["kind"]
+        )
+        self.responses = r.counter(
+            "coap_proxy_responses_total", "Responses sent to clients, by code", ["code"]
+        )
+        self.latency = r.histogram(
+            "coap_proxy_upstream_latency_seconds", "Upstream round-trip time", LATENCY_BUCKETS
+        )
+        self.bytes = r.counter(
+            "coap_proxy_payload_bytes_total", "Payload bytes relayed", ["direction"]
+        )
+
+
+class ProxySite:
+    """The serversite of the proxy's aiocoap context (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        registry: MetricsRegistry,
+        access_log: AccessLog,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        identity: Callable[[Message], str | None] = client_identity,
+    ) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.metrics = ProxyMetrics(registry)
+        self.access_log = access_log
+        self.clock = clock
+        self.identity = identity
+        self.upstream: UpstreamPool | None = None  # set once the contexts exist
+        self.upstream_schemes: frozenset[str] = frozenset({"coap"})
+        self.self_name = "coap-proxy"  # our hop id in relayed 5.08 payloads (RFC 8768)
+        self.in_flight = InFlight(config.max_in_flight)
+        self.limiter = (
+            RateLimiter(config.rate_limit, config.rate_limit_clients)
+            if config.rate_limit is not None else None
+        )
+        self.observations = 0
+        self.draining = False
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        registry.gauge("coap_proxy_in_flight", "Exchanges waiting on an upstream",
+                       func=lambda: self.in_flight.count)
+        registry.gauge("coap_proxy_observations", "Observations being relayed",
+                       func=lambda: self.observations)
+        self.log = logging.getLogger("coaplayers.proxy")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new requests with 5.03; end relayed observations with a final 5.03."""
+        self.draining = True
+        self._stopping.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no exchange waits on an upstream; True if that happened."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- aiocoap serversite interface ------------------------------------------------------
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        request: Message = pipe.request
+        started = self.clock()
+        entry: dict[str, Any] = {
+            "event": "exchange",
+            "client": request.remote.hostinfo,
+            "identity": self.identity(request),
+            "method": str(request.code),
+            "type": "NON" if request.mtype == Type.NON else "CON",
+            "routing": routing_fields(request),
+            "request_bytes": len(request.payload),
+        }
+        slot = _Slot(self)
+        try:
+            try:
+                self._admit(request, entry, slot)
+                decision = self.router.decide(request)
+            except Refusal as refusal:
+                self._refuse(pipe, refusal, entry, started)
+                return
+            entry["kind"] = decision.kind
+            entry["upstream"] = decision.uri
+            if decision.route is not None:
+                entry["route"] = decision.route
+            self.metrics.requests.inc(kind=decision.kind)
+            await self._forward(pipe, request, decision, entry, started, slot)
+        finally:
+            slot.release()
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _admit(self, request: Message, entry: dict[str, Any], slot: _Slot) -> None:
+        if self.draining:
+            raise Refusal(codes.SERVICE_UNAVAILABLE, "proxy shutting down", "draining")
+        if self.limiter is not None:
+            key = entry["identity"] or request.remote.hostinfo
+            wait = self.limiter.admit(key, self.clock())
+            if wait is not None:
+                r = Refusal(codes.TOO_MANY_REQUESTS, "", "rate_limited")
+                r.max_age = wait  # type: ignore[attr-defined]
+                raise r
+        if not self.in_flight.try_acquire():
+            r = Refusal(codes.SERVICE_UNAVAILABLE, "proxy busy", "overloaded")
+            r.max_age = 1  # type: ignore[attr-defined]
+            raise r
+        slot.held = True
+        self._idle.clear()
+
+    def _refuse(self, pipe: Pipe, refusal: Refusal, entry: dict[str, Any], started: float) -> None:
+        msg = refusal.to_message()
+        max_age = getattr(refusal, "max_age", None)
+        if max_age is not None:
+            msg.opt.max_age = max_age  # RFC 8516: when to try again
+        if refusal.code == codes.HOP_LIMIT_REACHED:
+            msg.payload = self.self_name.encode()
+        self.metrics.requests.inc(kind="refused")
+        self.metrics.errors.inc(kind=refusal.kind)
+        entry["kind"] = "refused"
+        entry["reason"] = refusal.kind
+        self._done(entry, msg, started, None)
+        pipe.add_response(msg, is_last=True)
+
+    def _upstream_request(self, request: Message, d: Decision, observe: bool) -> Message:
+        out = Message(code=request.code, payload=request.payload)
+        out.mtype = Type.NON if request.mtype == Type.NON else Type.CON
+        for o in request.opt.option_list():
+            if o.number in ROUTING_OPTIONS or (o.number == Opt.OBSERVE and not observe):
+                continue
+            out.opt.add_option(o)
+        out.opt.uri_path = d.path
+        out.opt.uri_query = d.query
+        if d.uri_host is not None:
+            out.opt.uri_host = d.uri_host
+        out.opt.add_option(UintOption(Opt.HOP_LIMIT, d.hop_limit))
+        out.remote = UndecidedRemote(d.upstream.scheme, d.upstream.hostinfo)
+        return out
+
+    def _relay(self, response: Message) -> Message:
+        """A fresh downstream message carrying the upstream answer's code, options and payload."""
+        out = Message(code=response.code, payload=response.payload)
+        for o in response.opt.option_list():
+            out.opt.add_option(o)
+        if response.code == codes.HOP_LIMIT_REACHED:
+            trace = (self.self_name.encode() + b" " + response.payload).rstrip()
+            out.payload = trace[:MAX_508_TRACE]
+        return out
+
+    async def _forward(
+        self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
+        slot: _Slot,
+    ) -> None:
+        if d.upstream.scheme not in self.upstream_schemes or self.upstream is None:
+            self._refuse(pipe, Refusal(
+                codes.PROXYING_NOT_SUPPORTED,
+                f"no {d.upstream.scheme} transport configured", "not_proxying"), entry, started)
+            return
+        wants_observe = request.opt.observe == 0
+        observe = wants_observe and self.observations < self.config.max_observations
+        out = self._upstream_request(request, d, observe)
+        t0 = self.clock()
+        client = request.remote.hostinfo  # per address: Block1 state is per address upstream
+        upstream = self.upstream.context_for(client).request(out, handle_blockwise=False)
+        try:
+            response = await asyncio.wait_for(upstream.response, self.config.upstream_timeout)
+        except (TimeoutError, error.TimeoutError):
+            self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout", entry, started)
+            return
+        except error.NoRequestInterface:
+            self._fail(pipe, codes.PROXYING_NOT_SUPPORTED, "no transport for upstream",
+                       "not_proxying", entry, started)
+            return
+        except error.ResolutionError:
+            self._fail(pipe, codes.BAD_GATEWAY, "cannot resolve upstream", "resolution",
+                       entry, started)
+            return
+        except error.NetworkError as exc:
+            if _unreachable(exc):
+                # Host or port down: treated like silence, as a client cannot act differently.
+                self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable",
+                           entry, started)
+            else:
+                self._fail(pipe, codes.BAD_GATEWAY, "upstream failed", "bad_gateway",
+                           entry, started)
+            return
+        except error.Error:
+            self._fail(pipe, codes.BAD_GATEWAY, "upstream failed", "bad_gateway", entry, started)
+            return
+        self.metrics.latency.observe(self.clock() - t0)
+        bad = unknown_unsafe(response.opt.option_list())
+        if bad:
+            if upstream.observation is not None:
+                upstream.observation.cancel()
+            self._fail(pipe, codes.BAD_GATEWAY, "upstream answer has unknown unsafe option "
+                       + ",".join(map(str, bad)), "bad_gateway", entry, started)
+            return
+        first = self._relay(response)
+        relaying = (
+            observe and upstream.observation is not None and response.opt.observe is not None
+            and response.code.is_successful()
+        )
+        self._done(entry, first, started, upstream=True)
+        pipe.add_response(first, is_last=not relaying)
+        if relaying:
+            assert upstream.observation is not None
+            # The first answer is out: the slot for waiting exchanges is free again.
+            slot.release()
+            await self._relay_notifications(pipe, upstream.observation)
+
+    async def _relay_notifications(self, pipe: Pipe, obs: Any) -> None:
+        """Relay upstream notifications until either side ends the observation."""
+        queue: asyncio.Queue[tuple[Message | None, BaseException | None]] = asyncio.Queue()
+
+        def on_notification(msg: Message) -> None:
+            if queue.qsize() > 8:  # Observe is lossy by design; keep memory bounded
+                queue.get_nowait()
+            queue.put_nowait((msg, None))
+
+        obs.register_callback(on_notification, _suppress_deprecation=True)
+        obs.register_errback(lambda exc: queue.put_nowait((None, exc)),
+                             _suppress_deprecation=True)
+        self.observations += 1
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, stopping},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    pipe.add_response(
+                        Message(code=codes.SERVICE_UNAVAILABLE, payload=b"proxy shutting down"),
+                        is_last=True,
+                    )
+                    return
+                msg, exc = getter.result()
+                if msg is not None:
+                    last = msg.opt.observe is None or not msg.code.is_successful()
+                    self.metrics.bytes.inc(len(msg.payload), direction="downstream")
+                    pipe.add_response(self._relay(msg), is_last=last)
+                    if last:
+                        return
+                    continue
+                if isinstance(exc, (error.ObservationCancelled, error.NotObservable)):
+                    # The terminal message (if any) was queued before this; nothing to add
+                    # but an end for the client.
+                    pipe.add_response(Message(code=codes.BAD_GATEWAY,
+                                              payload=b"upstream ended observation"),
+                                      is_last=True)
+                else:
+                    pipe.add_response(Message(code=codes.BAD_GATEWAY,
+                                              payload=b"upstream observation failed"),
+                                      is_last=True)
+                return
+        finally:
+            stopping.cancel()
+            self.observations -= 1
+            obs.cancel()
+
+    def _fail(self, pipe: Pipe, code: Code, diagnostic: str, kind: str,
+              entry: dict[str, Any], started: float) -> None:
+        msg = Message(code=code, payload=diagnostic.encode())
+        self.metrics.errors.inc(kind=kind)
+        entry["reason"] = kind
+        self._done(entry, msg, started, upstream=False)
+        pipe.add_response(msg, is_last=True)
+
+    def _done(self, entry: dict[str, Any], response: Message, started: float,
+              upstream: bool | None) -> None:
+        entry["code"] = str(response.code).split(" ")[0]
+        entry["response_bytes"] = len(response.payload)
+        entry["latency_ms"] = round((self.clock() - started) * 1000, 3)
+        if upstream:
+            resp_opts: dict[str, Any] = {}
+            if response.opt.block1 is not None:
+                b = response.opt.block1
+                resp_opts["block1"] = f"{b.block_number}/{int(b.more)}/{b.size}"
+            if response.opt.block2 is not None:
+                b = response.opt.block2
+                resp_opts["block2"] = f"{b.block_number}/{int(b.more)}/{b.size}"
+            if response.opt.observe is not None:
+                resp_opts["observe"] = response.opt.observe
+            if resp_opts:
+                entry["response_options"] = resp_opts
+        self.metrics.responses.inc(code=entry["code"])
+        if upstream is not None:
+            self.metrics.bytes.inc(entry["request_bytes"], direction="upstream")
+        self.metrics.bytes.inc(entry["response_bytes"], direction="downstream")
+        self.access_log.exchange(entry)
+
+
+class _Slot:
+    """One exchange's claim on the in-flight bound; released once, however the exchange ends."""
+
+    def __init__(self, site: ProxySite) -> None:
+        self.site = site
+        self.held = False
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.site.in_flight.release()
+            if self.site.in_flight.count == 0:
+                self.site._idle.set()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (
+        errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+    )

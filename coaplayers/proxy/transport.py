@@ -1,0 +1,172 @@
+"""Building the proxy's aiocoap context from its configuration: THE place transports plug in.
+
+``build_context`` is the single function that turns ``ProxyConfig.listen`` and
+``ProxyConfig.layer1`` into sockets. Today it serves ``coap://`` (aiocoap's udp6 transport) and
+sends upstream ``coap://`` requests. Layer 1 (``coaps://`` listeners with their PSK store and
+certificate, and per-upstream credentials from ``layer1.upstream_credentials``) is wired in at
+the block marked ``LAYER 1 PLUG-IN POINT`` below; nothing else in the proxy knows about
+transports (the site only asks ``ProxyContext.upstream_schemes``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiocoap
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+from .config import DEFAULT_PORTS, ConfigError, ProxyConfig
+from .metrics import MetricsRegistry
+
+
+def parse_listen(uri: str) -> tuple[str, str, int]:
+    """``coap://[::]:5683`` -> ("coap", "::", 5683); port 0 asks for an ephemeral port."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"listen {uri!r}: scheme must be coap or coaps")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"listen {uri!r}: a listen URI has no path or query")
+    if parts.hostname is None:
+        raise ConfigError(f"listen {uri!r} names no address")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"listen {uri!r}: bad port") from exc
+    return scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port
+
+
+def format_uri(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+class UpstreamPool:
+    """Client contexts for upstream requests; each downstream client sticks to one of them.
+
+    One socket per (recent) client, as a NAT would do, because aiocoap keys state on the peer
+    address: an upstream's Block1 reassembly would mix two clients' blocks arriving from one
+    socket, and aiocoap's NSTART=1 would queue every client's request behind any other's
+    unacknowledged one. New clients are spread round-robin; the client table is a bounded LRU.
+    """
+
+    def __init__(self, contexts: Sequence[aiocoap.Context], max_clients: int = 4096) -> None:
+        if not contexts:
+            raise ValueError("an upstream pool needs at least one context")
+        self.contexts = list(contexts)
+        self.max_clients = max_clients
+        self._assigned: OrderedDict[Hashable, int] = OrderedDict()
+        self._next = itertools.cycle(range(len(self.contexts)))
+
+    def context_for(self, client: Hashable) -> aiocoap.Context:
+        index = self._assigned.pop(client, None)
+        if index is None:
+            index = next(self._next)
+        self._assigned[client] = index
+        if len(self._assigned) > self.max_clients:
+            self._assigned.popitem(last=False)
+        return self.contexts[index]
+
+    async def shutdown(self) -> None:
+        for ctx in self.contexts:
+            await ctx.shutdown()
+
+
+@dataclass
+class ProxyContext:
+    """The listening context, what it is bound to, and the upstream side."""
+
+    server: aiocoap.Context  # the listeners; its serversite is the proxy site
+    bound: list[tuple[str, str, int]]  # (scheme, host, port) per listen URI, ports resolved
+    upstream: UpstreamPool
+    upstream_schemes: frozenset[str]
+    extra: dict[str, Any] = field(default_factory=dict)  # handles Layer 1 may want to keep
+
+    @property
+    def bound_uris(self) -> list[str]:
+        return [format_uri(*b) for b in self.bound]
+
+    async def shutdown(self) -> None:
+        await self.server.shutdown()
+        await self.upstream.shutdown()
+
+
+async def _udp_server(ctx: aiocoap.Context, host: str, port: int) -> tuple[str, int]:
+    holder: list[Any] = []
+
+    async def make(mman: Any) -> Any:
+        t = await MessageInterfaceUDP6.create_server_transport_endpoint(
+            mman, log=ctx.log, loop=ctx.loop, bind=(host, port), multicast=[]
+        )
+        holder.append(t)
+        return t
+
+    await ctx._append_tokenmanaged_messagemanaged_transport(make)
+    sock: socket.socket = holder[0].transport.get_extra_info("socket")
+    real_host, real_port = sock.getsockname()[:2]
+    if real_host.startswith("::ffff:"):
+        real_host = real_host[7:]
+    # Report the configured address (e.g. "::" or a name) with the real port.
+    return (host if host else real_host), int(real_port)
+
+
+async def build_context(
+    config: ProxyConfig, site: Any, metrics: MetricsRegistry
+) -> ProxyContext:
+    """The proxy's aiocoap context: listeners from ``config.listen``, upstream transports.
+
+    ``metrics`` is the shared registry: Layer 1 registers its DTLS session and handshake
+    counters there (for example from ``coaplayers.layer1.create_context``'s ``on_event``).
+    """
+    ctx = aiocoap.Context(serversite=site, loggername="coaplayers.proxy.aiocoap")
+    bound: list[tuple[str, str, int]] = []
+    upstream = {"coap"}
+    pool: list[aiocoap.Context] = []
+
+    async def upstream_context() -> aiocoap.Context:
+        """One upstream client context (its own socket); the listeners only ever answer."""
+        up = aiocoap.Context(loggername="coaplayers.proxy.upstream")
+        await up._append_tokenmanaged_messagemanaged_transport(
+            lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
+                mman, log=up.log, loop=up.loop
+            )
+        )
+        return up
+
+    make_upstream: Callable[[], Awaitable[aiocoap.Context]] = upstream_context
+    try:
+        listens = [parse_listen(u) for u in config.listen]
+        for scheme, host, port in listens:
+            if scheme == "coap":
+                h, p = await _udp_server(ctx, host, port)
+                bound.append(("coap", h, p))
+
+        # ---- LAYER 1 PLUG-IN POINT --------------------------------------------------------
+        # coaps:// listeners (``scheme == "coaps"`` in ``listens``, with
+        # config.layer1.psk / psk_file / cert / key / ca as the downstream policy) are added
+        # to ``ctx``, appending ("coaps", host, real_port) to ``bound`` in listen order.
+        # Upstream credentials (config.layer1.upstream_credentials, aiocoap's credentials
+        # JSON) go into ``make_upstream``: replace it with a factory whose contexts also carry
+        # the Layer 1 client transport, and add "coaps" to ``upstream``. Keep any handle (for
+        # example the Layer 1 transport, to feed DTLS counters into ``metrics``) in ``extra``.
+        # Until then, such a configuration is refused rather than silently served as coap.
+        coaps = [u for u, (s, _, _) in zip(config.listen, listens, strict=True) if s == "coaps"]
+        if coaps or config.layer1.any_set():
+            raise ConfigError(
+                "coaps:// listeners and Layer 1 credentials are not wired into coap-proxy "
+                f"yet (asked for: {', '.join(coaps) or 'Layer 1 credentials'})"
+            )
+        # ---- end of LAYER 1 PLUG-IN POINT -------------------------------------------------
+        for _ in range(config.upstream_sockets):
+            pool.append(await make_upstream())
+    except BaseException:
+        await ctx.shutdown()
+        for up in pool:
+            await up.shutdown()
+        raise
+    return ProxyContext(ctx, bound, UpstreamPool(pool), frozenset(upstream))

@@ -1,0 +1,97 @@
+"""A small aiocoap origin server for the proxy tests, run as a subprocess.
+
+libcoap's coap-server has no echo resource and cannot report what options reached it, so the
+proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload, ``/big``
+serves 3,000 bytes (block-wise), ``/obs`` is observable, and every other path answers with a
+JSON report of the request as it arrived (method, path, query, every option in hex), which is
+how the tests see what the proxy forwarded.
+
+Usage: ``python -m tests.proxy.echo_server HOST PORT``; prints ``listen coap://HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+
+import aiocoap
+from aiocoap import resource
+from aiocoap.numbers import codes
+
+BIG = bytes(range(256)) * 11 + b"0123456789" * 18 + b"!" * 4  # 3,000 bytes, not text
+
+
+class Origin(resource.ObservableResource):
+    """One resource that dispatches on the first path segment, so any path can be routed here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = 0
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        path = list(request.opt.uri_path)
+        first = path[0] if path else ""
+        if first == "echo" and request.code in (codes.POST, codes.PUT):
+            return aiocoap.Message(
+                code=codes.CHANGED,
+                payload=request.payload,
+                content_format=request.opt.content_format,
+            )
+        if first == "big":
+            return aiocoap.Message(code=codes.CONTENT, payload=BIG)
+        if first == "obs":
+            return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
+        report = {
+            "method": str(request.code),
+            "path": path,
+            "query": list(request.opt.uri_query),
+            "uri_host": request.opt.uri_host,
+            "options": [
+                [int(o.number), o.encode().hex()] for o in request.opt.option_list()
+            ],
+            "payload_len": len(request.payload),
+        }
+        return aiocoap.Message(
+            code=codes.CONTENT, payload=json.dumps(report).encode(), content_format=50
+        )
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: object) -> None:
+        path = list(request.opt.uri_path)
+        if path[:1] == ["obs"]:
+            serverobservation.accept(lambda: None)  # type: ignore[attr-defined]
+            self._observations.add(serverobservation)
+
+
+async def tick(site: Origin) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        site.counter += 1
+        for obs in list(site._observations):
+            obs.trigger()
+
+
+async def main(host: str, port: int) -> None:
+    site = Origin()
+    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port))
+    sock = None
+    for ri in ctx.request_interfaces:
+        t = getattr(getattr(ri, "token_interface", None), "message_interface", None)
+        if t is not None and hasattr(t, "transport"):
+            sock = t.transport.get_extra_info("socket")
+    bound = sock.getsockname()[1] if isinstance(sock, socket.socket) else port
+    print(f"listen coap://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ticker = asyncio.create_task(tick(site))
+    await stop.wait()
+    ticker.cancel()
+    await ctx.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
