@@ -2,7 +2,8 @@
 
 libcoap's coap-server has no echo resource and cannot report what options reached it, so the
 proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload, ``/big``
-serves 3,000 bytes (block-wise), ``/obs`` is observable, and every other path answers with a
+serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers after S seconds,
+and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
 
@@ -42,6 +43,9 @@ class Origin(resource.ObservableResource):
             )
         if first == "big":
             return aiocoap.Message(code=codes.CONTENT, payload=BIG)
+        if first == "slow":
+            await asyncio.sleep(float(request.opt.uri_query[0]) if request.opt.uri_query else 1.0)
+            return aiocoap.Message(code=codes.CONTENT, payload=b"slow done")
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {
