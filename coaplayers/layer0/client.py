@@ -129,6 +129,7 @@ class Layer0Observation:
         self._channel = channel
         self._queue: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
         self.token: bytes | None = None
+        self.request: Message | None = None
         self.cancelled = False
         self._last: tuple[int, float] | None = None
 
@@ -159,7 +160,7 @@ class Layer0Observation:
         token = self.token
         self._end(None)
         if token is not None:
-            self._channel._deregister(token)
+            self._channel._deregister(token, self.request)
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self
@@ -297,12 +298,14 @@ class Layer0Channel:
         if self._poller is not None:
             self._poller.cancel()
         session, path = self._session, self._path
-        self._invalidate(self._generation, ChannelClosed("the channel was closed"))
-        for task in list(self._tasks):
-            task.cancel()
+        datagram = b""
         if session is not None and session.is_established:
             session.close()
             datagram = b"".join(session.datagrams_to_send())
+        self._invalidate(self._generation, ChannelClosed("the channel was closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        if datagram:
             try:
                 await asyncio.wait_for(
                     self._post(Code.DELETE, path, datagram), self.config.close_timeout
@@ -612,6 +615,8 @@ class Layer0Channel:
                     raise Layer0Error("the server answered the wrong inner block")
                 number += 1
         else:
+            if observation is not None:
+                observation.request = message
             response = await self._exchange(message, observation)
             if observation is not None:
                 if response.opt.observe is None or not response.code.is_successful():
@@ -681,12 +686,13 @@ class Layer0Channel:
                 failures += 1
                 await asyncio.sleep(self.config.poll_pause)
 
-    def _deregister(self, token: bytes) -> None:
+    def _deregister(self, token: bytes, original: Message | None) -> None:
         """Tell the server an observation ended (RFC 7641 Observe: 1 with the same token)."""
 
         async def send() -> None:
+            message = original.copy(observe=1) if original else Message(code=Code.GET, observe=1)
             try:
-                await self._exchange(Message(code=Code.GET, observe=1), token=token)
+                await self._exchange(message, token=token)
             except Layer0Error:
                 pass
 

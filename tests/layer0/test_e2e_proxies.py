@@ -1,0 +1,227 @@
+"""Layer 0 end to end through real, independent proxies (aiocoap-proxy and libcoap's proxy).
+
+Topology: Layer0Channel -> [proxy subprocess] -> [relay] -> in-process origin (Layer0Site).
+The relay between proxy and origin is where the proxy's view of the traffic is recorded or
+tampered with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiocoap
+import pytest
+from aiocoap import GET, POST, Message
+from aiocoap.numbers.codes import Code
+
+from coaplayers.layer0 import RecordRejected, ResponseRejected
+from coaplayers.relay import FaultRelay, Faults, read_capture
+
+from .apps import ECHO_MARKER, OBS_MARKER, TEXT_MARKER
+from .conftest import FastTuning, channel
+from .tamper import TamperRelay
+
+pytestmark = pytest.mark.slow
+T = 30.0  # bound of any single step
+
+
+async def observe_three(ch, counter) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """Observe /counter inside the tunnel; the test bumps it after each notification arrives."""
+    req = ch.request(Message(code=GET, uri_path=["counter"], observe=0))
+    first = await asyncio.wait_for(req.response, T)
+    assert first.opt.observe is not None, "the inner observation was not established"
+    seen = [first.payload]
+
+    async def collect() -> None:
+        counter.bump()
+        async for note in req.observation:
+            seen.append(note.payload)
+            if len(seen) == 4:
+                return
+            counter.bump()
+
+    await asyncio.wait_for(collect(), T)
+    req.observation.cancel()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["psk", "cert"])
+async def test_get_post_observe_through_proxy_and_nothing_leaks(
+    proxy_kind, mode, start_origin, start_proxy, client_context, tmp_path: Path
+):
+    origin = await start_origin(mode)
+    capture = tmp_path / "proxy-to-origin.capture"
+    async with FaultRelay(upstream=origin.address, record=capture) as relay:
+        proxy = await start_proxy(proxy_kind)
+        host, port = relay.address
+        ch = channel(client_context, f"coap://{host}:{port}", origin.creds, proxy=proxy.uri)
+
+        text = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+        assert text.code == Code.CONTENT and text.payload == b"hello " + TEXT_MARKER
+
+        body = (ECHO_MARKER + bytes(range(256))) * 11  # 2992 bytes
+        body += ECHO_MARKER[: 3000 - len(body)]
+        assert len(body) == 3000
+        echo = await asyncio.wait_for(
+            ch.request(Message(code=POST, uri_path=["echo"], payload=body)).response, T
+        )
+        assert echo.code == Code.CHANGED and echo.payload == body
+
+        notes = await observe_three(ch, origin.resources["counter"])
+        assert notes == [OBS_MARKER + b" %d" % i for i in range(4)]
+        assert ch.handshakes == 1
+        await ch.close()
+        tunnel = read_capture(capture)  # line buffered: complete up to here
+
+        # A control: a plain request over the same hop shows the capture would see plaintext.
+        plain = Message(code=GET, uri_path=["public", "text"])
+        plain.remote = aiocoap.message.UndecidedRemote.from_pathless_uri(proxy.uri)
+        plain.opt.proxy_scheme = "coap"
+        plain.opt.uri_host, plain.opt.uri_port = host, port
+        control = await asyncio.wait_for(client_context.request(plain).response, T)
+        assert TEXT_MARKER in control.payload
+
+    assert len(tunnel) > 20
+    tunnel_bytes = b"".join(d.data for d in tunnel)
+    for marker in (TEXT_MARKER, ECHO_MARKER, OBS_MARKER, b"counter", b"echo", b"text"):
+        assert marker not in tunnel_bytes, f"{marker!r} crossed the proxy's hop in clear"
+    assert b"atls" in tunnel_bytes  # the outer path is visible, and only that
+    everything = b"".join(d.data for d in read_capture(capture))
+    assert TEXT_MARKER in everything  # the control request did cross in clear
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+async def test_flipped_byte_is_rejected_never_answered(
+    direction, start_origin, start_proxy, client_context
+):
+    origin = await start_origin("psk")
+    tamper = TamperRelay(origin.address)
+    host, port = await tamper.start()
+    try:
+        proxy = await start_proxy("aiocoap")
+        ch = channel(client_context, f"coap://{host}:{port}", origin.creds, proxy=proxy.uri)
+        first = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+        assert first.payload == b"hello " + TEXT_MARKER
+
+        echo = origin.resources["echo"]
+        tamper.flip_next(direction)
+        req = ch.request(Message(code=POST, uri_path=["echo"], payload=ECHO_MARKER * 4))
+        expected = RecordRejected if direction == "up" else ResponseRejected
+        with pytest.raises(expected):
+            await asyncio.wait_for(req.response, T)
+        assert tamper.flipped[direction] == 1
+        # An altered request is never executed; an altered answer is never delivered.
+        assert echo.calls == (0 if direction == "up" else 1)
+
+        # The session survives the attack: the next request works without a new handshake.
+        again = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+        assert again.payload == b"hello " + TEXT_MARKER
+        assert ch.handshakes == 1
+        await ch.close()
+    finally:
+        tamper.close()
+
+
+async def test_recorded_request_sent_again_is_rejected(
+    start_origin, start_proxy, client_context, tmp_path: Path
+):
+    origin = await start_origin("psk")
+    capture = tmp_path / "replay.capture"
+    async with FaultRelay(upstream=origin.address, record=capture) as relay:
+        proxy = await start_proxy("aiocoap")
+        host, port = relay.address
+        ch = channel(client_context, f"coap://{host}:{port}", origin.creds, proxy=proxy.uri)
+        await asyncio.wait_for(ch.connect(), T)
+        resp = await asyncio.wait_for(
+            ch.request(Message(code=POST, uri_path=["echo"], payload=b"pay once")).response, T
+        )
+        assert resp.payload == b"pay once"
+        echo = origin.resources["echo"]
+        assert echo.calls == 1
+
+    # The attacker on the proxy-origin hop replays the last tunnel POST it saw (the echo),
+    # with a fresh message ID and token so that CoAP deduplication does not mask the replay.
+    posts = []
+    for d in read_capture(capture):
+        if d.direction.value != "up":
+            continue
+        m = aiocoap.Message.decode(d.data)
+        if m.code == POST and m.payload and len(m.opt.uri_path) == 3:
+            posts.append(m)
+    recorded = posts[-1]
+    replay = Message(code=POST, payload=recorded.payload, uri_path=recorded.opt.uri_path)
+    replay.opt.content_format = recorded.opt.content_format
+    replay.remote = aiocoap.message.UndecidedRemote("coap", f"127.0.0.1:{origin.port}")
+    replay.transport_tuning = FastTuning()
+    answer = await asyncio.wait_for(client_context.request(replay).response, T)
+    assert answer.code == Code.UNAUTHORIZED
+    assert echo.calls == 1, "the replayed request was executed again"
+
+    # The same bytes sent again unchanged (same message ID): CoAP deduplication answers, the
+    # resource still runs once.
+    raw = [d.data for d in read_capture(capture) if d.direction.value == "up"]
+    assert echo.calls == 1 and raw
+    await ch.close()
+
+
+async def test_proxy_restart_keeps_the_layer0_session(
+    proxy_kind, start_origin, start_proxy, client_context
+):
+    origin = await start_origin("psk")
+    proxy = await start_proxy(proxy_kind)
+    ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds, proxy=proxy.uri)
+    one = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert one.code == Code.CONTENT
+    path = ch.session_path
+
+    await proxy.restart()
+    assert proxy.starts == 2
+
+    two = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert two.payload == b"hello " + TEXT_MARKER
+    assert ch.handshakes == 1 and ch.session_path == path
+    assert origin.layer0 is not None and origin.layer0.core.stats.handshakes == 1
+    await ch.close()
+
+
+async def test_server_restart_leads_to_a_new_handshake(start_origin, start_proxy, client_context):
+    origin = await start_origin("cert")
+    proxy = await start_proxy("aiocoap")
+    ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds, proxy=proxy.uri)
+    one = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert one.code == Code.CONTENT
+    old_path = ch.session_path
+
+    await origin.restart()
+
+    two = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert two.payload == b"hello " + TEXT_MARKER
+    assert ch.handshakes == 2 and ch.session_path != old_path
+    assert origin.layer0 is not None and origin.layer0.core.stats.handshakes == 1
+    await ch.close()
+
+
+async def test_fifty_requests_with_20_percent_loss_on_each_hop(
+    start_origin, start_proxy, client_context
+):
+    origin = await start_origin("psk")
+    loss = Faults(loss=0.2, seed=7)
+    async with FaultRelay(upstream=origin.address, faults=loss) as hop2:
+        proxy = await start_proxy("aiocoap")
+        async with FaultRelay(
+            upstream=("127.0.0.1", proxy.port), faults=Faults(loss=0.2, seed=11)
+        ) as hop1:
+            h2, p2 = hop2.address
+            h1, p1 = hop1.address
+            ch = channel(
+                client_context, f"coap://{h2}:{p2}", origin.creds, proxy=f"coap://{h1}:{p1}"
+            )
+            for i in range(50):
+                resp = await asyncio.wait_for(
+                    ch.request(Message(code=GET, uri_path=["text"])).response, 120
+                )
+                assert resp.payload == b"hello " + TEXT_MARKER, f"request {i}"
+            assert hop1.stats.up.lost + hop1.stats.down.lost > 0
+            assert hop2.stats.up.lost + hop2.stats.down.lost > 0
+            await ch.close()
