@@ -73,9 +73,8 @@ class Decision:
 
 def unknown_unsafe(options: Iterable[object]) -> list[int]:
     """Numbers of proxy-unsafe options this proxy does not understand (answered with 4.02)."""
-    return sorted(
-        {int(o.number) for o in options if o.number.is_unsafe() and o.number not in KNOWN_UNSAFE}  # type: ignore[attr-defined]
-    )
+    numbers = {OptionNumber(o.number) for o in options}  # type: ignore[attr-defined]
+    return sorted(int(n) for n in numbers if n.is_unsafe() and n not in KNOWN_UNSAFE)
 
 
 def is_ip_literal(host: str) -> bool:
@@ -160,8 +159,9 @@ class Router:
         path = tuple(unquote(s) for s in parts.path.split("/")[1:]) if parts.path not in (
             "", "/") else ()
         query = tuple(unquote(q) for q in parts.query.split("&")) if parts.query else ()
-        host = parts.hostname if not is_ip_literal(parts.hostname) else parts.hostname.lower()
-        return scheme, host, port if port is not None else DEFAULT_PORTS.get(scheme, 0), path, query
+        if port is None:
+            port = DEFAULT_PORTS.get(scheme, 0)
+        return scheme, parts.hostname, port, path, query
 
     def _forward(
         self, request: Message, scheme: str, host: str, port: int,

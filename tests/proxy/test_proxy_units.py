@@ -1,0 +1,172 @@
+"""The proxy's pure parts without sockets: routing decisions, Hop-Limit, option rules, the
+token bucket, configuration parsing and the Prometheus text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiocoap import GET, Message
+from aiocoap.numbers import OptionNumber, codes
+from aiocoap.optiontypes import OpaqueOption, UintOption
+
+from coaplayers.proxy.cli import build_parser, config_from_args
+from coaplayers.proxy.config import (
+    ConfigError,
+    ProxyConfig,
+    RateLimit,
+    Route,
+    load_config_file,
+)
+from coaplayers.proxy.limits import RateLimiter
+from coaplayers.proxy.metrics import MetricsRegistry
+from coaplayers.proxy.routing import Refusal, Router
+
+
+def router(**kw: object) -> Router:
+    r = Router(ProxyConfig(**kw))  # type: ignore[arg-type]
+    r.add_own_address("coap", "127.0.0.1", 5683)
+    return r
+
+
+def proxy_uri(uri: str, hop: int | None = None) -> Message:
+    m = Message(code=GET)
+    m.opt.proxy_uri = uri
+    if hop is not None:
+        m.opt.add_option(UintOption(OptionNumber.HOP_LIMIT, hop))
+    return m
+
+
+def refusal(r: Router, m: Message) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        r.decide(m)
+    return info.value
+
+
+def test_proxy_uri_split_into_target() -> None:
+    d = router().decide(proxy_uri("coap://Example.COM:5690/a/b%2Fc?x=1&y"))
+    assert (d.kind, d.upstream.host, d.upstream.port) == ("forward", "example.com", 5690)
+    assert d.path == ("a", "b/c") and d.query == ("x=1", "y")
+    assert d.uri_host == "example.com" and d.hop_limit == 16
+
+
+def test_proxy_scheme_with_uri_host_and_default_port() -> None:
+    m = Message(code=GET)
+    m.opt.proxy_scheme = "coap"
+    m.opt.uri_host = "[::1]"
+    m.opt.uri_path = ["x"]
+    d = router().decide(m)
+    assert (d.upstream.host, d.upstream.port, d.uri_host, d.path) == ("::1", 5683, None, ("x",))
+
+
+def test_hop_limit_rules() -> None:
+    r = router()
+    assert r.decide(proxy_uri("coap://h/", hop=7)).hop_limit == 6
+    assert refusal(r, proxy_uri("coap://h/", hop=1)).code == codes.HOP_LIMIT_REACHED
+    assert refusal(r, proxy_uri("coap://h/", hop=0)).code == codes.BAD_REQUEST
+    assert router(hop_limit=3).decide(proxy_uri("coap://h/")).hop_limit == 3
+
+
+def test_option_safety() -> None:
+    r = router()
+    m = proxy_uri("coap://h/")
+    m.opt.add_option(OpaqueOption(65000, b"a"))  # safe-to-forward: fine
+    m.opt.add_option(OpaqueOption(OptionNumber.OSCORE, b""))
+    assert r.decide(m).kind == "forward"
+    m.opt.add_option(OpaqueOption(65002, b"a"))
+    bad = refusal(r, m)
+    assert bad.code == codes.BAD_OPTION and "65002" in bad.diagnostic
+
+
+def test_refusals_505() -> None:
+    assert refusal(router(forward=False), proxy_uri("coap://h/")).code == (
+        codes.PROXYING_NOT_SUPPORTED)
+    assert refusal(router(), proxy_uri("http://h/")).code == codes.PROXYING_NOT_SUPPORTED
+    assert refusal(router(allowed_schemes=("coap",)), proxy_uri("coaps://h/")).kind == (
+        "not_proxying")
+    assert refusal(router(), Message(code=GET, uri="coap://127.0.0.1/x")).kind == "no_route"
+    assert refusal(router(), proxy_uri("coap://h:notaport/")).code == codes.BAD_REQUEST
+
+
+def test_reverse_routes_longest_prefix_and_host() -> None:
+    r = router(routes=(
+        Route.parse("/=coap://10.0.0.1"), Route.parse("/a=coap://10.0.0.2/base"),
+        Route.parse("/a/b=coap://10.0.0.3"), Route.parse("Dev.Example=coap://gw.example:99"),
+    ), names=("proxy.example",))
+    d = r.decide(Message(code=GET, uri="coap://127.0.0.1/a/b/c"))
+    assert (d.upstream.host, d.path) == ("10.0.0.3", ("a", "b", "c"))
+    d = r.decide(Message(code=GET, uri="coap://127.0.0.1/a/z"))
+    assert (d.upstream.host, d.path) == ("10.0.0.2", ("base", "z"))
+    d = r.decide(Message(code=GET, uri="coap://127.0.0.1/q"))
+    assert d.upstream.host == "10.0.0.1" and d.route == "/"
+    m = Message(code=GET, uri="coap://127.0.0.1/q")
+    m.opt.uri_host = "dev.example"
+    d = r.decide(m)
+    assert (d.upstream.host, d.upstream.port, d.uri_host) == ("gw.example", 99, "gw.example")
+    m.opt.uri_host = "proxy.example"  # our own name: not a host route
+    assert r.decide(m).route == "/"
+
+
+def test_own_address_is_not_forwarded() -> None:
+    r = router(routes=(Route.parse("/x=coap://10.0.0.9"),), names=("me.example",))
+    for uri in ("coap://127.0.0.1/x/1", "coap://me.example:5683/x/1"):
+        d = r.decide(proxy_uri(uri))
+        assert (d.kind, d.upstream.host, d.path) == ("reverse", "10.0.0.9", ("x", "1"))
+    assert r.decide(proxy_uri("coap://127.0.0.1:5999/x")).kind == "forward"  # other port
+    wild = Router(ProxyConfig())
+    wild.add_own_address("coap", "::", 5683)
+    assert wild.is_self("coap", "localhost", 5683) and not wild.is_self("coap", "10.1.1.1", 5683)
+
+
+def test_token_bucket() -> None:
+    lim = RateLimiter(RateLimit(rate=2.0, burst=3.0), max_clients=2)
+    assert [lim.admit("a", 0.0) for _ in range(3)] == [None, None, None]
+    assert lim.admit("a", 0.0) == 1
+    assert lim.admit("a", 0.5) is None  # one token back after 0.5 s at 2/s
+    assert lim.admit("b", 0.5) is None
+    lim.admit("c", 0.5)
+    assert len(lim) == 2  # LRU bound: "a" forgotten
+    slow = RateLimiter(RateLimit(rate=0.1, burst=1.0))
+    assert slow.admit("x", 0.0) is None and slow.admit("x", 0.0) == 10
+
+
+def test_config_file_and_flags_win(tmp_path: Path) -> None:
+    f = tmp_path / "proxy.toml"
+    f.write_text(
+        'listen = ["coap://127.0.0.1:0"]\nforward = false\nmetrics = "127.0.0.1:9100"\n'
+        'upstream_timeout = 3\nrate_limit = { rate = 5, burst = 10 }\n'
+        '[routes]\n"/s" = "coap://10.0.0.5"\n"app.example" = "coap://10.0.0.6:5700"\n'
+        '[layer1]\nupstream_credentials = "creds.json"\n'
+    )
+    cfg = load_config_file(f)
+    assert cfg.forward is False and cfg.metrics == ("127.0.0.1", 9100)
+    assert cfg.upstream_timeout == 3.0 and cfg.rate_limit == RateLimit(5.0, 10.0)
+    assert [str(r) for r in cfg.routes] == ["/s=coap://10.0.0.5:5683",
+                                            "app.example=coap://10.0.0.6:5700"]
+    assert cfg.layer1.upstream_credentials == "creds.json"
+    args = build_parser().parse_args(
+        ["--config", str(f), "--forward", "--route", "/t=coap://h", "--rate-limit", "1"])
+    cfg2 = config_from_args(args)
+    assert cfg2.forward is True and [r.match for r in cfg2.routes] == ["/t"]
+    assert cfg2.rate_limit == RateLimit(1.0, 1.0) and cfg2.listen == ("coap://127.0.0.1:0",)
+    f.write_text("listn = []\n")
+    with pytest.raises(ConfigError, match="listn"):
+        load_config_file(f)
+    for bad in ("nothing", "/x=http://h", "/x=coap://"):
+        with pytest.raises(ConfigError):
+            Route.parse(bad)
+
+
+def test_prometheus_text() -> None:
+    reg = MetricsRegistry()
+    c = reg.counter("x_total", "help", ["kind"])
+    c.inc(kind='a"b')
+    assert reg.counter("x_total", "help", ["kind"]) is c
+    h = reg.histogram("lat_seconds", "latency", [0.1, 1])
+    h.observe(0.05)
+    h.observe(2)
+    reg.gauge("g", "gauge", func=lambda: 7)
+    text = reg.render()
+    assert 'x_total{kind="a\\"b"} 1' in text
+    assert 'lat_seconds_bucket{le="0.1"} 1' in text and 'lat_seconds_bucket{le="+Inf"} 2' in text
+    assert "lat_seconds_count 2" in text and "\ng 7\n" in text
