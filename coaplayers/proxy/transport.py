@@ -165,8 +165,8 @@ async def build_context(
         for _ in range(config.upstream_sockets):
             pool.append(await make_upstream())
     except BaseException:
-        await ctx.shutdown()
-        for up in pool:
-            await up.shutdown()
+        for c in (ctx, *pool):
+            if c.request_interfaces:  # aiocoap cannot shut down a context without transports
+                await c.shutdown()
         raise
     return ProxyContext(ctx, bound, UpstreamPool(pool), frozenset(upstream))

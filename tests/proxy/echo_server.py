@@ -21,6 +21,7 @@ import sys
 import aiocoap
 from aiocoap import resource
 from aiocoap.numbers import codes
+from aiocoap.optiontypes import OpaqueOption
 
 BIG = bytes(range(256)) * 11 + b"0123456789" * 18 + b"!" * 4  # 3,000 bytes, not text
 
@@ -46,6 +47,10 @@ class Origin(resource.ObservableResource):
         if first == "slow":
             await asyncio.sleep(float(request.opt.uri_query[0]) if request.opt.uri_query else 1.0)
             return aiocoap.Message(code=codes.CONTENT, payload=b"slow done")
+        if first == "badopt":  # an answer a proxy must not relay (unknown proxy-unsafe option)
+            bad = aiocoap.Message(code=codes.CONTENT, payload=b"x")
+            bad.opt.add_option(OpaqueOption(65002, b"u"))
+            return bad
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {

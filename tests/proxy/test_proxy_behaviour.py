@@ -267,3 +267,33 @@ async def test_metrics_and_logs(
     assert first["client"].startswith("127.0.0.1:")  # type: ignore[union-attr]
     assert "identity" in first and isinstance(first["latency_ms"], float)
     assert exchanges[-1]["reason"] == "bad_option"
+
+
+async def test_unusable_upstream_answer_gives_502_and_oscore_passes_untouched(
+    tmp_path: Path, origin: Running, proxies: list[Running], client: aiocoap.Context
+) -> None:
+    proxies.append(proxy := await start_proxy(tmp_path))
+    r = await ask(client, via(proxy, f"coap://{origin.hostport}/badopt"))
+    assert r.code == codes.BAD_GATEWAY and b"65002" in r.payload
+    # An OSCORE-flagged POST: option and (ciphertext-like) payload reach the origin as sent.
+    body = bytes(range(256)) * 2
+    m = via(proxy, f"coap://{origin.hostport}/echo", POST, body)
+    m.opt.add_option(OpaqueOption(OptionNumber.OSCORE, b"\x09\x07\x01"))
+    r = await ask(client, m)
+    assert r.code == codes.CHANGED and r.payload == body
+
+
+async def test_observation_ends_upstream_when_client_leaves(
+    tmp_path: Path, origin: Running, proxies: list[Running]
+) -> None:
+    proxies.append(proxy := await start_proxy(tmp_path, "--metrics", "127.0.0.1:0"))
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        m = via(proxy, f"coap://{origin.hostport}/obs")
+        m.opt.observe = 0
+        req = ctx.request(m)
+        assert (await asyncio.wait_for(req.response, 10)).opt.observe is not None
+        await poll_metric(proxy, "coap_proxy_observations", 1)
+    finally:
+        await ctx.shutdown()  # the client goes away: its next notification is answered RST
+    await poll_metric(proxy, "coap_proxy_observations", 0)

@@ -139,3 +139,23 @@ async def test_aiocoap_client_proxy_uri_and_observe(
     await asyncio.wait_for(collect(), 10)
     assert seen == sorted(seen) and len(set(seen)) == 4
     req.observation.cancel()
+
+
+async def test_two_libcoap_clients_concurrent_block1_posts_do_not_mix(
+    tmp_path: Path, origin: Running, proxies: list[Running]
+) -> None:
+    """Each client gets its own upstream socket, so the origin never mixes their blocks."""
+    client = need_program("coap-client-notls")
+    proxies.append(proxy := await start_proxy(tmp_path))
+    datas = [os.urandom(3000) for _ in range(4)]
+    outs = [tmp_path / f"out{i}.bin" for i in range(4)]
+    for i, d in enumerate(datas):
+        (tmp_path / f"in{i}.bin").write_bytes(d)
+    await asyncio.gather(*(
+        run_program(client, "-m", "post", "-b", "64", "-f", str(tmp_path / f"in{i}.bin"),
+                    "-o", str(outs[i]), "-B", "20", "-P", f"coap://{proxy.hostport}",
+                    f"coap://{origin.hostport}/echo", timeout=30)
+        for i in range(4)
+    ))
+    for d, out in zip(datas, outs, strict=True):
+        assert out.exists() and out.read_bytes() == d
