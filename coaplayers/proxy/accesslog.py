@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any, TextIO
 
 
@@ -55,7 +54,3 @@ class AccessLog:
     def close(self) -> None:
         self.logger.removeHandler(self.handler)
         self.handler.close()
-
-
-def now() -> float:
-    return time.time()

@@ -42,14 +42,18 @@ KNOWN_UNSAFE = frozenset(
 class Refusal(Exception):
     """The proxy answers this request itself; ``kind`` labels the metric and the log line."""
 
-    def __init__(self, code: Code, diagnostic: str, kind: str) -> None:
+    def __init__(self, code: Code, diagnostic: str, kind: str, max_age: int | None = None) -> None:
         super().__init__(diagnostic)
         self.code = code
         self.diagnostic = diagnostic
         self.kind = kind
+        self.max_age = max_age  # when to retry (4.29 per RFC 8516, 5.03)
 
     def to_message(self) -> Message:
-        return Message(code=self.code, payload=self.diagnostic.encode())
+        msg = Message(code=self.code, payload=self.diagnostic.encode())
+        if self.max_age is not None:
+            msg.opt.max_age = self.max_age
+        return msg
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,21 +213,14 @@ class ProxySite:
             key = entry["identity"] or request.remote.hostinfo
             wait = self.limiter.admit(key, self.clock())
             if wait is not None:
-                r = Refusal(codes.TOO_MANY_REQUESTS, "", "rate_limited")
-                r.max_age = wait  # type: ignore[attr-defined]
-                raise r
+                raise Refusal(codes.TOO_MANY_REQUESTS, "", "rate_limited", max_age=wait)
         if not self.in_flight.try_acquire():
-            r = Refusal(codes.SERVICE_UNAVAILABLE, "proxy busy", "overloaded")
-            r.max_age = 1  # type: ignore[attr-defined]
-            raise r
+            raise Refusal(codes.SERVICE_UNAVAILABLE, "proxy busy", "overloaded", max_age=1)
         slot.held = True
         self._idle.clear()
 
     def _refuse(self, pipe: Pipe, refusal: Refusal, entry: dict[str, Any], started: float) -> None:
         msg = refusal.to_message()
-        max_age = getattr(refusal, "max_age", None)
-        if max_age is not None:
-            msg.opt.max_age = max_age  # RFC 8516: when to try again
         if refusal.code == codes.HOP_LIMIT_REACHED:
             msg.payload = self.self_name.encode()
         self.metrics.requests.inc(kind="refused")
