@@ -51,6 +51,34 @@ class LayeredContext:
         await self.context.shutdown()
 
 
+async def attach_layer1(
+    ctx: aiocoap.Context,
+    *,
+    psk_store: dtls.PskStore | None = None,
+    certificate: dtls.CertificateCredentials | None = None,
+    client_credentials: ClientCredentials | None = None,
+    limits: Layer1Limits | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> MessageInterfaceLayer1:
+    """Add the Layer 1 transport to an existing aiocoap context (e.g. a proxy's)."""
+    holder: list[MessageInterfaceLayer1] = []
+
+    async def make(mman: Any) -> MessageInterfaceLayer1:
+        t = MessageInterfaceLayer1(
+            mman,
+            psk_store=psk_store,
+            certificate=certificate,
+            client_credentials=client_credentials,
+            limits=limits or Layer1Limits(),
+            on_event=on_event,
+        )
+        holder.append(t)
+        return t
+
+    await ctx._append_tokenmanaged_messagemanaged_transport(make)
+    return holder[0]
+
+
 async def create_context(
     site: Any = None,
     *,
@@ -67,25 +95,12 @@ async def create_context(
     Port 0 binds an ephemeral port; ``bound`` reports the real URIs in order.
     """
     ctx = aiocoap.Context(serversite=site, loggername=loggername)
-    limits = limits or Layer1Limits()
     bound: list[str] = []
-    holder: list[MessageInterfaceLayer1] = []
-
-    async def make_layer1(mman: Any) -> MessageInterfaceLayer1:
-        t = MessageInterfaceLayer1(
-            mman,
-            psk_store=psk_store,
-            certificate=certificate,
-            client_credentials=client_credentials,
-            limits=limits,
-            on_event=on_event,
-        )
-        holder.append(t)
-        return t
-
     try:
-        await ctx._append_tokenmanaged_messagemanaged_transport(make_layer1)
-        layer1 = holder[0]
+        layer1 = await attach_layer1(
+            ctx, psk_store=psk_store, certificate=certificate,
+            client_credentials=client_credentials, limits=limits, on_event=on_event,
+        )
         plain_bound = False
         for uri in listen:
             scheme, host, port = parse_listen_uri(uri)

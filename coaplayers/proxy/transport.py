@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+from .. import dtls, layer1
+from ..config import certificate_from, psk_store_from
 from .config import DEFAULT_PORTS, ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
 
@@ -125,6 +127,7 @@ async def build_context(
     """
     ctx = aiocoap.Context(serversite=site, loggername="coaplayers.proxy.aiocoap")
     bound: list[tuple[str, str, int]] = []
+    extra: dict[str, Any] = {}
     upstream = {"coap"}
     pool: list[aiocoap.Context] = []
 
@@ -146,21 +149,47 @@ async def build_context(
                 h, p = await _udp_server(ctx, host, port)
                 bound.append(("coap", h, p))
 
-        # ---- LAYER 1 PLUG-IN POINT --------------------------------------------------------
-        # coaps:// listeners (``scheme == "coaps"`` in ``listens``, with
-        # config.layer1.psk / psk_file / cert / key / ca as the downstream policy) are added
-        # to ``ctx``, appending ("coaps", host, real_port) to ``bound`` in listen order.
-        # Upstream credentials (config.layer1.upstream_credentials, aiocoap's credentials
-        # JSON) go into ``make_upstream``: replace it with a factory whose contexts also carry
-        # the Layer 1 client transport, and add "coaps" to ``upstream``. Keep any handle (for
-        # example the Layer 1 transport, to feed DTLS counters into ``metrics``) in ``extra``.
-        # Until then, such a configuration is refused rather than silently served as coap.
-        coaps = [u for u, (s, _, _) in zip(config.listen, listens, strict=True) if s == "coaps"]
-        if coaps or config.layer1.any_set():
-            raise ConfigError(
-                "coaps:// listeners and Layer 1 credentials are not wired into coap-proxy "
-                f"yet (asked for: {', '.join(coaps) or 'Layer 1 credentials'})"
+        # ---- Layer 1 (coaps://) ------------------------------------------------------------
+        # Downstream (listener) and upstream credentials are separate policies: the PSK store
+        # and certificate authenticate clients; upstream_credentials authenticate us upstream.
+        l1 = config.layer1
+        try:
+            psk_store = psk_store_from(l1.psk, [l1.psk_file] if l1.psk_file else [])
+            certificate = certificate_from(l1.cert, l1.key, l1.ca, require_peer=bool(l1.ca))
+            client_creds = (
+                layer1.ClientCredentials.from_file(l1.upstream_credentials)
+                if l1.upstream_credentials else layer1.ClientCredentials()
             )
+        except dtls.ConfigurationError as exc:
+            raise ConfigError(str(exc)) from exc
+        on_event = _layer1_metrics(metrics)
+        if any(s == "coaps" for s, _, _ in listens):
+            if psk_store is None and certificate is None:
+                raise ConfigError(
+                    "a coaps:// listener needs Layer 1 credentials: --psk, --psk-file or"
+                    " --cert/--key"
+                )
+            listener = await layer1.attach_layer1(
+                ctx, psk_store=psk_store, certificate=certificate, on_event=on_event
+            )
+            extra["layer1"] = listener
+            metrics.gauge(
+                "coap_proxy_dtls_sessions",
+                "Layer 1 DTLS sessions of the listeners (downstream clients)",
+                func=lambda: float(listener.session_count),
+            )
+        for scheme, host, port in listens:
+            if scheme == "coaps":
+                h, p = await listener.listen(host, port)
+                bound.append(("coaps", host or h, p))
+        upstream.add("coaps")
+
+        async def upstream_context_l1() -> aiocoap.Context:
+            up = await upstream_context()
+            await layer1.attach_layer1(up, client_credentials=client_creds, on_event=on_event)
+            return up
+
+        make_upstream = upstream_context_l1
         # ---- end of LAYER 1 PLUG-IN POINT -------------------------------------------------
         for _ in range(config.upstream_sockets):
             pool.append(await make_upstream())
@@ -169,4 +198,25 @@ async def build_context(
             if c.request_interfaces:  # aiocoap cannot shut down a context without transports
                 await c.shutdown()
         raise
-    return ProxyContext(ctx, bound, UpstreamPool(pool), frozenset(upstream))
+    return ProxyContext(ctx, bound, UpstreamPool(pool), frozenset(upstream), extra)
+
+
+def _layer1_metrics(metrics: MetricsRegistry) -> Callable[[str, dict[str, Any]], None]:
+    """DTLS counters by peer identity, fed from the Layer 1 transport's events."""
+    handshakes = metrics.counter(
+        "coap_proxy_dtls_handshakes_total",
+        "Layer 1 DTLS handshakes by peer identity, role (server: downstream, client: upstream)"
+        " and result",
+        ("identity", "role", "result"),
+    )
+
+    def on_event(kind: str, fields: dict[str, Any]) -> None:
+        result = {"handshake": "ok", "handshake_failed": "failed"}.get(kind)
+        if result is not None:
+            handshakes.inc(
+                identity=str(fields.get("identity") or "-"),
+                role=str(fields.get("role")),
+                result=result,
+            )
+
+    return on_event
