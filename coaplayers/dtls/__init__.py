@@ -18,6 +18,7 @@ from .credentials import (
     check_key_file_permissions,
     parse_key_text,
 )
+from .dual import DualListener
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -45,6 +46,7 @@ __all__ = [
     "DtlsConfig",
     "DtlsError",
     "DtlsSession",
+    "DualListener",
     "Event",
     "HandshakeComplete",
     "HandshakeTimeout",
@@ -66,3 +68,4 @@ __all__ = [
     "check_key_file_permissions",
     "parse_key_text",
 ]
+

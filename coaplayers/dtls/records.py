@@ -130,3 +130,23 @@ def pack_datagrams(records: Iterable[bytes], mtu: int) -> list[bytes]:
     if current:
         out.append(bytes(current))
     return out
+
+
+PSK_CIPHER_SUITES = frozenset({0xC0A8, 0xC0A4, 0xC0A5, 0x00A8, 0x00AE, 0x008C, 0xC0AA, 0xCCAB})
+"""PSK suites (RFC 4279, RFC 5487, RFC 6655, RFC 7905) that select the PSK listener."""
+
+
+def offers_psk(client_hello: bytes) -> bool:
+    """Whether a ClientHello datagram offers any PSK cipher suite."""
+    try:
+        pos = HEADER_LEN + 12 + 2 + 32
+        pos += 1 + client_hello[pos]  # session id
+        pos += 1 + client_hello[pos]  # cookie
+        n = int.from_bytes(client_hello[pos : pos + 2], "big")
+        suites = client_hello[pos + 2 : pos + 2 + n]
+    except IndexError:
+        return False
+    return any(
+        int.from_bytes(suites[i : i + 2], "big") in PSK_CIPHER_SUITES
+        for i in range(0, len(suites) - 1, 2)
+    )

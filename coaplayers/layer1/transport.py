@@ -502,7 +502,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         if len(endpoint.listeners) == 1:
             return endpoint.listeners[0]
         # Both PSK and certificates on one port: choose by the cipher suites offered.
-        psk = _offers_psk(hello)
+        psk = records.offers_psk(hello)
         for listener in endpoint.listeners:
             if isinstance(listener, dtls.TinyDtlsListener) == psk:
                 return listener
@@ -693,17 +693,3 @@ def _hostname(host: str) -> str | None:
     except ValueError:
         return host
     return None
-
-
-def _offers_psk(hello: bytes) -> bool:
-    """Whether a ClientHello offers any PSK cipher suite (RFC 4279 / RFC 6655 numbers)."""
-    try:
-        pos = records.HEADER_LEN + 12 + 2 + 32
-        pos += 1 + hello[pos]  # session id
-        pos += 1 + hello[pos]  # cookie
-        n = int.from_bytes(hello[pos : pos + 2], "big")
-        suites = hello[pos + 2 : pos + 2 + n]
-    except IndexError:
-        return False
-    psk_suites = {0xC0A8, 0xC0A4, 0xC0A5, 0x00A8, 0x00AE, 0x008C, 0xC0AA, 0xCCAB}
-    return any(int.from_bytes(suites[i : i + 2], "big") in psk_suites for i in range(0, n, 2))
