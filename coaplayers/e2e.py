@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import aiocoap
+from aiocoap import interfaces
+
 from . import dtls
 
 
@@ -26,20 +29,65 @@ class E2EServerOptions:
         return self.psk_store is not None or self.certificate is not None
 
 
+class RequireEndToEnd(interfaces.Resource):
+    """Answers 4.01 unless a request arrived inside Layer 0 or under OSCORE.
+
+    It sits innermost, in front of the application resources, so it sees tunnel requests
+    (their remote is the Layer 0 session) and OSCORE requests (already unprotected) alike.
+    """
+
+    def __init__(self, site: Any) -> None:
+        self.site = site
+
+    def get_resources_as_linkheader(self) -> Any:
+        return self.site.get_resources_as_linkheader()
+
+    async def needs_blockwise_assembly(self, request: Any) -> bool:
+        return False
+
+    async def render(self, request: Any) -> Any:
+        raise RuntimeError("used through render_to_pipe only")
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        from .identity import peer_info
+
+        if peer_info(pipe.request).mode == "plain":
+            pipe.add_response(
+                aiocoap.Message(
+                    code=aiocoap.UNAUTHORIZED,
+                    payload=b"end-to-end protection (Layer 0 or OSCORE) required",
+                ),
+                is_last=True,
+            )
+            return
+        await self.site.render_to_pipe(pipe)
+
+
 def wrap_site(site: Any, options: E2EServerOptions) -> Any:
-    """The site as served: behind the Layer 0 tunnel when end-to-end credentials are given."""
+    """The site as served: behind the Layer 0 tunnel and OSCORE when credentials are given.
+
+    Layering, outermost first: the Layer 0 tunnel (``/.well-known/atls``), OSCORE (requests
+    with the OSCORE option), then the application resources, which gain the inner keying
+    resource of the OSCORE mode (``/.well-known/atls-oscore``, Layer 0 only) and, with
+    ``required``, a 4.01 for anything that arrived unprotected.
+    """
     if not options.enabled:
         if options.required:
             raise dtls.ConfigurationError(
                 "--e2e-required needs end-to-end credentials (--e2e-psk or --e2e-cert/--e2e-key)"
             )
         return site
-    from .layer0.policy import Policy
     from .layer0.server import Layer0Site
+    from .oscore import ContextStore, OscoreSite
+    from .oscore.mode import KEYING_PATH, KeyingResource
 
-    policy = Policy.build(protected=("/",) if options.required else ())
-    credentials: Any = options.certificate or options.psk_store
-    return Layer0Site(site, credentials, policy=policy)
+    store = ContextStore()
+    if options.certificate is not None:
+        site.add_resource(list(KEYING_PATH), KeyingResource(store))
+    inner: Any = RequireEndToEnd(site) if options.required else site
+    inner = OscoreSite(inner, store)
+    credentials: list[Any] = [c for c in (options.psk_store, options.certificate) if c]
+    return Layer0Site(inner, credentials if len(credentials) > 1 else credentials[0])
 
 
 @dataclass(frozen=True)
@@ -81,10 +129,93 @@ def layer1_details(response: Any) -> dict[str, Any] | None:
     }
 
 
+class DtlsRequester:
+    """Requests inside a Layer 0 DTLS channel to the target's origin."""
+
+    def __init__(self, context: Any, target: str, proxy: str | None,
+                 credentials: Any) -> None:
+        from .layer0 import Layer0Channel
+
+        self.channel = Layer0Channel(context.context, _origin(target), credentials, proxy=proxy)
+
+    def request(self, message: Any) -> Any:
+        return self.channel.request(message)
+
+    def describe(self, response: Any) -> dict[str, Any]:
+        hs = self.channel.last_handshake
+        session = getattr(self.channel, "_session", None)
+        return {
+            "layer 0": {
+                "mode": "dtls " + ("psk" if isinstance(session, dtls.TinyDtlsSession)
+                                   else "certificate"),
+                "peer": _text(hs.peer_identity) if hs else None,
+                "cipher": hs.cipher_suite if hs else None,
+                "resumed": hs.resumed if hs else None,
+            },
+        }
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class OscoreModeRequester:
+    """OSCORE requests keyed by a Layer 0 certificate-mode handshake."""
+
+    def __init__(self, context: Any, target: str, proxy: str | None,
+                 credentials: dtls.CertificateCredentials) -> None:
+        from .layer0 import Layer0Channel
+        from .oscore.mode import OscoreRequester
+
+        tickets = dtls.TicketStore()
+        origin = _origin(target)
+        self.requester = OscoreRequester(
+            context.context, origin,
+            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy,
+                                  tickets=tickets),
+            proxy=proxy,
+        )
+
+    def request(self, message: Any) -> Any:
+        return self.requester.request(message)
+
+    def describe(self, response: Any) -> dict[str, Any]:
+        hs = self.requester.last_handshake
+        params = self.requester.parameters
+        return {
+            "layer 0": {
+                "mode": "oscore (keyed by a DTLS certificate handshake)",
+                "peer": _text(hs.peer_identity) if hs else None,
+                "handshake cipher": hs.cipher_suite if hs else None,
+                "sender id": params.client_id.hex() if params else None,
+            },
+        }
+
+    async def close(self) -> None:
+        await self.requester.close()
+
+
+def _origin(uri: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 async def open_requester(
     context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str
 ) -> Any:
     """Something with ``request(message)`` and ``describe(response)`` for the chosen mode."""
     if e2e is None:
         return PlainRequester(context, proxy)
-    raise dtls.ConfigurationError(f"end-to-end mode {e2e.mode!r} is not wired in yet")
+    if e2e.mode == "dtls":
+        creds = e2e.certificate if e2e.psk is None else e2e.psk
+        return DtlsRequester(context, target, proxy, creds)
+    if e2e.mode == "oscore":
+        if e2e.certificate is None:
+            raise dtls.ConfigurationError("the OSCORE mode needs certificate credentials")
+        return OscoreModeRequester(context, target, proxy, e2e.certificate)
+    raise dtls.ConfigurationError(f"unknown end-to-end mode {e2e.mode!r}")
