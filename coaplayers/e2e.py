@@ -77,6 +77,7 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
                 "--e2e-required needs end-to-end credentials (--e2e-psk or --e2e-cert/--e2e-key)"
             )
         return site
+    from .layer0.policy import Policy
     from .layer0.server import Layer0Site
     from .oscore import ContextStore, OscoreSite
     from .oscore.mode import KEYING_PATH, KeyingResource
@@ -87,7 +88,12 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
     inner: Any = RequireEndToEnd(site) if options.required else site
     inner = OscoreSite(inner, store)
     credentials: list[Any] = [c for c in (options.psk_store, options.certificate) if c]
-    return Layer0Site(inner, credentials if len(credentials) > 1 else credentials[0])
+    # Whether anything needs protection is RequireEndToEnd's call (it accepts OSCORE too), so
+    # the tunnel's own policy protects nothing by itself.
+    policy = Policy.build(protected=())
+    return Layer0Site(
+        inner, credentials if len(credentials) > 1 else credentials[0], policy=policy
+    )
 
 
 @dataclass(frozen=True)

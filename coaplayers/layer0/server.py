@@ -62,6 +62,12 @@ def layer0_config(handshake_timeout: float = 30.0) -> DtlsConfig:
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None):  # type: ignore[no-untyped-def]
     """A PSK store selects tinydtls, certificate credentials select OpenSSL."""
     config = config or layer0_config()
+    if isinstance(credentials, tuple | list):  # PSK and certificates side by side
+        from ..dtls import DualListener
+
+        psk = next(c for c in credentials if isinstance(c, PskStore))
+        cert = next(c for c in credentials if isinstance(c, CertificateCredentials))
+        return DualListener(TinyDtlsListener(psk, config), OpenSslListener(cert, config))
     if isinstance(credentials, PskStore):
         return TinyDtlsListener(credentials, config)
     if isinstance(credentials, CertificateCredentials):

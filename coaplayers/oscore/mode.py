@@ -51,7 +51,7 @@ class KeyingResource(resource.Resource):
             return aiocoap.Message(
                 code=Code.UNAUTHORIZED, payload=b"OSCORE keying needs a Layer 0 session"
             )
-        if peer.mode != "certificate":
+        if peer.mode == "psk":
             return aiocoap.Message(
                 code=Code.NOT_IMPLEMENTED,
                 payload=b"OSCORE keying needs a certificate-mode session (TLS exporter)",
