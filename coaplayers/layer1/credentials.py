@@ -87,12 +87,16 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         return self
 
     def for_request(self, message: Message) -> PskClientCredentials | CertificateCredentials:
-        """The DTLS credentials to present for this request, or a clear error."""
+        """The DTLS credentials for this request's first hop, or a clear error."""
+        return self.for_uri(message.get_request_uri())
+
+    def for_uri(self, uri: str) -> PskClientCredentials | CertificateCredentials:
+        """The DTLS credentials for the ``coaps://`` hop named by ``uri``."""
         try:
-            item = self.credentials_from_request(message)
+            item = self.credentials_from_request(Message(code=1, uri=uri))
         except aiocoap_credentials.CredentialsMissingError as exc:
             raise ConfigurationError(
-                f"no coaps credentials match {message.get_request_uri()}: add an entry such as"
+                f"no coaps credentials match {uri}: add an entry such as"
                 ' "coaps://HOST*" to the credentials (patterns match the whole URI, port'
                 " included)"
             ) from exc
@@ -101,9 +105,7 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         if hasattr(item, "as_dtls_psk"):
             identity, key = item.as_dtls_psk()
             return PskClientCredentials(bytes(identity), bytes(key))
-        raise ConfigurationError(
-            f"the credentials for {message.get_request_uri()} are not DTLS credentials"
-        )
+        raise ConfigurationError(f"the credentials for {uri} are not DTLS credentials")
 
     def add_psk(self, pattern: str, identity: bytes, key: bytes) -> None:
         entry = {"psk": {"hex": key.hex()}, "client-identity": {"hex": identity.hex()}}

@@ -335,7 +335,12 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         for (_, addr), peer in self._peers.items():
             if addr == address and peer.session is not None and not peer.session.is_closed:
                 return peer.remote
-        creds = self.client_credentials.for_request(message)
+        if message.opt.proxy_scheme or message.opt.proxy_uri:
+            # Through a proxy the credentials are the proxy's (the hop), not the target's.
+            hop_uri = f"coaps://{hostportjoin(host, port if port != COAPS_PORT else None)}/"
+            creds = self.client_credentials.for_uri(hop_uri)
+        else:
+            creds = self.client_credentials.for_request(message)
         endpoint = await self._client_endpoint(
             socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         )
