@@ -114,6 +114,15 @@ def client_hello_random(datagram: bytes) -> bytes | None:
         return None
     if epoch(datagram) != 0:
         return None
+    # Only a whole, self-consistent ClientHello counts (they are small; nobody fragments
+    # them): a listener must not answer, nor a session act on, one that cannot be genuine.
+    try:
+        first = split_records(datagram)[0]  # a datagram with broken framing is dropped whole
+    except ProtocolViolation:
+        return None
+    body = first[HEADER_LEN:]
+    if not plausible(first) or body[6:9] != b"\0\0\0" or body[1:4] != body[9:12]:
+        return None
     start = HEADER_LEN + 12 + 2
     return bytes(datagram[start : start + 32])
 

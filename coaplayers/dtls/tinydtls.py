@@ -187,13 +187,20 @@ class TinyDtlsSession(DtlsSession):
             raise DtlsError("tinydtls could not start the handshake")
 
     def _backend_receive(self, recs: list[bytes]) -> None:
-        if self._client_hello_random is not None:
-            # A repeated ClientHello of the handshake that created this session (the network
-            # duplicated it, or the client retransmitted it): tinydtls would start the
-            # handshake over with a new ServerHello random, and the client, which already
-            # took the first ServerHello, could then never finish. Drop it; our own timer
-            # repeats our flight if the first one was lost.
-            recs = [r for r in recs if records.client_hello_random(r) != self._client_hello_random]
+        if self.is_client:
+            # A client never receives a ClientHello; tinydtls would take one as a reason to
+            # reset the handshake in progress.
+            recs = [r for r in recs if records.client_hello_random(r) is None]
+            if not recs:
+                return
+        elif self._client_hello_random is not None:
+            # No ClientHello belongs in an existing server session. A repeat of the one that
+            # created it (duplicated or retransmitted) would make tinydtls start over with a
+            # new ServerHello random, which the client, holding the first one, can never
+            # finish; any other one is forged, because a client that starts over picks a new
+            # random, which the listener maps to a new session. Our own timer repeats our
+            # flight if the first one was lost.
+            recs = [r for r in recs if records.client_hello_random(r) is None]
             if not recs:
                 return
         self._context.handle(self, b"".join(recs))
