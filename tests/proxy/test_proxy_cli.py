@@ -57,7 +57,7 @@ async def test_bad_configuration_exits_2_with_a_clear_message(tmp_path: Path) ->
     rc, _, err = await run_program(PROXY, "--route", "nonsense", timeout=20)
     assert rc == 2 and b"NAME_OR_PREFIX=UPSTREAM_URI" in err
     rc, _, err = await run_program(PROXY, "--listen", "coaps://127.0.0.1:0", timeout=20)
-    assert rc == 2 and b"coaps://" in err and b"not wired" in err
+    assert rc == 2 and b"coaps://" in err and b"needs Layer 1 credentials" in err
     bad = tmp_path / "bad.toml"
     bad.write_text("listen = 5\n")
     rc, _, err = await run_program(PROXY, "--config", str(bad), timeout=20)
