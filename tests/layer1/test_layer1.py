@@ -346,3 +346,52 @@ async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
     """Poll a condition on the event loop (each wait bounded by the caller's wait_for)."""
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+async def _start_server_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("coap-server"))
+    proc = await asyncio.create_subprocess_exec(
+        exe, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert line.startswith(b"listening "), line
+    return proc, line.split()[-1].decode()
+
+
+async def test_real_server_program_restart_and_certificates(demo_pki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The coap-server program in certificate mode, restarted between two requests."""
+    p = demo_pki
+    files = {}
+    for name, issued in (("server", p["server"]), ("client", p["client"])):
+        (tmp_path / f"{name}.pem").write_bytes(issued.cert_pem())
+        key = tmp_path / f"{name}.key"
+        key.write_bytes(issued.key_pem())
+        key.chmod(0o600)
+        files[name] = (str(tmp_path / f"{name}.pem"), str(key))
+    (tmp_path / "ca.pem").write_bytes(p["ca"].cert_pem())
+    args = ["--cert", files["server"][0], "--key", files["server"][1],
+            "--ca", str(tmp_path / "ca.pem")]
+    proc, uri = await _start_server_process("--listen", "coaps://127.0.0.1:0", *args)
+    creds = ClientCredentials()
+    creds.add_certificate("coaps://*", dtls.CertificateCredentials.from_files(
+        files["client"][0], files["client"][1], tmp_path / "ca.pem", server_name="127.0.0.1"))
+    cli = await create_context(client_credentials=creds)
+    try:
+        first = await get(cli, uri + "/hello")
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0  # SIGTERM stops it cleanly
+        port = uri.rsplit(":", 1)[1]
+        proc, _ = await _start_server_process("--listen", f"coaps://127.0.0.1:{port}", *args)
+        second = await get(cli, uri + "/hello", timeout=30)
+    finally:
+        await cli.shutdown()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+    assert b"layer 1 peer device-1" in first.payload
+    assert second.payload == first.payload
+    assert cli.layer1.stats["handshakes_ok"] == 2  # a new handshake, by itself
