@@ -217,6 +217,7 @@ def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -
     """Apply a parsed TOML document to ``base``; unknown keys are errors (typos must not pass)."""
     cfg = base or ProxyConfig()
     changes: dict[str, Any] = {}
+    data = _normalise(data)
     for key, value in data.items():
         if key in _SCALARS:
             changes[key] = _typed(key, value, _SCALARS[key])
@@ -262,8 +263,40 @@ def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -
         raise ConfigError(str(exc)) from exc
 
 
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept the long flag names too (``psk-file``, ``upstream-credentials``, ...), as the
+    other programs do, and Layer 1 settings at the top level as well as in ``[layer1]``."""
+    out: dict[str, Any] = {}
+    layer1: dict[str, Any] = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in _LAYER1_LISTS or key in _LAYER1_SCALARS:
+            layer1[key] = value
+        elif key == "layer1" and isinstance(value, dict):
+            layer1.update({k.replace("-", "_"): v for k, v in value.items()})
+        elif key == "route":  # the flag's name: a list of NAME_OR_PREFIX=UPSTREAM_URI
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ConfigError("route: expected a list of NAME_OR_PREFIX=UPSTREAM_URI")
+            routes = out.setdefault("routes", {})
+            for item in items:
+                name, sep, uri = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"route {item!r}: expected NAME_OR_PREFIX=UPSTREAM_URI")
+                routes[name] = uri
+        else:
+            out[key] = value
+    if layer1:
+        out["layer1"] = layer1
+    return out
+
+
 def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> ProxyConfig:
-    """Read a TOML file (top-level keys as in ``ProxyConfig``; see docs/PROXY.md)."""
+    """Read a TOML file (top-level keys as in ``ProxyConfig``; see docs/PROXY.md).
+
+    Relative file names in it are taken relative to the file's folder, so a configuration set
+    (such as the one coap-keys writes) can be moved as a whole.
+    """
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -271,4 +304,13 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
+    data = _normalise(data)
+    folder = Path(path).parent
+    layer1 = data.get("layer1")
+    if isinstance(layer1, dict):
+        for key in _LAYER1_SCALARS:
+            if isinstance(layer1.get(key), str):
+                layer1[key] = str(folder / layer1[key])
+    if isinstance(data.get("log_file"), str):
+        data["log_file"] = str(folder / data["log_file"])
     return config_from_mapping(data, base)

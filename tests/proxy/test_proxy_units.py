@@ -143,7 +143,8 @@ def test_config_file_and_flags_win(tmp_path: Path) -> None:
     assert cfg.upstream_timeout == 3.0 and cfg.rate_limit == RateLimit(5.0, 10.0)
     assert [str(r) for r in cfg.routes] == ["/s=coap://10.0.0.5:5683",
                                             "app.example=coap://10.0.0.6:5700"]
-    assert cfg.layer1.upstream_credentials == "creds.json"
+    # relative to the configuration file's folder, as for the other programs
+    assert cfg.layer1.upstream_credentials == str(tmp_path / "creds.json")
     args = build_parser().parse_args(
         ["--config", str(f), "--forward", "--route", "/t=coap://h", "--rate-limit", "1"])
     cfg2 = config_from_args(args)
@@ -155,6 +156,19 @@ def test_config_file_and_flags_win(tmp_path: Path) -> None:
     for bad in ("nothing", "/x=http://h", "/x=coap://"):
         with pytest.raises(ConfigError):
             Route.parse(bad)
+
+
+def test_config_accepts_flag_names_at_top_level(tmp_path: Path) -> None:
+    """What coap-keys writes: the long flag names, Layer 1 settings at the top level."""
+    f = tmp_path / "proxy.toml"
+    f.write_text(
+        'listen = ["coaps://127.0.0.1:0"]\npsk-file = "psk.json"\n'
+        'upstream-credentials = "up.json"\nroute = ["/s=coap://10.0.0.5"]\n'
+    )
+    cfg = load_config_file(f)
+    assert cfg.layer1.psk_file == str(tmp_path / "psk.json")
+    assert cfg.layer1.upstream_credentials == str(tmp_path / "up.json")
+    assert [r.match for r in cfg.routes] == ["/s"]
 
 
 def test_prometheus_text() -> None:
