@@ -1,10 +1,9 @@
 """Building the proxy's aiocoap context from its configuration: THE place transports plug in.
 
 ``build_context`` is the single function that turns ``ProxyConfig.listen`` and
-``ProxyConfig.layer1`` into sockets. Today it serves ``coap://`` (aiocoap's udp6 transport) and
-sends upstream ``coap://`` requests. Layer 1 (``coaps://`` listeners with their PSK store and
-certificate, and per-upstream credentials from ``layer1.upstream_credentials``) is wired in at
-the block marked ``LAYER 1 PLUG-IN POINT`` below; nothing else in the proxy knows about
+``ProxyConfig.layer1`` into sockets: ``coap://`` through aiocoap's udp6 transport, ``coaps://``
+through the Layer 1 transport (listeners with their PSK store and certificate; upstream
+contexts with ``layer1.upstream_credentials``). Nothing else in the proxy knows about
 transports (the site only asks ``ProxyContext.upstream_schemes``).
 """
 
@@ -190,7 +189,6 @@ async def build_context(
             return up
 
         make_upstream = upstream_context_l1
-        # ---- end of LAYER 1 PLUG-IN POINT -------------------------------------------------
         for _ in range(config.upstream_sockets):
             pool.append(await make_upstream())
     except BaseException:
