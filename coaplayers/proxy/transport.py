@@ -15,32 +15,22 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiocoap
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from .. import dtls, layer1
 from ..config import certificate_from, psk_store_from
-from .config import DEFAULT_PORTS, ConfigError, ProxyConfig
+from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
 
 
 def parse_listen(uri: str) -> tuple[str, str, int]:
     """``coap://[::]:5683`` -> ("coap", "::", 5683); port 0 asks for an ephemeral port."""
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"listen {uri!r}: scheme must be coap or coaps")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"listen {uri!r}: a listen URI has no path or query")
-    if parts.hostname is None:
-        raise ConfigError(f"listen {uri!r} names no address")
     try:
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"listen {uri!r}: bad port") from exc
-    return scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port
+        return layer1.parse_listen_uri(uri)
+    except dtls.ConfigurationError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def format_uri(scheme: str, host: str, port: int) -> str:
