@@ -1,0 +1,1 @@
+"""coap-bench: throughput, latency, bytes on the wire, handshake cost and memory of every mode."""

@@ -1,0 +1,299 @@
+"""``coap-bench``: every mode against the baselines in one run; table, JSON and PNG.
+
+Phases, in order (each bounded in time, every process ended however the run ends):
+
+1. the rig: a coap-keys credential set, coap-server and coap-proxy (coap:// and coaps://
+   listeners each), aiocoap-proxy --forward and a stock aiocoap server;
+2. bytes on the wire with recording relays on both hops (:mod:`.wire`);
+3. throughput and latency, 1 and 50 concurrent clients per mode, in interleaved rounds so
+   that every ratio compares figures taken close together (:mod:`.load`);
+4. full certificate handshakes against coap-server over the wire (:mod:`.handshake`);
+5. in process, without the rig: handshake sizes and round trips, handshakes per second,
+   memory per Layer 0 session and per OSCORE context (:mod:`.memory`, one process each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import handshake, report, wire
+from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
+from .load import open_clients, run_load
+from .rig import rig
+
+EPILOG = """\
+examples:
+  coap-bench --json bench.json --png bench.png        # the full run (about 6-8 minutes)
+  coap-bench --quick --json quick.json                # a smoke run (about a minute)
+  coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
+
+modes: """ + ", ".join(MODES) + """
+The PNG needs matplotlib: pip install -e '.[bench]'. Exit status 0 when the run completed
+(whatever the targets say), 1 if a phase failed, 3 if the PNG could not be written.
+See docs/BENCHMARKS.md for what each figure means.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coap-bench",
+        description="Throughput, latency, bytes on the wire, Layer 0 handshake cost and memory "
+        "of every coaplayers mode, next to aiocoap baselines measured in the same run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: short windows, small counts")
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    p.add_argument("--png", metavar="FILE", help="write a chart (needs matplotlib)")
+    p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 3, quick 1)")
+    p.add_argument("--duration", type=float,
+                   help="seconds measured per point (default 3, quick 1)")
+    p.add_argument("--clients", type=int, default=50, help="the concurrent-clients point (50)")
+    p.add_argument("--modes", help="comma-separated subset of the throughput modes")
+    p.add_argument("--memory-counts", help="comma-separated session counts (default 1000,10000;"
+                   " quick 100,1000)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="keep credentials, logs and captures here (default: a temporary folder,"
+                   " removed at the end)")
+    return p
+
+
+def _png_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _say(text: str) -> None:
+    print(f"[coap-bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- phases
+
+
+async def phase_wire(ep: Endpoints, workdir: Path, requests: int, modes: list[str]
+                     ) -> dict[str, Any]:
+    out: dict[str, Any] = {"modes": {}}
+    for mode in modes + list(WIRE_ONLY):
+        out["modes"][mode] = await wire.measure_mode(mode, ep, workdir, requests=requests)
+    ms = out["modes"]
+
+    def diff(mode: str, base: str) -> dict[str, Any] | None:
+        if mode not in ms or base not in ms:
+            return None
+        a, b = ms[mode], ms[base]
+        return {
+            "versus": base,
+            "hop1_request": a["hop1"]["up_bytes_per_request"] - b["hop1"]["up_bytes_per_request"],
+            "hop1_response": a["hop1"]["down_bytes_per_request"]
+            - b["hop1"]["down_bytes_per_request"],
+            "hop2_request": a["hop2"]["up_bytes_per_request"] - b["hop2"]["up_bytes_per_request"],
+            "hop2_response": a["hop2"]["down_bytes_per_request"]
+            - b["hop2"]["down_bytes_per_request"],
+        }
+
+    pairs = {"l1": "plain", "l0psk": "plain", "l0cert": "plain", "oscore": "plain",
+             "l0psk_l1": "l1", "l0cert_l1": "l1", "oscore_l1": "l1", "aio_oscore": "aio_plain"}
+    out["overhead"] = {m: d for m, b in pairs.items() if (d := diff(m, b)) is not None}
+    out["stock_aiocoap_oscore_via_aiocoap_proxy"] = await probe_stock_oscore(
+        ep, workdir / "stock-oscore-client")
+    out["method"] = ("FaultRelay(record=...) on hop 1 (client->proxy) and hop 2 (proxy->server);"
+                     f" {requests} sequential requests after the handshakes and 3 warm-up"
+                     " requests; UDP payload bytes")
+    return out
+
+
+async def phase_throughput(ep: Endpoints, modes: list[str], *, clients: int, rounds: int,
+                           duration: float, warmup: float) -> dict[str, Any]:
+    pools: dict[str, list[Any]] = {}
+    pids = dict(ep.pids)
+    try:
+        for mode in modes:
+            _say(f"opening {clients} clients: {mode}")
+            pools[mode] = await open_clients(lambda mode=mode: open_client(mode, ep), clients)
+        raw: list[dict[str, dict[int, dict[str, Any]]]] = []
+        for r in range(rounds):
+            this: dict[str, dict[int, dict[str, Any]]] = {}
+            for mode in modes:
+                for n in (1, clients):
+                    res = await run_load(pools[mode][:n], duration=duration, warmup=warmup,
+                                         pids=pids)
+                    this.setdefault(mode, {})[n] = res.as_dict()
+                    _say(f"round {r + 1}/{rounds} {mode:>18} x{n:<3} {res.rps:8.0f} req/s"
+                         f" p50 {1000 * res.percentile(50):6.1f} ms"
+                         f" p99 {1000 * res.percentile(99):6.1f} ms errors {res.errors}")
+            raw.append(this)
+    finally:
+        for pool in pools.values():
+            for c in pool:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.close(), 5)
+    summary = report.summarise_throughput(raw)
+    return {
+        "summary": summary,
+        "rounds": raw,
+        "modes": {m: MODES[m].label for m in modes},
+        "method": f"closed loop, each client its own context and sessions; {rounds} interleaved"
+                  f" round(s) of {duration} s per point after {warmup} s warm-up; one"
+                  " client-side process (coap-bench) for all clients",
+    }
+
+
+async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[str, Any]:
+    jobs = [(kind, n) for n in counts for kind in ("psk", "cert", "oscore")]
+    jobs.append(("cert-release-buffers", counts[0]))
+    out: dict[str, Any] = {}
+    sem = asyncio.Semaphore(2)
+
+    async def one(kind: str, n: int) -> None:
+        async with sem:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "coaplayers.bench.memory", kind, str(n), str(creds),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            try:
+                stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                out[f"{kind}@{n}"] = {"error": f"no result within {timeout:g} s"}
+                return
+            if proc.returncode != 0:
+                out[f"{kind}@{n}"] = {"error": stderr.decode(errors="replace")[-500:]}
+                return
+            entry = json.loads(stdout)
+            entry["where"] = "in-process (TunnelCore / ContextStore), see method"
+            out[f"{kind}@{n}"] = entry
+            _say(f"memory {kind} x{n}: {entry['bytes_per_item'] / 1024:.1f} KiB each")
+
+    await asyncio.gather(*(one(k, n) for k, n in jobs))
+    order = [f"{k}@{n}" for k in ("psk", "cert", "cert-release-buffers", "oscore")
+             for n in counts]
+    return {k: out[k] for k in order if k in out}
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 3)
+    duration = args.duration or (1.0 if quick else 3.0)
+    warmup = 0.3 if quick else 0.5
+    counts = ([int(c) for c in args.memory_counts.split(",")] if args.memory_counts
+              else ([100, 1000] if quick else [1000, 10000]))
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"coap-bench: unknown mode(s) {', '.join(unknown)}")
+    for needed in ("plain", "aio_plain"):
+        if needed not in modes:
+            modes.insert(0, needed)  # the baselines every ratio needs
+    results: dict[str, Any] = {
+        "meta": {
+            "quick": quick, "rounds": rounds, "duration": duration, "warmup": warmup,
+            "clients": [1, args.clients], "payload_bytes": 40,
+            "host": platform.node(), "cpus": os.cpu_count(),
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    t0 = time.monotonic()
+    async with rig(workdir) as (ep, _procs):
+        _say("rig up: " + ", ".join(f"{k} pid {v}" for k, v in ep.pids.items()))
+        _say("bytes on the wire")
+        results["wire"] = await phase_wire(ep, workdir, 10 if quick else 20, modes)
+        _say("throughput")
+        results["throughput"] = await phase_throughput(
+            ep, modes, clients=args.clients, rounds=rounds, duration=duration, warmup=warmup)
+        _say("certificate handshakes over the wire")
+        from .clients import _e2e_cert
+
+        results["handshake"] = {"rate_over_wire": await handshake.rate_over_wire(
+            ep.server_coap, _e2e_cert(ep.creds), ep.pids["coap-server"],
+            seconds=1.5 if quick else 4.0)}
+    _say("handshake profiles and in-process rate")
+    results["handshake"]["profiles"] = await asyncio.to_thread(handshake.profiles, ep.creds)
+    results["handshake"]["rate_in_process"] = await asyncio.to_thread(
+        handshake.rate_in_process, 3, 40 if quick else 150, ep.creds)
+    _say(f"memory at {', '.join(map(str, counts))}")
+    results["memory"] = await phase_memory(counts, ep.creds, 120 if quick else 300)
+    results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+    results["targets"] = report.evaluate(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.png and not _png_available():
+        print("coap-bench: --png needs matplotlib, which is not installed; install the bench"
+              " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"
+              " JSON are still written.", file=sys.stderr)
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        cleanup = False
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="coap-bench-"))
+        cleanup = True
+    status = 0
+    try:
+        results = asyncio.run(_main_task(args, workdir))
+    except KeyboardInterrupt:
+        print("coap-bench: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, the details are in the logs
+        print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
+              file=sys.stderr)
+        cleanup = False
+        return 1
+    finally:
+        if cleanup:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if results is None:
+        print("coap-bench: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    print(report.render(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if args.png:
+        if _png_available():
+            report.write_png(results, args.png)
+        else:
+            print("coap-bench: PNG not written: matplotlib is missing (pip install -e"
+                  " '.[bench]')", file=sys.stderr)
+            status = 3
+    return status
+
+
+async def _main_task(args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run(args, workdir)
+    except asyncio.CancelledError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
