@@ -128,7 +128,10 @@ async def phase_throughput(ep: Endpoints, modes: list[str], *, clients: int, rou
         raw: list[dict[str, dict[int, dict[str, Any]]]] = []
         for r in range(rounds):
             this: dict[str, dict[int, dict[str, Any]]] = {}
-            for mode in modes:
+            # Each round starts elsewhere in the list, so that no mode is always the one
+            # measured first (or right after the 50-client point of a heavy one).
+            shift = r * len(modes) // max(1, rounds)
+            for mode in modes[shift:] + modes[:shift]:
                 for n in (1, clients):
                     res = await run_load(pools[mode][:n], duration=duration, warmup=warmup,
                                          pids=pids)
