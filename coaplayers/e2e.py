@@ -172,12 +172,13 @@ class OscoreModeRequester:
         from .layer0 import Layer0Channel
         from .oscore.mode import OscoreRequester
 
-        tickets = dtls.TicketStore()
         origin = _origin(target)
+        # Every keying is a full handshake on a new channel (docs/OSCORE-KEYING.md, section 1).
+        # No shared TicketStore: each channel has its own SSL context, and OpenSSL refuses a
+        # session from another context, so a second keying (re-keying) would raise.
         self.requester = OscoreRequester(
             context.context, origin,
-            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy,
-                                  tickets=tickets),
+            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy),
             proxy=proxy,
         )
 
