@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiocoap
 from aiocoap import oscore as _aiooscore
@@ -41,6 +41,9 @@ from .errors import (
 from .server import CONTEXT_NOT_FOUND, DECRYPTION_FAILED
 
 log = logging.getLogger("coaplayers.oscore.client")
+
+#: Layer 0's tunnel resources (``coaplayers.layer0.profile.WELL_KNOWN_PATH``); never OSCORE.
+TUNNEL_PATH = (".well-known", "atls")
 
 _DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684}
 
@@ -98,10 +101,18 @@ class ClientContexts:
 
         For a request through a forward proxy (Proxy-Scheme/Uri-Host/Uri-Port set, remote
         is the proxy), that is the origin server's URI, not the proxy's.
+
+        Layer 0 tunnel messages (``/.well-known/atls...``) are never protected: they carry the
+        handshake that keys (or re-keys) the context, and the server serves the tunnel
+        outside OSCORE. Protecting them with the context being replaced would make a
+        re-keying handshake impossible.
         """
         try:
             uri = message.get_request_uri()
         except Exception:  # e.g. no remote and no Uri-Host yet
+            return None
+        segments = tuple(unquote(s) for s in urlsplit(uri).path.split("/")[1:])
+        if segments[: len(TUNNEL_PATH)] == TUNNEL_PATH:
             return None
         try:
             return self._by_origin.get(origin_of(uri))

@@ -81,7 +81,7 @@ class OscoreRequester:
                  new_channel: Callable[[], Layer0Channel], *, proxy: str | None = None) -> None:
         self._context = context
         self.origin = origin_of(origin)
-        self._new_channel = new_channel  # share a TicketStore between them to resume
+        self._new_channel = new_channel  # a new channel (full handshake) per keying
         self._contexts = ClientContexts()
         self._transport = attach(context, self._contexts)
         self._proxy = proxy
@@ -91,30 +91,48 @@ class OscoreRequester:
         self.last_handshake: Any = None
 
     async def key(self) -> None:
-        """Run (or reuse) the Layer 0 handshake and install a fresh OSCORE context."""
+        """Run a Layer 0 handshake now and install a fresh OSCORE context."""
         async with self._lock:
-            channel = self._new_channel()
-            try:
-                msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
-                response = await channel.request(msg).response
-                if response.code != Code.CHANGED:
-                    raise ParameterError(
-                        f"the server refused OSCORE keying: {response.code}"
-                        f" {response.payload.decode(errors='replace')}"
-                    )
-                params = OscoreParameters.from_cbor(response.payload)
-                secret = channel.export_keying_material(
-                    EXPORTER_LABEL, exporter_length(params), None
+            await self._key_locked()
+
+    async def _rekey(self, stale: Any) -> None:
+        """Key unless the context ``stale`` (None: no context yet) was replaced meanwhile.
+
+        Requests that fail together on one dead context (or start together without one)
+        wait for a single handshake instead of running one each.
+        """
+        async with self._lock:
+            if self.security_context is stale:
+                await self._key_locked()
+
+    async def _key_locked(self) -> None:
+        channel = self._new_channel()
+        try:
+            msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
+            response = await channel.request(msg).response
+            if response.code != Code.CHANGED:
+                raise ParameterError(
+                    f"the server refused OSCORE keying: {response.code}"
+                    f" {response.payload.decode(errors='replace')}"
                 )
-                self.last_handshake = channel.last_handshake
-            finally:
-                # The session is no longer needed: close it (close_notify) right away.
-                await channel.close()
-            peer = self.last_handshake.peer_identity if self.last_handshake else None
-            sc = derive_context(secret, params, Role.CLIENT, peer=peer)
-            self._contexts.set(self.origin, sc)
-            self.parameters = params
-            self.keyings += 1
+            if response.opt.content_format != PARAMETERS_CONTENT_FORMAT:
+                raise ParameterError(
+                    f"keying answer has Content-Format {response.opt.content_format},"
+                    f" not {PARAMETERS_CONTENT_FORMAT}"
+                )
+            params = OscoreParameters.from_cbor(response.payload)
+            secret = channel.export_keying_material(
+                EXPORTER_LABEL, exporter_length(params), None
+            )
+            self.last_handshake = channel.last_handshake
+        finally:
+            # The session is no longer needed: close it (close_notify) right away.
+            await channel.close()
+        peer = self.last_handshake.peer_identity if self.last_handshake else None
+        sc = derive_context(secret, params, Role.CLIENT, peer=peer)
+        self._contexts.set(self.origin, sc)
+        self.parameters = params
+        self.keyings += 1
 
     def request(self, message: aiocoap.Message) -> _Pending:
         return _Pending(self, message)
@@ -147,8 +165,9 @@ class _Pending:
     async def _run(self) -> aiocoap.Message:
         r = self._requester
         if r.security_context is None:
-            await r.key()
+            await r._rekey(None)
         for attempt in (1, 2):
+            used = r.security_context
             pr = r._send(self._message)
             try:
                 response = await pr.response
@@ -156,7 +175,7 @@ class _Pending:
                 if attempt == 2:
                     raise
                 log.info("OSCORE context rejected (%s); new Layer 0 handshake", exc.reason)
-                await r.key()
+                await r._rekey(exc.security_context or used)
                 continue
             self.observation = pr.observation
             return response
