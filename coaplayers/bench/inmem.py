@@ -80,7 +80,8 @@ class Peers:
         self.config = layer0_config()
 
     def core(self, kind: str, max_sessions: int = 256, *,
-             release_buffers: bool = False) -> TunnelCore:
+             release_buffers: bool = False, core_class: type[TunnelCore] = TunnelCore
+             ) -> TunnelCore:
         limits = ServerLimits(max_sessions=max(1, max_sessions), max_half_open=64)
         if kind == "psk":
             listener: Any = TinyDtlsListener(self.psk_store, self.config)
@@ -88,7 +89,7 @@ class Peers:
             listener = _ReleaseBuffersListener(self.server_cert, self.config)
         else:
             listener = OpenSslListener(self.server_cert, self.config)
-        return TunnelCore(listener, limits)
+        return core_class(listener, limits)
 
     def client(self, kind: str, resume: Any = None) -> Any:
         if kind == "psk":
