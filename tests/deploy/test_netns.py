@@ -1,0 +1,166 @@
+"""The compose topology with network namespaces: fast, no images, real separate networks.
+
+    client ns --(device net 10.231.1.0/24)-- proxy ns --(backend net 10.231.2.0/24)-- server ns
+
+The client namespace has an address on the device net only and no default route, the proxy
+namespace is on both nets and does not forward IP (a new namespace starts with forwarding off),
+the server namespace is on the backend net only. So the client reaches the application server
+through coap-proxy or not at all, as in compose.yaml. Namespaces are named per run and removed
+even when the test fails; the veth pairs are created straight inside them, so nothing is left
+in the host's namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .support import Background, program, run
+
+DEVICE_CLIENT, DEVICE_PROXY = "10.231.1.2", "10.231.1.1"
+BACKEND_PROXY, BACKEND_SERVER = "10.231.2.1", "10.231.2.2"
+PORT = 5683
+
+
+def _why_no_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns add); running as uid %d" % os.geteuid()
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = f"clprobe-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"ip netns add is not available here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+@dataclass
+class Topology:
+    client: str
+    proxy: str
+    server: str
+
+    def exec(self, ns: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+
+def _sh(*argv: str) -> None:
+    run(argv, timeout=10, check=True)
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    reason = _why_no_netns()
+    if reason:
+        pytest.skip(reason)
+    tag = uuid.uuid4().hex[:8]
+    topo = Topology(client=f"cl-{tag}-client", proxy=f"cl-{tag}-proxy", server=f"cl-{tag}-server")
+    made: list[str] = []
+    try:
+        for ns in (topo.client, topo.proxy, topo.server):
+            _sh("ip", "netns", "add", ns)
+            made.append(ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # Both ends of each pair are born inside their namespaces: no host-side names to clash.
+        _sh("ip", "link", "add", "dev0", "netns", topo.client, "type", "veth",
+            "peer", "name", "dev0", "netns", topo.proxy)
+        _sh("ip", "link", "add", "back0", "netns", topo.proxy, "type", "veth",
+            "peer", "name", "back0", "netns", topo.server)
+        for ns, dev, addr in (
+            (topo.client, "dev0", DEVICE_CLIENT), (topo.proxy, "dev0", DEVICE_PROXY),
+            (topo.proxy, "back0", BACKEND_PROXY), (topo.server, "back0", BACKEND_SERVER),
+        ):
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield topo
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [ns for ns in made if ns in left], f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    run([program("coap-keys"), str(folder), "--server-host", BACKEND_SERVER,
+         "--proxy-host", DEVICE_PROXY], timeout=30, check=True)
+    return folder
+
+
+def test_client_reaches_server_only_through_proxy(
+    topology: Topology, keys: Path, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    server = Background(
+        topology.exec(topology.server, program("coap-server"), "--config",
+                      str(keys / "server.toml"), "--listen", f"coap://{BACKEND_SERVER}:{PORT}"),
+        stderr_file=tmp_path / "server.err",
+    )
+    proxy = Background(
+        topology.exec(topology.proxy, program("coap-proxy"),
+                      "--listen", f"coap://{DEVICE_PROXY}:{PORT}"),
+        stderr_file=tmp_path / "proxy.err",
+    )
+    try:
+        server.wait_line("listening coap://", timeout=15)
+        proxy.wait_line("ready", timeout=15)
+
+        # The client namespace has no route at all to the backend net.
+        route = run(topology.exec(topology.client, "ip", "route", "get", BACKEND_SERVER),
+                    timeout=10)
+        assert route.returncode != 0, route.stdout
+        assert "unreachable" in route.stderr.lower(), route.stderr
+
+        # Through the proxy: answered by the application server.
+        via_proxy = run(
+            topology.exec(topology.client, program("coap-client"), "-v", "-B", "10",
+                          "-P", f"coap://{DEVICE_PROXY}:{PORT}",
+                          f"coap://{BACKEND_SERVER}:{PORT}/hello"),
+            timeout=30,
+        )
+        assert via_proxy.returncode == 0, (via_proxy.stdout, via_proxy.stderr,
+                                           proxy.stderr(), server.stderr())
+        assert "Hello from coap-server" in via_proxy.stdout, via_proxy.stdout
+        assert "2.05" in via_proxy.stdout + via_proxy.stderr
+
+        # Straight to the server: fails at once (no route), long before the 10 s bound.
+        t0 = time.monotonic()
+        direct = run(
+            topology.exec(topology.client, program("coap-client"), "-B", "10",
+                          f"coap://{BACKEND_SERVER}:{PORT}/hello"),
+            timeout=30,
+        )
+        direct_took = time.monotonic() - t0
+        assert direct.returncode != 0, direct.stdout
+        assert "Hello" not in direct.stdout
+        assert direct_took < 5, f"direct request took {direct_took:.1f} s: no fast failure"
+        # aiocoap resolves even address literals with getaddrinfo(AI_ADDRCONFIG-like flags),
+        # which finds nothing usable without a route: either wording means "no way there".
+        assert direct.returncode not in (0, 6), (direct.returncode, direct.stderr)
+        assert re.search(r"unreachable|no address information", direct.stderr, re.I), (
+            direct.stderr)
+
+        # The same request from the proxy's namespace works: the server is up and reachable
+        # from where it should be, so the client's failure is the topology's doing.
+        from_proxy = run(
+            topology.exec(topology.proxy, program("coap-client"), "-B", "10",
+                          f"coap://{BACKEND_SERVER}:{PORT}/hello"),
+            timeout=30,
+        )
+        assert from_proxy.returncode == 0, from_proxy.stderr
+        assert "Hello from coap-server" in from_proxy.stdout
+    finally:
+        proxy.stop()
+        server.stop()
+    assert time.monotonic() - started < 30
