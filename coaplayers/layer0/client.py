@@ -237,8 +237,10 @@ class Layer0Channel:
         if isinstance(credentials, CertificateCredentials):
             self._ssl_context = build_context(credentials, server=False)
         elif not isinstance(credentials, PskClientCredentials):
-            raise TypeError("Layer 0 client credentials must be PskClientCredentials or "
-                            f"CertificateCredentials, not {type(credentials).__name__}")
+            raise TypeError(
+                "Layer 0 client credentials must be PskClientCredentials or "
+                f"CertificateCredentials, not {type(credentials).__name__}"
+            )
         self._tickets = tickets if tickets is not None else TicketStore()
         self._session: DtlsSession | None = None
         self._path: tuple[str, ...] = WELL_KNOWN_PATH
@@ -589,9 +591,7 @@ class Layer0Channel:
             finally:
                 self._pending.pop(this_token, None)
 
-    async def _blockwise(
-        self, message: Message, observation: Layer0Observation | None
-    ) -> Message:
+    async def _blockwise(self, message: Message, observation: Layer0Observation | None) -> Message:
         for number in OUTER_ONLY_OPTIONS:
             message.opt.delete_option(number)
         payload = bytes(message.payload)

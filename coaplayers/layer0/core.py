@@ -391,9 +391,7 @@ class TunnelCore:
         self.stats.resumed += int(event.resumed)
         log.info("session %s established (%s, resumed=%s)", s.sid, mode, event.resumed)
         while self.established_count > self.limits.max_sessions:
-            victim = next(
-                sid for sid, v in self.sessions.items() if v.established and v is not s
-            )
+            victim = next(sid for sid, v in self.sessions.items() if v.established and v is not s)
             self.stats.evicted += 1
             log.info("session limit %d: evicting %s", self.limits.max_sessions, victim)
             self.remove(victim)

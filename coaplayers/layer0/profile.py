@@ -1,4 +1,4 @@
-"""The numbers of the project's Layer 0 (ATLS) profile, in one place; docs/PROTOCOL.md explains each.
+"""The numbers of the Layer 0 (ATLS) profile, in one place; docs/PROTOCOL.md explains each.
 
 Kept apart from the code that uses them so that a peer implementer (and the tests) can read the
 whole wire contract from one short module.
@@ -14,7 +14,7 @@ WELL_KNOWN_PATH: Final = (".well-known", "atls")
 """The tunnel entry resource: a client POSTs its first ClientHello here."""
 
 CONTENT_FORMAT: Final = 65000
-"""``application/vnd.coaplayers.atls-records`` (experimental range): one or more DTLS 1.2 records."""
+"""``application/vnd.coaplayers.atls-records`` (experimental range): DTLS 1.2 records."""
 
 MAX_DATAGRAM: Final = 1024
 """Largest outer payload either side sends: one RFC 7959 block, so that no proxy (libcoap's

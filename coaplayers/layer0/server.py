@@ -1,4 +1,4 @@
-"""The server side of Layer 0: an aiocoap resource that wraps an existing :class:`~aiocoap.resource.Site`.
+"""The server side of Layer 0: an aiocoap resource wrapping an existing aiocoap ``Site``.
 
 :class:`Layer0Site` is the thin asyncio shell around :class:`~coaplayers.layer0.core.TunnelCore`.
 Give it as the ``serversite`` of any aiocoap server context (plain UDP, or the Layer 1 coaps
@@ -72,8 +72,10 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
         return TinyDtlsListener(credentials, config)
     if isinstance(credentials, CertificateCredentials):
         return OpenSslListener(credentials, config)
-    raise TypeError(f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
-                    f"not {type(credentials).__name__}")
+    raise TypeError(
+        f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
+        f"not {type(credentials).__name__}"
+    )
 
 
 class Layer0Remote(interfaces.EndpointAddress):
@@ -322,8 +324,9 @@ class Layer0Site(interfaces.Resource):
         except InnerMessageError:
             plaintext = inner.encode(token, Message(code=Code.INTERNAL_SERVER_ERROR))
         if len(plaintext) > MAX_INNER:
-            log.warning("session %s: inner response of %d bytes does not fit a record",
-                        sid, len(plaintext))
+            log.warning(
+                "session %s: inner response of %d bytes does not fit a record", sid, len(plaintext)
+            )
             plaintext = inner.encode(token, Message(code=Code.INTERNAL_SERVER_ERROR))
         try:
             return self.core.seal(sid, plaintext)
@@ -351,7 +354,9 @@ class Layer0Site(interfaces.Resource):
         if self._sweeper is not None:
             return
         loop = asyncio.get_running_loop()
-        period = max(0.5, min(10.0, self.limits.handshake_timeout / 2, self.limits.idle_timeout / 2))
+        period = max(
+            0.5, min(10.0, self.limits.handshake_timeout / 2, self.limits.idle_timeout / 2)
+        )
 
         def sweep() -> None:
             self.core.expire(loop.time())

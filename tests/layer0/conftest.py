@@ -76,7 +76,9 @@ class Credentials:
             ca = pki.make_ca("layer0 test CA")
             srv = pki.issue(ca, "origin.test", names=["origin.test"])
             cli = pki.issue(ca, "device-cert-1")
-            self.server = CertificateCredentials([srv.certificate], srv.private_key, [ca.certificate])
+            self.server = CertificateCredentials(
+                [srv.certificate], srv.private_key, [ca.certificate]
+            )
             self.client = CertificateCredentials(
                 [cli.certificate], cli.private_key, [ca.certificate], server_name="origin.test"
             )
@@ -87,7 +89,11 @@ class Origin:
     """The application server: an aiocoap server context serving a Layer0Site, restartable."""
 
     def __init__(
-        self, creds: Credentials, *, policy: Policy | None = None, limits: ServerLimits | None = None
+        self,
+        creds: Credentials,
+        *,
+        policy: Policy | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.creds = creds
         self.port = free_port()
@@ -150,7 +156,7 @@ class ProxyProcess:
 
     async def start(self) -> None:
         self.starts += 1
-        log = open(self.log_dir / f"{self.kind}-proxy-{self.starts}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"{self.kind}-proxy-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         await coap_ping("127.0.0.1", self.port, timeout=15.0)
@@ -213,7 +219,11 @@ async def start_origin() -> AsyncIterator:
 
 
 def channel(
-    ctx: aiocoap.Context, origin_uri: str, creds: Credentials, proxy: str | None = None, **kw: object
+    ctx: aiocoap.Context,
+    origin_uri: str,
+    creds: Credentials,
+    proxy: str | None = None,
+    **kw: object,
 ) -> Layer0Channel:
     from coaplayers.layer0 import ChannelConfig
 

@@ -202,6 +202,7 @@ async def test_server_restart_leads_to_a_new_handshake(start_origin, start_proxy
     await ch.close()
 
 
+@pytest.mark.timeout(400)
 async def test_fifty_requests_with_20_percent_loss_on_each_hop(
     start_origin, start_proxy, client_context
 ):

@@ -1,0 +1,134 @@
+"""Print the byte-exact examples of docs/PROTOCOL.md: ``python -m coaplayers.layer0.examples``.
+
+Inner messages are deterministic. The tunnel exchange is a real PSK handshake and one request,
+driven in memory through :class:`~coaplayers.layer0.core.TunnelCore` (no sockets); its DTLS bytes
+differ on every run (randoms, keys), the framing around them does not.
+"""
+
+from __future__ import annotations
+
+from aiocoap import Message
+from aiocoap.message import UndecidedRemote
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
+
+from ..dtls import ApplicationData, PskClientCredentials, PskStore, TinyDtlsSession
+from . import inner
+from .core import Answer, TunnelCore
+from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH
+from .server import layer0_config, make_listener
+
+
+def _hex(data: bytes) -> str:
+    return " ".join(data[i : i + 32].hex() for i in range(0, len(data), 32))
+
+
+def _outer_request(mid: int, path: tuple[str, ...], payload: bytes) -> bytes:
+    m = Message(code=Code.POST)
+    m.mtype, m.mid, m.token = Type.CON, mid, b"\x7a" + bytes([mid & 0xFF])
+    m.remote = UndecidedRemote("coap", "origin.example")
+    m.opt.uri_path = path
+    if payload:
+        m.opt.content_format = CONTENT_FORMAT
+    m.payload = payload
+    return m.encode()
+
+
+def _outer_response(mid: int, answer: Answer) -> bytes:
+    m = Message(code=answer.code)
+    m.mtype, m.mid, m.token = Type.ACK, mid, b"\x7a" + bytes([mid & 0xFF])
+    if answer.location:
+        m.opt.location_path = answer.location
+    if answer.carries_records:
+        m.opt.content_format = CONTENT_FORMAT
+    m.payload = answer.payload
+    return m.encode()
+
+
+def inner_examples() -> list[tuple[str, bytes]]:
+    return [
+        (
+            "GET /temperature, token 00000001",
+            inner.encode(b"\0\0\0\1", Message(code=Code.GET, uri_path=["temperature"])),
+        ),
+        (
+            "2.05 Content, text/plain, payload '22.5 C', token 00000001",
+            inner.encode(
+                b"\0\0\0\1", Message(code=Code.CONTENT, content_format=0, payload=b"22.5 C")
+            ),
+        ),
+        (
+            "GET /counter with Observe: 0, token 00000002",
+            inner.encode(b"\0\0\0\2", Message(code=Code.GET, uri_path=["counter"], observe=0)),
+        ),
+        (
+            "4.03 Forbidden (policy), token 00000003",
+            inner.encode(b"\0\0\0\3", Message(code=Code.FORBIDDEN)),
+        ),
+    ]
+
+
+def tunnel_example() -> list[tuple[str, bytes]]:
+    creds = PskClientCredentials(b"device-1", b"0123456789abcdef")
+    core = TunnelCore(
+        make_listener(PskStore({creds.identity: creds.key})), random=lambda n: b"\x01" * n
+    )
+    client = TinyDtlsSession.client(creds, layer0_config())
+    client.connect(0.0)
+    out: list[tuple[str, bytes]] = []
+    path = WELL_KNOWN_PATH
+    mid = 0x1000
+    queue = client.datagrams_to_send()
+    while not client.is_established:
+        datagram = queue.pop(0) if queue else b""
+        out.append(
+            (f"request {mid:#06x} POST /{'/'.join(path)}", _outer_request(mid, path, datagram))
+        )
+        if path == WELL_KNOWN_PATH:
+            answer = core.entry(("coap", "192.0.2.1:5683"), datagram, 0.0)
+        else:
+            answer = (
+                core.datagram(path[-1], datagram, 0.0)[0]
+                if datagram
+                else core.pull(path[-1], 0.0) or Answer(Code.CHANGED)
+            )
+        out.append((f"response {mid:#06x} {answer.code}", _outer_response(mid, answer)))
+        if answer.location:
+            path = answer.location
+        if answer.payload:
+            client.receive_datagram(answer.payload, 0.0)
+        queue += client.datagrams_to_send()
+        mid += 1
+    while client.next_event():
+        pass
+    token = b"\0\0\0\1"
+    client.send(inner.encode(token, Message(code=Code.GET, uri_path=["temperature"])))
+    datagram = b"".join(client.datagrams_to_send())
+    out.append(
+        (f"request {mid:#06x} protected GET /temperature", _outer_request(mid, path, datagram))
+    )
+    answer, plaintexts = core.datagram(path[-1], datagram, 0.0)
+    assert inner.decode(plaintexts[0]).message.opt.uri_path == ("temperature",)
+    record = core.seal(
+        path[-1],
+        inner.encode(token, Message(code=Code.CONTENT, content_format=0, payload=b"22.5 C")),
+    )
+    answer = Answer(Code.CHANGED, record)
+    out.append((f"response {mid:#06x} protected 2.05 inside", _outer_response(mid, answer)))
+    client.receive_datagram(record, 0.0)
+    event = client.next_event()
+    assert isinstance(event, ApplicationData)
+    return out
+
+
+def main() -> None:
+    print("## Inner messages\n")
+    for title, data in inner_examples():
+        print(f"{title}:\n    {_hex(data)}\n")
+    print("## A PSK tunnel: handshake, then one protected request\n")
+    for title, data in tunnel_example():
+        print(f"{title} ({len(data)} bytes):\n    {_hex(data)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The tunnel's wire contract without sockets: inner encoding, policy, and every outer answer
+of docs/PROTOCOL.md produced by the sans-I/O core with a real engine driven in memory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from aiocoap import Message
+from aiocoap.numbers.codes import Code
+
+from coaplayers.dtls import PskClientCredentials, PskStore, TinyDtlsSession
+from coaplayers.layer0 import InnerMessageError, Policy, ServerLimits, TunnelCore, inner
+from coaplayers.layer0.examples import inner_examples
+from coaplayers.layer0.profile import WELL_KNOWN_PATH
+from coaplayers.layer0.server import layer0_config, make_listener
+
+CREDS = PskClientCredentials(b"dev-1", b"0123456789abcdef")
+PEER = ("coap", "192.0.2.1:5683")
+
+
+def test_inner_roundtrip_and_rejections() -> None:
+    msg = Message(code=Code.POST, uri_path=["a", "b"], payload=b"xyz", content_format=0)
+    decoded = inner.decode(inner.encode(b"\x01\x02", msg))
+    assert decoded.token == b"\x01\x02"
+    assert decoded.message.code == Code.POST and decoded.message.payload == b"xyz"
+    assert decoded.message.opt.uri_path == ("a", "b")
+    for bad in (b"", b"\x09" + b"\0" * 10, b"\x02\x01", b"\x00\x01\xff", b"\x00\x45\x0d"):
+        with pytest.raises(InnerMessageError):
+            inner.decode(bad)
+    with pytest.raises(InnerMessageError):  # Uri-Host is outer only
+        inner.encode(b"", Message(code=Code.GET, uri_host="x"))
+
+
+def test_protocol_doc_inner_examples_match_the_implementation() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
+    for _title, data in inner_examples():
+        assert re.search(data.hex(), doc.replace(" ", "")), f"{data.hex()} missing from the doc"
+
+
+def test_policy_prefixes_and_grants() -> None:
+    p = Policy.build(protected=["/secure"], grants={b"dev-1": ["/secure/a"], "other": ["/"]})
+    assert p.requires_layer0(("secure", "x")) and not p.requires_layer0(("securex",))
+    assert not p.requires_layer0(WELL_KNOWN_PATH)
+    assert p.allows("dev-1", ("secure", "a", "1")) and not p.allows("dev-1", ("secure", "b"))
+    assert p.allows("other", ("anything",)) and not p.allows("nobody", ("anything",))
+    assert not p.allows("other", (*WELL_KNOWN_PATH, "x"))
+
+
+def handshake(core: TunnelCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]:
+    client = TinyDtlsSession.client(CREDS, layer0_config())
+    client.connect(now)
+    sid = None
+    queue = client.datagrams_to_send()
+    for _ in range(10):
+        datagram = queue.pop(0) if queue else b""
+        if sid is None:
+            answer = core.entry(PEER, datagram, now)
+        else:
+            answer = core.datagram(sid, datagram, now)[0] if datagram else core.pull(sid, now)
+        assert answer is not None and answer.code in (Code.CREATED, Code.CHANGED)
+        if answer.location:
+            sid = answer.location[-1]
+        if answer.payload:
+            client.receive_datagram(answer.payload, now)
+        queue += client.datagrams_to_send()
+        if client.is_established:
+            assert sid is not None
+            return client, sid
+    raise AssertionError("no handshake")
+
+
+def core(**limits: float) -> TunnelCore:
+    listener = make_listener(PskStore({CREDS.identity: CREDS.key}))
+    return TunnelCore(listener, ServerLimits(**limits))  # type: ignore[arg-type]
+
+
+def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> None:
+    c = core()
+    client = TinyDtlsSession.client(CREDS, layer0_config())
+    client.connect(0.0)
+    ch1 = client.datagrams_to_send()[0]
+    hvr = c.entry(PEER, ch1, 0.0)
+    assert hvr.code == Code.CHANGED and hvr.location is None and not c.sessions
+    client.receive_datagram(hvr.payload, 0.0)
+    ch2 = client.datagrams_to_send()[0]
+    created = c.entry(PEER, ch2, 0.0)
+    again = c.entry(PEER, ch2, 0.0)  # our 2.01 was lost; the client repeats
+    assert created.code == again.code == Code.CREATED
+    assert created.location == again.location and created.payload == again.payload
+    assert len(c.sessions) == 1 and c.half_open_count == 1
+    assert c.entry(PEER, b"not a client hello", 0.0).code == Code.BAD_REQUEST
+
+
+def test_outer_answers_of_an_established_session() -> None:
+    c = core()
+    client, sid = handshake(c)
+    assert c.established_count == 1 and c.half_open_count == 0
+    client.send(inner.encode(b"\1", Message(code=Code.GET, uri_path=["x"])))
+    record = b"".join(client.datagrams_to_send())
+    answer, plaintexts = c.datagram(sid, record, 1.0)
+    assert answer.code == Code.CHANGED and inner.decode(plaintexts[0]).token == b"\1"
+    replay, nothing = c.datagram(sid, record, 1.0)
+    assert replay.code == Code.UNAUTHORIZED and nothing == []
+    flipped = bytearray(record)
+    flipped[-3] ^= 1
+    client.send(b"\x00\x01")
+    assert c.datagram(sid, bytes(flipped), 1.0)[0].code == Code.UNAUTHORIZED
+    assert c.datagram(sid, b"garbage", 1.0)[0].code == Code.BAD_REQUEST
+    assert c.datagram("nosuchid", record, 1.0)[0].code == Code.NOT_FOUND
+    client.send(b"\x00\x01")
+    bare_delete = c.datagram(sid, b"".join(client.datagrams_to_send()), 1.0, delete=True)
+    assert bare_delete[0].code == Code.UNAUTHORIZED and sid in c.sessions
+    client.close()
+    bye = c.datagram(sid, b"".join(client.datagrams_to_send()), 1.0, delete=True)[0]
+    assert bye.code == Code.DELETED and sid not in c.sessions
+
+
+def test_limits_half_open_lru_and_idle() -> None:
+    c = core(max_half_open=1, max_sessions=2, idle_timeout=10.0, handshake_timeout=5.0)
+    first = TinyDtlsSession.client(CREDS, layer0_config())
+    first.connect(0.0)
+    hvr = c.entry(PEER, first.datagrams_to_send()[0], 0.0)
+    first.receive_datagram(hvr.payload, 0.0)
+    assert c.entry(PEER, first.datagrams_to_send()[0], 0.0).code == Code.CREATED
+    second = TinyDtlsSession.client(CREDS, layer0_config())
+    second.connect(0.0)
+    hvr = c.entry(PEER, second.datagrams_to_send()[0], 0.0)
+    second.receive_datagram(hvr.payload, 0.0)
+    busy = c.entry(PEER, second.datagrams_to_send()[0], 0.0)
+    assert busy.code == Code.SERVICE_UNAVAILABLE and not busy.carries_records
+    assert c.expire(5.0) and c.half_open_count == 0  # the stale half-open one is gone
+
+    sids = [handshake(c, now=6.0 + i)[1] for i in range(3)]
+    assert c.established_count == 2 and sids[0] not in c.sessions  # least recently used
+    assert c.stats.evicted == 1
+    assert set(c.expire(100.0)) == set(sids[1:]) and not c.sessions
