@@ -140,7 +140,7 @@ def e2e_options(args: argparse.Namespace) -> E2EClientOptions | None:
         )
     cert = None
     if args.e2e_cert or args.e2e_key:
-        cert = cfg.certificate_from(args.e2e_cert, args.e2e_key, args.e2e_ca, what="--e2e")
+        cert = cfg.certificate_from(args.e2e_cert, args.e2e_key, args.e2e_ca, what="e2e-")
     elif args.e2e_ca:
         cert = dtls.CertificateCredentials.trust_only(args.e2e_ca)
     if psk is None and cert is None:

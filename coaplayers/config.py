@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from . import dtls
 from .dtls import ConfigurationError
 
@@ -50,16 +52,55 @@ def merge_config(
         if action is None:
             raise ConfigurationError(f"unknown configuration key {key!r}")
         current = getattr(args, action.dest)
-        if current not in (None, [], False):
+        if not _unset(action, current):
             continue  # the command line wins
+        value = _checked(key, action, value)
         if isinstance(action, argparse._AppendAction):
-            if not isinstance(value, list):
-                value = [value]
             value = [_path(base, action, v) for v in value]
         elif isinstance(value, str):
             value = _path(base, action, value)
         setattr(args, action.dest, value)
     return args
+
+
+def _unset(action: argparse.Action, current: Any) -> bool:
+    if isinstance(action, argparse._CountAction):
+        return not current
+    return current is None or current == [] or current is False
+
+
+def _checked(key: str, action: argparse.Action, value: Any) -> Any:
+    """The file's value in the form the flag would have produced, or a clear error."""
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in items):
+            raise ConfigurationError(f"configuration key {key!r} must be a string or a list of"
+                                     " strings")
+        return items
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"configuration key {key!r} must be true or false")
+        return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool):
+            return int(value)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"configuration key {key!r} must be a number or a boolean")
+        return value
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigurationError(f"configuration key {key!r} must be a number")
+        try:
+            value = action.type(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"configuration key {key!r} must be a number") from exc
+    elif not isinstance(value, str):
+        raise ConfigurationError(f"configuration key {key!r} must be a string")
+    if action.choices is not None and value not in action.choices:
+        raise ConfigurationError(
+            f"configuration key {key!r} must be one of {', '.join(map(str, action.choices))}"
+        )
+    return value
 
 
 _PATH_METAVARS = ("FILE", "PEM")
@@ -87,9 +128,9 @@ def psk_store_from(pairs: Iterable[str] = (), files: Iterable[str] = ()) -> dtls
     for pair in pairs:
         store.add(*parse_psk_pair(pair))
     for file in files:
-        dtls.check_key_file_permissions(file)
         try:
             data = json.loads(Path(file).read_text())
+            dtls.check_key_file_permissions(file)
         except OSError as exc:
             raise ConfigurationError(f"cannot read PSK file {file}: {exc.strerror}") from exc
         except json.JSONDecodeError as exc:
@@ -109,13 +150,28 @@ def certificate_from(
     cert: str | None, key: str | None, ca: str | None, *, require_peer: bool = True,
     server_name: str | None = None, what: str = "",
 ) -> dtls.CertificateCredentials | None:
-    """Certificate credentials from PEM files, or None when none are given."""
+    """Certificate credentials from PEM files, or None when none are given.
+
+    ``what`` prefixes the flag names in messages (``"e2e-"`` names ``--e2e-cert``).
+    """
     if not cert and not key:
         if ca:
-            raise ConfigurationError(f"{what}--ca needs {what}--cert and {what}--key too")
+            raise ConfigurationError(f"--{what}ca needs --{what}cert and --{what}key too")
         return None
     if not (cert and key):
-        raise ConfigurationError(f"{what}--cert and {what}--key must be given together")
-    return dtls.CertificateCredentials.from_files(
+        raise ConfigurationError(f"--{what}cert and --{what}key must be given together")
+    creds = dtls.CertificateCredentials.from_files(
         cert, key, ca, require_peer=require_peer, server_name=server_name
     )
+    # A key that does not belong to the certificate would only show up as a handshake failure
+    # on the peer's side, far from the mistake; refuse it at start.
+    leaf_key = creds.certificate_chain[0].public_key().public_bytes(*_SPKI)
+    assert creds.private_key is not None
+    if creds.private_key.public_key().public_bytes(*_SPKI) != leaf_key:
+        raise ConfigurationError(
+            f"--{what}key {key} is not the private key of the certificate in --{what}cert {cert}"
+        )
+    return creds
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

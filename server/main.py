@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ examples:
 
 resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
 Each bound address is printed on stdout as "listening URI" (port 0 -> the real port).
+A key file readable by other users gets a warning on stderr.
+Exit status: 0 after SIGINT/SIGTERM, 2 for configuration errors, 1 if binding failed.
 """
 
 
@@ -78,21 +81,21 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         psk_store=cfg.psk_store_from(args.e2e_psk),
         certificate=cfg.certificate_from(
             args.e2e_cert, args.e2e_key, args.e2e_ca, require_peer=bool(args.e2e_ca),
-            what="--e2e",
+            what="e2e-",
         ),
         required=bool(args.e2e_required),
     )
     site: Any = wrap_site(build_site(), e2e)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     ctx = await layer1.create_context(
         site, listen=args.listen, psk_store=psk_store, certificate=certificate,
         loggername="coap-server",
     )
     for uri in ctx.bound:
         print(f"listening {uri}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -110,15 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    logging.captureWarnings(True)
+    warnings.showwarning = _warn_line
     try:
         return asyncio.run(serve(args))
     except dtls.ConfigurationError as exc:
         print(f"coap-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"coap-server: {exc}", file=sys.stderr)
+        print(f"coap-server: cannot listen on {', '.join(args.listen)}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings (such as a key file readable by others) as one line on stderr."""
+    print(f"coap-server: warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import math
 import time
 
 import aiocoap
 import aiocoap.resource as resource
+import cbor2
 from aiocoap.numbers.contentformat import ContentFormat
 
 from coaplayers.identity import describe_peer
@@ -28,9 +30,24 @@ class Hello(resource.Resource):
 
 
 class Time(resource.Resource):
+    """The server's clock (UTC, ISO 8601) as text, or as JSON or CBOR on request (Accept)."""
+
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        return aiocoap.Message(payload=now.encode(), content_format=ContentFormat.TEXT)
+        accept = request.opt.accept
+        if accept is None or accept == ContentFormat.TEXT:
+            return aiocoap.Message(payload=now.encode(), content_format=ContentFormat.TEXT)
+        if accept == ContentFormat.JSON:
+            return aiocoap.Message(
+                payload=json.dumps({"time": now}).encode(), content_format=ContentFormat.JSON
+            )
+        if accept == ContentFormat.CBOR:
+            return aiocoap.Message(
+                payload=cbor2.dumps({"time": now}), content_format=ContentFormat.CBOR
+            )
+        return aiocoap.Message(
+            code=aiocoap.NOT_ACCEPTABLE, payload=b"/time speaks text/plain, JSON and CBOR"
+        )
 
 
 class Echo(resource.Resource):
@@ -55,7 +72,9 @@ class Temperature(resource.ObservableResource):
 
     def update_observation_count(self, count: int) -> None:
         if count and self._handle is None:
-            self._tick()
+            # The registering GET carries the current value; the first notification is due
+            # a second later, when the value has changed.
+            self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
         elif not count and self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -64,11 +83,20 @@ class Temperature(resource.ObservableResource):
         self.updated_state()
         self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
 
+    @staticmethod
+    def reading(t: float) -> float:
+        """A slow wave plus a per-second wobble; consecutive seconds never read the same.
+
+        The wobble ((3 s) mod 7, in steps of 0.05) moves by at least 0.15 per second, more
+        than the wave can (2.5 / 30 per second), so two-decimal values always differ.
+        """
+        s = int(t)
+        return 21.0 + 2.5 * math.sin(s / 30.0) + ((3 * s) % 7) * 0.05
+
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        t = time.time()
-        value = 21.0 + 2.5 * math.sin(t / 30.0) + (int(t) % 7) * 0.01
         return aiocoap.Message(
-            payload=f"{value:.2f} C".encode(), content_format=ContentFormat.TEXT
+            payload=f"{self.reading(time.time()):.2f} C".encode(),
+            content_format=ContentFormat.TEXT,
         )
 
 
