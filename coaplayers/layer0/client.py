@@ -38,6 +38,7 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
+from OpenSSL import SSL
 
 from ..dtls import (
     AlertReceived,
@@ -209,7 +210,8 @@ class Layer0Channel:
     Layer 1 when the origin or proxy URI is ``coaps://``). ``credentials`` are Layer 0's own:
     :class:`PskClientCredentials` (tinydtls) or :class:`CertificateCredentials` (OpenSSL).
     ``proxy`` is a forward proxy's URI (``coap://proxy:5683``). ``tickets`` keeps resumption
-    state (OpenSSL only); share one store between channels to resume across them.
+    state (OpenSSL only); to resume across channels, share one store and one ``ssl_context``
+    (from :func:`coaplayers.dtls.build_context`): OpenSSL resumes only within one context.
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class Layer0Channel:
         proxy: str | None = None,
         config: ChannelConfig | None = None,
         tickets: TicketStore | None = None,
+        ssl_context: SSL.Context | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(origin)
         if parsed.scheme not in ("coap", "coaps", "coap+tcp", "coaps+tcp") or not parsed.hostname:
@@ -233,9 +236,10 @@ class Layer0Channel:
         self._proxy = UndecidedRemote.from_pathless_uri(proxy) if proxy else None
         self.config = config or ChannelConfig()
         self._credentials = credentials
-        self._ssl_context = None
+        self._ssl_context = ssl_context
         if isinstance(credentials, CertificateCredentials):
-            self._ssl_context = build_context(credentials, server=False)
+            if ssl_context is None:
+                self._ssl_context = build_context(credentials, server=False)
         elif not isinstance(credentials, PskClientCredentials):
             raise TypeError(
                 "Layer 0 client credentials must be PskClientCredentials or "
@@ -412,12 +416,19 @@ class Layer0Channel:
         queue = dtls.datagrams_to_send()
         flight = list(queue)
         repeats = 0
+        heard_server = False
         done: HandshakeComplete | None = None
 
         def repeat_flight() -> None:
             nonlocal repeats, queue
             repeats += 1
             if repeats > self.config.max_flight_repeats:
+                if heard_server and isinstance(self._credentials, PskClientCredentials):
+                    raise HandshakeFailed(
+                        "the server answered our ClientHello but not our last flight: with PSK"
+                        " this is how a wrong key looks (the server drops what it cannot"
+                        " decrypt)"
+                    )
                 raise HandshakeFailed("the server does not answer our handshake flight")
             queue = list(flight)
 
@@ -448,6 +459,7 @@ class Layer0Channel:
             elif code != Code.CHANGED:
                 raise HandshakeFailed(f"unexpected outer answer {code} during the handshake")
             if resp.payload:
+                heard_server = True
                 dtls.receive_datagram(bytes(resp.payload), loop.time())
             while (event := dtls.next_event()) is not None:
                 if isinstance(event, HandshakeComplete):

@@ -1,0 +1,125 @@
+"""Layer 0 client and server over real UDP on loopback, no proxy: identity, policy,
+concurrency, resumption, limits and failure reporting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiocoap import GET, POST, Message
+from aiocoap.numbers.codes import Code
+
+from coaplayers.dtls import PskClientCredentials, TicketStore, build_context
+from coaplayers.layer0 import (
+    ChannelConfig,
+    HandshakeFailed,
+    Layer0Channel,
+    Policy,
+    ServerLimits,
+    SessionLost,
+)
+
+from .apps import TEXT_MARKER
+from .conftest import FastTuning, channel
+
+T = 20.0
+
+
+async def test_identity_policy_and_plain_access(start_origin, client_context):
+    policy = Policy.build(protected=["/text", "/whoami"], grants={"device-psk-1": ["/whoami"]})
+    origin = await start_origin("psk", policy=policy)
+    uri = f"coap://127.0.0.1:{origin.port}"
+    ch = channel(client_context, uri, origin.creds)
+    who = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["whoami"])).response, T)
+    assert who.payload == b"device-psk-1"
+    denied = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert denied.code == Code.FORBIDDEN
+    tunnel = Message(code=GET, uri_path=[".well-known", "atls"])
+    assert (await asyncio.wait_for(ch.request(tunnel).response, T)).code == Code.FORBIDDEN
+    plain = await client_context.request(Message(code=GET, uri=f"{uri}/text")).response
+    assert plain.code == Code.UNAUTHORIZED
+    public = await client_context.request(Message(code=GET, uri=f"{uri}/public/text")).response
+    assert public.code == Code.CONTENT  # not protected: served plainly as before
+    await ch.close()
+    assert origin.layer0.core.sessions == {}  # close_notify ended it on the server
+
+
+async def test_concurrent_requests_share_one_session(start_origin, client_context):
+    origin = await start_origin("psk")
+    ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds)
+    reqs = [ch.request(Message(code=GET, uri_path=["text"])) for _ in range(20)]
+    posts = [
+        ch.request(Message(code=POST, uri_path=["echo"], payload=b"n%d" % i)) for i in range(10)
+    ]
+    got = await asyncio.wait_for(asyncio.gather(*(r.response for r in reqs + posts)), T)
+    assert all(r.payload == b"hello " + TEXT_MARKER for r in got[:20])
+    assert [r.payload for r in got[20:]] == [b"n%d" % i for i in range(10)]
+    assert ch.handshakes == 1 and origin.layer0.core.stats.handshakes == 1
+    await ch.close()
+
+
+async def test_certificate_mode_resumes_across_channels(start_origin, client_context):
+    origin = await start_origin("cert")
+    tickets = TicketStore()
+    shared = build_context(origin.creds.client, server=False)
+    uri = f"coap://127.0.0.1:{origin.port}"
+    config = ChannelConfig(transport_tuning=FastTuning())
+    first = Layer0Channel(
+        client_context, uri, origin.creds.client, config=config, tickets=tickets, ssl_context=shared
+    )
+    assert (await asyncio.wait_for(first.connect(), T)).resumed is False
+    assert first.last_handshake.peer_identity == "origin.test"
+    key = first.export_keying_material(b"EXPORTER-test", 16)
+    await first.close()
+    second = Layer0Channel(
+        client_context, uri, origin.creds.client, config=config, tickets=tickets, ssl_context=shared
+    )
+    r = await asyncio.wait_for(second.request(Message(code=GET, uri_path=["whoami"])).response, T)
+    assert r.payload == b"device-cert-1"
+    assert second.last_handshake.resumed is True
+    assert second.export_keying_material(b"EXPORTER-test", 16) != key
+    assert origin.layer0.core.stats.resumed == 1
+    await second.close()
+
+
+async def test_evicted_session_non_idempotent_is_not_resent(start_origin, client_context):
+    origin = await start_origin("psk", limits=ServerLimits(max_sessions=1, poll_hold=2.0))
+    uri = f"coap://127.0.0.1:{origin.port}"
+    a, b = channel(client_context, uri, origin.creds), channel(client_context, uri, origin.creds)
+    await asyncio.wait_for(a.connect(), T)
+    await asyncio.wait_for(b.connect(), T)  # evicts a's session (least recently used)
+    assert origin.layer0.core.stats.evicted == 1
+    echo = origin.resources["echo"]
+    with pytest.raises(SessionLost):
+        await asyncio.wait_for(
+            a.request(Message(code=POST, uri_path=["echo"], payload=b"x")).response, T
+        )
+    assert echo.calls == 0
+    again = await asyncio.wait_for(a.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert again.code == Code.CONTENT and a.handshakes == 2
+    await a.close()
+    await b.close()
+
+
+async def test_wrong_psk_fails_with_a_useful_error(start_origin, client_context):
+    origin = await start_origin("psk")
+    wrong = PskClientCredentials(b"device-psk-1", b"not-the-right-k!")
+    config = ChannelConfig(transport_tuning=FastTuning(), handshake_timeout=5.0)
+    ch = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
+    with pytest.raises(HandshakeFailed) as info:
+        await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert "wrong key" in str(info.value)
+    assert origin.resources["text"].calls == 0
+    await ch.close()
+
+
+async def test_half_open_limit_answers_503(start_origin, client_context):
+    from coaplayers.layer0 import ServerBusy
+
+    origin = await start_origin("psk", limits=ServerLimits(max_half_open=1))
+    core = origin.layer0.core
+    core._half_open.add("pretend")  # one slot taken by a stuck handshake
+    ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds)
+    with pytest.raises(ServerBusy):
+        await asyncio.wait_for(ch.connect(), T)
+    assert core.stats.busy == 1 and not core.sessions
