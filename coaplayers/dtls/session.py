@@ -152,10 +152,13 @@ class DtlsSession(abc.ABC):
         """Send application data as one record; only once the handshake is complete.
 
         Data larger than :attr:`max_send_size` raises :class:`DtlsError` and leaves the
-        session open (it would not fit one datagram of the configured MTU).
+        session open (it would not fit one datagram of the configured MTU). Empty data sends
+        nothing: OpenSSL's SSL_write of zero bytes fails and would end the session.
         """
         if self.state is not State.ESTABLISHED:
             raise SessionClosed(f"cannot send application data in state {self.state.value}")
+        if not data:
+            return
         limit = self.max_send_size
         if limit is not None and len(data) > limit:
             raise DtlsError(

@@ -197,3 +197,20 @@ def test_half_open_server_session_survives_mutated_client_flights(backend: str) 
         server.abort()
 
     feed()
+
+
+@pytest.mark.parametrize("backend", sorted(peers.BACKENDS))
+def test_sending_empty_application_data_keeps_the_session(backend: str) -> None:
+    """Found by the Layer 0 fuzzing: OpenSSL's SSL_write of zero bytes failed and ended the
+    session ("Unexpected EOF"); an empty send now sends nothing on both backends."""
+    new_client, new_listener = peers.BACKENDS[backend]
+    client, listener = new_client(peers.L0_CONFIG), new_listener(peers.L0_CONFIG)
+    _, _, again = peers.cookie_exchange(client, listener, ("empty", 1))
+    _, server = listener.accept(("empty", 1), again, 0.0)
+    assert server is not None and finish_handshake(client, server)
+    client.send(b"")
+    assert client.is_established and client.datagrams_to_send() == []
+    client.send(b"after")
+    for d in client.datagrams_to_send():
+        server.receive_datagram(d, 1.0)
+    assert [e.data for e in iter(server.next_event, None) if hasattr(e, "data")] == [b"after"]
