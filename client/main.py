@@ -10,6 +10,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiocoap
@@ -17,7 +18,7 @@ from aiocoap.numbers.codes import Code
 
 from coaplayers import config as cfg
 from coaplayers import dtls, layer1
-from coaplayers.e2e import E2EClientOptions, open_requester
+from coaplayers.e2e import E2EClientOptions, PlainRequester, layer1_details, open_requester
 
 from . import output
 
@@ -39,9 +40,20 @@ examples:
   coap-client -P coap://proxy.example --e2e oscore --e2e-ca ca.pem \\
               coap://app.example/firmware -o fw.bin
 
+output: the payload on stdout (text as is, JSON pretty-printed, CBOR in diagnostic
+notation; binary only to a file (-o) or a pipe, never to a terminal). -v adds the response
+code, options and, per layer, the peer, mode and cipher suite on stderr. Block-wise downloads
+show a progress bar on stderr when stderr is a terminal.
+
+--config FILE.toml takes the long flag names as keys (or the option names: method, text,
+proxy, identity, key, ...); a flag on the command line wins over the file. End-to-end
+credentials from the file are used only when --e2e (flag or file) picks a mode.
+
 exit status: {EXIT_OK} for 2.xx; {EXIT_CLIENT_ERROR} for 4.xx; {EXIT_SERVER_ERROR} for 5.xx; \
-{EXIT_TIMEOUT} timeout; {EXIT_SECURITY} security failure (handshake, key, certificate); \
-{EXIT_USAGE} usage or configuration error; {EXIT_OTHER} other errors.
+{EXIT_TIMEOUT} no answer (timeout, or the port or host unreachable);
+{EXIT_SECURITY} security failure (handshake, key, certificate); \
+{EXIT_USAGE} usage or configuration error; {EXIT_OTHER} other errors (e.g. unknown host).
+Every failure prints one line on stderr naming what failed and the likely cause.
 """
 
 METHODS = {
@@ -99,7 +111,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
         args._config_dir = str(Path(args.config).parent)
-        cfg.merge_config(parser, args, cfg.load_toml(args.config))
+        e2e_on_command_line = {d: getattr(args, d) for d in _E2E_CREDENTIALS}
+        config = cfg.load_toml(args.config)
+        # In the file, "key" is the long flag --key (the certificate's key), as on the
+        # command line; the PSK (-k) has no long flag and is spelled "psk-key" there.
+        if "key" in config:
+            config["key-file"] = config.pop("key")
+        if "psk-key" in config:
+            config["key"] = config.pop("psk-key")
+        cfg.merge_config(parser, args, config)
+        if args.e2e is None:
+            # A file holding end-to-end credentials (as coap-keys writes them) must not force
+            # a mode: they wait for --e2e, and only flags given without it are a mistake.
+            for dest, value in e2e_on_command_line.items():
+                setattr(args, dest, value)
     if not args.uri:
         parser.error("a URI is required")
     if args.text is not None and args.file is not None:
@@ -107,6 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.identity is None) != (args.key is None):
         parser.error("-u and -k go together")
     return args
+
+
+_E2E_CREDENTIALS = ("e2e_psk_identity", "e2e_psk", "e2e_ca", "e2e_cert", "e2e_key")
 
 
 def layer1_credentials(args: argparse.Namespace) -> layer1.ClientCredentials:
@@ -184,22 +212,56 @@ async def run(args: argparse.Namespace) -> int:
         requester = await open_requester(ctx, proxy=args.proxy, e2e=e2e, target=args.uri)
         request = build_request(args)
         if args.observe is not None:
-            return await _observe(requester, request, args.observe, timeout, out)
-        pr = requester.request(request)
-        if out.progress_wanted():
-            out.attach_progress(pr)
-        response = await asyncio.wait_for(pr.response, timeout)
-        out.response(response, requester.describe(response))
+            return await _observe(requester, request, args.observe, timeout, out, ctx)
+        if (out.progress_wanted() and isinstance(requester, PlainRequester)
+                and request.code in (Code.GET, Code.FETCH)):
+            response = await asyncio.wait_for(
+                output.blockwise_with_progress(_sender(ctx, args.proxy), request, out.progress),
+                timeout,
+            )
+        else:
+            response = await asyncio.wait_for(requester.request(request).response, timeout)
+        out.response(response, describe(requester, response, ctx))
         return exit_code(response)
     finally:
+        out.close()
         await ctx.shutdown()
 
 
+def _sender(ctx: Any, proxy: str | None) -> Any:
+    """``request(message, handle_blockwise=...)`` of the context, or of the proxy forwarder."""
+    if proxy:
+        from aiocoap.proxy.client import ProxyForwarder
+
+        return ProxyForwarder(proxy, ctx.context).request
+    return ctx.context.request
+
+
+def describe(requester: Any, response: aiocoap.Message, ctx: Any) -> dict[str, Any]:
+    """Per-layer details for -v; the first hop's Layer 1 session also in end-to-end modes."""
+    layers: dict[str, Any] = dict(requester.describe(response))
+    if "layer 1" not in layers:
+        layers["layer 1"] = _first_hop(ctx)
+    return layers
+
+
+def _first_hop(ctx: Any) -> dict[str, Any] | None:
+    # The end-to-end requesters answer with the inner response, whose remote is the Layer 0
+    # session; the first hop's DTLS session is the one our Layer 1 transport holds as client.
+    for remote in list(getattr(ctx.layer1, "_remotes", {}).values()):
+        peer = getattr(remote, "peer", None)
+        if peer is not None and getattr(peer, "is_client", False) and peer.session is not None:
+            details = layer1_details(SimpleNamespace(remote=remote))
+            if details is not None:
+                return {"hop": remote.hostinfo, **details}
+    return {"mode": "none (plain CoAP on the first hop)"}
+
+
 async def _observe(requester: Any, request: aiocoap.Message, seconds: float, timeout: float,
-                   out: output.Printer) -> int:
+                   out: output.Printer, ctx: Any) -> int:
     pr = requester.request(request)
     first = await asyncio.wait_for(pr.response, timeout)
-    out.response(first, requester.describe(first))
+    out.response(first, describe(requester, first, ctx))
     if not first.code.is_successful() or pr.observation is None:
         return exit_code(first)
     loop = asyncio.get_running_loop()
@@ -235,26 +297,50 @@ def exit_code(response: aiocoap.Message) -> int:
     return EXIT_OTHER
 
 
-def classify(exc: BaseException) -> tuple[int, str]:
+NO_ANSWER = "is the server (or proxy) running and reachable, and is the port right?"
+
+
+def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tuple[int, str]:
     """Exit status and one line naming what failed and the likely cause."""
+    from coaplayers.layer0 import errors as l0
+
+    e2e_psk = args is not None and args.e2e == "dtls" and bool(args.e2e_psk)
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, dtls.ConfigurationError):
             return EXIT_USAGE, str(cause)
+        if isinstance(cause, aiocoap.error.MalformedUrlError | aiocoap.error.IncompleteUrlError):
+            return EXIT_USAGE, f"not a usable URI: {cause}"
         if isinstance(cause, layer1.Layer1Error):
+            if (isinstance(cause.cause, dtls.HandshakeTimeout)
+                    and str(cause.cause).startswith("no DTLS answer")):
+                return EXIT_TIMEOUT, f"Layer 1: {cause}"
             if isinstance(cause.cause, dtls.HandshakeTimeout | dtls.AuthenticationFailed |
                           dtls.PeerAlert):
                 return EXIT_SECURITY, f"Layer 1 security failure: {cause}"
             return EXIT_OTHER, f"Layer 1: {cause}"
+        if isinstance(cause, l0.HandshakeFailed) and not isinstance(
+            cause.__cause__, dtls.DtlsError
+        ):
+            hint = (
+                "; with a PSK this is how a wrong --e2e-psk looks (the server silently drops"
+                " what it cannot decrypt)" if e2e_psk and "key" not in str(cause) else ""
+            )
+            return EXIT_SECURITY, f"end-to-end security failure: {cause}{hint}"
+        if isinstance(cause, l0.RecordRejected | l0.ResponseRejected):
+            return EXIT_SECURITY, f"end-to-end security failure: {cause}"
         if getattr(cause, "security_failure", False):
             return EXIT_SECURITY, str(cause)
         if isinstance(cause, dtls.DtlsError):
             return EXIT_SECURITY, f"end-to-end security failure: {cause}"
         if isinstance(cause, TimeoutError | aiocoap.error.ConRetransmitsExceeded):
-            return EXIT_TIMEOUT, "no answer in time: is the server (or proxy) running and " \
-                "reachable, and is the port right?"
+            return EXIT_TIMEOUT, f"no answer in time: {NO_ANSWER}"
         if isinstance(cause, aiocoap.error.ResolutionError):
             return EXIT_OTHER, f"cannot resolve the host: {cause}"
+        if type(cause) is aiocoap.error.NetworkError:
+            # On loopback and LANs an ICMP "port unreachable" ends the exchange at once.
+            return EXIT_TIMEOUT, f"no answer: the network reported the peer unreachable; " \
+                f"{NO_ANSWER}"
         cause = cause.__cause__ or cause.__context__
     return EXIT_OTHER, f"{type(exc).__name__}: {exc}"
 
@@ -270,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
-        code, line = classify(exc)
+        code, line = classify(exc, args)
         print(f"coap-client: {line}", file=sys.stderr)
         if args.verbose > 1:
             import traceback

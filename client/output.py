@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import aiocoap
 import cbor2
 from aiocoap.numbers.contentformat import ContentFormat
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import BlockOption
 
 from coaplayers.dtls import ConfigurationError
 
@@ -63,25 +66,97 @@ def render(payload: bytes, fmt: int | None) -> tuple[bytes, bool]:
     return payload, False
 
 
+class Progress:
+    """A one-line bar on stderr, rewritten per received block (only used on a terminal)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.shown = False
+
+    def update(self, received: int, total: int | None) -> None:
+        if total:
+            done = min(received, total)
+            filled = self.WIDTH * done // total
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            text = f"\r[{bar}] {done}/{total} bytes {100 * done // total:3d}%"
+        else:
+            text = f"\r{received} bytes received"
+        self.stream.write(text)
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def blockwise_with_progress(
+    send: Callable[..., Any], request: aiocoap.Message, progress: Progress
+) -> aiocoap.Message:
+    """A GET/FETCH with Block2 driven here, one block at a time, so that each shows as progress.
+
+    aiocoap assembles Block2 internally and reports nothing per block, so the client asks for
+    each block itself (``handle_blockwise=False``) and asks for the total size (Size2 0,
+    RFC 7959 section 4). A response without Block2 is returned as it is.
+    """
+    szx = 6
+    number = 0
+    body = bytearray()
+    first_etag = None
+    try:
+        while True:
+            msg = request.copy()
+            msg.opt.block2 = BlockOption.BlockwiseTuple(number, False, szx)
+            if number == 0:
+                msg.opt.size2 = 0
+            response = await send(msg, handle_blockwise=False).response
+            block2 = response.opt.block2
+            if block2 is None or not response.code.is_successful():
+                if number == 0:
+                    return response
+                raise aiocoap.error.UnexpectedBlock2(f"block {number} answered {response.code}")
+            if number == 0:
+                first_etag = response.opt.etag
+            elif response.opt.etag != first_etag:
+                raise aiocoap.error.UnexpectedBlock2("the resource changed during the transfer")
+            start = block2.block_number * (1 << (block2.size_exponent + 4))
+            if start != len(body):
+                raise aiocoap.error.UnexpectedBlock2(f"unexpected block at offset {start}")
+            body += response.payload
+            progress.update(len(body), response.opt.size2)
+            if not block2.more:
+                response.payload = bytes(body)
+                response.opt.block2 = None
+                return response
+            szx = block2.size_exponent
+            number = len(body) >> (szx + 4)
+    finally:
+        progress.finish()
+
+
 class Printer:
     def __init__(self, output: str | None, verbose: int = 0) -> None:
         self.output = output
         self.verbose = verbose
         self._file: BinaryIO | None = None
+        self.progress = Progress(sys.stderr)
 
     def progress_wanted(self) -> bool:
-        return sys.stderr.isatty() and self.verbose >= 0
-
-    def attach_progress(self, pr: Any) -> None:
-        """Block-wise progress on a terminal (a line rewritten per received block)."""
-        # aiocoap assembles block-wise transfers internally; what it exposes is the
-        # observation of the final response only, so progress is shown as a spinner.
-        pass
+        return sys.stderr.isatty()
 
     def response(self, response: aiocoap.Message, layers: dict[str, Any] | None) -> None:
         if self.verbose:
             self._details(response, layers)
         payload = response.payload
+        if not response.code.is_successful():
+            # Failures go to stderr as one line: the code and the server's diagnostic text.
+            why = payload.decode(errors="replace").strip().replace("\n", " ")[:200]
+            print(f"coap-client: {response.code}" + (f": {why}" if why else ""),
+                  file=sys.stderr, flush=True)
+            return
         if self.output:
             if self._file is None:
                 self._file = open(Path(self.output), "wb")
@@ -96,7 +171,7 @@ class Printer:
                 file=sys.stderr,
             )
             return
-        sys.stdout.buffer.write(shown)
+        sys.stdout.buffer.write(shown if is_text else payload)
         sys.stdout.flush()
 
     def _details(self, response: aiocoap.Message, layers: dict[str, Any] | None) -> None:
@@ -105,14 +180,31 @@ class Printer:
         for opt in response.opt.option_list():
             if opt.number == 9:  # OSCORE: opaque
                 continue
-            print(f"  option {opt.number.name if hasattr(opt.number, 'name') else opt.number}: "
-                  f"{opt.value!r}", file=err)
+            print(f"  {_option_name(opt.number)}: {_option_value(opt)}", file=err)
         print(f"  payload: {len(response.payload)} bytes", file=err)
         for layer, info in (layers or {}).items():
             if info:
                 details = ", ".join(f"{k} {v}" for k, v in info.items() if v is not None)
                 print(f"  {layer}: {details}", file=err)
+        err.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _option_name(number: Any) -> str:
+    name = getattr(number, "name", None)
+    if not name:
+        return f"option {int(number)}"
+    return "-".join(w.capitalize() if w not in ("ETAG",) else "ETag" for w in name.split("_"))
+
+
+def _option_value(opt: Any) -> str:
+    value = opt.value
+    if opt.number == OptionNumber.CONTENT_FORMAT or opt.number == OptionNumber.ACCEPT:
+        media = getattr(value, "media_type", None)
+        return f"{int(value)} ({media})" if media else str(int(value))
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)

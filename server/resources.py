@@ -113,7 +113,10 @@ class Firmware(resource.Resource):
         self.image = b"".join(blocks)[:FIRMWARE_SIZE]
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(payload=self.image, content_format=ContentFormat.OCTETSTREAM)
+        response = aiocoap.Message(payload=self.image, content_format=ContentFormat.OCTETSTREAM)
+        # Size2 (RFC 7959 section 4) in every block: clients can show progress against it.
+        response.opt.size2 = len(self.image)
+        return response
 
 
 def build_site() -> resource.Site:
