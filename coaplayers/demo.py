@@ -137,6 +137,8 @@ class Demo:
         print(_banner(title))
         seen_before = len(read_capture(capture)) if capture.exists() else 0
         log_before = _lines(access_log)
+        server_log = self.dir / "server.log"
+        server_before = len(_lines(server_log))
         payload = f"{MARKER}: 21.5 C"
         result = self.client(
             "-v", "-m", "post", "-e", payload, "-t", "text/plain", *argv, f"{target}/echo"
@@ -175,6 +177,10 @@ class Demo:
             )
             print(f"    {msg.code} {opts}; payload {len(msg.payload)} bytes"
                   f" {msg.payload[:24].hex()}{'...' if len(msg.payload) > 24 else ''}")
+        # What the application saw, after Layer 0 / OSCORE were removed (coap-server -v).
+        for line in _lines(server_log)[server_before:]:
+            if " coap-server.requests " in line:
+                print("  server received   " + line.split(" INFO ", 1)[-1])
         return 0 if ok else 1
 
 

@@ -6,8 +6,10 @@ import asyncio
 import datetime
 import hashlib
 import json
+import logging
 import math
 import time
+from typing import Any
 
 import aiocoap
 import aiocoap.resource as resource
@@ -119,8 +121,28 @@ class Firmware(resource.Resource):
         return response
 
 
+log = logging.getLogger("coap-server.requests")
+
+
+class LoggingSite(resource.Site):
+    """The resource tree, logging each request it dispatches (``coap-server -v``).
+
+    It sits innermost, under Layer 0 and OSCORE, so the log line shows what the application
+    received after unprotection, and who sent it at which layer.
+    """
+
+    async def render_to_pipe(self, request: Any) -> None:
+        req = request.request
+        log.info(
+            "%s /%s (%s) %d bytes%s", req.code, "/".join(req.opt.uri_path), describe_peer(req),
+            len(req.payload),
+            f": {bytes(req.payload[:64])!r}" if req.payload else "",
+        )
+        await super().render_to_pipe(request)
+
+
 def build_site() -> resource.Site:
-    site = resource.Site()
+    site = LoggingSite()
     wkc = resource.WKCResource(site.get_resources_as_linkheader)
     site.add_resource([".well-known", "core"], wkc)
     site.add_resource(["hello"], Hello())
