@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -345,7 +346,13 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
     return EXIT_OTHER, f"{type(exc).__name__}: {exc}"
 
 
+def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings (such as a key file readable by others) as one line on stderr."""
+    print(f"coap-client: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _warn_line
     try:
         args = parse_args(argv)
     except dtls.ConfigurationError as exc:
