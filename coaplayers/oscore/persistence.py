@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import SecurityContext
-from .errors import PersistenceError
+from .errors import KeyingError, ParameterError, PersistenceError
 
 #: Default distance K between the last used sequence number and the stored mark.
 DEFAULT_AHEAD = 64
@@ -94,7 +94,7 @@ class ContextFile:
             raise PersistenceError(f"{self.path} is owned by another user; refusing")
         try:
             record = json.loads(self.path.read_text("utf-8"))
-            if record.get("format") != _FORMAT:
+            if not isinstance(record, dict) or record.get("format") != _FORMAT:
                 raise PersistenceError(f"{self.path}: unknown format")
             mark = record["next_sequence_number"]
             if type(mark) is not int or mark < 0:
@@ -113,18 +113,27 @@ class ContextFile:
             peer = record["peer"]
         except PersistenceError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise PersistenceError(f"{self.path}: corrupt context file ({e})") from None
+        if type(fields["aead"]) is not int or type(fields["hkdf"]) is not int:
+            raise PersistenceError(f"{self.path}: corrupt context file (algorithm not an integer)")
+        if peer is not None and not isinstance(peer, str):
+            raise PersistenceError(f"{self.path}: corrupt context file (peer is not a name)")
         self._record = {k: v for k, v in record.items() if k != "next_sequence_number"}
         self.stored_mark = mark
         options.setdefault("peer", peer)
-        return SecurityContext.from_derived_keys(
-            **fields,
-            sender_sequence_number=mark,
-            replay_window_known=False,
-            store=self,
-            **options,
-        )
+        try:
+            return SecurityContext.from_derived_keys(
+                **fields,
+                sender_sequence_number=mark,
+                replay_window_known=False,
+                store=self,
+                **options,
+            )
+        except (KeyingError, ParameterError) as e:
+            # IDs, key lengths or algorithms that do not fit together: the file is corrupt.
+            self._record, self.stored_mark = None, None
+            raise PersistenceError(f"{self.path}: inconsistent context file ({e})") from None
 
     # -- called by SecurityContext -----------------------------------------------------
 

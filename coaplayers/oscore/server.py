@@ -244,6 +244,15 @@ class OscoreSite(interfaces.Resource):
                 pipe.add_response(self._error(aiocoap.BAD_REQUEST, DECRYPTION_FAILED),
                                   is_last=True)
             return
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError):
+            # Authentic, but the plaintext's options do not parse (aiocoap decodes them after
+            # the AEAD check and raises assorted types, e.g. for a non-UTF-8 Uri-Path): the
+            # peer holds the keys, so this is a broken peer, not an attack; treat it like a
+            # malformed COSE object.
+            if is_con:
+                pipe.add_response(self._error(aiocoap.BAD_OPTION, "Failed to decode COSE"),
+                                  is_last=True)
+            return
 
         inner_request.remote = OSCOREAddress(sc, request.remote)
         log.debug("request unprotected with %r", sc)
