@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: short windows, small counts")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--png", metavar="FILE", help="write a chart (needs matplotlib)")
-    p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 5, quick 1)")
     p.add_argument("--duration", type=float,
-                   help="seconds measured per point (default 3, quick 1)")
+                   help="seconds measured per point (default 2.5, quick 1)")
     p.add_argument("--clients", type=int, default=50, help="the concurrent-clients point (50)")
     p.add_argument("--modes", help="comma-separated subset of the throughput modes")
     p.add_argument("--memory-counts", help="comma-separated session counts (default 1000,10000;"
@@ -196,8 +196,8 @@ async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[s
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     quick = args.quick
-    rounds = args.rounds or (1 if quick else 3)
-    duration = args.duration or (1.0 if quick else 3.0)
+    rounds = args.rounds or (1 if quick else 5)
+    duration = args.duration or (1.0 if quick else 2.5)
     warmup = 0.3 if quick else 0.5
     counts = ([int(c) for c in args.memory_counts.split(",")] if args.memory_counts
               else ([100, 1000] if quick else [1000, 10000]))

@@ -7,8 +7,9 @@ section (``e2e_handshake``).
 
 Handshakes per second at the server are measured two ways:
 
-* in process: the time spent inside :class:`TunnelCore` (entry, datagram, pull: the server's
-  CoAP-independent work, DTLS included) for full certificate handshakes, in batches;
+* in process: the CPU time (of this thread, so other processes on the machine do not count)
+  spent inside :class:`TunnelCore` (entry, datagram, pull: the server's CoAP-independent work,
+  DTLS included) for full certificate handshakes, in batches;
 * over the wire: concurrent :class:`Layer0Channel` handshakes straight to coap-server, with
   the server process's CPU time per handshake read from /proc. The client runs on the same
   two cores, so the wall-clock rate is the client's limit as much as the server's; the
@@ -133,7 +134,7 @@ def rate_in_process(batches: int, per_batch: int, creds: Any = None) -> dict[str
         "batch_rates": rates,
         "per_second": statistics.median(rates),
         "server_ms_per_handshake": 1000 / statistics.median(rates),
-        "method": "in-process: server time inside TunnelCore (DTLS included, CoAP excluded), "
+        "method": "in-process: thread CPU time inside TunnelCore (DTLS included, CoAP excluded), "
                   f"median of {batches} batches of {per_batch}, sessions up to {per_batch}",
     }
 
