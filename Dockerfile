@@ -12,10 +12,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
-# DTLSSocket (tinydtls) has no wheels: its sdist runs autoconf and compiles C. The Python
-# headers come with python:*-slim; a Debian python3 needs python3-dev for them.
+# DTLSSocket (tinydtls) has no wheels: its sdist runs autoreconf (its configure.ac needs
+# pkg-config's macros) and compiles C. The Python headers come with python:*-slim; a Debian
+# python3 needs python3-dev for them.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends autoconf automake libtool make gcc libc6-dev \
+ && apt-get install -y --no-install-recommends autoconf automake libtool pkg-config make gcc libc6-dev \
  && { python3 -c 'import os, sys, sysconfig; \
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
       || apt-get install -y --no-install-recommends python3-dev; } \

@@ -33,7 +33,7 @@ PORT = 5683
 
 def _why_no_netns() -> str | None:
     if os.geteuid() != 0:
-        return "network namespaces need root (ip netns add); running as uid %d" % os.geteuid()
+        return f"network namespaces need root (ip netns add); running as uid {os.geteuid()}"
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is not installed"
     probe = f"clprobe-{uuid.uuid4().hex[:8]}"
