@@ -406,7 +406,8 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
 ) -> None:
     """Through coap-proxy with the client's hop PSK on Layer 1: the same identity with the hop
     key at Layer 0 is refused while the end-to-end key works; a hop certificate does not
-    key OSCORE; and a PSK Layer 0 session (even the right one) cannot key OSCORE at all."""
+    key OSCORE; a PSK Layer 0 session (even the right one) cannot key OSCORE at all, and a
+    request outside Layer 0 cannot either."""
     psk = json.loads((keys / "psk.json").read_text())
     hop = psk["hop1"]
     assert hop["identity"] == psk["e2e"]["identity"]  # same name, different layer and key
@@ -423,6 +424,8 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
             run(BIN / "coap-client", *via, *dtls_psk(psk["e2e"]["key"]), f"{origin}/hello"),
             run(BIN / "coap-client", *via, *e2e_cert_flags(keys, "proxy"), f"{origin}/hello"),
         )
+        plain = await asyncio.wait_for(client_context.context.request(aiocoap.Message(
+            code=Code.POST, uri=f"{origin}/.well-known/atls-oscore")).response, T)
         channel = Layer0Channel(client_context.context, origin, dtls.PskClientCredentials(
             psk["e2e"]["identity"].encode(), dtls.parse_key_text(psk["e2e"]["key"])))
         try:
@@ -441,3 +444,69 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
     assert rc == 7 and out == b"", (rc, out, err)
     assert b"unknown_ca" in err
     assert keying.code == Code.NOT_IMPLEMENTED  # the PSK handshake has no exporter to key from
+    # Outside a Layer 0 session the keying resource refuses outright.
+    assert plain.code == Code.UNAUTHORIZED and plain.payload.startswith(b"OSCORE keying needs")
+
+
+# ------------------------------------------------------------- the documented wire example
+
+
+def documented_example() -> dict[str, bytes]:
+    """The byte-exact example of docs/OSCORE-KEYING.md, section 9, made by the implementation.
+
+    Fixed inputs: inner token 5c, the exporter output 00..1f and the parameters of section 5
+    (client_id a1b2, server_id empty), outer MID 0x0001 and token 01, sequence number 0.
+    """
+    from aiocoap.message import Direction as MessageDirection
+
+    from coaplayers.layer0 import inner
+    from coaplayers.oscore import OscoreParameters, Role, derive_context
+    from coaplayers.oscore.mode import KEYING_PATH, PARAMETERS_CONTENT_FORMAT
+
+    params = OscoreParameters(client_id=bytes.fromhex("a1b2"), server_id=b"")
+    token = b"\x5c"
+    out = {
+        "inner keying request": inner.encode(
+            token, aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
+        ),
+        "inner keying response": inner.encode(token, aiocoap.Message(
+            code=Code.CHANGED, content_format=PARAMETERS_CONTENT_FORMAT,
+            payload=params.to_cbor(),
+        )),
+    }
+    exported = bytes(range(32))
+    client = derive_context(exported, params, Role.CLIENT)
+    server = derive_context(exported, params, Role.SERVER)
+
+    def outgoing(m: aiocoap.Message) -> aiocoap.Message:
+        m.direction = MessageDirection.OUTGOING
+        return m
+
+    for name, options in (
+        ("request", {}),
+        ("request via proxy", {"proxy_scheme": "coap", "uri_host": "192.0.2.1",
+                               "uri_port": 5683}),
+    ):
+        sender = derive_context(exported, params, Role.CLIENT) if options else client
+        outer, _ = sender.protect(outgoing(aiocoap.Message(
+            code=Code.GET, uri_path=["hello"], **options)))
+        outer.mtype, outer.mid, outer.token = aiocoap.CON, 0x0001, b"\x01"
+        out[f"OSCORE {name}"] = outer.encode()
+    wire = aiocoap.Message.decode(out["OSCORE request"])
+    plain, request_id = server.unprotect(wire)
+    assert plain.code == Code.GET and plain.opt.uri_path == ("hello",)
+    response, _ = server.context_for_response().protect(outgoing(aiocoap.Message(
+        code=Code.CONTENT, payload=b"hi")), request_id)
+    response.mtype, response.mid, response.token = aiocoap.ACK, 0x0001, b"\x01"
+    out["OSCORE response"] = response.encode()
+    refusal = aiocoap.Message(code=Code.UNAUTHORIZED, payload=b"Security context not found")
+    refusal.mtype, refusal.mid, refusal.token = aiocoap.ACK, 0x0001, b"\x01"
+    out["context not found"] = refusal.encode()
+    return out
+
+
+def test_documented_wire_example_is_what_the_implementation_sends() -> None:
+    doc = " ".join((ROOT / "docs" / "OSCORE-KEYING.md").read_text().split())
+    for name, data in documented_example().items():
+        spaced = " ".join(f"{b:02x}" for b in data)
+        assert spaced in doc, (name, spaced)
