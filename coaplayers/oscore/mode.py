@@ -74,11 +74,15 @@ class OscoreRequester:
     """Client side: key once through Layer 0, then send OSCORE requests (via a proxy if given).
 
     A "Security context not found" (server restarted or evicted us) or an exhausted sequence
-    number space leads to one new handshake and one retry of the request, by itself.
+    number space leads to one new handshake and one retry of the request, by itself. With
+    ``rekey_threshold``, a context whose sender sequence number has reached it is replaced by
+    a new handshake before the next request (docs/OSCORE-KEYING.md, section 7).
     """
 
     def __init__(self, context: aiocoap.Context, origin: str,
-                 new_channel: Callable[[], Layer0Channel], *, proxy: str | None = None) -> None:
+                 new_channel: Callable[[], Layer0Channel], *, proxy: str | None = None,
+                 rekey_threshold: int | None = None) -> None:
+        self.rekey_threshold = rekey_threshold
         self._context = context
         self.origin = origin_of(origin)
         self._new_channel = new_channel  # a new channel (full handshake) per keying
@@ -129,7 +133,8 @@ class OscoreRequester:
             # The session is no longer needed: close it (close_notify) right away.
             await channel.close()
         peer = self.last_handshake.peer_identity if self.last_handshake else None
-        sc = derive_context(secret, params, Role.CLIENT, peer=peer)
+        sc = derive_context(secret, params, Role.CLIENT, peer=peer,
+                            rekey_threshold=self.rekey_threshold)
         self._contexts.set(self.origin, sc)
         self.parameters = params
         self.keyings += 1
@@ -164,8 +169,9 @@ class _Pending:
 
     async def _run(self) -> aiocoap.Message:
         r = self._requester
-        if r.security_context is None:
-            await r._rekey(None)
+        current = r.security_context
+        if current is None or current.needs_rekey:
+            await r._rekey(current)
         for attempt in (1, 2):
             used = r.security_context
             pr = r._send(self._message)

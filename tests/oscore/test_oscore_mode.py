@@ -398,6 +398,30 @@ async def test_server_restart_leads_to_one_new_handshake(
         assert after.remote.security_context is r.requester.security_context
 
 
+async def test_sequence_number_threshold_leads_to_new_handshake_in_time(
+    keys: Path, client_context: layer1.LayeredContext
+) -> None:
+    """With a re-key threshold (here 2, in place of a number near 2**40), the requester runs a
+    new Layer 0 handshake before the request that would cross it, not after exhaustion."""
+    from coaplayers.oscore.mode import OscoreRequester
+
+    async with coap_server(keys) as (origin,):
+        ctx = client_context.context
+        r = OscoreRequester(ctx, origin, lambda: Layer0Channel(ctx, origin,
+                                                               client_certificate(keys)),
+                            rekey_threshold=2)
+        contexts = []
+        for expected_keyings in (1, 1, 2):
+            answer = await asyncio.wait_for(r.request(aiocoap.Message(
+                code=Code.GET, uri=f"{origin}/hello")).response, T)
+            assert answer.code == Code.CONTENT, answer
+            assert r.keyings == expected_keyings
+            contexts.append(answer.remote.security_context)
+        assert contexts[0] is contexts[1] is not contexts[2]
+        assert contexts[1].sender_sequence_number == 2  # never beyond the threshold
+        assert contexts[2].sender_sequence_number == 1
+
+
 # ------------------------------------------------------------- separate authorization domains
 
 
