@@ -29,6 +29,8 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigurationError(f"cannot read configuration {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"configuration {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
+        raise ConfigurationError(f"configuration {path} is not UTF-8 text: {exc}") from exc
     return data
 
 
@@ -135,6 +137,10 @@ def psk_store_from(pairs: Iterable[str] = (), files: Iterable[str] = ()) -> dtls
             raise ConfigurationError(f"cannot read PSK file {file}: {exc.strerror}") from exc
         except json.JSONDecodeError as exc:
             raise ConfigurationError(f"PSK file {file} is not JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"PSK file {file} is not UTF-8 text: {exc}") from exc
+        except RecursionError as exc:
+            raise ConfigurationError(f"PSK file {file} is nested too deeply") from exc
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in data.items()
         ):

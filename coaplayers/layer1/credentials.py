@@ -64,7 +64,8 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
     def load_from_dict(self, d: dict[str, Any]) -> None:
         try:
             super().load_from_dict(d)
-        except (aiocoap_credentials.CredentialsLoadError, TypeError, ValueError) as exc:
+        except (aiocoap_credentials.CredentialsLoadError, TypeError, ValueError, KeyError,
+                AttributeError) as exc:  # KeyError: a ":name" reference to a missing entry
             raise ConfigurationError(f"invalid credentials: {exc}") from exc
         for item in self.values():
             if isinstance(item, DtlsCert):
@@ -80,6 +81,10 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
             ) from exc
         except json.JSONDecodeError as exc:
             raise ConfigurationError(f"credentials file {path} is not JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"credentials file {path} is not UTF-8 text: {exc}") from exc
+        except RecursionError as exc:
+            raise ConfigurationError(f"credentials file {path} is nested too deeply") from exc
         if not isinstance(data, dict):
             raise ConfigurationError(f"credentials file {path} must hold a JSON object")
         self = cls(Path(path).parent)
@@ -103,7 +108,16 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         if isinstance(item, DtlsCert):
             return item.load()
         if hasattr(item, "as_dtls_psk"):
-            identity, key = item.as_dtls_psk()
+            try:
+                identity, key = item.as_dtls_psk()
+            except (KeyError, RecursionError) as exc:  # a ":name" reference that goes nowhere
+                raise ConfigurationError(
+                    f"the credentials for {uri} refer to an entry that does not exist"
+                ) from exc
+            except (
+                aiocoap_credentials.CredentialsMissingError, TypeError, ValueError, AttributeError
+            ) as exc:
+                raise ConfigurationError(f"the credentials for {uri} are unusable: {exc}") from exc
             return PskClientCredentials(bytes(identity), bytes(key))
         raise ConfigurationError(f"the credentials for {uri} are not DTLS credentials")
 
