@@ -51,5 +51,5 @@ RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent coap \
  && coap-client --help >/dev/null && coap-keys --help >/dev/null
 USER coap
 WORKDIR /keys
-EXPOSE 5683/udp 5684/udp
+EXPOSE 5683/udp 5684/udp 5694/udp
 CMD ["coap-server", "--listen", "coap://[::]:5683"]
