@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     l1.add_argument("--credentials", metavar="FILE", help="aiocoap credentials JSON")
     l1.add_argument("--ca", metavar="PEM", help="CA that authenticates the first hop's server")
     l1.add_argument("--cert", metavar="PEM", help="client certificate")
-    l1.add_argument("--key-file", "--cert-key", dest="cert_key", metavar="PEM",
-                    help="client private key (libcoap: -j); --key is an alias")
+    l1.add_argument("--key", "--key-file", "--cert-key", dest="cert_key", metavar="PEM",
+                    help="client private key (libcoap: -j)")
     e2e = p.add_argument_group("Layer 0 (end to end, through proxies)")
     e2e.add_argument("--e2e", choices=["dtls", "oscore"], help="end-to-end protection mode")
     e2e.add_argument("--e2e-psk-identity", metavar="ID", help="end-to-end PSK identity")
@@ -107,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
-    # libcoap spells the client key --key as well; accept it for the certificate key.
-    argv = ["--key-file" if a == "--key" else a for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if args.config:
         args._config_dir = str(Path(args.config).parent)
@@ -116,8 +114,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         config = cfg.load_toml(args.config)
         # In the file, "key" is the long flag --key (the certificate's key), as on the
         # command line; the PSK (-k) has no long flag and is spelled "psk-key" there.
-        if "key" in config:
-            config["key-file"] = config.pop("key")
         if "psk-key" in config:
             config["key"] = config.pop("psk-key")
         cfg.merge_config(parser, args, config)
