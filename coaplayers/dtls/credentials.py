@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .errors import ConfigurationError
 
+MAX_PSK_IDENTITY = 32
+MAX_PSK_KEY = 16
+
 
 def parse_key_text(text: str) -> bytes:
     """A PSK as users type it: ``0x`` followed by hex, or plain text (libcoap's convention)."""
@@ -42,8 +45,18 @@ class PskClientCredentials:
             raise ConfigurationError("PSK identity must be non-empty and contain no NUL byte")
         if not self.key:
             raise ConfigurationError("PSK key must not be empty")
-        if len(self.identity) > 128 or len(self.key) > 64:
-            raise ConfigurationError("PSK identity (max 128 bytes) or key (max 64) too long")
+        # tinydtls' compiled-in limits (DTLS_PSK_MAX_CLIENT_IDENTITY_LEN, DTLS_PSK_MAX_KEY_LEN):
+        # a longer key or identity makes every handshake fail, so refuse it here, clearly.
+        if len(self.identity) > MAX_PSK_IDENTITY:
+            raise ConfigurationError(
+                f"PSK identity is {len(self.identity)} bytes; at most {MAX_PSK_IDENTITY} are"
+                " supported"
+            )
+        if len(self.key) > MAX_PSK_KEY:
+            raise ConfigurationError(
+                f"PSK is {len(self.key)} bytes; at most {MAX_PSK_KEY} are supported (16 random"
+                " bytes, e.g. 0x followed by 32 hex digits, are the RFC 7925 profile's key size)"
+            )
 
     def __repr__(self) -> str:  # never show the key
         return f"PskClientCredentials(identity={self.identity!r}, key=<{len(self.key)} bytes>)"

@@ -271,10 +271,14 @@ class TinyDtlsListener:
         session._now = now
         self._context.handle(session, datagram)
         produced = session._out
-        hvr = records.HANDSHAKE_HELLO_VERIFY_REQUEST
-        if not produced or records.handshake_type(produced[0]) == hvr:
+        first = records.handshake_type(produced[0]) if produced else None
+        if first != records.HANDSHAKE_SERVER_HELLO:
+            # A HelloVerifyRequest (stateless: send it), or tinydtls refused the ClientHello
+            # (an alert: drop it, an unknown peer gets nothing from us); no state either way.
             session._out = []
             self._context.d.resetPeer(session._tsession)
+            if first != records.HANDSHAKE_HELLO_VERIFY_REQUEST:
+                return [], None
             return records.pack_datagrams(produced, self.config.mtu), None
         self._context.sessions[address] = session
         session._client_hello_random = random
