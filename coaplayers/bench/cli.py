@@ -159,6 +159,8 @@ async def phase_throughput(ep: Endpoints, modes: list[str], *, clients: int, rou
 async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[str, Any]:
     jobs = [(kind, n) for n in counts for kind in ("psk", "cert", "oscore")]
     jobs.append(("cert-release-buffers", counts[0]))
+    # Longest first (certificates, largest count), so that two at a time end together.
+    jobs.sort(key=lambda job: (job[0].startswith("cert"), job[1]), reverse=True)
     out: dict[str, Any] = {}
     sem = asyncio.Semaphore(2)
 
