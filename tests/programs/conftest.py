@@ -123,6 +123,7 @@ class Running:
     lines: list[str]
     err_file: Path
     uris: list[str] = field(default_factory=list)
+    log_file: Path | None = None
 
     def uri(self, scheme: str, host: str = "127.0.0.1") -> str:
         for u in self.uris:
@@ -197,8 +198,10 @@ def start_server(tmp: Path, *args: str, name: str = "server") -> Running:
 
 def start_proxy(tmp: Path, *args: str, name: str = "proxy") -> Running:
     tag = os.urandom(3).hex()
-    return start([PROXY, "--log-file", str(tmp / f"{name}-{tag}.jsonl"), *args],
-                 tmp / f"{name}-{tag}.err", until="ready")
+    log = tmp / f"{name}-{tag}.jsonl"
+    run = start([PROXY, "--log-file", str(log), *args], tmp / f"{name}-{tag}.err", until="ready")
+    run.log_file = log
+    return run
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""coap-keys: the files it writes, their modes, no overwriting, and that the configurations it
+writes work end to end: coap-server --config server.toml, coap-proxy --config proxy.toml,
+coap-client --config client.toml, through the proxy, in each mode."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import tomllib
+from pathlib import Path
+
+from .conftest import KEYS, Keys, client, free_udp_port, run, start, start_proxy
+
+SECRET = {
+    "hop-ca.key", "e2e-ca.key", "proxy.key", "server-hop.key", "server-e2e.key",
+    "client-e2e.key", "psk.json", "server-psk.json", "proxy-psk.json", "proxy-upstream.json",
+    "client-hop.json", "server.toml", "client.toml",
+}
+PUBLIC = {"hop-ca.pem", "e2e-ca.pem", "proxy.pem", "server-hop.pem", "server-e2e.pem",
+          "client-e2e.pem", "proxy.toml"}
+
+
+def test_files_and_modes(keys: Keys) -> None:
+    names = {p.name for p in keys.dir.iterdir()}
+    assert SECRET | PUBLIC <= names
+    for name in SECRET:
+        assert stat.S_IMODE((keys / name).stat().st_mode) == 0o600, name
+    for name in PUBLIC:
+        assert stat.S_IMODE((keys / name).stat().st_mode) & 0o077 in (0o044, 0o004, 0o040, 0)
+        assert b"PRIVATE KEY" not in (keys / name).read_bytes(), name
+    # Fresh, distinct PSKs per hop and end to end.
+    k = {layer: entry["key"] for layer, entry in keys.psk.items()}
+    assert set(k) == {"hop1", "hop2", "e2e"} and len(set(k.values())) == 3
+    assert all(v.startswith("0x") and len(v) == 34 for v in k.values())
+
+
+async def test_refuses_to_overwrite_and_has_help(keys: Keys, tmp_path: Path) -> None:
+    before = {p.name: p.read_bytes() for p in keys.dir.iterdir()}
+    r = await run(KEYS, str(keys.dir))
+    assert r.rc == 1 and "refusing to overwrite" in r.one_line_error()
+    assert {p.name: p.read_bytes() for p in keys.dir.iterdir()} == before
+    # One existing key file is enough to refuse, and nothing else gets written.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "proxy.key").write_text("keep me")
+    r = await run(KEYS, str(partial))
+    assert r.rc == 1 and "proxy.key" in r.stderr
+    assert [p.name for p in partial.iterdir()] == ["proxy.key"]
+    assert (partial / "proxy.key").read_text() == "keep me"
+    h = await run(KEYS, "--help")
+    assert h.rc == 0 and "example" in h.stdout and "--server-host" in h.stdout
+
+
+async def test_generated_configurations_work_through_the_proxy_in_each_mode(
+    tmp_path: Path,
+) -> None:
+    server_port, proxy_port = free_udp_port(), free_udp_port()
+    creds = tmp_path / "creds"
+    r = await run(KEYS, str(creds), "--server-port", str(server_port),
+                  "--proxy-port", str(proxy_port))
+    assert r.rc == 0, r.stderr
+    server_cfg = tomllib.loads((creds / "server.toml").read_text())
+    assert server_cfg["listen"] == [f"coaps://0.0.0.0:{server_port}"]
+    server = start([str(Path(KEYS).with_name("coap-server")), "--config",
+                    str(creds / "server.toml")], tmp_path / "server.err")
+    try:
+        proxy = start_proxy(tmp_path, "--config", str(creds / "proxy.toml"))
+        try:
+            assert server.uris == [f"coaps://0.0.0.0:{server_port}"]
+            assert proxy.uris == [f"coaps://0.0.0.0:{proxy_port}"]
+            uri = f"coaps://127.0.0.1:{server_port}/echo"
+            cfg = ["--config", str(creds / "client.toml"), "-m", "post", "-v"]
+            # Run from another folder: the file's relative paths are the file's folder's.
+            hop_only, dtls, oscore = await asyncio.gather(
+                client(*cfg, "-e", "layer 1 only", uri, cwd="/"),
+                client(*cfg, "-e", "layer 0", "--e2e", "dtls", uri, cwd="/"),
+                client(*cfg, "-e", "oscore", "--e2e", "oscore", uri, cwd="/"),
+            )
+            direct = await client("--config", str(creds / "client.toml"), "-P", "",
+                                  "-B", "4", uri, cwd="/")
+        finally:
+            assert proxy.stop() == 0
+    finally:
+        assert server.stop() == 0
+    for r, text in ((hop_only, "layer 1 only"), (dtls, "layer 0"), (oscore, "oscore")):
+        assert r.rc == 0, r.stderr
+        assert r.stdout == text + "\n"
+        assert f"layer 1: hop 127.0.0.1:{proxy_port}" in r.stderr or "layer 1: peer" in r.stderr
+    assert "layer 0: mode dtls psk" in dtls.stderr
+    assert "layer 0: mode oscore" in oscore.stderr
+    assert "layer 0" not in hop_only.stderr
+    # The client's hop-1 key opens the proxy, not the server: going direct, it fails.
+    assert direct.rc == 7, direct
+    assert proxy.log_file is not None
+    assert proxy.log_file.read_text().count('"event":"exchange"') >= 3
