@@ -20,6 +20,7 @@ from aiocoap import Message, error
 from aiocoap.message import UndecidedRemote
 from aiocoap.numbers import OptionNumber, codes
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import UintOption
 from aiocoap.pipe import Pipe
@@ -134,6 +135,7 @@ class ProxySite:
         identity: Callable[[Message], str | None] = client_identity,
     ) -> None:
         self.config = config
+        self._tuning = _tuning(config.ack_timeout)
         self.router = Router(config)
         self.metrics = ProxyMetrics(registry)
         self.access_log = access_log
@@ -243,6 +245,8 @@ class ProxySite:
             out.opt.uri_host = d.uri_host
         out.opt.add_option(UintOption(Opt.HOP_LIMIT, d.hop_limit))
         out.remote = UndecidedRemote(d.upstream.scheme, d.upstream.hostinfo)
+        if self._tuning is not None:
+            out.transport_tuning = self._tuning
         return out
 
     def _relay(self, response: Message) -> Message:
@@ -418,3 +422,14 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(cause, OSError) and cause.errno in (
         errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
     )
+
+
+def _tuning(ack_timeout: float | None) -> TransportTuning | None:
+    """aiocoap transmission parameters for upstream requests, when the operator set them."""
+    if ack_timeout is None:
+        return None
+
+    class UpstreamTuning(TransportTuning):
+        ACK_TIMEOUT = ack_timeout
+
+    return UpstreamTuning()

@@ -148,6 +148,13 @@ class ProxyProcess:
             exe = shutil.which("aiocoap-proxy", path=os.path.dirname(sys.executable))
             assert exe is not None, "aiocoap-proxy missing from the venv"
             return [exe, "--forward", "--bind", f"127.0.0.1:{self.port}"]
+        if self.kind == "coaplayers":
+            exe = shutil.which("coap-proxy", path=os.path.dirname(sys.executable))
+            assert exe is not None, "coap-proxy missing from the venv"
+            # Upstream retransmissions as fast as the client's (FastTuning): a lossy back-end
+            # hop then costs what the lossy front-end hop costs.
+            return [exe, "--listen", f"coap://127.0.0.1:{self.port}", "--ack-timeout", "0.5",
+                    "--upstream-timeout", "60"]
         exe = shutil.which("coap-server-notls")
         if exe is None:
             pytest.skip("libcoap3-bin (coap-server-notls) is not installed")
