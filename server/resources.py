@@ -133,10 +133,10 @@ class LoggingSite(resource.Site):
 
     async def render_to_pipe(self, request: Any) -> None:
         req = request.request
+        # Sizes, never payloads: logs travel further than the data they describe.
         log.info(
-            "%s /%s (%s) %d bytes%s", req.code, "/".join(req.opt.uri_path), describe_peer(req),
+            "%s /%s (%s) %d bytes", req.code, "/".join(req.opt.uri_path), describe_peer(req),
             len(req.payload),
-            f": {bytes(req.payload[:64])!r}" if req.payload else "",
         )
         await super().render_to_pipe(request)
 

@@ -562,7 +562,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             return
         try:
             message = Message.decode(data, remote=peer.remote)
-        except error.UnparsableMessage:
+        except (error.UnparsableMessage, UnicodeDecodeError):  # aiocoap: non-UTF-8 text option
             log.warning("unparsable CoAP message inside DTLS from %s", peer.remote.hostinfo)
             return
         peer.last_received = time.monotonic()

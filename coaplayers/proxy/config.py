@@ -307,7 +307,7 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
     data = _normalise(data)
     folder = Path(path).parent

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -84,10 +83,6 @@ def test_layer1_plaintext_never_raises() -> None:
     assert dispatched and all(m.code is not None for m in dispatched)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="coaplayers/layer1/transport.py _deliver catches only "
-                   "UnparsableMessage: aiocoap's Message.decode raises UnicodeDecodeError for a "
-                   "non-UTF-8 string option (Uri-Path 0xff), which escapes the DTLS event loop")
 @given(data=st.just(bytes.fromhex("4101123407b1ff")))  # CON GET, token 07, Uri-Path "\xff"
 @example(data=bytes.fromhex("4101123407b1ff"))
 def test_layer1_plaintext_with_non_utf8_uri_path(data: bytes) -> None:

@@ -194,9 +194,6 @@ def test_no_payload_appears_in_the_logs(full_run: Run, log_name: str) -> None:
     assert MARKER.encode() not in full_run.logs[log_name]
 
 
-@pytest.mark.xfail(strict=True, reason="server/resources.py LoggingSite logs the first 64 bytes "
-                   "of every request payload at INFO (coap-server -v), in every mode, after "
-                   "Layer 0/OSCORE unprotection: a payload in the log")
 def test_no_payload_appears_in_the_server_log(full_run: Run) -> None:
     assert MARKER.encode() not in full_run.logs["coap-server stderr"]
 
