@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,10 +166,15 @@ def e2e_options(args: argparse.Namespace) -> E2EClientOptions | None:
             args.e2e_psk_identity.encode(), dtls.parse_key_text(args.e2e_psk)
         )
     cert = None
+    # The end server must prove it is the host the URI names, not just any holder of a
+    # certificate from the same CA: otherwise a proxy could redirect us to another server.
+    server_name = urllib.parse.urlsplit(args.uri).hostname
     if args.e2e_cert or args.e2e_key:
-        cert = cfg.certificate_from(args.e2e_cert, args.e2e_key, args.e2e_ca, what="e2e-")
+        cert = cfg.certificate_from(
+            args.e2e_cert, args.e2e_key, args.e2e_ca, what="e2e-", server_name=server_name
+        )
     elif args.e2e_ca:
-        cert = dtls.CertificateCredentials.trust_only(args.e2e_ca)
+        cert = dtls.CertificateCredentials.trust_only(args.e2e_ca, server_name=server_name)
     if psk is None and cert is None:
         raise dtls.ConfigurationError(
             "--e2e needs --e2e-psk-identity/--e2e-psk or --e2e-ca (with --e2e-cert/--e2e-key)"
@@ -316,6 +323,16 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
                           dtls.PeerAlert):
                 return EXIT_SECURITY, f"Layer 1 security failure: {cause}"
             return EXIT_OTHER, f"Layer 1: {cause}"
+        outer = re.match(r"unexpected outer answer ([45])\.(\d\d)", str(cause))
+        if isinstance(cause, l0.HandshakeFailed) and outer:
+            # A CoAP error on the way (typically a proxy's 5.04 or 5.02): not a key problem.
+            code = (EXIT_TIMEOUT if outer.groups() == ("5", "04") else
+                    EXIT_CLIENT_ERROR if outer[1] == "4" else EXIT_SERVER_ERROR)
+            return code, (
+                f"end-to-end handshake: {cause}; the path (a proxy, or no Layer 0 server at"
+                " that URI) answered instead of the server: check the target URI's scheme,"
+                " host and port"
+            )
         if isinstance(cause, l0.HandshakeFailed) and not isinstance(
             cause.__cause__, dtls.DtlsError
         ):
