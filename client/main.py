@@ -48,8 +48,9 @@ notation; binary only to a file (-o) or a pipe, never to a terminal). -v adds th
 code, options and, per layer, the peer, mode and cipher suite on stderr. Block-wise downloads
 show a progress bar on stderr when stderr is a terminal.
 
---config FILE.toml takes the long flag names as keys (or the option names: method, text,
-proxy, identity, key, ...); a flag on the command line wins over the file. End-to-end
+--config FILE.toml takes the long flag names as keys, and for short flags these names:
+method text file content-format accept output observe timeout proxy verbose identity
+psk-key (-k); "key" is --key. A flag on the command line wins over the file. End-to-end
 credentials from the file are used only when --e2e (flag or file) picks a mode.
 
 exit status: {EXIT_OK} for 2.xx; {EXIT_CLIENT_ERROR} for 4.xx; {EXIT_SERVER_ERROR} for 5.xx; \
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", dest="verbose", action="count", default=0, help="more detail")
     l1 = p.add_argument_group("Layer 1 (first hop, coaps://)")
     l1.add_argument("-u", dest="identity", metavar="IDENTITY", help="PSK identity")
-    l1.add_argument("-k", dest="key", metavar="KEY", help="PSK (text, or hex with 0x)")
+    l1.add_argument("-k", dest="psk_key", metavar="KEY", help="PSK (text, or hex with 0x)")
     l1.add_argument("--credentials", metavar="FILE", help="aiocoap credentials JSON")
     l1.add_argument("--ca", metavar="PEM", help="CA that authenticates the first hop's server")
     l1.add_argument("--cert", metavar="PEM", help="client certificate")
@@ -116,8 +117,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         config = cfg.load_toml(args.config)
         # In the file, "key" is the long flag --key (the certificate's key), as on the
         # command line; the PSK (-k) has no long flag and is spelled "psk-key" there.
-        if "psk-key" in config:
-            config["key"] = config.pop("psk-key")
         cfg.merge_config(parser, args, config)
         if args.e2e is None:
             # A file holding end-to-end credentials (as coap-keys writes them) must not force
@@ -128,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("a URI is required")
     if args.text is not None and args.file is not None:
         parser.error("-e and -f cannot be combined")
-    if (args.identity is None) != (args.key is None):
+    if (args.identity is None) != (args.psk_key is None):
         parser.error("-u and -k go together")
     return args
 
@@ -142,7 +141,7 @@ def layer1_credentials(args: argparse.Namespace) -> layer1.ClientCredentials:
         if args.credentials else layer1.ClientCredentials()
     )
     if args.identity is not None:
-        creds.add_psk("coaps://*", args.identity.encode(), dtls.parse_key_text(args.key))
+        creds.add_psk("coaps://*", args.identity.encode(), dtls.parse_key_text(args.psk_key))
     elif args.cert or args.ca:
         if args.cert:
             cc = cfg.certificate_from(args.cert, args.cert_key, args.ca)

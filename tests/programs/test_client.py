@@ -382,6 +382,11 @@ async def test_config_file_and_flags_win(app: Running, proxy: Running, keys: Key
     assert "layer 0: mode oscore" in from_file.stderr and "layer 1: hop" in from_file.stderr
     assert flag_wins.rc == 0 and flag_wins.stdout == "from the flag\n"
     assert e2e_flag_wins.rc == 0 and "layer 0: mode dtls certificate" in e2e_flag_wins.stderr
+    # Short flags without a long name by their option names; "key" is --key, the PSK is psk-key.
+    l1 = tmp_path / "l1.toml"
+    l1.write_text(f'identity = "{PSK_TEXT[0]}"\npsk-key = "{PSK_TEXT[1]}"\nverbose = 1\n')
+    r = await client("--config", str(l1), app.uri("coaps") + "/hello")
+    assert r.rc == 0 and "layer 1 peer dev" in r.stdout and "response: 2.05" in r.stderr
     bad = tmp_path / "bad.toml"
     for body, word in (('methd = "get"\n', "unknown configuration key 'methd'"),
                        ('method = "jump"\n', "must be one of"),

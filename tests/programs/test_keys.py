@@ -64,17 +64,21 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
     server = start([str(Path(KEYS).with_name("coap-server")), "--config",
                     str(creds / "server.toml")], tmp_path / "server.err")
     try:
-        proxy = start_proxy(tmp_path, "--config", str(creds / "proxy.toml"))
+        proxy = start_proxy(tmp_path, "--config", str(creds / "proxy.toml"),
+                            "--upstream-timeout", "2")
         try:
             assert server.uris == [f"coaps://0.0.0.0:{server_port}"]
             assert proxy.uris == [f"coaps://0.0.0.0:{proxy_port}"]
             uri = f"coaps://127.0.0.1:{server_port}/echo"
             cfg = ["--config", str(creds / "client.toml"), "-m", "post", "-v"]
             # Run from another folder: the file's relative paths are the file's folder's.
-            hop_only, dtls, oscore = await asyncio.gather(
+            hop_only, dtls, oscore, wrong_scheme = await asyncio.gather(
                 client(*cfg, "-e", "layer 1 only", uri, cwd="/"),
                 client(*cfg, "-e", "layer 0", "--e2e", "dtls", uri, cwd="/"),
                 client(*cfg, "-e", "oscore", "--e2e", "oscore", uri, cwd="/"),
+                # coap:// to the server's coaps port: the proxy times out upstream (5.04).
+                client(*cfg, "-e", "x", "--e2e", "dtls", uri.replace("coaps:", "coap:"),
+                       cwd="/"),
             )
             direct = await client("--config", str(creds / "client.toml"), "-P", "",
                                   "-B", "4", uri, cwd="/")
@@ -89,6 +93,9 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
     assert "layer 0: mode dtls psk" in dtls.stderr
     assert "layer 0: mode oscore" in oscore.stderr
     assert "layer 0" not in hop_only.stderr
+    assert wrong_scheme.rc == 6
+    assert "5.04 Gateway Timeout" in wrong_scheme.one_line_error()
+    assert "scheme" in wrong_scheme.stderr and "wrong --e2e-psk" not in wrong_scheme.stderr
     # The client's hop-1 key opens the proxy, not the server: going direct, it fails.
     assert direct.rc == 7, direct
     assert proxy.log_file is not None
