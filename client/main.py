@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 setattr(args, dest, value)
     if not args.uri:
         parser.error("a URI is required")
+    if not args.uri.lower().startswith(("coap://", "coaps://")):
+        parser.error(f"the URI must start with coap:// or coaps:// (got {args.uri!r})")
     if args.text is not None and args.file is not None:
         parser.error("-e and -f cannot be combined")
     if (args.identity is None) != (args.psk_key is None):
@@ -211,6 +213,7 @@ async def run(args: argparse.Namespace) -> int:
         client_credentials=creds, limits=limits, loggername="coap-client"
     )
     out = output.Printer(args.output, verbose=args.verbose)
+    requester: Any = None
     try:
         requester = await open_requester(ctx, proxy=args.proxy, e2e=e2e, target=args.uri)
         request = build_request(args)
@@ -228,7 +231,19 @@ async def run(args: argparse.Namespace) -> int:
         return exit_code(response)
     finally:
         out.close()
+        await _close(requester)
         await ctx.shutdown()
+
+
+async def _close(requester: Any) -> None:
+    """End the Layer 0 session or OSCORE keying channel (frees the DTLS engine's state)."""
+    close = getattr(requester, "close", None)
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), 2.0)
+    except Exception:  # best effort: the peer may be gone, the outcome is already decided
+        pass
 
 
 def _sender(ctx: Any, proxy: str | None) -> Any:
@@ -371,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coap-client: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return asyncio.run(_main_task(args))
+        code = asyncio.run(_main_task(args))
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except BaseException as exc:
         code, line = classify(exc, args)
         print(f"coap-client: {line}", file=sys.stderr)
@@ -381,7 +396,23 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(exc)
-        return code
+    if argv is None:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's final garbage collection.
+
+    A Layer 0 PSK handshake abandoned by -B leaves a tinydtls session behind whose collection
+    crashes DTLSSocket (exit 139 instead of the documented status). The context is shut down
+    and the output flushed by now, so there is nothing left to clean up.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _main_task(args: argparse.Namespace) -> int:
