@@ -6,10 +6,10 @@ The client namespace has an address on the device net only and no default route,
 namespace is on both nets and does not forward IP (a new namespace starts with forwarding off),
 the server namespace is on the backend net only. So the client reaches the application server
 through coap-proxy or not at all, as in compose.yaml. The programs run with the files that
-coap-keys writes: DTLS PSK on both hops, and the client's request is a Layer 0 (end-to-end DTLS)
-request through the proxy, as compose.yaml's client makes it. Namespaces are named per run and removed
-even when the test fails; the veth pairs are created straight inside them, so nothing is left
-in the host's namespace.
+coap-keys writes: DTLS PSK on both hops, and the client's request is a Layer 0 (end-to-end
+DTLS) request through the proxy, as compose.yaml's client makes it. Namespaces are named per
+run and removed even when the test fails; the veth pairs are created straight inside them, so
+nothing is left in the host's namespace.
 """
 
 from __future__ import annotations
