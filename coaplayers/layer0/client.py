@@ -476,6 +476,12 @@ class Layer0Channel:
             if done is not None and not queue:
                 return dtls, path, done
             if queue or (resp.payload and done is None):
+                if not queue and path == WELL_KNOWN_PATH:
+                    # Nothing can be pulled before the server names the session (the entry
+                    # resource takes ClientHellos only): a stale or repeated answer gave the
+                    # engine nothing to say, so repeat our flight; the server answers a
+                    # repeat from its cache.
+                    repeat_flight()
                 continue  # send the rest of our flight, or pull the rest of the server's
             if not datagram:
                 repeat_flight()  # we pulled and got nothing: our flight or its answer was lost
