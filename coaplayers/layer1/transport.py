@@ -330,21 +330,24 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         if self._mman is None:
             raise error.LibraryShutdown()
         address = await self._resolve(host, port)
-        # An existing session to that address, on any socket (a server calling back a
-        # client over the client's own session), is used first.
-        for (_, addr), peer in self._peers.items():
-            if addr == address and peer.session is not None and not peer.session.is_closed:
-                return peer.remote
+        endpoint = await self._client_endpoint(
+            socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        )
+        key = (id(endpoint), address)
+        own = self._peers.get(key)
+        if own is None or own.session is None:
+            # An existing session to that address on another socket (a server calling back
+            # a client over the client's own session) is used first. The scan runs only
+            # when we hold no client session to the address, not on every request.
+            for (_, addr), peer in self._peers.items():
+                if addr == address and peer.session is not None and not peer.session.is_closed:
+                    return peer.remote
         if message.opt.proxy_scheme or message.opt.proxy_uri:
             # Through a proxy the credentials are the proxy's (the hop), not the target's.
             hop_uri = f"coaps://{hostportjoin(host, port if port != COAPS_PORT else None)}/"
             creds = self.client_credentials.for_uri(hop_uri)
         else:
             creds = self.client_credentials.for_request(message)
-        endpoint = await self._client_endpoint(
-            socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        )
-        key = (id(endpoint), address)
         remote = self._remotes.get(key)
         if remote is None:
             remote = Layer1Remote(endpoint, address, _hostname(host))
@@ -481,13 +484,16 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         if listener is None:
             self.stats["datagrams_dropped"] += 1
             return
-        if self._half_open() >= self.limits.max_half_open:
-            self.stats["half_open_refused"] += 1
-            return
         try:
             replies, session = listener.accept(addr, data, now)
         except Exception:  # a listener must never take the socket down
             log.exception("DTLS listener failed on a datagram from %s", addr[0])
+            return
+        if session is not None and self._half_open() >= self.limits.max_half_open:
+            # Counted only once a ClientHello carried a valid cookie: the stateless
+            # HelloVerifyRequests of a flood cost no scan of the session table.
+            self.stats["half_open_refused"] += 1
+            session.abort()
             return
         for reply in replies:
             endpoint.sendto(reply, addr)
