@@ -49,7 +49,6 @@ from .profile import (
     MAX_DATAGRAM,
     NOT_FOUND,
     REQUEST_ENTITY_TOO_LARGE,
-    SERVICE_UNAVAILABLE,
     SESSION_ID_BYTES,
     UNAUTHORIZED,
     WELL_KNOWN_PATH,
@@ -66,7 +65,8 @@ class ServerLimits:
     """Established sessions; beyond it the least recently used one is evicted (its client gets
     4.04 next time and handshakes again)."""
     max_half_open: int = 32
-    """Sessions past the cookie exchange but not yet established; beyond it: 5.03."""
+    """Sessions past the cookie exchange but not yet established; a new one beyond it evicts
+    the least recently active one (its client gets 4.04 next time and starts over)."""
     idle_timeout: float = 600.0
     """An established session unused for this long is dropped."""
     handshake_timeout: float = 30.0
@@ -159,7 +159,7 @@ class CoreStats:
     evicted: int = 0
     expired: int = 0
     rejected_records: int = 0
-    busy: int = 0
+    half_open_evicted: int = 0
 
 
 def _digest(data: bytes) -> bytes:
@@ -204,7 +204,6 @@ class TunnelCore:
                 return Answer(CREATED, first, s.location)
         if records.client_hello_random(payload) is None:
             return Answer(BAD_REQUEST, b"not a DTLS ClientHello")
-        full = len(self._half_open) >= self.limits.max_half_open
         try:
             replies, dtls = self.listener.accept(peer_key, payload, now)
         except DtlsError:
@@ -218,15 +217,18 @@ class TunnelCore:
             out = dtls.datagrams_to_send() or s.entry_answer
             s.outbox = deque(out[1:])
             return Answer(CREATED, out[0] if out else b"", s.location)
-        if full:
-            dtls.abort()
-            self.stats.busy += 1
-            log.info("half-open limit %d reached: 5.03", self.limits.max_half_open)
-            return Answer(SERVICE_UNAVAILABLE, b"too many handshakes in progress")
         out = dtls.datagrams_to_send()
         closed = self._drain_closed(dtls)
         if closed:
             return Answer(FORBIDDEN, out[0] if out else b"")
+        while len(self._half_open) >= self.limits.max_half_open:
+            # Evict the least recently active handshake rather than refuse this one: a flood
+            # that echoes our cookies must not lock legitimate clients out.
+            victim = min(self._half_open, key=self._last_active)
+            self.stats.half_open_evicted += 1
+            log.info("half-open limit %d: evicting %s", self.limits.max_half_open, victim)
+            self._half_open.discard(victim)
+            self.remove(victim)
         sid = self._new_sid()
         s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]))
         self.sessions[sid] = s
@@ -397,6 +399,10 @@ class TunnelCore:
             self.remove(victim)
         if self.on_established is not None:
             self.on_established(s.peer)
+
+    def _last_active(self, sid: str) -> float:
+        s = self.sessions.get(sid)
+        return s.last_active if s is not None else float("-inf")
 
     def _drain_closed(self, dtls: DtlsSession) -> bool:
         closed = False

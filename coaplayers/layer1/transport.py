@@ -42,7 +42,8 @@ class Layer1Limits:
     max_sessions: int = 1000
     """Established sessions; beyond this the least recently used one is closed."""
     max_half_open: int = 100
-    """Handshakes in progress (after a valid cookie); beyond this new ones are refused."""
+    """Handshakes in progress (after a valid cookie); a new one beyond this evicts the least
+    recently active one, so cookie-echoing floods cannot lock legitimate clients out."""
     handshake_timeout: float = 30.0
     idle_timeout: float = 600.0
     """A session with no traffic for this long is closed with close_notify."""
@@ -212,6 +213,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._client_endpoints: dict[int, _Endpoint] = {}
         self._peers: OrderedDict[tuple[int, tuple[Any, ...]], _Peer] = OrderedDict()
         self._remotes: dict[tuple[int, tuple[Any, ...]], Layer1Remote] = {}
+        # Peers whose handshake is in progress, least recently active first.
+        self._handshaking: OrderedDict[_Peer, None] = OrderedDict()
         self._openssl_contexts: dict[int, Any] = {}
         self._tickets = dtls.TicketStore()
         self._loop = asyncio.get_running_loop()
@@ -220,7 +223,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             "handshakes_failed": 0,
             "sessions_evicted": 0,
             "datagrams_dropped": 0,
-            "half_open_refused": 0,
+            "half_open_evicted": 0,
         }
 
     # ------------------------------------------------------------ construction
@@ -422,11 +425,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             )
             self._forget(peer)
             return
-        if self._half_open() >= self.limits.max_half_open:
-            self.stats["half_open_refused"] += 1
-            self._dispatch_error(peer, dtls.DtlsError("too many handshakes in progress"))
-            self._forget(peer)
-            return
+        self._make_room_for_handshake()
         config = self.limits.dtls_config()
         if isinstance(creds, dtls.PskClientCredentials):
             session: dtls.DtlsSession = dtls.TinyDtlsSession.client(creds, config)
@@ -441,6 +440,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer.session = session
         peer.is_client = True
         peer.sent_cons.clear()
+        self._handshaking[peer] = None
         session.connect(time.monotonic())
         self._process(peer)
 
@@ -456,6 +456,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             if not (is_hello and endpoint.listeners and not peer.is_client and
                     peer.session.is_established):
                 self._peers.move_to_end(key)
+                if peer in self._handshaking:
+                    self._handshaking.move_to_end(peer)
                 peer.last_activity = now
                 if (
                     peer.is_client
@@ -489,12 +491,6 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         except Exception:  # a listener must never take the socket down
             log.exception("DTLS listener failed on a datagram from %s", addr[0])
             return
-        if session is not None and self._half_open() >= self.limits.max_half_open:
-            # Counted only once a ClientHello carried a valid cookie: the stateless
-            # HelloVerifyRequests of a flood cost no scan of the session table.
-            self.stats["half_open_refused"] += 1
-            session.abort()
-            return
         for reply in replies:
             endpoint.sendto(reply, addr)
         if session is None:
@@ -504,9 +500,14 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             remote = Layer1Remote(endpoint, addr, None)
         if peer is not None:
             self._drop_session(peer, None, notify=False)
+        # Only a ClientHello with a valid cookie gets here: the stateless HelloVerifyRequests
+        # of a flood cost nothing. A full table loses its least recently active handshake
+        # rather than refusing this one, which may be a legitimate client's.
+        self._make_room_for_handshake()
         peer = self._new_peer(remote)
         peer.session = session
         peer.is_client = False
+        self._handshaking[peer] = None
         self._process(peer)
 
     def _pick_listener(self, endpoint: _Endpoint, hello: bytes) -> Any:
@@ -527,6 +528,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._flush(peer)
         while (event := session.next_event()) is not None:
             if isinstance(event, dtls.HandshakeComplete):
+                self._handshaking.pop(peer, None)
                 peer.identity = event.peer_identity
                 self.stats["handshakes_ok"] += 1
                 self._emit_event("handshake", peer, cipher=event.cipher_suite,
@@ -586,6 +588,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         """End the peer's session; with ``forget`` the peer leaves the table too."""
         session = peer.session
         peer.session = None
+        self._handshaking.pop(peer, None)
         if session is not None and not session.is_closed:
             session.abort(exc)
         for handle in (peer.timer, peer.idle_timer):
@@ -601,6 +604,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
 
     def _forget(self, peer: _Peer) -> None:
         peer.queue.clear()
+        self._handshaking.pop(peer, None)
         key = (id(peer.remote._endpoint), peer.remote.address)
         if self._peers.get(key) is peer:
             del self._peers[key]
@@ -648,11 +652,22 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._flush(peer)
         self._drop_session(peer, None, notify=False)
 
-    def _half_open(self) -> int:
-        return sum(
-            1 for p in self._peers.values()
-            if p.session is not None and not p.session.is_established and not p.session.is_closed
-        )
+    def _make_room_for_handshake(self) -> None:
+        """Below ``max_half_open`` handshakes, evicting the least recently active ones."""
+        while len(self._handshaking) >= self.limits.max_half_open:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            session = oldest.session
+            if session is None or session.is_established or session.is_closed:
+                continue  # not half-open any more (defensive: every such path removes it)
+            self.stats["half_open_evicted"] += 1
+            log.info("half-open limit %d: evicting the handshake with %s",
+                     self.limits.max_half_open, oldest.remote.hostinfo)
+            self._drop_session(
+                oldest,
+                dtls.DtlsError("handshake evicted: too many handshakes in progress"),
+                notify=oldest.is_client,
+            )
 
     def _enforce_session_limit(self) -> None:
         while len(self._peers) > self.limits.max_sessions:
@@ -680,6 +695,11 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [e.sockname for e in self._endpoints if e.listeners]
+
+    @property
+    def half_open_count(self) -> int:
+        """Handshakes in progress (after the cookie exchange); at most ``max_half_open``."""
+        return len(self._handshaking)
 
     @property
     def session_count(self) -> int:

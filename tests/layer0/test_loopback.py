@@ -9,7 +9,7 @@ import pytest
 from aiocoap import GET, POST, Message
 from aiocoap.numbers.codes import Code
 
-from coaplayers.dtls import PskClientCredentials, TicketStore, build_context
+from coaplayers.dtls import PskClientCredentials, TicketStore, TinyDtlsSession, build_context
 from coaplayers.layer0 import (
     ChannelConfig,
     HandshakeFailed,
@@ -18,6 +18,7 @@ from coaplayers.layer0 import (
     ServerLimits,
     SessionLost,
 )
+from coaplayers.layer0.server import layer0_config
 
 from .apps import TEXT_MARKER
 from .conftest import FastTuning, channel
@@ -113,13 +114,20 @@ async def test_wrong_psk_fails_with_a_useful_error(start_origin, client_context)
     await ch.close()
 
 
-async def test_half_open_limit_answers_503(start_origin, client_context):
-    from coaplayers.layer0 import ServerBusy
-
+async def test_half_open_limit_evicts_the_oldest_handshake(start_origin, client_context):
     origin = await start_origin("psk", limits=ServerLimits(max_half_open=1))
     core = origin.layer0.core
-    core._half_open.add("pretend")  # one slot taken by a stuck handshake
+    # One slot taken by a stuck handshake (a cookie-echoing attacker that never goes on).
+    now = asyncio.get_running_loop().time()  # the server's clock
+    stuck = TinyDtlsSession.client(origin.creds.client, layer0_config())
+    stuck.connect(now)
+    peer = ("coap", "192.0.2.9:5683")
+    hvr = core.entry(peer, stuck.datagrams_to_send()[0], now)
+    stuck.receive_datagram(hvr.payload, now)
+    assert core.entry(peer, stuck.datagrams_to_send()[0], now).code == Code.CREATED
+    assert core.half_open_count == 1
     ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds)
-    with pytest.raises(ServerBusy):
-        await asyncio.wait_for(ch.connect(), T)
-    assert core.stats.busy == 1 and not core.sessions
+    resp = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    assert resp.payload == b"hello " + TEXT_MARKER
+    assert core.stats.half_open_evicted == 1 and core.half_open_count == 0
+    await ch.close()
