@@ -30,6 +30,7 @@ from typing import Any
 
 import aiocoap
 from aiocoap.message import Direction
+from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
 Address = tuple[str, int]
@@ -72,11 +73,17 @@ class EvilProxy:
     down: Hook | None = None
     routes: dict[int, Address] = field(default_factory=dict)
     """Uri-Port -> address; a request naming another port goes to 127.0.0.1:<port>."""
+    separate: Callable[[aiocoap.Message], bool] | None = None
+    """Requests this accepts are acknowledged by the proxy at once (empty ACK) and their
+    answers reach the client as separate NON responses, as a proxy may do (RFC 7252 5.2.2).
+    A client then has several such requests to one proxy in flight (aiocoap keeps NSTART = 1
+    per peer only until the ACK), so the proxy can reorder them and their answers."""
     seen: list[Seen] = field(default_factory=list)
     address: Address = ("127.0.0.1", 0)
     _sock: socket.socket | None = None
     _clients: dict[Address, _Client] = field(default_factory=dict)
     _injected: dict[bytes, asyncio.Future[aiocoap.Message]] = field(default_factory=dict)
+    _separate_tokens: set[tuple[Address, bytes]] = field(default_factory=set)
     errors: list[BaseException] = field(default_factory=list)
 
     async def __aenter__(self) -> EvilProxy:
@@ -202,6 +209,12 @@ class EvilProxy:
         msg.opt.uri_host = None
         msg.opt.uri_port = None
         to = self.routes.get(port, ("127.0.0.1", port)) if port else self.default
+        if (self.separate is not None and msg.mtype is Type.CON and msg.code.is_request()
+                and self.separate(msg)):
+            assert self._sock is not None
+            ack = aiocoap.Message(mtype=Type.ACK, mid=msg.mid, code=Code.EMPTY)
+            self._sock.sendto(encode(ack), addr)
+            self._separate_tokens.add((addr, msg.token))
         self.seen.append(Seen("up", copy_message(msg), addr))
         out = self.up(msg, addr) if self.up is not None else None
         for send in [Send(msg)] if out is None else out:
@@ -216,6 +229,9 @@ class EvilProxy:
             return
         if self._answer_injected(msg):
             return
+        if (c.address, msg.token) in self._separate_tokens and msg.code.is_response():
+            self._separate_tokens.discard((c.address, msg.token))
+            msg.mtype, msg.mid = Type.NON, int.from_bytes(os.urandom(2), "big")
         self.seen.append(Seen("down", copy_message(msg), c.address))
         out = self.down(msg, c.address) if self.down is not None else None
         for send in [Send(msg)] if out is None else out:

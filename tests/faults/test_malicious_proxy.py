@@ -33,6 +33,7 @@ from coaplayers import keys, layer1
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0 import (
     ChannelConfig,
+    HandshakeFailed,
     Layer0Channel,
     Layer0Error,
     Layer0Site,
@@ -626,3 +627,333 @@ async def test_forged_error_answer_after_execution_never_runs_it_twice(
     assert out.error is not None, out
     await still_works(peer, same_session=False)
     verify([app], [peer])
+
+
+# ============================================================================= DROP
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_dropped_post_ends_in_a_timeout_error_and_runs_at_most_once(
+    mode: str, direction: str, make_peer: Any, app: StrictApp
+) -> None:
+    """Every copy of one request (or of its answer, CoAP retransmissions included) is dropped:
+    the client gives up with a typed error after its own timers; the server ran the POST
+    once when the request got through (its retransmissions are deduplicated), else never."""
+    peer = await make_peer(mode)
+    match = peer.is_protected_request if direction == "up" else peer.is_protected_answer
+    hook = Tamper(match, drop)
+    out = await attack_one_post(peer, hook, direction)
+    if mode == "oscore":
+        assert isinstance(out.error, aiocoap.error.ConRetransmitsExceeded), out
+    else:
+        assert isinstance(out.error, OuterError), out
+    assert hook.hits >= 2, "the client never retransmitted"
+    assert executed_times(app, out.nonce) == (0 if direction == "up" else 1)
+    await still_works(peer)
+    verify([app], [peer])
+
+
+@pytest.mark.parametrize("mode", L0_MODES)
+async def test_layer0_get_whose_answer_was_dropped_is_resent_and_answered_right(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    """An idempotent request is sent again in a new record after its exchange failed."""
+    peer = await make_peer(mode)
+    hook = Tamper(peer.is_protected_answer, drop)
+    peer.evil.down = hook
+    try:
+        await peer.get("dropped-once")
+    finally:
+        peer.evil.down = None
+    assert hook.hits >= 2 and app.gets == 2
+    verify([app], [peer])
+
+
+# =========================================================================== REPLAY
+
+
+def last(messages: list[Message], match: Callable[[Message], bool]) -> Message:
+    found = [m for m in messages if match(m)]
+    assert found, "nothing recorded"
+    return found[-1]
+
+
+@pytest.mark.parametrize("source", ["same-client", "fresh-socket"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_replayed_request_is_refused_and_not_run_again(
+    mode: str, source: str, make_peer: Any, app: StrictApp
+) -> None:
+    """A recorded protected request, sent again by the proxy as a new CoAP exchange (fresh
+    message ID and token, so CoAP deduplication does not hide it): 4.01, not executed."""
+    peer = await make_peer(mode)
+    first = await peer.post("original")
+    assert first.answer is not None
+    recorded = last(peer.evil.requests(peer.address), peer.is_protected_request)
+    answer = await peer.evil.inject(
+        recorded, client=peer.address if source == "same-client" else None
+    )
+    assert answer is not None, "no answer to the replay"
+    assert answer.code == Code.UNAUTHORIZED, answer
+    if mode == "oscore":
+        assert answer.opt.oscore is None and answer.payload.startswith(b"Replay detected")
+    assert executed_times(app, first.nonce) == 1
+    await still_works(peer)
+    verify([app], [peer])
+
+
+def replace_with(recorded: Message) -> Action:
+    """Send ``recorded`` in place of the message at hand (keeping its type, ID and token)."""
+    def act(msg: Message) -> Message:
+        fake = copy_message(recorded)
+        fake.mtype, fake.mid, fake.token = msg.mtype, msg.mid, msg.token
+        return fake
+    return act
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_earlier_request_replayed_in_place_of_a_later_one_is_refused(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    peer = await make_peer(mode)
+    first = await peer.post("first")
+    recorded = last(peer.evil.requests(peer.address), peer.is_protected_request)
+    out = await attack_one_post(peer, Tamper(peer.is_protected_request, replace_with(recorded)))
+    if mode == "oscore":
+        assert isinstance(out.error, UnprotectedErrorResponse), out
+        assert out.error.response.payload.startswith(b"Replay detected")
+    else:
+        assert isinstance(out.error, RecordRejected), out
+    assert executed_times(app, first.nonce) == 1 and executed_times(app, out.nonce) == 0
+    await still_works(peer)
+    verify([app], [peer])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_earlier_answer_replayed_to_a_later_request_is_rejected(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    peer = await make_peer(mode)
+    first = await peer.post("first")
+    assert first.answer is not None
+    recorded = last(peer.evil.answers(), peer.is_protected_answer)
+    out = await attack_one_post(peer, Tamper(peer.is_protected_answer, replace_with(recorded)),
+                                "down")
+    if mode == "oscore":
+        assert isinstance(out.error, aiocoap.error.Error), out
+    else:
+        assert isinstance(out.error, ResponseRejected), out
+    assert executed_times(app, out.nonce) == 1
+    await still_works(peer)
+    verify([app], [peer])
+
+
+# ========================================================================== REORDER
+
+
+class Swap:
+    """Hold the first message ``match`` accepts until a second one (of any client) arrives,
+    then deliver both: in swapped order, or (``bodies``) each with the other's payload and
+    OSCORE option, each to its own client. Copies of the held message are dropped meanwhile."""
+
+    def __init__(self, match: Callable[[Message], bool], *, bodies: bool = False,
+                 later_first: Callable[[Message], int] | None = None) -> None:
+        self.match, self.bodies, self.later_first = match, bodies, later_first
+        self.held: tuple[tuple[Address, int], Message] | None = None
+        self.done = False
+        self.hits = 0
+        self.delivered: list[Message] = []
+
+    def __call__(self, msg: Message, client: Address) -> list[Send] | None:
+        if self.done or not self.match(msg):
+            return None
+        key = (client, msg.mid)
+        if self.held is None:
+            self.held, self.hits = (key, msg), 1
+            return []
+        if key == self.held[0]:
+            return []
+        self.done, self.hits = True, 2
+        (held_client, _), held = self.held
+        first_to = client if msg.code.is_response() else None
+        held_to = held_client if held.code.is_response() else None
+        if self.bodies:
+            msg.payload, held.payload = held.payload, msg.payload
+            msg.opt.oscore, held.opt.oscore = held.opt.oscore, msg.opt.oscore
+        sends = [Send(msg, first_to), Send(held, held_to)]
+        if self.later_first is not None and self.later_first(held) > self.later_first(msg):
+            sends.reverse()  # the client itself sent them out of order: deliver in order
+        self.delivered = [copy_message(s.data) for s in sends]  # type: ignore[arg-type]
+        return sends
+
+
+async def concurrent_posts(peers: list[Peer], hook: Swap, direction: str) -> list[Outcome]:
+    """One POST per entry of ``peers`` at once (the same peer twice: two on one session);
+    the proxy acknowledges them itself so that both are in flight (EvilProxy.separate)."""
+    evil = peers[0].evil
+    setattr(evil, direction, hook)
+    evil.separate = peers[0].is_protected_request
+    try:
+        pending = [p.post_request(f"concurrent-{i}") for i, p in enumerate(peers)]
+        outs = await asyncio.gather(
+            *(p.settle(n, r) for p, (n, r) in zip(peers, pending, strict=True))
+        )
+    finally:
+        setattr(evil, direction, None)
+        evil.separate = None
+    assert hook.hits == 2, "the two messages were not both held and swapped"
+    return list(outs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_swapped_requests_both_run_once_and_each_gets_its_answer(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    """Two concurrent requests on one session/context, delivered with the later protected one
+    (higher DTLS sequence number / OSCORE Partial IV) first: the replay windows accept the
+    earlier one after it; each runs once and each answer names its own request."""
+    peer = await make_peer(mode)
+    swap = Swap(peer.is_protected_request, later_first=sequence_number)
+    outs = await concurrent_posts([peer, peer], swap, "up")
+    assert all(o.answer is not None for o in outs), outs
+    # The server saw the later-protected request first (higher sequence number / PIV).
+    later, earlier = (sequence_number(m) for m in swap.delivered)
+    assert later > earlier
+    verify([app], [peer])
+
+
+def sequence_number(msg: Message) -> int:
+    """The DTLS record sequence number, or the OSCORE Partial IV, of a protected request."""
+    if msg.opt.oscore is not None:
+        value = bytes(msg.opt.oscore)
+        return int.from_bytes(value[1 : 1 + (value[0] & 0x07)], "big")
+    return int.from_bytes(msg.payload[5:11], "big")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_answers_delivered_in_swapped_order_are_each_matched(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    peer = await make_peer(mode)
+    outs = await concurrent_posts([peer, peer], Swap(peer.is_protected_answer), "down")
+    assert all(o.answer is not None for o in outs), outs
+    verify([app], [peer])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_answer_bodies_swapped_between_two_requests_are_never_misattributed(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    """Each outer exchange gets the other's protected answer. Layer 0 routes records by inner
+    token: the request whose exchange carried the other's record may find its own answer
+    (or report ResponseRejected); OSCORE binds each answer to its request's Partial IV, so
+    both are rejected. Never is one request's answer taken for the other's (settle checks
+    the nonce of every accepted answer)."""
+    peer = await make_peer(mode)
+    outs = await concurrent_posts([peer, peer], Swap(peer.is_protected_answer, bodies=True),
+                                  "down")
+    for o in outs:
+        assert o.answer is not None or isinstance(o.error, ResponseRejected | aiocoap.error.Error)
+        assert executed_times(app, o.nonce) == 1
+    if mode == "oscore":
+        assert all(o.error is not None for o in outs), outs
+    await still_works(peer)
+    verify([app], [peer])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_answers_swapped_between_two_clients_are_rejected(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    """Two clients post at once; each gets the other's protected answer: both reject it."""
+    a, b = await make_peer(mode), await make_peer(mode)
+    outs = await concurrent_posts([a, b], Swap(a.is_protected_answer, bodies=True), "down")
+    for o in outs:
+        assert isinstance(o.error, ResponseRejected | aiocoap.error.Error), outs
+        assert executed_times(app, o.nonce) == 1
+    await still_works(a)
+    await still_works(b)
+    verify([app], [a, b])
+
+
+# ========================================================================= REDIRECT
+
+
+@pytest.mark.parametrize("mode", L0_MODES)
+async def test_layer0_request_redirected_into_another_clients_session_is_refused(
+    mode: str, make_peer: Any, app: StrictApp
+) -> None:
+    a, b = await make_peer(mode), await make_peer(mode)
+    assert b.ch is not None and b.ch.session_path is not None
+    path_b = b.ch.session_path
+    out = await attack_one_post(
+        a, Tamper(a.is_protected_request, edit(lambda m: setattr(m.opt, "uri_path", path_b)))
+    )
+    assert isinstance(out.error, RecordRejected), out
+    assert executed_times(app, out.nonce) == 0
+    await still_works(b)  # the foreign record did not disturb B's session
+    await still_works(a)
+    verify([app], [a, b])
+
+
+async def test_oscore_request_redirected_into_another_clients_context_is_refused(
+    make_peer: Any, app: StrictApp
+) -> None:
+    """A's request with B's kid: the server finds B's context and cannot decrypt (4.00)."""
+    a, b = await make_peer("oscore"), await make_peer("oscore")
+    kid_a, kid_b = a.osc.parameters.client_id, b.osc.parameters.client_id
+    assert kid_a != kid_b and len(kid_a) == len(kid_b)
+
+    def to_b(m: Message) -> None:
+        value = bytes(m.opt.oscore)
+        assert value.endswith(kid_a)
+        m.opt.oscore = value[: -len(kid_a)] + kid_b
+
+    out = await attack_one_post(a, Tamper(a.is_protected_request, edit(to_b)))
+    if out.error is not None:
+        assert isinstance(out.error, OscoreError), out
+        assert executed_times(app, out.nonce) == 0
+    await still_works(b)
+    await still_works(a, same_session=False)
+    verify([app], [a, b])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_redirect_to_another_server_is_never_accepted(
+    mode: str, make_peer: Any, app: StrictApp, app_b: StrictApp
+) -> None:
+    """The proxy sends everything for the origin to server B (other end-to-end credentials:
+    other PSK, other CA): B has no session or context for the protected requests, and the
+    new handshake the client then runs cannot complete with B. Nothing runs anywhere."""
+    peer = await make_peer(mode)
+    peer.evil.routes[app.port] = app_b.address
+    out = await peer.post("redirected")
+    assert out.error is not None, out
+    if mode == "oscore":
+        # 4.01 "context not found" from B, then the re-keying handshake fails with B.
+        assert isinstance(out.error, Layer0Error | OscoreError), out
+    else:
+        assert isinstance(out.error, SessionLost), out  # B: 4.04; a POST is not resent
+        second = await peer.post("redirected-again")  # a new handshake, with B
+        assert isinstance(second.error, HandshakeFailed | OuterError), second
+    assert app_b.executed == [] and executed_times(app, out.nonce) == 0
+    assert app_b.handshakes == 0
+    peer.evil.routes.clear()
+    await still_works(peer, same_session=False)
+    verify([app, app_b], [peer])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_client_keyed_with_server_b_never_reaches_server_a(
+    mode: str, make_peer: Any, creds: Keys, other_creds: Keys, app: StrictApp,
+    app_b: StrictApp,
+) -> None:
+    """The reverse: a client of B (B's credentials) whose proxy sends its protected requests
+    to A. A has no such session or context: refused, never executed."""
+    peer = await make_peer(mode, creds=other_creds, app=app_b)
+    peer.evil.routes[app_b.port] = app.address
+    out = await peer.post("to-a")
+    assert out.error is not None, out
+    assert app.executed == [], "a request of B's client ran on A"
+    assert executed_times(app_b, out.nonce) == 0
+    verify([app, app_b], [peer])
