@@ -171,6 +171,8 @@ class OpenSslSession(DtlsSession):
 
     def _backend_receive(self, recs: list[bytes]) -> None:
         conn = self._require()
+        if self.state is State.HANDSHAKING:
+            self._drop_backend_retransmission(conn)
         conn.bio_write(b"".join(recs))
         if self.state is State.HANDSHAKING:
             self._handshake_step()
@@ -226,6 +228,25 @@ class OpenSslSession(DtlsSession):
                 return
             for record in records.split_records(chunk):
                 self._emit(record)
+
+    def _drop_backend_retransmission(self, conn: SSL.Connection) -> None:
+        """Run and discard OpenSSL's own retransmission before it reads new records.
+
+        OpenSSL keeps a wall-clock timer (it cannot be turned off through pyOpenSSL) and, once
+        it has expired, repeats its last flight at the start of the next read. The engine does
+        retransmission itself (session.py), so those copies are redundant; worse, at the end of
+        a handshake they came out together with the step that completed it and were taken for
+        the final flight: each side then answered the other's copy with its own, forever (seen
+        as Layer 0 certificate handshakes that never finished under loss). Running the timer
+        here, before the new records are written, separates them from the real answer.
+        """
+        if _lib.DTLSv1_handle_timeout(conn._ssl) > 0:
+            while True:
+                try:
+                    if not conn.bio_read(65536):
+                        break
+                except SSL.WantReadError:
+                    break
 
     def _handshake_step(self) -> None:
         conn = self._require()

@@ -444,6 +444,10 @@ class Layer0Channel:
                     raise
                 continue
             code = resp.code
+            log.debug(
+                "handshake %x: sent %d bytes to %s, got %s with %d bytes",
+                id(dtls) & 0xFFFF, len(datagram), "/".join(path), code, len(resp.payload),
+            )
             if code == Code.CREATED:
                 location = tuple(resp.opt.location_path)
                 if location[: len(WELL_KNOWN_PATH)] != WELL_KNOWN_PATH or len(location) != 3:

@@ -131,3 +131,60 @@ def test_sessions_stay_resumable_after_an_orderly_end_or_eviction(
     net.handshake()
     assert net.handshake_complete(CLIENT).resumed and net.handshake_complete(SERVER).resumed
 
+
+
+def _lock_step(client, listener, pause_at: int):  # type: ignore[no-untyped-def]
+    """One handshake in strict request/answer steps (as Layer 0 carries it), with a wall-clock
+    pause at ``pause_at`` (2 n: before request n reaches the server, 2 n + 1: before its answer
+    reaches the client); returns the sizes of each request and answer."""
+    import time
+
+    def pause() -> None:
+        # Not synchronisation: OpenSSL runs its own retransmission timer on the wall clock
+        # (1 s) and cannot be given another clock, so the path has to be this slow.
+        time.sleep(1.05)
+
+    steps: list[tuple[int, int]] = []
+    client.connect(time.monotonic())
+    queue = client.datagrams_to_send()
+    server = None
+    for step in range(12):
+        if pause_at == 2 * step:
+            pause()
+        up = queue.pop(0)
+        if server is None:
+            answers, server = listener.accept("peer", up, time.monotonic())
+            if server is not None:
+                answers = server.datagrams_to_send()
+        else:
+            server.receive_datagram(up, time.monotonic())
+            answers = server.datagrams_to_send()
+        steps.append((len(up), len(answers)))
+        if pause_at == 2 * step + 1:
+            pause()
+        for answer in answers:
+            client.receive_datagram(answer, time.monotonic())
+        queue += client.datagrams_to_send()
+        if not queue:
+            return steps, server
+    raise AssertionError(f"the handshake did not settle: {steps}")
+
+
+@pytest.mark.parametrize("pause_at", [2, 3, 4, 5])
+def test_openssl_own_timer_adds_no_flight_at_the_end_of_the_handshake(
+    openssl: Backend, pause_at: int
+) -> None:
+    """A slow path let OpenSSL's timer expire: its repeats were taken for the final flight and
+    both sides answered each other's repeats for ever (Layer 0 handshakes under loss)."""
+    config = DtlsConfig()
+    listener = openssl.new_listener(config)
+    client = openssl.new_client(config)
+    steps, server = _lock_step(client, listener, pause_at)
+    assert client.is_established and server is not None and server.is_established, steps
+    assert len(steps) == 3, steps  # ClientHello, ClientHello + cookie, the client's flight
+    state = client.resumption_state  # type: ignore[attr-defined]
+    client.close()
+    again = openssl.new_client(config, resume=state)
+    steps, server = _lock_step(again, listener, pause_at)
+    assert again.is_established and server is not None and server.is_established, steps
+    assert len(steps) == 3, steps  # the same three steps, the last one the client's final flight
