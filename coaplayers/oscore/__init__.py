@@ -20,6 +20,7 @@ transport, the site wrapper and the context file is sans-I/O.
 from .client import ClientContexts, OscoreClientTransport, attach, origin_of
 from .context import MAX_SEQUENCE_NUMBER, SecurityContext
 from .errors import (
+    AlreadyProcessed,
     KeyingError,
     OscoreError,
     ParameterError,
@@ -45,6 +46,7 @@ from .server import ContextStore, OscoreSite, oscore_context_of, peer_of
 __all__ = [
     "EXPORTER_LABEL",
     "MAX_SEQUENCE_NUMBER",
+    "AlreadyProcessed",
     "ClientContexts",
     "ContextFile",
     "ContextStore",

@@ -178,7 +178,8 @@ class OscoreClientTransport(TransportOSCORE):
             reason = classify_unprotected(plain)
             if reason is None:
                 raise UnprotectedErrorResponse(plain) from None
-            self._signal(RehandshakeRequired(reason, secctx, plain))
+            piv = getattr(request.request, "oscore_request_piv", None)
+            self._signal(RehandshakeRequired(reason, secctx, plain, request_piv=piv))
         except SequenceNumbersExhausted as e:
             self._signal(e)
         except _aiooscore.ContextUnavailable:

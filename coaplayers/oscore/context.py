@@ -239,6 +239,18 @@ class SecurityContext(
     def post_seqnoincrease(self) -> None:
         """Required by aiocoap's CanProtect; the work is done in :meth:`new_sequence_number`."""
 
+    # -- protection --------------------------------------------------------------------
+
+    def protect(self, message: Message, request_id: Any = None, *,
+                kid_context: Any = True) -> tuple[Message, Any]:
+        """aiocoap's protect; a request also remembers the Partial IV it went out with
+        (``message.oscore_request_piv``), so that a refusal of it can be checked with the
+        server (:class:`~coaplayers.oscore.mode.OscoreRequester`)."""
+        protected, ids = super().protect(message, request_id, kid_context=kid_context)
+        if request_id is None:
+            message.oscore_request_piv = ids.partial_iv  # type: ignore[attr-defined]
+        return protected, ids
+
     # -- RFC 8613 outer options --------------------------------------------------------
 
     def _split_message(self, message: Message, request_id: Any) -> tuple[Message, bytes]:

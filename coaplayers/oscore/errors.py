@@ -70,7 +70,10 @@ class RehandshakeRequired(OscoreError):
     reasons nothing was sent), so it is safe to send it again under the new context.
 
     Note that the 4.01/4.00 answers that lead here are unprotected: an on-path attacker can
-    forge them and so force handshakes (a denial of service, never a security breach).
+    forge them and so force handshakes (a denial of service). It can also forge them *after*
+    letting the request through; so :class:`~coaplayers.oscore.mode.OscoreRequester` sends a
+    request again only when the server confirmed inside the new Layer 0 session that it did
+    not process it (``request_piv``; see :class:`AlreadyProcessed`).
     """
 
     def __init__(
@@ -78,11 +81,21 @@ class RehandshakeRequired(OscoreError):
         reason: RehandshakeReason,
         security_context: Any = None,
         response: Message | None = None,
+        request_piv: bytes | None = None,
     ) -> None:
         super().__init__(f"new Layer 0 handshake required: {reason.value}")
         self.reason = reason
         self.security_context = security_context
         self.response = response
+        #: Partial IV the refused request was sent with (None: not known or not sent).
+        self.request_piv = request_piv
+
+
+class AlreadyProcessed(OscoreError):
+    """The request was refused with an unprotected "context not found" / "decryption
+    failed", but the server says, authenticated by a new Layer 0 session, that its context
+    is alive and has seen the request's Partial IV: the refusal was forged in transit and
+    the request may have been processed. It is not sent again; the context stays in use."""
 
 
 class SequenceNumbersExhausted(RehandshakeRequired):

@@ -24,7 +24,7 @@ from aiocoap.numbers.codes import Code
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
 from .client import ClientContexts, attach, origin_of
-from .errors import ParameterError, RehandshakeRequired
+from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
 from .keying import EXPORTER_LABEL, Role, derive_context, exporter_length
 from .params import OscoreParameters
 from .server import ContextStore
@@ -56,6 +56,19 @@ class KeyingResource(resource.Resource):
                 code=Code.NOT_IMPLEMENTED,
                 payload=b"OSCORE keying needs a certificate-mode session (TLS exporter)",
             )
+        prior = _prior_of(request)
+        if prior is not None:
+            old = self.store.get(prior[0])
+            if old is not None and old.peer == peer.identity:
+                if _seen(old, prior[1]):
+                    # The client's old context is alive and took this request: whatever
+                    # refusal the client got was forged in transit. It keeps that context.
+                    return aiocoap.Message(
+                        code=Code.CONFLICT, payload=b"request already processed"
+                    )
+                # Not processed: end the old context, so that a copy of the request held
+                # back in transit can never be processed after the client sent it again.
+                self.store.remove(old)
         params = OscoreParameters(
             client_id=self.store.allocate_client_id(self.id_length),
             server_id=self.store.server_id,
@@ -68,6 +81,31 @@ class KeyingResource(resource.Resource):
             code=Code.CHANGED, payload=params.to_cbor(),
             content_format=PARAMETERS_CONTENT_FORMAT,
         )
+
+
+PRIOR_QUERY = "prior="
+"""Inner Uri-Query of a keying request sent because a request was refused with an
+unprotected "context not found" / "decryption failed": ``prior=<kid hex>.<Partial IV hex>``
+of that request. If the server's context for that kid (of the same Layer 0 peer) is alive
+and has seen that Partial IV, it answers 4.09 and keys nothing (the refusal was forged);
+otherwise it removes that context and keys a new one, and the request may be sent again."""
+
+
+def _prior_of(request: aiocoap.Message) -> tuple[bytes, int] | None:
+    for query in request.opt.uri_query:
+        if query.startswith(PRIOR_QUERY):
+            kid, _, piv = query.removeprefix(PRIOR_QUERY).partition(".")
+            try:
+                return bytes.fromhex(kid), int.from_bytes(bytes.fromhex(piv), "big")
+            except ValueError:
+                return None
+    return None
+
+
+def _seen(context: Any, number: int) -> bool:
+    """Whether the context's replay window took (or can no longer tell about) ``number``."""
+    window = context.recipient_replay_window
+    return not window.is_initialized() or not window.is_valid(number)
 
 
 class OscoreRequester:
@@ -99,21 +137,33 @@ class OscoreRequester:
         async with self._lock:
             await self._key_locked()
 
-    async def _rekey(self, stale: Any) -> None:
-        """Key unless the context ``stale`` (None: no context yet) was replaced meanwhile.
+    async def _rekey(self, stale: Any, prior: tuple[bytes, bytes] | None = None) -> bool:
+        """Key unless the context ``stale`` (None: no context yet) was replaced meanwhile;
+        True if this call keyed. With ``prior`` (kid, Partial IV of a refused request) the
+        server first checks that request (``PRIOR_QUERY``); :class:`AlreadyProcessed` if it
+        had processed it.
 
         Requests that fail together on one dead context (or start together without one)
         wait for a single handshake instead of running one each.
         """
         async with self._lock:
             if self.security_context is stale:
-                await self._key_locked()
+                await self._key_locked(prior)
+                return True
+            return False
 
-    async def _key_locked(self) -> None:
+    async def _key_locked(self, prior: tuple[bytes, bytes] | None = None) -> None:
         channel = self._new_channel()
         try:
             msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
+            if prior is not None:
+                msg.opt.uri_query = [f"{PRIOR_QUERY}{prior[0].hex()}.{prior[1].hex()}"]
             response = await channel.request(msg).response
+            if response.code == Code.CONFLICT and prior is not None:
+                raise AlreadyProcessed(
+                    "the server's refusal was forged in transit: its context is alive and"
+                    " has processed the request, which is not sent again"
+                )
             if response.code != Code.CHANGED:
                 raise ParameterError(
                     f"the server refused OSCORE keying: {response.code}"
@@ -181,8 +231,22 @@ class _Pending:
                 if attempt == 2:
                     raise
                 log.info("OSCORE context rejected (%s); new Layer 0 handshake", exc.reason)
-                await r._rekey(exc.security_context or used)
+                stale = exc.security_context or used
+                if exc.request_piv is None or stale is None:
+                    # Nothing was sent (sequence numbers): sending it now is safe.
+                    await r._rekey(stale)
+                    continue
+                # The refusal is unauthenticated: the request may have been processed and
+                # the answer replaced. Send it again only if the server confirms, inside
+                # the new Layer 0 session, that it was not (AlreadyProcessed otherwise).
+                prior = (stale.sender_id, exc.request_piv)
+                if not await r._rekey(stale, prior) and not _idempotent(self._message):
+                    raise  # keyed by another request meanwhile: this one was not checked
                 continue
             self.observation = pr.observation
             return response
         raise AssertionError("unreachable")
+
+
+def _idempotent(message: aiocoap.Message) -> bool:
+    return message.code in (Code.GET, Code.FETCH, Code.PUT, Code.DELETE, Code.iPATCH)

@@ -43,6 +43,8 @@ class Send:
 
     data: aiocoap.Message | bytes
     to: Address | None = None
+    back: bool = False
+    """From the up hook: answer the client from the proxy itself (to = the client)."""
 
 
 @dataclass
@@ -212,13 +214,18 @@ class EvilProxy:
         if (self.separate is not None and msg.mtype is Type.CON and msg.code.is_request()
                 and self.separate(msg)):
             assert self._sock is not None
-            ack = aiocoap.Message(mtype=Type.ACK, mid=msg.mid, code=Code.EMPTY)
+            ack = aiocoap.Message(code=Code.EMPTY)
+            ack.mtype, ack.mid = Type.ACK, msg.mid
             self._sock.sendto(encode(ack), addr)
             self._separate_tokens.add((addr, msg.token))
         self.seen.append(Seen("up", copy_message(msg), addr))
         out = self.up(msg, addr) if self.up is not None else None
         for send in [Send(msg)] if out is None else out:
-            c.sock.sendto(_bytes(send.data), send.to or to)
+            if send.back:
+                assert self._sock is not None
+                self._sock.sendto(_bytes(send.data), addr)
+            else:
+                c.sock.sendto(_bytes(send.data), send.to or to)
 
     def _from_upstream(self, c: _Client, data: bytes) -> None:
         assert self._sock is not None

@@ -42,7 +42,12 @@ from coaplayers.layer0 import (
     ResponseRejected,
     SessionLost,
 )
-from coaplayers.oscore import OscoreError, RehandshakeRequired, UnprotectedErrorResponse
+from coaplayers.oscore import (
+    AlreadyProcessed,
+    OscoreError,
+    RehandshakeRequired,
+    UnprotectedErrorResponse,
+)
 
 from .conftest import App, Count, Keys, Nonce, oscore_requester
 from .evilproxy import Address, EvilProxy, Send, copy_message
@@ -605,13 +610,7 @@ FORGED = {
 
 @pytest.mark.parametrize(
     "mode,code,payload",
-    [
-        pytest.param(m, c, p, marks=[pytest.mark.xfail(
-            strict=True, reason="OscoreRequester resends a POST after an unauthenticated"
-            " 'context not found'/'decryption failed' (coaplayers/oscore/mode.py, _Pending._run)",
-        )] if m == "oscore" and p != b"Replay detected" else [])
-        for m in ("psk", "oscore") for c, p in FORGED[m]
-    ],
+    [(m, c, p) for m in ("psk", "oscore") for c, p in FORGED[m]],
     ids=lambda v: v if isinstance(v, str) else (str(v) if not isinstance(v, bytes) else None),
 )
 async def test_forged_error_answer_after_execution_never_runs_it_twice(
@@ -619,13 +618,47 @@ async def test_forged_error_answer_after_execution_never_runs_it_twice(
 ) -> None:
     """The proxy lets the POST run, then answers the client with an unauthenticated error of
     the server's own kind. The client must not take that as "not executed" and send it again:
-    the server would run the POST twice."""
+    the server would run the POST twice. (Until the fix of this suite, OscoreRequester did
+    just that after "Security context not found" / "Decryption failed".)"""
     peer = await make_peer(mode)
     out = await attack_one_post(peer, Tamper(peer.is_protected_answer, forged(code, payload)),
                                 "down")
     assert executed_times(app, out.nonce) == 1
     assert out.error is not None, out
-    await still_works(peer, same_session=False)
+    if mode == "oscore" and payload != b"Replay detected":
+        # Checked with the server in a new Layer 0 session: it had processed the request.
+        assert isinstance(out.error, AlreadyProcessed), out
+        await still_works(peer)  # the context was alive all along and stays in use
+    else:
+        await still_works(peer, same_session=False)
+    verify([app], [peer])
+
+
+async def test_oscore_forged_refusal_of_a_request_held_back_resends_it_once(
+    make_peer: Any, app: StrictApp
+) -> None:
+    """The proxy keeps the request and answers "Security context not found" itself. The
+    server confirms (new Layer 0 session) that it never processed that Partial IV and ends
+    the old context; the client sends the request again under the new one; when the proxy
+    then releases the copy it kept, the server refuses it (context gone): run once."""
+    peer = await make_peer("oscore")
+    kept: list[Message] = []
+
+    def keep_and_refuse(msg: Message) -> list[Send]:
+        kept.append(copy_message(msg))
+        fake = forged(Code.UNAUTHORIZED, b"Security context not found")(msg)
+        assert isinstance(fake, Message)
+        fake.mtype = aiocoap.ACK
+        fake.code = Code.UNAUTHORIZED
+        return [Send(fake, back=True)]
+
+    out = await attack_one_post(peer, Tamper(peer.is_protected_request, keep_and_refuse))
+    assert out.answer is not None, out
+    assert peer.setups == 2 and executed_times(app, out.nonce) == 1
+    late = await peer.evil.inject(kept[0], client=peer.address)
+    assert late is not None and late.code == Code.UNAUTHORIZED, late
+    assert late.payload.startswith(b"Security context not found")
+    assert executed_times(app, out.nonce) == 1
     verify([app], [peer])
 
 
