@@ -409,8 +409,19 @@ class Layer0Channel:
             return self._generation
 
     async def _handshake_once(self) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
-        loop = asyncio.get_running_loop()
         dtls = self._new_engine()
+        try:
+            return await self._drive_handshake(dtls)
+        except BaseException:
+            # Free the engine now, also when cancelled (timeout): a tinydtls session left to
+            # the garbage collector in mid-handshake has crashed DTLSSocket at exit.
+            dtls.abort()
+            raise
+
+    async def _drive_handshake(
+        self, dtls: DtlsSession
+    ) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
+        loop = asyncio.get_running_loop()
         dtls.connect(loop.time())
         path = WELL_KNOWN_PATH
         queue = dtls.datagrams_to_send()
