@@ -166,6 +166,15 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _source(peer_key: Hashable) -> Hashable:
+    """The client host of an entry request's peer key (scheme, host:port): its port dropped."""
+    if isinstance(peer_key, tuple) and peer_key and isinstance(peer_key[-1], str):
+        host, sep, port = peer_key[-1].rpartition(":")
+        if sep and port.isdigit() and (host.endswith("]") or ":" not in host):
+            return (*peer_key[:-1], host)
+    return peer_key
+
+
 class TunnelCore:
     """Session table and outer-answer logic of the tunnel resources (see module docstring)."""
 
@@ -181,6 +190,7 @@ class TunnelCore:
         self._random = random
         self.sessions: OrderedDict[str, TunnelSession] = OrderedDict()  # LRU order
         self._half_open: set[str] = set()
+        self._half_open_source: dict[str, Hashable] = {}  # sid -> client host (pruned in entry)
         self._by_entry: dict[bytes, str] = {}
         self._by_engine: dict[int, str] = {}
         self.stats = CoreStats()
@@ -221,18 +231,16 @@ class TunnelCore:
         closed = self._drain_closed(dtls)
         if closed:
             return Answer(FORBIDDEN, out[0] if out else b"")
-        while len(self._half_open) >= self.limits.max_half_open:
-            # Evict the least recently active handshake rather than refuse this one: a flood
-            # that echoes our cookies must not lock legitimate clients out.
-            victim = min(self._half_open, key=self._last_active)
-            self.stats.half_open_evicted += 1
-            log.info("half-open limit %d: evicting %s", self.limits.max_half_open, victim)
-            self._half_open.discard(victim)
-            self.remove(victim)
+        if len(self._half_open) >= self.limits.max_half_open:
+            self._evict_half_open()
         sid = self._new_sid()
         s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]))
         self.sessions[sid] = s
         self._half_open.add(sid)
+        self._half_open_source[sid] = _source(peer_key)
+        if len(self._half_open_source) > 2 * self.limits.max_half_open:
+            for gone in [k for k in self._half_open_source if k not in self._half_open]:
+                del self._half_open_source[gone]
         self._by_entry[digest] = sid
         self._by_engine[id(dtls)] = sid
         log.debug("session %s created (half-open %d)", sid, len(self._half_open))
@@ -399,6 +407,23 @@ class TunnelCore:
             self.remove(victim)
         if self.on_established is not None:
             self.on_established(s.peer)
+
+    def _evict_half_open(self) -> None:
+        """Make room for one handshake: evict rather than refuse, so that a flood echoing our
+        cookies cannot lock legitimate clients out. The victim is the least recently active
+        handshake of the client host holding the most, so such an attacker (from a few hosts,
+        any number of ports) displaces its own handshakes first."""
+        by_source: dict[Hashable, list[str]] = {}
+        for sid in self._half_open:
+            by_source.setdefault(self._half_open_source.get(sid), []).append(sid)
+        while len(self._half_open) >= self.limits.max_half_open:
+            group = max(by_source.values(), key=len)
+            victim = min(group, key=self._last_active)
+            group.remove(victim)
+            self.stats.half_open_evicted += 1
+            log.info("half-open limit %d: evicting %s", self.limits.max_half_open, victim)
+            self._half_open.discard(victim)
+            self.remove(victim)
 
     def _last_active(self, sid: str) -> float:
         s = self.sessions.get(sid)

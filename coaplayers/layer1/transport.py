@@ -43,7 +43,8 @@ class Layer1Limits:
     """Established sessions; beyond this the least recently used one is closed."""
     max_half_open: int = 100
     """Handshakes in progress (after a valid cookie); a new one beyond this evicts the least
-    recently active one, so cookie-echoing floods cannot lock legitimate clients out."""
+    recently active one of the source host holding the most, so cookie-echoing floods cannot
+    lock legitimate clients out."""
     handshake_timeout: float = 30.0
     idle_timeout: float = 600.0
     """A session with no traffic for this long is closed with close_notify."""
@@ -157,8 +158,50 @@ class _Peer:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_activity = time.monotonic()
         self.last_received = time.monotonic()  # last CoAP message out of the session
+        self.hello_random: bytes | None = None  # server: the ClientHello random of the session
         # Unanswered CON messages we sent as a client: mid -> [first send, bytes, resends].
         self.sent_cons: OrderedDict[int, list[Any]] = OrderedDict()
+
+
+class _HalfOpenTable:
+    """Peers whose handshake is in progress, by source host, least recently active first.
+
+    When the table is full, the victim is the least recently active handshake of the host that
+    holds the most: an attacker who echoes our cookies from a few hosts (any number of ports)
+    then only displaces its own handshakes, never the one of a legitimate client elsewhere.
+    Everything is O(1) except :meth:`victim`, O(hosts in the table) <= ``max_half_open``.
+    """
+
+    def __init__(self) -> None:
+        self._by_host: dict[Any, OrderedDict[_Peer, None]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, peer: _Peer) -> None:
+        bucket = self._by_host.setdefault(peer.remote.address[0], OrderedDict())
+        if peer not in bucket:
+            bucket[peer] = None
+            self._count += 1
+
+    def touch(self, peer: _Peer) -> None:
+        bucket = self._by_host.get(peer.remote.address[0])
+        if bucket is not None and peer in bucket:
+            bucket.move_to_end(peer)
+
+    def discard(self, peer: _Peer) -> None:
+        host = peer.remote.address[0]
+        bucket = self._by_host.get(host)
+        if bucket is None or peer not in bucket:
+            return
+        del bucket[peer]
+        self._count -= 1
+        if not bucket:
+            del self._by_host[host]
+
+    def victim(self) -> _Peer:
+        return next(iter(max(self._by_host.values(), key=len)))
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -213,8 +256,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._client_endpoints: dict[int, _Endpoint] = {}
         self._peers: OrderedDict[tuple[int, tuple[Any, ...]], _Peer] = OrderedDict()
         self._remotes: dict[tuple[int, tuple[Any, ...]], Layer1Remote] = {}
-        # Peers whose handshake is in progress, least recently active first.
-        self._handshaking: OrderedDict[_Peer, None] = OrderedDict()
+        self._handshaking = _HalfOpenTable()
         self._openssl_contexts: dict[int, Any] = {}
         self._tickets = dtls.TicketStore()
         self._loop = asyncio.get_running_loop()
@@ -440,7 +482,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer.session = session
         peer.is_client = True
         peer.sent_cons.clear()
-        self._handshaking[peer] = None
+        self._handshaking.add(peer)
         session.connect(time.monotonic())
         self._process(peer)
 
@@ -451,13 +493,13 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         now = time.monotonic()
         key = (id(endpoint), addr)
         peer = self._peers.get(key)
-        is_hello = records.client_hello_random(data) is not None
+        hello_random = records.client_hello_random(data)
+        is_hello = hello_random is not None
         if peer is not None and peer.session is not None and not peer.session.is_closed:
             if not (is_hello and endpoint.listeners and not peer.is_client and
-                    peer.session.is_established):
+                    (peer.session.is_established or hello_random != peer.hello_random)):
                 self._peers.move_to_end(key)
-                if peer in self._handshaking:
-                    self._handshaking.move_to_end(peer)
+                self._handshaking.touch(peer)
                 peer.last_activity = now
                 if (
                     peer.is_client
@@ -472,8 +514,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                 peer.session.receive_datagram(data, now)
                 self._process(peer)
                 return
-            # An established client says ClientHello again: it lost its state (restart, or
-            # the same port reused). Let the listener run a fresh, cookie-checked handshake.
+            # An established client says ClientHello again, or a handshaking one starts over
+            # with a new random: it lost its state (restart, or the same port reused). Let the
+            # listener run a fresh, cookie-checked handshake; a repeat of the ClientHello that
+            # created the session went to the session above.
         if not endpoint.listeners or not is_hello:
             self.stats["datagrams_dropped"] += 1
             if endpoint.listeners and data[:1] == b"\x17" and len(data) > records.HEADER_LEN:
@@ -507,7 +551,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer = self._new_peer(remote)
         peer.session = session
         peer.is_client = False
-        self._handshaking[peer] = None
+        peer.hello_random = hello_random
+        self._handshaking.add(peer)
         self._process(peer)
 
     def _pick_listener(self, endpoint: _Endpoint, hello: bytes) -> Any:
@@ -528,7 +573,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._flush(peer)
         while (event := session.next_event()) is not None:
             if isinstance(event, dtls.HandshakeComplete):
-                self._handshaking.pop(peer, None)
+                self._handshaking.discard(peer)
                 peer.identity = event.peer_identity
                 self.stats["handshakes_ok"] += 1
                 self._emit_event("handshake", peer, cipher=event.cipher_suite,
@@ -588,7 +633,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         """End the peer's session; with ``forget`` the peer leaves the table too."""
         session = peer.session
         peer.session = None
-        self._handshaking.pop(peer, None)
+        self._handshaking.discard(peer)
         if session is not None and not session.is_closed:
             session.abort(exc)
         for handle in (peer.timer, peer.idle_timer):
@@ -604,7 +649,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
 
     def _forget(self, peer: _Peer) -> None:
         peer.queue.clear()
-        self._handshaking.pop(peer, None)
+        self._handshaking.discard(peer)
         key = (id(peer.remote._endpoint), peer.remote.address)
         if self._peers.get(key) is peer:
             del self._peers[key]
@@ -653,10 +698,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._drop_session(peer, None, notify=False)
 
     def _make_room_for_handshake(self) -> None:
-        """Below ``max_half_open`` handshakes, evicting the least recently active ones."""
+        """Below ``max_half_open`` handshakes, evicting (see :class:`_HalfOpenTable`)."""
         while len(self._handshaking) >= self.limits.max_half_open:
-            oldest = next(iter(self._handshaking))
-            del self._handshaking[oldest]
+            oldest = self._handshaking.victim()
+            self._handshaking.discard(oldest)
             session = oldest.session
             if session is None or session.is_established or session.is_closed:
                 continue  # not half-open any more (defensive: every such path removes it)
