@@ -40,7 +40,7 @@ PARAMETERS_CONTENT_FORMAT = 65001
 class KeyingResource(resource.Resource):
     """Server side: turns the Layer 0 session a request arrived on into an OSCORE context."""
 
-    def __init__(self, store: ContextStore, *, id_length: int = 2) -> None:
+    def __init__(self, store: ContextStore, *, id_length: int | None = None) -> None:
         super().__init__()
         self.store = store
         self.id_length = id_length

@@ -117,13 +117,22 @@ class ContextStore:
         self._contexts.move_to_end(key)
         return context
 
-    def allocate_client_id(self, length: int = 2, id_context: bytes | None = None) -> bytes:
+    def allocate_client_id(
+        self, length: int | None = None, id_context: bytes | None = None
+    ) -> bytes:
         """A Recipient ID for a new client: random, unused here, never the server's own ID.
 
+        ``length=None`` picks the shortest length whose ID space is at most a quarter full, so
+        every request carries a 1-byte ``kid`` while the server holds fewer than 64 contexts
+        (RFC 8613 leaves the length to the server; the kid is on every request's wire).
         Random rather than counted so that after a server restart an old client's stale ID
         is unlikely to name someone else's context: it will then get "Security context not
         found" (clean re-handshake) rather than "Decryption failed".
         """
+        if length is None:
+            length = 1
+            while len(self._contexts) >= 256**length // 4 and length < 7:
+                length += 1
         if not 1 <= length <= 7:
             raise ValueError("client IDs are 1 to 7 bytes (AES-CCM-16-64-128 nonce)")
         space = 256**length

@@ -88,6 +88,16 @@ def test_allocate_client_id_is_unique_and_never_the_server_id() -> None:
         store.allocate_client_id(length=1)  # half the space in use: refuse
 
 
+def test_client_ids_are_as_short_as_the_number_of_contexts_allows() -> None:
+    store = ContextStore(server_id=b"", max_contexts=200)
+    lengths = []
+    for _ in range(70):
+        cid = store.allocate_client_id()
+        lengths.append(len(cid))
+        store.add(static_pair(client_id=cid, server_id=b"")[1])
+    assert lengths == [1] * 64 + [2] * 6  # 1 byte until the 1-byte space is a quarter full
+
+
 # -- the wrapped site over real UDP -----------------------------------------------------------
 
 
