@@ -1,6 +1,7 @@
 """ClientHello floods at every DTLS endpoint (issue 8): 10,000 well-formed ClientHellos from
-200 source ports, against Layer 1 (coaps://) and Layer 0 (the tunnel entry resource), each with
-PSK (tinydtls) and certificates (OpenSSL).
+200 source ports (on four attacker addresses; the legitimate clients use 127.0.0.1), against
+Layer 1 (coaps://) and Layer 0 (the tunnel entry resource), each with PSK (tinydtls) and
+certificates (OpenSSL).
 
 Two attackers:
 
