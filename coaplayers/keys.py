@@ -65,14 +65,15 @@ def create(
             f"{' ...' if len(existing) > 4 else ''}; refusing to overwrite keys (choose another"
             " folder or remove them first)"
         )
-    hop_ca = pki.make_ca("coaplayers hop-by-hop CA")
-    e2e_ca = pki.make_ca("coaplayers end-to-end CA")
+    hop_ca = pki.make_ca("coaplayers hop CA")  # short names: every leaf carries its issuer's
+    e2e_ca = pki.make_ca("coaplayers e2e CA")
     proxy = pki.issue(hop_ca, proxy_host if not proxy_host[0].isdigit() else "proxy",
                       names=sorted({proxy_host, "proxy", "localhost", "127.0.0.1", "::1"}))
     server_names = sorted({server_host, "app-server", "localhost", "127.0.0.1", "::1"})
     server_hop = pki.issue(hop_ca, "app-server-hop", names=server_names)
-    server_e2e = pki.issue(e2e_ca, "app-server", names=server_names)
-    client_e2e = pki.issue(e2e_ca, device)
+    # The end-to-end certificates are for one role each (and the client's names no host).
+    server_e2e = pki.issue(e2e_ca, "app-server", names=server_names, client=False)
+    client_e2e = pki.issue(e2e_ca, device, server=False)
     psks = {
         "hop1": (device, secrets.token_hex(16)),  # device <-> proxy
         "hop2": ("proxy", secrets.token_hex(16)),  # proxy <-> application server

@@ -33,6 +33,14 @@ DEFAULT_CIPHERS = (
     ":@SECLEVEL=0"  # CCM_8's 64-bit tag is below OpenSSL's default security level
 )
 _COOKIE_LEN = 16
+# Offered and accepted in hellos and in the CertificateRequest: only what the stack uses, since
+# OpenSSL's default lists cost ~60 bytes in every ClientHello (twice per handshake, with the
+# cookie) and ~45 in the CertificateRequest. Certificates are ECDSA P-256 signing with SHA-256
+# (RFC 7925's profile), so ecdsa_secp256r1_sha256 is the one signature scheme; X25519 (32-byte
+# shares) is preferred for ECDHE, P-256 kept for peers that have only it (RFC 7925 mandates it).
+DEFAULT_SIGALGS = "ECDSA+SHA256"
+DEFAULT_GROUPS = "X25519:P-256"
+_SSL_OP_NO_ENCRYPT_THEN_MAC = 0x80000  # SSL_OP_BIT(19): no CBC suite is offered, so it is moot
 _SSL_MODE_NO_AUTO_CHAIN = 0x8  # SSL_MODE_NO_AUTO_CHAIN (ssl.h); pyOpenSSL has no name for it
 _lib = SSL._lib  # type: ignore[attr-defined]  # SSL_session_reused is not wrapped
 
@@ -64,7 +72,7 @@ def build_context(
     ctx = SSL.Context(SSL.DTLS_METHOD)
     ctx.set_options(
         SSL.OP_NO_QUERY_MTU | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
-        | SSL.OP_NO_TICKET
+        | SSL.OP_NO_TICKET | _SSL_OP_NO_ENCRYPT_THEN_MAC
     )
     # Send only the configured chain, not the CA the peer must already trust (OpenSSL would
     # add it from the store: ~400 bytes per side in every certificate handshake), and free
@@ -74,6 +82,10 @@ def build_context(
         ctx.set_cipher_list(ciphers.encode())
     except SSL.Error as exc:
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
+    if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, DEFAULT_SIGALGS.encode()) != 1:
+        raise ConfigurationError(f"OpenSSL refused the signature algorithms {DEFAULT_SIGALGS}")
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, DEFAULT_GROUPS.encode()) != 1:
+        raise ConfigurationError(f"OpenSSL refused the groups {DEFAULT_GROUPS}")
     if credentials.certificate_chain:
         try:
             ctx.use_certificate(credentials.certificate_chain[0])
