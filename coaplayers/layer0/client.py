@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -71,6 +71,7 @@ from .profile import (
     IDEMPOTENT_METHODS,
     INNER_BLOCK_SIZE,
     INNER_BLOCK_SZX,
+    MAX_LOCATION_SEGMENTS,
     OUTER_ONLY_OPTIONS,
     WELL_KNOWN_PATH,
 )
@@ -252,7 +253,10 @@ class Layer0Channel:
         self._lock = asyncio.Lock()
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._observations: dict[bytes, Layer0Observation] = {}
-        self._tokens = itertools.count(int.from_bytes(os.urandom(3), "big"))
+        # Inner tokens: 1-byte ones from this pool, each back in it once its request had its
+        # one answer; longer counted ones only while all 256 are taken (docs/PROTOCOL.md 4.1).
+        self._free_tokens: deque[bytes] = deque(bytes([i]) for i in range(256))
+        self._long_tokens = itertools.count(256)
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -332,7 +336,9 @@ class Layer0Channel:
         if self.config.transport_tuning is not None:
             kwargs["transport_tuning"] = self.config.transport_tuning
         msg = Message(code=code, payload=payload, **kwargs)
-        if payload:
+        if payload and path == WELL_KNOWN_PATH:
+            # Only the entry resource takes other payloads than records (it refuses them);
+            # the session resource's are records by definition: 3 bytes saved per request.
             msg.opt.content_format = CONTENT_FORMAT
         if self._proxy is None:
             msg.remote = UndecidedRemote.from_pathless_uri(self.origin)
@@ -461,7 +467,11 @@ class Layer0Channel:
             )
             if code == Code.CREATED:
                 location = tuple(resp.opt.location_path)
-                if location[: len(WELL_KNOWN_PATH)] != WELL_KNOWN_PATH or len(location) != 3:
+                if (
+                    not 1 <= len(location) <= MAX_LOCATION_SEGMENTS
+                    or location == WELL_KNOWN_PATH
+                    or not all(0 < len(seg.encode()) <= 255 for seg in location)
+                ):
                     raise HandshakeFailed(f"server named the session oddly: {location!r}")
                 path = location
             elif code == Code.SERVICE_UNAVAILABLE:
@@ -551,7 +561,10 @@ class Layer0Channel:
             self._invalidate(generation, SessionLost(f"the server closed the session: {closed}"))
 
     def _new_token(self) -> bytes:
-        return (next(self._tokens) & 0xFFFFFFFF).to_bytes(4, "big")
+        if self._free_tokens:
+            return self._free_tokens.popleft()
+        n = next(self._long_tokens)
+        return n.to_bytes((n.bit_length() + 7) // 8, "big")
 
     async def _exchange(
         self,
@@ -591,6 +604,11 @@ class Layer0Channel:
                 if code == Code.CHANGED:
                     self._receive(bytes(resp.payload), generation)
                     if future.done():
+                        if (
+                            len(this_token) == 1 and token is None and observation is None
+                            and message.opt.observe is None
+                        ):  # sent once, answered once: no other answer can carry this token
+                            self._free_tokens.append(this_token)
                         return future.result()
                     if resp.payload:
                         raise ResponseRejected(

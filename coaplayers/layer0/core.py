@@ -49,9 +49,9 @@ from .profile import (
     MAX_DATAGRAM,
     NOT_FOUND,
     REQUEST_ENTITY_TOO_LARGE,
-    SESSION_ID_BYTES,
+    SESSION_ID_CHARS,
+    SESSION_PREFIX,
     UNAUTHORIZED,
-    WELL_KNOWN_PATH,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class TunnelSession:
 
     @property
     def location(self) -> tuple[str, ...]:
-        return (*WELL_KNOWN_PATH, self.sid)
+        return (self.sid,)
 
 
 @dataclass
@@ -438,6 +438,7 @@ class TunnelCore:
 
     def _new_sid(self) -> str:
         while True:
-            sid = base64.urlsafe_b64encode(self._random(SESSION_ID_BYTES)).decode().rstrip("=")
+            name = base64.urlsafe_b64encode(self._random(4)).decode()[:SESSION_ID_CHARS]
+            sid = SESSION_PREFIX + name
             if sid not in self.sessions:
                 return sid

@@ -28,18 +28,18 @@ def _outer_request(mid: int, path: tuple[str, ...], payload: bytes) -> bytes:
     m.mtype, m.mid, m.token = Type.CON, mid, b"\x7a" + bytes([mid & 0xFF])
     m.remote = UndecidedRemote("coap", "origin.example")
     m.opt.uri_path = path
-    if payload:
+    if payload and path == WELL_KNOWN_PATH:  # the session resource's payloads are records
         m.opt.content_format = CONTENT_FORMAT
     m.payload = payload
     return m.encode()
 
 
-def _outer_response(mid: int, answer: Answer) -> bytes:
+def _outer_response(mid: int, answer: Answer, *, entry: bool = False) -> bytes:
     m = Message(code=answer.code)
     m.mtype, m.mid, m.token = Type.ACK, mid, b"\x7a" + bytes([mid & 0xFF])
     if answer.location:
         m.opt.location_path = answer.location
-    if answer.carries_records:
+    if entry and answer.carries_records:
         m.opt.content_format = CONTENT_FORMAT
     m.payload = answer.payload
     return m.encode()
@@ -48,22 +48,22 @@ def _outer_response(mid: int, answer: Answer) -> bytes:
 def inner_examples() -> list[tuple[str, bytes]]:
     return [
         (
-            "GET /temperature, token 00000001",
-            inner.encode(b"\0\0\0\1", Message(code=Code.GET, uri_path=["temperature"])),
+            "GET /temperature, token 01",
+            inner.encode(b"\1", Message(code=Code.GET, uri_path=["temperature"])),
         ),
         (
-            "2.05 Content, text/plain, payload '22.5 C', token 00000001",
+            "2.05 Content, text/plain, payload '22.5 C', token 01",
             inner.encode(
-                b"\0\0\0\1", Message(code=Code.CONTENT, content_format=0, payload=b"22.5 C")
+                b"\1", Message(code=Code.CONTENT, content_format=0, payload=b"22.5 C")
             ),
         ),
         (
-            "GET /counter with Observe: 0, token 00000002",
-            inner.encode(b"\0\0\0\2", Message(code=Code.GET, uri_path=["counter"], observe=0)),
+            "GET /counter with Observe: 0, token 02",
+            inner.encode(b"\2", Message(code=Code.GET, uri_path=["counter"], observe=0)),
         ),
         (
-            "4.03 Forbidden (policy), token 00000003",
-            inner.encode(b"\0\0\0\3", Message(code=Code.FORBIDDEN)),
+            "4.03 Forbidden (policy), token 03",
+            inner.encode(b"\3", Message(code=Code.FORBIDDEN)),
         ),
     ]
 
@@ -92,7 +92,10 @@ def tunnel_example() -> list[tuple[str, bytes]]:
                 if datagram
                 else core.pull(path[-1], 0.0) or Answer(Code.CHANGED)
             )
-        out.append((f"response {mid:#06x} {answer.code}", _outer_response(mid, answer)))
+        entry = path == WELL_KNOWN_PATH
+        out.append(
+            (f"response {mid:#06x} {answer.code}", _outer_response(mid, answer, entry=entry))
+        )
         if answer.location:
             path = answer.location
         if answer.payload:
@@ -101,7 +104,7 @@ def tunnel_example() -> list[tuple[str, bytes]]:
         mid += 1
     while client.next_event():
         pass
-    token = b"\0\0\0\1"
+    token = b"\1"
     client.send(inner.encode(token, Message(code=Code.GET, uri_path=["temperature"])))
     datagram = b"".join(client.datagrams_to_send())
     out.append(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .profile import WELL_KNOWN_PATH
+from .profile import WELL_KNOWN_PATH, is_tunnel_path
 
 Path = tuple[str, ...]
 
@@ -54,12 +54,12 @@ class Policy:
         return cls(tuple(_prefix(p) for p in protected), g)
 
     def requires_layer0(self, path: Sequence[str]) -> bool:
-        if any(_under(path, o) for o in self._open):
+        if is_tunnel_path(path) or any(_under(path, o) for o in self._open):
             return False
         return any(_under(path, p) for p in self.protected)
 
     def allows(self, identity: str | None, path: Sequence[str]) -> bool:
-        if _under(path, WELL_KNOWN_PATH):
+        if is_tunnel_path(path):
             return False  # no tunnel inside the tunnel
         if self.grants is None:
             return True

@@ -6,6 +6,7 @@ whole wire contract from one short module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from aiocoap.numbers.codes import Code
@@ -27,8 +28,17 @@ INNER_BLOCK_SZX: Final = 5
 
 INNER_BLOCK_SIZE: Final = 1 << (INNER_BLOCK_SZX + 4)
 
-SESSION_ID_BYTES: Final = 6
-"""Random bytes in a session name (48 bits, 8 base64url characters in the Location-Path)."""
+SESSION_PREFIX: Final = "~"
+"""First character of every session resource's name: ``/~<id>``, one Uri-Path option. One-segment
+paths starting with it belong to the tunnel (an unknown one gets 4.04 "unknown session", never
+the wrapped site); one segment keeps the session's name at 7 bytes on every request."""
+
+SESSION_ID_CHARS: Final = 5
+"""Random base64url characters after the prefix: 30 bits. The name is not a credential (every
+record is authenticated; an on-path party sees the name anyway); see docs/PROTOCOL.md 2."""
+
+MAX_LOCATION_SEGMENTS: Final = 4
+"""Longest Location-Path a client accepts for a session (this server sends one segment)."""
 
 MAX_TOKEN_LENGTH: Final = 8
 
@@ -50,3 +60,12 @@ OUTER_ONLY_OPTIONS: Final = frozenset({3, 7, 35, 39})
 inside (RFC 8613 treats them as class U for the same reason)."""
 
 IDEMPOTENT_METHODS: Final = frozenset({Code.GET, Code.FETCH, Code.PUT, Code.DELETE, Code.iPATCH})
+
+
+def is_tunnel_path(path: Sequence[str]) -> bool:
+    """Whether an outer Uri-Path belongs to the tunnel: the entry resource (and anything below
+    it) or a one-segment session name. Such paths never reach the wrapped site, carry no OSCORE
+    and are refused inside the tunnel."""
+    return tuple(path[:2]) == WELL_KNOWN_PATH or (
+        len(path) == 1 and path[0].startswith(SESSION_PREFIX)
+    )

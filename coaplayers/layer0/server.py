@@ -42,6 +42,7 @@ from .profile import (
     NOT_FOUND,
     UNSUPPORTED_CONTENT_FORMAT,
     WELL_KNOWN_PATH,
+    is_tunnel_path,
 )
 
 __all__ = ["Layer0Remote", "Layer0Site", "layer0_peer"]
@@ -131,9 +132,11 @@ def layer0_peer(request: Message) -> Layer0Peer | None:
     return None
 
 
-def _outer(answer: Answer) -> Message:
+def _outer(answer: Answer, *, entry: bool = False) -> Message:
     msg = Message(code=answer.code, payload=answer.payload)
-    if answer.carries_records:
+    if entry and answer.carries_records:
+        # Only the entry resource's answers say what they carry: a session resource's
+        # success payloads are records by definition (3 bytes saved per answer).
         msg.opt.content_format = CONTENT_FORMAT
     if answer.location is not None:
         msg.opt.location_path = answer.location
@@ -185,9 +188,14 @@ class Layer0Site(interfaces.Resource):
     async def render_to_pipe(self, pipe: Pipe) -> None:
         request = pipe.request
         path = tuple(request.opt.uri_path)
-        if path[: len(WELL_KNOWN_PATH)] == WELL_KNOWN_PATH:
+        if is_tunnel_path(path):
             self._arm_sweeper()
-            response = await self._tunnel(request, path[len(WELL_KNOWN_PATH) :])
+            if path == WELL_KNOWN_PATH:
+                response = await self._tunnel(request, None)
+            elif len(path) == 1:
+                response = await self._tunnel(request, path[0])
+            else:
+                response = Message(code=NOT_FOUND)
             pipe.add_response(response, is_last=True)
             return
         if self.policy.requires_layer0(path):
@@ -200,20 +208,18 @@ class Layer0Site(interfaces.Resource):
 
     # ------------------------------------------------------------------- outer side
 
-    async def _tunnel(self, request: Message, rest: tuple[str, ...]) -> Message:
+    async def _tunnel(self, request: Message, sid: str | None) -> Message:
+        """The entry resource (``sid`` None) or a session resource."""
         now = asyncio.get_running_loop().time()
         payload = bytes(request.payload)
         cf = request.opt.content_format
         if payload and cf is not None and int(cf) != CONTENT_FORMAT:
             return Message(code=UNSUPPORTED_CONTENT_FORMAT)
-        if not rest:
+        if sid is None:
             if request.code != Code.POST:
                 return Message(code=METHOD_NOT_ALLOWED)
             peer_key = (request.remote.scheme, request.remote.hostinfo)
-            return _outer(self.core.entry(peer_key, payload, now))
-        if len(rest) != 1:
-            return Message(code=NOT_FOUND)
-        sid = rest[0]
+            return _outer(self.core.entry(peer_key, payload, now), entry=True)
         if request.code == Code.DELETE:
             answer, _ = self.core.datagram(sid, payload, now, delete=True)
             return _outer(answer)

@@ -31,6 +31,7 @@ import aiocoap
 from aiocoap import oscore as _aiooscore
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
+from ..layer0.profile import is_tunnel_path
 from .context import SecurityContext
 from .errors import (
     RehandshakeReason,
@@ -42,8 +43,6 @@ from .server import CONTEXT_NOT_FOUND, DECRYPTION_FAILED
 
 log = logging.getLogger("coaplayers.oscore.client")
 
-#: Layer 0's tunnel resources (``coaplayers.layer0.profile.WELL_KNOWN_PATH``); never OSCORE.
-TUNNEL_PATH = (".well-known", "atls")
 
 _DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684}
 
@@ -102,9 +101,9 @@ class ClientContexts:
         For a request through a forward proxy (Proxy-Scheme/Uri-Host/Uri-Port set, remote
         is the proxy), that is the origin server's URI, not the proxy's.
 
-        Layer 0 tunnel messages (``/.well-known/atls...``) are never protected: they carry the
-        handshake that keys (or re-keys) the context, and the server serves the tunnel
-        outside OSCORE. Protecting them with the context being replaced would make a
+        Layer 0 tunnel messages (``/.well-known/atls``, ``/~<session>``) are never protected:
+        they carry the handshake that keys (or re-keys) the context, and the server serves the
+        tunnel outside OSCORE. Protecting them with the context being replaced would make a
         re-keying handshake impossible.
         """
         try:
@@ -112,7 +111,7 @@ class ClientContexts:
         except Exception:  # e.g. no remote and no Uri-Host yet
             return None
         segments = tuple(unquote(s) for s in urlsplit(uri).path.split("/")[1:])
-        if segments[: len(TUNNEL_PATH)] == TUNNEL_PATH:
+        if is_tunnel_path(segments):
             return None
         try:
             return self._by_origin.get(origin_of(uri))

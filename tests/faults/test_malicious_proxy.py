@@ -42,6 +42,7 @@ from coaplayers.layer0 import (
     ResponseRejected,
     SessionLost,
 )
+from coaplayers.layer0.profile import is_tunnel_path
 from coaplayers.oscore import (
     AlreadyProcessed,
     OscoreError,
@@ -230,9 +231,8 @@ class Peer:
             return False
         if self.mode == "oscore":
             return msg.opt.oscore is not None
-        return (msg.code == POST and len(msg.opt.uri_path) == 3
-                and msg.opt.uri_path[:2] == (".well-known", "atls")
-                and msg.payload[:1] == b"\x17")
+        return (msg.code == POST and len(msg.opt.uri_path) == 1
+                and is_tunnel_path(msg.opt.uri_path) and msg.payload[:1] == b"\x17")
 
     def is_protected_answer(self, msg: Message) -> bool:
         if not msg.code.is_response():
@@ -441,9 +441,9 @@ async def test_oscore_request_byte_flip_is_refused(
 OUTER_EDITS_L0: dict[str, Callable[[Message], object]] = {
     "content-format-0": lambda m: setattr(m.opt, "content_format", 0),
     "content-format-removed": lambda m: setattr(m.opt, "content_format", None),
-    "session-name-other": lambda m: setattr(
-        m.opt, "uri_path", (*m.opt.uri_path[:2], "AAAAAAAA")),
-    "session-name-removed": lambda m: setattr(m.opt, "uri_path", m.opt.uri_path[:2]),
+    "session-name-other": lambda m: setattr(m.opt, "uri_path", ("~AAAAA",)),
+    "session-name-removed": lambda m: setattr(m.opt, "uri_path", ()),
+    "session-name-to-entry": lambda m: setattr(m.opt, "uri_path", (".well-known", "atls")),
     "path-to-resource": lambda m: setattr(m.opt, "uri_path", ("count",)),
     "code-get": lambda m: setattr(m, "code", Code.GET),
     "code-put": lambda m: setattr(m, "code", Code.PUT),

@@ -49,6 +49,7 @@ from coaplayers.layer0.profile import (
     UNAUTHORIZED,
     UNSUPPORTED_CONTENT_FORMAT,
     WELL_KNOWN_PATH,
+    is_tunnel_path,
 )
 from coaplayers.layer0.server import Layer0Site
 
@@ -109,7 +110,8 @@ def check_answer(answer: Answer, allowed: set[Code]) -> None:
     assert answer.code in allowed, answer.code
     assert isinstance(answer.payload, bytes) and len(answer.payload) <= MAX_DATAGRAM
     if answer.code == CREATED:
-        assert answer.location is not None and answer.location[:2] == WELL_KNOWN_PATH
+        assert answer.location is not None and is_tunnel_path(answer.location)
+        assert answer.location != WELL_KNOWN_PATH
     if answer.carries_records and answer.code in (CREATED, CHANGED):
         records_ok(answer.payload)
 
@@ -255,8 +257,8 @@ def test_tunnel_resource_answers_any_outer_request(backend: str, loop: Any) -> N
     @FUZZ
     @given(
         code=st.integers(1, 31),
-        path=st.one_of(path_segments, st.just([*WELL_KNOWN_PATH]),
-                       st.just([*WELL_KNOWN_PATH, sid]), st.just([*WELL_KNOWN_PATH, "x", sid])),
+        path=st.one_of(path_segments, st.just([*WELL_KNOWN_PATH]), st.just([sid]),
+                       st.just([sid, "x"]), st.just(["~" + sid]), st.just([*WELL_KNOWN_PATH, sid])),
         payload=bytes_input([genuine, *DTLS], max_size=1100),
         cf=st.none() | st.sampled_from([0, 42, CONTENT_FORMAT, 65001]),
     )
@@ -265,7 +267,7 @@ def test_tunnel_resource_answers_any_outer_request(backend: str, loop: Any) -> N
         if cf is not None:
             request.opt.content_format = cf
         response = render(loop, site, request)
-        tunnel = tuple(path[:2]) == WELL_KNOWN_PATH
+        tunnel = is_tunnel_path(path)
         if tunnel:
             assert response.code in OUTER_CODES, (path, response.code)
         else:
@@ -298,7 +300,7 @@ def test_tunnel_resource_answers_any_inner_message_as_the_profile_says(
     def exchange(plaintext: bytes) -> list[bytes]:
         client.send(plaintext)
         (record,) = client.datagrams_to_send()
-        request = Message(code=Code.POST, uri_path=[*WELL_KNOWN_PATH, sid], payload=record,
+        request = Message(code=Code.POST, uri_path=[sid], payload=record,
                           content_format=CONTENT_FORMAT)
         response = render(loop, site, request)
         assert response.code == CHANGED, response
