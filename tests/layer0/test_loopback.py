@@ -131,3 +131,39 @@ async def test_half_open_limit_evicts_the_oldest_handshake(start_origin, client_
     assert resp.payload == b"hello " + TEXT_MARKER
     assert core.stats.half_open_evicted == 1 and core.half_open_count == 0
     await ch.close()
+
+
+async def test_requests_cost_40_bytes_over_plain_coap_for_ever(
+    start_origin, client_context, tmp_path
+):
+    """docs/PROTOCOL.md 2 and 4.1: one 7-byte session path, no Content-Format, 1-byte inner
+    tokens that come back to the pool; so 300 requests (more than 256 tokens) all cost the
+    same, 40 bytes over the same request sent plainly (29 of them the DTLS record)."""
+    from aiocoap.numbers.types import Type
+
+    from coaplayers.layer0 import inner
+    from coaplayers.relay import FaultRelay, read_capture
+
+    origin = await start_origin("psk")
+    capture = tmp_path / "wire.capture"
+    async with FaultRelay(upstream=origin.address, record=capture) as relay:
+        host, port = relay.address
+        ch = channel(client_context, f"coap://{host}:{port}", origin.creds)
+        await asyncio.wait_for(ch.connect(), T)
+        for i in range(300):
+            msg = Message(code=POST, uri_path=["echo"], payload=b"%040d" % i)
+            assert (await asyncio.wait_for(ch.request(msg).response, T)).payload == b"%040d" % i
+    ups = [d.data for d in read_capture(capture) if d.direction.value == "up"]
+    sessions = [
+        (len(d), m) for d in ups
+        if len((m := Message.decode(d)).opt.uri_path) == 1 and m.payload[:1] == b"\x17"
+    ]
+    assert len(sessions) == 300
+    plain = Message(code=POST, uri_path=["echo"], payload=b"%040d" % 0)
+    plain.mtype, plain.mid, plain.token = Type.CON, 1, sessions[0][1].token
+    record = 29 + len(inner.encode(b"\x01", Message(code=POST, uri_path=["echo"],
+                                                   payload=b"%040d" % 0)))
+    assert {len(m.payload) for _, m in sessions} == {record}
+    assert {size - len(plain.encode()) for size, _ in sessions} == {40}
+    assert all(m.opt.content_format is None for _, m in sessions)
+    await ch.close()
