@@ -105,13 +105,16 @@ class ChannelConfig:
     """Pause after an empty poll answer before the next poll (rate limit, not synchronisation)."""
     close_timeout: float = 5.0
     """Bound on the DELETE that carries close_notify when the channel closes."""
+    misrouted_wait: float = 5.0
+    """How long a request waits for its own inner answer when its outer answer carried another
+    request's (authentic) one: a middle box swapped answers, ours is in the other exchange."""
     transport_tuning: TransportTuning | None = None
     """aiocoap transmission parameters of the outer messages (``None``: aiocoap's defaults)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.max_flight_repeats < 0:
             raise ValueError("max_attempts must be >= 1 and max_flight_repeats >= 0")
-        for name in ("handshake_timeout", "exchange_timeout", "close_timeout"):
+        for name in ("handshake_timeout", "exchange_timeout", "close_timeout", "misrouted_wait"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -532,11 +535,13 @@ class Layer0Channel:
             obs._end(error)
         self._observations.clear()
 
-    def _receive(self, payload: bytes, generation: int) -> None:
-        """Feed an answer to the session and route each inner message by its token."""
+    def _receive(self, payload: bytes, generation: int) -> int:
+        """Feed an answer to the session and route each inner message by its token; returns
+        how many authentic inner messages it carried."""
         session = self._session
         if generation != self._generation or session is None or not payload:
-            return
+            return 0
+        delivered = 0
         session.receive_datagram(payload, asyncio.get_running_loop().time())
         closed: ConnectionClosed | None = None
         while (event := session.next_event()) is not None:
@@ -546,6 +551,7 @@ class Layer0Channel:
                 except InnerMessageError as exc:
                     log.warning("dropping an inner message the server sent: %s", exc)
                     continue
+                delivered += 1
                 future = self._pending.get(msg.token)
                 if future is not None and not future.done():
                     future.set_result(msg.message)
@@ -559,6 +565,7 @@ class Layer0Channel:
                 log.info("Layer 0 alert from the server: %d/%d", event.level, event.description)
         if closed is not None:
             self._invalidate(generation, SessionLost(f"the server closed the session: {closed}"))
+        return delivered
 
     def _new_token(self) -> bytes:
         if self._free_tokens:
@@ -602,7 +609,16 @@ class Layer0Channel:
                     raise
                 code = resp.code
                 if code == Code.CHANGED:
-                    self._receive(bytes(resp.payload), generation)
+                    delivered = self._receive(bytes(resp.payload), generation)
+                    if delivered and not future.done():
+                        # Authentic, but another request's answer: ours is on its way in
+                        # another exchange (answers swapped in transit). Wait for it a little.
+                        try:
+                            await asyncio.wait_for(
+                                asyncio.shield(future), self.config.misrouted_wait
+                            )
+                        except TimeoutError:
+                            pass
                     if future.done():
                         if (
                             len(this_token) == 1 and token is None and observation is None

@@ -878,10 +878,10 @@ async def test_answer_bodies_swapped_between_two_requests_are_never_misattribute
     mode: str, make_peer: Any, app: StrictApp
 ) -> None:
     """Each outer exchange gets the other's protected answer. Layer 0 routes records by inner
-    token: the request whose exchange carried the other's record may find its own answer
-    (or report ResponseRejected); OSCORE binds each answer to its request's Partial IV, so
-    both are rejected. Never is one request's answer taken for the other's (settle checks
-    the nonce of every accepted answer)."""
+    token, so each request gets its own answer from the other exchange (a request whose outer
+    answer carried another's waits for its own: ChannelConfig.misrouted_wait); OSCORE binds
+    each answer to its request's Partial IV, so both are rejected. Never is one request's
+    answer taken for the other's (settle checks the nonce of every accepted answer)."""
     peer = await make_peer(mode)
     outs = await concurrent_posts([peer, peer], Swap(peer.is_protected_answer, bodies=True),
                                   "down")
@@ -890,6 +890,8 @@ async def test_answer_bodies_swapped_between_two_requests_are_never_misattribute
         assert executed_times(app, o.nonce) == 1
     if mode == "oscore":
         assert all(o.error is not None for o in outs), outs
+    else:
+        assert all(o.answer is not None for o in outs), outs
     await still_works(peer)
     verify([app], [peer])
 
