@@ -8,6 +8,11 @@ Server sessions come from an :class:`OpenSslListener`, which follows OpenSSL's o
 stateless cookies: one listening SSL object answers ClientHellos with a HelloVerifyRequest
 (``DTLSv1_listen``); when a ClientHello returns a valid cookie, that object becomes the
 session and a fresh one listens.
+
+Once a handshake is complete, the session frees OpenSSL's SSL object and protects records
+itself (:class:`_RecordLayer`: the AEAD suites, their keys from the master secret, the replay
+window), since OpenSSL keeps ~90 KiB per established DTLS connection that nothing frees. The
+server's session cache (resumption) and the client's session object stay in OpenSSL.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import re
 from collections.abc import Hashable
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 
@@ -43,6 +50,8 @@ DEFAULT_GROUPS = "X25519:P-256"
 _SSL_OP_NO_ENCRYPT_THEN_MAC = 0x80000  # SSL_OP_BIT(19): no CBC suite is offered, so it is moot
 _SSL_MODE_NO_AUTO_CHAIN = 0x8  # SSL_MODE_NO_AUTO_CHAIN (ssl.h); pyOpenSSL has no name for it
 _lib = SSL._lib  # type: ignore[attr-defined]  # SSL_session_reused is not wrapped
+_ffi = SSL._ffi  # type: ignore[attr-defined]
+_MAX_HELD = 8  # early application data records kept until the handshake ends
 
 
 class TicketStore:
@@ -129,6 +138,10 @@ class OpenSslSession(DtlsSession):
     ) -> None:
         super().__init__(is_client=is_client, config=config)
         self._conn: SSL.Connection | None = connection
+        self._records: _RecordLayer | None = None  # epoch 1, once the SSL object is freed
+        self._session: SSL.Session | None = None  # for resumption (and to forget it on alert)
+        self._held: list[bytes] = []  # application data that came before our handshake ended
+        self._epoch1_top = -1  # highest epoch 1 sequence number OpenSSL wrote
         self._credentials = credentials
         connection.set_ciphertext_mtu(self.config.mtu)
         self._rejected: list[AuthenticationFailed] = []
@@ -165,16 +178,20 @@ class OpenSslSession(DtlsSession):
     @property
     def resumption_state(self) -> SSL.Session | None:
         """What a later :meth:`client` call passes as ``resume`` to skip the full handshake."""
-        if self._conn is None or self.state is not State.ESTABLISHED:
+        if self.state is not State.ESTABLISHED:
             return None
-        return self._conn.get_session()
+        if self._records is not None:
+            return self._session
+        return self._conn.get_session() if self._conn is not None else None
 
     def export_keying_material(
         self, label: bytes, length: int, context: bytes | None = None
     ) -> bytes:
-        if self._conn is None or self.state is not State.ESTABLISHED:
+        if self.state is not State.ESTABLISHED:
             raise DtlsError("the exporter needs an established session")
-        return bytes(self._conn.export_keying_material(label, length, context))
+        if self._records is not None:
+            return self._records.export(label, length, context)
+        return bytes(self._require().export_keying_material(label, length, context))
 
     # DtlsSession hooks
 
@@ -182,21 +199,38 @@ class OpenSslSession(DtlsSession):
         self._handshake_step()
 
     def _backend_receive(self, recs: list[bytes]) -> None:
+        if self._records is not None:
+            self._receive_protected(recs)
+            return
         conn = self._require()
         if self.state is State.HANDSHAKING:
             self._drop_backend_retransmission(conn)
-        conn.bio_write(b"".join(recs))
+            # Application data before our handshake has ended (reordered, or behind the peer's
+            # Finished) waits for the record layer that will take over: OpenSSL must not
+            # consume records whose sequence numbers that layer's replay window would not know.
+            early = [r for r in recs if records.epoch(r) == 1
+                     and records.content_type(r) == records.CONTENT_APPLICATION_DATA]
+            if early:
+                self._held = (self._held + early)[:_MAX_HELD]
+                recs = [r for r in recs if r not in early]
+        if recs:
+            conn.bio_write(b"".join(recs))
         if self.state is State.HANDSHAKING:
             self._handshake_step()
-        if self.state is State.ESTABLISHED:
+        elif self.state is State.ESTABLISHED and self._records is None:
             self._read_application_data()
 
     def _backend_max_plaintext(self) -> int:
+        if self._records is not None:
+            return self._records.max_plaintext(self.config.mtu)
         # OpenSSL derives its cleartext MTU from the datagram MTU but does not cap it at the
         # 2^14 bytes a record may carry; above that, SSL_write fails and ends the session.
         return min(int(self._require().get_cleartext_mtu()), 16384)
 
     def _backend_send(self, data: bytes) -> None:
+        if self._records is not None:
+            self._emit(self._records.protect(records.CONTENT_APPLICATION_DATA, data))
+            return
         conn = self._require()
         try:
             conn.send(data)
@@ -205,6 +239,9 @@ class OpenSslSession(DtlsSession):
         self._pump()
 
     def _backend_close_notify(self) -> None:
+        if self._records is not None:
+            self._emit(self._records.protect(records.CONTENT_ALERT, b"\x01\x00"))
+            return
         conn = self._require()
         try:
             conn.shutdown()
@@ -213,6 +250,8 @@ class OpenSslSession(DtlsSession):
         self._pump()
 
     def _backend_free(self) -> None:
+        self._records = None
+        self._held = []
         conn, self._conn = self._conn, None
         if conn is not None and self.cipher_suite is not None:
             # OpenSSL treats a session freed without a two-way shutdown as bad and marks it
@@ -239,7 +278,12 @@ class OpenSslSession(DtlsSession):
             if not chunk:
                 return
             for record in records.split_records(chunk):
+                self._note_written(record)
                 self._emit(record)
+
+    def _note_written(self, record: bytes) -> None:
+        if records.epoch(record) == 1:
+            self._epoch1_top = max(self._epoch1_top, records.sequence_number(record))
 
     def _drop_backend_retransmission(self, conn: SSL.Connection) -> None:
         """Run and discard OpenSSL's own retransmission before it reads new records.
@@ -255,10 +299,16 @@ class OpenSslSession(DtlsSession):
         if _lib.DTLSv1_handle_timeout(conn._ssl) > 0:
             while True:
                 try:
-                    if not conn.bio_read(65536):
-                        break
+                    chunk = conn.bio_read(65536)
                 except SSL.WantReadError:
                     break
+                if not chunk:
+                    break
+                try:  # discarded, but its sequence numbers are spent
+                    for record in records.split_records(chunk):
+                        self._note_written(record)
+                except DtlsError:
+                    pass
 
     def _handshake_step(self) -> None:
         conn = self._require()
@@ -280,6 +330,74 @@ class OpenSslSession(DtlsSession):
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
         self._established(identity, cipher, bool(_lib.SSL_session_reused(conn._ssl)))
+        if cipher in _SUITES:
+            self._release_openssl(conn, cipher)
+        held, self._held = self._held, []
+        if held:
+            if self._records is not None:
+                self._receive_protected(held)
+            else:
+                conn.bio_write(b"".join(held))
+
+    def _release_openssl(self, conn: SSL.Connection, cipher: str) -> None:
+        """Hand epoch 1 to :class:`_RecordLayer` and free the SSL object (see module doc)."""
+        ssl = conn._ssl
+        buf = _ffi.new("unsigned char[]", 48)
+        session = conn.get_session()
+        if session is None:
+            return
+        n = _lib.SSL_SESSION_get_master_key(session._session, buf, 48)
+        master = bytes(_ffi.buffer(buf, n))
+        _lib.SSL_get_client_random(ssl, buf, 32)
+        client_random = bytes(_ffi.buffer(buf, 32))
+        _lib.SSL_get_server_random(ssl, buf, 32)
+        server_random = bytes(_ffi.buffer(buf, 32))
+        if n != 48:
+            return
+        self._records = _RecordLayer(cipher, master, client_random, server_random,
+                                     is_client=self.is_client, next_seq=self._epoch1_top + 1)
+        self._session = session
+        # As in _backend_free: an SSL object freed without a two-way shutdown would make the
+        # session unresumable.
+        conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        self._conn = None
+
+    def _receive_protected(self, recs: list[bytes]) -> None:
+        layer = self._records
+        for record in recs:
+            if layer is None or self.state is not State.ESTABLISHED:
+                return
+            ctype = records.content_type(record)
+            # Epoch 0 and epoch 1 handshake records are the peer's flight again (the engine
+            # answers with our final flight); renegotiation is off, so nothing else is valid.
+            if records.epoch(record) != 1 or ctype not in (
+                records.CONTENT_APPLICATION_DATA, records.CONTENT_ALERT
+            ):
+                continue
+            plain = layer.unprotect(record)
+            if plain is None:  # forged, altered or replayed: dropped (RFC 6347 4.1.2.7)
+                continue
+            if ctype == records.CONTENT_APPLICATION_DATA:
+                if plain:
+                    self._app_data(plain)
+                continue
+            if len(plain) != 2:
+                continue
+            level, description = plain
+            if description == 0:  # close_notify
+                self._alert(1, 0)
+                self._fail(None)
+                return
+            if level == 2:
+                self._forget_session()
+                raise alert_error(description, we_are_client=self.is_client)
+
+    def _forget_session(self) -> None:
+        """A session that ended in a fatal alert must not be resumed (RFC 5246 7.2.2): OpenSSL
+        would drop it from the cache; without its SSL object, overwrite its master secret."""
+        if self._session is not None:
+            _lib.SSL_SESSION_set1_master_key(self._session._session, os.urandom(48), 48)
+            self._session = None
 
     def _name_mismatch(self, conn: SSL.Connection) -> AuthenticationFailed:
         names = _cert_names(self._peer_leaf[0]) if self._peer_leaf else []
@@ -389,6 +507,116 @@ class OpenSslListener:
         session._guard(session._handshake_step)
         session._after_step(progressed=True)
         return [], session
+
+
+# ---------------------------------------------------------------- established records
+
+
+class _RecordLayer:
+    """Epoch 1 of an established DTLS 1.2 session with an AEAD suite (RFC 6347, RFC 5288,
+    RFC 6655), once OpenSSL's SSL object is freed.
+
+    OpenSSL keeps ~90 KiB per DTLS connection after the handshake (its 16 KiB handshake
+    buffer, which DTLS never frees, record-layer state, both epochs' cipher contexts, the
+    retransmission queue), none of which an established session needs, and pyOpenSSL offers
+    no call to free any of it. This keeps only what record protection needs: the keys (from
+    the session's master secret, RFC 5246 section 6.3), the two random values (for the
+    exporter), the next sequence number and the anti-replay window (RFC 6347 4.1.2.6).
+    """
+
+    __slots__ = ("_hash", "_mask", "_master", "_open", "_randoms", "_read_iv", "_seal", "_seq",
+                 "_tag", "_top", "_write_iv")
+
+    def __init__(self, suite: str, master: bytes, client_random: bytes, server_random: bytes,
+                 *, is_client: bool, next_seq: int) -> None:
+        key_len, self._tag, self._hash, aead = _SUITES[suite]
+        block = _prf(self._hash, master, b"key expansion", server_random + client_random,
+                     2 * key_len + 8)
+        ckey, skey = block[:key_len], block[key_len:2 * key_len]
+        civ, siv = block[2 * key_len:2 * key_len + 4], block[2 * key_len + 4:]
+        wkey, rkey = (ckey, skey) if is_client else (skey, ckey)
+        self._write_iv, self._read_iv = (civ, siv) if is_client else (siv, civ)
+        self._seal, self._open = aead(wkey, self._tag), aead(rkey, self._tag)
+        self._seq = next_seq
+        self._top = -1  # highest sequence number accepted, and the window below it
+        self._mask = 0
+        self._master = master
+        self._randoms = client_random + server_random
+
+    def protect(self, ctype: int, data: bytes) -> bytes:
+        if self._seq >= 1 << 48:
+            raise DtlsError("sequence numbers of epoch 1 exhausted")
+        explicit = (1 << 48 | self._seq).to_bytes(8, "big")  # epoch 1 and the sequence number
+        self._seq += 1
+        header = bytes((ctype, 0xFE, 0xFD)) + explicit
+        aad = explicit + header[:3] + len(data).to_bytes(2, "big")  # RFC 6347 4.1.2.1
+        sealed = self._seal.encrypt(self._write_iv + explicit, data, aad)
+        return header + (8 + len(sealed)).to_bytes(2, "big") + explicit + sealed
+
+    def unprotect(self, record: bytes) -> bytes | None:
+        """The plaintext of an authentic epoch 1 record not seen before, else ``None``."""
+        seq = records.sequence_number(record)
+        if seq > self._top:
+            pass
+        elif self._top - seq >= 64 or self._mask >> (self._top - seq) & 1:
+            return None  # too old for the window, or a replay
+        body = record[records.HEADER_LEN:]
+        if len(body) < 8 + self._tag:
+            return None
+        plain_len = len(body) - 8 - self._tag
+        aad = record[3:11] + record[:3] + plain_len.to_bytes(2, "big")
+        try:
+            plain = self._open.decrypt(self._read_iv + body[:8], body[8:], aad)
+        except InvalidTag:
+            return None
+        if len(plain) > 16384:
+            return None
+        if seq > self._top:
+            shift = seq - self._top
+            self._mask = (self._mask << shift | 1) & _WINDOW if shift < 64 else 1
+            self._top = seq
+        else:
+            self._mask |= 1 << (self._top - seq)
+        return plain
+
+    def max_plaintext(self, mtu: int) -> int:
+        return min(mtu - records.HEADER_LEN - 8 - self._tag, 16384)
+
+    def export(self, label: bytes, length: int, context: bytes | None) -> bytes:
+        seed = self._randoms
+        if context is not None:
+            seed += len(context).to_bytes(2, "big") + context
+        return _prf(self._hash, self._master, label, seed, length)
+
+
+_WINDOW = (1 << 64) - 1
+
+
+def _ccm8(key: bytes, tag: int) -> AESCCM:
+    return AESCCM(key, tag_length=tag)
+
+
+def _gcm(key: bytes, _tag: int) -> AESGCM:
+    return AESGCM(key)
+
+
+# OpenSSL's name -> key length, tag length, PRF hash, AEAD (the suites build_context allows)
+_SUITES = {
+    "ECDHE-ECDSA-AES128-CCM8": (16, 8, "sha256", _ccm8),
+    "ECDHE-ECDSA-AES128-GCM-SHA256": (16, 16, "sha256", _gcm),
+    "ECDHE-ECDSA-AES256-GCM-SHA384": (32, 16, "sha384", _gcm),
+}
+
+
+def _prf(hash_name: str, secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
+    """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
+    seed = label + seed
+    out = b""
+    a = seed
+    while len(out) < length:
+        a = hmac.new(secret, a, hash_name).digest()
+        out += hmac.new(secret, a + seed, hash_name).digest()
+    return out[:length]
 
 
 # ------------------------------------------------------------------------- helpers
