@@ -43,6 +43,10 @@ class IdleTimeout(DtlsError):
     """The session was quiet for longer than the configured idle timeout."""
 
 
+class NetworkUnreachable(DtlsError):
+    """The local network stack refused to send to the peer (no route, host unreachable)."""
+
+
 ALERT_NAMES = {
     0: "close_notify",
     10: "unexpected_message",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -61,6 +62,9 @@ class Layer1Limits:
             initial_retransmit=self.initial_retransmit,
             handshake_timeout=self.handshake_timeout,
         )
+
+
+_UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL})
 
 
 class Layer1Error(error.NetworkError):
@@ -213,6 +217,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.udp: asyncio.DatagramTransport | None = None
         self.local_hostinfo = ""
         self.family = socket.AF_INET6
+        self._sending_to: tuple[Any, ...] | None = None
 
     def connection_made(self, udp: asyncio.BaseTransport) -> None:
         self.udp = udp  # type: ignore[assignment]
@@ -226,11 +231,21 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.owner._datagram_received(self, data, addr[:2])
 
     def error_received(self, exc: Exception) -> None:
+        # asyncio reports a failed sendto() here, synchronously inside sendto(), without the
+        # address: _sending_to supplies it. Handled on the next loop pass, not re-entrantly.
+        dest = self._sending_to
+        if dest is not None and isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
+            asyncio.get_running_loop().call_soon(self.owner._unreachable, self, dest, exc)
+            return
         log.debug("socket error on %s: %s", self.local_hostinfo, exc)
 
     def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.udp is not None and not self.udp.is_closing():
-            self.udp.sendto(data, addr)
+            self._sending_to = addr
+            try:
+                self.udp.sendto(data, addr)
+            finally:
+                self._sending_to = None
 
 
 class MessageInterfaceLayer1(interfaces.MessageInterface):
@@ -423,7 +438,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             return (str(ip), port)
         except ValueError:
             pass
-        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        try:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise error.ResolutionError(f"cannot resolve {host}: {exc.strerror}") from exc
         if not infos:
             raise error.ResolutionError(f"cannot resolve {host}")
         return infos[0][4][:2]
@@ -436,6 +454,19 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._remotes[key] = remote
         self._enforce_session_limit()
         return peer
+
+    def _unreachable(self, endpoint: _Endpoint, address: tuple[Any, ...], exc: OSError) -> None:
+        """The network stack refused a datagram of a handshake: fail it now, not by timeout."""
+        peer = self._peers.get((id(endpoint), address))
+        if peer is None or peer.session is None or peer.session.is_established:
+            return  # established: a route may come back; aiocoap's retransmission decides
+        self.stats["handshakes_failed"] += 1
+        err = dtls.NetworkUnreachable(
+            f"cannot send to {hostportjoin(*address[:2])}: {exc.strerror} (no route to that"
+            " network or host from here)"
+        )
+        self._emit_event("handshake_failed", peer, error=str(err))
+        self._drop_session(peer, err, notify=True)
 
     def _send_plaintext(self, peer: _Peer, data: bytes) -> None:
         peer.last_activity = time.monotonic()
