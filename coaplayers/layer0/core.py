@@ -341,13 +341,23 @@ class TunnelCore:
     # ----------------------------------------------------------------------- lifecycle
 
     def expire(self, now: float) -> list[str]:
-        """Drop half-open sessions older than the handshake timeout and idle established ones."""
+        """Drop half-open sessions older than the handshake timeout and idle established ones.
+
+        Runs on every ClientHello, so it must not walk the whole table: half-open sessions are
+        at most ``max_half_open``, and ``sessions`` is in order of last activity, so the walk
+        over established ones stops at the first that is not idle.
+        """
         stale = [
             sid
-            for sid, s in self.sessions.items()
-            if (not s.established and now - s.created >= self.limits.handshake_timeout)
-            or (s.established and now - s.last_active >= self.limits.idle_timeout)
+            for sid in self._half_open
+            if now - self.sessions[sid].created >= self.limits.handshake_timeout
         ]
+        for sid, s in self.sessions.items():
+            if not s.established:
+                continue
+            if now - s.last_active < self.limits.idle_timeout:
+                break
+            stale.append(sid)
         for sid in stale:
             self.stats.expired += 1
             self.remove(sid)
