@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Hashable
 
 from cryptography import x509
@@ -52,6 +53,7 @@ _SSL_MODE_NO_AUTO_CHAIN = 0x8  # SSL_MODE_NO_AUTO_CHAIN (ssl.h); pyOpenSSL has n
 _lib = SSL._lib  # type: ignore[attr-defined]  # SSL_session_reused is not wrapped
 _ffi = SSL._ffi  # type: ignore[attr-defined]
 _MAX_HELD = 8  # early application data records kept until the handshake ends
+_ISSUED_LIMIT = 20480  # session IDs a listener remembers (OpenSSL's default cache size)
 
 
 class TicketStore:
@@ -142,6 +144,8 @@ class OpenSslSession(DtlsSession):
         self._session: SSL.Session | None = None  # for resumption (and to forget it on alert)
         self._held: list[bytes] = []  # application data that came before our handshake ended
         self._epoch1_top = -1  # highest epoch 1 sequence number OpenSSL wrote
+        self._issued: OrderedDict[bytes, None] | None = None  # the listener's, for servers
+        self._session_id = b""  # from our ServerHello (a server's session)
         self._credentials = credentials
         connection.set_ciphertext_mtu(self.config.mtu)
         self._rejected: list[AuthenticationFailed] = []
@@ -284,6 +288,10 @@ class OpenSslSession(DtlsSession):
     def _note_written(self, record: bytes) -> None:
         if records.epoch(record) == 1:
             self._epoch1_top = max(self._epoch1_top, records.sequence_number(record))
+        elif self._issued is not None and records.handshake_type(record) == 2:  # ServerHello
+            at = records.HEADER_LEN + 12 + 2 + 32
+            if len(record) > at:
+                self._session_id = record[at + 1 : at + 1 + record[at]]
 
     def _drop_backend_retransmission(self, conn: SSL.Connection) -> None:
         """Run and discard OpenSSL's own retransmission before it reads new records.
@@ -330,6 +338,11 @@ class OpenSslSession(DtlsSession):
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
         self._established(identity, cipher, bool(_lib.SSL_session_reused(conn._ssl)))
+        if self._issued is not None and self._session_id:
+            self._issued.pop(self._session_id, None)
+            self._issued[self._session_id] = None
+            while len(self._issued) > _ISSUED_LIMIT:
+                self._issued.popitem(last=False)
         if cipher in _SUITES:
             self._release_openssl(conn, cipher)
         held, self._held = self._held, []
@@ -398,6 +411,8 @@ class OpenSslSession(DtlsSession):
         if self._session is not None:
             _lib.SSL_SESSION_set1_master_key(self._session._session, os.urandom(48), 48)
             self._session = None
+        if self._issued is not None:
+            self._issued.pop(self._session_id, None)
 
     def _name_mismatch(self, conn: SSL.Connection) -> AuthenticationFailed:
         names = _cert_names(self._peer_leaf[0]) if self._peer_leaf else []
@@ -451,11 +466,16 @@ class OpenSslListener:
         config: DtlsConfig | None = None,
         *,
         ciphers: str = DEFAULT_CIPHERS,
+        resume_without_cookie: bool = True,
     ) -> None:
         self.credentials = credentials
         self.config = config or DtlsConfig()
         self.context = build_context(credentials, server=True, ciphers=ciphers)
+        self.resume_without_cookie = resume_without_cookie
         self._secret = os.urandom(32)
+        # IDs of sessions established here, most recent last: only an offer of one of these
+        # is tried without a cookie, so that other offers cost no more than the cookie check.
+        self._issued: OrderedDict[bytes, None] = OrderedDict()
         self.context.set_cookie_generate_callback(self._cookie)
         self.context.set_cookie_verify_callback(
             lambda _conn, cookie: hmac.compare_digest(cookie, self._cookie(_conn))
@@ -475,9 +495,20 @@ class OpenSslListener:
     def accept(
         self, peer_key: Hashable, datagram: bytes, now: float
     ) -> tuple[list[bytes], OpenSslSession | None]:
-        """As :meth:`coaplayers.dtls.tinydtls.TinyDtlsListener.accept`."""
+        """As :meth:`coaplayers.dtls.tinydtls.TinyDtlsListener.accept`.
+
+        A ClientHello without a cookie that offers a session we can resume is answered at once
+        (ServerHello, ChangeCipherSpec, Finished: about as many bytes as the ClientHello, and no
+        public-key operation), as RFC 6347 section 4.2.1 allows; any other goes through the
+        cookie exchange.
+        """
         if records.client_hello_random(datagram) is None:
             return [], None
+        offered = _session_id_without_cookie(datagram)
+        if self.resume_without_cookie and offered in self._issued:
+            conn = self._resume_at_once(peer_key, datagram)
+            if conn is not None:
+                return [], self._session_from(conn, now)
         conn = self._listening
         conn.set_app_data(peer_key)  # what the cookie binds to, read by _cookie()
         try:
@@ -499,14 +530,58 @@ class OpenSslListener:
             return [], None
         # The cookie was valid: this SSL object is now the session.
         self._listening = self._new_listener()
+        return [], self._session_from(conn, now)
+
+    def _resume_at_once(self, peer_key: Hashable, hello: bytes) -> SSL.Connection | None:
+        """An SSL object that has resumed a cached session from ``hello``, or ``None``.
+
+        A fresh accept-state object reads the ClientHello without DTLSv1_listen. Should the
+        session not be cached (expired, evicted, forgotten, or never ours), OpenSSL would go on
+        to a full handshake; the certificate callback, which it calls only then and before any
+        key exchange or signature, stops it, and the ClientHello gets the cookie exchange.
+        """
+        conn = self._new_listener()
+        conn.set_app_data(peer_key)
+        _lib.SSL_set_cert_cb(conn._ssl, _refuse_full_handshake, _ffi.NULL)
+        try:
+            conn.bio_write(hello)
+            conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except (SSL.Error, ValueError):
+            return None
+        if not _lib.SSL_session_reused(conn._ssl):
+            return None
+        return conn
+
+    def _session_from(self, conn: SSL.Connection, now: float) -> OpenSslSession:
         session = OpenSslSession(conn, self.credentials, is_client=False, config=self.config)
+        session._issued = self._issued
         session._now = now
         session.state = State.HANDSHAKING
         session._handshake_deadline = now + self.config.handshake_timeout
         session._received_any = True
         session._guard(session._handshake_step)
         session._after_step(progressed=True)
-        return [], session
+        return session
+
+
+@_ffi.callback("int(SSL *, void *)")
+def _refuse_full_handshake(_ssl: object, _arg: object) -> int:
+    return 0  # OpenSSL calls this only for a full handshake: stop it (see _resume_at_once)
+
+
+def _session_id_without_cookie(hello: bytes) -> bytes | None:
+    """The session ID a whole ClientHello (checked by records.client_hello_random) offers
+    when it carries no cookie."""
+    at = records.HEADER_LEN + 12 + 2 + 32  # record and handshake headers, version, random
+    if len(hello) < at + 2:
+        return None
+    sid_len = hello[at]
+    cookie_at = at + 1 + sid_len
+    if not 0 < sid_len <= 32 or len(hello) <= cookie_at or hello[cookie_at] != 0:
+        return None
+    return hello[at + 1 : cookie_at]
 
 
 # ---------------------------------------------------------------- established records

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from coaplayers.dtls import DtlsConfig, DtlsError, OpenSslListener
+from coaplayers.dtls import DtlsConfig, DtlsError, OpenSslListener, records
 
 from .conftest import Backend, Pki, openssl_backend, tinydtls_backend
 from .harness import CLIENT, SERVER, Network
@@ -187,4 +187,55 @@ def test_openssl_own_timer_adds_no_flight_at_the_end_of_the_handshake(
     again = openssl.new_client(config, resume=state)
     steps, server = _lock_step(again, listener, pause_at)
     assert again.is_established and server is not None and server.is_established, steps
-    assert len(steps) == 3, steps  # the same three steps, the last one the client's final flight
+    # ClientHello (a cached session is resumed without a cookie), the client's final flight
+    assert len(steps) == 2, steps
+
+
+def _hello_of(client) -> bytes:  # type: ignore[no-untyped-def]
+    client.connect(0.0)
+    (hello,) = client.datagrams_to_send()
+    return hello
+
+
+def test_a_cached_session_is_resumed_without_a_cookie_exchange(
+    openssl: Backend, certs: Pki
+) -> None:
+    full = openssl.network()
+    full.handshake()
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    full.client.close()
+    resumed = Network(openssl.new_client(DtlsConfig(), resume=state), full.listener)
+    resumed.handshake()
+    assert resumed.handshake_complete(SERVER).resumed and resumed.handshake_complete(CLIENT).resumed
+    assert not any(s.stateless for s in resumed.sent)  # no HelloVerifyRequest
+    hello, answer = resumed.sent[0], resumed.sent[1]
+    assert (hello.sender, answer.sender) == (CLIENT, SERVER)
+    assert len(answer.data) < 1.5 * len(hello.data)  # ServerHello, CCS, Finished: no amplifier
+    resumed.client_send(b"resumed at once")
+    resumed.settle()
+    assert resumed.received(SERVER) == [b"resumed at once"]
+    # Turned off, the same offer goes through the cookie exchange.
+    strict = OpenSslListener(certs.server_credentials(), resume_without_cookie=False)
+    replies, session = strict.accept("peer", _hello_of(openssl.new_client(DtlsConfig())), 0.0)
+    assert session is None and replies
+
+
+def test_an_unknown_session_gets_the_cookie_exchange_and_no_server_flight(
+    openssl: Backend, certs: Pki
+) -> None:
+    full = openssl.network()
+    full.handshake()
+    state = full.client.resumption_state  # type: ignore[attr-defined]
+    # A server that does not hold the session (restarted): the offer is answered with a
+    # HelloVerifyRequest only, stateless, whatever the session ID.
+    restarted = OpenSslListener(certs.server_credentials())
+    hello = _hello_of(openssl.new_client(DtlsConfig(), resume=state))
+    replies, session = restarted.accept("peer", hello, 0.0)
+    assert session is None and len(replies) == 1
+    assert replies[0][records.HEADER_LEN] == records.HANDSHAKE_HELLO_VERIFY_REQUEST
+    forged = bytearray(hello)
+    sid_at = records.HEADER_LEN + 12 + 2 + 32 + 1
+    forged[sid_at : sid_at + 8] = b"\xff" * 8  # a session ID that was never issued
+    replies, session = full.listener.accept("peer", bytes(forged), 0.0)
+    assert session is None and len(replies) == 1
+    assert replies[0][records.HEADER_LEN] == records.HANDSHAKE_HELLO_VERIFY_REQUEST
