@@ -269,6 +269,7 @@ class DtlsSession(abc.ABC):
         self.cipher_suite = cipher
         self.resumed = resumed
         self.state = State.ESTABLISHED
+        self._flight = []  # only the handshake retransmits it (_final_flight answers repeats)
         self._retransmit_at = None
         self._handshake_deadline = None
         self._events.append(HandshakeComplete(peer_identity, cipher, resumed))

@@ -292,7 +292,8 @@ class TunnelCore:
             # anyone who saw the session name must not end it.
             return Answer(UNAUTHORIZED, b"DELETE needs the session's close_notify"), []
         if not was_established:
-            s.hs_last_in, s.hs_last_out = digest, list(out)
+            if not s.established:  # once established, repeats go to the engine (final flight)
+                s.hs_last_in, s.hs_last_out = digest, list(out)
             s.outbox = deque(out[1:])
             return Answer(CHANGED, out[0] if out else b""), []
         only_data = all(records.content_type(r) == records.CONTENT_APPLICATION_DATA for r in recs)
@@ -396,7 +397,7 @@ class TunnelCore:
     def _established(self, s: TunnelSession, event: HandshakeComplete) -> None:
         self._half_open.discard(s.sid)
         self._by_entry.pop(s.entry_digest, None)
-        s.hs_last_in, s.hs_last_out = None, []
+        s.hs_last_in, s.hs_last_out, s.entry_answer = None, [], []  # handshake-only caches
         mode = "psk" if isinstance(event.peer_identity, bytes) else "x509"
         s.peer = Layer0Peer(
             identity_text(event.peer_identity),
