@@ -102,7 +102,8 @@ class Peers:
 
 
 class _ReleaseBuffersListener(OpenSslListener):
-    """An experiment, not the product: OpenSSL frees a session's record buffers when idle."""
+    """Sets SSL_MODE_RELEASE_BUFFERS again: build_context already does, so this is the product
+    (kept so that the ``cert-release-buffers`` memory kind still runs)."""
 
     def _new_listener(self) -> Any:
         if not getattr(self, "_mode_set", False):

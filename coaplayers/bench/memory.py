@@ -2,8 +2,9 @@
 
 ``python -m coaplayers.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk`` or
 ``cert`` (Layer 0 sessions: the server's :class:`TunnelCore` with its real listener, clients
-in memory), ``cert-release-buffers`` (the same with OpenSSL's ``SSL_MODE_RELEASE_BUFFERS`` set
-on the server context: an experiment, not what the product does), or ``oscore`` (server
+in memory), ``cert-release-buffers`` (kept for report compatibility: the product's context
+already sets OpenSSL's ``SSL_MODE_RELEASE_BUFFERS``, and an established certificate session no
+longer holds an SSL object at all, so it measures the same as ``cert``), or ``oscore`` (server
 security contexts as the OSCORE mode's keying resource derives them, in a
 :class:`ContextStore`).
 
