@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 
@@ -29,8 +30,17 @@ class JsonLinesFormatter(logging.Formatter):
         return json.dumps(data, separators=(",", ":"), default=str)
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 class AccessLog:
-    """Where exchange and event lines go (a file in append mode, or a stream)."""
+    """Where exchange and event lines go (a file in append mode, or a stream).
+
+    Exchange lines, one per request, are written straight to the handler's stream (one write
+    and one flush each, so a reader sees a line as soon as its answer is sent) instead of
+    through a ``LogRecord`` and a formatter; they are the same JSON objects. Events and
+    aiocoap's own messages go through ``logging``.
+    """
 
     def __init__(self, path: str | None = None, stream: TextIO | None = None) -> None:
         self.logger = logging.getLogger(f"coaplayers.proxy.access.{id(self):x}")
@@ -46,7 +56,19 @@ class AccessLog:
         self.logger.addHandler(handler)
 
     def exchange(self, entry: dict[str, Any]) -> None:
-        self.logger.info("exchange", extra={"fields": entry})
+        # Same line as JsonLinesFormatter's: "ts" first, then the entry's fields in order.
+        body = _dumps(entry)
+        line = '{"ts":' + repr(round(time.time(), 6)) + ("," + body[1:] if entry else "}") + "\n"
+        handler = self.handler
+        handler.acquire()
+        try:
+            stream = handler.stream
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError):  # a full disk or a closed stream must not stop proxying
+            pass
+        finally:
+            handler.release()
 
     def event(self, event: str, **fields: Any) -> None:
         self.logger.info(event, extra={"fields": {"event": event, **fields}})

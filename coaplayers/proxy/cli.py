@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exchanges waiting on upstreams at once; 5.03 beyond (default 256)")
     p.add_argument("--upstream-sockets", metavar="N", type=int,
                    help="upstream sockets; each client sticks to one (default 32)")
+    p.add_argument("--resolve-ttl", metavar="SECONDS", type=float,
+                   help="reuse a resolved coap:// upstream address this long (default 30;"
+                   " 0: resolve on every exchange)")
     p.add_argument("--hop-limit", metavar="N", type=int,
                    help="Hop-Limit inserted when a request has none (default 16)")
     p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
@@ -107,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["rate_limit"] = RateLimit.parse(args.rate_limit)
     for flag in (
         "log_file", "upstream_timeout", "ack_timeout", "max_in_flight", "upstream_sockets",
-        "hop_limit", "shutdown_grace",
+        "resolve_ttl", "hop_limit", "shutdown_grace",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -159,6 +159,8 @@ class ProxyConfig:
     hop_limit: int = 16
     max_in_flight: int = 256
     upstream_sockets: int = 32
+    # How long a resolved coap:// upstream address is reused (0: resolve on every exchange).
+    resolve_ttl: float = 30.0
     max_observations: int = 1024
     rate_limit: RateLimit | None = None
     rate_limit_clients: int = 10000
@@ -178,6 +180,8 @@ class ProxyConfig:
             raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
         if not 1 <= self.upstream_sockets <= 1024:
             raise ConfigError("upstream_sockets must be between 1 and 1024")
+        if not 0 <= self.resolve_ttl <= 86400:
+            raise ConfigError("resolve_ttl must be between 0 and 86400 seconds")
         if self.max_in_flight < 1 or self.max_observations < 0:
             raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
         bad = set(self.allowed_schemes) - set(DEFAULT_PORTS)
@@ -192,6 +196,7 @@ _SCALARS: dict[str, type] = {
     "hop_limit": int,
     "max_in_flight": int,
     "upstream_sockets": int,
+    "resolve_ttl": float,
     "max_observations": int,
     "rate_limit_clients": int,
     "shutdown_grace": float,

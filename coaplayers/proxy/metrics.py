@@ -8,6 +8,8 @@ same registry (``ProxyNode.metrics``) so that one scrape shows both layers.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -40,9 +42,13 @@ class Metric:
         self.labelnames = tuple(labelnames)
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name}: labels must be {self.labelnames}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
+        names = self.labelnames
+        if len(labels) == len(names):
+            try:
+                return tuple([str(labels[n]) for n in names])
+            except KeyError:
+                pass
+        raise ValueError(f"{self.name}: labels must be {names}, got {sorted(labels)}")
 
     def samples(self) -> list[str]:
         raise NotImplementedError
@@ -104,20 +110,28 @@ class Histogram(Metric):
     ) -> None:
         super().__init__(name, help, labelnames)
         self.buckets = (*sorted(buckets), math.inf)
+        # Per label set: how many observations fell in each bucket alone (not cumulative);
+        # the cumulative counts Prometheus wants are summed when rendering.
         self.counts: dict[LabelValues, list[int]] = {}
         self.sums: dict[LabelValues, float] = {}
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        counts = self.counts.setdefault(key, [0] * len(self.buckets))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[i] += 1
+        key = self._key(labels) if labels or self.labelnames else ()
+        counts = self.counts.get(key)
+        if counts is None:
+            counts = self.counts[key] = [0] * len(self.buckets)
+        counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def cumulative(self, **labels: str) -> list[int]:
+        """Observations <= each bucket bound (the ``_bucket`` samples), +Inf last."""
+        counts = self.counts.get(self._key(labels), [0] * len(self.buckets))
+        return list(itertools.accumulate(counts))
 
     def samples(self) -> list[str]:
         out = []
-        for key, counts in sorted(self.counts.items()):
+        for key, alone in sorted(self.counts.items()):
+            counts = list(itertools.accumulate(alone))
             for bound, c in zip(self.buckets, counts, strict=True):
                 le = f'le="{_num(bound)}"'
                 out.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {c}")

@@ -75,10 +75,28 @@ class Decision:
         )
 
 
+_UNKNOWN_UNSAFE: dict[int, bool] = {}  # option number -> answered with 4.02 (memo)
+
+
+def _is_unknown_unsafe(number: int) -> bool:
+    n = OptionNumber(number)
+    verdict = n.is_unsafe() and n not in KNOWN_UNSAFE
+    if len(_UNKNOWN_UNSAFE) < 4096:  # option numbers come from the network: bounded
+        _UNKNOWN_UNSAFE[number] = verdict
+    return verdict
+
+
 def unknown_unsafe(options: Iterable[object]) -> list[int]:
     """Numbers of proxy-unsafe options this proxy does not understand (answered with 4.02)."""
-    numbers = {OptionNumber(o.number) for o in options}  # type: ignore[attr-defined]
-    return sorted(int(n) for n in numbers if n.is_unsafe() and n not in KNOWN_UNSAFE)
+    bad: set[int] = set()
+    for o in options:
+        number = int(o.number)  # type: ignore[attr-defined]
+        verdict = _UNKNOWN_UNSAFE.get(number)
+        if verdict is None:
+            verdict = _is_unknown_unsafe(number)
+        if verdict:
+            bad.add(number)
+    return sorted(bad) if bad else []
 
 
 def is_ip_literal(host: str) -> bool:

@@ -24,6 +24,7 @@ from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import UintOption
 from aiocoap.pipe import Pipe
+from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from .accesslog import AccessLog
 from .config import ProxyConfig
@@ -35,6 +36,7 @@ from .transport import UpstreamPool
 Opt = OptionNumber
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_508_TRACE = 256  # bytes of RFC 8768 proxy trace kept in relayed 5.08 payloads
+_CODE_TEXT: dict[int, str] = {}  # code -> "2.05" (at most 256 entries)
 
 
 def client_identity(request: Message) -> str | None:
@@ -159,6 +161,24 @@ class ProxySite:
         registry.gauge("coap_proxy_observations", "Observations being relayed",
                        func=lambda: self.observations)
         self.log = logging.getLogger("coaplayers.proxy")
+        self._hostinfo: dict[Any, str] = {}  # sockaddr -> "host:port" of plain UDP clients
+
+    def client_hostinfo(self, remote: Any) -> str:
+        """``remote.hostinfo``, remembered per socket address for plain UDP remotes.
+
+        aiocoap computes it anew on each access (parsing the address with ``ipaddress``).
+        """
+        if type(remote) is not UDP6EndpointAddress:
+            return str(remote.hostinfo)
+        cache = self._hostinfo
+        key = remote.sockaddr
+        hostinfo = cache.get(key)
+        if hostinfo is None:
+            hostinfo = remote.hostinfo
+            if len(cache) >= 8192:
+                cache.clear()
+            cache[key] = hostinfo
+        return hostinfo
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -182,7 +202,7 @@ class ProxySite:
         started = self.clock()
         entry: dict[str, Any] = {
             "event": "exchange",
-            "client": request.remote.hostinfo,
+            "client": self.client_hostinfo(request.remote),
             "identity": self.identity(request),
             "method": str(request.code),
             "type": "NON" if request.mtype == Type.NON else "CON",
@@ -212,7 +232,7 @@ class ProxySite:
         if self.draining:
             raise Refusal(codes.SERVICE_UNAVAILABLE, "proxy shutting down", "draining")
         if self.limiter is not None:
-            key = entry["identity"] or request.remote.hostinfo
+            key = entry["identity"] or entry["client"]
             wait = self.limiter.admit(key, self.clock())
             if wait is not None:
                 raise Refusal(codes.TOO_MANY_REQUESTS, "", "rate_limited", max_age=wait)
@@ -272,11 +292,14 @@ class ProxySite:
         observe = wants_observe and self.observations < self.config.max_observations
         out = self._upstream_request(request, d, observe)
         t0 = self.clock()
-        client = request.remote.hostinfo  # per address: Block1 state is per address upstream
-        upstream = self.upstream.context_for(client).request(out, handle_blockwise=False)
+        client = entry["client"]  # per address: Block1 state is per address upstream
+        target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
+        pool = self.upstream
         try:
+            upstream = await pool.request(client, out, target)
             response = await asyncio.wait_for(upstream.response, self.config.upstream_timeout)
         except (TimeoutError, error.TimeoutError):
+            pool.forget(client, target)
             self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout", entry, started)
             return
         except error.NoRequestInterface:
@@ -288,6 +311,7 @@ class ProxySite:
                        entry, started)
             return
         except error.NetworkError as exc:
+            pool.forget(client, target)
             if _unreachable(exc):
                 # Host or port down: treated like silence, as a client cannot act differently.
                 self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable",
@@ -297,6 +321,7 @@ class ProxySite:
                            entry, started)
             return
         except error.Error:
+            pool.forget(client, target)
             self._fail(pipe, codes.BAD_GATEWAY, "upstream failed", "bad_gateway", entry, started)
             return
         self.metrics.latency.observe(self.clock() - t0)
@@ -380,7 +405,11 @@ class ProxySite:
 
     def _done(self, entry: dict[str, Any], response: Message, started: float,
               upstream: bool | None) -> None:
-        entry["code"] = str(response.code).split(" ")[0]
+        code = response.code
+        code_text = _CODE_TEXT.get(code)
+        if code_text is None:
+            code_text = _CODE_TEXT[code] = str(code).split(" ")[0]
+        entry["code"] = code_text
         entry["response_bytes"] = len(response.payload)
         entry["latency_ms"] = round((self.clock() - started) * 1000, 3)
         if upstream:

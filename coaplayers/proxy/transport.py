@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiocoap
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
+from aiocoap import Message
+from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.protocol import Request
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dtls, layer1
 from ..config import certificate_from, psk_store_from
@@ -44,28 +48,100 @@ class UpstreamPool:
     address: an upstream's Block1 reassembly would mix two clients' blocks arriving from one
     socket, and aiocoap's NSTART=1 would queue every client's request behind any other's
     unacknowledged one. New clients are spread round-robin; the client table is a bounded LRU.
+
+    ``request`` also keeps what aiocoap resolved for each ``coap://`` upstream (the address and
+    the socket's interface) for ``resolve_ttl`` seconds, so that an exchange neither runs
+    ``getaddrinfo`` in a thread (plus a routability probe socket) nor spawns aiocoap's
+    resolve-and-send task; ``forget`` drops an entry after an upstream failure.
     """
 
-    def __init__(self, contexts: Sequence[aiocoap.Context], max_clients: int = 4096) -> None:
+    def __init__(
+        self, contexts: Sequence[aiocoap.Context], max_clients: int = 4096,
+        resolve_ttl: float = 30.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not contexts:
             raise ValueError("an upstream pool needs at least one context")
         self.contexts = list(contexts)
         self.max_clients = max_clients
+        self.resolve_ttl = resolve_ttl
+        self.clock = clock
         self._assigned: OrderedDict[Hashable, int] = OrderedDict()
         self._next = itertools.cycle(range(len(self.contexts)))
+        # (context index, "scheme://hostinfo") -> (request interface, remote, expiry)
+        self._resolved: dict[tuple[int, str], tuple[Any, UDP6EndpointAddress, float]] = {}
 
-    def context_for(self, client: Hashable) -> aiocoap.Context:
-        index = self._assigned.pop(client, None)
+    def index_for(self, client: Hashable) -> int:
+        assigned = self._assigned
+        index = assigned.get(client)
         if index is None:
             index = next(self._next)
-        self._assigned[client] = index
-        if len(self._assigned) > self.max_clients:
-            self._assigned.popitem(last=False)
-        return self.contexts[index]
+            assigned[client] = index
+            if len(assigned) > self.max_clients:
+                assigned.popitem(last=False)
+        else:
+            assigned.move_to_end(client)
+        return index
+
+    def context_for(self, client: Hashable) -> aiocoap.Context:
+        return self.contexts[self.index_for(client)]
+
+    async def request(self, client: Hashable, message: Message, target: str) -> Request:
+        """Send ``message`` (its remote an ``UndecidedRemote`` for ``target``) upstream.
+
+        Like ``Context.request(message, handle_blockwise=False)``, except that resolution
+        errors (``ResolutionError``, ``NoRequestInterface``) are raised here rather than from
+        the response, and a cached resolution is reused.
+        """
+        index = self.index_for(client)
+        ctx = self.contexts[index]
+        key = (index, target)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[2] > self.clock():
+            interface = hit[0]
+            message.remote = hit[1]
+        else:
+            if hit is not None:
+                del self._resolved[key]
+            interface = await ctx.find_remote_and_interface(message)
+            remote = message.remote
+            # Only plain UDP addresses: a Layer 1 remote stands for a DTLS session, which its
+            # transport manages (and may replace) itself.
+            if self.resolve_ttl > 0 and type(remote) is UDP6EndpointAddress:
+                if len(self._resolved) >= 4096:
+                    self._resolved.clear()
+                self._resolved[key] = (interface, remote, self.clock() + self.resolve_ttl)
+        pipe = Pipe(message, ctx.log)
+        request = Request(pipe, ctx.loop, ctx.log)
+        try:
+            interface.request(pipe)
+        except Exception as exc:  # as aiocoap's own send task does
+            pipe.add_exception(exc)
+        return request
+
+    def forget(self, client: Hashable, target: str) -> None:
+        """Resolve ``target`` afresh next time (after a failure towards it)."""
+        index = self._assigned.get(client)
+        if index is not None:
+            self._resolved.pop((index, target), None)
 
     async def shutdown(self) -> None:
         for ctx in self.contexts:
             await ctx.shutdown()
+
+
+class ServerContext(aiocoap.Context):
+    """aiocoap's context with a cheaper ``render_to_pipe``.
+
+    aiocoap names each request's rendering task with ``"Rendering for %r" % request``, which
+    formats the message and its remote (address parsing included) for every exchange; the
+    proxy's tasks get a constant name instead. Everything else is aiocoap's.
+    """
+
+    def render_to_pipe(self, pipe: Pipe) -> None:
+        run_driving_pipe(
+            error_to_message(pipe, self.log), self._render_to_pipe(pipe),
+            name="coap-proxy exchange",
+        )
 
 
 @dataclass
@@ -114,7 +190,7 @@ async def build_context(
     ``metrics`` is the shared registry: Layer 1 registers its DTLS session and handshake
     counters there (for example from ``coaplayers.layer1.create_context``'s ``on_event``).
     """
-    ctx = aiocoap.Context(serversite=site, loggername="coaplayers.proxy.aiocoap")
+    ctx = ServerContext(serversite=site, loggername="coaplayers.proxy.aiocoap")
     bound: list[tuple[str, str, int]] = []
     extra: dict[str, Any] = {}
     upstream = {"coap"}
@@ -186,7 +262,10 @@ async def build_context(
             if c.request_interfaces:  # aiocoap cannot shut down a context without transports
                 await c.shutdown()
         raise
-    return ProxyContext(ctx, bound, UpstreamPool(pool), frozenset(upstream), extra)
+    return ProxyContext(
+        ctx, bound, UpstreamPool(pool, resolve_ttl=config.resolve_ttl), frozenset(upstream),
+        extra,
+    )
 
 
 def _layer1_metrics(metrics: MetricsRegistry) -> Callable[[str, dict[str, Any]], None]:
