@@ -73,9 +73,11 @@ def test_option_safety() -> None:
     m.opt.add_option(OpaqueOption(65000, b"a"))  # safe-to-forward: fine
     m.opt.add_option(OpaqueOption(OptionNumber.OSCORE, b""))
     assert r.decide(m).kind == "forward"
+    assert r.decide(m).kind == "forward"  # the same verdicts again (they are memoized)
     m.opt.add_option(OpaqueOption(65002, b"a"))
     bad = refusal(r, m)
     assert bad.code == codes.BAD_OPTION and "65002" in bad.diagnostic
+    assert refusal(r, m).diagnostic == bad.diagnostic
 
 
 def test_refusals_505() -> None:
@@ -179,8 +181,12 @@ def test_prometheus_text() -> None:
     h = reg.histogram("lat_seconds", "latency", [0.1, 1])
     h.observe(0.05)
     h.observe(2)
+    h.observe(1)  # a bound belongs to its own bucket (le = less or equal)
+    h.observe(0.1)
+    assert h.cumulative() == [2, 3, 4]
     reg.gauge("g", "gauge", func=lambda: 7)
     text = reg.render()
     assert 'x_total{kind="a\\"b"} 1' in text
-    assert 'lat_seconds_bucket{le="0.1"} 1' in text and 'lat_seconds_bucket{le="+Inf"} 2' in text
-    assert "lat_seconds_count 2" in text and "\ng 7\n" in text
+    assert 'lat_seconds_bucket{le="0.1"} 2' in text and 'lat_seconds_bucket{le="1"} 3' in text
+    assert 'lat_seconds_bucket{le="+Inf"} 4' in text and "lat_seconds_sum 3.15" in text
+    assert "lat_seconds_count 4" in text and "\ng 7\n" in text
