@@ -8,6 +8,7 @@ error response.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def unknown_unsafe(options: Iterable[object]) -> list[int]:
     return sorted(bad) if bad else []
 
 
+@functools.lru_cache(maxsize=1024)
 def is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))

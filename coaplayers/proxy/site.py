@@ -296,8 +296,9 @@ class ProxySite:
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
         pool = self.upstream
         try:
-            upstream = await pool.request(client, out, target)
-            response = await asyncio.wait_for(upstream.response, self.config.upstream_timeout)
+            async with asyncio.timeout(self.config.upstream_timeout):
+                upstream = await pool.request(client, out, target)
+                response = await upstream.response
         except (TimeoutError, error.TimeoutError):
             pool.forget(client, target)
             self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout", entry, started)

@@ -41,6 +41,27 @@ def format_uri(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+class ResolvedAddress(UDP6EndpointAddress):
+    """A resolved upstream address that is reused: what aiocoap derives from it per message
+    (``is_multicast`` and ``hostinfo``, each parsing the address with ``ipaddress``) is
+    computed once. Equal to (and hashed like) the plain address it copies, so answers from
+    that address still match."""
+
+    def __init__(self, remote: UDP6EndpointAddress) -> None:
+        super().__init__(remote.sockaddr, remote.interface, pktinfo=remote.pktinfo)
+        self.maximum_block_size_exp = remote.maximum_block_size_exp
+        self._is_multicast = bool(remote.is_multicast)
+        self._hostinfo = str(remote.hostinfo)
+
+    @property
+    def is_multicast(self) -> bool:
+        return self._is_multicast
+
+    @property
+    def hostinfo(self) -> str:
+        return self._hostinfo
+
+
 class UpstreamPool:
     """Client contexts for upstream requests; each downstream client sticks to one of them.
 
@@ -68,7 +89,7 @@ class UpstreamPool:
         self._assigned: OrderedDict[Hashable, int] = OrderedDict()
         self._next = itertools.cycle(range(len(self.contexts)))
         # (context index, "scheme://hostinfo") -> (request interface, remote, expiry)
-        self._resolved: dict[tuple[int, str], tuple[Any, UDP6EndpointAddress, float]] = {}
+        self._resolved: dict[tuple[int, str], tuple[Any, ResolvedAddress, float]] = {}
 
     def index_for(self, client: Hashable) -> int:
         assigned = self._assigned
@@ -109,7 +130,8 @@ class UpstreamPool:
             if self.resolve_ttl > 0 and type(remote) is UDP6EndpointAddress:
                 if len(self._resolved) >= 4096:
                     self._resolved.clear()
-                self._resolved[key] = (interface, remote, self.clock() + self.resolve_ttl)
+                self._resolved[key] = (
+                    interface, ResolvedAddress(remote), self.clock() + self.resolve_ttl)
         pipe = Pipe(message, ctx.log)
         request = Request(pipe, ctx.loop, ctx.log)
         try:

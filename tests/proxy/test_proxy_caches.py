@@ -22,7 +22,7 @@ from coaplayers.proxy.cli import build_parser, config_from_args
 from coaplayers.proxy.config import ConfigError, ProxyConfig
 from coaplayers.proxy.metrics import MetricsRegistry
 from coaplayers.proxy.site import ProxySite
-from coaplayers.proxy.transport import UpstreamPool
+from coaplayers.proxy.transport import ResolvedAddress, UpstreamPool
 
 
 class Clock:
@@ -92,6 +92,9 @@ async def test_upstream_resolution_is_reused_for_its_ttl_and_forgotten_on_failur
     assert isinstance(first.remote, UDP6EndpointAddress) and len(calls) == 1
     second = await send()
     assert second.remote == first.remote and len(calls) == 1  # from the cache
+    assert isinstance(second.remote, ResolvedAddress) and hash(second.remote) == hash(first.remote)
+    assert second.remote.hostinfo == first.remote.hostinfo == silent_upstream.split("//")[1]
+    assert second.remote.is_multicast is False
     clock.now += 29
     await send()
     assert len(calls) == 1
