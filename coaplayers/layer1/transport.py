@@ -575,9 +575,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             remote = Layer1Remote(endpoint, addr, None)
         if peer is not None:
             self._drop_session(peer, None, notify=False)
-        # Only a ClientHello with a valid cookie gets here: the stateless HelloVerifyRequests
-        # of a flood cost nothing. A full table loses its least recently active handshake
-        # rather than refusing this one, which may be a legitimate client's.
+        # Only a ClientHello with a valid cookie gets here, or (certificates) one resuming a
+        # session this listener issued, whose small answer needs no cookie: the stateless
+        # HelloVerifyRequests of a flood cost nothing. A full table loses its least recently
+        # active handshake rather than refusing this one, which may be a legitimate client's.
         self._make_room_for_handshake()
         peer = self._new_peer(remote)
         peer.session = session
