@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", metavar="RATE[/BURST]",
                    help="per-client requests per second (answers 4.29 beyond)")
     p.add_argument("--log-file", metavar="FILE", help="JSON-lines log (default stderr)")
+    p.add_argument("--log-exchanges", action=argparse.BooleanOptionalAction, default=None,
+                   help="one JSON line per request in the log (default on; events are always"
+                   " logged)")
     p.add_argument("--upstream-timeout", metavar="SECONDS", type=float,
                    help="answer 5.04 after this long without an upstream answer (default 10)")
     p.add_argument("--ack-timeout", metavar="SECONDS", type=float,
@@ -102,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["routes"] = tuple(Route.parse(r) for r in args.route)
     if args.forward is not None:
         changes["forward"] = args.forward
+    if args.log_exchanges is not None:
+        changes["log_exchanges"] = args.log_exchanges
     if args.name:
         changes["names"] = tuple(args.name)
     if args.metrics:

@@ -167,6 +167,8 @@ class ProxyConfig:
     shutdown_grace: float = 5.0
     metrics: tuple[str, int] | None = None
     log_file: str | None = None
+    # One "exchange" line per request in the log (events and warnings are always logged).
+    log_exchanges: bool = True
     layer1: Layer1Settings = field(default_factory=Layer1Settings)
 
     def __post_init__(self) -> None:
@@ -201,6 +203,7 @@ _SCALARS: dict[str, type] = {
     "rate_limit_clients": int,
     "shutdown_grace": float,
     "log_file": str,
+    "log_exchanges": bool,
 }
 _LISTS = ("listen", "names", "allowed_schemes")
 _LAYER1_LISTS = ("psk",)

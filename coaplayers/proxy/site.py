@@ -141,6 +141,7 @@ class ProxySite:
         self.router = Router(config)
         self.metrics = ProxyMetrics(registry)
         self.access_log = access_log
+        self.log_exchanges = config.log_exchanges
         self.clock = clock
         self.identity = identity
         self.upstream: UpstreamPool | None = None  # set once the contexts exist
@@ -206,7 +207,7 @@ class ProxySite:
             "identity": self.identity(request),
             "method": str(request.code),
             "type": "NON" if request.mtype == Type.NON else "CON",
-            "routing": routing_fields(request),
+            "routing": routing_fields(request) if self.log_exchanges else None,
             "request_bytes": len(request.payload),
         }
         slot = _Slot(self)
@@ -413,7 +414,7 @@ class ProxySite:
         entry["code"] = code_text
         entry["response_bytes"] = len(response.payload)
         entry["latency_ms"] = round((self.clock() - started) * 1000, 3)
-        if upstream:
+        if upstream and self.log_exchanges:
             resp_opts: dict[str, Any] = {}
             if response.opt.block1 is not None:
                 b = response.opt.block1
@@ -429,7 +430,8 @@ class ProxySite:
         if upstream is not None:
             self.metrics.bytes.inc(entry["request_bytes"], direction="upstream")
         self.metrics.bytes.inc(entry["response_bytes"], direction="downstream")
-        self.access_log.exchange(entry)
+        if self.log_exchanges:
+            self.access_log.exchange(entry)
 
 
 class _Slot:

@@ -21,7 +21,8 @@ async def test_help_shows_flags_and_examples() -> None:
     text = out.decode()
     assert rc == 0
     for flag in ("--listen", "--route", "--forward", "--no-forward", "--config", "--metrics",
-                 "--rate-limit", "--log-file", "--upstream-credentials", "examples:"):
+                 "--rate-limit", "--log-file", "--log-exchanges", "--no-log-exchanges",
+                 "--resolve-ttl", "--upstream-credentials", "examples:"):
         assert flag in text, flag
 
 
@@ -51,6 +52,33 @@ async def test_config_file_with_flag_override(
     assert metric(await http_get(proxy.metrics), 'coap_proxy_requests_total{kind="reverse"}') == 1
     assert not log.exists()
     assert len([e for e in proxy.log_lines() if e["event"] == "exchange"]) == 2
+
+
+async def test_exchange_lines_can_be_turned_off(
+    tmp_path: Path, origin: Running, proxies: list[Running], client: aiocoap.Context
+) -> None:
+    """log_exchanges = false: no exchange lines, the events and the metrics stay."""
+    cfg = tmp_path / "quiet.toml"
+    cfg.write_text('listen = ["coap://127.0.0.1:0"]\nlog_exchanges = false\n')
+    proxies.append(proxy := await start_proxy(tmp_path, "--config", str(cfg),
+                                              "--metrics", "127.0.0.1:0"))
+    assert proxy.metrics is not None
+    for _ in range(2):
+        m = Message(code=GET, uri=f"coap://{proxy.hostport}/")
+        m.opt.proxy_uri = f"coap://{origin.hostport}/fwd"
+        r = await asyncio.wait_for(client.request(m).response, 10)
+        assert r.code == aiocoap.CONTENT
+    text = await http_get(proxy.metrics)
+    assert metric(text, 'coap_proxy_requests_total{kind="forward"}') == 2
+    assert metric(text, 'coap_proxy_responses_total{code="2.05"}') == 2
+    events = [e["event"] for e in proxy.log_lines()]
+    assert "start" in events and "exchange" not in events
+    # The flag wins over the file, as every flag does.
+    proxies.append(loud := await start_proxy(tmp_path, "--config", str(cfg), "--log-exchanges"))
+    m = Message(code=GET, uri=f"coap://{loud.hostport}/")
+    m.opt.proxy_uri = f"coap://{origin.hostport}/fwd"
+    assert (await asyncio.wait_for(client.request(m).response, 10)).code == aiocoap.CONTENT
+    assert [e["event"] for e in loud.log_lines()].count("exchange") == 1
 
 
 async def test_bad_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
