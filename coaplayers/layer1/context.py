@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiocoap
+from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from .. import dtls
@@ -15,6 +16,22 @@ from .credentials import ClientCredentials
 from .transport import Layer1Limits, MessageInterfaceLayer1
 
 DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}
+
+
+class ServerContext(aiocoap.Context):
+    """aiocoap's context with a cheaper ``render_to_pipe``.
+
+    aiocoap names each request's rendering task with ``"Rendering for %r" % request``, which
+    formats the message and its remote (address parsing included) for every request: about a
+    quarter of a millisecond, a tenth of what a small request costs a server. The tasks get a
+    constant name instead; everything else is aiocoap's (0.4.17; recheck on upgrades).
+    """
+
+    def render_to_pipe(self, pipe: Pipe) -> None:
+        run_driving_pipe(
+            error_to_message(pipe, self.log), self._render_to_pipe(pipe),
+            name="coaplayers request",
+        )
 
 
 def parse_listen_uri(uri: str) -> tuple[str, str, int]:
@@ -94,7 +111,7 @@ async def create_context(
 
     Port 0 binds an ephemeral port; ``bound`` reports the real URIs in order.
     """
-    ctx = aiocoap.Context(serversite=site, loggername=loggername)
+    ctx = ServerContext(serversite=site, loggername=loggername)
     bound: list[str] = []
     try:
         layer1 = await attach_layer1(

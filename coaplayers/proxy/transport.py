@@ -19,12 +19,13 @@ from typing import Any
 
 import aiocoap
 from aiocoap import Message
-from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.pipe import Pipe
 from aiocoap.protocol import Request
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dtls, layer1
 from ..config import certificate_from, psk_store_from
+from ..layer1.context import ServerContext
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
 
@@ -149,21 +150,6 @@ class UpstreamPool:
     async def shutdown(self) -> None:
         for ctx in self.contexts:
             await ctx.shutdown()
-
-
-class ServerContext(aiocoap.Context):
-    """aiocoap's context with a cheaper ``render_to_pipe``.
-
-    aiocoap names each request's rendering task with ``"Rendering for %r" % request``, which
-    formats the message and its remote (address parsing included) for every exchange; the
-    proxy's tasks get a constant name instead. Everything else is aiocoap's.
-    """
-
-    def render_to_pipe(self, pipe: Pipe) -> None:
-        run_driving_pipe(
-            error_to_message(pipe, self.log), self._render_to_pipe(pipe),
-            name="coap-proxy exchange",
-        )
 
 
 @dataclass
