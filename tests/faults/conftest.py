@@ -92,9 +92,8 @@ class Keys:
         return f"{ident.decode()}:0x{key.hex()}"
 
 
-@pytest.fixture(scope="session")
-def creds(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    folder = tmp_path_factory.mktemp("keys") / "set"
+def make_keys(folder: Path) -> Keys:
+    """A fresh credential set from coap-keys in ``folder``."""
     keys.create(folder)
     data = json.loads((folder / "psk.json").read_text())
     psk = {
@@ -102,6 +101,11 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Keys:
         for name, entry in data.items()
     }
     return Keys(folder, psk)
+
+
+@pytest.fixture(scope="session")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("keys") / "set")
 
 
 # ------------------------------------------------------------------- application server
@@ -141,8 +145,9 @@ class App:
     Layer 0 sessions and OSCORE contexts do not (as with a process restart).
     """
 
-    def __init__(self, creds: Keys, *, coaps: bool = False) -> None:
+    def __init__(self, creds: Keys, *, coaps: bool = False, required: bool = False) -> None:
         self.creds = creds
+        self.required = required  # serve only end-to-end protected requests
         self.port = free_udp_port()
         self.coaps_port = free_udp_port() if coaps else None
         self.count = 0
@@ -171,7 +176,8 @@ class App:
         site.add_resource(["count"], Count(self))
         site.add_resource(["nonce"], Nonce(self))
         options = E2EServerOptions(
-            psk_store=self.creds.e2e_psk_store(), certificate=self.creds.e2e_server_cert()
+            psk_store=self.creds.e2e_psk_store(), certificate=self.creds.e2e_server_cert(),
+            required=self.required,
         )
         wrapped = wrap_site(site, options)
         assert isinstance(wrapped, Layer0Site)

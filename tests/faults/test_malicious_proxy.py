@@ -23,20 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiocoap
-import aiocoap.resource as resource
 import pytest
 from aiocoap import GET, POST, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
-from coaplayers import keys, layer1
-from coaplayers.e2e import E2EServerOptions, wrap_site
+from coaplayers import layer1
 from coaplayers.layer0 import (
     ChannelConfig,
     HandshakeFailed,
     Layer0Channel,
     Layer0Error,
-    Layer0Site,
     OuterError,
     RecordRejected,
     ResponseRejected,
@@ -50,7 +47,7 @@ from coaplayers.oscore import (
     UnprotectedErrorResponse,
 )
 
-from .conftest import App, Count, Keys, Nonce, oscore_requester
+from .conftest import App, Keys, make_keys, oscore_requester
 from .evilproxy import Address, EvilProxy, Send, copy_message
 
 BOUND = 20.0  # catches hangs only: every refusal below comes from the library's own timers
@@ -73,33 +70,14 @@ class ShortTuning(TransportTuning):
 class StrictApp(App):
     """The application server of conftest, requiring end-to-end protection."""
 
-    async def start(self) -> None:
-        site = resource.Site()
-        site.add_resource(["count"], Count(self))
-        site.add_resource(["nonce"], Nonce(self))
-        options = E2EServerOptions(
-            psk_store=self.creds.e2e_psk_store(), certificate=self.creds.e2e_server_cert(),
-            required=True,
-        )
-        wrapped = wrap_site(site, options)
-        assert isinstance(wrapped, Layer0Site)
-        self.layer0 = wrapped
-        self.ctx = await layer1.create_context(wrapped, listen=[self.uri], loggername="evil-app")
+    def __init__(self, creds: Keys) -> None:
+        super().__init__(creds, required=True)
 
 
 @pytest.fixture(scope="module")
 def other_creds(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     """A second, unrelated credential set (other PSKs, other end-to-end CA)."""
-    import json
-
-    folder = tmp_path_factory.mktemp("keys-b") / "set"
-    keys.create(folder)
-    data = json.loads((folder / "psk.json").read_text())
-    psk = {
-        name: (entry["identity"].encode(), bytes.fromhex(entry["key"].removeprefix("0x")))
-        for name, entry in data.items()
-    }
-    return Keys(folder, psk)
+    return make_keys(tmp_path_factory.mktemp("keys-b") / "set")
 
 
 @pytest.fixture
