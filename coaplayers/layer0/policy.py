@@ -12,9 +12,9 @@ Two questions, kept apart because they are asked at different layers:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .profile import WELL_KNOWN_PATH, is_tunnel_path
+from .profile import is_tunnel_path
 
 Path = tuple[str, ...]
 
@@ -40,7 +40,6 @@ class Policy:
 
     protected: tuple[Path, ...] = ((),)
     grants: Mapping[str, tuple[Path, ...]] | None = None
-    _open: tuple[Path, ...] = field(default=(WELL_KNOWN_PATH,), repr=False)
 
     @classmethod
     def build(
@@ -54,7 +53,7 @@ class Policy:
         return cls(tuple(_prefix(p) for p in protected), g)
 
     def requires_layer0(self, path: Sequence[str]) -> bool:
-        if is_tunnel_path(path) or any(_under(path, o) for o in self._open):
+        if is_tunnel_path(path):
             return False
         return any(_under(path, p) for p in self.protected)
 
