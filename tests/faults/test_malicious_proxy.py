@@ -17,6 +17,7 @@ bounded time (the library's own timers; the ``wait_for`` bound only catches hang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,24 +81,25 @@ def other_creds(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return make_keys(tmp_path_factory.mktemp("keys-b") / "set")
 
 
-@pytest.fixture
-async def app(creds: Keys) -> Any:
-    server = StrictApp(creds)
+@contextlib.asynccontextmanager
+async def running(server: StrictApp) -> Any:
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def app(creds: Keys) -> Any:
+    async with running(StrictApp(creds)) as server:
+        yield server
 
 
 @pytest.fixture
 async def app_b(other_creds: Keys) -> Any:
-    server = StrictApp(other_creds)
-    await server.start()
-    try:
+    async with running(StrictApp(other_creds)) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
