@@ -30,8 +30,8 @@ from ..dtls import (
     parse_key_text,
 )
 from ..layer0.core import ServerLimits, TunnelCore
-from ..layer0.profile import CHANGED, CREATED
-from ..layer0.server import layer0_config
+from ..layer0.profile import CHANGED, CREATED, DTLS_CIPHERS
+from ..layer0.server import layer0_config, make_listener
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Peers:
         self.client_cert = CertificateCredentials.from_files(
             creds / "client-e2e.pem", creds / "client-e2e.key", creds / "e2e-ca.pem"
         )
-        self.client_ssl = build_context(self.client_cert, server=False)
+        self.client_ssl = build_context(self.client_cert, server=False, ciphers=DTLS_CIPHERS)
         # Resumption goes through explicit session objects (TicketStore): the client-side
         # cache would only keep every client's session alive, inflating server-side figures.
         from OpenSSL import SSL
@@ -87,9 +87,10 @@ class Peers:
         if kind == "psk":
             listener: Any = TinyDtlsListener(self.psk_store, self.config)
         elif release_buffers:
-            listener = _ReleaseBuffersListener(self.server_cert, self.config)
+            listener = _ReleaseBuffersListener(self.server_cert, self.config,
+                                               ciphers=DTLS_CIPHERS)
         else:
-            listener = OpenSslListener(self.server_cert, self.config)
+            listener = make_listener(self.server_cert, self.config)
         return core_class(listener, limits)
 
     def client(self, kind: str, resume: Any = None) -> Any:

@@ -54,7 +54,7 @@ from ..dtls import (
     TinyDtlsSession,
     build_context,
 )
-from . import inner
+from . import inner, profile
 from .errors import (
     ChannelClosed,
     HandshakeFailed,
@@ -243,7 +243,8 @@ class Layer0Channel:
         self._ssl_context = ssl_context
         if isinstance(credentials, CertificateCredentials):
             if ssl_context is None:
-                self._ssl_context = build_context(credentials, server=False)
+                self._ssl_context = build_context(
+                    credentials, server=False, ciphers=profile.DTLS_CIPHERS)
         elif not isinstance(credentials, PskClientCredentials):
             raise TypeError(
                 "Layer 0 client credentials must be PskClientCredentials or "

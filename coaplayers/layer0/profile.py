@@ -22,6 +22,12 @@ MAX_DATAGRAM: Final = 1024
 splits anything larger into blocks) ever needs outer block-wise transfer. It is also the MTU
 given to the DTLS engine, which fragments handshake messages to fit it."""
 
+DTLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-CCM8:@SECLEVEL=0"
+"""The one cipher suite a certificate-mode Layer 0 handshake offers and accepts: RFC 7925's
+(and RFC 7252's) mandatory TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8, which the PSK mode's CCM_8 mirrors.
+Both ends of a Layer 0 session run coaplayers, so a list would only cost 2 bytes per suite in
+each ClientHello. (``@SECLEVEL=0``: OpenSSL rates a 64-bit tag below its default level.)"""
+
 INNER_BLOCK_SZX: Final = 5
 """Inner block-wise size exponent (512-byte blocks): an inner message plus the record overhead
 (at most 45 bytes with AES-GCM) stays below :data:`MAX_DATAGRAM`."""

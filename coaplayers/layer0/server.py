@@ -29,7 +29,7 @@ from ..dtls import (
     TinyDtlsListener,
     records,
 )
-from . import inner
+from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
 from .errors import InnerMessageError
 from .policy import Policy
@@ -68,11 +68,12 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
 
         psk = next(c for c in credentials if isinstance(c, PskStore))
         cert = next(c for c in credentials if isinstance(c, CertificateCredentials))
-        return DualListener(TinyDtlsListener(psk, config), OpenSslListener(cert, config))
+        return DualListener(TinyDtlsListener(psk, config), OpenSslListener(
+            cert, config, ciphers=profile.DTLS_CIPHERS))
     if isinstance(credentials, PskStore):
         return TinyDtlsListener(credentials, config)
     if isinstance(credentials, CertificateCredentials):
-        return OpenSslListener(credentials, config)
+        return OpenSslListener(credentials, config, ciphers=profile.DTLS_CIPHERS)
     raise TypeError(
         f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
         f"not {type(credentials).__name__}"
