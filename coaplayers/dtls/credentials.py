@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from .errors import ConfigurationError
 
@@ -178,3 +178,125 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKeyTypes:
         raise ConfigurationError(
             f"{path} holds no unencrypted PEM private key"
         ) from exc
+
+
+def spki_der(key: object) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key, given as DER bytes or a cryptography key."""
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        der = bytes(key)
+        try:
+            serialization.load_der_public_key(der)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError("not a DER SubjectPublicKeyInfo") from exc
+        return der
+    public_bytes = getattr(key, "public_bytes", None)
+    if public_bytes is None:
+        raise ConfigurationError(f"not a public key: {type(key).__name__}")
+    return bytes(
+        public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def spki_fingerprint(spki: bytes) -> str:
+    """How a raw public key is named in logs and on :class:`HandshakeComplete`.
+
+    The first 16 bytes of the SHA-256 of its DER SubjectPublicKeyInfo, as 32 lowercase hex
+    digits (the ``coap-keys`` style of naming a key by its hash; 128 bits, so a second key
+    with the same name cannot be searched for). Pinning itself compares whole SPKIs.
+    """
+    import hashlib
+
+    return hashlib.sha256(spki).digest()[:16].hex()
+
+
+@dataclass(slots=True)
+class RawPublicKeyCredentials:
+    """Raw public keys (RFC 7250, RFC 7925's certificate profile) for the GnuTLS backend.
+
+    Each side presents its own ECDSA P-256 key as a bare SubjectPublicKeyInfo (91 bytes in
+    place of a ~350-byte certificate) and authenticates the peer by pinning: the peer's SPKI
+    must be one of ``trusted``, checked during the handshake, so an untrusted peer gets a fatal
+    alert rather than a session. ``trusted`` takes DER SPKIs or cryptography public keys; it
+    is stored as DER. With ``require_peer`` (the default) a peer must present a trusted key; a
+    server without it does not ask clients for a key when ``trusted`` is empty (and checks
+    one that is presented otherwise). A client always pins the server unless ``require_peer``
+    is off and ``trusted`` is empty. The peer identity a session reports is
+    :func:`spki_fingerprint` of the peer's key.
+    """
+
+    private_key: PrivateKeyTypes
+    trusted: Iterable[bytes | PublicKeyTypes] = field(default_factory=frozenset)
+    require_peer: bool = True
+
+    def __post_init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if not isinstance(self.private_key, ec.EllipticCurvePrivateKey) or not isinstance(
+            self.private_key.curve, ec.SECP256R1
+        ):
+            raise ConfigurationError(
+                "raw public key mode needs an ECDSA P-256 private key (RFC 7925's profile)"
+            )
+        self.trusted = frozenset(spki_der(k) for k in self.trusted)
+
+    @property
+    def trusted_keys(self) -> frozenset[bytes]:
+        """The pinned peer keys, as DER SubjectPublicKeyInfo."""
+        return frozenset(self.trusted)  # type: ignore[arg-type]  # normalized to DER
+
+    @property
+    def public_key_der(self) -> bytes:
+        """Our own SubjectPublicKeyInfo (what the peer pins)."""
+        return spki_der(self.private_key.public_key())
+
+    @property
+    def fingerprint(self) -> str:
+        return spki_fingerprint(self.public_key_der)
+
+    def trusts(self, spki: bytes) -> bool:
+        return spki in self.trusted  # type: ignore[operator]  # a frozenset of DER bytes
+
+    def __repr__(self) -> str:  # never show the key
+        return (
+            f"RawPublicKeyCredentials(key={self.fingerprint}, trusted={len(self.trusted)},"
+            f" require_peer={self.require_peer})"
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        key: str | os.PathLike[str],
+        trusted: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+        *,
+        require_peer: bool = True,
+    ) -> RawPublicKeyCredentials:
+        """Our PEM private key, and PEM files of trusted public keys (``-----BEGIN PUBLIC
+        KEY-----`` blocks, any number per file)."""
+        private_key = load_private_key(key)
+        paths = [] if trusted is None else trusted if isinstance(trusted, list) else [trusted]
+        keys: list[bytes] = []
+        for path in paths:
+            keys += load_public_keys(path)
+        return cls(private_key, frozenset(keys), require_peer)
+
+
+def load_public_keys(path: str | os.PathLike[str]) -> list[bytes]:
+    """The DER SPKIs of the PEM ``PUBLIC KEY`` blocks in a file."""
+    import re
+
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read public key file {path}: {exc.strerror}") from exc
+    blocks = re.findall(
+        rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", text, flags=re.DOTALL
+    )
+    if not blocks:
+        raise ConfigurationError(f"{path} holds no PEM public key (BEGIN PUBLIC KEY)")
+    out = []
+    for block in blocks:
+        try:
+            out.append(spki_der(serialization.load_pem_public_key(block)))
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"{path} holds a PEM public key that cannot be read") from exc
+    return out
