@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiocoap
 from aiocoap import oscore as _aiooscore
+from aiocoap.message import UndecidedRemote
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from ..layer0.profile import is_tunnel_path
@@ -81,6 +82,8 @@ class ClientContexts:
 
     def __init__(self) -> None:
         self._by_origin: dict[str, SecurityContext] = {}
+        # (Proxy-Scheme, remote scheme, remote hostinfo, Uri-Host, Uri-Port) -> origin
+        self._origins: dict[tuple[Any, ...], str] = {}
 
     def set(self, uri: str, context: SecurityContext) -> None:
         """Use ``context`` for every request to the origin of ``uri`` (path is ignored)."""
@@ -106,6 +109,32 @@ class ClientContexts:
         tunnel outside OSCORE. Protecting them with the context being replaced would make a
         re-keying handshake impossible.
         """
+        opt = message.opt
+        remote = message.remote
+        if (
+            type(remote) is UndecidedRemote
+            and opt.proxy_uri is None
+            and opt.uri_path_abbrev is None
+            and not hasattr(message, "_original_request_uri")
+        ):
+            # The common case (a request not sent yet, through a proxy or not): the origin
+            # depends only on these fields, so it is computed once per combination rather
+            # than by building the request URI and parsing it again for every request
+            # (~50 us of CPU per request in coap-bench). The path test needs no URI either:
+            # Uri-Path options are the unquoted segments.
+            key = (opt.proxy_scheme, remote.scheme, remote.hostinfo, opt.uri_host,
+                   opt.uri_port)
+            origin = self._origins.get(key)
+            if origin is None:
+                origin = self._origin_of_message(message)
+                if origin is None:
+                    return None
+                if len(self._origins) >= 256:
+                    self._origins.clear()
+                self._origins[key] = origin
+            if is_tunnel_path(opt.uri_path):
+                return None
+            return self._by_origin.get(origin)
         try:
             uri = message.get_request_uri()
         except Exception:  # e.g. no remote and no Uri-Host yet
@@ -116,6 +145,13 @@ class ClientContexts:
         try:
             return self._by_origin.get(origin_of(uri))
         except ValueError:
+            return None
+
+    @staticmethod
+    def _origin_of_message(message: aiocoap.Message) -> str | None:
+        try:
+            return origin_of(message.get_request_uri())
+        except Exception:  # e.g. no remote and no Uri-Host yet, or not absolute
             return None
 
 
@@ -153,9 +189,8 @@ class OscoreClientTransport(TransportOSCORE):
         return True
 
     def request(self, request: Any) -> None:
-        task = self.loop.create_task(
-            self._request_mapping_errors(request), name=f"OSCORE request {request!r}"
-        )
+        # No task name: formatting the request's repr for it cost ~40 us per request.
+        task = self.loop.create_task(self._request_mapping_errors(request))
         self._tasks.add(task)
 
         def done(t: Any, _request: Any = request) -> None:

@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiocoap import Message
 from aiocoap import oscore as _aiooscore
+from aiocoap.numbers import OptionNumber
+from aiocoap.numbers.codes import FETCH, POST
+from aiocoap.options import Options
 
 from .errors import KeyingError, SequenceNumbersExhausted
 from .params import (
@@ -45,8 +48,35 @@ if TYPE_CHECKING:
 #: Highest sender sequence number RFC 8613 allows (Partial IV is at most 5 bytes).
 MAX_SEQUENCE_NUMBER = _aiooscore.MAX_SEQNO
 
+#: Options that aiocoap's split keeps out of a request's plaintext (Class U / Proxy-Uri).
+_OUTER_ONLY = frozenset({
+    OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.PROXY_URI,
+    OptionNumber.PROXY_SCHEME,
+})
+
 #: Replay window size (RFC 8613 Section 7.4 suggests 32 as the default).
 DEFAULT_REPLAY_WINDOW = 32
+
+
+def copy_request(message: Message) -> Message:
+    """A copy of ``message`` whose options can be changed without touching the original.
+
+    Like aiocoap's ``Message.copy()`` but shallow: the option list is new, the option
+    objects are shared. aiocoap never changes an option object in place (its setters
+    replace options), so this is enough, and it avoids ``copy.deepcopy`` of every option
+    (about 35 us of CPU per request in coap-bench).
+    """
+    new = Message(code=message.code, payload=message.payload,
+                  transport_tuning=message.transport_tuning)
+    new.mtype = message.mtype
+    new.mid = message.mid
+    new.token = message.token
+    new.remote = message.remote
+    new.direction = message.direction
+    options = new.opt
+    for option in message.opt.option_list():
+        options.add_option(option)
+    return new
 
 
 class SecurityContext(
@@ -259,13 +289,46 @@ class SecurityContext(
         RFC 8613 Section 4.1.3.3: Uri-Host, Uri-Port and Proxy-Scheme are outer options
         (Proxy-Uri is split into them plus inner Uri-Path/Uri-Query, which aiocoap already
         does). They are not authenticated, so the ciphertext is the same either way.
+
+        Without Proxy-Uri (every request of this project's clients, and every response) the
+        split is done here without aiocoap's ``message.copy()``, whose ``deepcopy`` of the
+        options was the largest single cost of protecting a message (~0.3-0.4 ms of CPU per
+        request in coap-bench's OSCORE mode, client and server together). The result is the
+        same: the inner options are the message's minus Uri-Host, Uri-Port, Proxy-Uri and
+        Proxy-Scheme (responses: all of them), encoded after the code, then 0xFF and the
+        payload; the outer message carries the code POST / FETCH (Observe) or the response
+        code, Uri-Host, Observe, Proxy-Scheme and Uri-Port (tests/oscore check both paths
+        against each other and the RFC 8613 vectors).
         """
-        outer, plaintext = super()._split_message(message, request_id)
-        if message.code.is_request():
-            if message.opt.proxy_scheme is not None and outer.opt.proxy_scheme is None:
-                outer.opt.proxy_scheme = message.opt.proxy_scheme
-            if message.opt.uri_port is not None and outer.opt.uri_port is None:
-                outer.opt.uri_port = message.opt.uri_port
+        opt = message.opt
+        is_request = message.code.is_request()
+        if is_request and opt.proxy_uri is not None:
+            outer, plaintext = super()._split_message(message, request_id)
+        else:
+            if is_request:
+                observe = opt.observe
+                outer = Message(code=POST if observe is None else FETCH)
+                inner = Options()
+                for option in opt.option_list():
+                    if option.number not in _OUTER_ONLY:
+                        inner.add_option(option)
+                if opt.uri_host is not None:
+                    outer.opt.uri_host = opt.uri_host
+                if observe is not None:
+                    outer.opt.observe = observe
+                encoded = inner.encode()
+            else:
+                outer = Message(code=request_id.code_style.response)
+                encoded = opt.encode()
+            payload = message.payload
+            plaintext = bytes((message.code,)) + encoded
+            if payload:
+                plaintext += b"\xff" + payload
+        if is_request:
+            if opt.proxy_scheme is not None and outer.opt.proxy_scheme is None:
+                outer.opt.proxy_scheme = opt.proxy_scheme
+            if opt.uri_port is not None and outer.opt.uri_port is None:
+                outer.opt.uri_port = opt.uri_port
         return outer, plaintext
 
     # -- server-side lookup (aiocoap credentials interface) ----------------------------

@@ -1,0 +1,161 @@
+"""The per-request shortcuts of the OSCORE code give the same results as aiocoap's general code.
+
+``SecurityContext._split_message`` (no deep copy), ``copy_request`` (shallow copy) and the
+memoized origin lookup of ``ClientContexts.for_request`` replace aiocoap calls for speed; each
+is checked here against the code it stands in for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiocoap import Message
+from aiocoap import oscore as aiooscore
+from aiocoap.message import Direction, UndecidedRemote
+from aiocoap.numbers.codes import Code
+from aiocoap.proxy.client import ProxyForwarder
+
+from coaplayers.oscore import ClientContexts, SecurityContext
+from coaplayers.oscore.context import copy_request
+
+
+def _context(**kw: Any) -> SecurityContext:
+    return SecurityContext(
+        master_secret=bytes(range(16)), sender_id=b"\x01", recipient_id=b"", **kw
+    )
+
+
+def _reference_split(
+    sc: SecurityContext, message: Message, request_id: Any
+) -> tuple[Message, bytes]:
+    """aiocoap's split plus the Class U options it drops, as the project defines the result."""
+    outer, plaintext = aiooscore.CanProtect._split_message(sc, message, request_id)
+    if message.code.is_request():
+        if message.opt.proxy_scheme is not None and outer.opt.proxy_scheme is None:
+            outer.opt.proxy_scheme = message.opt.proxy_scheme
+        if message.opt.uri_port is not None and outer.opt.uri_port is None:
+            outer.opt.uri_port = message.opt.uri_port
+    return outer, plaintext
+
+
+def _requests() -> list[Message]:
+    out = []
+    m = Message(code=Code.POST, uri="coap://127.0.0.1:5699/echo?x=1&y=2", payload=b"payload")
+    m.opt.content_format = 0
+    out.append(m)
+    m = Message(code=Code.GET, uri="coaps://server.example/sensors/temperature")
+    m.opt.observe = 0
+    m.opt.accept = 60
+    out.append(m)
+    m = Message(code=Code.PUT, uri="coap://[2001:db8::1]:61616/a%2Fb/c", payload=b"")
+    m.opt.if_match = [b"\x01\x02"]
+    m.opt.hop_limit = 16
+    out.append(m)
+    # Through a forward proxy: Proxy-Scheme, Uri-Host, Uri-Port outer.
+    m = Message(code=Code.POST, uri="coaps://10.0.0.7:5684/echo", payload=b"x" * 40)
+    ProxyForwarder("coaps://127.0.0.1:5694", _NoContext()).request(m)
+    out.append(m)
+    # (A request with Proxy-Uri goes through aiocoap's own split unchanged.)
+    return out
+
+
+class _NoContext:
+    """What ProxyForwarder needs of a context here: nothing is sent."""
+
+    def request(self, message: Message) -> Message:
+        return message
+
+
+@pytest.mark.parametrize("index", range(len(_requests())))
+def test_request_split_matches_aiocoap(index: int) -> None:
+    message = _requests()[index]
+    sc = _context()
+    outer, plaintext = sc._split_message(message, None)
+    ref_outer, ref_plaintext = _reference_split(sc, copy_request(message), None)
+    assert plaintext == ref_plaintext
+    assert outer.code == ref_outer.code
+    assert outer.opt.encode() == ref_outer.opt.encode()
+    assert outer.payload == ref_outer.payload == b""
+
+
+def test_forward_proxy_request_keeps_class_u_options_outer() -> None:
+    message = _requests()[3]
+    outer, plaintext = _context()._split_message(message, None)
+    assert outer.opt.proxy_scheme == "coaps"
+    assert outer.opt.uri_host == "10.0.0.7"
+    assert outer.opt.uri_port == 5684
+    assert outer.code == Code.POST
+    assert b"echo" in plaintext and b"10.0.0.7" not in plaintext
+
+
+@pytest.mark.parametrize("observe", [None, 7])
+def test_response_split_matches_aiocoap(observe: int | None) -> None:
+    client, server = _context(), SecurityContext(
+        master_secret=bytes(range(16)), sender_id=b"", recipient_id=b"\x01"
+    )
+    request = _requests()[0]
+    protected, _ = client.protect(request)
+    protected.direction = Direction.INCOMING
+    _, request_id = server.unprotect(protected)
+    response = Message(code=Code.CONTENT, payload=b"answer", content_format=0)
+    if observe is not None:
+        response.opt.observe = observe
+    outer, plaintext = server._split_message(response, request_id)
+    ref_outer, ref_plaintext = _reference_split(server, response, request_id)
+    assert plaintext == ref_plaintext
+    assert (outer.code, outer.opt.encode()) == (ref_outer.code, ref_outer.opt.encode())
+    assert outer.code == Code.CHANGED
+
+
+def test_copy_request_is_independent_of_the_original() -> None:
+    original = _requests()[0]
+    before = original.opt.encode()
+    copy = copy_request(original)
+    assert copy.opt.encode() == before
+    assert (copy.code, copy.payload, copy.remote, copy.mtype, copy.token) == (
+        original.code, original.payload, original.remote, original.mtype, original.token
+    )
+    copy.opt.uri_path = ("other",)
+    copy.opt.uri_host = "elsewhere.example"
+    copy.opt.content_format = 60
+    copy.remote = None
+    assert original.opt.encode() == before
+    assert isinstance(original.remote, UndecidedRemote)
+
+
+def test_origin_lookup_matches_request_uri_lookup() -> None:
+    sc = _context()
+    contexts = ClientContexts()
+    contexts.set("coaps://10.0.0.7:5684", sc)
+    direct = Message(code=Code.POST, uri="coaps://10.0.0.7/echo")  # default port
+    proxied = Message(code=Code.POST, uri="coaps://10.0.0.7:5684/echo")
+    ProxyForwarder("coaps://127.0.0.1:5694", _NoContext()).request(proxied)
+    other_port = Message(code=Code.POST, uri="coaps://10.0.0.7:5685/echo")
+    tunnel = Message(code=Code.POST, uri="coaps://10.0.0.7/.well-known/atls")
+    session = Message(code=Code.POST, uri="coaps://10.0.0.7/~s1")
+    for _ in range(2):  # the second round is answered from the memo
+        assert contexts.for_request(direct) is sc
+        assert contexts.for_request(proxied) is sc
+        assert contexts.for_request(other_port) is None
+        assert contexts.for_request(tunnel) is None
+        assert contexts.for_request(session) is None
+    # A context set later for another origin is found although that origin was memoized.
+    sc2 = _context()
+    contexts.set("coaps://10.0.0.7:5685", sc2)
+    assert contexts.for_request(other_port) is sc2
+    contexts.remove("coaps://10.0.0.7:5684")
+    assert contexts.for_request(proxied) is None
+
+
+def test_protect_unprotect_round_trip_through_the_fast_split() -> None:
+    client = _context()
+    server = SecurityContext(master_secret=bytes(range(16)), sender_id=b"", recipient_id=b"\x01")
+    request = _requests()[3]
+    protected, _ = client.protect(request)
+    protected.direction = Direction.INCOMING
+    inner, _ = server.unprotect(protected)
+    assert inner.code == Code.POST
+    assert inner.opt.uri_path == ("echo",)
+    assert inner.payload == b"x" * 40
+    assert inner.opt.proxy_scheme is None and inner.opt.uri_host is None
