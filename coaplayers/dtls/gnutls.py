@@ -274,6 +274,8 @@ class GnuTlsSession(DtlsSession):
         self._held: list[bytes] = []
         self._rejected: DtlsError | None = None
         self._peer_spki: bytes | None = None
+        self._max_in_seq = -1  # highest handshake message_seq received from the peer
+        self._answered_seq = -1  # ... when we last sent a flight: what that flight answered
         self._s: Any = None
         holder = _ffi.new("gnutls_session_t *")
         flags = (_GNUTLS_CLIENT if is_client else _GNUTLS_SERVER) | _GNUTLS_DATAGRAM
@@ -301,7 +303,7 @@ class GnuTlsSession(DtlsSession):
             lib.gnutls_transport_set_pull_function(self._s, _pull)
             lib.gnutls_transport_set_pull_timeout_function(self._s, _pull_timeout)
             lib.gnutls_session_set_verify_function(self._s, _verify)
-            lib.gnutls_dtls_set_timeouts(self._s, _NEVER_MS, _NEVER_MS)
+            lib.gnutls_dtls_set_timeouts(self._s, _NEVER_MS + 1, _NEVER_MS)
             lib.gnutls_dtls_set_mtu(self._s, self.config.mtu)
             if prestate is not None:
                 lib.gnutls_dtls_prestate_set(self._s, prestate)
@@ -381,7 +383,8 @@ class GnuTlsSession(DtlsSession):
         if self.state is State.HANDSHAKING:
             # A ClientHello never belongs in a session: the client never receives one, and the
             # server's was taken by the listener (our timer repeats our flight if it was lost).
-            recs = [r for r in recs if records.client_hello_random(r) is None]
+            recs = [r for r in recs if records.client_hello_random(r) is None
+                    and not self._answered(r)]
             # Application data ahead of our handshake's end (reordered, or behind the peer's
             # Finished) waits until GnuTLS can read it.
             early = [r for r in recs if records.content_type(r)
@@ -432,6 +435,24 @@ class GnuTlsSession(DtlsSession):
             raise DtlsError("session is closed")
         return self._s
 
+    def _answered(self, record: bytes) -> bool:
+        """Whether ``record`` belongs to a peer flight we have answered already (a repeat).
+
+        GnuTLS must not see one: it takes it as the peer's retransmission and repeats its
+        own flight, and afterwards, its timer wound down by that repeat (DTLS doubles it
+        modulo 60 s), it kept failing to take the peer's next flight in (seen as 20 s
+        handshakes after one lost datagram). A flight is only answered once complete, so a
+        handshake message numbered at most what we had received then is a repeat.
+        """
+        if records.epoch(record) != 0 or records.content_type(record) != records.CONTENT_HANDSHAKE:
+            return False
+        at = records.HEADER_LEN + 4  # msg_type, length, then message_seq
+        seq = int.from_bytes(record[at : at + 2], "big")
+        if seq <= self._answered_seq:
+            return True
+        self._max_in_seq = max(self._max_in_seq, seq)
+        return False
+
     def _handshake_step(self) -> None:
         lib = _gnutls()
         s = self._require()
@@ -446,6 +467,8 @@ class GnuTlsSession(DtlsSession):
                 # Nothing new came in: what GnuTLS wrote repeats its last flight (see module
                 # doc), which is the base class's job, on its own timer.
                 del self._out[mark:]
+            if len(self._out) > mark:
+                self._answered_seq = self._max_in_seq
             self._inbox.clear()
             return
         if rc < 0:
@@ -558,6 +581,7 @@ class GnuTlsListener:
         session._handshake_deadline = now + self.config.handshake_timeout
         session._received_any = True
         session._inbox.append(first)
+        session._answered(first)  # its message_seq, so that a repeat of it is known
         session._guard(session._handshake_step)
         session._after_step(progressed=True)
         return [], session
