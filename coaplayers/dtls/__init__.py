@@ -4,10 +4,13 @@ One interface (:class:`DtlsSession`), two backends:
 
 * :mod:`~coaplayers.dtls.tinydtls`: PSK, TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK profile);
 * :mod:`~coaplayers.dtls.openssl`: X.509 (ECDSA P-256, ECDHE, CCM-8/GCM), cookies, resumption
-  and the TLS exporter.
+  and the TLS exporter;
+* :mod:`~coaplayers.dtls.gnutls`: raw public keys (RFC 7250, RFC 7925's certificate profile
+  without certificates) with pinning, cookies and the TLS exporter.
 
 Servers accept sessions through a listener (:class:`TinyDtlsListener`,
-:class:`OpenSslListener`) that stays stateless until a ClientHello returns a valid cookie.
+:class:`OpenSslListener`, :class:`GnuTlsListener`) that stays stateless until a ClientHello
+returns a valid cookie.
 """
 
 from .credentials import (
@@ -15,8 +18,10 @@ from .credentials import (
     KeyFilePermissionWarning,
     PskClientCredentials,
     PskStore,
+    RawPublicKeyCredentials,
     check_key_file_permissions,
     parse_key_text,
+    spki_fingerprint,
 )
 from .dual import DualListener
 from .errors import (
@@ -31,11 +36,12 @@ from .errors import (
     SessionClosed,
 )
 from .events import AlertReceived, ApplicationData, ConnectionClosed, Event, HandshakeComplete
+from .gnutls import GnuTlsListener, GnuTlsSession, RawPublicKeyContext
 from .openssl import OpenSslListener, OpenSslSession, TicketStore, build_context
 from .session import DtlsConfig, DtlsSession, State
 from .tinydtls import TinyDtlsListener, TinyDtlsSession
 
-Listener = TinyDtlsListener | OpenSslListener
+Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener
 
 __all__ = [
     "AlertReceived",
@@ -49,6 +55,8 @@ __all__ = [
     "DtlsSession",
     "DualListener",
     "Event",
+    "GnuTlsListener",
+    "GnuTlsSession",
     "HandshakeComplete",
     "HandshakeTimeout",
     "IdleTimeout",
@@ -61,6 +69,8 @@ __all__ = [
     "ProtocolViolation",
     "PskClientCredentials",
     "PskStore",
+    "RawPublicKeyContext",
+    "RawPublicKeyCredentials",
     "SessionClosed",
     "State",
     "TicketStore",
@@ -69,5 +79,6 @@ __all__ = [
     "build_context",
     "check_key_file_permissions",
     "parse_key_text",
+    "spki_fingerprint",
 ]
 
