@@ -267,28 +267,40 @@ class OscoreSite(interfaces.Resource):
         log.debug("request unprotected with %r", sc)
         sc = sc.context_for_response()
 
-        inner_pipe = aiocoap.pipe.IterablePipe(inner_request)
-        pipe_taking_errors = aiocoap.pipe.error_to_message(inner_pipe, log)
-        aiocoap.pipe.run_driving_pipe(
-            pipe_taking_errors,
-            self._inner_site.render_to_pipe(inner_pipe),
-            name=f"OSCORE rendering for {sc!r}",
-        )
+        # The inner site renders in this task, and its answers are protected as it adds them
+        # (a callback on a plain Pipe). aiocoap's wrapper runs it in a task of its own and
+        # queues the answers through an IterablePipe; doing without that task, queue and the
+        # task name (which formatted the context's repr) saves ~60-80 us of CPU per request
+        # in coap-bench. Loss of interest still stops the rendering: it cancels this task.
+        inner_pipe = aiocoap.pipe.Pipe(inner_request, log)
+        outer_pipe = pipe
 
-        async for event in inner_pipe:
+        def on_event(event: aiocoap.pipe.Pipe.Event) -> bool:
             if event.exception is not None:
                 log.warning("renderer raised %r; answering a protected 5.00", event.exception)
                 message = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
                 is_last = True
+            elif event.message is None:
+                return False  # the end of interest, nothing to send
             else:
                 message = event.message
                 is_last = event.is_last
             if not is_last:
                 message.opt.observe = 0
-            protected, _ = sc.protect(message, request_id)
+            try:
+                protected, _ = sc.protect(message, request_id)
+            except Exception as exc:  # e.g. sequence numbers exhausted on a notification
+                outer_pipe.add_exception(exc)
+                return False
             if message.opt.observe is not None:
                 # The outer Observe only has to increase; the sender sequence number does.
                 protected.opt.observe = sc.sender_sequence_number & 0xFFFFFF
-            pipe.add_response(protected, is_last=is_last)
-            if is_last:
-                break
+            outer_pipe.add_response(protected, is_last=is_last)
+            return not is_last
+
+        inner_pipe.on_event(on_event)
+        pipe_taking_errors = aiocoap.pipe.error_to_message(inner_pipe, log)
+        try:
+            await self._inner_site.render_to_pipe(pipe_taking_errors)
+        except Exception as exc:  # as aiocoap's run_driving_pipe: the error becomes an answer
+            pipe_taking_errors.add_exception(exc)
