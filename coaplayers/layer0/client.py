@@ -47,9 +47,12 @@ from ..dtls import (
     ConnectionClosed,
     DtlsError,
     DtlsSession,
+    GnuTlsSession,
     HandshakeComplete,
     OpenSslSession,
     PskClientCredentials,
+    RawPublicKeyContext,
+    RawPublicKeyCredentials,
     TicketStore,
     TinyDtlsSession,
     build_context,
@@ -245,6 +248,8 @@ class Layer0Channel:
             if ssl_context is None:
                 self._ssl_context = build_context(
                     credentials, server=False, ciphers=profile.DTLS_CIPHERS)
+        elif isinstance(credentials, RawPublicKeyCredentials):  # raw public keys: GnuTLS
+            self._rpk_context = RawPublicKeyContext(credentials, server=False)
         elif not isinstance(credentials, PskClientCredentials):
             raise TypeError(
                 "Layer 0 client credentials must be PskClientCredentials or "
@@ -376,6 +381,8 @@ class Layer0Channel:
         config = layer0_config(self.config.handshake_timeout)
         if isinstance(self._credentials, PskClientCredentials):
             return TinyDtlsSession.client(self._credentials, config)
+        if isinstance(self._credentials, RawPublicKeyCredentials):
+            return GnuTlsSession.client(self._rpk_context, config)
         assert self._ssl_context is not None
         return OpenSslSession.client(
             self._ssl_context,

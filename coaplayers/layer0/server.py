@@ -24,8 +24,10 @@ from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from ..dtls import (
     CertificateCredentials,
     DtlsConfig,
+    GnuTlsListener,
     OpenSslListener,
     PskStore,
+    RawPublicKeyCredentials,
     TinyDtlsListener,
     records,
 )
@@ -74,6 +76,8 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
         return TinyDtlsListener(credentials, config)
     if isinstance(credentials, CertificateCredentials):
         return OpenSslListener(credentials, config, ciphers=profile.DTLS_CIPHERS)
+    if isinstance(credentials, RawPublicKeyCredentials):  # raw public keys select GnuTLS
+        return GnuTlsListener(credentials, config)
     raise TypeError(
         f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
         f"not {type(credentials).__name__}"
