@@ -51,6 +51,12 @@ from .test_handshake import (  # noqa: F401
     test_oversized_send_raises_and_keeps_the_session,
     test_retransmission_backs_off_exponentially,
 )
+from .test_malformed import (  # noqa: F401
+    test_forged_plaintext_alert_ends_a_handshake_only_in_progress,
+    test_garbage_during_the_handshake_does_not_break_it,
+    test_garbage_never_disturbs_established_sessions,
+    test_garbage_to_the_listener_never_raises_or_keeps_state,
+)
 
 HANDSHAKE_BUDGET = 1300  # the product target for a Layer 0 handshake, cookie exchange included
 
