@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiocoap
 from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.protocol import BlockwiseRequest, ClientObservation
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from .. import dtls
@@ -19,12 +21,15 @@ DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}
 
 
 class ServerContext(aiocoap.Context):
-    """aiocoap's context with a cheaper ``render_to_pipe``.
+    """aiocoap's context with a cheaper ``render_to_pipe`` and ``request``.
 
     aiocoap names each request's rendering task with ``"Rendering for %r" % request``, which
     formats the message and its remote (address parsing included) for every request: about a
     quarter of a millisecond, a tenth of what a small request costs a server. The tasks get a
     constant name instead; everything else is aiocoap's (0.4.17; recheck on upgrades).
+    Outgoing requests likewise: aiocoap's block-wise runner task is named after the request's
+    repr (~15-40 us per request; twice per request in the OSCORE mode, whose protected
+    request is a second one).
     """
 
     def render_to_pipe(self, pipe: Pipe) -> None:
@@ -32,6 +37,35 @@ class ServerContext(aiocoap.Context):
             error_to_message(pipe, self.log), self._render_to_pipe(pipe),
             name="coaplayers request",
         )
+
+    def request(self, request_message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
+        if handle_blockwise:
+            return _BlockwiseRequest(self, request_message)
+        return super().request(request_message, handle_blockwise=False)
+
+
+class _BlockwiseRequest(BlockwiseRequest):  # type: ignore[misc]
+    """aiocoap 0.4.17's ``BlockwiseRequest.__init__`` with a constant task name."""
+
+    def __init__(self, protocol: aiocoap.Context, app_request: aiocoap.Message) -> None:
+        self.protocol = protocol
+        self.log = protocol.log.getChild("blockwise-requester")
+        self.response = protocol.loop.create_future()
+        self.observation = (
+            ClientObservation() if app_request.opt.observe is not None else None
+        )
+        self._runner = protocol.loop.create_task(
+            self._run_outer(
+                app_request,
+                self.response,
+                weakref.ref(self.observation) if self.observation is not None
+                else lambda: None,
+                protocol,
+                self.log,
+            ),
+            name="coaplayers blockwise request",
+        )
+        self.response.add_done_callback(self._response_cancellation_handler)
 
 
 def parse_listen_uri(uri: str) -> tuple[str, str, int]:

@@ -1,0 +1,79 @@
+"""Requests from a layer1.create_context context: block-wise and Observe still work, and no
+per-request task name formats the request (the reason ServerContext overrides request())."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiocoap
+import aiocoap.resource as resource
+import pytest
+from aiocoap import Message
+
+from coaplayers import dtls
+from coaplayers.layer1 import ClientCredentials, create_context
+
+KEY, IDENT = "ctx-test-key", "ctx-client"
+
+
+class Echo(resource.Resource):
+    async def render_post(self, request: Message) -> Message:
+        return Message(code=aiocoap.CHANGED, payload=request.payload)
+
+
+class Count(resource.ObservableResource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = 0
+
+    async def render_get(self, request: Message) -> Message:
+        return Message(payload=str(self.value).encode())
+
+
+def _creds() -> ClientCredentials:
+    creds = ClientCredentials()
+    creds.add_psk("coaps://*", IDENT.encode(), KEY.encode())
+    return creds
+
+
+async def test_blockwise_and_observe_without_formatting_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    count = Count()
+    site.add_resource(["count"], count)
+    store = dtls.PskStore({IDENT.encode(): KEY.encode()})
+    server = await create_context(site, listen=["coaps://127.0.0.1:0"], psk_store=store)
+    client = await create_context(client_credentials=_creds())
+    reprs = 0
+    original = Message.__repr__
+
+    def counting_repr(self: Message) -> str:
+        nonlocal reprs
+        reprs += 1
+        return original(self)
+
+    try:
+        base = server.bound[0]
+        monkeypatch.setattr(Message, "__repr__", counting_repr)
+        payload = bytes(range(256)) * 12  # 3 KiB: Block1 and Block2
+        response = await asyncio.wait_for(client.context.request(
+            Message(code=aiocoap.POST, uri=f"{base}/echo", payload=payload)).response, 20)
+        assert response.code == aiocoap.CHANGED and response.payload == payload
+        assert reprs == 0
+
+        request = client.context.request(
+            Message(code=aiocoap.GET, uri=f"{base}/count", observe=0))
+        first = await asyncio.wait_for(request.response, 20)
+        assert first.payload == b"0"
+        assert request.observation is not None
+        count.value = 1
+        count.updated_state()
+        notification = await asyncio.wait_for(request.observation.__aiter__().__anext__(), 20)
+        assert notification.payload == b"1"
+        request.observation.cancel()
+    finally:
+        monkeypatch.undo()
+        await client.shutdown()
+        await server.shutdown()
