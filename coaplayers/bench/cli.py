@@ -157,10 +157,10 @@ async def phase_throughput(ep: Endpoints, modes: list[str], *, clients: int, rou
 
 
 async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[str, Any]:
-    jobs = [(kind, n) for n in counts for kind in ("psk", "cert", "oscore")]
+    jobs = [(kind, n) for n in counts for kind in ("psk", "cert", "rpk", "oscore")]
     jobs.append(("cert-release-buffers", counts[0]))
     # Longest first (certificates, largest count), so that two at a time end together.
-    jobs.sort(key=lambda job: (job[0].startswith("cert"), job[1]), reverse=True)
+    jobs.sort(key=lambda job: (job[0].startswith(("cert", "rpk")), job[1]), reverse=True)
     out: dict[str, Any] = {}
     sem = asyncio.Semaphore(2)
 
@@ -188,7 +188,7 @@ async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[s
             _say(f"memory {kind} x{n}: {entry['bytes_per_item'] / 1024:.1f} KiB each")
 
     await asyncio.gather(*(one(k, n) for k, n in jobs))
-    order = [f"{k}@{n}" for k in ("psk", "cert", "cert-release-buffers", "oscore")
+    order = [f"{k}@{n}" for k in ("psk", "cert", "rpk", "cert-release-buffers", "oscore")
              for n in counts]
     return {k: out[k] for k in order if k in out}
 
@@ -238,6 +238,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["handshake"]["profiles"] = await asyncio.to_thread(handshake.profiles, ep.creds)
     results["handshake"]["rate_in_process"] = await asyncio.to_thread(
         handshake.rate_in_process, 3, 40 if quick else 150, ep.creds)
+    results["handshake"]["rate_in_process_rpk"] = await asyncio.to_thread(
+        handshake.rate_in_process, 3, 40 if quick else 150, ep.creds, "rpk")
     _say(f"memory at {', '.join(map(str, counts))}")
     results["memory"] = await phase_memory(counts, ep.creds, 120 if quick else 300)
     results["meta"]["seconds"] = round(time.monotonic() - t0, 1)

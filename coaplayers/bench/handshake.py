@@ -109,22 +109,27 @@ def profiles(creds: Any = None) -> dict[str, Any]:
     if not r.resumed:
         raise RuntimeError("the resumed handshake was a full one")
     out["resumed"] = profile(r.exchanges, r.resumed)
+    core = peers.core("rpk")
+    r = handshake(core, peers.client("rpk"), ("2001:db8::1", 4))
+    out["rpk"] = profile(r.exchanges, r.resumed)
     out["method"] = ("in-process TunnelCore and client engine; bytes are the DTLS records "
                      "(outer CoAP payloads); round trips are outer CoAP exchanges")
     return out
 
 
-def rate_in_process(batches: int, per_batch: int, creds: Any = None) -> dict[str, Any]:
-    """Full certificate handshakes per second of server time (TunnelCore calls only)."""
+def rate_in_process(batches: int, per_batch: int, creds: Any = None,
+                    kind: str = "cert") -> dict[str, Any]:
+    """Full handshakes per second of server time (TunnelCore calls only); ``kind`` is
+    ``cert`` (X.509, OpenSSL) or ``rpk`` (raw public keys, GnuTLS)."""
     peers = Peers(creds)
     rates: list[float] = []
     n = 0
     for _ in range(batches):
-        core = peers.core("cert", max_sessions=per_batch + 1)
+        core = peers.core(kind, max_sessions=per_batch + 1)
         server = 0.0
         for _ in range(per_batch):
             n += 1
-            client = peers.client("cert")
+            client = peers.client(kind)
             server += handshake(core, client, ("2001:db8::3", n)).server_seconds
             client.abort()
         core.close_all()

@@ -18,11 +18,14 @@ from .. import keys
 from ..dtls import (
     CertificateCredentials,
     ConnectionClosed,
+    GnuTlsSession,
     HandshakeComplete,
     OpenSslListener,
     OpenSslSession,
     PskClientCredentials,
     PskStore,
+    RawPublicKeyContext,
+    RawPublicKeyCredentials,
     TicketStore,
     TinyDtlsListener,
     TinyDtlsSession,
@@ -79,6 +82,15 @@ class Peers:
         self.psk_key = parse_key_text(e2e["key"])
         self.psk_store = PskStore({self.psk_identity: self.psk_key})
         self.config = layer0_config()
+        # Raw public keys (RFC 7250, the GnuTLS backend): P-256 pairs pinned both ways, made
+        # here like coap-keys makes its own (kept in memory: nothing reads them from files).
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        self.server_rpk = RawPublicKeyCredentials(server_key, [client_key.public_key()])
+        self.client_rpk = RawPublicKeyCredentials(client_key, [server_key.public_key()])
+        self._client_rpk_context: Any = None
 
     def core(self, kind: str, max_sessions: int = 256, *,
              release_buffers: bool = False, core_class: type[TunnelCore] = TunnelCore
@@ -86,6 +98,8 @@ class Peers:
         limits = ServerLimits(max_sessions=max(1, max_sessions), max_half_open=64)
         if kind == "psk":
             listener: Any = TinyDtlsListener(self.psk_store, self.config)
+        elif kind == "rpk":
+            listener = make_listener(self.server_rpk, self.config)
         elif release_buffers:
             listener = _ReleaseBuffersListener(self.server_cert, self.config,
                                                ciphers=DTLS_CIPHERS)
@@ -98,6 +112,10 @@ class Peers:
             return TinyDtlsSession.client(
                 PskClientCredentials(self.psk_identity, self.psk_key), self.config
             )
+        if kind == "rpk":
+            if self._client_rpk_context is None:
+                self._client_rpk_context = RawPublicKeyContext(self.client_rpk, server=False)
+            return GnuTlsSession.client(self._client_rpk_context, self.config)
         return OpenSslSession.client(self.client_ssl, self.client_cert, self.config,
                                      resume=resume)
 

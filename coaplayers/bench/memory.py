@@ -1,12 +1,12 @@
 """Memory per established Layer 0 session and per OSCORE context, one fresh process per figure.
 
-``python -m coaplayers.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk`` or
-``cert`` (Layer 0 sessions: the server's :class:`TunnelCore` with its real listener, clients
-in memory), ``cert-release-buffers`` (kept for report compatibility: the product's context
-already sets OpenSSL's ``SSL_MODE_RELEASE_BUFFERS``, and an established certificate session no
-longer holds an SSL object at all, so it measures the same as ``cert``), or ``oscore`` (server
-security contexts as the OSCORE mode's keying resource derives them, in a
-:class:`ContextStore`).
+``python -m coaplayers.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk``,
+``cert`` or ``rpk`` (Layer 0 sessions: the server's :class:`TunnelCore` with its real
+listener, clients in memory), ``cert-release-buffers`` (kept for report compatibility: the
+product's context already sets OpenSSL's ``SSL_MODE_RELEASE_BUFFERS``, and an established
+certificate session no longer holds an SSL object at all, so it measures the same as
+``cert``), or ``oscore`` (server security contexts as the OSCORE mode's keying resource
+derives them, in a :class:`ContextStore`).
 
 Why in memory and not over the wire: coap-server bounds its sessions (256 by default), and
 10,000 certificate handshakes through CoAP take longer than this benchmark's budget. The
@@ -41,7 +41,7 @@ def _layer0(kind: str, count: int, creds: str | None) -> dict[str, Any]:
     from .inmem import Peers, handshake
 
     peers = Peers(Path(creds) if creds else None)
-    backend = "psk" if kind == "psk" else "cert"
+    backend = kind if kind in ("psk", "rpk") else "cert"
     core = peers.core(backend, max_sessions=count + WARMUP + 10,
                       release_buffers=kind == "cert-release-buffers")
     for i in range(WARMUP):
@@ -123,7 +123,8 @@ def _oscore(count: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 3) or args[0] not in ("psk", "cert", "cert-release-buffers", "oscore"):
+    if len(args) not in (2, 3) or args[0] not in ("psk", "cert", "rpk", "cert-release-buffers",
+                                                "oscore"):
         print("usage: python -m coaplayers.bench.memory psk|cert|cert-release-buffers|oscore"
               " COUNT [CREDS_FOLDER]", file=sys.stderr)
         return 2

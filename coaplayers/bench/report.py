@@ -94,6 +94,14 @@ def _target(name: str, measured: float, limit: float, *, at_least: bool, unit: s
     }
 
 
+HANDSHAKE_LABELS = {
+    "psk": "psk",
+    "certificate": "certificate (X.509)",
+    "rpk": "certificate (raw public keys, RFC 7250)",
+    "resumed": "resumed (X.509)",
+}
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     t: list[dict[str, Any]] = []
     thr = results.get("throughput", {}).get("summary", {})
@@ -129,12 +137,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{wire.get(mode + '_l1', {}).get(f'hop1_{direction}', float('nan')):.0f}"
                          " (vs Layer 1 only)"))
     hs = results.get("handshake", {}).get("profiles", {})
-    for kind, limit in (("certificate", 1300), ("resumed", 350), ("psk", 450)):
+    for kind, limit in (("certificate", 1300), ("rpk", 1300), ("resumed", 350), ("psk", 450)):
         if kind in hs:
-            t.append(_target(f"Layer 0 handshake bytes, {kind}", hs[kind]["total_bytes"],
-                             limit, at_least=False, unit="bytes",
+            t.append(_target(f"Layer 0 handshake bytes, {HANDSHAKE_LABELS[kind]}",
+                             hs[kind]["total_bytes"], limit, at_least=False, unit="bytes",
                              note="DTLS records, cookie exchange included"))
-    for kind in ("psk", "certificate", "resumed"):
+    for kind in ("psk", "certificate", "rpk", "resumed"):
         if kind in hs:
             t.append(_target(f"Layer 0 round trips beyond the cookie exchange, {kind}",
                              hs[kind]["round_trips_beyond_cookie"], 2, at_least=False,
@@ -145,6 +153,10 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         t.append(_target("full certificate handshakes/s, server engine + tunnel (in-process)",
                          rate["rate_in_process"]["per_second"], 300, at_least=True, unit="/s",
                          note="TunnelCore time only, one core"))
+    if "rate_in_process_rpk" in rate:
+        t.append(_target("full raw-public-key handshakes/s, server engine + tunnel (in-process)",
+                         rate["rate_in_process_rpk"]["per_second"], 300, at_least=True,
+                         unit="/s", note="TunnelCore time only, one core"))
     wire_rate = rate.get("rate_over_wire")
     if wire_rate and wire_rate.get("server_cpu_bound_per_second"):
         t.append(_target("full certificate handshakes/s, coap-server process (over the wire)",
@@ -248,12 +260,14 @@ def render(results: dict[str, Any]) -> str:
     hs = results.get("handshake", {})
     if hs.get("profiles"):
         rows = []
-        for kind in ("psk", "certificate", "resumed"):
+        for kind in ("psk", "certificate", "rpk", "resumed"):
+            if kind not in hs["profiles"]:
+                continue
             p = hs["profiles"][kind]
             flights = " ".join(f"{'C' if f['from'] == 'client' else 'S'}{f['bytes']}"
                                for f in p["flights"])
-            rows.append([kind, flights, _fmt(p["total_bytes"]), _fmt(p["round_trips"]),
-                         _fmt(p["round_trips_beyond_cookie"])])
+            rows.append([HANDSHAKE_LABELS[kind], flights, _fmt(p["total_bytes"]),
+                         _fmt(p["round_trips"]), _fmt(p["round_trips_beyond_cookie"])])
         parts.append("\nLayer 0 handshake (DTLS bytes per flight, C = client, S = server; round"
                      " trips = outer CoAP exchanges)")
         parts.append(_table(["handshake", "flights", "total", "round trips", "beyond cookie"],
@@ -278,6 +292,10 @@ def render(results: dict[str, Any]) -> str:
             line += (f"; over the wire coap-server used {w['server_cpu_ms_per_handshake']:.2f}"
                      f" ms CPU per handshake = {w['server_cpu_bound_per_second']:.0f}/s per core"
                      f" (wall {w['wall_per_second']:.0f}/s, client on the same 2 cores)")
+        rpk = hs.get("rate_in_process_rpk")
+        if rpk:
+            line += (f"\nFull raw-public-key handshakes/s at the server: {rpk['per_second']:.0f}/s"
+                     f" in-process ({rpk['server_ms_per_handshake']:.2f} ms server time each)")
         parts.append(line)
     mem = results.get("memory", {})
     rows = []
@@ -350,14 +368,14 @@ def write_png(results: dict[str, Any], path: str) -> None:
     ax.legend(fontsize=8)
     ax = axes[1][1]
     profiles = results.get("handshake", {}).get("profiles", {})
-    kinds = [k for k in ("psk", "certificate", "resumed") if k in profiles]
+    kinds = [k for k in ("psk", "certificate", "rpk", "resumed") if k in profiles]
     for j, kind in enumerate(kinds):
         bottom = 0
         for f in profiles[kind]["flights"]:
             color = "tab:blue" if f["from"] == "client" else "tab:orange"
             ax.bar(j, f["bytes"], 0.6, bottom=bottom, color=color, edgecolor="white")
             bottom += f["bytes"]
-    for limit, kind in ((450, "psk"), (1300, "certificate"), (350, "resumed")):
+    for limit, kind in ((450, "psk"), (1300, "certificate"), (1300, "rpk"), (350, "resumed")):
         if kind in kinds:
             j = kinds.index(kind)
             ax.hlines(limit, j - 0.4, j + 0.4, colors="red", linestyles="dashed")
