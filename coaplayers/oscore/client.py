@@ -95,6 +95,10 @@ class ClientContexts:
     def get(self, uri: str) -> SecurityContext | None:
         return self._by_origin.get(origin_of(uri))
 
+    def get_origin(self, origin: str) -> SecurityContext | None:
+        """Like :meth:`get` for an origin already in :func:`origin_of` form (no parsing)."""
+        return self._by_origin.get(origin)
+
     def __len__(self) -> int:
         return len(self._by_origin)
 

@@ -536,3 +536,37 @@ def test_documented_wire_example_is_what_the_implementation_sends() -> None:
     for name, data in documented_example().items():
         spaced = " ".join(f"{b:02x}" for b in data)
         assert spaced in doc, (name, spaced)
+
+
+async def test_small_request_with_blockwise_answer_through_coap_proxy(
+    keys: Path, client_context: layer1.LayeredContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-block GET takes the requester's direct path; its 64 KiB answer comes back in
+    inner Block2 blocks, each block request protected afresh, and is reassembled."""
+    from coaplayers.programs.server.resources import Firmware
+
+    from coaplayers.oscore.mode import OscoreRequester
+
+    direct = []
+    original = OscoreRequester._exchange_direct
+
+    async def counting(self: OscoreRequester, message: aiocoap.Message, sc: object) -> object:
+        direct.append(message)
+        return await original(self, message, sc)
+
+    monkeypatch.setattr(OscoreRequester, "_exchange_direct", counting)
+
+    async with coap_server(keys) as (origin,), coap_proxy(
+        "--listen", "coap://127.0.0.1:0"
+    ) as (proxy,):
+        r = requester(client_context, keys, origin, proxy)
+        hello = await ask(r, Code.GET, f"{origin}/hello")
+        assert hello.code == Code.CONTENT
+        sc = r.requester.security_context
+        before = sc.sender_sequence_number
+        image = await ask(r, Code.GET, f"{origin}/firmware")
+        assert image.code == Code.CONTENT
+        assert image.payload == Firmware().image
+        assert image.remote.security_context is sc
+        assert sc.sender_sequence_number - before == len(image.payload) // 1024
+        assert len(direct) == 2  # /hello and the first block of /firmware
