@@ -35,6 +35,7 @@ from ..dtls import (
     ConnectionClosed,
     DtlsError,
     DtlsSession,
+    GnuTlsSession,
     HandshakeComplete,
     Listener,
     records,
@@ -107,9 +108,10 @@ class Answer:
 class Layer0Peer:
     """The authenticated peer of one tunnel, as resources see it (an authenticated claim).
 
-    ``identity`` is the PSK identity (as text) or the certificate's common name; ``mode`` says
-    which. :meth:`export_keying_material` is the RFC 5705 exporter of the session (OpenSSL
-    backend only): the hook the OSCORE mode keys from.
+    ``identity`` is the PSK identity (as text), the certificate's common name, or the raw public
+    key's SPKI fingerprint (32 hex digits); ``mode`` says which (``psk``, ``x509``, ``rpk``).
+    :meth:`export_keying_material` is the RFC 5705 exporter of the session (OpenSSL and GnuTLS
+    backends): the hook the OSCORE mode keys from.
     """
 
     identity: str | None
@@ -398,7 +400,10 @@ class TunnelCore:
         self._half_open.discard(s.sid)
         self._by_entry.pop(s.entry_digest, None)
         s.hs_last_in, s.hs_last_out, s.entry_answer = None, [], []  # handshake-only caches
-        mode = "psk" if isinstance(event.peer_identity, bytes) else "x509"
+        # PSK identities are bytes; a raw-public-key session (GnuTLS) names its peer by SPKI
+        # fingerprint, a certificate session by common name.
+        mode = ("psk" if isinstance(event.peer_identity, bytes)
+                else "rpk" if isinstance(s.dtls, GnuTlsSession) else "x509")
         s.peer = Layer0Peer(
             identity_text(event.peer_identity),
             event.peer_identity,
