@@ -51,7 +51,7 @@ __all__ = ["Layer0Remote", "Layer0Site", "layer0_peer"]
 
 log = logging.getLogger(__name__)
 
-ServerCredentials = PskStore | CertificateCredentials
+ServerCredentials = PskStore | CertificateCredentials | RawPublicKeyCredentials
 # Largest inner message a record may carry: MAX_DATAGRAM minus the worst record overhead
 # (13 header + 8 explicit nonce + 16 GCM tag) with margin.
 MAX_INNER = MAX_DATAGRAM - 64
@@ -63,15 +63,22 @@ def layer0_config(handshake_timeout: float = 30.0) -> DtlsConfig:
 
 
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None):  # type: ignore[no-untyped-def]
-    """A PSK store selects tinydtls, certificate credentials select OpenSSL."""
-    config = config or layer0_config()
-    if isinstance(credentials, tuple | list):  # PSK and certificates side by side
-        from ..dtls import DualListener
+    """A PSK store selects tinydtls, certificate credentials OpenSSL, raw public keys GnuTLS.
 
-        psk = next(c for c in credentials if isinstance(c, PskStore))
-        cert = next(c for c in credentials if isinstance(c, CertificateCredentials))
-        return DualListener(TinyDtlsListener(psk, config), OpenSslListener(
-            cert, config, ciphers=profile.DTLS_CIPHERS))
+    A tuple or list of credentials of different kinds serves them side by side (each
+    ClientHello goes to the backend of the kind it asks for: :mod:`.listeners`).
+    """
+    config = config or layer0_config()
+    if isinstance(credentials, tuple | list):  # several kinds side by side
+        from .listeners import KindListener
+
+        kinds = [type(c) for c in credentials]
+        if len(set(kinds)) != len(kinds) or not kinds:
+            raise TypeError("Layer 0 server credentials: at most one of each kind, at least one")
+        listeners = {type(c): make_listener(c, config) for c in credentials}
+        return KindListener(psk=listeners.get(PskStore),
+                            certificate=listeners.get(CertificateCredentials),
+                            rpk=listeners.get(RawPublicKeyCredentials))
     if isinstance(credentials, PskStore):
         return TinyDtlsListener(credentials, config)
     if isinstance(credentials, CertificateCredentials):
@@ -79,8 +86,8 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
     if isinstance(credentials, RawPublicKeyCredentials):  # raw public keys select GnuTLS
         return GnuTlsListener(credentials, config)
     raise TypeError(
-        f"Layer 0 server credentials must be PskStore or CertificateCredentials, "
-        f"not {type(credentials).__name__}"
+        f"Layer 0 server credentials must be PskStore, CertificateCredentials or "
+        f"RawPublicKeyCredentials, not {type(credentials).__name__}"
     )
 
 
@@ -151,7 +158,8 @@ def _outer(answer: Answer, *, entry: bool = False) -> Message:
 class Layer0Site(interfaces.Resource):
     """Serve ``site`` through Layer 0 (see the module docstring).
 
-    ``credentials`` are Layer 0's own (a :class:`PskStore` or :class:`CertificateCredentials`);
+    ``credentials`` are Layer 0's own (a :class:`PskStore`, :class:`CertificateCredentials` or
+    :class:`RawPublicKeyCredentials`, or a list of several kinds);
     ``policy`` decides which paths need Layer 0 and which identity may use which path;
     ``on_established`` is called with each new :class:`Layer0Peer` (the OSCORE mode's hook).
     """
