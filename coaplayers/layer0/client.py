@@ -84,7 +84,7 @@ __all__ = ["ChannelConfig", "Layer0Channel", "Layer0Observation", "Layer0Request
 
 log = logging.getLogger(__name__)
 
-ClientCredentials = PskClientCredentials | CertificateCredentials
+ClientCredentials = PskClientCredentials | CertificateCredentials | RawPublicKeyCredentials
 _RETRYABLE_GATEWAY = (Code.BAD_GATEWAY, Code.GATEWAY_TIMEOUT)
 
 
@@ -215,7 +215,8 @@ class Layer0Channel:
 
     ``context`` is any aiocoap client context; it carries the outer messages (plain CoAP, or
     Layer 1 when the origin or proxy URI is ``coaps://``). ``credentials`` are Layer 0's own:
-    :class:`PskClientCredentials` (tinydtls) or :class:`CertificateCredentials` (OpenSSL).
+    :class:`PskClientCredentials` (tinydtls), :class:`CertificateCredentials` (OpenSSL) or
+    :class:`RawPublicKeyCredentials` (GnuTLS, RFC 7250: its ``trusted`` keys pin the server).
     ``proxy`` is a forward proxy's URI (``coap://proxy:5683``). ``tickets`` keeps resumption
     state (OpenSSL only); to resume across channels, share one store and one ``ssl_context``
     (from :func:`coaplayers.dtls.build_context`): OpenSSL resumes only within one context.
@@ -252,8 +253,8 @@ class Layer0Channel:
             self._rpk_context = RawPublicKeyContext(credentials, server=False)
         elif not isinstance(credentials, PskClientCredentials):
             raise TypeError(
-                "Layer 0 client credentials must be PskClientCredentials or "
-                f"CertificateCredentials, not {type(credentials).__name__}"
+                "Layer 0 client credentials must be PskClientCredentials, CertificateCredentials"
+                f" or RawPublicKeyCredentials, not {type(credentials).__name__}"
             )
         self._tickets = tickets if tickets is not None else TicketStore()
         self._session: DtlsSession | None = None
