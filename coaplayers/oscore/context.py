@@ -281,6 +281,27 @@ class SecurityContext(
             message.oscore_request_piv = ids.partial_iv  # type: ignore[attr-defined]
         return protected, ids
 
+    def _construct_nonce(
+        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any
+    ) -> bytes:
+        """aiocoap's nonce (RFC 8613 Section 5.2), XORed as one integer and without its
+        debug line, whose three hex strings were built even with debug logging off (the
+        two together: ~4 us per nonce, two nonces per message). Same inputs, same bytes
+        (tests/oscore/test_oscore_fastpaths.py and the RFC 8613 vectors check it)."""
+        components = (
+            bytes((len(piv_generator_id),))
+            + b"\0" * (alg.iv_bytes - 6 - len(piv_generator_id))
+            + piv_generator_id
+            + b"\0" * (5 - len(partial_iv_short))
+            + partial_iv_short
+        )
+        size = len(components)
+        common = self.common_iv[:size]
+        if len(common) != size:
+            raise ValueError("Common IV shorter than the nonce")
+        value = int.from_bytes(common, "big") ^ int.from_bytes(components, "big")
+        return value.to_bytes(size, "big")
+
     # -- RFC 8613 outer options --------------------------------------------------------
 
     def _split_message(self, message: Message, request_id: Any) -> tuple[Message, bytes]:
@@ -306,16 +327,20 @@ class SecurityContext(
             outer, plaintext = super()._split_message(message, request_id)
         else:
             if is_request:
+                # One pass; the outer message reuses the request's (immutable) option
+                # objects: Uri-Host, Proxy-Scheme and Uri-Port outer only, Observe both.
                 observe = opt.observe
                 outer = Message(code=POST if observe is None else FETCH)
                 inner = Options()
+                outer_opt = outer.opt
                 for option in opt.option_list():
-                    if option.number not in _OUTER_ONLY:
+                    number = option.number
+                    if number in _OUTER_ONLY:
+                        outer_opt.add_option(option)  # (Proxy-Uri never gets here)
+                    else:
                         inner.add_option(option)
-                if opt.uri_host is not None:
-                    outer.opt.uri_host = opt.uri_host
-                if observe is not None:
-                    outer.opt.observe = observe
+                        if number == OptionNumber.OBSERVE:
+                            outer_opt.add_option(option)
                 encoded = inner.encode()
             else:
                 outer = Message(code=request_id.code_style.response)
@@ -324,6 +349,7 @@ class SecurityContext(
             plaintext = bytes((message.code,)) + encoded
             if payload:
                 plaintext += b"\xff" + payload
+            return outer, plaintext
         if is_request:
             if opt.proxy_scheme is not None and outer.opt.proxy_scheme is None:
                 outer.opt.proxy_scheme = opt.proxy_scheme

@@ -270,7 +270,6 @@ class _Pending:
         self._requester = requester
         self._message = message
         self.observation: Any = None
-        self._observe_ready = asyncio.get_running_loop().create_future()
         self.response = asyncio.ensure_future(self._run())
 
     async def _run(self) -> aiocoap.Message:

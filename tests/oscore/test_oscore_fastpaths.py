@@ -159,3 +159,15 @@ def test_protect_unprotect_round_trip_through_the_fast_split() -> None:
     assert inner.opt.uri_path == ("echo",)
     assert inner.payload == b"x" * 40
     assert inner.opt.proxy_scheme is None and inner.opt.uri_host is None
+
+
+@pytest.mark.parametrize("id_length", range(8))
+def test_nonce_matches_aiocoap(id_length: int) -> None:
+    sc = _context()
+    sc.common_iv = bytes(range(100, 113))
+    for piv in (b"\x00", b"\x05", b"\x01\x00", b"\xff\xfe\xfd", b"\x12\x34\x56\x78\x9a"):
+        ident = bytes(range(1, 1 + id_length))
+        ours = sc._construct_nonce(piv, ident, sc.alg_aead)
+        theirs = aiooscore.BaseSecurityContext._construct_nonce(sc, piv, ident, sc.alg_aead)
+        assert ours == theirs
+        assert len(ours) == sc.alg_aead.iv_bytes
