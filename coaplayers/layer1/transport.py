@@ -271,6 +271,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._client_endpoints: dict[int, _Endpoint] = {}
         self._peers: OrderedDict[tuple[int, tuple[Any, ...]], _Peer] = OrderedDict()
         self._remotes: dict[tuple[int, tuple[Any, ...]], Layer1Remote] = {}
+        # Per-request parsing that gives the same answer every time, remembered (bounded):
+        # hostinfo -> (host, port) and IP literal -> normalized address text.
+        self._hostinfo_split: dict[str, tuple[str, int | None]] = {}
+        self._literals: dict[str, str | None] = {}
         self._handshaking = _HalfOpenTable()
         self._openssl_contexts: dict[int, Any] = {}
         self._tickets = dtls.TicketStore()
@@ -380,8 +384,15 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     async def determine_remote(self, message: Message) -> Layer1Remote | None:
         if message.requested_scheme != "coaps":
             return None
-        if message.unresolved_remote is not None:
-            host, port = hostportsplit(message.unresolved_remote)
+        hostinfo = message.unresolved_remote
+        if hostinfo is not None:
+            split = self._hostinfo_split.get(hostinfo)
+            if split is None:
+                split = hostportsplit(hostinfo)
+                if len(self._hostinfo_split) >= 1024:
+                    self._hostinfo_split.clear()
+                self._hostinfo_split[hostinfo] = split
+            host, port = split
         elif message.opt.uri_host:
             host, port = message.opt.uri_host, message.opt.uri_port
         else:
@@ -433,11 +444,17 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     # ------------------------------------------------------------- internals
 
     async def _resolve(self, host: str, port: int) -> tuple[str, int]:
-        try:
-            ip = ipaddress.ip_address(host)
-            return (str(ip), port)
-        except ValueError:
-            pass
+        literal = self._literals.get(host, False)
+        if literal is False:
+            try:
+                literal = str(ipaddress.ip_address(host))
+            except ValueError:
+                literal = None
+            if len(self._literals) >= 1024:
+                self._literals.clear()
+            self._literals[host] = literal
+        if literal is not None:
+            return (literal, port)
         try:
             infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except socket.gaierror as exc:

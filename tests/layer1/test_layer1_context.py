@@ -77,3 +77,17 @@ async def test_blockwise_and_observe_without_formatting_requests(
         monkeypatch.undo()
         await client.shutdown()
         await server.shutdown()
+
+
+async def test_address_resolution_memo_normalizes_literals_and_still_resolves_names() -> None:
+    from coaplayers.layer1.transport import MessageInterfaceLayer1
+
+    transport = MessageInterfaceLayer1.__new__(MessageInterfaceLayer1)
+    transport._literals = {}
+    transport._loop = asyncio.get_running_loop()
+    for _ in range(2):  # the second round comes from the memo
+        assert await transport._resolve("0:0::1", 5684) == ("::1", 5684)
+        assert await transport._resolve("127.0.0.1", 5700) == ("127.0.0.1", 5700)
+        host, port = await transport._resolve("localhost", 5684)
+        assert port == 5684 and host in ("127.0.0.1", "::1")
+    assert transport._literals == {"0:0::1": "::1", "127.0.0.1": "127.0.0.1", "localhost": None}
