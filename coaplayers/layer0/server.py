@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 from aiocoap import Message, error, interfaces
 from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from ..dtls import (
     CertificateCredentials,
@@ -47,7 +49,7 @@ from .profile import (
     is_tunnel_path,
 )
 
-__all__ = ["Layer0Remote", "Layer0Site", "layer0_peer"]
+__all__ = ["Layer0Remote", "Layer0Site", "answer_inline", "layer0_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,7 @@ class Layer0Site(interfaces.Resource):
         self.core.on_established = on_established
         self._wakeups: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._hostinfos: dict[tuple[object, ...], str] = {}
 
     # aiocoap's abstract Resource interface; render_to_pipe below replaces both.
     async def needs_blockwise_assembly(self, request: Message) -> bool:
@@ -202,14 +205,10 @@ class Layer0Site(interfaces.Resource):
         request = pipe.request
         path = tuple(request.opt.uri_path)
         if is_tunnel_path(path):
-            self._arm_sweeper()
-            if path == WELL_KNOWN_PATH:
-                response = await self._tunnel(request, None)
-            elif len(path) == 1:
-                response = await self._tunnel(request, path[0])
-            else:
-                response = Message(code=NOT_FOUND)
-            pipe.add_response(response, is_last=True)
+            answer = self._tunnel_now(request, path)
+            if not isinstance(answer, Message):
+                answer = await answer
+            pipe.add_response(answer, is_last=True)
             return
         if self.policy.requires_layer0(path):
             pipe.add_response(
@@ -219,10 +218,48 @@ class Layer0Site(interfaces.Resource):
             return
         await self.site.render_to_pipe(pipe)
 
+    def render_inline(self, pipe: Pipe) -> bool:
+        """Answer a tunnel request before returning, when it needs no waiting; ``False`` for
+        any other request (render it through :meth:`render_to_pipe` as usual).
+
+        Handshake flights, entry requests, DELETEs and pulls with something queued are answered
+        here synchronously; inner requests and pulls that wait get a task as usual. What this
+        saves is aiocoap's per-request rendering task and its error-mapping pipe: see
+        :func:`answer_inline`, which puts it in front of a context's rendering.
+        """
+        request = pipe.request
+        path = tuple(request.opt.uri_path)
+        if not is_tunnel_path(path):
+            return False
+        try:
+            answer = self._tunnel_now(request, path)
+        except Exception:  # what error_to_message would do on the usual path
+            log.exception("Layer 0 tunnel request failed")
+            answer = Message(code=Code.INTERNAL_SERVER_ERROR)
+        if isinstance(answer, Message):
+            pipe.add_response(answer, is_last=True)
+        else:
+            run_driving_pipe(
+                error_to_message(pipe, log), self._answer_later(pipe, answer),
+                name="Layer 0 tunnel request",
+            )
+        return True
+
+    async def _answer_later(self, pipe: Pipe, answer: Awaitable[Message]) -> None:
+        pipe.add_response(await answer, is_last=True)
+
     # ------------------------------------------------------------------- outer side
 
-    async def _tunnel(self, request: Message, sid: str | None) -> Message:
-        """The entry resource (``sid`` None) or a session resource."""
+    def _tunnel_now(self, request: Message, path: tuple[str, ...]) -> Message | Awaitable[Message]:
+        """The answer to a request on a tunnel path, or an awaitable of it when it must wait
+        (inner requests, pulls that wait for a notification)."""
+        self._arm_sweeper()
+        if path == WELL_KNOWN_PATH:
+            sid = None
+        elif len(path) == 1:
+            sid = path[0]
+        else:
+            return Message(code=NOT_FOUND)
         now = asyncio.get_running_loop().time()
         payload = bytes(request.payload)
         cf = request.opt.content_format
@@ -231,7 +268,7 @@ class Layer0Site(interfaces.Resource):
         if sid is None:
             if request.code != Code.POST:
                 return Message(code=METHOD_NOT_ALLOWED)
-            peer_key = (request.remote.scheme, request.remote.hostinfo)
+            peer_key = (request.remote.scheme, self._hostinfo(request.remote))
             return _outer(self.core.entry(peer_key, payload, now), entry=True)
         if request.code == Code.DELETE:
             answer, _ = self.core.datagram(sid, payload, now, delete=True)
@@ -239,10 +276,30 @@ class Layer0Site(interfaces.Resource):
         if request.code != Code.POST:
             return Message(code=METHOD_NOT_ALLOWED)
         if not payload:
-            return _outer(await self._pull(sid))
+            pulled = self._pull_now(sid, now)
+            return _outer(pulled) if pulled is not None else self._pull(sid)
         answer, plaintexts = self.core.datagram(sid, payload, now)
         if not plaintexts:
             return _outer(answer)
+        return self._inner(sid, answer, plaintexts)
+
+    def _hostinfo(self, remote: interfaces.EndpointAddress) -> str:
+        """``remote.hostinfo``, remembered per socket address for plain UDP remotes (aiocoap
+        parses the address with ``ipaddress`` on every access; entry requests come from few
+        addresses, a proxy's or a client's)."""
+        if type(remote) is not UDP6EndpointAddress:
+            return str(remote.hostinfo)
+        key = remote.sockaddr
+        hostinfo = self._hostinfos.get(key)
+        if hostinfo is None:
+            hostinfo = str(remote.hostinfo)
+            if len(self._hostinfos) >= 4096:
+                self._hostinfos.clear()
+            self._hostinfos[key] = hostinfo
+        return hostinfo
+
+    async def _inner(self, sid: str, answer: Answer, plaintexts: list[bytes]) -> Message:
+        """The answer to records that carried inner requests: their sealed responses."""
         sealed = await asyncio.gather(*(self._dispatch(sid, p) for p in plaintexts))
         recs = [answer.payload] if answer.payload else []
         recs += [r for r in sealed if r]
@@ -251,17 +308,27 @@ class Layer0Site(interfaces.Resource):
             self.core.enqueue(sid, extra)
         return _outer(Answer(answer.code, packed[0] if packed else b""))
 
-    async def _pull(self, sid: str) -> Answer:
+    def _pull_now(self, sid: str, now: float) -> Answer | None:
+        """A pull's answer if it need not wait: queued datagrams, or an empty 2.04 when no
+        notification can come (no such session, not established, nothing observed)."""
+        answer = self.core.pull(sid, now)
+        if answer is not None:
+            return answer
+        s = self.core.sessions.get(sid)
+        if s is None or not s.established or not s.observations:
+            return Answer(Code.CHANGED)
+        return None
+
+    async def _pull(self, sid: str) -> Message:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.poll_hold
         while True:
-            answer = self.core.pull(sid, loop.time())
-            if answer is not None:
-                return answer
-            s = self.core.sessions.get(sid)
+            answer = self._pull_now(sid, loop.time())
             remaining = deadline - loop.time()
-            if s is None or not s.established or not s.observations or remaining <= 0:
-                return Answer(Code.CHANGED)
+            if answer is not None:
+                return _outer(answer)
+            if remaining <= 0:
+                return _outer(Answer(Code.CHANGED))
             event = self._wakeups.setdefault(sid, asyncio.Event())
             event.clear()
             try:
@@ -382,3 +449,23 @@ class Layer0Site(interfaces.Resource):
             self._sweeper = loop.call_later(period, sweep)
 
         self._sweeper = loop.call_later(period, sweep)
+
+
+def answer_inline(context: Any, site: Layer0Site) -> None:
+    """Let ``site`` answer tunnel requests as the ``context`` dispatches them.
+
+    aiocoap renders every request in a task of its own, behind a second pipe that turns
+    exceptions into 5.00. The outer exchanges of a handshake need neither, since the tunnel
+    answers them synchronously: with this, :meth:`Layer0Site.render_inline` answers them at
+    once (the response still piggybacks on the ACK, and duplicates are still answered from
+    aiocoap's cache), and everything else (inner requests, waiting pulls, other resources) is
+    rendered exactly as before. ``context`` is the aiocoap context whose ``serversite`` is
+    ``site``; coap-server does this.
+    """
+    render = context.render_to_pipe
+
+    def render_to_pipe(pipe: Pipe) -> None:
+        if not site.render_inline(pipe):
+            render(pipe)
+
+    context.render_to_pipe = render_to_pipe

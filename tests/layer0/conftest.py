@@ -22,6 +22,7 @@ from aiocoap.numbers.constants import TransportTuning
 from coaplayers import pki
 from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore
 from coaplayers.layer0 import Layer0Channel, Layer0Site, Policy, ServerLimits
+from coaplayers.layer0.server import answer_inline
 
 from .apps import make_site
 
@@ -114,6 +115,7 @@ class Origin:
         self.context = await aiocoap.Context.create_server_context(
             self.layer0, bind=("127.0.0.1", self.port)
         )
+        answer_inline(self.context, self.layer0)  # as coap-server serves it
         self.starts += 1
 
     async def stop(self) -> None:
