@@ -14,6 +14,7 @@ from typing import Any
 from coaplayers import config as cfg
 from coaplayers import dtls, layer1
 from coaplayers.e2e import E2EServerOptions, wrap_site
+from coaplayers.layer0.server import Layer0Site, answer_inline
 
 from .resources import build_site
 
@@ -94,6 +95,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         site, listen=args.listen, psk_store=psk_store, certificate=certificate,
         loggername="coap-server",
     )
+    if isinstance(site, Layer0Site):
+        answer_inline(ctx.context, site)
     for uri in ctx.bound:
         print(f"listening {uri}", flush=True)
     if ready is not None:
