@@ -42,6 +42,8 @@ examples:
               --e2e-psk-identity dev1 --e2e-psk e2e-secret coap://app.example/hello
   coap-client -P coap://proxy.example --e2e oscore --e2e-ca ca.pem \\
               coap://app.example/firmware -o fw.bin
+  coap-client --e2e dtls --e2e-rpk-key client-rpk.key --e2e-rpk-server-key server-rpk.pub \\
+              coap://app.example/hello
 
 output: the payload on stdout (text as is, JSON pretty-printed, CBOR in diagnostic
 notation; binary only to a file (-o) or a pipe, never to a terminal). -v adds the response
@@ -52,6 +54,11 @@ show a progress bar on stderr when stderr is a terminal.
 method text file content-format accept output observe timeout proxy verbose identity
 psk-key (-k); "key" is --key. A flag on the command line wins over the file. End-to-end
 credentials from the file are used only when --e2e (flag or file) picks a mode.
+
+end-to-end credentials: a handshake uses one kind. --e2e-auth psk|cert|rpk names it; without
+it, a kind given on the command line wins over the file's, and among several the order is
+rpk (raw public keys, RFC 7250), psk, cert (--e2e oscore: rpk, cert; the PSK backend has no
+exporter to key OSCORE from).
 
 exit status: {EXIT_OK} for 2.xx; {EXIT_CLIENT_ERROR} for 4.xx; {EXIT_SERVER_ERROR} for 5.xx; \
 {EXIT_TIMEOUT} no answer (timeout, or the port or host unreachable);
@@ -105,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-ca", metavar="PEM", help="CA that authenticates the end server")
     e2e.add_argument("--e2e-cert", metavar="PEM", help="end-to-end client certificate")
     e2e.add_argument("--e2e-key", metavar="PEM", help="end-to-end client private key")
+    e2e.add_argument("--e2e-rpk-key", metavar="PEM",
+                     help="raw public key mode (RFC 7250): our ECDSA P-256 private key")
+    e2e.add_argument("--e2e-rpk-server-key", action="append", default=[], metavar="PEM",
+                     help="the end server's public key (PEM PUBLIC KEY; repeatable, e.g. for a"
+                     " key rollover)")
+    e2e.add_argument("--e2e-auth", choices=sorted(E2E_KINDS),
+                     help="which end-to-end credentials to use when several are configured")
     return p
 
 
@@ -114,6 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.config:
         args._config_dir = str(Path(args.config).parent)
         e2e_on_command_line = {d: getattr(args, d) for d in _E2E_CREDENTIALS}
+        args._e2e_kinds_on_command_line = _kinds_given(args)
         config = cfg.load_toml(args.config)
         # In the file, "key" is the long flag --key (the certificate's key), as on the
         # command line; the PSK (-k) has no long flag and is spelled "psk-key" there.
@@ -134,7 +149,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-_E2E_CREDENTIALS = ("e2e_psk_identity", "e2e_psk", "e2e_ca", "e2e_cert", "e2e_key")
+E2E_KINDS = {
+    "rpk": ("e2e_rpk_key", "e2e_rpk_server_key"),
+    "psk": ("e2e_psk_identity", "e2e_psk"),
+    "cert": ("e2e_ca", "e2e_cert", "e2e_key"),
+}
+"""The end-to-end credential kinds and their options, in the order of preference."""
+_E2E_CREDENTIALS = (*(d for dests in E2E_KINDS.values() for d in dests), "e2e_auth")
+
+
+def _kinds_given(args: argparse.Namespace) -> list[str]:
+    return [k for k, dests in E2E_KINDS.items() if any(getattr(args, d) for d in dests)]
+
+
+def choose_e2e_kind(args: argparse.Namespace) -> str | None:
+    """The one credential kind the handshake uses (see the epilog)."""
+    given = _kinds_given(args)
+    if args.e2e_auth is not None:
+        if args.e2e_auth not in given:
+            flags = "/".join("--" + d.replace("_", "-") for d in E2E_KINDS[args.e2e_auth])
+            raise dtls.ConfigurationError(f"--e2e-auth {args.e2e_auth} needs {flags}")
+        return str(args.e2e_auth)
+    usable = [k for k in given if not (args.e2e == "oscore" and k == "psk")]
+    preferred = [k for k in getattr(args, "_e2e_kinds_on_command_line", []) if k in usable]
+    return (preferred or usable or [None])[0]
 
 
 def layer1_credentials(args: argparse.Namespace) -> layer1.ClientCredentials:
@@ -155,10 +193,27 @@ def layer1_credentials(args: argparse.Namespace) -> layer1.ClientCredentials:
 
 
 def e2e_options(args: argparse.Namespace) -> E2EClientOptions | None:
+    """The end-to-end mode and the one credential kind its handshakes use.
+
+    Every kind given is built (and so checked) even if another one is used: a mistake in a
+    configuration is reported where it is, not when that kind is first picked.
+    """
     if args.e2e is None:
-        if any((args.e2e_psk_identity, args.e2e_psk, args.e2e_ca, args.e2e_cert, args.e2e_key)):
+        if any(getattr(args, d) for d in _E2E_CREDENTIALS):
             raise dtls.ConfigurationError("end-to-end credentials given without --e2e dtls|oscore")
         return None
+    if args.e2e == "oscore" and args.e2e_auth == "psk":
+        raise dtls.ConfigurationError(
+            "--e2e oscore keys OSCORE from a certificate or raw-public-key handshake:"
+            " --e2e-auth psk cannot key it"
+        )
+    kind = choose_e2e_kind(args)
+    rpk = cfg.raw_public_key_from(
+        args.e2e_rpk_key, args.e2e_rpk_server_key, trust_flag="--e2e-rpk-server-key",
+        peer="server",
+    )
+    args._e2e_kind = kind  # for the failure messages of classify()
+    args._e2e_rpk_fingerprint = rpk.fingerprint if rpk is not None else None
     psk = None
     if args.e2e_psk_identity or args.e2e_psk:
         if not (args.e2e_psk_identity and args.e2e_psk):
@@ -176,15 +231,22 @@ def e2e_options(args: argparse.Namespace) -> E2EClientOptions | None:
         )
     elif args.e2e_ca:
         cert = dtls.CertificateCredentials.trust_only(args.e2e_ca, server_name=server_name)
-    if psk is None and cert is None:
+    if kind is None and args.e2e == "oscore":
         raise dtls.ConfigurationError(
-            "--e2e needs --e2e-psk-identity/--e2e-psk or --e2e-ca (with --e2e-cert/--e2e-key)"
+            "--e2e oscore keys OSCORE from a certificate or raw-public-key handshake: give"
+            " --e2e-ca (with --e2e-cert/--e2e-key) or --e2e-rpk-key/--e2e-rpk-server-key"
         )
-    if args.e2e == "oscore" and cert is None:
+    if kind is None:
         raise dtls.ConfigurationError(
-            "--e2e oscore keys OSCORE from a certificate-mode handshake: give --e2e-ca"
+            "--e2e needs --e2e-psk-identity/--e2e-psk, --e2e-ca (with --e2e-cert/--e2e-key)"
+            " or --e2e-rpk-key/--e2e-rpk-server-key"
         )
-    return E2EClientOptions(mode=args.e2e, psk=psk, certificate=cert)
+    return E2EClientOptions(
+        mode=args.e2e,
+        psk=psk if kind == "psk" else None,
+        certificate=cert if kind == "cert" else None,
+        raw_public_key=rpk if kind == "rpk" else None,
+    )
 
 
 def build_request(args: argparse.Namespace) -> aiocoap.Message:
@@ -323,6 +385,7 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
     from coaplayers.layer0 import errors as l0
 
     e2e_psk = args is not None and args.e2e == "dtls" and bool(args.e2e_psk)
+    rpk = args is not None and getattr(args, "_e2e_kind", None) == "rpk"
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, dtls.ConfigurationError):
@@ -342,10 +405,16 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
             # A CoAP error on the way (typically a proxy's 5.04 or 5.02): not a key problem.
             code = (EXIT_TIMEOUT if outer.groups() == ("5", "04") else
                     EXIT_CLIENT_ERROR if outer[1] == "4" else EXIT_SERVER_ERROR)
+            kinds = {"rpk": "raw-public-key", "cert": "certificate", "psk": "PSK"}
+            kind = kinds.get(getattr(args, "_e2e_kind", None) or "", "")
+            maybe_kind = (
+                f", or the server takes no {kind} credentials end to end (it cannot read our"
+                " ClientHello)" if outer.groups() == ("4", "00") and kind else ""
+            )
             return code, (
                 f"end-to-end handshake: {cause}; the path (a proxy, or no Layer 0 server at"
                 " that URI) answered instead of the server: check the target URI's scheme,"
-                " host and port"
+                f" host and port{maybe_kind}"
             )
         if isinstance(cause, l0.HandshakeFailed) and not isinstance(
             cause.__cause__, dtls.DtlsError
@@ -359,6 +428,8 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
             return EXIT_SECURITY, f"end-to-end security failure: {cause}"
         if getattr(cause, "security_failure", False):
             return EXIT_SECURITY, str(cause)
+        if isinstance(cause, dtls.AuthenticationFailed) and rpk:
+            return EXIT_SECURITY, f"end-to-end security failure: {_rpk_hint(cause, args)}"
         if isinstance(cause, dtls.DtlsError):
             return EXIT_SECURITY, f"end-to-end security failure: {cause}"
         if isinstance(cause, TimeoutError | aiocoap.error.ConRetransmitsExceeded):
@@ -371,6 +442,23 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
                 f"{NO_ANSWER}"
         cause = cause.__cause__ or cause.__context__
     return EXIT_OTHER, f"{type(exc).__name__}: {exc}"
+
+
+def _rpk_hint(cause: BaseException, args: Any) -> str:
+    """An authentication failure of a raw-public-key handshake, in raw-public-key terms (the
+    engine's alert text speaks of certificates)."""
+    text = str(cause)
+    alert = re.search(r"the server rejected our certificate \((\w+)\)", text)
+    if alert:
+        return (f"the server rejected our raw public key ({alert[1]}): is our public key"
+                f" (fingerprint {args._e2e_rpk_fingerprint}, --e2e-rpk-key) among the keys the"
+                " server trusts (coap-server --e2e-rpk-trust)?")
+    if "is not one we trust" in text:
+        return f"{text}: is --e2e-rpk-server-key the end server's public key?"
+    if "presented no raw public key" in text:
+        return (f"{text}: the end server does not take raw public keys (coap-server"
+                " --e2e-rpk-key); use another --e2e-auth")
+    return text
 
 
 def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

@@ -23,10 +23,18 @@ class E2EServerOptions:
     certificate: dtls.CertificateCredentials | None = None
     required: bool = False
     """Application resources answer only inside Layer 0 or OSCORE (others get 4.01)."""
+    raw_public_key: dtls.RawPublicKeyCredentials | None = None
+    """RFC 7250 raw public keys (GnuTLS): our key and the pinned client keys."""
+
+    @property
+    def credentials(self) -> list[Any]:
+        """Every kind configured; the server accepts them side by side (one endpoint)."""
+        return [c for c in (self.psk_store, self.certificate, self.raw_public_key)
+                if c is not None]
 
     @property
     def enabled(self) -> bool:
-        return self.psk_store is not None or self.certificate is not None
+        return bool(self.credentials)
 
 
 class RequireEndToEnd(interfaces.Resource):
@@ -74,7 +82,8 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
     if not options.enabled:
         if options.required:
             raise dtls.ConfigurationError(
-                "--e2e-required needs end-to-end credentials (--e2e-psk or --e2e-cert/--e2e-key)"
+                "--e2e-required needs end-to-end credentials (--e2e-psk, --e2e-cert/--e2e-key"
+                " or --e2e-rpk-key/--e2e-rpk-trust)"
             )
         return site
     from .layer0.policy import Policy
@@ -83,11 +92,12 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
     from .oscore.mode import KEYING_PATH, KeyingResource
 
     store = ContextStore()
-    if options.certificate is not None:
+    if options.certificate is not None or options.raw_public_key is not None:
+        # OSCORE keys from the handshake's exporter: OpenSSL and GnuTLS have one, tinydtls not.
         site.add_resource(list(KEYING_PATH), KeyingResource(store))
     inner: Any = RequireEndToEnd(site) if options.required else site
     inner = OscoreSite(inner, store)
-    credentials: list[Any] = [c for c in (options.psk_store, options.certificate) if c]
+    credentials = options.credentials
     # Whether anything needs protection is RequireEndToEnd's call (it accepts OSCORE too), so
     # the tunnel's own policy protects nothing by itself.
     policy = Policy.build(protected=())
@@ -103,6 +113,15 @@ class E2EClientOptions:
     mode: str  # "dtls" or "oscore"
     psk: dtls.PskClientCredentials | None = None
     certificate: dtls.CertificateCredentials | None = None
+    raw_public_key: dtls.RawPublicKeyCredentials | None = None
+
+    def chosen(self) -> Any:
+        """The one kind a handshake uses: raw public keys, then PSK, then certificates (the
+        OSCORE mode needs an exporter, which the PSK backend lacks: raw public keys, then
+        certificates). ``coap-client`` fills in only the kind it picked."""
+        order = (self.raw_public_key, self.certificate) if self.mode == "oscore" else (
+            self.raw_public_key, self.psk, self.certificate)
+        return next((c for c in order if c is not None), None)
 
 
 class PlainRequester:
@@ -152,8 +171,7 @@ class DtlsRequester:
         session = getattr(self.channel, "_session", None)
         return {
             "layer 0": {
-                "mode": "dtls " + ("psk" if isinstance(session, dtls.TinyDtlsSession)
-                                   else "certificate"),
+                "mode": "dtls " + _kind(session),
                 "peer": _text(hs.peer_identity) if hs else None,
                 "cipher": hs.cipher_suite if hs else None,
                 "resumed": hs.resumed if hs else None,
@@ -165,10 +183,13 @@ class DtlsRequester:
 
 
 class OscoreModeRequester:
-    """OSCORE requests keyed by a Layer 0 certificate-mode handshake."""
+    """OSCORE requests keyed by a Layer 0 certificate or raw-public-key handshake."""
 
     def __init__(self, context: Any, target: str, proxy: str | None,
-                 credentials: dtls.CertificateCredentials) -> None:
+                 credentials: dtls.CertificateCredentials | dtls.RawPublicKeyCredentials
+                 ) -> None:
+        self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
+                     else "certificate")
         from .layer0 import Layer0Channel
         from .oscore.mode import OscoreRequester
 
@@ -190,7 +211,7 @@ class OscoreModeRequester:
         params = self.requester.parameters
         return {
             "layer 0": {
-                "mode": "oscore (keyed by a DTLS certificate handshake)",
+                "mode": f"oscore (keyed by a DTLS {self.kind} handshake)",
                 "peer": _text(hs.peer_identity) if hs else None,
                 "handshake cipher": hs.cipher_suite if hs else None,
                 "sender id": params.client_id.hex() if params else None,
@@ -208,6 +229,14 @@ def _origin(uri: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def _kind(session: Any) -> str:
+    if isinstance(session, dtls.TinyDtlsSession):
+        return "psk"
+    if isinstance(session, dtls.GnuTlsSession):
+        return "rpk"
+    return "certificate"
+
+
 def _text(value: Any) -> Any:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
@@ -218,11 +247,14 @@ async def open_requester(
     """Something with ``request(message)`` and ``describe(response)`` for the chosen mode."""
     if e2e is None:
         return PlainRequester(context, proxy)
+    creds = e2e.chosen()
     if e2e.mode == "dtls":
-        creds = e2e.certificate if e2e.psk is None else e2e.psk
+        if creds is None:
+            raise dtls.ConfigurationError("the end-to-end DTLS mode needs credentials")
         return DtlsRequester(context, target, proxy, creds)
     if e2e.mode == "oscore":
-        if e2e.certificate is None:
-            raise dtls.ConfigurationError("the OSCORE mode needs certificate credentials")
-        return OscoreModeRequester(context, target, proxy, e2e.certificate)
+        if creds is None:
+            raise dtls.ConfigurationError(
+                "the OSCORE mode needs certificate or raw-public-key credentials")
+        return OscoreModeRequester(context, target, proxy, creds)
     raise dtls.ConfigurationError(f"unknown end-to-end mode {e2e.mode!r}")

@@ -1,8 +1,10 @@
 """coap-keys: create a demo credential set and ready configuration files for the three programs.
 
 Two certificate authorities, one per layer, so that a hop certificate can never authenticate
-an end-to-end session (nor the reverse); fresh random PSKs for each hop and for end to end.
-Key files are written owner-readable only, and nothing existing is overwritten.
+an end-to-end session (nor the reverse); fresh random PSKs for each hop and for end to end; an
+end-to-end raw public key pair (RFC 7250, ECDSA P-256) for the server and for the client, each
+pinning the other's public key. Key files are written owner-readable only, and nothing existing
+is overwritten.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import secrets
 import sys
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from . import pki
+from .dtls import spki_fingerprint
 
 
 class Refused(Exception):
@@ -40,6 +46,30 @@ def _toml(table: dict[str, object]) -> bytes:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items()).encode()
 
 
+class RawKey:
+    """An end-to-end raw public key pair: the private key PEM (PKCS#8) and the public key PEM."""
+
+    def __init__(self) -> None:
+        self.private_key = ec.generate_private_key(ec.SECP256R1())
+
+    def key_pem(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def public_pem(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity the peer sees (Layer 0 logs, resources, policies)."""
+        return spki_fingerprint(self.private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def create(
     folder: Path,
     *,
@@ -55,6 +85,7 @@ def create(
         "hop-ca.pem", "hop-ca.key", "e2e-ca.pem", "e2e-ca.key",
         "proxy.pem", "proxy.key", "server-hop.pem", "server-hop.key",
         "server-e2e.pem", "server-e2e.key", "client-e2e.pem", "client-e2e.key",
+        "server-rpk.key", "server-rpk.pub", "client-rpk.key", "client-rpk.pub",
         "psk.json", "server-psk.json", "proxy-psk.json", "proxy-upstream.json", "client-hop.json",
         "server.toml", "proxy.toml", "client.toml",
     ]
@@ -74,6 +105,8 @@ def create(
     # The end-to-end certificates are for one role each (and the client's names no host).
     server_e2e = pki.issue(e2e_ca, "app-server", names=server_names, client=False)
     client_e2e = pki.issue(e2e_ca, device, server=False)
+    # Raw public keys are end to end only (Layer 1 has no raw-public-key mode).
+    server_rpk, client_rpk = RawKey(), RawKey()
     psks = {
         "hop1": (device, secrets.token_hex(16)),  # device <-> proxy
         "hop2": ("proxy", secrets.token_hex(16)),  # proxy <-> application server
@@ -92,6 +125,10 @@ def create(
         "server-e2e.key": (server_e2e.key_pem(), True),
         "client-e2e.pem": (client_e2e.cert_pem(), False),
         "client-e2e.key": (client_e2e.key_pem(), True),
+        "server-rpk.key": (server_rpk.key_pem(), True),
+        "server-rpk.pub": (server_rpk.public_pem(), False),
+        "client-rpk.key": (client_rpk.key_pem(), True),
+        "client-rpk.pub": (client_rpk.public_pem(), False),
         # Everything secret about PSKs in one owner-only overview, for the operator.
         "psk.json": (json.dumps({k: {"identity": i, "key": "0x" + v} for k, (i, v) in psks.items()},
                                 indent=2).encode(), True),
@@ -119,6 +156,8 @@ def create(
         "e2e-cert": "server-e2e.pem",
         "e2e-key": "server-e2e.key",
         "e2e-ca": "e2e-ca.pem",
+        "e2e-rpk-key": "server-rpk.key",
+        "e2e-rpk-trust": ["client-rpk.pub"],
     }), True)
     files["proxy.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in proxy_host else '0.0.0.0'}:{proxy_port}"],
@@ -133,6 +172,8 @@ def create(
         "e2e-ca": "e2e-ca.pem",
         "e2e-cert": "client-e2e.pem",
         "e2e-key": "client-e2e.key",
+        "e2e-rpk-key": "client-rpk.key",
+        "e2e-rpk-server-key": ["server-rpk.pub"],
     }), True)
     written = []
     for name in names:
@@ -145,6 +186,11 @@ def create(
         f"  coap-proxy --config {folder}/proxy.toml\n"
         f"  coap-client --config {folder}/client.toml --e2e dtls"
         f" coaps://{server_uri_host}:{server_port}/hello\n"
+        f"End to end, client.toml holds every kind; --e2e dtls and --e2e oscore use the raw\n"
+        f"public keys unless --e2e-auth psk|cert picks another.\n"
+        f"Raw public key identities (SPKI fingerprints, as Layer 0 names the peers):\n"
+        f"  server-rpk.pub  {server_rpk.fingerprint}\n"
+        f"  client-rpk.pub  {client_rpk.fingerprint}\n"
     )
     return written
 
@@ -153,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="coap-keys",
         description="Create a demo credential set (two CAs, certificates, PSKs for each layer "
-        "and hop) and configuration files for coap-server, coap-proxy and coap-client.",
+        "and hop, an end-to-end raw public key pair for the server and the client) and "
+        "configuration files for coap-server, coap-proxy and coap-client.",
         epilog="example: coap-keys demo-credentials --server-host app-server --proxy-host proxy",
     )
     p.add_argument("folder", help="where to write (created if missing; never overwritten)")

@@ -220,6 +220,11 @@ class Keys:
         return ["--e2e-psk-identity", e2e["identity"], "--e2e-psk", e2e["key"]]
 
     @property
+    def e2e_rpk(self) -> list[str]:
+        return ["--e2e-rpk-key", str(self / "client-rpk.key"),
+                "--e2e-rpk-server-key", str(self / "server-rpk.pub")]
+
+    @property
     def e2e_cert(self) -> list[str]:
         return ["--e2e-ca", str(self / "e2e-ca.pem"), "--e2e-cert", str(self / "client-e2e.pem"),
                 "--e2e-key", str(self / "client-e2e.key")]
@@ -235,7 +240,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 def app_server_args(keys: Keys) -> list[str]:
     """The application server every client test talks to: plain and coaps listeners, Layer 1
-    PSKs (text, hex, coap-keys' hop-2 file) and a certificate, Layer 0 PSK and certificates."""
+    PSKs (text, hex, coap-keys' hop-2 file) and a certificate, Layer 0 PSK, certificates and
+    raw public keys side by side."""
     e2e = keys.psk["e2e"]
     return [
         "--listen", "coap://127.0.0.1:0", "--listen", "coaps://127.0.0.1:0",
@@ -245,6 +251,8 @@ def app_server_args(keys: Keys) -> list[str]:
         "--e2e-psk", f"{e2e['identity']}:{e2e['key']}",
         "--e2e-cert", str(keys / "server-e2e.pem"), "--e2e-key", str(keys / "server-e2e.key"),
         "--e2e-ca", str(keys / "e2e-ca.pem"),
+        "--e2e-rpk-key", str(keys / "server-rpk.key"),
+        "--e2e-rpk-trust", str(keys / "client-rpk.pub"),
         "-v",
     ]
 

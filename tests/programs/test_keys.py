@@ -1,23 +1,29 @@
 """coap-keys: the files it writes, their modes, no overwriting, and that the configurations it
 writes work end to end: coap-server --config server.toml, coap-proxy --config proxy.toml,
-coap-client --config client.toml, through the proxy, in each mode."""
+coap-client --config client.toml, through the proxy, in each mode and with each end-to-end
+credential kind."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import stat
 import tomllib
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .conftest import KEYS, Keys, client, free_udp_port, run, start, start_proxy
 
 SECRET = {
     "hop-ca.key", "e2e-ca.key", "proxy.key", "server-hop.key", "server-e2e.key",
     "client-e2e.key", "psk.json", "server-psk.json", "proxy-psk.json", "proxy-upstream.json",
-    "client-hop.json", "server.toml", "client.toml",
+    "client-hop.json", "server.toml", "client.toml", "server-rpk.key", "client-rpk.key",
 }
 PUBLIC = {"hop-ca.pem", "e2e-ca.pem", "proxy.pem", "server-hop.pem", "server-e2e.pem",
-          "client-e2e.pem", "proxy.toml"}
+          "client-e2e.pem", "proxy.toml", "server-rpk.pub", "client-rpk.pub"}
 
 
 def test_files_and_modes(keys: Keys) -> None:
@@ -32,6 +38,35 @@ def test_files_and_modes(keys: Keys) -> None:
     k = {layer: entry["key"] for layer, entry in keys.psk.items()}
     assert set(k) == {"hop1", "hop2", "e2e"} and len(set(k.values())) == 3
     assert all(v.startswith("0x") and len(v) == 34 for v in k.values())
+
+
+def test_raw_public_key_pairs_and_configuration_entries(keys: Keys) -> None:
+    """Two fresh P-256 pairs, each side's configuration pinning the other side's public key,
+    and README.txt naming each key by the fingerprint Layer 0 will report."""
+    readme = (keys / "README.txt").read_text()
+    fingerprints = []
+    for side in ("server", "client"):
+        private = serialization.load_pem_private_key((keys / f"{side}-rpk.key").read_bytes(), None)
+        public = serialization.load_pem_public_key((keys / f"{side}-rpk.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(private.curve, ec.SECP256R1)
+        der = public.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == der
+        fingerprint = hashlib.sha256(der).digest()[:16].hex()
+        assert re.search(rf"{side}-rpk\.pub\s+{fingerprint}", readme), readme
+        fingerprints.append(fingerprint)
+    assert fingerprints[0] != fingerprints[1]
+    server = tomllib.loads((keys / "server.toml").read_text())
+    client = tomllib.loads((keys / "client.toml").read_text())
+    assert server["e2e-rpk-key"] == "server-rpk.key"
+    assert server["e2e-rpk-trust"] == ["client-rpk.pub"]
+    assert client["e2e-rpk-key"] == "client-rpk.key"
+    assert client["e2e-rpk-server-key"] == ["server-rpk.pub"]
+    # The other kinds are still there, side by side.
+    assert {"e2e-psk", "e2e-cert", "e2e-key", "e2e-ca"} <= set(server)
+    assert {"e2e-psk", "e2e-psk-identity", "e2e-cert", "e2e-key", "e2e-ca"} <= set(client)
 
 
 async def test_refuses_to_overwrite_and_has_help(keys: Keys, tmp_path: Path) -> None:
@@ -72,12 +107,17 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
             uri = f"coaps://127.0.0.1:{server_port}/echo"
             cfg = ["--config", str(creds / "client.toml"), "-m", "post", "-v"]
             # Run from another folder: the file's relative paths are the file's folder's.
-            hop_only, dtls, oscore, wrong_scheme = await asyncio.gather(
+            hop_only, dtls, oscore, wrong_scheme, psk, cert, oscore_cert = await asyncio.gather(
                 client(*cfg, "-e", "layer 1 only", uri, cwd="/"),
                 client(*cfg, "-e", "layer 0", "--e2e", "dtls", uri, cwd="/"),
                 client(*cfg, "-e", "oscore", "--e2e", "oscore", uri, cwd="/"),
                 # coap:// to the server's coaps port: the proxy times out upstream (5.04).
                 client(*cfg, "-e", "x", "--e2e", "dtls", uri.replace("coaps:", "coap:"),
+                       cwd="/"),
+                # The file holds every kind: --e2e-auth picks the others.
+                client(*cfg, "-e", "psk", "--e2e", "dtls", "--e2e-auth", "psk", uri, cwd="/"),
+                client(*cfg, "-e", "cert", "--e2e", "dtls", "--e2e-auth", "cert", uri, cwd="/"),
+                client(*cfg, "-e", "oscore cert", "--e2e", "oscore", "--e2e-auth", "cert", uri,
                        cwd="/"),
             )
             direct = await client("--config", str(creds / "client.toml"), "-P", "",
@@ -86,12 +126,20 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
             assert proxy.stop() == 0
     finally:
         assert server.stop() == 0
-    for r, text in ((hop_only, "layer 1 only"), (dtls, "layer 0"), (oscore, "oscore")):
+    for r, text in ((hop_only, "layer 1 only"), (dtls, "layer 0"), (oscore, "oscore"),
+                    (psk, "psk"), (cert, "cert"), (oscore_cert, "oscore cert")):
         assert r.rc == 0, r.stderr
         assert r.stdout == text + "\n"
         assert f"layer 1: hop 127.0.0.1:{proxy_port}" in r.stderr or "layer 1: peer" in r.stderr
-    assert "layer 0: mode dtls psk" in dtls.stderr
-    assert "layer 0: mode oscore" in oscore.stderr
+    # With every kind in client.toml, the raw public keys are used unless --e2e-auth says.
+    server_rpk = re.search(r"server-rpk\.pub\s+([0-9a-f]{32})",
+                           (creds / "README.txt").read_text())
+    assert server_rpk is not None
+    assert f"layer 0: mode dtls rpk, peer {server_rpk[1]}" in dtls.stderr
+    assert "layer 0: mode oscore (keyed by a DTLS raw-public-key handshake)" in oscore.stderr
+    assert "layer 0: mode dtls psk" in psk.stderr
+    assert "layer 0: mode dtls certificate, peer app-server" in cert.stderr
+    assert "layer 0: mode oscore (keyed by a DTLS certificate handshake)" in oscore_cert.stderr
     assert "layer 0" not in hop_only.stderr
     assert wrong_scheme.rc == 6
     assert "5.04 Gateway Timeout" in wrong_scheme.one_line_error()
