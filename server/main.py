@@ -25,9 +25,14 @@ examples:
   coap-server --listen coaps://0.0.0.0:5684 --psk proxy:0x6b6579 --e2e-psk dev1:secret
   coap-server --listen coaps://[::]:0 --cert server.pem --key server.key --ca ca.pem \\
               --e2e-cert e2e-server.pem --e2e-key e2e-server.key --e2e-ca ca.pem --e2e-required
+  coap-server --listen coap://[::]:5683 --e2e-rpk-key server-rpk.key \\
+              --e2e-rpk-trust client-rpk.pub --e2e-rpk-trust more-clients.pub
   coap-server --config server.toml
 
 resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
+End-to-end credentials of every kind given (PSK, certificate, raw public key) are accepted side
+by side on the same listeners; each client's handshake picks one. A raw-public-key client's
+identity is its key's fingerprint (32 hex digits, as -v logs and coap-keys prints).
 Each bound address is printed on stdout as "listening URI" (port 0 -> the real port).
 A key file readable by other users gets a warning on stderr.
 Exit status: 0 after SIGINT/SIGTERM, 2 for configuration errors, 1 if binding failed.
@@ -59,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     l0.add_argument("--e2e-cert", metavar="PEM", help="end-to-end server certificate")
     l0.add_argument("--e2e-key", metavar="PEM", help="end-to-end server private key")
     l0.add_argument("--e2e-ca", metavar="PEM", help="CA for end-to-end client certificates")
+    l0.add_argument("--e2e-rpk-key", metavar="PEM",
+                    help="end-to-end raw public key mode (RFC 7250): our ECDSA P-256 private key")
+    l0.add_argument("--e2e-rpk-trust", action="append", default=[], metavar="PEM",
+                    help="public key(s) of accepted raw-public-key clients (PEM PUBLIC KEY "
+                    "blocks; repeatable)")
     l0.add_argument("--e2e-required", action="store_true", default=None,
                     help="application resources answer only inside Layer 0 or OSCORE")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -86,7 +96,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             what="e2e-",
         ),
         required=bool(args.e2e_required),
+        raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
     )
+    _check_identities(e2e)
     site: Any = wrap_site(build_site(), e2e)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,6 +117,21 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     await stop.wait()
     await ctx.shutdown()
     return 0
+
+
+def _check_identities(e2e: E2EServerOptions) -> None:
+    """PSK identities and raw-public-key fingerprints share Layer 0's identity namespace
+    (policies and resources see both as text): one PSK spelled like a trusted key's
+    fingerprint would pass for that key's holder."""
+    if e2e.psk_store is None or e2e.raw_public_key is None:
+        return
+    names = {dtls.spki_fingerprint(k) for k in e2e.raw_public_key.trusted_keys}
+    for identity in e2e.psk_store.identities():
+        if identity.decode(errors="replace") in names:
+            raise dtls.ConfigurationError(
+                f"--e2e-psk identity {identity.decode(errors='replace')} is the fingerprint of"
+                " a key in --e2e-rpk-trust: choose another PSK identity"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
