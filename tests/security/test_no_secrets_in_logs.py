@@ -2,7 +2,8 @@
 
 coap-keys makes the credentials; coap-server runs with -v, coap-proxy with its JSON-lines log
 file, coap-client with -v, through the proxy: Layer 1 PSK on both hops alone, then Layer 0
-DTLS (PSK) and the OSCORE mode (keyed by a Layer 0 certificate handshake) end to end. Every
+DTLS (PSK, and raw public keys) and the OSCORE mode (keyed by a Layer 0 certificate handshake)
+end to end. Every
 stdout, stderr and log file is then searched for each PSK (text, hex either case, raw bytes),
 each private key's PEM body, and a payload marker. The client writes the response payload to
 a file (-o), which is output, not a log.
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 MARKER = "PAYLOAD-MARKER-" + secrets.token_hex(6)
+MODES = ("layer1", "layer0-dtls", "layer0-rpk", "oscore")
 
 
 def program(name: str) -> str:
@@ -140,8 +142,13 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         wait_for_line(proxy, "stdout", b"ready", 30, proxy_out)
         via = ["-P", f"coaps://127.0.0.1:{proxy_port}"]
         client(run, "layer1", *via, "--credentials", str(keys / "client-hop.json"))
-        client(run, "layer0-dtls", "--config", str(keys / "client.toml"), "--e2e", "dtls")
-        client(run, "oscore", "--config", str(keys / "client.toml"), "--e2e", "oscore")
+        # client.toml holds every end-to-end kind; --e2e-auth picks one per run.
+        client(run, "layer0-dtls", "--config", str(keys / "client.toml"), "--e2e", "dtls",
+               "--e2e-auth", "psk")
+        client(run, "layer0-rpk", "--config", str(keys / "client.toml"), "--e2e", "dtls",
+               "--e2e-auth", "rpk")
+        client(run, "oscore", "--config", str(keys / "client.toml"), "--e2e", "oscore",
+               "--e2e-auth", "cert")
     finally:
         s_out, s_err = stop(server)
         p_out, p_err = stop(proxy)
@@ -156,17 +163,18 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 def test_every_mode_carried_the_payload_and_was_logged(full_run: Run) -> None:
     """The run did what it claims: each mode delivered the marker, and the logs are not empty
     (an empty log would pass every search below)."""
-    assert full_run.outputs == {m: MARKER.encode() for m in ("layer1", "layer0-dtls", "oscore")}
+    assert full_run.outputs == {m: MARKER.encode() for m in MODES}
     server_log = full_run.logs["coap-server stderr"]
     assert b"layer1 handshake" in server_log  # -v logs at INFO
     assert b"established (psk" in server_log and b"established (x509" in server_log
+    assert b"established (rpk" in server_log
     exchanges = [json.loads(line) for line in full_run.logs["coap-proxy log file"].splitlines()
                  if b'"exchange"' in line]
     paths = {e["routing"].get("uri_path") for e in exchanges}
     assert "/echo" in paths  # Layer 1 only: the proxy sees the path
     assert any(p and p.startswith("/.well-known/atls") for p in paths)  # the Layer 0 tunnel
     assert None in paths  # OSCORE: Uri-Path travels encrypted, the proxy never sees it
-    for mode in ("layer1", "layer0-dtls", "oscore"):
+    for mode in MODES:
         assert b"response: 2.04" in full_run.logs[f"coap-client {mode} stderr"]
 
 
@@ -175,7 +183,7 @@ def test_no_key_appears_in_any_log(full_run: Run) -> None:
     found = secrets_of(keys)
     # the search itself works: each secret is found where it is stored
     stored = b"".join(p.read_bytes() for p in sorted(keys.iterdir()) if p.is_file())
-    assert len(found) == 3 + 6 and all(any(f in stored for f in forms) for forms in found.values())
+    assert len(found) == 3 + 8 and all(any(f in stored for f in forms) for forms in found.values())
     leaks = [
         (what, log_name)
         for what, forms in secrets_of(full_run.keys).items()  # type: ignore[attr-defined]
@@ -187,8 +195,7 @@ def test_no_key_appears_in_any_log(full_run: Run) -> None:
 
 @pytest.mark.parametrize("log_name", [
     "coap-proxy stdout", "coap-proxy stderr", "coap-proxy log file", "coap-server stdout",
-    *(f"coap-client {m} {s}" for m in ("layer1", "layer0-dtls", "oscore")
-      for s in ("stdout", "stderr")),
+    *(f"coap-client {m} {s}" for m in MODES for s in ("stdout", "stderr")),
 ])
 def test_no_payload_appears_in_the_logs(full_run: Run, log_name: str) -> None:
     assert MARKER.encode() not in full_run.logs[log_name]
