@@ -106,8 +106,9 @@ async def phase_wire(ep: Endpoints, workdir: Path, requests: int, modes: list[st
             - b["hop2"]["down_bytes_per_request"],
         }
 
-    pairs = {"l1": "plain", "l0psk": "plain", "l0cert": "plain", "oscore": "plain",
-             "l0psk_l1": "l1", "l0cert_l1": "l1", "oscore_l1": "l1", "aio_oscore": "aio_plain"}
+    pairs = {"l1": "plain", "l0psk": "plain", "l0cert": "plain", "l0rpk": "plain",
+             "oscore": "plain", "l0psk_l1": "l1", "l0cert_l1": "l1", "l0rpk_l1": "l1",
+             "oscore_l1": "l1", "aio_oscore": "aio_plain"}
     out["overhead"] = {m: d for m, b in pairs.items() if (d := diff(m, b)) is not None}
     out["stock_aiocoap_oscore_via_aiocoap_proxy"] = await probe_stock_oscore(
         ep, workdir / "stock-oscore-client")
@@ -229,11 +230,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         results["throughput"] = await phase_throughput(
             ep, modes, clients=args.clients, rounds=rounds, duration=duration, warmup=warmup)
         _say("certificate handshakes over the wire")
-        from .clients import _e2e_cert
+        from .clients import _e2e_cert, _e2e_rpk
 
         results["handshake"] = {"rate_over_wire": await handshake.rate_over_wire(
             ep.server_coap, _e2e_cert(ep.creds), ep.pids["coap-server"],
             seconds=1.5 if quick else 4.0)}
+        _say("raw-public-key handshakes over the wire")
+        results["handshake"]["rate_over_wire_rpk"] = await handshake.rate_over_wire(
+            ep.server_coap, _e2e_rpk(ep.creds), ep.pids["coap-server"],
+            seconds=1.5 if quick else 4.0)
     _say("handshake profiles and in-process rate")
     results["handshake"]["profiles"] = await asyncio.to_thread(handshake.profiles, ep.creds)
     results["handshake"]["rate_in_process"] = await asyncio.to_thread(

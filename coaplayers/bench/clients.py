@@ -62,6 +62,7 @@ MODES: dict[str, Mode] = {m.key: m for m in (
     Mode("l1", "Layer 1 on both hops", "DTLS PSK", "none"),
     Mode("l0psk_l1", "Layer 0 DTLS (PSK) + Layer 1", "DTLS PSK", "Layer 0 PSK"),
     Mode("l0cert_l1", "Layer 0 DTLS (certificates) + Layer 1", "DTLS PSK", "Layer 0 cert"),
+    Mode("l0rpk_l1", "Layer 0 DTLS (raw public keys) + Layer 1", "DTLS PSK", "Layer 0 RPK"),
     Mode("oscore_l1", "OSCORE mode + Layer 1", "DTLS PSK", "OSCORE"),
     Mode("aio_plain", "baseline: aiocoap client, aiocoap-proxy, aiocoap server", "none",
          "none", baseline=True),
@@ -76,6 +77,7 @@ MODES: dict[str, Mode] = {m.key: m for m in (
 WIRE_ONLY: dict[str, Mode] = {m.key: m for m in (
     Mode("l0psk", "Layer 0 DTLS (PSK), plain hops", "none", "Layer 0 PSK"),
     Mode("l0cert", "Layer 0 DTLS (certificates), plain hops", "none", "Layer 0 cert"),
+    Mode("l0rpk", "Layer 0 DTLS (raw public keys), plain hops", "none", "Layer 0 RPK"),
     Mode("oscore", "OSCORE mode, plain hops", "none", "OSCORE"),
 )}
 
@@ -117,6 +119,11 @@ def _e2e_cert(creds: Path) -> dtls.CertificateCredentials:
     )
 
 
+def _e2e_rpk(creds: Path) -> dtls.RawPublicKeyCredentials:
+    return dtls.RawPublicKeyCredentials.from_files(creds / "client-rpk.key",
+                                                   creds / "server-rpk.pub")
+
+
 def _e2e_psk(creds: Path) -> dtls.PskClientCredentials:
     data = json.loads((creds / "psk.json").read_text())["e2e"]
     return dtls.PskClientCredentials(
@@ -155,7 +162,7 @@ async def open_client(
         attach(ctx, contexts)
         return BenchClient(_Ctx(ctx), ProxyForwarder(proxy or ep.aio_proxy, ctx),
                            f"{target_origin}/echo")
-    plain_hops = mode in ("plain", "l0psk", "l0cert", "oscore")
+    plain_hops = mode in ("plain", "l0psk", "l0cert", "l0rpk", "oscore")
     ctx = await layer1.create_context(client_credentials=hop_credentials(ep.creds))
     proxy_uri = proxy or (ep.proxy_coap if plain_hops else ep.proxy_coaps)
     target_origin = origin or (ep.server_coap if plain_hops else ep.server_coaps)
@@ -166,6 +173,8 @@ async def open_client(
         e2e = E2EClientOptions("dtls", psk=_e2e_psk(ep.creds))
     elif mode in ("l0cert_l1", "l0cert"):
         e2e = E2EClientOptions("dtls", certificate=_e2e_cert(ep.creds))
+    elif mode in ("l0rpk_l1", "l0rpk"):
+        e2e = E2EClientOptions("dtls", raw_public_key=_e2e_rpk(ep.creds))
     elif mode in ("oscore_l1", "oscore"):
         e2e = E2EClientOptions("oscore", certificate=_e2e_cert(ep.creds))
     else:

@@ -106,7 +106,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     t: list[dict[str, Any]] = []
     thr = results.get("throughput", {}).get("summary", {})
     for n in ("1", "50"):
-        for mode, limit in (("l0psk_l1", 0.7), ("l0cert_l1", 0.7), ("oscore_l1", 0.8)):
+        for mode, limit in (("l0psk_l1", 0.7), ("l0cert_l1", 0.7), ("l0rpk_l1", 0.7),
+                            ("oscore_l1", 0.8)):
             if mode in thr and n in thr[mode]:
                 t.append(_target(
                     f"{MODES[mode].label} throughput / plain CoAP, {n} client(s)",
@@ -127,7 +128,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                     also="CPU-based "
                     f"{thr['aio_via_coap_proxy'][n]['cpu_ratio_to_aiocoap_plain']:.2f}"))
     wire = results.get("wire", {}).get("overhead", {})
-    for mode, limit in (("l0psk", 40), ("l0cert", 40), ("oscore", 14)):
+    for mode, limit in (("l0psk", 40), ("l0cert", 40), ("l0rpk", 40), ("oscore", 14)):
         if mode in wire:
             for direction in ("request", "response"):
                 t.append(_target(
@@ -157,14 +158,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         t.append(_target("full raw-public-key handshakes/s, server engine + tunnel (in-process)",
                          rate["rate_in_process_rpk"]["per_second"], 300, at_least=True,
                          unit="/s", note="TunnelCore time only, one core"))
-    wire_rate = rate.get("rate_over_wire")
-    if wire_rate and wire_rate.get("server_cpu_bound_per_second"):
-        t.append(_target("full certificate handshakes/s, coap-server process (over the wire)",
-                         wire_rate["server_cpu_bound_per_second"], 300, at_least=True,
-                         unit="/s per core",
-                         note=f"server CPU {wire_rate['server_cpu_ms_per_handshake']:.2f} ms per"
-                              f" handshake; wall rate {wire_rate['wall_per_second']:.0f}/s with"
-                              " the client on the same cores"))
+    for key, what in (("rate_over_wire", "certificate"), ("rate_over_wire_rpk", "raw-public-key")):
+        wire_rate = rate.get(key)
+        if wire_rate and wire_rate.get("server_cpu_bound_per_second"):
+            t.append(_target(
+                f"full {what} handshakes/s, coap-server process (over the wire)",
+                wire_rate["server_cpu_bound_per_second"], 300, at_least=True,
+                unit="/s per core",
+                note=f"server CPU {wire_rate['server_cpu_ms_per_handshake']:.2f} ms per"
+                     f" handshake; wall rate {wire_rate['wall_per_second']:.0f}/s with"
+                     " the client on the same cores"))
     mem = results.get("memory", {})
     for _key, entry in sorted(mem.items()):
         if not isinstance(entry, dict) or "bytes_per_item" not in entry:
@@ -216,9 +219,9 @@ def render(results: dict[str, Any]) -> str:
         for mode, per_n in summary.items():
             for n, s in per_n.items():
                 cpu = s["cpu_us_per_request"]
-                proxy = cpu.get("coap-proxy") if mode in ("plain", "l1", "l0psk_l1", "l0cert_l1",
-                                                           "oscore_l1", "aio_via_coap_proxy") \
-                    else cpu.get("aiocoap-proxy")
+                proxy = cpu.get("coap-proxy") if mode in (
+                    "plain", "l1", "l0psk_l1", "l0cert_l1", "l0rpk_l1", "oscore_l1",
+                    "aio_via_coap_proxy") else cpu.get("aiocoap-proxy")
                 server = cpu.get("aiocoap-server") if mode.startswith("aio") \
                     else cpu.get("coap-server")
                 rows.append([MODES[mode].label if n == "1" else "", n, _fmt(s["rps"]),
@@ -274,7 +277,8 @@ def render(results: dict[str, Any]) -> str:
                             rows))
         wire_modes = wire.get("modes", {})
         extra = []
-        for mode in ("l0psk", "l0cert", "oscore", "l0psk_l1", "l0cert_l1", "oscore_l1"):
+        for mode in ("l0psk", "l0cert", "l0rpk", "oscore", "l0psk_l1", "l0cert_l1", "l0rpk_l1",
+                     "oscore_l1"):
             h = wire_modes.get(mode, {}).get("e2e_handshake")
             if h:
                 extra.append(f"{mode}: hop 1 {h['hop1']['total_bytes']} B in"
@@ -296,6 +300,11 @@ def render(results: dict[str, Any]) -> str:
         if rpk:
             line += (f"\nFull raw-public-key handshakes/s at the server: {rpk['per_second']:.0f}/s"
                      f" in-process ({rpk['server_ms_per_handshake']:.2f} ms server time each)")
+            w = hs.get("rate_over_wire_rpk")
+            if w and w.get("server_cpu_bound_per_second"):
+                line += (f"; over the wire coap-server used"
+                         f" {w['server_cpu_ms_per_handshake']:.2f} ms CPU per handshake ="
+                         f" {w['server_cpu_bound_per_second']:.0f}/s per core")
         parts.append(line)
     mem = results.get("memory", {})
     rows = []

@@ -17,9 +17,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 BENCH = str(Path(sys.executable).with_name("coap-bench"))
-THROUGHPUT_MODES = ("plain", "l1", "l0psk_l1", "l0cert_l1", "oscore_l1", "aio_plain",
-                    "aio_oscore", "aio_via_coap_proxy")
-WIRE_MODES = (*THROUGHPUT_MODES, "l0psk", "l0cert", "oscore")
+THROUGHPUT_MODES = ("plain", "l1", "l0psk_l1", "l0cert_l1", "l0rpk_l1", "oscore_l1",
+                    "aio_plain", "aio_oscore", "aio_via_coap_proxy")
+WIRE_MODES = (*THROUGHPUT_MODES, "l0psk", "l0cert", "l0rpk", "oscore")
 
 
 def number(x: object) -> bool:
@@ -73,16 +73,16 @@ def test_wire_bytes_per_hop_and_overheads(results: dict) -> None:
         for hop in ("hop1", "hop2"):
             for key in ("up_bytes_per_request", "down_bytes_per_request"):
                 assert number(wire["modes"][mode][hop][key]) and wire["modes"][mode][hop][key] > 0
-    for mode in ("l1", "l0psk", "l0cert", "oscore", "l0psk_l1", "l0cert_l1", "oscore_l1",
-                 "aio_oscore"):
+    for mode in ("l1", "l0psk", "l0cert", "l0rpk", "oscore", "l0psk_l1", "l0cert_l1",
+                 "l0rpk_l1", "oscore_l1", "aio_oscore"):
         for key in ("hop1_request", "hop1_response", "hop2_request", "hop2_response"):
             assert number(wire["overhead"][mode][key])
     # every end-to-end mode adds bytes to the request on both hops
-    for mode in ("l0psk", "l0cert", "oscore"):
+    for mode in ("l0psk", "l0cert", "l0rpk", "oscore"):
         assert wire["overhead"][mode]["hop1_request"] > 0
         assert wire["overhead"][mode]["hop2_request"] > 0
     assert wire["stock_aiocoap_oscore_via_aiocoap_proxy"]
-    for mode in ("l0psk", "l0cert", "oscore"):
+    for mode in ("l0psk", "l0cert", "l0rpk", "oscore"):
         hs = wire["modes"][mode]["e2e_handshake"]["hop1"]
         assert number(hs["total_bytes"]) and hs["exchanges"] >= 2
 
@@ -90,7 +90,7 @@ def test_wire_bytes_per_hop_and_overheads(results: dict) -> None:
 @pytest.mark.timeout(450)
 def test_handshake_profiles_and_rates(results: dict) -> None:
     hs = results["handshake"]
-    for kind in ("psk", "certificate", "resumed"):
+    for kind in ("psk", "certificate", "rpk", "resumed"):
         p = hs["profiles"][kind]
         assert number(p["total_bytes"]) and p["total_bytes"] > 0
         assert p["round_trips"] >= 2
@@ -98,15 +98,19 @@ def test_handshake_profiles_and_rates(results: dict) -> None:
         assert p["total_bytes"] == sum(f["bytes"] for f in p["flights"])
     assert hs["profiles"]["resumed"]["resumed"] is True
     assert hs["profiles"]["resumed"]["total_bytes"] < hs["profiles"]["certificate"]["total_bytes"]
-    assert number(hs["rate_in_process"]["per_second"])
-    assert number(hs["rate_over_wire"]["server_cpu_ms_per_handshake"])
-    assert hs["rate_over_wire"]["handshakes"] > 0
+    # raw public keys replace two ~350-byte certificates with 91-byte keys
+    assert hs["profiles"]["rpk"]["total_bytes"] < hs["profiles"]["certificate"]["total_bytes"]
+    for key in ("rate_in_process", "rate_in_process_rpk"):
+        assert number(hs[key]["per_second"]), key
+    for key in ("rate_over_wire", "rate_over_wire_rpk"):
+        assert number(hs[key]["server_cpu_ms_per_handshake"]), key
+        assert hs[key]["handshakes"] > 0 and hs[key]["errors"] == 0, key
 
 
 @pytest.mark.timeout(450)
 def test_memory_per_session_and_context(results: dict) -> None:
     memory = results["memory"]
-    for kind in ("psk", "cert", "oscore"):
+    for kind in ("psk", "cert", "rpk", "oscore"):
         entries = [v for k, v in memory.items() if k.startswith(kind + "@")]
         assert len(entries) == 2, (kind, list(memory))
         for e in entries:
