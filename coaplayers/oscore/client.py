@@ -22,6 +22,7 @@ block-wise transfers (inner, RFC 8613 Section 4.1.3.4) and Observe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 import aiocoap
 from aiocoap import oscore as _aiooscore
 from aiocoap.message import UndecidedRemote
+from aiocoap.protocol import BlockwiseRequest
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from ..layer0.profile import is_tunnel_path
@@ -176,7 +178,7 @@ class OscoreClientTransport(TransportOSCORE):
         contexts: ClientContexts,
         on_rehandshake: RehandshakeCallback | None = None,
     ) -> None:
-        super().__init__(context, context)
+        super().__init__(context, _Wire(context))
         self.contexts = contexts
         self.on_rehandshake = on_rehandshake
 
@@ -232,6 +234,91 @@ class OscoreClientTransport(TransportOSCORE):
             except Exception:
                 log.exception("on_rehandshake callback failed")
         raise error
+
+
+ONE_BLOCK = 1024
+"""Protected messages up to this payload size go out as one message without aiocoap's
+block-wise runner (every remote takes 1024-byte blocks unless a server asked for less)."""
+
+
+class _Wire:
+    """The context as the OSCORE transport sends protected messages through it.
+
+    aiocoap's ``Context.request`` runs each request in a block-wise task of its own, which
+    looks the request interface up a second time; a protected request of one block without
+    Observe needs neither (about 1 task, 1 loop iteration and 1 Layer 1 address lookup per
+    request: ~40-60 us of CPU in coap-bench's OSCORE mode). Its answer is still completed by
+    aiocoap's block-wise code when it comes in outer Block2 blocks. Everything else goes
+    to ``Context.request`` unchanged.
+    """
+
+    def __init__(self, context: aiocoap.Context) -> None:
+        self._context = context
+        self.loop = context.loop
+
+    def request(self, message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
+        if (
+            not handle_blockwise
+            or message.opt.observe is not None
+            or message.opt.block1 is not None
+            or message.opt.block2 is not None
+            or len(message.payload) > ONE_BLOCK
+        ):
+            return self._context.request(message, handle_blockwise=handle_blockwise)
+        return _OneBlockRequest(self._context, message)
+
+
+class _OneBlockRequest:
+    """``.response`` (and no ``.observation``) of a one-block request, as aiocoap gives."""
+
+    observation = None
+
+    def __init__(self, context: aiocoap.Context, message: aiocoap.Message) -> None:
+        self._context = context
+        self._message = message
+        self.response: asyncio.Future[aiocoap.Message] = context.loop.create_future()
+        self._inner = context.request(message, handle_blockwise=False)
+        self._inner.response.add_done_callback(self._answered)
+        self.response.add_done_callback(self._given_up)
+        self._task: asyncio.Task[None] | None = None
+
+    def _given_up(self, response: asyncio.Future[aiocoap.Message]) -> None:
+        if response.cancelled():
+            self._inner.response.cancel()
+            if self._task is not None:
+                self._task.cancel()
+
+    def _answered(self, inner: asyncio.Future[aiocoap.Message]) -> None:
+        if self.response.done():
+            return
+        if inner.cancelled():
+            self.response.cancel()
+            return
+        exc = inner.exception()
+        if exc is not None:
+            self.response.set_exception(exc)
+            return
+        answer = inner.result()
+        answer.opt.block1 = None  # as aiocoap's block-wise runner leaves it
+        block2 = answer.opt.block2
+        if block2 is None or not block2.more:
+            answer.opt.block2 = None
+            self.response.set_result(answer)
+            return
+        # Outer Block2 (a proxy fragmented the protected answer): aiocoap completes it.
+        self._task = self._context.loop.create_task(self._complete(answer))
+
+    async def _complete(self, first: aiocoap.Message) -> None:
+        try:
+            whole = await BlockwiseRequest._complete_by_requesting_block2(
+                self._context, self._message, first, log
+            )
+        except Exception as exc:
+            if not self.response.done():
+                self.response.set_exception(exc)
+            return
+        if not self.response.done():
+            self.response.set_result(whole)
 
 
 def attach(

@@ -171,3 +171,95 @@ def test_nonce_matches_aiocoap(id_length: int) -> None:
         theirs = aiooscore.BaseSecurityContext._construct_nonce(sc, piv, ident, sc.alg_aead)
         assert ours == theirs
         assert len(ours) == sc.alg_aead.iv_bytes
+
+
+class _FakeWireContext:
+    """Answers requests sent with handle_blockwise=False from a script, recording them."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        self.answers = answers
+        self.sent: list[tuple[Message, bool]] = []
+        self.pending: list[Any] = []
+
+    def request(self, message: Message, handle_blockwise: bool = True) -> Any:
+        self.sent.append((message, handle_blockwise))
+        future = self.loop.create_future()
+        answer = self.answers.pop(0) if self.answers else None
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        elif answer is not None:
+            self.loop.call_soon(future.set_result, answer)
+        self.pending.append(future)
+        return type("R", (), {"response": future, "observation": None})()
+
+
+def _answer(payload: bytes, block2: tuple[int, bool, int] | None = None) -> Message:
+    from aiocoap.optiontypes import BlockOption
+
+    m = Message(code=Code.CHANGED, payload=payload)
+    if block2 is not None:
+        m.opt.block2 = BlockOption.BlockwiseTuple(*block2)
+    m.remote = UndecidedRemote("coaps", "127.0.0.1:5684")
+    return m
+
+
+def _protected_request(payload: bytes = b"x" * 60) -> Message:
+    m = Message(code=Code.POST, payload=payload)
+    m.opt.oscore = b"\x09\x05\x01"
+    m.remote = UndecidedRemote("coaps", "127.0.0.1:5694")
+    return m
+
+
+async def test_one_block_wire_request_skips_the_blockwise_runner() -> None:
+    from coaplayers.oscore.client import _Wire
+
+    ctx = _FakeWireContext([_answer(b"answer")])
+    response = await _Wire(ctx).request(_protected_request()).response  # type: ignore[arg-type]
+    assert response.payload == b"answer"
+    assert [blockwise for _, blockwise in ctx.sent] == [False]
+
+
+async def test_outer_block2_answer_is_completed_block_by_block() -> None:
+    from coaplayers.oscore.client import _Wire
+
+    first, second = b"a" * 16, b"b" * 5
+    ctx = _FakeWireContext([_answer(first, (0, True, 0)), _answer(second, (1, False, 0))])
+    request = _protected_request()
+    response = await _Wire(ctx).request(request).response  # type: ignore[arg-type]
+    assert response.payload == first + second
+    assert len(ctx.sent) == 2
+    follow_up = ctx.sent[1][0]
+    assert follow_up.opt.block2.block_number == 1
+    assert follow_up.opt.oscore == request.opt.oscore  # (aiocoap sends no payload again)
+
+
+async def test_big_or_observing_wire_requests_go_to_aiocoap_unchanged() -> None:
+    from coaplayers.oscore.client import ONE_BLOCK, _Wire
+
+    ctx = _FakeWireContext([_answer(b"1"), _answer(b"2")])
+    wire = _Wire(ctx)  # type: ignore[arg-type]
+    wire.request(_protected_request(b"x" * (ONE_BLOCK + 1)))
+    observing = _protected_request()
+    observing.opt.observe = 0
+    wire.request(observing)
+    assert [blockwise for _, blockwise in ctx.sent] == [True, True]
+
+
+async def test_wire_errors_and_cancellation_pass_through() -> None:
+    import asyncio
+
+    from aiocoap import error
+
+    from coaplayers.oscore.client import _Wire
+
+    ctx = _FakeWireContext([error.ConRetransmitsExceeded("gone")])
+    with pytest.raises(error.ConRetransmitsExceeded):
+        await _Wire(ctx).request(_protected_request()).response  # type: ignore[arg-type]
+    ctx = _FakeWireContext([])  # never answers
+    pending = _Wire(ctx).request(_protected_request())  # type: ignore[arg-type]
+    pending.response.cancel()
+    await asyncio.sleep(0)
+    assert ctx.pending[0].cancelled()
