@@ -27,8 +27,10 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import cbor2
 from aiocoap import Message
 from aiocoap import oscore as _aiooscore
+from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.options import Options
@@ -273,13 +275,76 @@ class SecurityContext(
 
     def protect(self, message: Message, request_id: Any = None, *,
                 kid_context: Any = True) -> tuple[Message, Any]:
-        """aiocoap's protect; a request also remembers the Partial IV it went out with
+        """RFC 8613 Section 8.1 / 8.3: the protected (outer) message and the request's
+        identifiers. A request also remembers the Partial IV it went out with
         (``message.oscore_request_piv``), so that a refusal of it can be checked with the
-        server (:class:`~coaplayers.oscore.mode.OscoreRequester`)."""
-        protected, ids = super().protect(message, request_id, kid_context=kid_context)
-        if request_id is None:
-            message.oscore_request_piv = ids.partial_iv  # type: ignore[attr-defined]
-        return protected, ids
+        server (:class:`~coaplayers.oscore.mode.OscoreRequester`).
+
+        The steps of aiocoap's ``CanProtect.protect`` for a non-group context, written out:
+        aiocoap's general version (group modes, signatures, deterministic requests) builds
+        the COSE header twice and formats a dozen debug strings whether or not debug
+        logging is on; this one did ~35 -> ~15 us per message in isolation and about 0.1 ms
+        less per message in coap-bench, where each runs cache-cold between datagrams. The
+        output is byte-identical (tests/oscore/test_oscore_fastpaths.py compares it with
+        aiocoap's for requests and responses; the RFC 8613 Appendix C vectors pass). The
+        AEAD is aiocoap's algorithm object (the ``cryptography`` library), unchanged.
+        """
+        is_request = message.code.is_request()
+        if (request_id is None) != is_request:
+            raise ValueError("a request is protected without, a response with request_id")
+        outer, plaintext = self._split_message(message, request_id)
+        outer.direction = Direction.OUTGOING
+        outer.transport_tuning = message.transport_tuning
+        alg = self.alg_aead
+
+        generated_by = piv = None
+        if request_id is not None:
+            generated_by, piv = request_id.get_reusable_kid_and_piv()
+        if generated_by is None:
+            # A fresh Partial IV: every request, and responses that may not reuse the
+            # request's nonce (Observe notifications after the first, Echo answers).
+            seqno = self.new_sequence_number()
+            piv = seqno.to_bytes(5, "big").lstrip(b"\0") or b"\0"
+            generated_by = self.sender_id
+            option_piv = piv
+        else:
+            option_piv = b""
+        nonce = self._construct_nonce(piv, generated_by, alg)
+
+        # The OSCORE option (RFC 8613 Section 6.1): flags, Partial IV, kid context, kid.
+        flags = len(option_piv)
+        kid = b""
+        s_kid_context = b""
+        if is_request:
+            request_id = _aiooscore.RequestIdentifiers(
+                self.sender_id, piv, can_reuse_nonce=None, request_code=outer.code
+            )
+            flags |= _aiooscore.COMPRESSION_BIT_K
+            kid = self.sender_id
+            if kid_context is True:
+                context_value = self.id_context
+            elif kid_context is False:
+                context_value = None
+            else:
+                context_value = kid_context
+            if context_value is not None:
+                if len(context_value) > 255:
+                    raise ValueError("KID Context too long")
+                flags |= _aiooscore.COMPRESSION_BIT_H
+                s_kid_context = bytes((len(context_value),)) + context_value
+        outer.opt.oscore = (
+            bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
+        )
+
+        # AAD (RFC 8613 Section 5.4): no Class I options, one algorithm (non-group).
+        external_aad = cbor2.dumps(
+            [1, [alg.value], request_id.kid, request_id.partial_iv, b""]
+        )
+        aad = cbor2.dumps(["Encrypt0", b"", external_aad])
+        outer.payload = alg.encrypt(plaintext, aad, self.sender_key, nonce)
+        if is_request:
+            message.oscore_request_piv = piv  # type: ignore[attr-defined]
+        return outer, request_id
 
     def _construct_nonce(
         self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any

@@ -263,3 +263,67 @@ async def test_wire_errors_and_cancellation_pass_through() -> None:
     pending.response.cancel()
     await asyncio.sleep(0)
     assert ctx.pending[0].cancelled()
+
+
+def _twins(**kw: Any) -> tuple[SecurityContext, SecurityContext, SecurityContext]:
+    """Two identical client contexts (ours, and one protected by aiocoap's code) + server."""
+    args = dict(master_secret=bytes(range(16)), master_salt=b"salt", sender_id=b"\x01",
+                recipient_id=b"", **kw)
+    server_args = dict(args, sender_id=b"", recipient_id=b"\x01")
+    return SecurityContext(**args), SecurityContext(**args), SecurityContext(**server_args)
+
+
+def _same_wire(a: Message, b: Message) -> bool:
+    for m in (a, b):
+        m.mtype, m.mid, m.token = aiocoap_con(), 1, b"t"
+    return a.encode() == b.encode()
+
+
+def aiocoap_con() -> Any:
+    from aiocoap.numbers.types import Type
+
+    return Type.CON
+
+
+@pytest.mark.parametrize("seqno", [0, 1, 255, 256, 65535, 65536, 2**32, 2**40 - 10])
+@pytest.mark.parametrize("id_context", [None, b"", b"\x37\xcb\xf3\x21\x00\x17\xa2\xd3"])
+def test_protect_matches_aiocoap_for_requests_and_responses(
+    seqno: int, id_context: bytes | None
+) -> None:
+    ours, theirs, server = _twins(id_context=id_context, sender_sequence_number=seqno)
+    for index, request in enumerate(_requests()):
+        for kid_context in (True, False, b"\x99"):
+            ours.sender_sequence_number = theirs.sender_sequence_number = seqno + index
+            mine, my_ids = ours.protect(copy_request(request), kid_context=kid_context)
+            ref, ref_ids = aiooscore.CanProtect.protect(
+                theirs, copy_request(request), kid_context=kid_context
+            )
+            assert _same_wire(mine, ref)
+            assert (my_ids.kid, my_ids.partial_iv, my_ids.code_style) == (
+                ref_ids.kid, ref_ids.partial_iv, ref_ids.code_style)
+    # Responses: the first reuses the request's nonce, later ones (notifications) do not.
+    server.sender_sequence_number = seqno
+    request, _ = ours.protect(_requests()[1])  # GET with Observe
+    request.direction = Direction.INCOMING
+    server.id_context = id_context
+    _, ids_a = server.unprotect(request)
+    twin = SecurityContext(master_secret=bytes(range(16)), master_salt=b"salt", sender_id=b"",
+                           recipient_id=b"\x01", id_context=id_context,
+                           sender_sequence_number=seqno)
+    request.direction = Direction.INCOMING
+    import copy
+
+    ids_b = copy.copy(ids_a)
+    for n in range(3):
+        answer = Message(code=Code.CONTENT, payload=b"n%d" % n, observe=n)
+        mine, _ = server.protect(answer, ids_a)
+        ref, _ = aiooscore.CanProtect.protect(twin, Message(
+            code=Code.CONTENT, payload=b"n%d" % n, observe=n), ids_b)
+        assert _same_wire(mine, ref)
+        assert (mine.opt.oscore == b"") == (n == 0)  # only the first reuses the nonce
+
+
+def test_protect_refuses_a_mismatched_request_id() -> None:
+    sc = _context()
+    with pytest.raises(ValueError):
+        sc.protect(Message(code=Code.CONTENT), None)
