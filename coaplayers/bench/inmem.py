@@ -82,14 +82,12 @@ class Peers:
         self.psk_key = parse_key_text(e2e["key"])
         self.psk_store = PskStore({self.psk_identity: self.psk_key})
         self.config = layer0_config()
-        # Raw public keys (RFC 7250, the GnuTLS backend): P-256 pairs pinned both ways, made
-        # here like coap-keys makes its own (kept in memory: nothing reads them from files).
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        client_key = ec.generate_private_key(ec.SECP256R1())
-        self.server_rpk = RawPublicKeyCredentials(server_key, [client_key.public_key()])
-        self.client_rpk = RawPublicKeyCredentials(client_key, [server_key.public_key()])
+        # Raw public keys (RFC 7250, the GnuTLS backend): coap-keys's P-256 pairs, pinned both
+        # ways as server.toml and client.toml pin them.
+        self.server_rpk = RawPublicKeyCredentials.from_files(creds / "server-rpk.key",
+                                                             creds / "client-rpk.pub")
+        self.client_rpk = RawPublicKeyCredentials.from_files(creds / "client-rpk.key",
+                                                             creds / "server-rpk.pub")
         self._client_rpk_context: Any = None
 
     def core(self, kind: str, max_sessions: int = 256, *,
