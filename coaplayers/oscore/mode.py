@@ -135,6 +135,7 @@ class OscoreRequester:
         self._proxy = proxy
         # One forwarder for all requests (aiocoap parses the proxy URI when making one).
         self._via: Any = ProxyForwarder(proxy, context) if proxy else context
+        self._hostinfo_split: dict[str, tuple[str, int | None]] = {}
         self._lock = asyncio.Lock()
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
@@ -217,8 +218,15 @@ class OscoreRequester:
         ):
             direct = copy_request(message)
             if self._proxy:
-                # What ProxyForwarder.request does.
-                host, port = hostportsplit(direct.remote.hostinfo)
+                # What ProxyForwarder.request does (the split remembered per origin).
+                hostinfo = direct.remote.hostinfo
+                split = self._hostinfo_split.get(hostinfo)
+                if split is None:
+                    split = hostportsplit(hostinfo)
+                    if len(self._hostinfo_split) >= 64:
+                        self._hostinfo_split.clear()
+                    self._hostinfo_split[hostinfo] = split
+                host, port = split
                 direct.opt.uri_port = port
                 direct.opt.uri_host = host
                 direct.opt.proxy_scheme = direct.remote.scheme
