@@ -1,7 +1,7 @@
 """The project's RFC 8613 security context: aiocoap's OSCORE, plus what this project needs.
 
-:class:`SecurityContext` reuses aiocoap's protect/unprotect code (COSE, nonces, AAD, replay
-window) and changes four things:
+:class:`SecurityContext` reuses aiocoap's unprotect code (COSE, AAD, replay window) and its
+algorithms, and changes four things:
 
 * **Outer options.** aiocoap 0.4.17 drops Proxy-Scheme and Uri-Port when it builds the outer
   message of a request; RFC 8613 Section 4.1.3.3 keeps them outer (Class U), and a forward
@@ -16,6 +16,12 @@ window) and changes four things:
   see it as ``request.remote.authenticated_claims`` and the context as
   ``request.remote.security_context``.
 * **No secrets in repr or logs.**
+
+For speed, protecting (:meth:`SecurityContext.protect`, :meth:`~SecurityContext._split_message`,
+:meth:`~SecurityContext._construct_nonce`) is written out for this non-group context instead
+of going through aiocoap's general code; the bytes are the same (tests/oscore compare them
+with aiocoap's and with the RFC 8613 Appendix C vectors). Unprotecting, where the replay
+checks live, is aiocoap's.
 
 It is sans-I/O except for the optional persistence hook, which writes synchronously on
 purpose: a sequence number must be on disk before it is on the wire.
