@@ -35,7 +35,7 @@ from .rig import rig
 
 EPILOG = """\
 examples:
-  coap-bench --json bench.json --png bench.png        # the full run (about 6-8 minutes)
+  coap-bench --json bench.json --png bench.png        # the full run (about 6 minutes)
   coap-bench --quick --json quick.json                # a smoke run (about a minute)
   coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
 
