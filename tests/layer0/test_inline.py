@@ -142,3 +142,56 @@ def test_answer_inline_puts_the_tunnel_in_front_of_a_context() -> None:
             await ctx.shutdown()
 
     asyncio.run(run())
+
+
+class HostSite:
+    """Answers with a response object it keeps, carrying an outer-only option (Uri-Host)."""
+
+    def __init__(self) -> None:
+        self.response = Message(code=Code.CONTENT, payload=b"kept", uri_host="example.org")
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        pipe.add_response(self.response, is_last=True)
+
+
+def test_inner_answers_drop_outer_only_options_without_touching_the_resources_message() -> None:
+    from coaplayers.dtls import ApplicationData
+    from coaplayers.layer0 import inner
+
+    async def post(site: Layer0Site, path: str, payload: bytes) -> Message:
+        pipe, answers = _pipe(Code.POST, path, payload)
+        assert site.render_inline(pipe)
+        async with asyncio.timeout(5):
+            await answers.last.wait()
+        return answers[-1]
+
+    async def run() -> None:
+        app = HostSite()
+        site = Layer0Site(app, PskStore({CREDS.identity: CREDS.key}),
+                          policy=Policy.build(protected=()))
+        client = TinyDtlsSession.client(CREDS, layer0_config())
+        client.connect(0.0)
+        answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
+        client.receive_datagram(answer.payload, 0.0)
+        answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
+        sid = answer.opt.location_path[0]
+        for _ in range(8):
+            client.receive_datagram(answer.payload, 0.0)
+            if client.is_established:
+                break
+            answer = await post(site, sid, b"".join(client.datagrams_to_send()))
+        assert client.is_established
+        while client.next_event() is not None:
+            pass
+        client.send(inner.encode(b"\x07", Message(code=Code.GET, uri_path=["x"])))
+        answer = await post(site, sid, b"".join(client.datagrams_to_send()))
+        client.receive_datagram(answer.payload, 0.0)
+        data = [e.data for e in iter(client.next_event, None) if isinstance(e, ApplicationData)]
+        assert len(data) == 1
+        got = inner.decode(data[0])
+        assert got.token == b"\x07" and got.message.code == Code.CONTENT
+        assert got.message.payload == b"kept" and got.message.opt.uri_host is None
+        assert app.response.opt.uri_host == "example.org"  # the resource's own object intact
+        site.close()
+
+    asyncio.run(run())
