@@ -288,23 +288,21 @@ def render(results: dict[str, Any]) -> str:
             parts.append("on the wire, CoAP (and Layer 1) included, OSCORE = keying: "
                          + "; ".join(extra))
     if hs.get("rate_in_process"):
-        r = hs["rate_in_process"]
-        line = (f"\nFull certificate handshakes/s at the server: {r['per_second']:.0f}/s"
-                f" in-process ({r['server_ms_per_handshake']:.2f} ms server time each)")
-        w = hs.get("rate_over_wire")
-        if w and w.get("server_cpu_bound_per_second"):
-            line += (f"; over the wire coap-server used {w['server_cpu_ms_per_handshake']:.2f}"
-                     f" ms CPU per handshake = {w['server_cpu_bound_per_second']:.0f}/s per core"
-                     f" (wall {w['wall_per_second']:.0f}/s, client on the same 2 cores)")
-        rpk = hs.get("rate_in_process_rpk")
-        if rpk:
-            line += (f"\nFull raw-public-key handshakes/s at the server: {rpk['per_second']:.0f}/s"
-                     f" in-process ({rpk['server_ms_per_handshake']:.2f} ms server time each)")
-            w = hs.get("rate_over_wire_rpk")
+        line = ""
+        for what, inproc, wire_key in (("certificate", "rate_in_process", "rate_over_wire"),
+                                       ("raw-public-key", "rate_in_process_rpk",
+                                        "rate_over_wire_rpk")):
+            r = hs.get(inproc)
+            if not r:
+                continue
+            line += (f"\nFull {what} handshakes/s at the server: {r['per_second']:.0f}/s"
+                     f" in-process ({r['server_ms_per_handshake']:.2f} ms server time each)")
+            w = hs.get(wire_key)
             if w and w.get("server_cpu_bound_per_second"):
                 line += (f"; over the wire coap-server used"
                          f" {w['server_cpu_ms_per_handshake']:.2f} ms CPU per handshake ="
-                         f" {w['server_cpu_bound_per_second']:.0f}/s per core")
+                         f" {w['server_cpu_bound_per_second']:.0f}/s per core"
+                         f" (wall {w['wall_per_second']:.0f}/s, client on the same 2 cores)")
         parts.append(line)
     mem = results.get("memory", {})
     rows = []
