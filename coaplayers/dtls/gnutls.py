@@ -34,9 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from . import records
 from .credentials import RawPublicKeyCredentials, spki_fingerprint
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, alert_error
+from .openssl import _RecordLayer  # the engine's AEAD record layer, shared by both backends
 from .session import DtlsConfig, DtlsSession, State
 
 CIPHER_SUITE = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"
+_SUITE_NAME = "ECDHE-ECDSA-AES128-CCM8"  # the same suite, as openssl._RecordLayer names it
 PRIORITY = (
     "NONE:+VERS-DTLS1.2:+ECDHE-ECDSA:+AES-128-CCM-8:+AEAD:+SIGN-ECDSA-SHA256"
     ":+GROUP-X25519:+GROUP-SECP256R1:+COMP-NULL:+CTYPE-CLI-RAWPK:+CTYPE-SRV-RAWPK"
@@ -104,6 +106,11 @@ int gnutls_alert_send_appropriate(gnutls_session_t session, int err);
 ssize_t gnutls_record_send(gnutls_session_t session, const void *data, size_t data_size);
 ssize_t gnutls_record_recv(gnutls_session_t session, void *data, size_t data_size);
 int gnutls_bye(gnutls_session_t session, int how);
+void gnutls_session_get_random(gnutls_session_t session, gnutls_datum_t *client,
+                               gnutls_datum_t *server);
+void gnutls_session_get_master_secret(gnutls_session_t session, gnutls_datum_t *secret);
+int gnutls_record_get_state(gnutls_session_t session, unsigned read, gnutls_datum_t *mac_key,
+    gnutls_datum_t *IV, gnutls_datum_t *cipher_key, unsigned char seq_number[8]);
 """)
 
 # gnutls.h
@@ -277,6 +284,7 @@ class GnuTlsSession(DtlsSession):
         self._max_in_seq = -1  # highest handshake message_seq received from the peer
         self._answered_seq = -1  # ... when we last sent a flight: what that flight answered
         self._s: Any = None
+        self._records: _RecordLayer | None = None  # epoch 1 once GnuTLS is freed
         holder = _ffi.new("gnutls_session_t *")
         flags = (_GNUTLS_CLIENT if is_client else _GNUTLS_SERVER) | _GNUTLS_DATAGRAM
         flags |= _GNUTLS_NONBLOCK | _GNUTLS_NO_TICKETS | _GNUTLS_ENABLE_RAWPK
@@ -331,7 +339,11 @@ class GnuTlsSession(DtlsSession):
     def export_keying_material(
         self, label: bytes, length: int, context: bytes | None = None
     ) -> bytes:
-        if self.state is not State.ESTABLISHED or self._s is None:
+        if self.state is not State.ESTABLISHED:
+            raise DtlsError("the exporter needs an established session")
+        if self._records is not None:
+            return self._records.export(label, length, context)
+        if self._s is None:
             raise DtlsError("the exporter needs an established session")
         out = _ffi.new("char[]", length)
         ctx = _ffi.NULL if context is None else context
@@ -378,7 +390,7 @@ class GnuTlsSession(DtlsSession):
         self._handshake_step()
 
     def _backend_receive(self, recs: list[bytes]) -> None:
-        if self._s is None:
+        if self._s is None and self._records is None:
             return
         if self.state is State.HANDSHAKING:
             # A ClientHello never belongs in a session: the client never receives one, and the
@@ -397,27 +409,95 @@ class GnuTlsSession(DtlsSession):
                 self._inbox.append(b"".join(recs))
                 self._handshake_step()
             return
-        # Established: only protected application data and alerts go to GnuTLS; the peer's
+        # Established: only protected application data and alerts count; the peer's
         # handshake records are its flight again, which the base class answers.
         recs = [r for r in recs if records.epoch(r) != 0 and records.content_type(r) in (
             records.CONTENT_APPLICATION_DATA, records.CONTENT_ALERT)]
+        if self._records is not None:
+            self._receive_protected(recs)
+            return
         if recs:
             self._inbox.append(b"".join(recs))
             self._read_records()
 
     def _backend_send(self, data: bytes) -> None:
+        if self._records is not None:
+            self._emit(self._records.protect(records.CONTENT_APPLICATION_DATA, data))
+            return
         rc = _gnutls().gnutls_record_send(self._require(), data, len(data))
         if rc < 0:
             raise DtlsError(f"GnuTLS could not send: {_strerror(rc)}")
 
     def _backend_close_notify(self) -> None:
+        if self._records is not None:
+            self._emit(self._records.protect(records.CONTENT_ALERT, b"\x01\x00"))
+            return
         _gnutls().gnutls_bye(self._require(), _GNUTLS_SHUT_WR)
 
     def _backend_max_plaintext(self) -> int:
+        if self._records is not None:
+            return self._records.max_plaintext(self.config.mtu)
         return min(int(_gnutls().gnutls_dtls_get_data_mtu(self._require())), 16384)
 
     def _backend_free(self) -> None:
+        self._records = None
         self._free()
+
+    def _hand_over(self) -> None:
+        """Give epoch 1 to the engine's own record layer and free GnuTLS's session.
+
+        An established GnuTLS session holds ~12 KiB more than the keys need, and each record
+        through it costs a round of cffi calls and callbacks; the X.509 backend does the same
+        (``openssl._RecordLayer``, checked against OpenSSL's records in
+        tests/dtls/test_record_layer.py, and against GnuTLS's in tests/dtls/test_gnutls_rpk.py).
+        Keeps GnuTLS when anything is not as expected: it then protects the records itself.
+        """
+        lib = _gnutls()
+        s = self._s
+        secret = _ffi.new("gnutls_datum_t *")
+        client = _ffi.new("gnutls_datum_t *")
+        server = _ffi.new("gnutls_datum_t *")
+        lib.gnutls_session_get_master_secret(s, secret)
+        lib.gnutls_session_get_random(s, client, server)
+        seq = _ffi.new("unsigned char[8]")
+        if lib.gnutls_record_get_state(s, 0, _ffi.NULL, _ffi.NULL, _ffi.NULL, seq) < 0:
+            return
+        if secret.size != 48 or client.size != 32 or server.size != 32:
+            return
+        write_seq = int.from_bytes(bytes(seq), "big")
+        if write_seq >> 48 != 1:  # epoch 1, as the established session must be in
+            return
+        self._records = _RecordLayer(
+            _SUITE_NAME, bytes(_ffi.buffer(secret.data, 48)), bytes(_ffi.buffer(client.data, 32)),
+            bytes(_ffi.buffer(server.data, 32)), is_client=self.is_client,
+            next_seq=write_seq & (1 << 48) - 1,
+        )
+        self._inbox.clear()
+        s, self._s = self._s, None
+        lib.gnutls_deinit(s)
+        self._handle = None
+
+    def _receive_protected(self, recs: list[bytes]) -> None:
+        layer = self._records
+        for record in recs:
+            if layer is None or self.state is not State.ESTABLISHED:
+                return
+            plain = layer.unprotect(record)
+            if plain is None:  # forged, altered or replayed: dropped (RFC 6347 4.1.2.7)
+                continue
+            if records.content_type(record) == records.CONTENT_APPLICATION_DATA:
+                if plain:
+                    self._app_data(plain)
+                continue
+            if len(plain) != 2:
+                continue
+            level, description = plain
+            if description == 0:  # close_notify
+                self._alert(1, 0)
+                self._fail(None)
+                return
+            if level == 2:
+                raise alert_error(description, we_are_client=self.is_client)
 
     # internals
 
@@ -479,10 +559,14 @@ class GnuTlsSession(DtlsSession):
         if self._peer_spki is None and self._credentials.require_peer:
             raise AuthenticationFailed("the peer presented no public key")
         self._established(identity, CIPHER_SUITE, False)
+        self._hand_over()
         held, self._held = self._held, []
         if held:
-            self._inbox.append(b"".join(held))
-            self._read_records()
+            if self._records is not None:
+                self._receive_protected(held)
+            else:
+                self._inbox.append(b"".join(held))
+                self._read_records()
 
     def _handshake_error(self, rc: int) -> DtlsError:
         lib = _gnutls()

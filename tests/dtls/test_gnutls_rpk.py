@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coaplayers.dtls import (
+    AlertReceived,
     AuthenticationFailed,
     ConfigurationError,
+    ConnectionClosed,
     DtlsConfig,
     DtlsError,
     State,
@@ -169,9 +171,23 @@ def test_handshake_fits_the_budget_with_and_without_the_cookie_exchange() -> Non
     assert per_flight[3][1] < 480
 
 
-def test_exporter_is_equal_on_both_sides_and_is_rfc5705() -> None:
+def keep_gnutls_on(side: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions of ``side`` ("client" or "server") keep GnuTLS's record layer after the
+    handshake, so that the engine's own (the other side's) is checked against GnuTLS's."""
+    hand_over = GnuTlsSession._hand_over
+
+    def selective(self: GnuTlsSession) -> None:
+        if self.is_client != (side == "client"):
+            hand_over(self)
+
+    monkeypatch.setattr(GnuTlsSession, "_hand_over", selective)
+
+
+def test_exporter_is_equal_on_both_sides_and_is_rfc5705(monkeypatch: pytest.MonkeyPatch) -> None:
+    keep_gnutls_on("client", monkeypatch)  # the client's exporter is GnuTLS's, the server's ours
     net = network()
     net.handshake()
+    assert net.client._records is None and net.server._records is not None  # type: ignore[union-attr]
     for label, length, context in [(b"EXPORTER-test", 32, None), (b"atls-oscore", 48, b""),
                                    (b"atls-oscore", 16, b"ctx")]:
         ours = net.client.export_keying_material(label, length, context)
@@ -486,3 +502,27 @@ def test_thousands_of_sessions_leak_nothing() -> None:
     gc.collect()
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 8 * 1024, f"max RSS grew {grown_kib} KiB over 1,500 sessions"
+
+
+@pytest.mark.parametrize("kept", ["client", "server"])
+def test_engine_record_layer_and_gnutls_records_interoperate(
+    kept: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the handshake one side protects records with GnuTLS, the other with the engine's
+    own record layer (which frees GnuTLS): data, replays and close_notify both ways."""
+    keep_gnutls_on(kept, monkeypatch)
+    net = network()
+    net.handshake()
+    handed = net.server if kept == "client" else net.client
+    assert handed._records is not None and handed._s is None  # type: ignore[union-attr]
+    for i in range(20):
+        net.client_send(b"up %d" % i)
+        net.server_send(b"down %d" % i)
+    net.settle()
+    assert net.received(SERVER) == [b"up %d" % i for i in range(20)]
+    assert net.received(CLIENT) == [b"down %d" % i for i in range(20)]
+    net.client.close()
+    net._collect()
+    net.settle()
+    assert AlertReceived(1, 0) in net.events_of(SERVER, AlertReceived)  # close_notify
+    assert net.closed_event(SERVER) == ConnectionClosed(None)
