@@ -409,13 +409,13 @@ class GnuTlsSession(DtlsSession):
                 self._inbox.append(b"".join(recs))
                 self._handshake_step()
             return
+        if self._records is not None:  # the usual case after the handshake
+            self._receive_epoch1(self._records, recs)
+            return
         # Established: only protected application data and alerts count; the peer's
         # handshake records are its flight again, which the base class answers.
         recs = [r for r in recs if records.epoch(r) != 0 and records.content_type(r) in (
             records.CONTENT_APPLICATION_DATA, records.CONTENT_ALERT)]
-        if self._records is not None:
-            self._receive_protected(recs)
-            return
         if recs:
             self._inbox.append(b"".join(recs))
             self._read_records()
@@ -478,26 +478,8 @@ class GnuTlsSession(DtlsSession):
         self._handle = None
 
     def _receive_protected(self, recs: list[bytes]) -> None:
-        layer = self._records
-        for record in recs:
-            if layer is None or self.state is not State.ESTABLISHED:
-                return
-            plain = layer.unprotect(record)
-            if plain is None:  # forged, altered or replayed: dropped (RFC 6347 4.1.2.7)
-                continue
-            if records.content_type(record) == records.CONTENT_APPLICATION_DATA:
-                if plain:
-                    self._app_data(plain)
-                continue
-            if len(plain) != 2:
-                continue
-            level, description = plain
-            if description == 0:  # close_notify
-                self._alert(1, 0)
-                self._fail(None)
-                return
-            if level == 2:
-                raise alert_error(description, we_are_client=self.is_client)
+        if self._records is not None:
+            self._receive_epoch1(self._records, recs)
 
     # internals
 

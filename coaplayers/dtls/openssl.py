@@ -376,34 +376,11 @@ class OpenSslSession(DtlsSession):
         self._conn = None
 
     def _receive_protected(self, recs: list[bytes]) -> None:
-        layer = self._records
-        for record in recs:
-            if layer is None or self.state is not State.ESTABLISHED:
-                return
-            ctype = records.content_type(record)
-            # Epoch 0 and epoch 1 handshake records are the peer's flight again (the engine
-            # answers with our final flight); renegotiation is off, so nothing else is valid.
-            if records.epoch(record) != 1 or ctype not in (
-                records.CONTENT_APPLICATION_DATA, records.CONTENT_ALERT
-            ):
-                continue
-            plain = layer.unprotect(record)
-            if plain is None:  # forged, altered or replayed: dropped (RFC 6347 4.1.2.7)
-                continue
-            if ctype == records.CONTENT_APPLICATION_DATA:
-                if plain:
-                    self._app_data(plain)
-                continue
-            if len(plain) != 2:
-                continue
-            level, description = plain
-            if description == 0:  # close_notify
-                self._alert(1, 0)
-                self._fail(None)
-                return
-            if level == 2:
-                self._forget_session()
-                raise alert_error(description, we_are_client=self.is_client)
+        if self._records is not None:
+            self._receive_epoch1(self._records, recs)
+
+    def _fatal_alert_received(self) -> None:
+        self._forget_session()
 
     def _forget_session(self) -> None:
         """A session that ended in a fatal alert must not be resumed (RFC 5246 7.2.2): OpenSSL

@@ -31,6 +31,7 @@ import abc
 import enum
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from . import records
 from .errors import (
@@ -38,6 +39,7 @@ from .errors import (
     HandshakeTimeout,
     ProtocolViolation,
     SessionClosed,
+    alert_error,
 )
 from .events import (
     AlertReceived,
@@ -284,6 +286,41 @@ class DtlsSession(abc.ABC):
         """End the session after flushing what the backend queued (e.g. our fatal alert)."""
         self._flush_out(as_flight=False)
         self._terminate(error)
+
+    def _receive_epoch1(self, layer: Any, recs: list[bytes]) -> None:
+        """Records of an established session whose epoch 1 a backend handed to the engine's
+        own record layer (``layer.unprotect``: the plaintext, or ``None`` for a forged,
+        altered or replayed record). Epoch 0 and epoch 1 handshake records are the peer's
+        flight again (the engine answers with our final flight); renegotiation is off, so
+        nothing but application data and alerts is valid."""
+        for record in recs:
+            if self.state is not State.ESTABLISHED:
+                return
+            ctype = records.content_type(record)
+            if records.epoch(record) != 1 or ctype not in (
+                records.CONTENT_APPLICATION_DATA, records.CONTENT_ALERT
+            ):
+                continue
+            plain = layer.unprotect(record)
+            if plain is None:  # dropped, RFC 6347 4.1.2.7
+                continue
+            if ctype == records.CONTENT_APPLICATION_DATA:
+                if plain:
+                    self._app_data(plain)
+                continue
+            if len(plain) != 2:
+                continue
+            level, description = plain
+            if description == 0:  # close_notify
+                self._alert(1, 0)
+                self._fail(None)
+                return
+            if level == 2:
+                self._fatal_alert_received()
+                raise alert_error(description, we_are_client=self.is_client)
+
+    def _fatal_alert_received(self) -> None:  # noqa: B027 - optional hook
+        """Called before a fatal alert from the peer ends a session (see _receive_epoch1)."""
 
     # ---------------------------------------------------------------- internals
 
