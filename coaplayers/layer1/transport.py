@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -32,6 +33,9 @@ from aiocoap.util import hostportjoin, hostportsplit
 from .. import dtls
 from ..dtls import records
 from .credentials import ClientCredentials
+
+split_hostinfo = functools.lru_cache(maxsize=1024)(hostportsplit)
+"""aiocoap's ``hostportsplit``, remembered: requests parse the same few origins over and over."""
 
 log = logging.getLogger("coaplayers.layer1")
 
@@ -273,7 +277,6 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._remotes: dict[tuple[int, tuple[Any, ...]], Layer1Remote] = {}
         # Per-request parsing that gives the same answer every time, remembered (bounded):
         # hostinfo -> (host, port) and IP literal -> normalized address text.
-        self._hostinfo_split: dict[str, tuple[str, int | None]] = {}
         self._literals: dict[str, str | None] = {}
         self._handshaking = _HalfOpenTable()
         self._openssl_contexts: dict[int, Any] = {}
@@ -386,13 +389,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             return None
         hostinfo = message.unresolved_remote
         if hostinfo is not None:
-            split = self._hostinfo_split.get(hostinfo)
-            if split is None:
-                split = hostportsplit(hostinfo)
-                if len(self._hostinfo_split) >= 1024:
-                    self._hostinfo_split.clear()
-                self._hostinfo_split[hostinfo] = split
-            host, port = split
+            host, port = split_hostinfo(hostinfo)
         elif message.opt.uri_host:
             host, port = message.opt.uri_host, message.opt.uri_port
         else:

@@ -24,10 +24,10 @@ from aiocoap.numbers.codes import Code
 from aiocoap.protocol import BlockwiseRequest
 from aiocoap.proxy.client import ProxyForwarder
 from aiocoap.transports.oscore import OSCOREAddress
-from aiocoap.util import hostportsplit
 
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
+from ..layer1.transport import split_hostinfo
 from .client import ClientContexts, attach, origin_of
 from .context import copy_request
 from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
@@ -135,7 +135,6 @@ class OscoreRequester:
         self._proxy = proxy
         # One forwarder for all requests (aiocoap parses the proxy URI when making one).
         self._via: Any = ProxyForwarder(proxy, context) if proxy else context
-        self._hostinfo_split: dict[str, tuple[str, int | None]] = {}
         self._lock = asyncio.Lock()
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
@@ -220,13 +219,7 @@ class OscoreRequester:
             if self._proxy:
                 # What ProxyForwarder.request does (the split remembered per origin).
                 hostinfo = direct.remote.hostinfo
-                split = self._hostinfo_split.get(hostinfo)
-                if split is None:
-                    split = hostportsplit(hostinfo)
-                    if len(self._hostinfo_split) >= 64:
-                        self._hostinfo_split.clear()
-                    self._hostinfo_split[hostinfo] = split
-                host, port = split
+                host, port = split_hostinfo(hostinfo)
                 direct.opt.uri_port = port
                 direct.opt.uri_host = host
                 direct.opt.proxy_scheme = direct.remote.scheme
