@@ -7,7 +7,9 @@ Phases, in order (each bounded in time, every process ended however the run ends
 2. bytes on the wire with recording relays on both hops (:mod:`.wire`);
 3. throughput and latency, 1 and 50 concurrent clients per mode, in interleaved rounds so
    that every ratio compares figures taken close together (:mod:`.load`);
-4. full certificate handshakes against coap-server over the wire (:mod:`.handshake`);
+4. full certificate and raw-public-key handshakes against coap-server over the wire: from
+   the product's client (:mod:`.handshake`) and, to keep the server busy, from a lean load
+   generator (:mod:`.hsload`);
 5. in process, without the rig: handshake sizes and round trips, handshakes per second,
    memory per Layer 0 session and per OSCORE context (:mod:`.memory`, one process each).
 """
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import handshake, report, wire
+from . import handshake, hsload, report, wire
 from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
 from .load import open_clients, run_load
 from .rig import rig
@@ -239,6 +241,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         results["handshake"]["rate_over_wire_rpk"] = await handshake.rate_over_wire(
             ep.server_coap, _e2e_rpk(ep.creds), ep.pids["coap-server"],
             seconds=1.5 if quick else 4.0)
+        _say("handshakes against a busy coap-server (lean load generator)")
+        for kind, key in (("cert", "rate_sustained"), ("rpk", "rate_sustained_rpk")):
+            results["handshake"][key] = await hsload.rate_sustained(
+                ep.server_coap, ep.creds, ep.pids["coap-server"], kind=kind,
+                seconds=1.5 if quick else 4.0)
     _say("handshake profiles and in-process rate")
     results["handshake"]["profiles"] = await asyncio.to_thread(handshake.profiles, ep.creds)
     results["handshake"]["rate_in_process"] = await asyncio.to_thread(

@@ -187,6 +187,7 @@ async def rate_over_wire(server_coap: str, creds: Any, server_pid: int, *, secon
         "errors": errors,
         "seconds": elapsed,
         "wall_per_second": done / elapsed if elapsed else 0.0,
+        "server_cpu_share": cpu / elapsed if elapsed else 0.0,
         "server_cpu_ms_per_handshake": 1000 * cpu / done if done else None,
         "server_cpu_bound_per_second": done / cpu if cpu else None,
         "concurrency": concurrency,

@@ -158,16 +158,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         t.append(_target("full raw-public-key handshakes/s, server engine + tunnel (in-process)",
                          rate["rate_in_process_rpk"]["per_second"], 300, at_least=True,
                          unit="/s", note="TunnelCore time only, one core"))
-    for key, what in (("rate_over_wire", "certificate"), ("rate_over_wire_rpk", "raw-public-key")):
-        wire_rate = rate.get(key)
-        if wire_rate and wire_rate.get("server_cpu_bound_per_second"):
+    for key, what in (("rate_sustained", "certificate"), ("rate_sustained_rpk", "raw-public-key")):
+        busy = rate.get(key)
+        if busy and busy.get("server_cpu_bound_per_second"):
             t.append(_target(
-                f"full {what} handshakes/s, coap-server process (over the wire)",
-                wire_rate["server_cpu_bound_per_second"], 300, at_least=True,
+                f"full {what} handshakes/s sustained by coap-server (over the wire)",
+                busy["server_cpu_bound_per_second"], 300, at_least=True,
                 unit="/s per core",
-                note=f"server CPU {wire_rate['server_cpu_ms_per_handshake']:.2f} ms per"
-                     f" handshake; wall rate {wire_rate['wall_per_second']:.0f}/s with"
-                     " the client on the same cores"))
+                note=f"server busy {100 * busy['server_cpu_share']:.0f}% of a core,"
+                     f" {busy['server_cpu_ms_per_handshake']:.2f} ms CPU each;"
+                     f" wall {busy['wall_per_second']:.0f}/s"))
     mem = results.get("memory", {})
     for _key, entry in sorted(mem.items()):
         if not isinstance(entry, dict) or "bytes_per_item" not in entry:
@@ -299,10 +299,18 @@ def render(results: dict[str, Any]) -> str:
                      f" in-process ({r['server_ms_per_handshake']:.2f} ms server time each)")
             w = hs.get(wire_key)
             if w and w.get("server_cpu_bound_per_second"):
-                line += (f"; over the wire coap-server used"
-                         f" {w['server_cpu_ms_per_handshake']:.2f} ms CPU per handshake ="
+                line += (f"; over the wire from coap-client's engine (Layer0Channel) coap-server"
+                         f" used {w['server_cpu_ms_per_handshake']:.2f} ms CPU per handshake ="
                          f" {w['server_cpu_bound_per_second']:.0f}/s per core"
-                         f" (wall {w['wall_per_second']:.0f}/s, client on the same 2 cores)")
+                         f" (wall {w['wall_per_second']:.0f}/s, server mostly idle: the client"
+                         " is the limit)")
+            b = hs.get(wire_key.replace("over_wire", "sustained"))
+            if b and b.get("server_cpu_bound_per_second"):
+                line += (f"; from the lean generator, server busy"
+                         f" {100 * b['server_cpu_share']:.0f}% of a core:"
+                         f" {b['wall_per_second']:.0f}/s wall,"
+                         f" {b['server_cpu_ms_per_handshake']:.2f} ms CPU each ="
+                         f" {b['server_cpu_bound_per_second']:.0f}/s per core")
         parts.append(line)
     mem = results.get("memory", {})
     rows = []

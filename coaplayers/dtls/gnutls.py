@@ -655,4 +655,4 @@ class GnuTlsListener:
 
 def _client_data(peer_key: Hashable) -> bytes:
     """What the cookie binds to: the peer key, in a form that cannot collide across types."""
-    return hmac.new(b"coaplayers peer", repr(peer_key).encode(), "sha256").digest()
+    return hmac.digest(b"coaplayers peer", repr(peer_key).encode(), "sha256")

@@ -17,7 +17,6 @@ server's session cache (resumption) and the client's session object stay in Open
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -461,7 +460,7 @@ class OpenSslListener:
 
     def _cookie(self, conn: SSL.Connection) -> bytes:
         msg = repr(conn.get_app_data()).encode()
-        return hmac.new(self._secret, msg, hashlib.sha256).digest()[:_COOKIE_LEN]
+        return hmac.digest(self._secret, msg, "sha256")[:_COOKIE_LEN]
 
     def _new_listener(self) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)
@@ -666,8 +665,8 @@ def _prf(hash_name: str, secret: bytes, label: bytes, seed: bytes, length: int) 
     out = b""
     a = seed
     while len(out) < length:
-        a = hmac.new(secret, a, hash_name).digest()
-        out += hmac.new(secret, a + seed, hash_name).digest()
+        a = hmac.digest(secret, a, hash_name)
+        out += hmac.digest(secret, a + seed, hash_name)
     return out[:length]
 
 

@@ -1,0 +1,183 @@
+"""Full Layer 0 handshakes against coap-server as fast as it answers them: the rate it sustains.
+
+:func:`coaplayers.bench.handshake.rate_over_wire` drives handshakes with the product's own
+client (:class:`~coaplayers.layer0.Layer0Channel` on an aiocoap context). On two cores that
+client is the bottleneck: it spends about twice the server's CPU per handshake, so the server
+idles most of the time, and a server that idles pays for every wake-up on its own. This load
+generator spends on each handshake little more than the client's DTLS engine: it encodes the
+three outer requests itself (aiocoap's :class:`~aiocoap.Message` codec, no message layer, no
+token manager) on one UDP socket, with as many handshakes in flight as asked. With coap-server
+busy for most of the run, its CPU time per handshake is what it sustains.
+
+Written here rather than borrowed because no CoAP load tool speaks the Layer 0 tunnel; it
+sends each request once and counts a handshake that gets no answer within the timeout as an
+error (there is no loss on loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiocoap import CON, POST, Message
+
+from ..dtls import ConnectionClosed, HandshakeComplete
+from ..layer0.profile import CHANGED, CONTENT_FORMAT, CREATED, WELL_KNOWN_PATH
+from .inmem import Peers
+from .procs import cpu_of
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    """One UDP socket, responses matched to requests by token."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.waiting: dict[bytes, asyncio.Future[Message]] = {}
+        self.stray = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            msg = Message.decode(data)
+        except Exception:  # counted: a load generator must not stop on one odd datagram
+            self.stray += 1
+            return
+        future = self.waiting.pop(msg.token, None)
+        if future is None or future.done():
+            self.stray += 1
+            return
+        future.set_result(msg)
+
+
+class _Load:
+    def __init__(self, endpoint: _Endpoint, peers: Peers, kind: str, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.peers = peers
+        self.kind = kind
+        self.timeout = timeout
+        self._mid = int.from_bytes(os.urandom(2), "big")
+        self._token = int.from_bytes(os.urandom(4), "big")
+
+    async def exchange(self, path: tuple[str, ...], payload: bytes) -> Message:
+        self._mid = (self._mid + 1) & 0xFFFF
+        self._token = (self._token + 1) & 0xFFFFFFFF
+        token = self._token.to_bytes(4, "big")
+        msg = Message(mtype=CON, mid=self._mid, token=token, code=POST, payload=payload)
+        msg.opt.uri_path = path
+        if path == WELL_KNOWN_PATH:
+            msg.opt.content_format = CONTENT_FORMAT
+        future = asyncio.get_running_loop().create_future()
+        self.endpoint.waiting[token] = future
+        assert self.endpoint.transport is not None
+        self.endpoint.transport.sendto(msg.encode())
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await future
+        finally:
+            self.endpoint.waiting.pop(token, None)
+
+    async def handshake(self) -> None:
+        """One full handshake, as :func:`coaplayers.bench.inmem.handshake` makes it in memory."""
+        loop = asyncio.get_running_loop()
+        client = self.peers.client(self.kind)
+        try:
+            client.connect(loop.time())
+            queue = list(client.datagrams_to_send())
+            sid: str | None = None
+            for _ in range(16):
+                datagram = queue.pop(0) if queue else b""
+                path = WELL_KNOWN_PATH if sid is None else (sid,)
+                answer = await self.exchange(path, datagram)
+                if answer.code == CREATED and answer.opt.location_path:
+                    sid = answer.opt.location_path[-1]
+                elif answer.code != CHANGED:
+                    raise RuntimeError(f"handshake refused: {answer.code}")
+                if answer.payload:
+                    client.receive_datagram(answer.payload, loop.time())
+                done = False
+                while (event := client.next_event()) is not None:
+                    if isinstance(event, HandshakeComplete):
+                        done = True
+                    elif isinstance(event, ConnectionClosed):
+                        raise RuntimeError(f"handshake failed: {event.error}")
+                queue.extend(client.datagrams_to_send())
+                if done and not queue:
+                    return
+                if not queue and not answer.payload:
+                    raise RuntimeError("handshake stalled")
+            raise RuntimeError("handshake did not finish in 16 exchanges")
+        finally:
+            # No DELETE (as rate_over_wire): the server keeps the session until it evicts it.
+            client.close()
+            client.datagrams_to_send()
+
+
+async def rate_sustained(server_coap: str, creds: Any, server_pid: int, *, kind: str = "cert",
+                         seconds: float, concurrency: int = 24,
+                         timeout: float = 10.0) -> dict[str, Any]:
+    """Full handshakes of ``kind`` ("cert" or "rpk") straight to coap-server (``coap://``) from
+    the lean generator above; the server's CPU share and CPU time per handshake from /proc."""
+    parts = urlsplit(server_coap)
+    host = (parts.hostname or "").strip("[]")
+    loop = asyncio.get_running_loop()
+    transport, endpoint = await loop.create_datagram_endpoint(
+        _Endpoint, remote_addr=(host, parts.port or 5683))
+    load = _Load(endpoint, Peers(creds), kind, timeout)
+    done = errors = 0
+    stop_at = 0.0
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while loop.time() < stop_at:
+            try:
+                await load.handshake()
+                done += 1
+            except (RuntimeError, TimeoutError):
+                errors += 1
+
+    try:
+        stop_at = loop.time() + min(1.0, seconds / 3)  # warm-up: caches, session table
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        done = errors = 0
+        cpu0 = cpu_of(server_pid)
+        own0 = cpu_of()
+        t0 = loop.time()
+        stop_at = t0 + seconds
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = loop.time() - t0
+        cpu = cpu_of(server_pid) - cpu0
+        own = cpu_of() - own0
+    finally:
+        transport.close()
+    return {
+        "kind": kind,
+        "handshakes": done,
+        "errors": errors,
+        "stray_datagrams": endpoint.stray,
+        "seconds": elapsed,
+        "wall_per_second": done / elapsed if elapsed else 0.0,
+        "server_cpu_share": cpu / elapsed if elapsed else 0.0,
+        "generator_cpu_share": own / elapsed if elapsed else 0.0,
+        "server_cpu_ms_per_handshake": 1000 * cpu / done if done else None,
+        "server_cpu_bound_per_second": done / cpu if cpu else None,
+        "concurrency": concurrency,
+        "method": "over the wire, server busy: a lean generator (one UDP socket, the outer "
+                  "requests encoded directly, the client DTLS engine) makes full handshakes "
+                  "straight to coap-server (coap://, no proxy); the server's CPU from /proc",
+    }
+
+
+__all__ = ["rate_sustained"]
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual probe: python -m ... URI CREDS PID
+    import sys
+    from pathlib import Path
+
+    print(asyncio.run(rate_sustained(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]),
+                                     kind=sys.argv[4] if len(sys.argv) > 4 else "cert",
+                                     seconds=5.0)))
