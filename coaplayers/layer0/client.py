@@ -38,6 +38,8 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
+from aiocoap.pipe import Pipe
+from aiocoap.protocol import Request
 from OpenSSL import SSL
 
 from ..dtls import (
@@ -57,6 +59,7 @@ from ..dtls import (
     TinyDtlsSession,
     build_context,
 )
+from ..message import copy_request
 from . import inner, profile
 from .errors import (
     ChannelClosed,
@@ -191,7 +194,9 @@ class Layer0Request:
         self._channel = channel
         self.observation = Layer0Observation(channel) if message.opt.observe == 0 else None
         self.response: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(message.copy()), name="Layer 0 request")
+        # A shallow copy (copy_request): aiocoap's Message.copy deep-copies every option.
+        self._task = asyncio.create_task(self._run(copy_request(message)),
+                                         name="Layer 0 request")
         channel._tasks.add(self._task)
         self._task.add_done_callback(channel._tasks.discard)
 
@@ -370,11 +375,32 @@ class Layer0Channel:
     async def _post(self, code: Code, path: tuple[str, ...], payload: bytes) -> Message:
         msg = self._outer(code, path, payload)
         try:
-            return await asyncio.wait_for(
-                self._ctx.request(msg).response, self.config.exchange_timeout
-            )
+            async with asyncio.timeout(self.config.exchange_timeout):
+                response = await self._send_outer(msg)
         except (aiocoap.error.Error, OSError, TimeoutError) as exc:
             raise OuterError(f"outer exchange failed: {type(exc).__name__}: {exc}") from exc
+        b2 = response.opt.block2
+        if b2 is not None and b2.more:
+            raise OuterError(
+                "the outer answer came in blocks (a proxy split it): Layer 0 answers are at"
+                f" most {profile.MAX_DATAGRAM} bytes and need no outer block-wise transfer"
+            )
+        return response
+
+    async def _send_outer(self, msg: Message) -> Message:
+        """``context.request(msg, handle_blockwise=False)`` without its task: an outer
+        message is at most one block (MAX_DATAGRAM), so aiocoap's block-wise runner (a task
+        per request) and its resolve-and-send task (another) only cost time; the request
+        interface takes the message directly, as aiocoap's own send task would hand it."""
+        ctx = self._ctx
+        interface = await ctx.find_remote_and_interface(msg)
+        pipe = Pipe(msg, ctx.log)
+        request = Request(pipe, ctx.loop, ctx.log)
+        try:
+            interface.request(pipe)
+        except Exception as exc:  # as aiocoap's send task does
+            pipe.add_exception(exc)
+        return await request.response
 
     # ------------------------------------------------------------------ handshake
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import socket
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiocoap
+from aiocoap.message import UndecidedRemote
 from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from aiocoap.protocol import BlockwiseRequest, ClientObservation
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
+from aiocoap.tokenmanager import TokenManager
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dtls
 from .credentials import ClientCredentials
@@ -30,7 +33,43 @@ class ServerContext(aiocoap.Context):
     Outgoing requests likewise: aiocoap's block-wise runner task is named after the request's
     repr (~15-40 us per request; twice per request in the OSCORE mode, whose protected
     request is a second one).
+
+    ``find_remote_and_interface`` keeps what aiocoap resolved for a ``coap://`` host for
+    ``resolve_ttl`` seconds (0: resolve every time): aiocoap's udp6 transport otherwise runs
+    ``getaddrinfo`` in a worker thread, plus a routability probe, for every request to an
+    address given by name or as a URI (a fifth of a plain client's CPU per request in
+    coap-bench). Only while the context's request interfaces are all plain aiocoap token
+    managers (udp6, Layer 1): an interface such as OSCORE's claims requests by their URI, and
+    a remembered address must never route a request past it.
     """
+
+    resolve_ttl: float = 30.0
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    _resolved: dict[UndecidedRemote, tuple[Any, ResolvedAddress, float]] | None = None
+
+    async def find_remote_and_interface(self, message: aiocoap.Message) -> Any:
+        remote = message.remote
+        if (
+            type(remote) is not UndecidedRemote
+            or remote.scheme != "coap"
+            or self.resolve_ttl <= 0
+            or not all(type(ri) is TokenManager for ri in self.request_interfaces)
+        ):
+            return await super().find_remote_and_interface(message)
+        if self._resolved is None:
+            self._resolved = {}
+        now = self.clock()
+        hit = self._resolved.get(remote)
+        if hit is not None and hit[2] > now:
+            message.remote = hit[1]
+            return hit[0]
+        interface = await super().find_remote_and_interface(message)
+        if type(message.remote) is UDP6EndpointAddress:
+            if len(self._resolved) >= 1024:
+                self._resolved.clear()
+            self._resolved[remote] = (interface, ResolvedAddress(message.remote),
+                                      now + self.resolve_ttl)
+        return interface
 
     def render_to_pipe(self, pipe: Pipe) -> None:
         run_driving_pipe(
@@ -42,6 +81,27 @@ class ServerContext(aiocoap.Context):
         if handle_blockwise:
             return _BlockwiseRequest(self, request_message)
         return super().request(request_message, handle_blockwise=False)
+
+
+class ResolvedAddress(UDP6EndpointAddress):
+    """A resolved address that is reused: what aiocoap derives from it per message
+    (``is_multicast`` and ``hostinfo``, each parsing the address with ``ipaddress``) is
+    computed once. Equal to (and hashed like) the plain address it copies, so answers from
+    that address still match."""
+
+    def __init__(self, remote: UDP6EndpointAddress) -> None:
+        super().__init__(remote.sockaddr, remote.interface, pktinfo=remote.pktinfo)
+        self.maximum_block_size_exp = remote.maximum_block_size_exp
+        self._is_multicast = bool(remote.is_multicast)
+        self._hostinfo = str(remote.hostinfo)
+
+    @property
+    def is_multicast(self) -> bool:
+        return self._is_multicast
+
+    @property
+    def hostinfo(self) -> str:
+        return self._hostinfo
 
 
 class _BlockwiseRequest(BlockwiseRequest):  # type: ignore[misc]

@@ -28,8 +28,8 @@ from aiocoap.transports.oscore import OSCOREAddress
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
 from ..layer1.transport import split_hostinfo
+from ..message import copy_request
 from .client import ClientContexts, attach, origin_of
-from .context import copy_request
 from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
 from .keying import EXPORTER_LABEL, Role, derive_context, exporter_length
 from .params import OscoreParameters

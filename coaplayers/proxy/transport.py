@@ -25,7 +25,7 @@ from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dtls, layer1
 from ..config import certificate_from, psk_store_from
-from ..layer1.context import ServerContext
+from ..layer1.context import ResolvedAddress, ServerContext
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
 
@@ -40,27 +40,6 @@ def parse_listen(uri: str) -> tuple[str, str, int]:
 
 def format_uri(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-class ResolvedAddress(UDP6EndpointAddress):
-    """A resolved upstream address that is reused: what aiocoap derives from it per message
-    (``is_multicast`` and ``hostinfo``, each parsing the address with ``ipaddress``) is
-    computed once. Equal to (and hashed like) the plain address it copies, so answers from
-    that address still match."""
-
-    def __init__(self, remote: UDP6EndpointAddress) -> None:
-        super().__init__(remote.sockaddr, remote.interface, pktinfo=remote.pktinfo)
-        self.maximum_block_size_exp = remote.maximum_block_size_exp
-        self._is_multicast = bool(remote.is_multicast)
-        self._hostinfo = str(remote.hostinfo)
-
-    @property
-    def is_multicast(self) -> bool:
-        return self._is_multicast
-
-    @property
-    def hostinfo(self) -> str:
-        return self._hostinfo
 
 
 class UpstreamPool:

@@ -91,3 +91,97 @@ async def test_address_resolution_memo_normalizes_literals_and_still_resolves_na
         host, port = await transport._resolve("localhost", 5684)
         assert port == 5684 and host in ("127.0.0.1", "::1")
     assert transport._literals == {"0:0::1": "::1", "127.0.0.1": "127.0.0.1", "localhost": None}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _count_resolutions(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record every resolution aiocoap itself makes (its find_remote_and_interface for an
+    address not resolved yet; it is also called for the resolved one, which costs nothing)."""
+    from aiocoap.message import UndecidedRemote
+
+    calls: list[object] = []
+    real = aiocoap.Context.find_remote_and_interface
+
+    async def counting(self: aiocoap.Context, message: Message) -> object:
+        if type(message.remote) is UndecidedRemote:
+            calls.append(message.remote)
+        return await real(self, message)
+
+    monkeypatch.setattr(aiocoap.Context, "find_remote_and_interface", counting)
+    return calls
+
+
+async def test_coap_addresses_are_resolved_once_per_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    from coaplayers.layer1.context import ResolvedAddress
+
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    server = await create_context(site, listen=["coap://127.0.0.1:0"])
+    client = await create_context()
+    clock = _Clock()
+    client.context.clock = clock
+    calls = _count_resolutions(monkeypatch)
+    try:
+        uri = server.bound[0].replace("127.0.0.1", "localhost") + "/echo"
+        for i in range(3):
+            response = await asyncio.wait_for(client.context.request(
+                Message(code=aiocoap.POST, uri=uri, payload=b"%d" % i)).response, 20)
+            assert response.code == aiocoap.CHANGED and response.payload == b"%d" % i
+        assert len(calls) == 1  # "localhost" looked up once, then remembered
+        remembered = client.context._resolved
+        assert remembered is not None
+        assert [type(v[1]) for v in remembered.values()] == [ResolvedAddress]
+
+        clock.now += client.context.resolve_ttl + 1  # expired: resolved afresh
+        response = await asyncio.wait_for(client.context.request(
+            Message(code=aiocoap.POST, uri=uri, payload=b"x")).response, 20)
+        assert response.payload == b"x" and len(calls) == 2
+
+        client.context.resolve_ttl = 0  # 0: every request resolves
+        for _ in range(2):
+            await asyncio.wait_for(client.context.request(
+                Message(code=aiocoap.POST, uri=uri, payload=b"y")).response, 20)
+        assert len(calls) == 4
+    finally:
+        monkeypatch.undo()
+        await client.shutdown()
+        await server.shutdown()
+
+
+async def test_no_remembered_address_routes_past_another_request_interface(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With an interface that claims requests by URI (OSCORE's does), every request asks the
+    interfaces again: a remembered address would send it past that interface."""
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    server = await create_context(site, listen=["coap://127.0.0.1:0"])
+    client = await create_context()
+    claimed: list[str] = []
+
+    class Claims:  # claims nothing, but must be asked every time
+        async def fill_or_recognize_remote(self, message: Message) -> bool:
+            claimed.append(message.get_request_uri())
+            return False
+
+    client.context.request_interfaces.insert(0, Claims())
+    calls = _count_resolutions(monkeypatch)
+    try:
+        uri = server.bound[0] + "/echo"
+        for _ in range(3):
+            response = await asyncio.wait_for(client.context.request(
+                Message(code=aiocoap.POST, uri=uri, payload=b"z")).response, 20)
+            assert response.code == aiocoap.CHANGED
+        assert len(calls) == 3 and len(claimed) >= 3
+    finally:
+        monkeypatch.undo()
+        client.context.request_interfaces.pop(0)
+        await client.shutdown()
+        await server.shutdown()

@@ -16,8 +16,8 @@ from aiocoap.message import Direction, UndecidedRemote
 from aiocoap.numbers.codes import Code
 from aiocoap.proxy.client import ProxyForwarder
 
+from coaplayers.message import copy_request
 from coaplayers.oscore import ClientContexts, SecurityContext
-from coaplayers.oscore.context import copy_request
 
 
 def _context(**kw: Any) -> SecurityContext:
