@@ -71,13 +71,14 @@ class RequireEndToEnd(interfaces.Resource):
         await self.site.render_to_pipe(pipe)
 
 
-def wrap_site(site: Any, options: E2EServerOptions) -> Any:
+def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> Any:
     """The site as served: behind the Layer 0 tunnel and OSCORE when credentials are given.
 
     Layering, outermost first: the Layer 0 tunnel (``/.well-known/atls``), OSCORE (requests
     with the OSCORE option), then the application resources, which gain the inner keying
     resource of the OSCORE mode (``/.well-known/atls-oscore``, Layer 0 only) and, with
-    ``required``, a 4.01 for anything that arrived unprotected.
+    ``required``, a 4.01 for anything that arrived unprotected. ``eager`` is
+    :class:`~coaplayers.layer0.server.Layer0Site`'s (coap-server's own resources allow it).
     """
     if not options.enabled:
         if options.required:
@@ -102,7 +103,8 @@ def wrap_site(site: Any, options: E2EServerOptions) -> Any:
     # the tunnel's own policy protects nothing by itself.
     policy = Policy.build(protected=())
     return Layer0Site(
-        inner, credentials if len(credentials) > 1 else credentials[0], policy=policy
+        inner, credentials if len(credentials) > 1 else credentials[0], policy=policy,
+        eager=eager,
     )
 
 

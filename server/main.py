@@ -99,7 +99,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
     )
     _check_identities(e2e)
-    site: Any = wrap_site(build_site(), e2e)
+    # eager: the server's own resources answer without asyncio.timeout() (see Layer0Site).
+    site: Any = wrap_site(build_site(), e2e, eager=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -35,6 +35,7 @@ from ..dtls import (
 )
 from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
+from .eager import run_driving_pipe_eagerly
 from .errors import InnerMessageError
 from .policy import Policy
 from .profile import (
@@ -165,6 +166,11 @@ class Layer0Site(interfaces.Resource):
     :class:`RawPublicKeyCredentials`, or a list of several kinds);
     ``policy`` decides which paths need Layer 0 and which identity may use which path;
     ``on_established`` is called with each new :class:`Layer0Peer` (the OSCORE mode's hook).
+    ``eager`` renders inner requests at once rather than in a task each (see
+    :mod:`.eager`): a Layer 0 request that its resource answers without waiting is then
+    answered with no task at all. It is off by default because the rendering then starts
+    outside any task: a site that uses ``asyncio.timeout()`` (or anything else that needs
+    ``asyncio.current_task()``) before its first ``await`` must leave it off.
     """
 
     def __init__(
@@ -175,9 +181,11 @@ class Layer0Site(interfaces.Resource):
         policy: Policy | None = None,
         limits: ServerLimits | None = None,
         on_established: Callable[[Layer0Peer], None] | None = None,
+        eager: bool = False,
     ) -> None:
         super().__init__()
         self.site = site
+        self.eager = eager
         self.policy = policy or Policy()
         self.limits = limits or ServerLimits()
         listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout))
@@ -240,7 +248,9 @@ class Layer0Site(interfaces.Resource):
         if isinstance(answer, Message):
             pipe.add_response(answer, is_last=True)
         else:
-            run_driving_pipe(
+            # With ``eager``, inner requests are answered here too when the resource does not
+            # wait (the usual case): see run_driving_pipe_eagerly.
+            (run_driving_pipe_eagerly if self.eager else run_driving_pipe)(
                 error_to_message(pipe, log), self._answer_later(pipe, answer),
                 name="Layer 0 tunnel request",
             )
@@ -382,16 +392,19 @@ class Layer0Site(interfaces.Resource):
             return not event.is_last
 
         stop = pipe.on_event(on_event)
-        run_driving_pipe(
+        (run_driving_pipe_eagerly if self.eager else run_driving_pipe)(
             error_to_message(pipe, log),
             self.site.render_to_pipe(pipe),
             name=f"Layer 0 inner request on {sid}",
         )
-        try:
-            event = await asyncio.wait_for(asyncio.shield(first), self.limits.inner_timeout)
-        except TimeoutError:
-            stop()
-            return self._seal(sid, token, Message(code=Code.SERVICE_UNAVAILABLE))
+        if first.done():  # the resource answered without waiting
+            event = first.result()
+        else:
+            try:
+                event = await asyncio.wait_for(asyncio.shield(first), self.limits.inner_timeout)
+            except TimeoutError:
+                stop()
+                return self._seal(sid, token, Message(code=Code.SERVICE_UNAVAILABLE))
         response = event.message or Message(code=Code.INTERNAL_SERVER_ERROR)
         if not event.is_last:
             live = self.core.sessions.get(sid)
