@@ -11,33 +11,18 @@ from aiocoap import Message, error
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe, error_to_message
 
-from coaplayers.dtls import ApplicationData, PskClientCredentials, PskStore, TinyDtlsSession
+from coaplayers.dtls import ApplicationData, PskClientCredentials, PskStore
 from coaplayers.layer0 import Layer0Site, Policy, inner
 from coaplayers.layer0.eager import run_driving_pipe_eagerly
-from coaplayers.layer0.server import layer0_config
+
+from .pipes import Answers, collecting_pipe, establish
 
 log = logging.getLogger(__name__)
 CREDS = PskClientCredentials(b"eager-1", b"eager-secret-016")
 
 
-class Answers(list[Message]):
-    def __init__(self) -> None:
-        super().__init__()
-        self.last = asyncio.Event()
-
-
 def _pipe(request: Message | None = None) -> tuple[Pipe, Answers]:
-    pipe = Pipe(request or Message(code=Code.GET, uri_path=["x"]), log)
-    answers = Answers()
-
-    def on_event(event: Any) -> bool:
-        answers.append(event.message)
-        if event.is_last:
-            answers.last.set()
-        return not event.is_last
-
-    pipe.on_event(on_event)
-    return pipe, answers
+    return collecting_pipe(request or Message(code=Code.GET, uri_path=["x"]))
 
 
 def _tasks() -> set[asyncio.Task[Any]]:
@@ -155,20 +140,10 @@ def test_an_eager_site_answers_an_inner_request_inline() -> None:
     async def run() -> None:
         site = Layer0Site(App(), PskStore({CREDS.identity: CREDS.key}),
                           policy=Policy.build(protected=()), eager=True)
-        client = TinyDtlsSession.client(CREDS, layer0_config())
-        client.connect(0.0)
-        answers = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
-        client.receive_datagram(answers[0].payload, 0.0)
-        answers = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
-        sid = answers[0].opt.location_path[0]
-        for _ in range(8):
-            client.receive_datagram(answers[-1].payload, 0.0)
-            if client.is_established:
-                break
-            answers = await post(site, sid, b"".join(client.datagrams_to_send()))
-        assert client.is_established
-        while client.next_event() is not None:
-            pass
+        async def last(site: Layer0Site, path: str, payload: bytes) -> Message:
+            return (await post(site, path, payload))[-1]
+
+        client, sid = await establish(site, CREDS, last)
         client.send(inner.encode(b"\x05", Message(code=Code.GET, uri_path=["x"])))
         before = _tasks()
         answers = await post(site, sid, b"".join(client.datagrams_to_send()))

@@ -16,6 +16,8 @@ from coaplayers.layer0 import Layer0Site, Policy
 from coaplayers.layer0.profile import CONTENT_FORMAT
 from coaplayers.layer0.server import answer_inline, layer0_config
 
+from .pipes import Answers, collecting_pipe, establish
+
 CREDS = PskClientCredentials(b"inline-1", b"inline-secret-16")
 log = logging.getLogger(__name__)
 
@@ -36,26 +38,10 @@ class Site:
         pipe.add_response(Message(code=Code.CONTENT, payload=b"app"), is_last=True)
 
 
-class Answers(list[Message]):
-    def __init__(self) -> None:
-        super().__init__()
-        self.last = asyncio.Event()
-
-
 def _pipe(code: Code, path: str, payload: bytes = b"") -> tuple[Pipe, Answers]:
     request = Message(code=code, uri_path=[p for p in path.split("/") if p], payload=payload)
     request.remote = Remote()
-    pipe = Pipe(request, log)
-    answers = Answers()
-
-    def on_event(event: Any) -> bool:
-        answers.append(event.message)
-        if event.is_last:
-            answers.last.set()
-        return not event.is_last
-
-    pipe.on_event(on_event)
-    return pipe, answers
+    return collecting_pipe(request)
 
 
 def _site(policy: Policy | None = None) -> tuple[Layer0Site, Site]:
@@ -169,20 +155,7 @@ def test_inner_answers_drop_outer_only_options_without_touching_the_resources_me
         app = HostSite()
         site = Layer0Site(app, PskStore({CREDS.identity: CREDS.key}),
                           policy=Policy.build(protected=()))
-        client = TinyDtlsSession.client(CREDS, layer0_config())
-        client.connect(0.0)
-        answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
-        client.receive_datagram(answer.payload, 0.0)
-        answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
-        sid = answer.opt.location_path[0]
-        for _ in range(8):
-            client.receive_datagram(answer.payload, 0.0)
-            if client.is_established:
-                break
-            answer = await post(site, sid, b"".join(client.datagrams_to_send()))
-        assert client.is_established
-        while client.next_event() is not None:
-            pass
+        client, sid = await establish(site, CREDS, post)
         client.send(inner.encode(b"\x07", Message(code=Code.GET, uri_path=["x"])))
         answer = await post(site, sid, b"".join(client.datagrams_to_send()))
         client.receive_datagram(answer.payload, 0.0)
