@@ -305,14 +305,18 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
     # Through the proxy, -v shows both layers: the first hop's PSK session too.
     assert re.search(r"layer 0: mode oscore", via_proxy.stderr)
     assert re.search(r"layer 1: hop 127\.0\.0\.1:\d+, peer device-1, mode psk", via_proxy.stderr)
-    # Observe and block-wise inside Layer 0 as well.
-    fw, obs = await asyncio.gather(
+    # Observe and block-wise inside Layer 0 as well (coap-server renders inner requests
+    # eagerly: an observation keeps its rendering going in a task).
+    fw, obs, obs_dtls = await asyncio.gather(
         client("--e2e", "dtls", *keys.e2e_psk, app.uri("coap") + "/firmware"),
         client("--e2e", "oscore", *keys.e2e_cert, "-s", "1.6",
+               app.uri("coap") + "/sensors/temperature"),
+        client("--e2e", "dtls", *keys.e2e_psk, "-s", "1.6",
                app.uri("coap") + "/sensors/temperature"),
     )
     assert fw.rc == 0 and fw.out == IMAGE
     assert obs.rc == 0 and len(obs.stdout.splitlines()) >= 2
+    assert obs_dtls.rc == 0 and len(obs_dtls.stdout.splitlines()) >= 2, obs_dtls.stderr
 
 
 async def test_end_to_end_failures_name_the_cause(app: Running, keys: Keys) -> None:
