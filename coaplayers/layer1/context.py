@@ -40,7 +40,8 @@ class ServerContext(aiocoap.Context):
     address given by name or as a URI (a fifth of a plain client's CPU per request in
     coap-bench). Only while the context's request interfaces are all plain aiocoap token
     managers (udp6, Layer 1): an interface such as OSCORE's claims requests by their URI, and
-    a remembered address must never route a request past it.
+    a remembered address must never route a request past it. A request that fails on the
+    network (no answer, ICMP error) makes the next one resolve afresh.
     """
 
     resolve_ttl: float = 30.0
@@ -78,9 +79,22 @@ class ServerContext(aiocoap.Context):
         )
 
     def request(self, request_message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
+        remote = request_message.remote
         if handle_blockwise:
-            return _BlockwiseRequest(self, request_message)
-        return super().request(request_message, handle_blockwise=False)
+            request = _BlockwiseRequest(self, request_message)
+        else:
+            request = super().request(request_message, handle_blockwise=False)
+        if type(remote) is UndecidedRemote and remote.scheme == "coap":
+            request.response.add_done_callback(
+                lambda done, remote=remote: self._forget_after_failure(done, remote))
+        return request
+
+    def _forget_after_failure(self, done: Any, remote: UndecidedRemote) -> None:
+        """A request that failed on the network resolves its address afresh next time (as
+        coap-proxy does for its upstreams): the host may have moved."""
+        if self._resolved and not done.cancelled() and isinstance(
+                done.exception(), aiocoap.error.NetworkError):
+            self._resolved.pop(remote, None)
 
 
 class ResolvedAddress(UDP6EndpointAddress):

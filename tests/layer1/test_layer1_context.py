@@ -185,3 +185,37 @@ async def test_no_remembered_address_routes_past_another_request_interface(
         client.context.request_interfaces.pop(0)
         await client.shutdown()
         await server.shutdown()
+
+
+async def test_a_request_that_fails_on_the_network_forgets_the_address() -> None:
+    import socket
+
+    from aiocoap.numbers.constants import TransportTuning
+
+    class Quick(TransportTuning):
+        ACK_TIMEOUT = 0.05
+        ACK_RANDOM_FACTOR = 1.0
+        MAX_RETRANSMIT = 1
+
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    server = await create_context(site, listen=["coap://127.0.0.1:0"])
+    client = await create_context()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        good = server.bound[0]
+        bad = f"coap://127.0.0.1:{silent.getsockname()[1]}"
+        ok = await asyncio.wait_for(client.context.request(
+            Message(code=aiocoap.POST, uri=good + "/echo", payload=b"a")).response, 20)
+        assert ok.payload == b"a"
+        with pytest.raises(aiocoap.error.NetworkError):
+            await asyncio.wait_for(client.context.request(Message(
+                code=aiocoap.POST, uri=bad + "/echo", payload=b"b",
+                transport_tuning=Quick())).response, 20)
+        remembered = {f"{r.scheme}://{r.hostinfo}" for r in client.context._resolved or {}}
+        assert remembered == {good}  # the silent one was dropped, the answering one kept
+    finally:
+        silent.close()
+        await client.shutdown()
+        await server.shutdown()
