@@ -95,6 +95,18 @@ class SecurityContext(
         :class:`~coaplayers.oscore.persistence.ContextFile`).
     """
 
+    @property
+    def alg_signature(self) -> Any:
+        """Not a group context: there is no signature algorithm.
+
+        aiocoap 0.4.17's ``unprotect`` reads this for a message whose OSCORE option carries
+        the group flag, and turns only ``NameError`` into its ``DecodeError`` ("Group messages
+        can not be decoded with this non-group context"); an absent attribute would raise
+        ``AttributeError`` past every caller that expects ``ProtectionInvalid`` (found by
+        tests/fuzz/test_fuzz_oscore.py).
+        """
+        raise NameError("not a group OSCORE context")
+
     def __init__(
         self,
         *,

@@ -230,6 +230,26 @@ def test_client_accepts_only_the_genuine_response() -> None:
     feed()
 
 
+def test_a_group_flagged_answer_is_refused_as_a_decode_error() -> None:
+    """The group flag on a message for a pairwise context: aiocoap's own DecodeError ("Group
+    messages can not be decoded with this non-group context"), not an AttributeError (the
+    case hypothesis once found in the test above)."""
+    client, server = peers.oscore_pair()
+    request, request_id = peers.protected_request(client)
+    _, server_request_id = server.unprotect(Message.decode(peers.wire(request)))
+    from aiocoap.message import Direction
+
+    answer = Message(code=Code.CHANGED, payload=b"genuine")
+    answer.direction = Direction.OUTGOING
+    protected, _ = server.protect(answer, server_request_id)
+    flagged = Message.decode(peers.wire(protected))
+    option = bytearray(flagged.opt.oscore or b"\x00")
+    option[0] |= aiooscore.COMPRESSION_BIT_GROUP
+    flagged.opt.oscore = bytes(option)
+    with pytest.raises(aiooscore.DecodeError, match="non-group context"):
+        client.unprotect(flagged, request_id)
+
+
 # ---------------------------------------------------------------------- context files
 
 
