@@ -198,15 +198,21 @@ def test_server_answers_mutated_protected_requests_as_rfc8613_says(loop: Any) ->
     assert len(genuine) <= 2
 
 
-def test_client_accepts_only_the_genuine_response() -> None:
+def _genuine_answer() -> tuple[Any, Any, Message]:
+    """A client context, its request's identifiers, and the server's protected 2.04 to it."""
+    from aiocoap.message import Direction
+
     client, server = peers.oscore_pair()
     request, request_id = peers.protected_request(client)
     _, server_request_id = server.unprotect(Message.decode(peers.wire(request)))
-    from aiocoap.message import Direction
-
     answer = Message(code=Code.CHANGED, payload=b"genuine")
     answer.direction = Direction.OUTGOING
     protected, _ = server.protect(answer, server_request_id)
+    return client, request_id, protected
+
+
+def test_client_accepts_only_the_genuine_response() -> None:
+    client, request_id, protected = _genuine_answer()
     genuine = peers.wire(protected)
     bases = [genuine, MESSAGES["response_changed.bin"]]
 
@@ -234,14 +240,7 @@ def test_a_group_flagged_answer_is_refused_as_a_decode_error() -> None:
     """The group flag on a message for a pairwise context: aiocoap's own DecodeError ("Group
     messages can not be decoded with this non-group context"), not an AttributeError (the
     case hypothesis once found in the test above)."""
-    client, server = peers.oscore_pair()
-    request, request_id = peers.protected_request(client)
-    _, server_request_id = server.unprotect(Message.decode(peers.wire(request)))
-    from aiocoap.message import Direction
-
-    answer = Message(code=Code.CHANGED, payload=b"genuine")
-    answer.direction = Direction.OUTGOING
-    protected, _ = server.protect(answer, server_request_id)
+    client, request_id, protected = _genuine_answer()
     flagged = Message.decode(peers.wire(protected))
     option = bytearray(flagged.opt.oscore or b"\x00")
     option[0] |= aiooscore.COMPRESSION_BIT_GROUP
