@@ -1,8 +1,14 @@
-"""CoAP message helpers the layers share (aiocoap has no shallow copy of a message)."""
+"""CoAP message helpers the layers share, where aiocoap has none: a shallow copy of a message,
+and a one-block request handed to its interface without aiocoap's tasks."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiocoap
 from aiocoap import Message
+from aiocoap.pipe import Pipe
+from aiocoap.protocol import Request
 
 
 def copy_request(message: Message) -> Message:
@@ -26,4 +32,19 @@ def copy_request(message: Message) -> Message:
     return new
 
 
-__all__ = ["copy_request"]
+def request_through(context: aiocoap.Context, interface: Any,
+                    message: aiocoap.Message) -> Request:
+    """Hand ``message`` (its remote already resolved, e.g. by ``find_remote_and_interface``)
+    to ``interface`` now, as aiocoap's ``Context.request(message, handle_blockwise=False)``
+    would from a task of its own: for one-block exchanges (coap-proxy's upstream requests,
+    Layer 0's outer ones) that task, and aiocoap's block-wise runner, only cost time."""
+    pipe = Pipe(message, context.log)
+    request = Request(pipe, context.loop, context.log)
+    try:
+        interface.request(pipe)
+    except Exception as exc:  # as aiocoap's own send task does
+        pipe.add_exception(exc)
+    return request
+
+
+__all__ = ["copy_request", "request_through"]

@@ -194,11 +194,3 @@ async def rate_sustained(server_coap: str, creds: Any, server_pid: int, *, kind:
 
 __all__ = ["rate_sustained"]
 
-
-if __name__ == "__main__":  # pragma: no cover - a manual probe: python -m ... URI CREDS PID
-    import sys
-    from pathlib import Path
-
-    print(asyncio.run(rate_sustained(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]),
-                                     kind=sys.argv[4] if len(sys.argv) > 4 else "cert",
-                                     seconds=5.0)))

@@ -38,8 +38,6 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.optiontypes import BlockOption
-from aiocoap.pipe import Pipe
-from aiocoap.protocol import Request
 from OpenSSL import SSL
 
 from ..dtls import (
@@ -59,7 +57,7 @@ from ..dtls import (
     TinyDtlsSession,
     build_context,
 )
-from ..message import copy_request
+from ..message import copy_request, request_through
 from . import inner, profile
 from .errors import (
     ChannelClosed,
@@ -388,19 +386,10 @@ class Layer0Channel:
         return response
 
     async def _send_outer(self, msg: Message) -> Message:
-        """``context.request(msg, handle_blockwise=False)`` without its task: an outer
-        message is at most one block (MAX_DATAGRAM), so aiocoap's block-wise runner (a task
-        per request) and its resolve-and-send task (another) only cost time; the request
-        interface takes the message directly, as aiocoap's own send task would hand it."""
-        ctx = self._ctx
-        interface = await ctx.find_remote_and_interface(msg)
-        pipe = Pipe(msg, ctx.log)
-        request = Request(pipe, ctx.loop, ctx.log)
-        try:
-            interface.request(pipe)
-        except Exception as exc:  # as aiocoap's send task does
-            pipe.add_exception(exc)
-        return await request.response
+        """One outer exchange: at most one block (MAX_DATAGRAM), so it needs neither
+        aiocoap's block-wise runner nor its send task (see request_through)."""
+        interface = await self._ctx.find_remote_and_interface(msg)
+        return await request_through(self._ctx, interface, msg).response
 
     # ------------------------------------------------------------------ handshake
 

@@ -185,7 +185,7 @@ class Layer0Site(interfaces.Resource):
     ) -> None:
         super().__init__()
         self.site = site
-        self.eager = eager
+        self._run_driving_pipe = run_driving_pipe_eagerly if eager else run_driving_pipe
         self.policy = policy or Policy()
         self.limits = limits or ServerLimits()
         listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout))
@@ -250,7 +250,7 @@ class Layer0Site(interfaces.Resource):
         else:
             # With ``eager``, inner requests are answered here too when the resource does not
             # wait (the usual case): see run_driving_pipe_eagerly.
-            (run_driving_pipe_eagerly if self.eager else run_driving_pipe)(
+            self._run_driving_pipe(
                 error_to_message(pipe, log), self._answer_later(pipe, answer),
                 name="Layer 0 tunnel request",
             )
@@ -392,7 +392,7 @@ class Layer0Site(interfaces.Resource):
             return not event.is_last
 
         stop = pipe.on_event(on_event)
-        (run_driving_pipe_eagerly if self.eager else run_driving_pipe)(
+        self._run_driving_pipe(
             error_to_message(pipe, log),
             self.site.render_to_pipe(pipe),
             name=f"Layer 0 inner request on {sid}",

@@ -84,7 +84,7 @@ class ServerContext(aiocoap.Context):
             request = _BlockwiseRequest(self, request_message)
         else:
             request = super().request(request_message, handle_blockwise=False)
-        if type(remote) is UndecidedRemote and remote.scheme == "coap":
+        if type(remote) is UndecidedRemote and remote.scheme == "coap" and self.resolve_ttl > 0:
             request.response.add_done_callback(
                 lambda done, remote=remote: self._forget_after_failure(done, remote))
         return request

@@ -19,13 +19,13 @@ from typing import Any
 
 import aiocoap
 from aiocoap import Message
-from aiocoap.pipe import Pipe
 from aiocoap.protocol import Request
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dtls, layer1
 from ..config import certificate_from, psk_store_from
 from ..layer1.context import ResolvedAddress, ServerContext
+from ..message import request_through
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
 
@@ -112,13 +112,7 @@ class UpstreamPool:
                     self._resolved.clear()
                 self._resolved[key] = (
                     interface, ResolvedAddress(remote), self.clock() + self.resolve_ttl)
-        pipe = Pipe(message, ctx.log)
-        request = Request(pipe, ctx.loop, ctx.log)
-        try:
-            interface.request(pipe)
-        except Exception as exc:  # as aiocoap's own send task does
-            pipe.add_exception(exc)
-        return request
+        return request_through(ctx, interface, message)
 
     def forget(self, client: Hashable, target: str) -> None:
         """Resolve ``target`` afresh next time (after a failure towards it)."""
