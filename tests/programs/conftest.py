@@ -1,6 +1,6 @@
 """The installed programs as real processes: coap-keys, coap-server, coap-proxy, coap-client.
 
-Long-running programs start once per module (module-scoped fixtures) and are read up to the
+Long-running programs start once per session (session-scoped fixtures) and are read up to the
 lines they print when ready (``listening URI`` for coap-server, ``ready`` for coap-proxy); every
 wait is bounded and nothing sleeps to synchronise. Clients run with asyncio so that a test can
 start many at once.
@@ -265,6 +265,38 @@ def app(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         yield server
     finally:
         server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test shows the end of the shared programs' stderr: they log every request and
+    handshake, which is what tells a hung or dead server from a client bug."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name in ("app", "proxy"):
+        running = getattr(item, "funcargs", {}).get(name)
+        if isinstance(running, Running):
+            state = "running" if running.proc.poll() is None else f"exited {running.proc.poll()}"
+            report.sections.append((f"{name} ({state}) stderr, last 4000 characters",
+                                    running.stderr[-4000:]))
+
+
+@pytest.fixture(autouse=True)
+def _shared_programs_still_run(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, the shared coap-server and coap-proxy it used must still be running:
+    if one died, this names it with the end of its stderr instead of leaving every later test
+    to fail on "peer unreachable"."""
+    yield
+    for name in ("app", "proxy"):
+        if name not in request.fixturenames:
+            continue
+        running: Running = request.getfixturevalue(name)
+        rc = running.proc.poll()
+        if rc is not None:
+            pytest.fail(f"the shared {name} process exited ({rc}) during this test; its "
+                        f"stderr ends with:\n{running.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="session")
