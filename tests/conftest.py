@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -11,6 +12,10 @@ from contextlib import asynccontextmanager
 import pytest
 
 from coaplayers import pki
+
+# Programs the tests start inherit this: a crash in native code (tinydtls, OpenSSL, GnuTLS)
+# prints the Python stack to their stderr, which the program tests show when they fail.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

@@ -241,6 +241,16 @@ class TinyDtlsSession(DtlsSession):
         self._context.sessions.pop(self.address, None)
         self._connection = None
 
+    def __del__(self) -> None:
+        # A session never freed (a process exiting with its Layer 1 session up) is collected
+        # with its context as one reference cycle. DTLSSocket's Connection resets its peer in
+        # its C-level dealloc through its DTLS object; if the collector clears the Connection
+        # first, that DTLS reference is already None and the dealloc dereferences a NULL
+        # context (a segfault seen in coap-client at exit). Finalizers run before the
+        # collector clears anything, so dropping the Connection here lets it reset its peer
+        # while its DTLS context is intact.
+        self._connection = None
+
 
 class TinyDtlsListener:
     """Accepts PSK handshakes for a server: stateless until the client returns our cookie."""
