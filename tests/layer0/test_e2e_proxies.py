@@ -19,7 +19,7 @@ from coaplayers.layer0 import RecordRejected, ResponseRejected
 from coaplayers.relay import FaultRelay, Faults, read_capture
 
 from .apps import ECHO_MARKER, OBS_MARKER, TEXT_MARKER
-from .conftest import FastTuning, channel
+from .conftest import FastTuning, LossTuning, channel
 from .tamper import TamperRelay
 
 pytestmark = pytest.mark.slow
@@ -211,14 +211,15 @@ async def test_fifty_requests_with_20_percent_loss_on_each_hop(
     origin = await start_origin("psk")
     loss = Faults(loss=0.2, seed=7)
     async with FaultRelay(upstream=origin.address, faults=loss) as hop2:
-        proxy = await start_proxy("coaplayers")
+        proxy = await start_proxy("coaplayers", ack_timeout=LossTuning.ACK_TIMEOUT)
         async with FaultRelay(
             upstream=("127.0.0.1", proxy.port), faults=Faults(loss=0.2, seed=11)
         ) as hop1:
             h2, p2 = hop2.address
             h1, p1 = hop1.address
             ch = channel(
-                client_context, f"coap://{h2}:{p2}", origin.creds, proxy=f"coap://{h1}:{p1}"
+                client_context, f"coap://{h2}:{p2}", origin.creds, proxy=f"coap://{h1}:{p1}",
+                transport_tuning=LossTuning(),
             )
             for i in range(50):
                 resp = await asyncio.wait_for(
