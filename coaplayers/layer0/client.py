@@ -245,6 +245,8 @@ class Layer0Channel:
         self._host = parsed.hostname
         self._port = parsed.port
         self._proxy = UndecidedRemote.from_pathless_uri(proxy) if proxy else None
+        self._proxy_uri = proxy
+        self._outer_answers = 0  # CoAP answers in the current handshake attempt
         self.config = config or ChannelConfig()
         self._credentials = credentials
         self._ssl_context = ssl_context
@@ -415,6 +417,7 @@ class Layer0Channel:
         async with self._lock:
             if self._session is not None and self._session.is_established:
                 return self._generation
+            self._outer_answers = 0
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     for _ in range(3):
@@ -426,6 +429,13 @@ class Layer0Channel:
                     else:
                         raise HandshakeFailed("the server kept dropping our handshake")
             except TimeoutError as exc:
+                if not self._outer_answers:
+                    # Not one CoAP answer (a CON's ACK alone does not count): nothing is
+                    # listening there, or everything is lost; not a key problem.
+                    raise OuterError(
+                        f"no answer from {self._first_hop()} within"
+                        f" {self.config.handshake_timeout:g} s"
+                    ) from exc
                 raise HandshakeFailed(
                     f"no Layer 0 handshake within {self.config.handshake_timeout:g} s: the path"
                     " loses too much, or (with PSK) the key is wrong, which looks the same"
@@ -440,6 +450,9 @@ class Layer0Channel:
             for callback in list(self.on_handshake):
                 callback(self, event)
             return self._generation
+
+    def _first_hop(self) -> str:
+        return f"the proxy {self._proxy_uri}" if self._proxy_uri else self.origin
 
     async def _handshake_once(self) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
         dtls = self._new_engine()
@@ -480,6 +493,7 @@ class Layer0Channel:
             datagram = queue.pop(0) if queue else b""
             try:
                 resp = await self._post(Code.POST, path, datagram)
+                self._outer_answers += 1
             except OuterError:
                 if done is not None or datagram:
                     queue.insert(0, datagram)

@@ -4,6 +4,7 @@ concurrency, resumption, limits and failure reporting."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from aiocoap import GET, POST, Message
@@ -14,6 +15,7 @@ from coaplayers.layer0 import (
     ChannelConfig,
     HandshakeFailed,
     Layer0Channel,
+    OuterError,
     Policy,
     ServerLimits,
     SessionLost,
@@ -111,6 +113,34 @@ async def test_wrong_psk_fails_with_a_useful_error(start_origin, client_context)
         await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
     assert "wrong key" in str(info.value)
     assert origin.resources["text"].calls == 0
+    await ch.close()
+
+
+async def test_silent_server_is_no_answer_not_a_key_problem(start_origin, client_context):
+    """A bound socket that never answers (a wrong port, a stopped server): after the handshake
+    timeout the error says nobody answered, naming the first hop, instead of blaming loss or
+    the key. A server that answered our ClientHello still gets the handshake failure."""
+    config = ChannelConfig(transport_tuning=FastTuning(), handshake_timeout=2.0)
+    origin = await start_origin("psk")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        direct = Layer0Channel(client_context, f"coap://127.0.0.1:{port}", origin.creds.client,
+                               config=config)
+        via = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}",
+                            origin.creds.client, proxy=f"coap://127.0.0.1:{port}",
+                            config=config)
+        for ch, hop in ((direct, f"coap://127.0.0.1:{port}"), (via, "the proxy coap://")):
+            with pytest.raises(OuterError) as info:
+                await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response,
+                                       T)
+            assert f"no answer from {hop}" in str(info.value)
+            assert isinstance(info.value.__cause__, TimeoutError)
+            await ch.close()
+    wrong = PskClientCredentials(b"device-psk-1", b"not-the-right-k!")
+    ch = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
+    with pytest.raises(HandshakeFailed):
+        await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
     await ch.close()
 
 

@@ -206,6 +206,26 @@ async def test_timeout_exit_status_and_message() -> None:
     assert "unreachable" in icmp.stderr
 
 
+def test_silent_layer0_server_is_exit_6_naming_the_hop() -> None:
+    """The 60 s end-to-end case of the test above, classified without waiting: a handshake
+    that never got a CoAP answer is "no answer" (6), not a security failure (7)."""
+    from coaplayers.programs.client.main import classify
+
+    from coaplayers.layer0 import HandshakeFailed, OuterError
+
+    try:
+        try:
+            raise TimeoutError
+        except TimeoutError as exc:
+            raise OuterError("no answer from coap://192.0.2.1:5683 within 60 s") from exc
+    except OuterError as silent:
+        rc, line = classify(silent)
+    assert rc == 6
+    assert line.startswith("no answer from coap://192.0.2.1:5683 within 60 s: is the server")
+    rc, line = classify(HandshakeFailed("no Layer 0 handshake within 60 s: the path loses"))
+    assert rc == 7 and line.startswith("end-to-end security failure")
+
+
 async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys: Keys) -> None:
     plain, coaps_hop, to_coaps = await asyncio.gather(
         client("-P", proxy.uri("coap"), "-m", "post", "-e", "via proxy",
