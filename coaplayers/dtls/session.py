@@ -150,6 +150,34 @@ class DtlsSession(abc.ABC):
         self._guard(lambda: self._backend_receive(recs))
         self._after_step(progressed=was_handshaking)
 
+    def receive_application_data(self, data: bytes, now: float) -> list[bytes] | None:
+        """What :meth:`receive_datagram` does for the usual datagram of an established
+        session, one application-data record, with the plaintexts returned at once instead
+        of through the splitting, the event queue and the output step (the per-datagram
+        cost of a Layer 1 transport). ``None``: not such a datagram, or the session needs
+        the general path; nothing was consumed, call :meth:`receive_datagram`. A record that
+        fails authentication or repeats one seen before gives ``[]`` (dropped, RFC 6347
+        4.1.2.7). Anything else the record causes (an engine's alert, the end of the
+        session) is queued as by :meth:`receive_datagram`."""
+        if (
+            self.state is not State.ESTABLISHED
+            or self._final_flight  # its first application data tells us the peer has it
+            or self._events
+            or len(data) <= records.HEADER_LEN
+            or data[0] != records.CONTENT_APPLICATION_DATA
+            or data[1] != 0xFE
+            or int.from_bytes(data[11:13], "big") != len(data) - records.HEADER_LEN
+        ):
+            return None
+        self._now = now
+        layer = self._records
+        if layer is None:
+            return self._backend_receive_application(data)
+        if data[3:5] != b"\x00\x01":  # epoch 1 only: renegotiation is off
+            return []
+        plain = layer.unprotect(data)
+        return [plain] if plain else []
+
     def send(self, data: bytes) -> None:
         """Send application data as one record; only once the handshake is complete.
 
@@ -161,14 +189,23 @@ class DtlsSession(abc.ABC):
             raise SessionClosed(f"cannot send application data in state {self.state.value}")
         if not data:
             return
-        limit = self.max_send_size
-        if limit is not None and len(data) > limit:
+        limit = self._backend_max_plaintext()
+        if len(data) > limit:
             raise DtlsError(
                 f"{len(data)} bytes do not fit one DTLS record within the MTU of"
                 f" {self.config.mtu} bytes (at most {limit})"
             )
-        self._guard(lambda: self._backend_send(data))
-        self._flush_out(as_flight=False)
+        try:
+            self._backend_send(data)
+        except DtlsError as exc:
+            self._fail(exc)
+            return
+        out = self._out
+        if len(out) == 1 and records.epoch(out[0]) != 0:
+            self._out = []  # one protected record: one datagram, nothing to renumber
+            self._datagrams.append(out[0])
+        else:
+            self._flush_out(as_flight=False)
 
     def close(self) -> None:
         """Send close_notify (when established) and end the session."""
@@ -225,6 +262,12 @@ class DtlsSession(abc.ABC):
         return self._backend_max_plaintext()
 
     @property
+    def has_pending(self) -> bool:
+        """Events or datagrams wait for the owner (:meth:`next_event`,
+        :meth:`datagrams_to_send`)."""
+        return bool(self._events or self._datagrams)
+
+    @property
     def is_established(self) -> bool:
         return self.state is State.ESTABLISHED
 
@@ -260,6 +303,16 @@ class DtlsSession(abc.ABC):
 
     def _backend_free(self) -> None:  # noqa: B027 - optional hook
         """Release backend state once the session is over."""
+
+    _records: Any = None
+    """The engine's own epoch 1 record layer (``protect``/``unprotect``), once a backend has
+    handed the established session's records to it."""
+
+    def _backend_receive_application(self, record: bytes) -> list[bytes] | None:
+        """One application-data record of an established session whose backend still
+        protects its records: its plaintexts (see :meth:`receive_application_data`), or
+        ``None`` for the general path."""
+        return None
 
     # ---------------------------------------------------- helpers for backends
 

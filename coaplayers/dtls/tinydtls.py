@@ -22,6 +22,7 @@ from DTLSSocket import dtls
 from . import records
 from .credentials import PskClientCredentials, PskStore
 from .errors import AuthenticationFailed, DtlsError, alert_error, alert_name
+from .events import ApplicationData
 from .session import DtlsConfig, DtlsSession, State
 
 CIPHER_SUITE = "TLS_PSK_WITH_AES_128_CCM_8"
@@ -211,6 +212,18 @@ class TinyDtlsSession(DtlsSession):
             return
         if self._peer_gone:
             self._fail(self._pending_close)
+
+    def _backend_receive_application(self, record: bytes) -> list[bytes] | None:
+        # tinydtls decrypts and checks replay itself and hands the plaintext to _on_read,
+        # which queues it as an event: take it back from the queue (empty before the call).
+        self._context.handle(self, record)
+        events = self._events
+        out = []
+        while events and type(events[0]) is ApplicationData:
+            out.append(events.popleft().data)
+        if self._peer_gone:
+            self._fail(self._pending_close)
+        return out
 
     def _backend_max_plaintext(self) -> int:
         return min(self.config.mtu - _RECORD_OVERHEAD, _TINYDTLS_MAX_PLAINTEXT)

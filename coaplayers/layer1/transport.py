@@ -556,8 +556,16 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                     if any(e[0] > peer.last_received for e in peer.sent_cons.values()):
                         self._rehandshake(peer)
                     return
-                peer.session.receive_datagram(data, now)
-                self._process(peer)
+                session = peer.session
+                plains = session.receive_application_data(data, now)
+                if plains is None:  # not one application-data record: the general path
+                    session.receive_datagram(data, now)
+                    self._process(peer)
+                    return
+                for plain in plains:
+                    self._deliver(peer, plain)
+                if session.has_pending:  # e.g. an engine's alert, or the session ended
+                    self._process(peer)
                 return
             # An established client says ClientHello again, or a handshaking one starts over
             # with a new random: it lost its state (restart, or the same port reused). Let the
