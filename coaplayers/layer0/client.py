@@ -579,24 +579,15 @@ class Layer0Channel:
         session = self._session
         if generation != self._generation or session is None or not payload:
             return 0
-        delivered = 0
-        session.receive_datagram(payload, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        fast = session.receive_application_data(payload, now)  # the usual answer: one record
+        if fast is None:
+            session.receive_datagram(payload, now)
+        delivered = sum(self._route(data) for data in fast or ())
         closed: ConnectionClosed | None = None
         while (event := session.next_event()) is not None:
             if isinstance(event, ApplicationData):
-                try:
-                    msg = inner.decode(event.data)
-                except InnerMessageError as exc:
-                    log.warning("dropping an inner message the server sent: %s", exc)
-                    continue
-                delivered += 1
-                future = self._pending.get(msg.token)
-                if future is not None and not future.done():
-                    future.set_result(msg.message)
-                elif msg.token in self._observations:
-                    self._observations[msg.token]._push(msg.message)
-                else:
-                    log.debug("answer for a token no longer awaited")
+                delivered += self._route(event.data)
             elif isinstance(event, ConnectionClosed):
                 closed = event
             elif isinstance(event, AlertReceived):
@@ -604,6 +595,23 @@ class Layer0Channel:
         if closed is not None:
             self._invalidate(generation, SessionLost(f"the server closed the session: {closed}"))
         return delivered
+
+    def _route(self, data: bytes) -> bool:
+        """Hand one inner message to the request or observation its token names; False if
+        it does not decode."""
+        try:
+            msg = inner.decode(data)
+        except InnerMessageError as exc:
+            log.warning("dropping an inner message the server sent: %s", exc)
+            return False
+        future = self._pending.get(msg.token)
+        if future is not None and not future.done():
+            future.set_result(msg.message)
+        elif msg.token in self._observations:
+            self._observations[msg.token]._push(msg.message)
+        else:
+            log.debug("answer for a token no longer awaited")
+        return True
 
     def _new_token(self) -> bytes:
         if self._free_tokens:
