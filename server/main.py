@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -111,6 +112,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     )
     if isinstance(site, Layer0Site):
         answer_inline(ctx.context, site)
+    # Everything built so far lives as long as the process: out of the collector's way, a
+    # full collection only walks what requests leave behind.
+    gc.freeze()
     for uri in ctx.bound:
         print(f"listening {uri}", flush=True)
     if ready is not None:

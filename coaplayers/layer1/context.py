@@ -16,7 +16,7 @@ from aiocoap.protocol import BlockwiseRequest, ClientObservation
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-from .. import dtls
+from .. import dedup, dtls
 from .credentials import ClientCredentials
 from .transport import Layer1Limits, MessageInterfaceLayer1
 
@@ -260,4 +260,5 @@ async def create_context(
     except BaseException:
         await ctx.shutdown()
         raise
+    dedup.install_all(ctx)
     return LayeredContext(ctx, layer1, bound)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -135,6 +136,9 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
 
 
 def _announce(node: ProxyNode) -> None:
+    # Everything built so far (modules, configuration, sockets) lives as long as the process:
+    # out of the collector's way, a full collection only walks what requests leave behind.
+    gc.freeze()
     for uri in node.bound_uris:
         print(f"listen {uri}")
     if node.metrics_address is not None:

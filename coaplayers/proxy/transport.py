@@ -22,7 +22,7 @@ from aiocoap import Message
 from aiocoap.protocol import Request
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-from .. import dtls, layer1
+from .. import dedup, dtls, layer1
 from ..config import certificate_from, psk_store_from
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
@@ -243,6 +243,7 @@ async def build_context(
             if c.request_interfaces:  # aiocoap cannot shut down a context without transports
                 await c.shutdown()
         raise
+    dedup.install_all(ctx)  # the listeners' duplicate tables (upstream contexts get answers)
     return ProxyContext(
         ctx, bound, UpstreamPool(pool, resolve_ttl=config.resolve_ttl), frozenset(upstream),
         extra,
