@@ -424,8 +424,8 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
                 " what it cannot decrypt)" if e2e_psk and "key" not in str(cause) else ""
             )
             return EXIT_SECURITY, f"end-to-end security failure: {cause}{hint}"
-        if isinstance(cause, l0.OuterError) and str(cause).startswith("no answer from"):
-            return EXIT_TIMEOUT, f"{cause}: {NO_ANSWER}"  # not one CoAP answer to the handshake
+        if isinstance(cause, l0.NoAnswer):  # not one CoAP answer to the handshake
+            return EXIT_TIMEOUT, f"{cause}: {NO_ANSWER}"
         if isinstance(cause, l0.RecordRejected | l0.ResponseRejected):
             return EXIT_SECURITY, f"end-to-end security failure: {cause}"
         if getattr(cause, "security_failure", False):

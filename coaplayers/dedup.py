@@ -72,7 +72,11 @@ class CompactDuplicates:
 
     def store(self, message: Message) -> None:
         """aiocoap's ``_store_response_for_duplicates``: keep the answer to a remembered
-        request (a piggybacked response, an empty ACK or a RST: same message ID)."""
+        request (a piggybacked response, an empty ACK or a RST: same message ID).
+
+        The transport encodes the same message right after this; encoding it here too
+        (about 3.5 us) is what keeps the table out of the collector's walk, and aiocoap's
+        message interface hands back no encoded bytes to keep instead."""
         peer = self._peers.get(message.remote)
         if peer is None:
             return

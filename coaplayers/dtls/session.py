@@ -147,7 +147,7 @@ class DtlsSession(abc.ABC):
                 self._final_flight = []  # the peer sends data, so it has our final flight
         self._received_any = True
         was_handshaking = self.state is State.HANDSHAKING
-        self._guard(lambda: self._backend_receive(recs))
+        self._guard(self._backend_receive, recs)
         self._after_step(progressed=was_handshaking)
 
     def receive_application_data(self, data: bytes, now: float) -> list[bytes] | None:
@@ -195,17 +195,8 @@ class DtlsSession(abc.ABC):
                 f"{len(data)} bytes do not fit one DTLS record within the MTU of"
                 f" {self.config.mtu} bytes (at most {limit})"
             )
-        try:
-            self._backend_send(data)
-        except DtlsError as exc:
-            self._fail(exc)
-            return
-        out = self._out
-        if len(out) == 1 and records.epoch(out[0]) != 0:
-            self._out = []  # one protected record: one datagram, nothing to renumber
-            self._datagrams.append(out[0])
-        else:
-            self._flush_out(as_flight=False)
+        self._guard(self._backend_send, data)
+        self._flush_out(as_flight=False)
 
     def close(self) -> None:
         """Send close_notify (when established) and end the session."""
@@ -377,9 +368,9 @@ class DtlsSession(abc.ABC):
 
     # ---------------------------------------------------------------- internals
 
-    def _guard(self, step) -> None:  # type: ignore[no-untyped-def]
+    def _guard(self, step, *args: Any) -> None:  # type: ignore[no-untyped-def]
         try:
-            step()
+            step(*args)
         except DtlsError as exc:
             self._fail(exc)
 
@@ -397,8 +388,12 @@ class DtlsSession(abc.ABC):
     def _flush_out(self, *, as_flight: bool) -> list[bytes]:
         if not self._out:
             return []
-        fresh = [self._number(r, fresh=True) for r in self._out]
-        datagrams = records.pack_datagrams(fresh, self.config.mtu)
+        out = self._out
+        if len(out) == 1 and records.epoch(out[0]) != 0:
+            datagrams = out  # one protected record (the usual send): nothing to renumber
+        else:
+            fresh = [self._number(r, fresh=True) for r in out]
+            datagrams = records.pack_datagrams(fresh, self.config.mtu)
         self._out = []
         self._datagrams.extend(datagrams)
         if as_flight:

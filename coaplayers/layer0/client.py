@@ -64,6 +64,7 @@ from .errors import (
     HandshakeFailed,
     InnerMessageError,
     Layer0Error,
+    NoAnswer,
     OuterError,
     RecordRejected,
     ResponseRejected,
@@ -432,7 +433,7 @@ class Layer0Channel:
                 if not self._outer_answers:
                     # Not one CoAP answer (a CON's ACK alone does not count): nothing is
                     # listening there, or everything is lost; not a key problem.
-                    raise OuterError(
+                    raise NoAnswer(
                         f"no answer from {self._first_hop()} within"
                         f" {self.config.handshake_timeout:g} s"
                     ) from exc

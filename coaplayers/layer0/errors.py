@@ -44,5 +44,10 @@ class OuterError(Layer0Error):
     """The outer CoAP exchange failed (timeout, network error, or an unexpected answer)."""
 
 
+class NoAnswer(OuterError):
+    """Not one outer exchange of a handshake got a CoAP answer within the handshake timeout:
+    nothing listens there, or everything is lost (not a key problem)."""
+
+
 class ChannelClosed(Layer0Error):
     """The channel was closed by the application."""

@@ -15,6 +15,7 @@ from coaplayers.layer0 import (
     ChannelConfig,
     HandshakeFailed,
     Layer0Channel,
+    NoAnswer,
     OuterError,
     Policy,
     ServerLimits,
@@ -131,10 +132,11 @@ async def test_silent_server_is_no_answer_not_a_key_problem(start_origin, client
                             origin.creds.client, proxy=f"coap://127.0.0.1:{port}",
                             config=config)
         for ch, hop in ((direct, f"coap://127.0.0.1:{port}"), (via, "the proxy coap://")):
-            with pytest.raises(OuterError) as info:
+            with pytest.raises(NoAnswer) as info:
                 await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response,
                                        T)
             assert f"no answer from {hop}" in str(info.value)
+            assert isinstance(info.value, OuterError)
             assert isinstance(info.value.__cause__, TimeoutError)
             await ch.close()
     wrong = PskClientCredentials(b"device-psk-1", b"not-the-right-k!")

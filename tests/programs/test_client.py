@@ -211,14 +211,14 @@ def test_silent_layer0_server_is_exit_6_naming_the_hop() -> None:
     that never got a CoAP answer is "no answer" (6), not a security failure (7)."""
     from coaplayers.programs.client.main import classify
 
-    from coaplayers.layer0 import HandshakeFailed, OuterError
+    from coaplayers.layer0 import HandshakeFailed, NoAnswer
 
     try:
         try:
             raise TimeoutError
         except TimeoutError as exc:
-            raise OuterError("no answer from coap://192.0.2.1:5683 within 60 s") from exc
-    except OuterError as silent:
+            raise NoAnswer("no answer from coap://192.0.2.1:5683 within 60 s") from exc
+    except NoAnswer as silent:
         rc, line = classify(silent)
     assert rc == 6
     assert line.startswith("no answer from coap://192.0.2.1:5683 within 60 s: is the server")
