@@ -220,6 +220,11 @@ class RawPublicKeyContext:
         self.credentials = credentials
         self.server = server
         self._cred: Any = None
+        # Looked up now, not in __del__: cffi builds a library function on its first lookup
+        # under a lock it does not re-enter, and a garbage collection that runs __del__ while
+        # this thread holds that lock (inside another first lookup) waited for ever (until
+        # pytest-timeout's alarm broke it, in tests/dtls).
+        self._free_credentials = lib.gnutls_certificate_free_credentials
         holder = _ffi.new("gnutls_certificate_credentials_t *")
         rc = lib.gnutls_certificate_allocate_credentials(holder)
         if rc < 0:
@@ -258,8 +263,8 @@ class RawPublicKeyContext:
 
     def __del__(self) -> None:
         cred, self._cred = getattr(self, "_cred", None), None
-        if cred is not None and _lib is not None:
-            _lib.gnutls_certificate_free_credentials(cred)
+        if cred is not None:
+            self._free_credentials(cred)
 
 
 class GnuTlsSession(DtlsSession):
