@@ -18,6 +18,38 @@ from coaplayers import pki
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
+_STARTED = pytest.StashKey[float]()
+_FLAGGED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A test that outlived its timeout fails, even if it "passed".
+
+    pytest-timeout's signal method raises its failure where the alarm finds the thread; inside
+    a ``__del__`` (or anything else that swallows exceptions) the failure is lost and the test
+    passes after hanging until the alarm (a real deadlock was hidden that way once).
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "setup":
+        item.stash[_STARTED] = call.start  # the alarm runs from here (setup, call, teardown)
+    if not report.passed or item.stash.get(_FLAGGED, False):
+        return
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(
+        item.config.getini("timeout") or 0
+    )
+    elapsed = call.stop - item.stash.get(_STARTED, call.start)
+    if limit and elapsed >= limit:
+        item.stash[_FLAGGED] = True
+        report.outcome = "failed"
+        report.longrepr = (
+            f"the test ran {elapsed:.0f} s up to its {call.when}, beyond its {limit:.0f} s"
+            " timeout; the timeout's failure was swallowed where it fired (e.g. inside __del__)"
+        )
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:

@@ -14,6 +14,8 @@ What it does by itself, so applications need not:
 * a new handshake when the server answers 4.04 (it forgot the session), and resending the
   request if its method is idempotent (the server never decrypted it, but a lost answer after
   a server crash cannot be told apart, so POST is only resent when the channel allows it);
+* registering active observations again after such a new handshake (the server lost them
+  with the session), unless ``ChannelConfig.reregister_observations`` is off;
 * resumption with the OpenSSL backend (a :class:`~coaplayers.dtls.TicketStore`, shareable).
 
 It never hands the application anything that did not authenticate: an altered or replayed
@@ -115,6 +117,10 @@ class ChannelConfig:
     request's (authentic) one: a middle box swapped answers, ours is in the other exchange."""
     transport_tuning: TransportTuning | None = None
     """aiocoap transmission parameters of the outer messages (``None``: aiocoap's defaults)."""
+    reregister_observations: bool = True
+    """When the server loses the session (restart, eviction, an ended session), register
+    active observations again after a new handshake (RFC 7641 section 3.3.1) instead of ending
+    them with :class:`~coaplayers.layer0.errors.SessionLost`."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.max_flight_repeats < 0:
@@ -156,6 +162,10 @@ class Layer0Observation:
         self._queue.put_nowait(message)
         if number is None:  # a notification without Observe ends the observation
             self._end(None)
+
+    def _restarted(self) -> None:
+        """Registered again (a new session): the server counts Observe numbers afresh."""
+        self._last = None
 
     def _end(self, error: BaseException | None) -> None:
         if self.token is not None:
@@ -278,6 +288,8 @@ class Layer0Channel:
         self._closed = False
         self.handshakes = 0
         """Completed handshakes (full or resumed) over the channel's life."""
+        self.reregistrations = 0
+        """Observations registered again after the server lost their session."""
         self.last_handshake: HandshakeComplete | None = None
         self.on_handshake: list[Callable[[Layer0Channel, HandshakeComplete], None]] = []
         """Called after every completed handshake: the OSCORE mode's hook (see exporter)."""
@@ -570,9 +582,46 @@ class Layer0Channel:
         session, self._session = self._session, None
         self._path = WELL_KNOWN_PATH
         session.abort()
-        for obs in list(self._observations.values()):
-            obs._end(error)
+        observations = list(self._observations.values())
         self._observations.clear()
+        for obs in observations:
+            if (
+                isinstance(error, SessionLost) and self.config.reregister_observations
+                and obs.request is not None and not obs.cancelled and not self._closed
+            ):
+                self._reregister(obs, error)
+            else:
+                obs._end(error)
+
+    def _reregister(self, obs: Layer0Observation, lost: SessionLost) -> None:
+        """Register ``obs`` again on a new session; its next item is the fresh representation.
+        Ends it with the error if that fails or the server no longer lets it be observed."""
+        log.info("Layer 0 session lost (%s); registering an observation again", lost)
+        obs.token = None
+
+        async def run() -> None:
+            request = obs.request
+            assert request is not None
+            try:
+                response = await self._exchange(request, obs)
+            except Exception as exc:
+                if not obs.cancelled:
+                    obs._end(exc)
+                return
+            if obs.cancelled:
+                return
+            obs._restarted()
+            obs._push(response)  # without Observe this ends the observation
+            if response.opt.observe is not None:
+                if response.code.is_successful():
+                    self.reregistrations += 1
+                    self._start_poller()
+                else:
+                    obs._end(None)
+
+        task = asyncio.create_task(run(), name="Layer 0 re-registration")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _receive(self, payload: bytes, generation: int) -> int:
         """Feed an answer to the session and route each inner message by its token; returns

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", metavar="SECONDS", type=float,
                    help="first CoAP retransmission timeout towards upstreams (default 2; lower"
                    " it on fast but lossy back-end links)")
+    p.add_argument("--downstream-ack-timeout", metavar="SECONDS", type=float,
+                   help="first CoAP retransmission timeout of separate responses and CON"
+                   " notifications towards clients (default 2)")
     p.add_argument("--max-in-flight", metavar="N", type=int,
                    help="exchanges waiting on upstreams at once; 5.03 beyond (default 256)")
     p.add_argument("--upstream-sockets", metavar="N", type=int,
@@ -115,8 +118,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if args.rate_limit:
         changes["rate_limit"] = RateLimit.parse(args.rate_limit)
     for flag in (
-        "log_file", "upstream_timeout", "ack_timeout", "max_in_flight", "upstream_sockets",
-        "resolve_ttl", "hop_limit", "shutdown_grace",
+        "log_file", "upstream_timeout", "ack_timeout", "downstream_ack_timeout", "max_in_flight",
+        "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
     ):
         value = getattr(args, flag)
         if value is not None:

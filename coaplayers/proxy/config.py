@@ -156,6 +156,8 @@ class ProxyConfig:
     upstream_timeout: float = 10.0
     # First CoAP retransmission timeout towards upstreams (RFC 7252 ACK_TIMEOUT); None: 2 s.
     ack_timeout: float | None = None
+    # The same towards clients, for separate responses and CON notifications; None: 2 s.
+    downstream_ack_timeout: float | None = None
     hop_limit: int = 16
     max_in_flight: int = 256
     upstream_sockets: int = 32
@@ -176,8 +178,10 @@ class ProxyConfig:
             raise ConfigError("at least one listen URI is needed")
         if not 1 <= self.hop_limit <= 255:
             raise ConfigError("hop_limit must be between 1 and 255")
-        if self.ack_timeout is not None and not 0.05 <= self.ack_timeout <= 60:
-            raise ConfigError("ack_timeout must be between 0.05 and 60 seconds")
+        for name in ("ack_timeout", "downstream_ack_timeout"):
+            value = getattr(self, name)
+            if value is not None and not 0.05 <= value <= 60:
+                raise ConfigError(f"{name} must be between 0.05 and 60 seconds")
         if self.upstream_timeout <= 0 or self.shutdown_grace < 0:
             raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
         if not 1 <= self.upstream_sockets <= 1024:
@@ -195,6 +199,7 @@ _SCALARS: dict[str, type] = {
     "forward": bool,
     "upstream_timeout": float,
     "ack_timeout": float,
+    "downstream_ack_timeout": float,
     "hop_limit": int,
     "max_in_flight": int,
     "upstream_sockets": int,

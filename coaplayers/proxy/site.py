@@ -138,6 +138,7 @@ class ProxySite:
     ) -> None:
         self.config = config
         self._tuning = _tuning(config.ack_timeout)
+        self._downstream_tuning = _tuning(config.downstream_ack_timeout)
         self.router = Router(config)
         self.metrics = ProxyMetrics(registry)
         self.access_log = access_log
@@ -251,7 +252,7 @@ class ProxySite:
         entry["kind"] = "refused"
         entry["reason"] = refusal.kind
         self._done(entry, msg, started, None)
-        pipe.add_response(msg, is_last=True)
+        self._answer(pipe, msg, is_last=True)
 
     def _upstream_request(self, request: Message, d: Decision, observe: bool) -> Message:
         out = Message(code=request.code, payload=request.payload)
@@ -269,6 +270,14 @@ class ProxySite:
         if self._tuning is not None:
             out.transport_tuning = self._tuning
         return out
+
+    def _answer(self, pipe: Pipe, message: Message, *, is_last: bool) -> None:
+        """Hand an answer to aiocoap. A separate response (the client's request was acknowledged
+        empty while the upstream took its time) or a notification sent as CON is retransmitted
+        on ``downstream_ack_timeout`` when the operator set one."""
+        if self._downstream_tuning is not None:
+            message.transport_tuning = self._downstream_tuning
+        pipe.add_response(message, is_last=is_last)
 
     def _relay(self, response: Message) -> Message:
         """A fresh downstream message carrying the upstream answer's code, options and payload."""
@@ -340,7 +349,7 @@ class ProxySite:
             and response.code.is_successful()
         )
         self._done(entry, first, started, upstream=True)
-        pipe.add_response(first, is_last=not relaying)
+        self._answer(pipe, first, is_last=not relaying)
         if relaying:
             assert upstream.observation is not None
             # The first answer is out: the slot for waiting exchanges is free again.
@@ -368,7 +377,8 @@ class ProxySite:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()
-                    pipe.add_response(
+                    self._answer(
+                        pipe,
                         Message(code=codes.SERVICE_UNAVAILABLE, payload=b"proxy shutting down"),
                         is_last=True,
                     )
@@ -377,20 +387,20 @@ class ProxySite:
                 if msg is not None:
                     last = msg.opt.observe is None or not msg.code.is_successful()
                     self.metrics.bytes.inc(len(msg.payload), direction="downstream")
-                    pipe.add_response(self._relay(msg), is_last=last)
+                    self._answer(pipe, self._relay(msg), is_last=last)
                     if last:
                         return
                     continue
                 if isinstance(exc, (error.ObservationCancelled, error.NotObservable)):
                     # The terminal message (if any) was queued before this; nothing to add
                     # but an end for the client.
-                    pipe.add_response(Message(code=codes.BAD_GATEWAY,
-                                              payload=b"upstream ended observation"),
-                                      is_last=True)
+                    self._answer(pipe, Message(code=codes.BAD_GATEWAY,
+                                               payload=b"upstream ended observation"),
+                                 is_last=True)
                 else:
-                    pipe.add_response(Message(code=codes.BAD_GATEWAY,
-                                              payload=b"upstream observation failed"),
-                                      is_last=True)
+                    self._answer(pipe, Message(code=codes.BAD_GATEWAY,
+                                               payload=b"upstream observation failed"),
+                                 is_last=True)
                 return
         finally:
             stopping.cancel()
@@ -403,7 +413,7 @@ class ProxySite:
         self.metrics.errors.inc(kind=kind)
         entry["reason"] = kind
         self._done(entry, msg, started, upstream=False)
-        pipe.add_response(msg, is_last=True)
+        self._answer(pipe, msg, is_last=True)
 
     def _done(self, entry: dict[str, Any], response: Message, started: float,
               upstream: bool | None) -> None:
@@ -457,11 +467,12 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 def _tuning(ack_timeout: float | None) -> TransportTuning | None:
-    """aiocoap transmission parameters for upstream requests, when the operator set them."""
+    """aiocoap transmission parameters for what the proxy sends as CON (upstream requests, or
+    downstream separate responses), when the operator set them."""
     if ack_timeout is None:
         return None
 
-    class UpstreamTuning(TransportTuning):
+    class ProxyTuning(TransportTuning):
         ACK_TIMEOUT = ack_timeout
 
-    return UpstreamTuning()
+    return ProxyTuning()

@@ -23,7 +23,7 @@ from coaplayers.layer0 import (
 )
 from coaplayers.layer0.server import layer0_config
 
-from .apps import TEXT_MARKER
+from .apps import OBS_MARKER, TEXT_MARKER
 from .conftest import FastTuning, channel
 
 T = 20.0
@@ -198,4 +198,41 @@ async def test_requests_cost_40_bytes_over_plain_coap_for_ever(
     assert {len(m.payload) for _, m in sessions} == {record}
     assert {size - len(plain.encode()) for size, _ in sessions} == {40}
     assert all(m.opt.content_format is None for _, m in sessions)
+    await ch.close()
+
+
+@pytest.mark.parametrize("reregister", [True, False])
+async def test_observation_after_a_server_restart(start_origin, client_context, reregister):
+    """The server restarts and forgets the session and its observers: the channel registers
+    the observation again after a new handshake, and it goes on with the fresh state; without
+    re-registration it ends with SessionLost."""
+    origin = await start_origin("psk")
+    ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds,
+                 reregister_observations=reregister)
+    req = ch.request(Message(code=GET, uri_path=["counter"], observe=0))
+    first = await asyncio.wait_for(req.response, T)
+    assert first.payload == OBS_MARKER + b" 0" and first.opt.observe is not None
+    notes = req.observation.__aiter__()
+    origin.resources["counter"].bump()
+    assert (await asyncio.wait_for(notes.__anext__(), T)).payload == OBS_MARKER + b" 1"
+
+    await origin.restart()  # a new Site: the counter starts at 0 again, without observers
+
+    if not reregister:
+        with pytest.raises(SessionLost):
+            await asyncio.wait_for(notes.__anext__(), T)
+        assert ch.reregistrations == 0
+        await ch.close()
+        return
+    fresh = await asyncio.wait_for(notes.__anext__(), T)
+    assert fresh.payload == OBS_MARKER + b" 0"
+    assert ch.reregistrations == 1 and ch.handshakes == 2
+    counter = origin.resources["counter"]
+    assert counter.observers == 1
+    counter.bump()
+    assert (await asyncio.wait_for(notes.__anext__(), T)).payload == OBS_MARKER + b" 1"
+    counter.observers_changed.clear()
+    req.observation.cancel()  # Observe: 1 on the new session
+    await asyncio.wait_for(counter.observers_changed.wait(), T)
+    assert counter.observers == 0
     await ch.close()

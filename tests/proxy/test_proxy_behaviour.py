@@ -297,3 +297,51 @@ async def test_observation_ends_upstream_when_client_leaves(
     finally:
         await ctx.shutdown()  # the client goes away: its next notification is answered RST
     await poll_metric(proxy, "coap_proxy_observations", 0)
+
+
+async def test_separate_response_retransmits_on_the_downstream_ack_timeout(
+    tmp_path: Path, origin: Running, proxies: list[Running]
+) -> None:
+    """A slow upstream: the proxy acknowledges the request empty, then sends the answer as a
+    CON of its own. Unacknowledged, that answer comes again after --downstream-ack-timeout
+    (0.2-0.3 s here), not after aiocoap's default 2-3 s."""
+    proxies.append(proxy := await start_proxy(tmp_path, "--downstream-ack-timeout", "0.2"))
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect(("127.0.0.1", proxy.port))
+    try:
+        request = Message(code=GET, mid=0x1234, token=b"sep")
+        request.mtype = aiocoap.CON
+        request.opt.proxy_uri = f"coap://{origin.hostport}/slow?0.5"
+        sock.send(request.encode())
+
+        async def receive() -> tuple[float, Message]:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 1500), 10)
+            return time.monotonic(), Message.decode(data)
+
+        _, ack = await receive()
+        assert (ack.mtype, ack.mid, ack.code) == (aiocoap.ACK, 0x1234, codes.EMPTY)
+        first_at, first = await receive()
+        assert (first.mtype, first.token, first.payload) == (aiocoap.CON, b"sep", b"slow done")
+        again_at, again = await receive()  # not acknowledged: sent again
+        assert (again.mtype, again.mid, again.payload) == (aiocoap.CON, first.mid, b"slow done")
+        assert again_at - first_at < 1.0
+        done = Message(code=codes.EMPTY, mid=first.mid, token=b"")
+        done.mtype = aiocoap.ACK
+        sock.send(done.encode())
+    finally:
+        sock.close()
+
+
+def test_downstream_ack_timeout_is_bounded() -> None:
+    from coaplayers.proxy.config import ConfigError, ProxyConfig
+
+    assert ProxyConfig(downstream_ack_timeout=0.2).downstream_ack_timeout == 0.2
+    for bad in (0.0, 61.0):
+        try:
+            ProxyConfig(downstream_ack_timeout=bad)
+        except ConfigError as exc:
+            assert "downstream_ack_timeout" in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")
