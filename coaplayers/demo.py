@@ -112,6 +112,8 @@ class Demo:
         e2e_psk = ["--e2e-psk-identity", psk["e2e"]["identity"], "--e2e-psk", psk["e2e"]["key"]]
         e2e_cert = ["--e2e-ca", str(creds / "e2e-ca.pem"), "--e2e-cert",
                     str(creds / "client-e2e.pem"), "--e2e-key", str(creds / "client-e2e.key")]
+        e2e_rpk = ["--e2e-rpk-key", str(creds / "client-rpk.key"),
+                   "--e2e-rpk-server-key", str(creds / "server-rpk.pub")]
         print(_banner("coaplayers demo"))
         print(f"  application server  {server_uri}  (reached through the relay at {relay_addr})")
         print(f"  proxy               {proxy_uri}  (Layer 1 PSK towards the client)")
@@ -120,6 +122,7 @@ class Demo:
             ("Layer 1 only", []),
             ("Layer 0 DTLS (PSK)", ["--e2e", "dtls", *e2e_psk]),
             ("Layer 0 DTLS (certificates)", ["--e2e", "dtls", *e2e_cert]),
+            ("Layer 0 DTLS (raw public keys, RFC 7250)", ["--e2e", "dtls", *e2e_rpk]),
             ("OSCORE mode", ["--e2e", "oscore", *e2e_cert]),
         ]
         failures = 0
