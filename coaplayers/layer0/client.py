@@ -604,6 +604,10 @@ class Layer0Channel:
             assert request is not None
             try:
                 response = await self._exchange(request, obs)
+            except asyncio.CancelledError:  # the channel closed meanwhile
+                if not obs.cancelled:
+                    obs._end(ChannelClosed("the channel was closed") if self._closed else lost)
+                raise
             except Exception as exc:
                 if not obs.cancelled:
                     obs._end(exc)
