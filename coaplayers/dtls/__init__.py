@@ -23,7 +23,7 @@ from .credentials import (
     parse_key_text,
     spki_fingerprint,
 )
-from .dual import DualListener
+from .dual import DualListener, KindListener
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -61,6 +61,7 @@ __all__ = [
     "HandshakeTimeout",
     "IdleTimeout",
     "KeyFilePermissionWarning",
+    "KindListener",
     "Listener",
     "NetworkUnreachable",
     "OpenSslListener",

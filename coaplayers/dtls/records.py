@@ -160,3 +160,29 @@ def offers_psk(client_hello: bytes) -> bool:
         int.from_bytes(suites[i : i + 2], "big") in PSK_CIPHER_SUITES
         for i in range(0, len(suites) - 1, 2)
     )
+
+
+SERVER_CERTIFICATE_TYPE = 20  # RFC 7250 section 3
+RAW_PUBLIC_KEY = 2  # TLS Certificate Types registry
+
+
+def offers_raw_public_key(client_hello: bytes) -> bool:
+    """Whether a ClientHello datagram asks for the server's raw public key (RFC 7250)."""
+    try:
+        pos = HEADER_LEN + 12 + 2 + 32  # record header, handshake header, version, random
+        pos += 1 + client_hello[pos]  # session id
+        pos += 1 + client_hello[pos]  # cookie
+        pos += 2 + int.from_bytes(client_hello[pos : pos + 2], "big")  # cipher suites
+        pos += 1 + client_hello[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(client_hello[pos : pos + 2], "big")
+        pos += 2
+        while pos + 4 <= min(end, len(client_hello)):
+            kind = int.from_bytes(client_hello[pos : pos + 2], "big")
+            size = int.from_bytes(client_hello[pos + 2 : pos + 4], "big")
+            body = client_hello[pos + 4 : pos + 4 + size]
+            if kind == SERVER_CERTIFICATE_TYPE and body:
+                return RAW_PUBLIC_KEY in body[1 : 1 + body[0]]
+            pos += 4 + size
+    except IndexError:
+        return False
+    return False

@@ -184,8 +184,13 @@ async def attach_layer1(
     client_credentials: ClientCredentials | None = None,
     limits: Layer1Limits | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    raw_public_key: dtls.RawPublicKeyCredentials | None = None,
 ) -> MessageInterfaceLayer1:
-    """Add the Layer 1 transport to an existing aiocoap context (e.g. a proxy's)."""
+    """Add the Layer 1 transport to an existing aiocoap context (e.g. a proxy's).
+
+    ``psk_store``, ``certificate`` and ``raw_public_key`` are the listeners' server
+    credentials (any of them, served side by side); ``client_credentials`` open client hops.
+    """
     holder: list[MessageInterfaceLayer1] = []
 
     async def make(mman: Any) -> MessageInterfaceLayer1:
@@ -196,6 +201,7 @@ async def attach_layer1(
             client_credentials=client_credentials,
             limits=limits or Layer1Limits(),
             on_event=on_event,
+            raw_public_key=raw_public_key,
         )
         holder.append(t)
         return t
@@ -214,6 +220,7 @@ async def create_context(
     limits: Layer1Limits | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     loggername: str = "coaplayers",
+    raw_public_key: dtls.RawPublicKeyCredentials | None = None,
 ) -> LayeredContext:
     """A context serving ``site`` on each listen URI and able to request coap and coaps URIs.
 
@@ -225,6 +232,7 @@ async def create_context(
         layer1 = await attach_layer1(
             ctx, psk_store=psk_store, certificate=certificate,
             client_credentials=client_credentials, limits=limits, on_event=on_event,
+            raw_public_key=raw_public_key,
         )
         plain_bound = False
         for uri in listen:

@@ -1,13 +1,18 @@
-"""Layer 1 client credentials in aiocoap's credentials JSON format, plus certificates.
+"""Layer 1 client credentials in aiocoap's credentials JSON format, plus certificates and
+raw public keys.
 
 aiocoap's format already has ``dtls`` entries (PSK and client identity). This module adds a
-``dtls-cert`` entry type for the certificate mode, so one file can hold both::
+``dtls-cert`` entry type for the certificate mode and a ``dtls-rpk`` one for raw public keys
+(RFC 7250: our ECDSA P-256 private key, and the server keys we accept, pinned), so one file
+can hold all three; file names are relative to the credentials file::
 
     {
       "coaps://gateway.example*": {"dtls": {"psk": {"ascii": "secret"},
                                             "client-identity": {"ascii": "dev-1"}}},
       "coaps://[2001:db8::1]*": {"dtls-cert": {"cert": "client.pem", "key": "client.key",
-                                               "ca": "ca.pem"}}
+                                               "ca": "ca.pem"}},
+      "coaps://sensor-hub.example*": {"dtls-rpk": {"key": "client-rpk.key",
+                                                   "peer-keys": ["server-rpk.pub"]}}
     }
 
 Matching is aiocoap's: the most specific wildcard pattern over the whole request URI, port
@@ -24,11 +29,58 @@ from typing import Any
 import aiocoap.credentials as aiocoap_credentials
 from aiocoap import Message
 
-from ..dtls import CertificateCredentials, ConfigurationError, PskClientCredentials
+from ..dtls import (
+    CertificateCredentials,
+    ConfigurationError,
+    PskClientCredentials,
+    RawPublicKeyCredentials,
+)
+
+Loaded = PskClientCredentials | CertificateCredentials | RawPublicKeyCredentials
+
+
+def _entry_fields(
+    kind: str, data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
+    lists: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """An entry's members as keyword arguments, checked: aiocoap's generic loader compares
+    annotations as text and so rejects every optional member (``str | None``)."""
+    if not isinstance(data, dict):
+        raise aiocoap_credentials.CredentialsLoadError(f"{kind} goes with an object")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        field = name.replace("-", "_")
+        if field in lists:
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not items or not all(
+                isinstance(v, str) for v in items
+            ):
+                raise aiocoap_credentials.CredentialsLoadError(
+                    f"{kind} {name!r} must be a file name or a non-empty list of file names"
+                )
+            out[field] = list(items)
+        elif field in required or field in optional:
+            if not isinstance(value, str):
+                raise aiocoap_credentials.CredentialsLoadError(
+                    f"{kind} {name!r} must be a string"
+                )
+            out[field] = value
+        else:
+            raise aiocoap_credentials.CredentialsLoadError(f"{kind} has no member {name!r}")
+    missing = [n.replace("_", "-") for n in required if n not in out]
+    if missing:
+        raise aiocoap_credentials.CredentialsLoadError(
+            f"{kind} needs {', '.join(repr(m) for m in missing)}"
+        )
+    return out
 
 
 class DtlsCert(aiocoap_credentials._Objectish):  # type: ignore[misc]
     """A ``dtls-cert`` entry: PEM file names, relative to the credentials file."""
+
+    @classmethod
+    def from_item(cls, init_data: Any) -> DtlsCert:
+        return cls(**_entry_fields("dtls-cert", init_data, ("cert", "key"), ("ca", "server_name")))
 
     def __init__(
         self, cert: str, key: str, ca: str | None = None, server_name: str | None = None
@@ -49,12 +101,46 @@ class DtlsCert(aiocoap_credentials._Objectish):  # type: ignore[misc]
         return self._loaded
 
 
+class DtlsRpk(aiocoap_credentials._Objectish):  # type: ignore[misc]
+    """A ``dtls-rpk`` entry (RFC 7250 raw public keys): our PEM private key and the PEM
+    public keys the server may present, file names relative to the credentials file.
+
+    The server is authenticated by pinning, so ``peer-keys`` cannot be empty; a server
+    presenting any other key fails the handshake with
+    :class:`~coaplayers.dtls.AuthenticationFailed`.
+    """
+
+    def __init__(self, key: str, peer_keys: list[str]) -> None:
+        self.key = key
+        self.peer_keys = peer_keys
+        self._loaded: RawPublicKeyCredentials | None = None
+        self.base: Path = Path(".")
+
+    @classmethod
+    def from_item(cls, init_data: Any) -> DtlsRpk:
+        return cls(**_entry_fields("dtls-rpk", init_data, ("key", "peer_keys"),
+                                   lists=("peer_keys",)))
+
+    def load(self) -> RawPublicKeyCredentials:
+        if self._loaded is None:
+            from ..config import raw_public_key_from
+
+            loaded = raw_public_key_from(
+                str(self.base / self.key), [str(self.base / k) for k in self.peer_keys],
+                key_flag='dtls-rpk "key"', trust_flag='dtls-rpk "peer-keys"', peer="server",
+            )
+            assert loaded is not None  # a key is always given
+            self._loaded = loaded
+        return self._loaded
+
+
 class ClientCredentials(aiocoap_credentials.CredentialsMap):
     """aiocoap's credentials map that also understands ``dtls-cert`` entries."""
 
     _class_map = {
         **aiocoap_credentials.CredentialsMap._class_map,
         "dtls-cert": lambda: DtlsCert,
+        "dtls-rpk": lambda: DtlsRpk,
     }
 
     def __init__(self, base: str | os.PathLike[str] = ".") -> None:
@@ -64,7 +150,7 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         # request names the same hop every time); matching means building a Message from
         # the URI and testing every pattern, ~60-100 us of CPU per request in coap-bench.
         # Any change to the map empties it (see _changed).
-        self._for_uri: dict[str, PskClientCredentials | CertificateCredentials] = {}
+        self._for_uri: dict[str, Loaded] = {}
 
     # Every dict mutator empties the for_uri memo.
     def _changed(self) -> None:
@@ -109,7 +195,7 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
                 AttributeError) as exc:  # KeyError: a ":name" reference to a missing entry
             raise ConfigurationError(f"invalid credentials: {exc}") from exc
         for item in self.values():
-            if isinstance(item, DtlsCert):
+            if isinstance(item, DtlsCert | DtlsRpk):
                 item.base = self._base
 
     @classmethod
@@ -132,11 +218,11 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         self.load_from_dict(data)
         return self
 
-    def for_request(self, message: Message) -> PskClientCredentials | CertificateCredentials:
+    def for_request(self, message: Message) -> Loaded:
         """The DTLS credentials for this request's first hop, or a clear error."""
         return self.for_uri(message.get_request_uri())
 
-    def for_uri(self, uri: str) -> PskClientCredentials | CertificateCredentials:
+    def for_uri(self, uri: str) -> Loaded:
         """The DTLS credentials for the ``coaps://`` hop named by ``uri``."""
         found = self._for_uri.get(uri)
         if found is None:
@@ -146,7 +232,7 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
             self._for_uri[uri] = found
         return found
 
-    def _match(self, uri: str) -> PskClientCredentials | CertificateCredentials:
+    def _match(self, uri: str) -> Loaded:
         try:
             item = self.credentials_from_request(Message(code=1, uri=uri))
         except aiocoap_credentials.CredentialsMissingError as exc:
@@ -155,7 +241,7 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
                 ' "coaps://HOST*" to the credentials (patterns match the whole URI, port'
                 " included)"
             ) from exc
-        if isinstance(item, DtlsCert):
+        if isinstance(item, DtlsCert | DtlsRpk):
             return item.load()
         if hasattr(item, "as_dtls_psk"):
             try:
@@ -177,5 +263,10 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
 
     def add_certificate(self, pattern: str, credentials: CertificateCredentials) -> None:
         item = DtlsCert("-", "-")
+        item._loaded = credentials
+        self[pattern] = item
+
+    def add_raw_public_key(self, pattern: str, credentials: RawPublicKeyCredentials) -> None:
+        item = DtlsRpk("-", ["-"])
         item._loaded = credentials
         self[pattern] = item

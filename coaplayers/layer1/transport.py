@@ -129,7 +129,9 @@ class Layer1Remote(interfaces.EndpointAddress):
 
     @property
     def peer_identity(self) -> bytes | str | None:
-        """Who authenticated at Layer 1 (PSK identity or certificate name), if anyone yet."""
+        """Who authenticated at Layer 1, if anyone yet: the PSK identity (bytes), the
+        certificate's name, or a raw public key's fingerprint (32 hex digits, as Layer 0
+        names it: :func:`~coaplayers.dtls.spki_fingerprint`)."""
         return self.peer.identity if self.peer is not None else None
 
     @property
@@ -213,11 +215,13 @@ class _HalfOpenTable:
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    """One UDP socket; a listener if it has a DTLS listener, else client-only."""
+    """One UDP socket; a listener if it has DTLS listeners, else client-only."""
 
-    def __init__(self, transport: MessageInterfaceLayer1, listeners: list[Any]) -> None:
+    def __init__(self, transport: MessageInterfaceLayer1, kinds: dtls.KindListener | None
+                 ) -> None:
         self.owner = transport
-        self.listeners = listeners
+        self.kinds = kinds  # hands each ClientHello to the backend of its kind
+        self.listeners: list[Any] = kinds.listeners if kinds is not None else []
         self.udp: asyncio.DatagramTransport | None = None
         self.local_hostinfo = ""
         self.family = socket.AF_INET6
@@ -264,11 +268,13 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         client_credentials: ClientCredentials | None,
         limits: Layer1Limits,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        raw_public_key: dtls.RawPublicKeyCredentials | None = None,
     ) -> None:
         self._mman: interfaces.MessageManager | None = mman
         self.limits = limits
         self.psk_store = psk_store
         self.certificate = certificate
+        self.raw_public_key = raw_public_key
         self.client_credentials = client_credentials or ClientCredentials()
         self._on_event = on_event
         self._endpoints: list[_Endpoint] = []
@@ -280,6 +286,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._literals: dict[str, str | None] = {}
         self._handshaking = _HalfOpenTable()
         self._openssl_contexts: dict[int, Any] = {}
+        self._rpk_contexts: dict[int, dtls.RawPublicKeyContext] = {}
         self._tickets = dtls.TicketStore()
         self._loop = asyncio.get_running_loop()
         self.stats: dict[str, int] = {
@@ -293,22 +300,30 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     # ------------------------------------------------------------ construction
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Serve coaps on ``host``:``port`` (port 0: ephemeral); returns the bound address."""
-        listeners: list[Any] = []
-        config = self.limits.dtls_config()
-        if self.psk_store is not None:
-            listeners.append(dtls.TinyDtlsListener(self.psk_store, config))
-        if self.certificate is not None:
-            listeners.append(dtls.OpenSslListener(self.certificate, config))
-        if not listeners:
+        """Serve coaps on ``host``:``port`` (port 0: ephemeral); returns the bound address.
+
+        Every credential kind held is served on the socket; each ClientHello picks one
+        (:class:`~coaplayers.dtls.KindListener`).
+        """
+        if self.psk_store is None and self.certificate is None and self.raw_public_key is None:
             raise dtls.ConfigurationError(
-                "a coaps listener needs server credentials: PSKs (--psk/--psk-file) or a"
-                " certificate (--cert/--key)"
+                "a coaps listener needs server credentials: PSKs (--psk/--psk-file), a"
+                " certificate (--cert/--key) or a raw public key (--rpk-key/--rpk-trust)"
             )
-        endpoint = await self._bind(host, port, listeners)
+        check_identities(self.psk_store, self.raw_public_key)
+        config = self.limits.dtls_config()
+        kinds = dtls.KindListener(
+            psk=dtls.TinyDtlsListener(self.psk_store, config)
+            if self.psk_store is not None else None,
+            certificate=dtls.OpenSslListener(self.certificate, config)
+            if self.certificate is not None else None,
+            rpk=dtls.GnuTlsListener(self.raw_public_key, config)
+            if self.raw_public_key is not None else None,
+        )
+        endpoint = await self._bind(host, port, kinds)
         return endpoint.sockname
 
-    async def _bind(self, host: str, port: int, listeners: list[Any]) -> _Endpoint:
+    async def _bind(self, host: str, port: int, kinds: dtls.KindListener | None) -> _Endpoint:
         family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -322,7 +337,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             raise OSError(exc.errno, f"cannot bind coaps to {where}: {exc.strerror}") from exc
         sock.setblocking(False)
         _, endpoint = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self, listeners), sock=sock
+            lambda: _Endpoint(self, kinds), sock=sock
         )
         self._endpoints.append(endpoint)
         return endpoint
@@ -330,7 +345,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     async def _client_endpoint(self, family: int) -> _Endpoint:
         endpoint = self._client_endpoints.get(family)
         if endpoint is None:
-            endpoint = await self._bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0, [])
+            endpoint = await self._bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0, None)
             self._client_endpoints[family] = endpoint
         return endpoint
 
@@ -516,6 +531,12 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         config = self.limits.dtls_config()
         if isinstance(creds, dtls.PskClientCredentials):
             session: dtls.DtlsSession = dtls.TinyDtlsSession.client(creds, config)
+        elif isinstance(creds, dtls.RawPublicKeyCredentials):
+            rpk = self._rpk_contexts.get(id(creds))
+            if rpk is None:  # GnuTLS credentials hold our key: built once per credential
+                rpk = dtls.RawPublicKeyContext(creds, server=False)
+                self._rpk_contexts[id(creds)] = rpk
+            session = dtls.GnuTlsSession.client(rpk, config)
         else:
             ctx = self._openssl_contexts.get(id(creds))
             if ctx is None:
@@ -579,12 +600,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                 # instead of after its retransmissions. Smaller than what triggers it.
                 endpoint.sendto(_LOST_SESSION_ALERT, addr)
             return
-        listener = self._pick_listener(endpoint, data)
-        if listener is None:
-            self.stats["datagrams_dropped"] += 1
-            return
+        assert endpoint.kinds is not None  # endpoints with listeners have their dispatcher
         try:
-            replies, session = listener.accept(addr, data, now)
+            replies, session = endpoint.kinds.accept(addr, data, now)
         except Exception:  # a listener must never take the socket down
             log.exception("DTLS listener failed on a datagram from %s", addr[0])
             return
@@ -608,16 +626,6 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer.hello_random = hello_random
         self._handshaking.add(peer)
         self._process(peer)
-
-    def _pick_listener(self, endpoint: _Endpoint, hello: bytes) -> Any:
-        if len(endpoint.listeners) == 1:
-            return endpoint.listeners[0]
-        # Both PSK and certificates on one port: choose by the cipher suites offered.
-        psk = records.offers_psk(hello)
-        for listener in endpoint.listeners:
-            if isinstance(listener, dtls.TinyDtlsListener) == psk:
-                return listener
-        return endpoint.listeners[0]
 
     def _process(self, peer: _Peer) -> None:
         """Move a session's output to the socket and its events to aiocoap."""
@@ -803,6 +811,25 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     @property
     def session_count(self) -> int:
         return sum(1 for p in self._peers.values() if p.session is not None)
+
+
+def check_identities(
+    psk_store: dtls.PskStore | None, raw_public_key: dtls.RawPublicKeyCredentials | None,
+    *, psk_flag: str = "--psk", trust_flag: str = "--rpk-trust",
+) -> None:
+    """PSK identities and raw-public-key fingerprints share one identity namespace (resources
+    and policies see both as the peer identity): a PSK named like a trusted key's fingerprint
+    would pass for that key's holder, so such a configuration is refused."""
+    if psk_store is None or raw_public_key is None:
+        return
+    names = {dtls.spki_fingerprint(k) for k in raw_public_key.trusted_keys}
+    for identity in psk_store.identities():
+        text = identity.decode(errors="replace")
+        if text in names:
+            raise dtls.ConfigurationError(
+                f"{psk_flag} identity {text} is the fingerprint of a key in {trust_flag}:"
+                " choose another PSK identity"
+            )
 
 
 # Fatal unexpected_message alert in epoch 0 (RFC 6347 record, RFC 5246 alert).

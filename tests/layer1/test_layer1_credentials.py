@@ -41,3 +41,15 @@ def test_every_change_to_the_map_is_seen_by_the_next_lookup() -> None:
         creds.for_uri(uri)
     creds.setdefault("coaps://*", _creds()["coaps://*"])
     assert creds.for_uri(uri).identity == b"everyone"
+
+
+def test_dtls_cert_takes_its_optional_members() -> None:
+    """aiocoap's generic loader refused "ca" and "server-name" (it compares annotations as
+    text); the entry checks its own members now."""
+    creds = ClientCredentials("/etc/coap")
+    creds.load_from_dict({"coaps://*": {"dtls-cert": {
+        "cert": "c.pem", "key": "c.key", "ca": "ca.pem", "server-name": "gw.example"}}})
+    item = creds["coaps://*"]
+    assert (item.ca, item.server_name, str(item.base)) == ("ca.pem", "gw.example", "/etc/coap")
+    with pytest.raises(dtls.ConfigurationError, match="dtls-cert needs 'key'"):
+        ClientCredentials().load_from_dict({"coaps://*": {"dtls-cert": {"cert": "c.pem"}}})
