@@ -311,8 +311,8 @@ async def test_separate_response_retransmits_on_the_downstream_ack_timeout(
     sock.setblocking(False)
     sock.connect(("127.0.0.1", proxy.port))
     try:
-        request = Message(code=GET, mid=0x1234, token=b"sep")
-        request.mtype = aiocoap.CON
+        request = Message(code=GET)  # a raw datagram: type, MID and token set by hand
+        request.mtype, request.mid, request.token = aiocoap.CON, 0x1234, b"sep"
         request.opt.proxy_uri = f"coap://{origin.hostport}/slow?0.5"
         sock.send(request.encode())
 
@@ -327,8 +327,8 @@ async def test_separate_response_retransmits_on_the_downstream_ack_timeout(
         again_at, again = await receive()  # not acknowledged: sent again
         assert (again.mtype, again.mid, again.payload) == (aiocoap.CON, first.mid, b"slow done")
         assert again_at - first_at < 1.0
-        done = Message(code=codes.EMPTY, mid=first.mid, token=b"")
-        done.mtype = aiocoap.ACK
+        done = Message(code=codes.EMPTY)
+        done.mtype, done.mid, done.token = aiocoap.ACK, first.mid, b""
         sock.send(done.encode())
     finally:
         sock.close()
