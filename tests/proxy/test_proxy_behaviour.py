@@ -335,9 +335,11 @@ async def test_separate_response_retransmits_on_the_downstream_ack_timeout(
 
 
 def test_downstream_ack_timeout_is_bounded() -> None:
-    from coaplayers.proxy.config import ConfigError, ProxyConfig
+    from coaplayers.proxy.config import ConfigError, ProxyConfig, config_from_mapping
 
     assert ProxyConfig(downstream_ack_timeout=0.2).downstream_ack_timeout == 0.2
+    assert config_from_mapping({"downstream_ack_timeout": 0.3}).downstream_ack_timeout == 0.3
+    assert ProxyConfig().downstream_ack_timeout is None  # aiocoap's 2 s
     for bad in (0.0, 61.0):
         try:
             ProxyConfig(downstream_ack_timeout=bad)
