@@ -16,9 +16,11 @@ as ``request.remote.security_context`` and the Layer 0 peer as
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -29,6 +31,8 @@ from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
 from .context import SecurityContext
+from .errors import PersistenceError
+from .persistence import DEFAULT_AHEAD, ContextFile
 
 log = logging.getLogger("coaplayers.oscore.server")
 
@@ -53,7 +57,14 @@ class ContextStore:
         IDs are allocated so that they never equal it.
     """
 
-    def __init__(self, max_contexts: int = DEFAULT_MAX_CONTEXTS, server_id: bytes = b"") -> None:
+    def __init__(
+        self,
+        max_contexts: int = DEFAULT_MAX_CONTEXTS,
+        server_id: bytes = b"",
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        ahead: int = DEFAULT_AHEAD,
+    ) -> None:
         if max_contexts < 1:
             raise ValueError("max_contexts must be at least 1")
         self.max_contexts = max_contexts
@@ -61,6 +72,17 @@ class ContextStore:
         self._contexts: OrderedDict[tuple[bytes, bytes | None], SecurityContext] = OrderedDict()
         #: Number of contexts evicted for room so far (for monitoring).
         self.evictions = 0
+        #: With a directory, every context is kept in a file of its own there
+        #: (:class:`~coaplayers.oscore.persistence.ContextFile`), so that a restarted server
+        #: still knows its clients: they go on without a new handshake (the restored window
+        #: is unknown, so their first request is answered 4.01 + Echo, RFC 8613 B.1.2, which
+        #: the clients answer by themselves).
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.ahead = ahead
+        #: Contexts read back from ``state_dir`` at start.
+        self.restored = 0
+        if self.state_dir is not None:
+            self._restore()
 
     def __len__(self) -> int:
         return len(self._contexts)
@@ -81,7 +103,18 @@ class ContextStore:
         a new handshake and gets the same ID again must not be answered with the old keys.
         """
         key = context.lookup_key
-        self._contexts.pop(key, None)
+        replaced = self._contexts.pop(key, None)
+        if replaced is not None and replaced is not context:
+            self._forget(replaced, delete=False)  # the same file is written for the new one
+        if self.state_dir is not None:
+            # On disk before it is used: a failed write (PersistenceError) keeps it out, and
+            # the file of the context it replaces must not outlive it.
+            path = self._file_of(context)
+            try:
+                ContextFile.save(path, context, self.ahead)
+            except PersistenceError:
+                path.unlink(missing_ok=True)
+                raise
         self._contexts[key] = context
         evicted = []
         while len(self._contexts) > self.max_contexts:
@@ -90,6 +123,7 @@ class ContextStore:
             self.evictions += 1
         for old in evicted:
             log.info("evicted OSCORE context %r (store full)", old)
+            self._forget(old)
         return evicted
 
     def remove(self, context: SecurityContext) -> bool:
@@ -97,8 +131,53 @@ class ContextStore:
         key = context.lookup_key
         if self._contexts.get(key) is context:
             del self._contexts[key]
+            self._forget(context)
             return True
         return False
+
+    # -- persistence -------------------------------------------------------------------
+
+    def _file_of(self, context: SecurityContext) -> Path:
+        assert self.state_dir is not None
+        ctx = "none" if context.id_context is None else context.id_context.hex()
+        return self.state_dir / f"{context.recipient_id.hex() or 'empty'}.{ctx}.json"
+
+    def _forget(self, context: SecurityContext, *, delete: bool = True) -> None:
+        """A context leaves the store: detach its file (so that a late use of the context
+        cannot write its mark over a newer context's file) and delete the file."""
+        store = context.store
+        if store is None or self.state_dir is None:
+            return
+        context.store = None
+        if delete:
+            try:
+                store.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not delete OSCORE context file %s: %s", store.path, e)
+
+    def _restore(self) -> None:
+        assert self.state_dir is not None
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = sorted(self.state_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for path in paths:  # oldest first: the least recently written is evicted first
+            try:
+                context = ContextFile(path, self.ahead).load()
+            except PersistenceError as e:
+                log.warning("OSCORE context file not restored: %s", e)
+                continue
+            if context.sender_id != self.server_id or path != self._file_of(context):
+                log.warning("OSCORE context file %s is not one of this server's; ignored", path)
+                continue
+            self._contexts[context.lookup_key] = context
+            self.restored += 1
+        while len(self._contexts) > self.max_contexts:
+            _, old = self._contexts.popitem(last=False)
+            self._forget(old)
+            self.restored -= 1
+        if self.restored:
+            log.info("restored %d OSCORE context(s) from %s", self.restored, self.state_dir)
 
     def get(self, recipient_id: bytes, id_context: bytes | None = None) -> SecurityContext | None:
         """Look a context up without touching its LRU position."""

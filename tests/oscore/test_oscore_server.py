@@ -237,3 +237,89 @@ async def test_oscore_context_and_dtls_credentials_for_the_same_uri(tmp_path: Pa
             assert client.client_credentials.credentials_from_request(probe) is dtls
     finally:
         await client.shutdown()
+
+
+# -- ContextStore with a state directory (server restarts) ----------------------------------
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_store_state_dir_survives_a_restart_and_follows_removal(tmp_path: Path) -> None:
+    state = tmp_path / "oscore"
+    store = ContextStore(state_dir=state)
+    a, b = _ctx(b"\x01"), _ctx(b"\x02")
+    store.add(a)
+    store.add(b)
+    assert (state.stat().st_mode & 0o777) == 0o700
+    assert _files(state) == ["01.none.json", "02.none.json"]
+    a.sender_sequence_number = 500  # as if it had sent notifications
+    a.new_sequence_number()  # reserved on disk before use
+
+    again = ContextStore(state_dir=state)  # the restarted server
+    assert again.restored == 2 and len(again) == 2
+    restored = again.get(b"\x01")
+    assert restored is not None and restored is not a
+    assert (restored.recipient_key, restored.sender_key, restored.common_iv) == (
+        a.recipient_key, a.sender_key, a.common_iv)
+    assert restored.peer == a.peer
+    assert restored.sender_sequence_number > 500  # never a number the old process may have used
+    assert restored.echo_recovery is not None  # window unknown: 4.01 + Echo first
+
+    assert again.remove(restored)
+    assert _files(state) == ["02.none.json"]
+
+
+def test_store_state_dir_eviction_and_replacement(tmp_path: Path) -> None:
+    state = tmp_path / "oscore"
+    store = ContextStore(max_contexts=1, state_dir=state)
+    first, second = _ctx(b"\x01"), _ctx(b"\x02")
+    store.add(first)
+    assert store.add(second) == [first]
+    assert _files(state) == ["02.none.json"] and first.store is None
+    newer = _ctx(b"\x02")  # a new handshake gave the client the same ID
+    store.add(newer)
+    assert second.store is None  # detached: its late use cannot overwrite newer's file
+    second.sender_sequence_number = 10_000
+    second.new_sequence_number()
+    restored = ContextStore(state_dir=state).get(b"\x02")
+    assert restored is not None and restored.sender_sequence_number < 10_000
+
+
+def test_store_state_dir_skips_what_is_not_a_context_of_this_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "oscore"
+    ContextStore(state_dir=state).add(_ctx(b"\x03"))
+    garbage = state / "junk.json"
+    garbage.write_text("not json")
+    garbage.chmod(0o600)
+    other = ContextStore(server_id=b"\x77", state_dir=state)  # another server's directory
+    assert other.restored == 0 and len(other) == 0
+    assert "not restored" in caplog.text and "not one of this server's" in caplog.text
+    assert ContextStore(state_dir=state).restored == 1
+
+
+async def test_restarted_server_keeps_its_oscore_clients(
+    client: aiocoap.Context, tmp_path: Path
+) -> None:
+    """With a state directory, a server restart does not cost the client a new handshake:
+    its context is restored, and the first request goes through after an Echo round."""
+    state = tmp_path / "oscore"
+    client_sc, server_sc = static_pair(client_id=b"\x05")
+    ContextStore(state_dir=state).add(server_sc)
+    contexts = ClientContexts()
+    attach(client, contexts)
+    for start in (1, 2):  # the second store is the restarted server's
+        store = ContextStore(state_dir=state)
+        assert store.restored == 1
+        async with oscore_server(store) as (port, _):
+            uri = f"coap://127.0.0.1:{port}/hello"
+            contexts.set(uri, client_sc)
+            before = client_sc.sender_sequence_number
+            resp = await asyncio.wait_for(
+                client.request(Message(code=GET, uri=uri)).response, TIMEOUT
+            )
+            assert resp.payload == b"hello client-1", start
+            assert client_sc.sender_sequence_number == before + 2  # request + Echo answer
