@@ -44,6 +44,8 @@ examples:
               coap://app.example/firmware -o fw.bin
   coap-client --e2e dtls --e2e-rpk-key client-rpk.key --e2e-rpk-server-key server-rpk.pub \\
               coap://app.example/hello
+  coap-client --rpk-key client-hop-rpk.key --rpk-server-key server-hop-rpk.pub \\
+              coaps://gateway.example/hello
 
 output: the payload on stdout (text as is, JSON pretty-printed, CBOR in diagnostic
 notation; binary only to a file (-o) or a pipe, never to a terminal). -v adds the response
@@ -54,6 +56,12 @@ show a progress bar on stderr when stderr is a terminal.
 method text file content-format accept output observe timeout proxy verbose identity
 psk-key (-k); "key" is --key. A flag on the command line wins over the file. End-to-end
 credentials from the file are used only when --e2e (flag or file) picks a mode.
+
+Layer 1 credentials: -u/-k (PSK), --cert/--key/--ca (certificates) or --rpk-key with
+--rpk-server-key (raw public keys, RFC 7250) for every coaps:// first hop, or --credentials
+FILE.json per URI pattern ("dtls", "dtls-cert", and "dtls-rpk": {{"key": "client.key",
+"peer-keys": ["server.pub"]}}; file names relative to FILE.json). Layer 1 and end-to-end keys
+are kept apart: the same raw public key at both layers is refused.
 
 end-to-end credentials: a handshake uses one kind. --e2e-auth psk|cert|rpk names it; without
 it, a kind given on the command line wins over the file's, and among several the order is
@@ -105,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     l1.add_argument("--cert", metavar="PEM", help="client certificate")
     l1.add_argument("--key", "--key-file", "--cert-key", dest="cert_key", metavar="PEM",
                     help="client private key (libcoap: -j)")
+    l1.add_argument("--rpk-key", metavar="PEM",
+                    help="raw public key mode (RFC 7250): our ECDSA P-256 private key")
+    l1.add_argument("--rpk-server-key", action="append", default=[], metavar="PEM",
+                    help="public key(s) the first hop's server may present (pinned; repeatable)")
     e2e = p.add_argument_group("Layer 0 (end to end, through proxies)")
     e2e.add_argument("--e2e", choices=["dtls", "oscore"], help="end-to-end protection mode")
     e2e.add_argument("--e2e-psk-identity", metavar="ID", help="end-to-end PSK identity")
@@ -180,7 +192,16 @@ def layer1_credentials(args: argparse.Namespace) -> layer1.ClientCredentials:
         layer1.ClientCredentials.from_file(args.credentials)
         if args.credentials else layer1.ClientCredentials()
     )
-    if args.identity is not None:
+    rpk = cfg.raw_public_key_from(args.rpk_key, args.rpk_server_key, key_flag="--rpk-key",
+                                  trust_flag="--rpk-server-key", peer="server")
+    if rpk is not None and (args.identity is not None or args.cert or args.ca):
+        raise dtls.ConfigurationError(
+            "--rpk-key names the Layer 1 credentials already; -u/-k or --cert/--ca would be"
+            " ignored: give one kind (or several, per URI, in --credentials)"
+        )
+    if rpk is not None:
+        creds.add_raw_public_key("coaps://*", rpk)
+    elif args.identity is not None:
         creds.add_psk("coaps://*", args.identity.encode(), dtls.parse_key_text(args.psk_key))
     elif args.cert or args.ca:
         if args.cert:
@@ -268,7 +289,13 @@ def build_request(args: argparse.Namespace) -> aiocoap.Message:
 
 async def run(args: argparse.Namespace) -> int:
     creds = layer1_credentials(args)
+    args._layer1_credentials = creds  # for the raw-public-key wording of Layer 1 failures
     e2e = e2e_options(args)
+    if e2e is not None and e2e.raw_public_key is not None:
+        for hop in creds.raw_public_keys():
+            cfg.check_layers_apart(hop, e2e.raw_public_key,
+                                   hop_flags=("--rpk-key", "--rpk-server-key"),
+                                   e2e_flags=("--e2e-rpk-key", "--e2e-rpk-server-key"))
     timeout = args.timeout if args.timeout is not None else 90.0
     limits = layer1.Layer1Limits(handshake_timeout=min(30.0, max(1.0, timeout * 0.8)))
     ctx = await layer1.create_context(
@@ -398,7 +425,7 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
                 return EXIT_TIMEOUT, f"Layer 1: {cause}"
             if isinstance(cause.cause, dtls.HandshakeTimeout | dtls.AuthenticationFailed |
                           dtls.PeerAlert):
-                return EXIT_SECURITY, f"Layer 1 security failure: {cause}"
+                return EXIT_SECURITY, f"Layer 1 security failure: {_layer1_hint(cause, args)}"
             return EXIT_OTHER, f"Layer 1: {cause}"
         outer = re.match(r"unexpected outer answer ([45])\.(\d\d)", str(cause))
         if isinstance(cause, l0.HandshakeFailed) and outer:
@@ -444,6 +471,25 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
                 f"{NO_ANSWER}"
         cause = cause.__cause__ or cause.__context__
     return EXIT_OTHER, f"{type(exc).__name__}: {exc}"
+
+
+def _layer1_hint(cause: layer1.Layer1Error, args: Any) -> str:
+    """A Layer 1 failure, in raw-public-key terms when the hop's credentials are raw public
+    keys (the engine's alert text speaks of certificates)."""
+    text = str(cause)
+    creds = getattr(args, "_layer1_credentials", None)
+    alert = re.search(r"the server rejected our certificate \((\w+)\).*", text)
+    if creds is None or alert is None:
+        return text
+    try:
+        hop = creds.for_uri(f"coaps://{cause.remote_hostinfo}/")
+    except dtls.ConfigurationError:
+        return text
+    if not isinstance(hop, dtls.RawPublicKeyCredentials):
+        return text
+    return (f"{text[:alert.start()]}the server rejected our raw public key ({alert[1]}): is our"
+            f" public key (fingerprint {hop.fingerprint}) among the keys the server trusts at"
+            " Layer 1 (coap-server/coap-proxy --rpk-trust)?")
 
 
 def _rpk_hint(cause: BaseException, args: Any) -> str:

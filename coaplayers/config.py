@@ -240,6 +240,30 @@ def raw_public_key_from(
     return creds
 
 
+def check_layers_apart(
+    hop: dtls.RawPublicKeyCredentials | None, e2e: dtls.RawPublicKeyCredentials | None,
+    *, hop_flags: tuple[str, str] = ("--rpk-key", "--rpk-trust"),
+    e2e_flags: tuple[str, str] = ("--e2e-rpk-key", "--e2e-rpk-trust"),
+) -> None:
+    """Each layer is its own authorization domain: a key that opens a hop must open nothing
+    end to end, and the reverse. One private key for both layers, or a peer key trusted at
+    both, would join them, so either is refused."""
+    if hop is None or e2e is None:
+        return
+    if hop.public_key_der == e2e.public_key_der:
+        raise ConfigurationError(
+            f"{hop_flags[0]} and {e2e_flags[0]} are the same key: give each layer its own"
+            " (coap-keys makes separate hop and end-to-end key pairs)"
+        )
+    both = hop.trusted_keys & e2e.trusted_keys
+    if both:
+        fp = dtls.spki_fingerprint(min(both))
+        raise ConfigurationError(
+            f"{hop_flags[1]} and {e2e_flags[1]} both list the key {fp}: a hop key must not"
+            " open end-to-end sessions (nor the reverse); give each layer its own keys"
+        )
+
+
 def _is_p256(key: object) -> bool:
     from cryptography.hazmat.primitives.asymmetric import ec
 

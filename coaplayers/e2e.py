@@ -151,7 +151,8 @@ def layer1_details(response: Any) -> dict[str, Any] | None:
     ident = peer.identity
     return {
         "peer": ident.decode(errors="replace") if isinstance(ident, bytes) else ident,
-        "mode": "psk" if isinstance(peer.session, dtls.TinyDtlsSession) else "certificate",
+        "mode": "psk" if isinstance(peer.session, dtls.TinyDtlsSession)
+        else "rpk" if isinstance(peer.session, dtls.GnuTlsSession) else "certificate",
         "cipher": peer.session.cipher_suite,
     }
 

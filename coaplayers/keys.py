@@ -86,6 +86,8 @@ def create(
         "proxy.pem", "proxy.key", "server-hop.pem", "server-hop.key",
         "server-e2e.pem", "server-e2e.key", "client-e2e.pem", "client-e2e.key",
         "server-rpk.key", "server-rpk.pub", "client-rpk.key", "client-rpk.pub",
+        "client-hop-rpk.key", "client-hop-rpk.pub", "proxy-rpk.key", "proxy-rpk.pub",
+        "server-hop-rpk.key", "server-hop-rpk.pub", "client-hop-rpk.json",
         "psk.json", "server-psk.json", "proxy-psk.json", "proxy-upstream.json", "client-hop.json",
         "server.toml", "proxy.toml", "client.toml",
     ]
@@ -105,8 +107,10 @@ def create(
     # The end-to-end certificates are for one role each (and the client's names no host).
     server_e2e = pki.issue(e2e_ca, "app-server", names=server_names, client=False)
     client_e2e = pki.issue(e2e_ca, device, server=False)
-    # Raw public keys are end to end only (Layer 1 has no raw-public-key mode).
+    # Raw public keys: one pair per end to end, and separate pairs per hop (each layer is its
+    # own authorization domain: a hop key opens nothing end to end).
     server_rpk, client_rpk = RawKey(), RawKey()
+    hop_rpk = {"client-hop": RawKey(), "proxy": RawKey(), "server-hop": RawKey()}
     psks = {
         "hop1": (device, secrets.token_hex(16)),  # device <-> proxy
         "hop2": ("proxy", secrets.token_hex(16)),  # proxy <-> application server
@@ -129,6 +133,14 @@ def create(
         "server-rpk.pub": (server_rpk.public_pem(), False),
         "client-rpk.key": (client_rpk.key_pem(), True),
         "client-rpk.pub": (client_rpk.public_pem(), False),
+        **{f"{name}-rpk.key": (k.key_pem(), True) for name, k in hop_rpk.items()},
+        **{f"{name}-rpk.pub": (k.public_pem(), False) for name, k in hop_rpk.items()},
+        # The device's first hop with raw public keys instead of client-hop.json's PSK.
+        "client-hop-rpk.json": (json.dumps({
+            f"coaps://{proxy_host}*": {"dtls-rpk": {
+                "key": "client-hop-rpk.key", "peer-keys": ["proxy-rpk.pub"],
+            }},
+        }, indent=2).encode(), False),
         # Everything secret about PSKs in one owner-only overview, for the operator.
         "psk.json": (json.dumps({k: {"identity": i, "key": "0x" + v} for k, (i, v) in psks.items()},
                                 indent=2).encode(), True),
@@ -152,6 +164,8 @@ def create(
     files["server.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in server_host else '0.0.0.0'}:{server_port}"],
         "psk-file": "server-psk.json",
+        "rpk-key": "server-hop-rpk.key",
+        "rpk-trust": ["proxy-rpk.pub"],
         "e2e-psk": [f"{psks['e2e'][0]}:0x{psks['e2e'][1]}"],
         "e2e-cert": "server-e2e.pem",
         "e2e-key": "server-e2e.key",
@@ -162,6 +176,8 @@ def create(
     files["proxy.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in proxy_host else '0.0.0.0'}:{proxy_port}"],
         "psk-file": "proxy-psk.json",
+        "rpk-key": "proxy-rpk.key",
+        "rpk-trust": ["client-hop-rpk.pub"],
         "upstream-credentials": "proxy-upstream.json",
     }), False)
     files["client.toml"] = (_toml({
@@ -188,9 +204,15 @@ def create(
         f" coaps://{server_uri_host}:{server_port}/hello\n"
         f"End to end, client.toml holds every kind; --e2e dtls and --e2e oscore use the raw\n"
         f"public keys unless --e2e-auth psk|cert picks another.\n"
-        f"Raw public key identities (SPKI fingerprints, as Layer 0 names the peers):\n"
-        f"  server-rpk.pub  {server_rpk.fingerprint}\n"
-        f"  client-rpk.pub  {client_rpk.fingerprint}\n"
+        f"Raw public key identities (SPKI fingerprints, as both layers name the peers):\n"
+        f"  server-rpk.pub      {server_rpk.fingerprint}  (end to end)\n"
+        f"  client-rpk.pub      {client_rpk.fingerprint}  (end to end)\n"
+        + "".join(f"  {name + '-rpk.pub':<18}  {k.fingerprint}  (Layer 1)\n"
+                  for name, k in hop_rpk.items())
+        + f"Layer 1 takes PSKs and raw public keys side by side; for the first hop with raw\n"
+        f"public keys instead of client-hop.json's PSK:\n"
+        f"  coap-client --config {folder}/client.toml --credentials"
+        f" {folder}/client-hop-rpk.json ...\n"
     )
     return written
 

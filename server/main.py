@@ -26,11 +26,17 @@ examples:
   coap-server --listen coaps://0.0.0.0:5684 --psk proxy:0x6b6579 --e2e-psk dev1:secret
   coap-server --listen coaps://[::]:0 --cert server.pem --key server.key --ca ca.pem \\
               --e2e-cert e2e-server.pem --e2e-key e2e-server.key --e2e-ca ca.pem --e2e-required
+  coap-server --listen coaps://[::]:5684 --rpk-key server-hop-rpk.key \\
+              --rpk-trust client-hop-rpk.pub --psk proxy:0x6b6579
   coap-server --listen coap://[::]:5683 --e2e-rpk-key server-rpk.key \\
               --e2e-rpk-trust client-rpk.pub --e2e-rpk-trust more-clients.pub
   coap-server --config server.toml
 
 resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
+Layer 1 credentials of every kind given (--psk, --cert, --rpk-key) are served side by side on
+each coaps:// listener; a raw-public-key client's Layer 1 identity is its key's fingerprint.
+Each layer keeps its own keys: a key in both --rpk-trust and --e2e-rpk-trust, or one private
+key for --rpk-key and --e2e-rpk-key, is refused.
 End-to-end credentials of every kind given (PSK, certificate, raw public key) are accepted side
 by side on the same listeners; each client's handshake picks one. A raw-public-key client's
 identity is its key's fingerprint (32 hex digits, as -v logs and coap-keys prints).
@@ -59,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     l1.add_argument("--cert", metavar="PEM", help="server certificate")
     l1.add_argument("--key", metavar="PEM", help="server private key")
     l1.add_argument("--ca", metavar="PEM", help="CA that client certificates must chain to")
+    l1.add_argument("--rpk-key", metavar="PEM",
+                    help="raw public key mode (RFC 7250): our ECDSA P-256 private key")
+    l1.add_argument("--rpk-trust", action="append", default=[], metavar="PEM",
+                    help="public key(s) of accepted raw-public-key clients (PEM PUBLIC KEY "
+                    "blocks; repeatable)")
     l0 = p.add_argument_group("Layer 0 (end-to-end DTLS and OSCORE through proxies)")
     l0.add_argument("--e2e-psk", action="append", default=[], metavar="ID:KEY",
                     help="accepted end-to-end PSK identity and key (repeatable)")
@@ -90,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
     psk_store = cfg.psk_store_from(args.psk, args.psk_file)
     certificate = cfg.certificate_from(args.cert, args.key, args.ca, require_peer=bool(args.ca))
+    raw_public_key = cfg.raw_public_key_from(args.rpk_key, args.rpk_trust,
+                                             key_flag="--rpk-key", trust_flag="--rpk-trust")
     e2e = E2EServerOptions(
         psk_store=cfg.psk_store_from(args.e2e_psk),
         certificate=cfg.certificate_from(
@@ -100,6 +113,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
     )
     _check_identities(e2e)
+    cfg.check_layers_apart(raw_public_key, e2e.raw_public_key)
     # eager: the server's own resources answer without asyncio.timeout() (see Layer0Site).
     site: Any = wrap_site(build_site(), e2e, eager=True)
     stop = asyncio.Event()
@@ -108,7 +122,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
     ctx = await layer1.create_context(
         site, listen=args.listen, psk_store=psk_store, certificate=certificate,
-        loggername="coap-server",
+        raw_public_key=raw_public_key, loggername="coap-server",
     )
     if isinstance(site, Layer0Site):
         answer_inline(ctx.context, site)

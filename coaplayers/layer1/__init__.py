@@ -2,7 +2,14 @@
 
 from .context import LayeredContext, attach_layer1, create_context, parse_listen_uri
 from .credentials import ClientCredentials, DtlsCert, DtlsRpk
-from .transport import Layer1Claim, Layer1Error, Layer1Limits, Layer1Remote, layer1_identity
+from .transport import (
+    Layer1Claim,
+    Layer1Error,
+    Layer1Limits,
+    Layer1Remote,
+    check_identities,
+    layer1_identity,
+)
 
 __all__ = [
     "ClientCredentials",
@@ -14,6 +21,7 @@ __all__ = [
     "Layer1Remote",
     "LayeredContext",
     "attach_layer1",
+    "check_identities",
     "create_context",
     "layer1_identity",
     "parse_listen_uri",

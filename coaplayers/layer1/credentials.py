@@ -11,8 +11,8 @@ can hold all three; file names are relative to the credentials file::
                                             "client-identity": {"ascii": "dev-1"}}},
       "coaps://[2001:db8::1]*": {"dtls-cert": {"cert": "client.pem", "key": "client.key",
                                                "ca": "ca.pem"}},
-      "coaps://sensor-hub.example*": {"dtls-rpk": {"key": "client-rpk.key",
-                                                   "peer-keys": ["server-rpk.pub"]}}
+      "coaps://sensor-hub.example*": {"dtls-rpk": {"key": "client-hop-rpk.key",
+                                                   "peer-keys": ["server-hop-rpk.pub"]}}
     }
 
 Matching is aiocoap's: the most specific wildcard pattern over the whole request URI, port
@@ -265,6 +265,11 @@ class ClientCredentials(aiocoap_credentials.CredentialsMap):
         item = DtlsCert("-", "-")
         item._loaded = credentials
         self[pattern] = item
+
+    def raw_public_keys(self) -> list[RawPublicKeyCredentials]:
+        """Every ``dtls-rpk`` entry, loaded (so that a program can keep its layers' keys
+        apart before the first request)."""
+        return [item.load() for item in self.values() if isinstance(item, DtlsRpk)]
 
     def add_raw_public_key(self, pattern: str, credentials: RawPublicKeyCredentials) -> None:
         item = DtlsRpk("-", ["-"])

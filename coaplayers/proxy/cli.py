@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     l1.add_argument("--cert", metavar="PEM")
     l1.add_argument("--key", metavar="PEM")
     l1.add_argument("--ca", metavar="PEM")
+    l1.add_argument("--rpk-key", metavar="PEM",
+                    help="raw public keys (RFC 7250) for coaps listeners: our P-256 private key")
+    l1.add_argument("--rpk-trust", metavar="PEM", action="append",
+                    help="public key(s) of accepted raw-public-key clients, repeatable")
     l1.add_argument("--upstream-credentials", metavar="FILE",
                     help="aiocoap credentials JSON for coaps upstreams")
     return p
@@ -127,7 +131,9 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     l1: dict[str, Any] = {}
     if args.psk:
         l1["psk"] = tuple(args.psk)
-    for flag in ("psk_file", "cert", "key", "ca", "upstream_credentials"):
+    if args.rpk_trust:
+        l1["rpk_trust"] = tuple(args.rpk_trust)
+    for flag in ("psk_file", "cert", "key", "ca", "rpk_key", "upstream_credentials"):
         if getattr(args, flag) is not None:
             l1[flag] = getattr(args, flag)
     if l1:

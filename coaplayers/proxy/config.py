@@ -137,6 +137,8 @@ class Layer1Settings:
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
+    rpk_key: str | None = None  # raw public keys (RFC 7250): our ECDSA P-256 private key ...
+    rpk_trust: tuple[str, ...] = ()  # ... and PEM files of the client keys we accept
     upstream_credentials: str | None = None  # aiocoap credentials JSON for upstream coaps
 
     def any_set(self) -> bool:
@@ -211,8 +213,8 @@ _SCALARS: dict[str, type] = {
     "log_exchanges": bool,
 }
 _LISTS = ("listen", "names", "allowed_schemes")
-_LAYER1_LISTS = ("psk",)
-_LAYER1_SCALARS = ("psk_file", "cert", "key", "ca", "upstream_credentials")
+_LAYER1_LISTS = ("psk", "rpk_trust")
+_LAYER1_SCALARS = ("psk_file", "cert", "key", "ca", "rpk_key", "upstream_credentials")
 
 
 def _typed(name: str, value: Any, kind: type) -> Any:
@@ -329,6 +331,10 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
         for key in _LAYER1_SCALARS:
             if isinstance(layer1.get(key), str):
                 layer1[key] = str(folder / layer1[key])
+        trust = layer1.get("rpk_trust")  # file names too (PSKs, the other list, are not)
+        if isinstance(trust, str | list):
+            items = [trust] if isinstance(trust, str) else trust
+            layer1["rpk_trust"] = [str(folder / t) if isinstance(t, str) else t for t in items]
     if isinstance(data.get("log_file"), str):
         data["log_file"] = str(folder / data["log_file"])
     return config_from_mapping(data, base)

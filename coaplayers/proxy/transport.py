@@ -2,9 +2,9 @@
 
 ``build_context`` is the single function that turns ``ProxyConfig.listen`` and
 ``ProxyConfig.layer1`` into sockets: ``coap://`` through aiocoap's udp6 transport, ``coaps://``
-through the Layer 1 transport (listeners with their PSK store and certificate; upstream
-contexts with ``layer1.upstream_credentials``). Nothing else in the proxy knows about
-transports (the site only asks ``ProxyContext.upstream_schemes``).
+through the Layer 1 transport (listeners with their PSK store, certificate and raw public
+key; upstream contexts with ``layer1.upstream_credentials``). Nothing else in the proxy knows
+about transports (the site only asks ``ProxyContext.upstream_schemes``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aiocoap.protocol import Request
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dedup, dtls, layer1
-from ..config import certificate_from, psk_store_from
+from ..config import certificate_from, psk_store_from, raw_public_key_from
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
@@ -196,12 +196,16 @@ async def build_context(
                 bound.append(("coap", h, p))
 
         # ---- Layer 1 (coaps://) ------------------------------------------------------------
-        # Downstream (listener) and upstream credentials are separate policies: the PSK store
-        # and certificate authenticate clients; upstream_credentials authenticate us upstream.
+        # Downstream (listener) and upstream credentials are separate policies: the PSK store,
+        # certificate and raw public keys authenticate clients; upstream_credentials (whose
+        # "dtls-rpk" entries pin upstream servers' keys) authenticate us upstream.
         l1 = config.layer1
         try:
             psk_store = psk_store_from(l1.psk, [l1.psk_file] if l1.psk_file else [])
             certificate = certificate_from(l1.cert, l1.key, l1.ca, require_peer=bool(l1.ca))
+            raw_public_key = raw_public_key_from(l1.rpk_key, l1.rpk_trust, key_flag="--rpk-key",
+                                                 trust_flag="--rpk-trust")
+            layer1.check_identities(psk_store, raw_public_key)
             client_creds = (
                 layer1.ClientCredentials.from_file(l1.upstream_credentials)
                 if l1.upstream_credentials else layer1.ClientCredentials()
@@ -210,13 +214,14 @@ async def build_context(
             raise ConfigError(str(exc)) from exc
         on_event = _layer1_metrics(metrics)
         if any(s == "coaps" for s, _, _ in listens):
-            if psk_store is None and certificate is None:
+            if psk_store is None and certificate is None and raw_public_key is None:
                 raise ConfigError(
-                    "a coaps:// listener needs Layer 1 credentials: --psk, --psk-file or"
-                    " --cert/--key"
+                    "a coaps:// listener needs Layer 1 credentials: --psk, --psk-file,"
+                    " --cert/--key or --rpk-key/--rpk-trust"
                 )
             listener = await layer1.attach_layer1(
-                ctx, psk_store=psk_store, certificate=certificate, on_event=on_event
+                ctx, psk_store=psk_store, certificate=certificate,
+                raw_public_key=raw_public_key, on_event=on_event,
             )
             extra["layer1"] = listener
             metrics.gauge(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import stat
 import tomllib
@@ -21,9 +22,11 @@ SECRET = {
     "hop-ca.key", "e2e-ca.key", "proxy.key", "server-hop.key", "server-e2e.key",
     "client-e2e.key", "psk.json", "server-psk.json", "proxy-psk.json", "proxy-upstream.json",
     "client-hop.json", "server.toml", "client.toml", "server-rpk.key", "client-rpk.key",
+    "client-hop-rpk.key", "proxy-rpk.key", "server-hop-rpk.key",
 }
 PUBLIC = {"hop-ca.pem", "e2e-ca.pem", "proxy.pem", "server-hop.pem", "server-e2e.pem",
-          "client-e2e.pem", "proxy.toml", "server-rpk.pub", "client-rpk.pub"}
+          "client-e2e.pem", "proxy.toml", "server-rpk.pub", "client-rpk.pub",
+          "client-hop-rpk.pub", "proxy-rpk.pub", "server-hop-rpk.pub", "client-hop-rpk.json"}
 
 
 def test_files_and_modes(keys: Keys) -> None:
@@ -45,7 +48,7 @@ def test_raw_public_key_pairs_and_configuration_entries(keys: Keys) -> None:
     and README.txt naming each key by the fingerprint Layer 0 will report."""
     readme = (keys / "README.txt").read_text()
     fingerprints = []
-    for side in ("server", "client"):
+    for side in ("server", "client", "server-hop", "client-hop", "proxy"):  # end to end, Layer 1
         private = serialization.load_pem_private_key((keys / f"{side}-rpk.key").read_bytes(), None)
         public = serialization.load_pem_public_key((keys / f"{side}-rpk.pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey)
@@ -57,9 +60,15 @@ def test_raw_public_key_pairs_and_configuration_entries(keys: Keys) -> None:
         fingerprint = hashlib.sha256(der).digest()[:16].hex()
         assert re.search(rf"{side}-rpk\.pub\s+{fingerprint}", readme), readme
         fingerprints.append(fingerprint)
-    assert fingerprints[0] != fingerprints[1]
+    assert len(set(fingerprints)) == 5  # each layer and each side its own key
     server = tomllib.loads((keys / "server.toml").read_text())
     client = tomllib.loads((keys / "client.toml").read_text())
+    proxy = tomllib.loads((keys / "proxy.toml").read_text())
+    assert (server["rpk-key"], server["rpk-trust"]) == ("server-hop-rpk.key", ["proxy-rpk.pub"])
+    assert (proxy["rpk-key"], proxy["rpk-trust"]) == ("proxy-rpk.key", ["client-hop-rpk.pub"])
+    hop1 = json.loads((keys / "client-hop-rpk.json").read_text())
+    assert list(hop1.values()) == [{"dtls-rpk": {"key": "client-hop-rpk.key",
+                                                 "peer-keys": ["proxy-rpk.pub"]}}]
     assert server["e2e-rpk-key"] == "server-rpk.key"
     assert server["e2e-rpk-trust"] == ["client-rpk.pub"]
     assert client["e2e-rpk-key"] == "client-rpk.key"
