@@ -16,6 +16,7 @@ from coaplayers.proxy.config import (
     ProxyConfig,
     RateLimit,
     Route,
+    config_from_mapping,
     load_config_file,
 )
 from coaplayers.proxy.limits import RateLimiter
@@ -190,3 +191,24 @@ def test_prometheus_text() -> None:
     assert 'lat_seconds_bucket{le="0.1"} 2' in text and 'lat_seconds_bucket{le="1"} 3' in text
     assert 'lat_seconds_bucket{le="+Inf"} 4' in text and "lat_seconds_sum 3.15" in text
     assert "lat_seconds_count 4" in text and "\ng 7\n" in text
+
+
+def test_layer1_raw_public_key_settings(tmp_path: Path) -> None:
+    """rpk-key and the rpk-trust list, at the top level or in [layer1], are file names
+    relative to the file; the flags replace them."""
+    top = tmp_path / "top.toml"
+    top.write_text('rpk-key = "p.key"\nrpk-trust = ["a.pub", "/abs/b.pub"]\n')
+    table = tmp_path / "table.toml"
+    table.write_text('[layer1]\nrpk_key = "p.key"\nrpk_trust = "a.pub"\n')
+    for f, trust in ((top, (str(tmp_path / "a.pub"), "/abs/b.pub")),
+                     (table, (str(tmp_path / "a.pub"),))):
+        cfg = load_config_file(f)
+        assert cfg.layer1.rpk_key == str(tmp_path / "p.key")
+        assert cfg.layer1.rpk_trust == trust
+    args = build_parser().parse_args(
+        ["--config", str(top), "--rpk-trust", "c.pub", "--rpk-trust", "d.pub"])
+    cfg = config_from_args(args)
+    assert cfg.layer1.rpk_trust == ("c.pub", "d.pub")
+    assert cfg.layer1.rpk_key == str(tmp_path / "p.key")
+    with pytest.raises(ConfigError, match="rpk_trust"):
+        config_from_mapping({"layer1": {"rpk_trust": [1]}})
