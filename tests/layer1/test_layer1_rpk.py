@@ -187,6 +187,30 @@ async def test_rpk_client_against_a_psk_only_server_fails_fast(keys: Keys) -> No
     assert "handshake_failure" in str(info.value) and "no common cipher suite" in str(info.value)
 
 
+async def test_server_restart_rehandshakes_with_the_same_keys(keys: Keys) -> None:
+    """The lost-session alert of a restarted server makes the client handshake again at once
+    (the client's GnuTLS context is reused); the retried request is answered."""
+    creds = keys.server_credentials()
+    srv = await create_context(site(), listen=["coaps://127.0.0.1:0"], raw_public_key=creds)
+    uri = srv.bound[0]
+    port = int(uri.rsplit(":", 1)[1])
+    cli = await create_context(client_credentials=keys.client_json())
+    t0 = time.monotonic()
+    try:
+        first = await get(cli, uri + "/hello")
+        await srv.shutdown()  # all server state is gone
+        srv = await create_context(site(), listen=[f"coaps://127.0.0.1:{port}"],
+                                   raw_public_key=creds)
+        second = await get(cli, uri + "/hello", timeout=30)
+    finally:
+        await cli.shutdown()
+        await srv.shutdown()
+    assert first.payload == second.payload == f"hello {fingerprint(keys.client)}".encode()
+    assert cli.layer1.stats["handshakes_ok"] == 2
+    assert len(cli.layer1._rpk_contexts) == 1
+    assert time.monotonic() - t0 < 10  # not after CoAP's retransmissions gave up
+
+
 def test_credentials_file_errors_are_clear(keys: Keys) -> None:
     with pytest.raises(dtls.ConfigurationError, match="dtls-rpk needs 'peer-keys'"):
         ClientCredentials().load_from_dict({"coaps://*": {"dtls-rpk": {"key": "client.key"}}})
