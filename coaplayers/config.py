@@ -106,7 +106,7 @@ def _checked(key: str, action: argparse.Action, value: Any) -> Any:
     return value
 
 
-_PATH_METAVARS = ("FILE", "PEM")
+_PATH_METAVARS = ("FILE", "PEM", "DIR")
 
 
 def _path(base: Path, action: argparse.Action, value: Any) -> Any:

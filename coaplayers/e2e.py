@@ -7,6 +7,7 @@ Layer 0 tunnel (and OSCORE, whose keys come from a Layer 0 handshake).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -25,6 +26,8 @@ class E2EServerOptions:
     """Application resources answer only inside Layer 0 or OSCORE (others get 4.01)."""
     raw_public_key: dtls.RawPublicKeyCredentials | None = None
     """RFC 7250 raw public keys (GnuTLS): our key and the pinned client keys."""
+    oscore_state: Path | None = None
+    """Folder that keeps the OSCORE mode's contexts across restarts (see ContextStore)."""
 
     @property
     def credentials(self) -> list[Any]:
@@ -90,9 +93,13 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     from .layer0.policy import Policy
     from .layer0.server import Layer0Site
     from .oscore import ContextStore, OscoreSite
+    from .oscore.errors import PersistenceError
     from .oscore.mode import KEYING_PATH, KeyingResource
 
-    store = ContextStore()
+    try:
+        store = ContextStore(state_dir=options.oscore_state)
+    except PersistenceError as e:
+        raise dtls.ConfigurationError(f"--oscore-state: {e}") from e
     if options.certificate is not None or options.raw_public_key is not None:
         # OSCORE keys from the handshake's exporter: OpenSSL and GnuTLS have one, tinydtls not.
         site.add_resource(list(KEYING_PATH), KeyingResource(store))

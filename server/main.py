@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "blocks; repeatable)")
     l0.add_argument("--e2e-required", action="store_true", default=None,
                     help="application resources answer only inside Layer 0 or OSCORE")
+    l0.add_argument("--oscore-state", metavar="DIR",
+                    help="keep OSCORE contexts in this folder (one owner-only file each), so"
+                    " that clients keep them across a restart without a new handshake")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     return p
 
@@ -111,6 +114,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         ),
         required=bool(args.e2e_required),
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
+        oscore_state=Path(args.oscore_state) if args.oscore_state else None,
     )
     _check_identities(e2e)
     cfg.check_layers_apart(raw_public_key, e2e.raw_public_key)

@@ -159,8 +159,11 @@ class ContextStore:
 
     def _restore(self) -> None:
         assert self.state_dir is not None
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        paths = sorted(self.state_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            paths = sorted(self.state_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        except OSError as e:
+            raise PersistenceError(f"cannot use {self.state_dir}: {e.strerror or e}") from e
         for path in paths:  # oldest first: the least recently written is evicted first
             try:
                 context = ContextFile(path, self.ahead).load()

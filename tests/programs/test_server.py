@@ -262,3 +262,42 @@ async def test_resources(app: Running, tmp_path: Path) -> None:
     values = obs.stdout.splitlines()
     assert obs.rc == 0 and len(values) >= 3
     assert all(a != b for a, b in itertools.pairwise(values))
+
+
+async def test_oscore_state_keeps_clients_across_a_restart(tmp_path: Path, keys: Keys) -> None:
+    """--oscore-state: the OSCORE context derived at keying is on disk (owner-only); after a
+    restart on the same port the same client goes on without a new handshake."""
+    import aiocoap
+
+    from coaplayers import dtls, layer1
+    from coaplayers.e2e import OscoreModeRequester
+    from tests.conftest import free_udp_port
+
+    state = tmp_path / "oscore-state"
+    argv = ["--listen", f"coap://127.0.0.1:{free_udp_port()}", "-v",
+            "--e2e-cert", str(keys / "server-e2e.pem"), "--e2e-key", str(keys / "server-e2e.key"),
+            "--e2e-ca", str(keys / "e2e-ca.pem"), "--oscore-state", str(state)]
+    server = start_server(tmp_path, *argv)
+    ctx = await layer1.create_context()
+    try:
+        target = server.uri("coap") + "/echo"
+        requester = OscoreModeRequester(ctx, target, None, dtls.CertificateCredentials.from_files(
+            keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem"))
+
+        async def post(text: bytes) -> bytes:
+            message = aiocoap.Message(code=aiocoap.POST, uri=target, payload=text)
+            response = await asyncio.wait_for(requester.request(message).response, 30)
+            assert response.code == aiocoap.CHANGED, response
+            return bytes(response.payload)
+
+        assert await post(b"before") == b"before"
+        (saved,) = state.iterdir()
+        assert saved.stat().st_mode & 0o077 == 0
+        assert server.stop() == 0
+        server = start_server(tmp_path, *argv)  # same port, same folder
+        assert await post(b"after") == b"after"
+        assert requester.requester.keyings == 1  # no new handshake
+        assert "restored 1 OSCORE context(s)" in server.stderr
+    finally:
+        await ctx.shutdown()
+        assert server.stop() == 0
