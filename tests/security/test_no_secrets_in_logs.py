@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 MARKER = "PAYLOAD-MARKER-" + secrets.token_hex(6)
-MODES = ("layer1", "layer0-dtls", "layer0-rpk", "oscore")
+MODES = ("layer1", "layer1-rpk", "layer0-dtls", "layer0-rpk", "oscore")
 
 
 def program(name: str) -> str:
@@ -142,6 +142,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         wait_for_line(proxy, "stdout", b"ready", 30, proxy_out)
         via = ["-P", f"coaps://127.0.0.1:{proxy_port}"]
         client(run, "layer1", *via, "--credentials", str(keys / "client-hop.json"))
+        client(run, "layer1-rpk", *via, "--credentials", str(keys / "client-hop-rpk.json"))
         # client.toml holds every end-to-end kind; --e2e-auth picks one per run.
         client(run, "layer0-dtls", "--config", str(keys / "client.toml"), "--e2e", "dtls",
                "--e2e-auth", "psk")
@@ -183,7 +184,8 @@ def test_no_key_appears_in_any_log(full_run: Run) -> None:
     found = secrets_of(keys)
     # the search itself works: each secret is found where it is stored
     stored = b"".join(p.read_bytes() for p in sorted(keys.iterdir()) if p.is_file())
-    assert len(found) == 3 + 8 and all(any(f in stored for f in forms) for forms in found.values())
+    # 3 PSKs; 2 CA, 4 certificate and 5 raw-public-key private keys (2 end to end, 3 Layer 1)
+    assert len(found) == 3 + 11 and all(any(f in stored for f in forms) for forms in found.values())
     leaks = [
         (what, log_name)
         for what, forms in secrets_of(full_run.keys).items()  # type: ignore[attr-defined]
