@@ -32,10 +32,13 @@ def peer_info(request: Message) -> PeerInfo:
 
     l0 = layer0_peer(request)
     if l0 is not None:
-        outer = _text(getattr(l0, "outer_identity", None))
+        # The Layer 1 peer is the last hop that delivered the record (a proxy, or the client).
+        outer = _text(getattr(request.remote, "outer_identity", None))
         return PeerInfo(outer, _text(l0.identity), "layer0-dtls")
     if oscore_context_of(request) is not None:
-        return PeerInfo(None, _text(peer_of(request)), "oscore")
+        hop = getattr(request.remote, "underlying_address", None)
+        return PeerInfo(_text(getattr(hop, "peer_identity", None)), _text(peer_of(request)),
+                        "oscore")
     return PeerInfo(_text(layer1_identity(request)), None, "plain")
 
 

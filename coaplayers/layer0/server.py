@@ -102,8 +102,11 @@ class Layer0Remote(interfaces.EndpointAddress):
     restarts and address changes, and inner blocks are 512 bytes so each fits one record.
     """
 
-    def __init__(self, peer: Layer0Peer) -> None:
+    def __init__(self, peer: Layer0Peer, outer_identity: bytes | str | None = None) -> None:
         self.peer = peer
+        #: Who delivered the record at Layer 1: the last hop (a proxy, or the client when it
+        #: came direct); None over plain CoAP. Per request, as the path may change.
+        self.outer_identity = outer_identity
 
     def __hash__(self) -> int:
         return hash(("layer0", self.peer.session_id))
@@ -292,7 +295,7 @@ class Layer0Site(interfaces.Resource):
         answer, plaintexts = self.core.datagram(sid, payload, now)
         if not plaintexts:
             return _outer(answer)
-        return self._inner(sid, answer, plaintexts)
+        return self._inner(sid, answer, plaintexts, getattr(request.remote, "peer_identity", None))
 
     def _hostinfo(self, remote: interfaces.EndpointAddress) -> str:
         """``remote.hostinfo``, remembered per socket address for plain UDP remotes (aiocoap
@@ -309,12 +312,14 @@ class Layer0Site(interfaces.Resource):
             self._hostinfos[key] = hostinfo
         return hostinfo
 
-    async def _inner(self, sid: str, answer: Answer, plaintexts: list[bytes]) -> Message:
+    async def _inner(
+        self, sid: str, answer: Answer, plaintexts: list[bytes], hop: bytes | str | None
+    ) -> Message:
         """The answer to records that carried inner requests: their sealed responses."""
         if len(plaintexts) == 1:  # the usual case: no task of its own for one request
-            sealed = [await self._dispatch(sid, plaintexts[0])]
+            sealed = [await self._dispatch(sid, plaintexts[0], hop)]
         else:
-            sealed = await asyncio.gather(*(self._dispatch(sid, p) for p in plaintexts))
+            sealed = await asyncio.gather(*(self._dispatch(sid, p, hop) for p in plaintexts))
         recs = [answer.payload] if answer.payload else []
         recs += [r for r in sealed if r]
         packed = records.pack_datagrams(recs, MAX_DATAGRAM)
@@ -352,7 +357,9 @@ class Layer0Site(interfaces.Resource):
 
     # ------------------------------------------------------------------- inner side
 
-    async def _dispatch(self, sid: str, plaintext: bytes) -> bytes | None:
+    async def _dispatch(
+        self, sid: str, plaintext: bytes, hop: bytes | str | None = None
+    ) -> bytes | None:
         """Render one inner message through the wrapped site; returns its sealed response."""
         s = self.core.sessions.get(sid)
         if s is None or s.peer is None:
@@ -373,7 +380,7 @@ class Layer0Site(interfaces.Resource):
             old()
         if not self.policy.allows(s.peer.identity, request.opt.uri_path):
             return self._seal(sid, token, Message(code=Code.FORBIDDEN))
-        request.remote = Layer0Remote(s.peer)
+        request.remote = Layer0Remote(s.peer, hop)
         request.direction = Direction.INCOMING
         request.token = token
         pipe = Pipe(request, log)

@@ -54,16 +54,17 @@ async def test_rpk_hops_directly_through_the_proxy_and_next_to_psk(
     via_rpk = ["--config", str(keys / "client.toml"), "-P", hop_proxy.uri("coaps"),
                "--credentials", str(keys / "client-hop-rpk.json")]
     hop2 = keys.psk["hop2"]
-    direct, proxied, e2e, psk = await asyncio.gather(
+    direct, proxied, e2e, oscore, psk = await asyncio.gather(
         client("-v", "--rpk-key", str(keys / "proxy-rpk.key"),
                "--rpk-server-key", str(keys / "server-hop-rpk.pub"), hello),
         client("-v", *via_rpk, hello),
         client(*via_rpk, "--e2e", "dtls", hello),
+        client(*via_rpk, "--e2e", "oscore", hello),
         client("-u", hop2["identity"], "-k", hop2["key"], hello),
     )
     server_fp = fingerprint(keys / "server-hop-rpk.pub")
     proxy_fp = fingerprint(keys / "proxy-rpk.pub")
-    for r in (direct, proxied, e2e, psk):
+    for r in (direct, proxied, e2e, oscore, psk):
         assert r.rc == 0, r.stderr
     # The resource names the Layer 1 peer by its key's fingerprint, as Layer 0 does.
     assert direct.stdout == f"Hello from coap-server (mode plain, layer 1 peer {proxy_fp})\n"
@@ -72,9 +73,12 @@ async def test_rpk_hops_directly_through_the_proxy_and_next_to_psk(
     # Through the proxy: hop 1 pins the proxy's key, hop 2 is the proxy's own session.
     assert proxied.stdout == f"Hello from coap-server (mode plain, layer 1 peer {proxy_fp})\n"
     assert f"layer 1: peer {proxy_fp}, mode rpk" in proxied.stderr
-    # End to end inside: Layer 0 names the client by its own (end-to-end) key.
-    assert e2e.stdout == (f"Hello from coap-server (mode layer0-dtls, layer 0 peer"
-                          f" {fingerprint(keys / 'client-rpk.pub')})\n")
+    # End to end inside: Layer 0 names the client by its own (end-to-end) key, Layer 1 the
+    # hop that delivered the records (the proxy).
+    assert e2e.stdout == (f"Hello from coap-server (mode layer0-dtls, layer 1 peer {proxy_fp},"
+                          f" layer 0 peer {fingerprint(keys / 'client-rpk.pub')})\n")
+    assert oscore.stdout == (f"Hello from coap-server (mode oscore, layer 1 peer {proxy_fp},"
+                             f" layer 0 peer {fingerprint(keys / 'client-rpk.pub')})\n")
     assert psk.stdout == f"Hello from coap-server (mode plain, layer 1 peer {hop2['identity']})\n"
     assert f"identity': '{proxy_fp}'" in hop_server.stderr  # the server's -v handshake log
 
