@@ -58,6 +58,21 @@ async def get(ctx, uri: str, timeout: float = 20.0) -> aiocoap.Message:  # type:
     return await asyncio.wait_for(ctx.context.request(req).response, timeout)
 
 
+async def refused(cli, uri: str, *, within: float = 5.0, stop=()) -> Layer1Error:  # type: ignore[no-untyped-def]
+    """GET ``uri`` with ``cli``, which must fail at Layer 1 within ``within`` seconds (a refusal,
+    not the end of the request's own timeout); ``cli`` and the ``stop`` contexts are shut down
+    afterwards either way."""
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Layer1Error) as info:
+            await get(cli, uri, timeout=15)
+    finally:
+        for ctx in (cli, *stop):
+            await ctx.shutdown()
+    assert time.monotonic() - t0 < within
+    return info.value
+
+
 @pytest.fixture
 async def psk_server():  # type: ignore[no-untyped-def]
     store = dtls.PskStore({IDENT.encode(): KEY.encode()})
@@ -131,28 +146,16 @@ async def test_wrong_psk_fails_in_bounded_time_naming_the_cause(psk_server) -> N
     cli = await create_context(
         client_credentials=psk_creds(key="wrong"), limits=Layer1Limits(handshake_timeout=3)
     )
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(Layer1Error) as info:
-            await get(cli, psk_server.bound[0] + "/hello", timeout=15)
-    finally:
-        await cli.shutdown()
-    assert time.monotonic() - t0 < 10
-    assert isinstance(info.value.cause, dtls.HandshakeTimeout)
-    assert "wrong key" in str(info.value)
+    err = await refused(cli, psk_server.bound[0] + "/hello", within=10)
+    assert isinstance(err.cause, dtls.HandshakeTimeout)
+    assert "wrong key" in str(err)
 
 
 async def test_unknown_identity_is_refused_quickly(psk_server) -> None:  # type: ignore[no-untyped-def]
     cli = await create_context(client_credentials=psk_creds(ident="stranger"))
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(Layer1Error) as info:
-            await get(cli, psk_server.bound[0] + "/hello", timeout=15)
-    finally:
-        await cli.shutdown()
-    assert time.monotonic() - t0 < 5
-    assert isinstance(info.value.cause, dtls.AuthenticationFailed)
-    assert "unknown PSK identity" in str(info.value)
+    err = await refused(cli, psk_server.bound[0] + "/hello")
+    assert isinstance(err.cause, dtls.AuthenticationFailed)
+    assert "unknown PSK identity" in str(err)
 
 
 async def test_untrusted_certificate_is_refused(demo_pki) -> None:  # type: ignore[no-untyped-def]
@@ -172,16 +175,9 @@ async def test_untrusted_certificate_is_refused(demo_pki) -> None:  # type: igno
         ),
     )
     cli = await create_context(client_credentials=creds)
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(Layer1Error) as info:
-            await get(cli, srv.bound[0] + "/hello", timeout=15)
-    finally:
-        await cli.shutdown()
-        await srv.shutdown()
-    assert time.monotonic() - t0 < 5
-    assert isinstance(info.value.cause, dtls.AuthenticationFailed)
-    assert "not trusted" in str(info.value)
+    err = await refused(cli, srv.bound[0] + "/hello", stop=[srv])
+    assert isinstance(err.cause, dtls.AuthenticationFailed)
+    assert "not trusted" in str(err)
 
 
 async def test_server_restart_between_requests_rehandshakes_by_itself() -> None:
