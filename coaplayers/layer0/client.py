@@ -585,6 +585,8 @@ class Layer0Channel:
         observations = list(self._observations.values())
         self._observations.clear()
         for obs in observations:
+            if obs.token in self._pending:
+                continue  # its registration is in flight: that exchange resends it or fails it
             if (
                 isinstance(error, SessionLost) and self.config.reregister_observations
                 and obs.request is not None and not obs.cancelled and not self._closed
