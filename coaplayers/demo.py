@@ -104,10 +104,13 @@ class Demo:
         _, proxy_line = self.start(
             "proxy", "coap-proxy", "--listen", "coaps://127.0.0.1:0",
             "--psk-file", str(creds / "proxy-psk.json"), "--log-file", str(access_log),
+            "--rpk-key", str(creds / "proxy-rpk.key"),
+            "--rpk-trust", str(creds / "client-hop-rpk.pub"),
         )
         proxy_uri = proxy_line.split()[-1]
         target = f"coap://{relay_addr}"
         hop1 = ["-P", proxy_uri, "--credentials", str(creds / "client-hop.json")]
+        hop1_rpk = ["-P", proxy_uri, "--credentials", str(creds / "client-hop-rpk.json")]
         psk = json.loads((creds / "psk.json").read_text())
         e2e_psk = ["--e2e-psk-identity", psk["e2e"]["identity"], "--e2e-psk", psk["e2e"]["key"]]
         e2e_cert = ["--e2e-ca", str(creds / "e2e-ca.pem"), "--e2e-cert",
@@ -116,18 +119,21 @@ class Demo:
                    "--e2e-rpk-server-key", str(creds / "server-rpk.pub")]
         print(_banner("coaplayers demo"))
         print(f"  application server  {server_uri}  (reached through the relay at {relay_addr})")
-        print(f"  proxy               {proxy_uri}  (Layer 1 PSK towards the client)")
+        print(f"  proxy               {proxy_uri}  (Layer 1 PSK or raw public keys towards"
+              " the client)")
         print(f"  credentials         {creds}  (made by coap-keys; one CA per layer)\n")
         modes = [
-            ("Layer 1 only", []),
-            ("Layer 0 DTLS (PSK)", ["--e2e", "dtls", *e2e_psk]),
-            ("Layer 0 DTLS (certificates)", ["--e2e", "dtls", *e2e_cert]),
-            ("Layer 0 DTLS (raw public keys, RFC 7250)", ["--e2e", "dtls", *e2e_rpk]),
-            ("OSCORE mode", ["--e2e", "oscore", *e2e_cert]),
+            ("Layer 1 only", hop1),
+            ("Layer 0 DTLS (PSK)", [*hop1, "--e2e", "dtls", *e2e_psk]),
+            ("Layer 0 DTLS (certificates)", [*hop1, "--e2e", "dtls", *e2e_cert]),
+            ("Layer 0 DTLS (raw public keys, RFC 7250)", [*hop1, "--e2e", "dtls", *e2e_rpk]),
+            ("OSCORE mode", [*hop1, "--e2e", "oscore", *e2e_cert]),
+            # Raw public keys at both layers, each layer with its own key pairs.
+            ("Layer 1 and Layer 0 with raw public keys", [*hop1_rpk, "--e2e", "dtls", *e2e_rpk]),
         ]
         failures = 0
-        for title, extra in modes:
-            failures += self.show_mode(title, hop1 + extra, target, capture, access_log)
+        for title, argv in modes:
+            failures += self.show_mode(title, argv, target, capture, access_log)
         print(_banner("done" if not failures else f"{failures} mode(s) FAILED"))
         if not failures:
             print("  The proxy routed every request on outer options only; with Layer 0 and")

@@ -22,6 +22,7 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
         "Layer 0 DTLS (certificates)": "no",
         "Layer 0 DTLS (raw public keys, RFC 7250)": "no",
         "OSCORE mode": "no",
+        "Layer 1 and Layer 0 with raw public keys": "no",
     }
     for title, clear in expected.items():
         scene = scenes[title]
