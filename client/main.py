@@ -474,11 +474,11 @@ def classify(exc: BaseException, args: argparse.Namespace | None = None) -> tupl
 
 
 def _layer1_hint(cause: layer1.Layer1Error, args: Any) -> str:
-    """A Layer 1 failure, in raw-public-key terms when the hop's credentials are raw public
-    keys (the engine's alert text speaks of certificates)."""
+    """A Layer 1 failure; a rejected raw public key is named by fingerprint, with the flags
+    that trust it."""
     text = str(cause)
     creds = getattr(args, "_layer1_credentials", None)
-    alert = re.search(r"the server rejected our certificate \((\w+)\).*", text)
+    alert = re.search(r"the server rejected our raw public key \((\w+)\).*", text)
     if creds is None or alert is None:
         return text
     try:
@@ -493,10 +493,10 @@ def _layer1_hint(cause: layer1.Layer1Error, args: Any) -> str:
 
 
 def _rpk_hint(cause: BaseException, args: Any) -> str:
-    """An authentication failure of a raw-public-key handshake, in raw-public-key terms (the
-    engine's alert text speaks of certificates)."""
+    """An authentication failure of a raw-public-key handshake, with the fingerprint and the
+    flags involved."""
     text = str(cause)
-    alert = re.search(r"the server rejected our certificate \((\w+)\)", text)
+    alert = re.search(r"the server rejected our raw public key \((\w+)\)", text)
     if alert:
         return (f"the server rejected our raw public key ({alert[1]}): is our public key"
                 f" (fingerprint {args._e2e_rpk_fingerprint}, --e2e-rpk-key) among the keys the"

@@ -116,7 +116,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
         oscore_state=Path(args.oscore_state) if args.oscore_state else None,
     )
-    _check_identities(e2e)
+    dtls.check_identities(e2e.psk_store, e2e.raw_public_key, psk_flag="--e2e-psk",
+                          trust_flag="--e2e-rpk-trust")
     cfg.check_layers_apart(raw_public_key, e2e.raw_public_key)
     # eager: the server's own resources answer without asyncio.timeout() (see Layer0Site).
     site: Any = wrap_site(build_site(), e2e, eager=True)
@@ -140,21 +141,6 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     await stop.wait()
     await ctx.shutdown()
     return 0
-
-
-def _check_identities(e2e: E2EServerOptions) -> None:
-    """PSK identities and raw-public-key fingerprints share Layer 0's identity namespace
-    (policies and resources see both as text): one PSK spelled like a trusted key's
-    fingerprint would pass for that key's holder."""
-    if e2e.psk_store is None or e2e.raw_public_key is None:
-        return
-    names = {dtls.spki_fingerprint(k) for k in e2e.raw_public_key.trusted_keys}
-    for identity in e2e.psk_store.identities():
-        if identity.decode(errors="replace") in names:
-            raise dtls.ConfigurationError(
-                f"--e2e-psk identity {identity.decode(errors='replace')} is the fingerprint of"
-                " a key in --e2e-rpk-trust: choose another PSK identity"
-            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,12 @@ from .credentials import (
     PskClientCredentials,
     PskStore,
     RawPublicKeyCredentials,
+    check_identities,
     check_key_file_permissions,
     parse_key_text,
     spki_fingerprint,
 )
-from .dual import DualListener, KindListener
+from .dual import KindListener
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -53,7 +54,6 @@ __all__ = [
     "DtlsConfig",
     "DtlsError",
     "DtlsSession",
-    "DualListener",
     "Event",
     "GnuTlsListener",
     "GnuTlsSession",
@@ -78,6 +78,7 @@ __all__ = [
     "TinyDtlsListener",
     "TinyDtlsSession",
     "build_context",
+    "check_identities",
     "check_key_file_permissions",
     "parse_key_text",
     "spki_fingerprint",

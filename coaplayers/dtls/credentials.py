@@ -300,3 +300,26 @@ def load_public_keys(path: str | os.PathLike[str]) -> list[bytes]:
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"{path} holds a PEM public key that cannot be read") from exc
     return out
+
+
+def check_identities(
+    psk_store: PskStore | None, raw_public_key: RawPublicKeyCredentials | None,
+    *, psk_flag: str = "--psk", trust_flag: str = "--rpk-trust",
+) -> None:
+    """Refuse a PSK identity spelled like the fingerprint of a trusted raw public key.
+
+    An endpoint names its peers in one namespace (resources and policies see PSK identities
+    and key fingerprints alike as the peer's identity), so such a PSK would pass for that
+    key's holder. Both layers check their own credentials with it; the flags name them in
+    the error.
+    """
+    if psk_store is None or raw_public_key is None:
+        return
+    names = {spki_fingerprint(k) for k in raw_public_key.trusted_keys}
+    for identity in psk_store.identities():
+        text = identity.decode(errors="replace")
+        if text in names:
+            raise ConfigurationError(
+                f"{psk_flag} identity {text} is the fingerprint of a key in {trust_flag}:"
+                " choose another PSK identity"
+            )

@@ -9,25 +9,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from .openssl import OpenSslListener
 from .records import client_hello_random, offers_psk, offers_raw_public_key
-from .tinydtls import TinyDtlsListener
 
 # Fatal handshake_failure alert in epoch 0 (RFC 6347 record, RFC 5246 alert): 15 bytes.
 HANDSHAKE_FAILURE_ALERT = bytes.fromhex("15fefd" "0000" "000000000000" "0002" "0228")
-
-
-class DualListener:
-    """PSK and certificates on one endpoint: each ClientHello goes to the listener whose
-    kind of cipher suite it offers (a PSK suite selects tinydtls)."""
-
-    def __init__(self, psk: TinyDtlsListener, certificate: OpenSslListener) -> None:
-        self.psk = psk
-        self.certificate = certificate
-
-    def accept(self, peer_key: Hashable, datagram: bytes, now: float) -> tuple[list[bytes], Any]:
-        listener = self.psk if offers_psk(datagram) else self.certificate
-        return listener.accept(peer_key, datagram, now)
 
 
 class KindListener:

@@ -77,11 +77,18 @@ def alert_name(description: int) -> str:
     return ALERT_NAMES.get(description, f"alert {description}")
 
 
-def alert_error(description: int, *, we_are_client: bool) -> DtlsError:
-    """Map a fatal alert from the peer to an error naming the likely cause."""
+def alert_error(description: int, *, we_are_client: bool, raw_public_key: bool = False
+                ) -> DtlsError:
+    """Map a fatal alert from the peer to an error naming the likely cause (``raw_public_key``:
+    we authenticate with a raw public key, RFC 7250, not a certificate)."""
     name = alert_name(description)
     if description in (42, 43, 44, 45, 46, 48):
         side = "server" if we_are_client else "client"
+        if raw_public_key:
+            return AuthenticationFailed(
+                f"the {side} rejected our raw public key ({name}): is it among the keys the"
+                f" {side} trusts?"
+            )
         return AuthenticationFailed(
             f"the {side} rejected our certificate ({name}): is it signed by a CA the peer trusts,"
             " still valid"

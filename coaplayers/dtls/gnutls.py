@@ -270,6 +270,8 @@ class RawPublicKeyContext:
 class GnuTlsSession(DtlsSession):
     """A raw-public-key session; create with :meth:`client` or through a listener."""
 
+    _raw_public_key = True
+
     def __init__(
         self,
         context: RawPublicKeyContext,
@@ -563,7 +565,7 @@ class GnuTlsSession(DtlsSession):
                 return AuthenticationFailed(
                     "the client refused the handshake (handshake_failure)"
                 )
-            return alert_error(description, we_are_client=self.is_client)
+            return alert_error(description, we_are_client=self.is_client, raw_public_key=True)
         lib.gnutls_alert_send_appropriate(self._s, rc)  # our fatal alert, out via _push
         if self._rejected is not None:
             return self._rejected
@@ -599,7 +601,8 @@ class GnuTlsSession(DtlsSession):
                 continue
             if rc == _E_FATAL_ALERT_RECEIVED:
                 self._inbox.clear()
-                raise alert_error(int(lib.gnutls_alert_get(self._s)), we_are_client=self.is_client)
+                raise alert_error(int(lib.gnutls_alert_get(self._s)),
+                                  we_are_client=self.is_client, raw_public_key=True)
             if lib.gnutls_error_is_fatal(rc):
                 self._inbox.clear()
                 raise DtlsError(f"DTLS error: {_strerror(rc)}")

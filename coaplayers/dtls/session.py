@@ -296,6 +296,7 @@ class DtlsSession(abc.ABC):
         """Release backend state once the session is over."""
 
     _records: Any = None
+    _raw_public_key = False  # authenticates with a raw public key (wording of alert errors)
     """The engine's own epoch 1 record layer (``protect``/``unprotect``), once a backend has
     handed the established session's records to it."""
 
@@ -361,7 +362,8 @@ class DtlsSession(abc.ABC):
                 return
             if level == 2:
                 self._fatal_alert_received()
-                raise alert_error(description, we_are_client=self.is_client)
+                raise alert_error(description, we_are_client=self.is_client,
+                                  raw_public_key=self._raw_public_key)
 
     def _fatal_alert_received(self) -> None:  # noqa: B027 - optional hook
         """Called before a fatal alert from the peer ends a session (see _receive_epoch1)."""

@@ -7,7 +7,6 @@ from .transport import (
     Layer1Error,
     Layer1Limits,
     Layer1Remote,
-    check_identities,
     layer1_identity,
 )
 
@@ -21,7 +20,6 @@ __all__ = [
     "Layer1Remote",
     "LayeredContext",
     "attach_layer1",
-    "check_identities",
     "create_context",
     "layer1_identity",
     "parse_listen_uri",

@@ -135,7 +135,7 @@ class DtlsRpk(aiocoap_credentials._Objectish):  # type: ignore[misc]
 
 
 class ClientCredentials(aiocoap_credentials.CredentialsMap):
-    """aiocoap's credentials map that also understands ``dtls-cert`` entries."""
+    """aiocoap's credentials map that also understands ``dtls-cert`` and ``dtls-rpk`` entries."""
 
     _class_map = {
         **aiocoap_credentials.CredentialsMap._class_map,

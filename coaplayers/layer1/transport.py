@@ -310,7 +310,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                 "a coaps listener needs server credentials: PSKs (--psk/--psk-file), a"
                 " certificate (--cert/--key) or a raw public key (--rpk-key/--rpk-trust)"
             )
-        check_identities(self.psk_store, self.raw_public_key)
+        dtls.check_identities(self.psk_store, self.raw_public_key)
         config = self.limits.dtls_config()
         kinds = dtls.KindListener(
             psk=dtls.TinyDtlsListener(self.psk_store, config)
@@ -811,25 +811,6 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     @property
     def session_count(self) -> int:
         return sum(1 for p in self._peers.values() if p.session is not None)
-
-
-def check_identities(
-    psk_store: dtls.PskStore | None, raw_public_key: dtls.RawPublicKeyCredentials | None,
-    *, psk_flag: str = "--psk", trust_flag: str = "--rpk-trust",
-) -> None:
-    """PSK identities and raw-public-key fingerprints share one identity namespace (resources
-    and policies see both as the peer identity): a PSK named like a trusted key's fingerprint
-    would pass for that key's holder, so such a configuration is refused."""
-    if psk_store is None or raw_public_key is None:
-        return
-    names = {dtls.spki_fingerprint(k) for k in raw_public_key.trusted_keys}
-    for identity in psk_store.identities():
-        text = identity.decode(errors="replace")
-        if text in names:
-            raise dtls.ConfigurationError(
-                f"{psk_flag} identity {text} is the fingerprint of a key in {trust_flag}:"
-                " choose another PSK identity"
-            )
 
 
 # Fatal unexpected_message alert in epoch 0 (RFC 6347 record, RFC 5246 alert).

@@ -205,7 +205,7 @@ async def build_context(
             certificate = certificate_from(l1.cert, l1.key, l1.ca, require_peer=bool(l1.ca))
             raw_public_key = raw_public_key_from(l1.rpk_key, l1.rpk_trust, key_flag="--rpk-key",
                                                  trust_flag="--rpk-trust")
-            layer1.check_identities(psk_store, raw_public_key)
+            dtls.check_identities(psk_store, raw_public_key)
             client_creds = (
                 layer1.ClientCredentials.from_file(l1.upstream_credentials)
                 if l1.upstream_credentials else layer1.ClientCredentials()

@@ -21,8 +21,8 @@ from coaplayers.dtls import (
     ConnectionClosed,
     DtlsError,
     DtlsSession,
-    DualListener,
     HandshakeComplete,
+    KindListener,
     ProtocolViolation,
     State,
     records,
@@ -146,8 +146,9 @@ def test_listener_survives_mutated_client_hellos_with_and_without_cookie(backend
         assert listener.session_count == 1  # the aborted fuzz sessions left nothing behind
 
 
-def test_dual_listener_routes_any_input_without_raising() -> None:
-    dual = DualListener(peers.psk_listener(peers.L0_CONFIG), peers.cert_listener(peers.L0_CONFIG))
+def test_kind_listener_routes_any_input_without_raising() -> None:
+    dual = KindListener(psk=peers.psk_listener(peers.L0_CONFIG),
+                        certificate=peers.cert_listener(peers.L0_CONFIG))
 
     @FUZZ
     @given(datagram=bytes_input(HELLOS, max_size=300))
