@@ -27,7 +27,6 @@ from ..dtls import (
     RawPublicKeyContext,
     RawPublicKeyCredentials,
     TicketStore,
-    TinyDtlsListener,
     TinyDtlsSession,
     build_context,
     parse_key_text,
@@ -95,7 +94,7 @@ class Peers:
              ) -> TunnelCore:
         limits = ServerLimits(max_sessions=max(1, max_sessions), max_half_open=64)
         if kind == "psk":
-            listener: Any = TinyDtlsListener(self.psk_store, self.config)
+            listener: Any = make_listener(self.psk_store, self.config)
         elif kind == "rpk":
             listener = make_listener(self.server_rpk, self.config)
         elif release_buffers:

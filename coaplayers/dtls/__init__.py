@@ -1,16 +1,17 @@
 """The sans-I/O DTLS engine used by both layers.
 
-One interface (:class:`DtlsSession`), two backends:
+One interface (:class:`DtlsSession`), three backends:
 
 * :mod:`~coaplayers.dtls.tinydtls`: PSK, TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK profile);
 * :mod:`~coaplayers.dtls.openssl`: X.509 (ECDSA P-256, ECDHE, CCM-8/GCM), cookies, resumption
-  and the TLS exporter;
+  and the TLS exporter; also the server side of PSK handshakes without a cookie exchange
+  (:class:`OpenSslPskListener`, Layer 0's PSK endpoint);
 * :mod:`~coaplayers.dtls.gnutls`: raw public keys (RFC 7250, RFC 7925's certificate profile
   without certificates) with pinning, cookies and the TLS exporter.
 
 Servers accept sessions through a listener (:class:`TinyDtlsListener`,
 :class:`OpenSslListener`, :class:`GnuTlsListener`) that stays stateless until a ClientHello
-returns a valid cookie.
+returns a valid cookie; :class:`OpenSslPskListener` answers PSK ClientHellos at once.
 """
 
 from .credentials import (
@@ -38,11 +39,18 @@ from .errors import (
 )
 from .events import AlertReceived, ApplicationData, ConnectionClosed, Event, HandshakeComplete
 from .gnutls import GnuTlsListener, GnuTlsSession, RawPublicKeyContext
-from .openssl import OpenSslListener, OpenSslSession, TicketStore, build_context
+from .openssl import (
+    OpenSslListener,
+    OpenSslPskListener,
+    OpenSslPskSession,
+    OpenSslSession,
+    TicketStore,
+    build_context,
+)
 from .session import DtlsConfig, DtlsSession, State
 from .tinydtls import TinyDtlsListener, TinyDtlsSession
 
-Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener
+Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener  # OpenSslPskListener is one
 
 __all__ = [
     "AlertReceived",
@@ -65,6 +73,8 @@ __all__ = [
     "Listener",
     "NetworkUnreachable",
     "OpenSslListener",
+    "OpenSslPskListener",
+    "OpenSslPskSession",
     "OpenSslSession",
     "PeerAlert",
     "ProtocolViolation",

@@ -1,4 +1,5 @@
-"""OpenSSL backend (through pyOpenSSL): X.509 with ECDSA P-256, ECDHE, AES-CCM-8 and AES-GCM.
+"""OpenSSL backend (through pyOpenSSL): X.509 with ECDSA P-256, ECDHE, AES-CCM-8 and AES-GCM;
+and the server side of PSK handshakes for Layer 0 (:class:`OpenSslPskListener`).
 
 The only backend with a TLS exporter (RFC 5705), so the one that keys OSCORE. It runs over
 memory BIOs: OpenSSL's memory BIO joins the datagrams it writes, so the output is split on
@@ -7,7 +8,8 @@ record boundaries again (:mod:`coaplayers.dtls.records`) and repacked to the con
 Server sessions come from an :class:`OpenSslListener`, which follows OpenSSL's own pattern for
 stateless cookies: one listening SSL object answers ClientHellos with a HelloVerifyRequest
 (``DTLSv1_listen``); when a ClientHello returns a valid cookie, that object becomes the
-session and a fresh one listens.
+session and a fresh one listens. The PSK listener answers a ClientHello at once instead (see
+:class:`OpenSslPskListener` for why).
 
 Once a handshake is complete, the session frees OpenSSL's SSL object and protects records
 itself (:class:`_RecordLayer`: the AEAD suites, their keys from the master secret, the replay
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -31,7 +34,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 
 from . import records
-from .credentials import CertificateCredentials
+from .credentials import CertificateCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
 from .session import DtlsConfig, DtlsSession, State
 
@@ -39,6 +42,7 @@ DEFAULT_CIPHERS = (
     "ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
     ":@SECLEVEL=0"  # CCM_8's 64-bit tag is below OpenSSL's default security level
 )
+PSK_CIPHERS = "PSK-AES128-CCM8:@SECLEVEL=0"  # TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK suite)
 _COOKIE_LEN = 16
 # Offered and accepted in hellos and in the CertificateRequest: only what the stack uses, since
 # OpenSSL's default lists cost ~60 bytes in every ClientHello (twice per handshake, with the
@@ -132,11 +136,12 @@ class OpenSslSession(DtlsSession):
     def __init__(
         self,
         connection: SSL.Connection,
-        credentials: CertificateCredentials,
+        credentials: CertificateCredentials | None,
         *,
         is_client: bool,
         config: DtlsConfig | None,
     ) -> None:
+        """``credentials`` is ``None`` only for a PSK server session (OpenSslPskSession)."""
         super().__init__(is_client=is_client, config=config)
         self._conn: SSL.Connection | None = connection
         self._records: _RecordLayer | None = None  # epoch 1, once the SSL object is freed
@@ -153,6 +158,8 @@ class OpenSslSession(DtlsSession):
         # rather than after the handshake, so that OpenSSL sends the peer a fatal alert:
         # otherwise the peer would consider the session established and keep it until it
         # idles out.
+        if credentials is None:
+            return
         if is_client and credentials.server_name:
             _require_peer_name(connection, credentials.server_name)
         if credentials.verify_peer is not None or is_client:
@@ -330,9 +337,8 @@ class OpenSslSession(DtlsSession):
                 raise self._rejected[0] from exc
             if _lib.SSL_get_verify_result(conn._ssl) in _NAME_MISMATCH:
                 raise self._name_mismatch(conn) from exc
-            raise _map_error(
-                exc, self.is_client, presented_certificate=bool(self._credentials.certificate_chain)
-            ) from exc
+            presented = self._credentials is None or bool(self._credentials.certificate_chain)
+            raise _map_error(exc, self.is_client, presented_certificate=presented) from exc
         self._pump()
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
@@ -392,12 +398,14 @@ class OpenSslSession(DtlsSession):
 
     def _name_mismatch(self, conn: SSL.Connection) -> AuthenticationFailed:
         names = _cert_names(self._peer_leaf[0]) if self._peer_leaf else []
+        server_name = self._credentials.server_name if self._credentials is not None else None
         return AuthenticationFailed(
-            f"the server's certificate is not for {self._credentials.server_name!r}"
+            f"the server's certificate is not for {server_name!r}"
             f" (it names {', '.join(dict.fromkeys(names)) or 'nothing'})"
         )
 
-    def _verify_peer(self, conn: SSL.Connection) -> str | None:
+    def _verify_peer(self, conn: SSL.Connection) -> bytes | str | None:
+        assert self._credentials is not None  # overridden by the PSK session
         peer = conn.get_peer_certificate()
         if peer is None:
             if self.is_client or self._credentials.require_peer:
@@ -445,9 +453,12 @@ class OpenSslListener:
         resume_without_cookie: bool = True,
     ) -> None:
         self.credentials = credentials
-        self.config = config or DtlsConfig()
-        self.context = build_context(credentials, server=True, ciphers=ciphers)
         self.resume_without_cookie = resume_without_cookie
+        self._setup(build_context(credentials, server=True, ciphers=ciphers), config)
+
+    def _setup(self, context: SSL.Context, config: DtlsConfig | None) -> None:
+        self.config = config or DtlsConfig()
+        self.context = context
         self._secret = os.urandom(32)
         # IDs of sessions established here, most recent last: only an offer of one of these
         # is tried without a cookie, so that other offers cost no more than the cookie check.
@@ -485,6 +496,11 @@ class OpenSslListener:
             conn = self._resume_at_once(peer_key, datagram)
             if conn is not None:
                 return [], self._session_from(conn, now)
+        return self._cookie_exchange(peer_key, datagram, now)
+
+    def _cookie_exchange(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], OpenSslSession | None]:
         conn = self._listening
         conn.set_app_data(peer_key)  # what the cookie binds to, read by _cookie()
         try:
@@ -530,8 +546,11 @@ class OpenSslListener:
             return None
         return conn
 
+    def _new_session(self, conn: SSL.Connection) -> OpenSslSession:
+        return OpenSslSession(conn, self.credentials, is_client=False, config=self.config)
+
     def _session_from(self, conn: SSL.Connection, now: float) -> OpenSslSession:
-        session = OpenSslSession(conn, self.credentials, is_client=False, config=self.config)
+        session = self._new_session(conn)
         session._issued = self._issued
         session._now = now
         session.state = State.HANDSHAKING
@@ -542,9 +561,149 @@ class OpenSslListener:
         return session
 
 
+# ---------------------------------------------------------------- PSK (server side)
+
+
+def build_psk_context(ciphers: str = PSK_CIPHERS) -> SSL.Context:
+    """A server context for PSK handshakes: no certificate, and no session cache (resuming
+    saves no public-key operation here, and without a cache the ServerHello carries no 32-byte
+    session ID)."""
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_options(
+        SSL.OP_NO_QUERY_MTU | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_TICKET | _SSL_OP_NO_ENCRYPT_THEN_MAC
+    )
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        ctx.set_cipher_list(ciphers.encode())
+    except SSL.Error as exc:
+        raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    _lib.SSL_CTX_set_psk_server_callback(ctx._context, _psk_server_callback)
+    return ctx
+
+
+@_ffi.callback("unsigned int(SSL *, const char *, unsigned char *, unsigned int)")
+def _psk_server_callback(ssl: object, identity: object, psk: object, max_len: int) -> int:
+    """OpenSSL asks for the key of the identity in the ClientKeyExchange (0: unknown)."""
+    try:
+        conn = SSL.Connection._reverse_mapping.get(ssl)  # type: ignore[attr-defined]
+        ref = getattr(conn, "_coaplayers_psk", None)
+        session = ref() if ref is not None else None
+        if session is None or identity == _ffi.NULL:
+            return 0
+        key = session._psk_for(bytes(_ffi.string(identity)))
+        if key is None or len(key) > max_len:
+            return 0
+        _ffi.memmove(psk, key, len(key))
+        return len(key)
+    except Exception:  # an exception must not cross into OpenSSL: refuse the identity
+        return 0
+
+
+class OpenSslPskSession(OpenSslSession):
+    """The server side of a PSK handshake (TLS_PSK_WITH_AES_128_CCM_8); the peer identity is
+    the PSK identity (bytes), as with tinydtls. Made by :class:`OpenSslPskListener`."""
+
+    def __init__(self, connection: SSL.Connection, store: PskStore, *,
+                 config: DtlsConfig | None) -> None:
+        super().__init__(connection, None, is_client=False, config=config)
+        self._store = store
+        self._psk_identity: bytes | None = None
+        self._unknown_identity: bytes | None = None
+        connection._coaplayers_psk = weakref.ref(self)  # type: ignore[attr-defined]
+
+    def _psk_for(self, identity: bytes) -> bytes | None:
+        key = self._store.get(identity)
+        if key is None:
+            self._unknown_identity = identity
+        else:
+            self._psk_identity = identity
+        return key
+
+    def _handshake_step(self) -> None:
+        try:
+            super()._handshake_step()
+        except DtlsError as exc:
+            if self._unknown_identity is not None:
+                raise AuthenticationFailed(
+                    f"client offered unknown PSK identity {self._unknown_identity!r}"
+                ) from exc
+            raise
+
+    def _verify_peer(self, conn: SSL.Connection) -> bytes | str | None:
+        return self._psk_identity
+
+
+class OpenSslPskListener(OpenSslListener):
+    """Accepts PSK handshakes: the server side of Layer 0's PSK mode.
+
+    Why OpenSSL, and a ClientHello answered at once: a DTLS cookie proves the client's address
+    before the server keeps state or sends more than it received (RFC 6347 section 4.2.1). A
+    PSK server's first flight (ServerHello, ServerHelloDone: 99 bytes) is hardly larger than
+    the ClientHello (77 bytes from tinydtls), so there is nothing to amplify; what is left is
+    the state each ClientHello creates. So while fewer than ``without_cookie`` handshakes made
+    here are in progress, a ClientHello without a cookie gets the ServerHello at once (one round
+    trip and 137 bytes fewer per handshake); beyond that, as under a flood from forged
+    addresses, every ClientHello goes through the cookie exchange, so forged ones hold at most
+    ``without_cookie`` slots. ``without_cookie=0`` always asks for the cookie. tinydtls cannot
+    skip its cookie exchange; OpenSSL can.
+    """
+
+    def __init__(self, store: PskStore, config: DtlsConfig | None = None, *,
+                 ciphers: str = PSK_CIPHERS, without_cookie: int = 8) -> None:
+        if without_cookie < 0:
+            raise ValueError("without_cookie must be at least 0")
+        self.store = store
+        self.without_cookie = without_cookie
+        self._at_once: weakref.WeakSet[OpenSslSession] = weakref.WeakSet()
+        self._setup(build_psk_context(ciphers), config)
+
+    @property
+    def in_progress(self) -> int:
+        """Handshakes started without a cookie that have not ended yet."""
+        for done in [x for x in self._at_once if x.state is not State.HANDSHAKING]:
+            self._at_once.discard(done)
+        return len(self._at_once)
+
+    def accept(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], OpenSslSession | None]:
+        """As :meth:`OpenSslListener.accept`; a ClientHello answered at once makes a session
+        even when it is refused (which then ends at once, our alert in its datagrams)."""
+        if records.client_hello_random(datagram) is None:
+            return [], None
+        # A ClientHello with a cookie answers our HelloVerifyRequest: OpenSSL must check it
+        # (and only the listening object expects its message sequence number, 1).
+        if _has_cookie(datagram) or self.in_progress >= self.without_cookie:
+            return self._cookie_exchange(peer_key, datagram, now)
+        conn = self._new_listener()
+        conn.set_app_data(peer_key)
+        try:
+            conn.bio_write(datagram)
+        except (SSL.Error, ValueError):
+            return [], None
+        session = self._session_from(conn, now)
+        if session.state is State.HANDSHAKING:
+            self._at_once.add(session)
+        return [], session
+
+    def _new_session(self, conn: SSL.Connection) -> OpenSslSession:
+        return OpenSslPskSession(conn, self.store, config=self.config)
+
+
 @_ffi.callback("int(SSL *, void *)")
 def _refuse_full_handshake(_ssl: object, _arg: object) -> int:
     return 0  # OpenSSL calls this only for a full handshake: stop it (see _resume_at_once)
+
+
+def _has_cookie(hello: bytes) -> bool:
+    """Whether a whole ClientHello (checked by records.client_hello_random) carries a cookie."""
+    at = records.HEADER_LEN + 12 + 2 + 32
+    if len(hello) < at + 1:
+        return False
+    cookie_at = at + 1 + hello[at]
+    return len(hello) > cookie_at and hello[cookie_at] != 0
 
 
 def _session_id_without_cookie(hello: bytes) -> bytes | None:
@@ -656,6 +815,7 @@ _SUITES = {
     "ECDHE-ECDSA-AES128-CCM8": (16, 8, "sha256", _ccm8),
     "ECDHE-ECDSA-AES128-GCM-SHA256": (16, 16, "sha256", _gcm),
     "ECDHE-ECDSA-AES256-GCM-SHA384": (32, 16, "sha384", _gcm),
+    "PSK-AES128-CCM8": (16, 8, "sha256", _ccm8),
 }
 
 

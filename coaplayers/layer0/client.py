@@ -87,6 +87,7 @@ from .server import MAX_INNER, layer0_config
 __all__ = ["ChannelConfig", "Layer0Channel", "Layer0Observation", "Layer0Request"]
 
 log = logging.getLogger(__name__)
+_REFUSED_PAUSE = 0.1  # seconds before the first repeat of a flight whose exchange was refused
 
 ClientCredentials = PskClientCredentials | CertificateCredentials | RawPublicKeyCredentials
 _RETRYABLE_GATEWAY = (Code.BAD_GATEWAY, Code.GATEWAY_TIMEOUT)
@@ -507,12 +508,16 @@ class Layer0Channel:
             try:
                 resp = await self._post(Code.POST, path, datagram)
                 self._outer_answers += 1
-            except OuterError:
+            except OuterError as exc:
                 if done is not None or datagram:
                     queue.insert(0, datagram)
                 repeats += 1
                 if repeats > self.config.max_flight_repeats:
                     raise
+                if _refused(exc):
+                    # Refused at once (an ICMP error, possibly one queued on the shared socket
+                    # for another destination): repeat after a growing pause, not at once.
+                    await asyncio.sleep(_REFUSED_PAUSE * 2 ** (repeats - 1))
                 continue
             code = resp.code
             log.debug(
@@ -842,6 +847,9 @@ class Layer0Channel:
                     for obs in list(self._observations.values()):
                         obs._end(exc)
                     break
+                # A refusal (ICMP port unreachable: a server restarting) fails at once; without
+                # a pause the attempts would be spent before the server is back.
+                await asyncio.sleep(self.config.poll_pause)
                 continue
             failures = 0
             if resp.code == Code.CHANGED:
@@ -869,6 +877,14 @@ class Layer0Channel:
             task = asyncio.create_task(send(), name="Layer 0 deregistration")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def _refused(exc: OuterError) -> bool:
+    """An outer exchange that failed at once (an ICMP error), not by a timeout."""
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError | aiocoap.error.TimeoutError):
+        return False
+    return isinstance(cause, OSError | aiocoap.error.NetworkError)
 
 
 def _closing_error(dtls: DtlsSession) -> DtlsError | None:

@@ -28,9 +28,9 @@ from ..dtls import (
     DtlsConfig,
     GnuTlsListener,
     OpenSslListener,
+    OpenSslPskListener,
     PskStore,
     RawPublicKeyCredentials,
-    TinyDtlsListener,
     records,
 )
 from . import inner, profile
@@ -66,8 +66,11 @@ def layer0_config(handshake_timeout: float = 30.0) -> DtlsConfig:
     return DtlsConfig(mtu=MAX_DATAGRAM, handshake_timeout=handshake_timeout)
 
 
-def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None):  # type: ignore[no-untyped-def]
-    """A PSK store selects tinydtls, certificate credentials OpenSSL, raw public keys GnuTLS.
+def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,  # type: ignore[no-untyped-def]
+                  psk_without_cookie: int = 8):
+    """A PSK store selects OpenSSL's PSK listener, certificate credentials OpenSSL, raw public
+    keys GnuTLS. PSK ClientHellos are answered without a cookie exchange while fewer than
+    ``psk_without_cookie`` such handshakes are in progress (:class:`OpenSslPskListener`).
 
     A tuple or list of credentials of different kinds serves them side by side (each
     ClientHello goes to the backend of the kind it asks for: :mod:`.listeners`).
@@ -79,12 +82,13 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
         kinds = [type(c) for c in credentials]
         if len(set(kinds)) != len(kinds) or not kinds:
             raise TypeError("Layer 0 server credentials: at most one of each kind, at least one")
-        listeners = {type(c): make_listener(c, config) for c in credentials}
+        listeners = {type(c): make_listener(c, config, psk_without_cookie=psk_without_cookie)
+                     for c in credentials}
         return KindListener(psk=listeners.get(PskStore),
                             certificate=listeners.get(CertificateCredentials),
                             rpk=listeners.get(RawPublicKeyCredentials))
     if isinstance(credentials, PskStore):
-        return TinyDtlsListener(credentials, config)
+        return OpenSslPskListener(credentials, config, without_cookie=psk_without_cookie)
     if isinstance(credentials, CertificateCredentials):
         return OpenSslListener(credentials, config, ciphers=profile.DTLS_CIPHERS)
     if isinstance(credentials, RawPublicKeyCredentials):  # raw public keys select GnuTLS
@@ -191,7 +195,8 @@ class Layer0Site(interfaces.Resource):
         self._run_driving_pipe = run_driving_pipe_eagerly if eager else run_driving_pipe
         self.policy = policy or Policy()
         self.limits = limits or ServerLimits()
-        listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout))
+        listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout),
+                                 psk_without_cookie=self.limits.psk_without_cookie)
         self.core = TunnelCore(listener, self.limits)
         self.core.on_close = self._session_closed
         self.core.on_established = on_established

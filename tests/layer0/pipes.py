@@ -45,8 +45,9 @@ async def establish(site: Any, creds: Any,
     client = TinyDtlsSession.client(creds, layer0_config())
     client.connect(0.0)
     answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
-    client.receive_datagram(answer.payload, 0.0)
-    answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
+    if not answer.opt.location_path:  # a HelloVerifyRequest: the cookie exchange
+        client.receive_datagram(answer.payload, 0.0)
+        answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
     sid = answer.opt.location_path[0]
     for _ in range(8):
         client.receive_datagram(answer.payload, 0.0)

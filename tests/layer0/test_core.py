@@ -10,7 +10,15 @@ import pytest
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
-from coaplayers.dtls import PskClientCredentials, PskStore, TinyDtlsSession
+from coaplayers.dtls import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    PskClientCredentials,
+    PskStore,
+    State,
+    TinyDtlsSession,
+    records,
+)
 from coaplayers.layer0 import InnerMessageError, Policy, ServerLimits, TunnelCore, inner
 from coaplayers.layer0.examples import inner_examples
 from coaplayers.layer0.profile import WELL_KNOWN_PATH
@@ -72,12 +80,14 @@ def handshake(core: TunnelCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]
 
 
 def core(**limits: float) -> TunnelCore:
-    listener = make_listener(PskStore({CREDS.identity: CREDS.key}))
-    return TunnelCore(listener, ServerLimits(**limits))  # type: ignore[arg-type]
+    bounds = ServerLimits(**limits)  # type: ignore[arg-type]
+    listener = make_listener(PskStore({CREDS.identity: CREDS.key}),
+                             psk_without_cookie=bounds.psk_without_cookie)
+    return TunnelCore(listener, bounds)
 
 
 def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> None:
-    c = core()
+    c = core(psk_without_cookie=0)
     client = TinyDtlsSession.client(CREDS, layer0_config())
     client.connect(0.0)
     ch1 = client.datagrams_to_send()[0]
@@ -91,6 +101,58 @@ def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> Non
     assert created.location == again.location and created.payload == again.payload
     assert len(c.sessions) == 1 and c.half_open_count == 1
     assert c.entry(PEER, b"not a client hello", 0.0).code == Code.BAD_REQUEST
+
+
+def test_a_psk_hello_is_answered_at_once_until_too_many_handshakes_are_in_progress() -> None:
+    c = core(psk_without_cookie=2)
+    clients = [TinyDtlsSession.client(CREDS, layer0_config()) for _ in range(4)]
+    hellos = []
+    for client in clients:
+        client.connect(0.0)
+        hellos.append(client.datagrams_to_send()[0])
+    first = c.entry(PEER, hellos[0], 0.0)
+    assert first.code == Code.CREATED and first.location
+    assert records.handshake_type(first.payload) == records.HANDSHAKE_SERVER_HELLO
+    again = c.entry(PEER, hellos[0], 0.0)  # our 2.01 was lost; the client repeats
+    assert (again.code, again.location, again.payload) == (first.code, first.location,
+                                                           first.payload)
+    second = c.entry(PEER, hellos[1], 0.0)
+    assert second.code == Code.CREATED
+    # Two handshakes in progress: the next ClientHello needs the cookie, statelessly.
+    hvr = c.entry(PEER, hellos[2], 0.0)
+    assert hvr.code == Code.CHANGED and hvr.location is None and len(c.sessions) == 2
+    assert records.handshake_type(hvr.payload) == records.HANDSHAKE_HELLO_VERIFY_REQUEST
+    # The first two finish; the third returns its cookie (checked although the load is gone).
+    for client, answer in zip(clients[:2], (first, second), strict=True):
+        assert answer.location is not None
+        client.receive_datagram(answer.payload, 0.0)
+        flight = b"".join(client.datagrams_to_send())
+        finished = c.datagram(answer.location[-1], flight, 0.0)[0]
+        client.receive_datagram(finished.payload, 0.0)
+        assert client.is_established
+    assert c.established_count == 2 and c.half_open_count == 0
+    clients[2].receive_datagram(hvr.payload, 0.0)
+    created = c.entry(PEER, clients[2].datagrams_to_send()[0], 0.0)
+    assert created.code == Code.CREATED and c.half_open_count == 1
+    # and with the load gone, the next ClientHello is answered at once again
+    assert c.entry(PEER, hellos[3], 0.0).code == Code.CREATED
+
+
+def test_an_unknown_psk_identity_gets_an_alert_and_leaves_no_session() -> None:
+    c = core()
+    stranger = TinyDtlsSession.client(PskClientCredentials(b"stranger", bytes(16)),
+                                      layer0_config())
+    stranger.connect(0.0)
+    created = c.entry(PEER, stranger.datagrams_to_send()[0], 0.0)
+    assert created.code == Code.CREATED and created.location
+    stranger.receive_datagram(created.payload, 0.0)
+    refused = c.datagram(created.location[-1], b"".join(stranger.datagrams_to_send()), 0.0)[0]
+    assert refused.code == Code.FORBIDDEN and not c.sessions and c.half_open_count == 0
+    assert records.content_type(refused.payload) == records.CONTENT_ALERT
+    stranger.receive_datagram(refused.payload, 0.0)
+    assert stranger.state is State.CLOSED
+    closed = [e for e in iter(stranger.next_event, None) if isinstance(e, ConnectionClosed)]
+    assert isinstance(closed[-1].error, AuthenticationFailed)
 
 
 def test_outer_answers_of_an_established_session() -> None:
@@ -118,7 +180,8 @@ def test_outer_answers_of_an_established_session() -> None:
 
 
 def test_limits_half_open_lru_and_idle() -> None:
-    c = core(max_half_open=1, max_sessions=2, idle_timeout=10.0, handshake_timeout=5.0)
+    c = core(max_half_open=1, max_sessions=2, idle_timeout=10.0, handshake_timeout=5.0,
+             psk_without_cookie=0)
     first = TinyDtlsSession.client(CREDS, layer0_config())
     first.connect(0.0)
     hvr = c.entry(PEER, first.datagrams_to_send()[0], 0.0)
