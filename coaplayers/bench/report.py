@@ -142,7 +142,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         if kind in hs:
             t.append(_target(f"Layer 0 handshake bytes, {HANDSHAKE_LABELS[kind]}",
                              hs[kind]["total_bytes"], limit, at_least=False, unit="bytes",
-                             note="DTLS records, cookie exchange included"))
+                             note="DTLS records, cookie exchange included"
+                             if hs[kind].get("cookie_exchange") else
+                             "DTLS records, no cookie exchange"))
     for kind in ("psk", "certificate", "rpk", "resumed"):
         if kind in hs:
             t.append(_target(f"Layer 0 round trips beyond the cookie exchange, {kind}",
