@@ -192,6 +192,7 @@ class Layer0Site(interfaces.Resource):
     ) -> None:
         super().__init__()
         self.site = site
+        self.eager = eager
         self._run_driving_pipe = run_driving_pipe_eagerly if eager else run_driving_pipe
         self.policy = policy or Policy()
         self.limits = limits or ServerLimits()
@@ -240,13 +241,20 @@ class Layer0Site(interfaces.Resource):
         any other request (render it through :meth:`render_to_pipe` as usual).
 
         Handshake flights, entry requests, DELETEs and pulls with something queued are answered
-        here synchronously; inner requests and pulls that wait get a task as usual. What this
+        here synchronously; inner requests and pulls that wait get a task as usual. With
+        ``eager``, requests for the wrapped site go to its own ``render_inline`` when it has
+        one (:meth:`coaplayers.oscore.OscoreSite.render_inline`: OSCORE requests). What this
         saves is aiocoap's per-request rendering task and its error-mapping pipe: see
         :func:`answer_inline`, which puts it in front of a context's rendering.
         """
         request = pipe.request
         path = tuple(request.opt.uri_path)
         if not is_tunnel_path(path):
+            # With ``eager``, an inner site that can answer inline (OscoreSite: protected
+            # requests) is asked to, as the tunnel answers its own inner requests.
+            inline = getattr(self.site, "render_inline", None)
+            if self.eager and inline is not None and not self.policy.requires_layer0(path):
+                return bool(inline(pipe))
             return False
         try:
             answer = self._tunnel_now(request, path)

@@ -284,6 +284,24 @@ class OscoreSite(interfaces.Resource):
     def _error(self, code: aiocoap.numbers.Code, text: str) -> aiocoap.Message:
         return aiocoap.Message(code=code, payload=text.encode("ascii"), max_age=self.error_max_age)
 
+    def render_inline(self, pipe: aiocoap.pipe.Pipe) -> bool:
+        """Answer a protected request before returning, when its resource does not wait;
+        ``False`` for an unprotected one (render it as usual).
+
+        What aiocoap's ``Context.render_to_pipe`` does, minus its task: the rendering starts
+        at once and gets a task only if it waits (:mod:`coaplayers.layer0.eager`). Layer 0's
+        inner requests are answered so with ``Layer0Site(eager=True)``, which hands protected
+        requests here (coap-server does); the same caveat holds: a resource that needs
+        ``asyncio.current_task()`` before its first ``await`` cannot be served this way.
+        """
+        if pipe.request.opt.oscore is None:
+            return False
+        from ..layer0.eager import run_driving_pipe_eagerly
+
+        run_driving_pipe_eagerly(aiocoap.pipe.error_to_message(pipe, log),
+                                 self.render_to_pipe(pipe), name="OSCORE request")
+        return True
+
     async def render_to_pipe(self, pipe: aiocoap.pipe.Pipe) -> None:
         request = pipe.request
         try:

@@ -122,3 +122,76 @@ async def test_observe_notifications_are_protected_until_interest_ends() -> None
     await asyncio.gather(task, return_exceptions=True)
     assert task.done()
     assert counter.observers == 0
+
+
+class Slow(resource.Resource):
+    """Answers only once released: a resource that waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def render_get(self, request: Message) -> Message:
+        await self.release.wait()
+        return Message(code=Code.CONTENT, payload=b"late")
+
+
+def _collecting(request: Message) -> tuple[Pipe, list[Pipe.Event], asyncio.Event]:
+    pipe = Pipe(request, log)
+    events: list[Pipe.Event] = []
+    last = asyncio.Event()
+
+    def on_event(event: Pipe.Event) -> bool:
+        events.append(event)
+        if event.is_last:
+            last.set()
+        return not event.is_last
+
+    pipe.on_event(on_event)
+    return pipe, events, last
+
+
+async def test_render_inline_answers_a_protected_request_before_returning() -> None:
+    """coap-server's path (Layer0Site(eager=True) in front): no rendering task for a resource
+    that answers at once; one that waits still gets its answer, later; an unprotected request
+    is left to the usual rendering."""
+    site, client, _ = _site()
+    slow = Slow()
+    site._inner_site.add_resource(["slow"], slow)  # type: ignore[attr-defined]
+    request, request_id = _protected(client, "hello")
+    pipe, events, _ = _collecting(request)
+    tasks_before = len(asyncio.all_tasks())
+    assert site.render_inline(pipe) is True
+    assert len(events) == 1 and events[0].is_last  # answered during the call
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert _unprotect(client, events[0].message, request_id).payload == b"hello client-1"
+    # A replayed request is refused inline too (unprotected 4.01).
+    pipe, events, _ = _collecting(request)
+    assert site.render_inline(pipe) and events[0].message.code == Code.UNAUTHORIZED
+    request, request_id = _protected(client, "slow")
+    pipe, events, last = _collecting(request)
+    assert site.render_inline(pipe) is True and events == []
+    slow.release.set()
+    await asyncio.wait_for(last.wait(), 5)
+    assert _unprotect(client, events[0].message, request_id).payload == b"late"
+    plain = Message(code=Code.GET, uri_path=["hello"])
+    assert site.render_inline(Pipe(plain, log)) is False
+
+
+async def test_a_layer0_site_hands_protected_requests_to_render_inline_only_when_eager() -> None:
+    from coaplayers.dtls import PskStore
+    from coaplayers.layer0 import Layer0Site
+    from coaplayers.layer0.policy import Policy
+
+    oscore_site, client, _ = _site()
+    for eager in (True, False):
+        outer = Layer0Site(oscore_site, PskStore({b"x": bytes(16)}), eager=eager,
+                           policy=Policy.build(protected=()))
+        request, request_id = _protected(client, "hello")
+        pipe, events, _ = _collecting(request)
+        assert outer.render_inline(pipe) is eager
+        if eager:
+            assert _unprotect(client, events[0].message, request_id).payload == b"hello client-1"
+        else:
+            assert events == []
+        outer.close()
