@@ -697,26 +697,29 @@ def _refuse_full_handshake(_ssl: object, _arg: object) -> int:
     return 0  # OpenSSL calls this only for a full handshake: stop it (see _resume_at_once)
 
 
-def _has_cookie(hello: bytes) -> bool:
-    """Whether a whole ClientHello (checked by records.client_hello_random) carries a cookie."""
-    at = records.HEADER_LEN + 12 + 2 + 32
-    if len(hello) < at + 1:
-        return False
-    cookie_at = at + 1 + hello[at]
-    return len(hello) > cookie_at and hello[cookie_at] != 0
-
-
-def _session_id_without_cookie(hello: bytes) -> bytes | None:
-    """The session ID a whole ClientHello (checked by records.client_hello_random) offers
-    when it carries no cookie."""
+def _session_id_and_cookie(hello: bytes) -> tuple[bytes, int] | None:
+    """The session ID a whole ClientHello (checked by records.client_hello_random) offers,
+    and the length of its cookie."""
     at = records.HEADER_LEN + 12 + 2 + 32  # record and handshake headers, version, random
     if len(hello) < at + 2:
         return None
-    sid_len = hello[at]
-    cookie_at = at + 1 + sid_len
-    if not 0 < sid_len <= 32 or len(hello) <= cookie_at or hello[cookie_at] != 0:
+    cookie_at = at + 1 + hello[at]
+    if hello[at] > 32 or len(hello) <= cookie_at:
         return None
-    return hello[at + 1 : cookie_at]
+    return hello[at + 1 : cookie_at], hello[cookie_at]
+
+
+def _has_cookie(hello: bytes) -> bool:
+    parsed = _session_id_and_cookie(hello)
+    return parsed is not None and parsed[1] != 0
+
+
+def _session_id_without_cookie(hello: bytes) -> bytes | None:
+    """The session ID a ClientHello without a cookie offers (None: none, or a cookie)."""
+    parsed = _session_id_and_cookie(hello)
+    if parsed is None or not parsed[0] or parsed[1] != 0:
+        return None
+    return parsed[0]
 
 
 # ---------------------------------------------------------------- established records

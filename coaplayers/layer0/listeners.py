@@ -1,9 +1,10 @@
 """One Layer 0 endpoint for every end-to-end credential kind a server holds.
 
-A server may accept PSK (tinydtls), X.509 certificates (OpenSSL) and raw public keys (GnuTLS)
-side by side. The backends cannot share a handshake, so each ClientHello is handed to the
-listener of the kind it asks for, decided from the ClientHello alone (each listener then runs
-its own stateless cookie exchange, and the second ClientHello asks for the same kind again):
+A server may accept PSK (OpenSSL's PSK listener), X.509 certificates (OpenSSL) and raw public
+keys (GnuTLS) side by side. The backends cannot share a handshake, so each ClientHello is handed
+to the listener of the kind it asks for, decided from the ClientHello alone (each listener then
+runs its own stateless cookie exchange, when it asks for one, and the second ClientHello asks
+for the same kind again):
 
 1. it offers ``RawPublicKey`` (2) in a ``server_certificate_type`` extension (RFC 7250, type
    20): the raw-public-key listener;

@@ -30,6 +30,7 @@ from aiocoap import oscore as _aiooscore
 from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
+from ..layer0.eager import run_driving_pipe_eagerly
 from .context import SecurityContext
 from .errors import PersistenceError
 from .persistence import DEFAULT_AHEAD, ContextFile
@@ -296,8 +297,6 @@ class OscoreSite(interfaces.Resource):
         """
         if pipe.request.opt.oscore is None:
             return False
-        from ..layer0.eager import run_driving_pipe_eagerly
-
         run_driving_pipe_eagerly(aiocoap.pipe.error_to_message(pipe, log),
                                  self.render_to_pipe(pipe), name="OSCORE request")
         return True
