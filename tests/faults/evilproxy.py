@@ -134,8 +134,13 @@ class EvilProxy:
         ``client``'s upstream socket (default: a fresh socket) to ``to`` (default: the
         default upstream); the answer, or None if none came within ``timeout``."""
         msg = copy_message(message)
-        msg.mtype, msg.mid, msg.token = Type.CON, int.from_bytes(os.urandom(2), "big"), \
-            os.urandom(8)
+        # A message ID this client has not used: the server would take a reused one for a
+        # retransmission and repeat its earlier answer, which is not what is being tested.
+        used = {s.message.mid for s in self.seen if s.direction == "up" and s.client == client}
+        mid = int.from_bytes(os.urandom(2), "big")
+        while mid in used:
+            mid = (mid + 1) & 0xFFFF
+        msg.mtype, msg.mid, msg.token = Type.CON, mid, os.urandom(8)
         fut: asyncio.Future[aiocoap.Message] = self._loop.create_future()
         self._injected[msg.token] = fut
         if client is not None:
@@ -181,17 +186,17 @@ class EvilProxy:
     def _read_upstream(self, c: _Client) -> None:
         while True:
             try:
-                data, _ = c.sock.recvfrom(65535)
+                data, src = c.sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # ICMP unreachable from an earlier send
                 continue
-            self._guard(self._from_upstream, c, data)
+            self._guard(self._from_upstream, c, data, src[:2])
 
     def _read_fresh(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            data, _ = sock.recvfrom(65535)
-            self._answer_injected(aiocoap.Message.decode(data))
+            data, src = sock.recvfrom(65535)
+            self._answer_injected(aiocoap.Message.decode(data), sock, src)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -227,14 +232,14 @@ class EvilProxy:
             else:
                 c.sock.sendto(_bytes(send.data), send.to or to)
 
-    def _from_upstream(self, c: _Client, data: bytes) -> None:
+    def _from_upstream(self, c: _Client, data: bytes, src: Address) -> None:
         assert self._sock is not None
         try:
             msg = aiocoap.Message.decode(data)
         except Exception:
             self._sock.sendto(data, c.address)
             return
-        if self._answer_injected(msg):
+        if self._answer_injected(msg, c.sock, src):
             return
         if (c.address, msg.token) in self._separate_tokens and msg.code.is_response():
             self._separate_tokens.discard((c.address, msg.token))
@@ -244,12 +249,17 @@ class EvilProxy:
         for send in [Send(msg)] if out is None else out:
             self._sock.sendto(_bytes(send.data), send.to or c.address)
 
-    def _answer_injected(self, msg: aiocoap.Message) -> bool:
+    def _answer_injected(self, msg: aiocoap.Message, sock: socket.socket, src: Address) -> bool:
         fut = self._injected.get(msg.token)
         if fut is None:
             return False
-        if msg.mtype is Type.CON:  # a separate answer: acknowledge it, as a client would
-            return True
+        if msg.mtype is Type.CON:
+            # A separate answer (the server sent an empty ACK first because it took longer
+            # than EMPTY_ACK_DELAY, as on a loaded machine): acknowledge it, as a client would,
+            # and take it as the answer.
+            ack = aiocoap.Message(code=Code.EMPTY)
+            ack.mtype, ack.mid = Type.ACK, msg.mid
+            sock.sendto(encode(ack), src[:2])
         if msg.code.is_response() and not fut.done():
             fut.set_result(msg)
         return True
