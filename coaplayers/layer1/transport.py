@@ -93,6 +93,10 @@ class Layer1Remote(interfaces.EndpointAddress):
 
     scheme = "coaps"
     is_multicast = False
+    #: True for the remote a client request made (it stands for that host over any of our
+    #: sessions, so a request context may keep it); False for a peer that opened a session
+    #: to us.
+    reusable = False
     is_multicast_locally = False
     maximum_block_size_exp = constants.MAX_REGULAR_BLOCK_SIZE_EXP
 
@@ -434,6 +438,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         remote = self._remotes.get(key)
         if remote is None:
             remote = Layer1Remote(endpoint, address, _hostname(host))
+            remote.reusable = True
             self._remotes[key] = remote
         remote._credentials = creds  # type: ignore[attr-defined]
         return remote

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import aiocoap
@@ -35,6 +35,7 @@ from aiocoap.protocol import BlockwiseRequest
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from ..layer0.profile import is_tunnel_path
+from ..message import request_through
 from .context import SecurityContext
 from .errors import (
     RehandshakeReason,
@@ -194,6 +195,13 @@ class OscoreClientTransport(TransportOSCORE):
         message.remote = OSCOREAddress(context, message.remote)
         return True
 
+    def declines(self, message: aiocoap.Message) -> bool:
+        """True when :meth:`fill_or_recognize_remote` is sure to refuse ``message`` without a
+        look at its URI: a message already protected (its outer message, on its way to the
+        wire). A request context may then reuse an address it resolved for the same host
+        (``coaplayers.layer1.ServerContext``) instead of asking every interface again."""
+        return message.opt.oscore is not None and not isinstance(message.remote, OSCOREAddress)
+
     def request(self, request: Any) -> None:
         # No task name: formatting the request's repr for it cost ~40 us per request.
         task = self.loop.create_task(self._request_mapping_errors(request))
@@ -213,19 +221,78 @@ class OscoreClientTransport(TransportOSCORE):
         secctx = request.request.remote.security_context
         try:
             await self._request(request)
-        except _aiooscore.NotAProtectedMessage as e:
-            plain = e.plain_message
+        except _MAPPED as e:
+            self._map_error(e, request.request, secctx)
+
+    async def exchange_one(self, message: aiocoap.Message) -> aiocoap.Message:
+        """Protect ``message`` (its remote an :class:`OSCOREAddress`; one block, no Observe),
+        send it, and return the unprotected answer (an inner Block2 is left to the caller).
+
+        What :meth:`request` does through aiocoap's ``TransportOSCORE._request``, minus the
+        machinery around it: that coroutine's task, the wire's request object and aiocoap's
+        send task. The protected request is handed to the request interface that the
+        context resolved for the hop (``find_remote_and_interface``, which a
+        ``coaplayers.layer1.ServerContext`` keeps for a while; :meth:`declines` lets it),
+        and still goes through aiocoap's message layer (retransmission, Layer 1). Errors are
+        those of :meth:`request`; an Echo challenge (RFC 8613 Appendix B.1.2) is answered
+        once, as aiocoap does.
+        """
+        secctx = message.remote.security_context
+        try:
+            return await self._exchange_one(message, secctx)
+        except _MAPPED as e:
+            self._map_error(e, message, secctx)
+
+    async def _exchange_one(self, message: aiocoap.Message, secctx: Any) -> aiocoap.Message:
+        context = self._wire._context
+        underlying = message.remote.underlying_address
+        echo = None
+        while True:
+            if echo is None:
+                protected, request_id = secctx.protect(message)
+            else:
+                retry = message.copy(echo=echo)
+                protected, request_id = secctx.protect(retry)
+                message.oscore_request_piv = retry.oscore_request_piv  # type: ignore[attr-defined]
+            protected.remote = underlying
+            interface = await context.find_remote_and_interface(protected)
+            try:
+                answer = await request_through(context, interface, protected).response
+            except aiocoap.error.NetworkError:
+                forget = getattr(context, "forget_resolution", None)
+                if forget is not None and isinstance(underlying, UndecidedRemote):
+                    forget(underlying)
+                raise
+            block2 = answer.opt.block2
+            if block2 is not None and block2.more:
+                # Outer Block2 (a proxy fragmented the protected answer): aiocoap completes it.
+                answer = await BlockwiseRequest._complete_by_requesting_block2(
+                    context, protected, answer, log
+                )
+            unprotected = _aiooscore.verify_start(answer)
+            secctx = secctx.context_from_response(unprotected)
+            response, _ = secctx.unprotect(answer, request_id)
+            if echo is None and response.code == aiocoap.UNAUTHORIZED and response.opt.echo:
+                log.info("Answering the server's 4.01 Unauthorized / Echo (RFC 8613 B.1.2)")
+                echo = response.opt.echo
+                continue
+            response.remote = OSCOREAddress(secctx, answer.remote)
+            return response
+
+    def _map_error(self, error: Exception, request: aiocoap.Message, secctx: Any) -> NoReturn:
+        """Raise what an OSCORE failure means to our callers (see the module doc)."""
+        if isinstance(error, _aiooscore.NotAProtectedMessage):
+            plain = error.plain_message
             reason = classify_unprotected(plain)
             if reason is None:
                 raise UnprotectedErrorResponse(plain) from None
-            piv = getattr(request.request, "oscore_request_piv", None)
+            piv = getattr(request, "oscore_request_piv", None)
             self._signal(RehandshakeRequired(reason, secctx, plain, request_piv=piv))
-        except SequenceNumbersExhausted as e:
-            self._signal(e)
-        except _aiooscore.ContextUnavailable:
-            self._signal(SequenceNumbersExhausted(secctx))
+        if isinstance(error, SequenceNumbersExhausted):
+            self._signal(error)
+        self._signal(SequenceNumbersExhausted(secctx))  # ContextUnavailable
 
-    def _signal(self, error: RehandshakeRequired) -> None:
+    def _signal(self, error: RehandshakeRequired) -> NoReturn:
         log.info("OSCORE context %r needs a new handshake: %s", error.security_context,
                  error.reason.value)
         if self.on_rehandshake is not None:
@@ -235,6 +302,9 @@ class OscoreClientTransport(TransportOSCORE):
                 log.exception("on_rehandshake callback failed")
         raise error
 
+
+_MAPPED = (_aiooscore.NotAProtectedMessage, SequenceNumbersExhausted,
+           _aiooscore.ContextUnavailable)
 
 ONE_BLOCK = 1024
 """Protected messages up to this payload size go out as one message without aiocoap's

@@ -41,6 +41,8 @@ from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.options import Options
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import aead as _crypto_aead
 
 from .errors import KeyingError, SequenceNumbersExhausted
 from .params import (
@@ -62,6 +64,13 @@ _OUTER_ONLY = frozenset({
     OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.PROXY_URI,
     OptionNumber.PROXY_SCHEME,
 })
+
+_OBSERVE = OptionNumber.OBSERVE
+
+#: The fixed start of the AAD's Enc_structure (array of 3, "Encrypt0", empty protected
+#: header) and the empty byte string that ends the external AAD (see SecurityContext._aad).
+_ENC0_HEAD = b"\x83" + cbor2.dumps("Encrypt0") + cbor2.dumps(b"")
+_EMPTY_BSTR = cbor2.dumps(b"")
 
 #: OSCORE option flags whose messages unprotect through aiocoap's general code.
 _ODD_FLAGS = _aiooscore.COMPRESSION_BITS_RESERVED | _aiooscore.COMPRESSION_BIT_GROUP
@@ -209,6 +218,11 @@ class SecurityContext(
             raise KeyingError("sender sequence number out of range")
         self.sender_sequence_number = sender_sequence_number
         self.sequence_limit = min(sequence_limit, MAX_SEQUENCE_NUMBER)
+        # Per-context constants of protecting and unprotecting, computed on first use:
+        # AEAD objects by key, nonce bases by Partial IV generator, AAD heads by kid.
+        self._aeads: dict[bytes, Any] = {}
+        self._nonce_bases: dict[bytes, tuple[bytes, int]] = {}
+        self._aad_heads: dict[bytes, bytes] = {}
         self.rekey_threshold = rekey_threshold
         self.on_rekey_needed = on_rekey_needed
         self._rekey_signalled = False
@@ -337,12 +351,8 @@ class SecurityContext(
             bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
         )
 
-        # AAD (RFC 8613 Section 5.4): no Class I options, one algorithm (non-group).
-        external_aad = cbor2.dumps(
-            [1, [alg.value], request_id.kid, request_id.partial_iv, b""]
-        )
-        aad = cbor2.dumps(["Encrypt0", b"", external_aad])
-        outer.payload = alg.encrypt(plaintext, aad, self.sender_key, nonce)
+        aad = self._aad(alg, request_id.kid, request_id.partial_iv)
+        outer.payload = self._seal(alg, self.sender_key, nonce, plaintext, aad)
         if is_request:
             message.oscore_request_piv = piv  # type: ignore[attr-defined]
         return outer, request_id
@@ -352,8 +362,27 @@ class SecurityContext(
     ) -> bytes:
         """aiocoap's nonce (RFC 8613 Section 5.2), XORed as one integer and without its
         debug line, whose three hex strings were built even with debug logging off (the
-        two together: ~4 us per nonce, two nonces per message). Same inputs, same bytes
-        (tests/oscore/test_oscore_fastpaths.py and the RFC 8613 vectors check it)."""
+        two together: ~4 us per nonce, two nonces per message). The Common IV XOR the ID
+        part is a constant per Partial IV generator, kept after its first use. Same inputs,
+        same bytes (tests/oscore/test_oscore_fastpaths.py and the RFC 8613 vectors check it).
+        """
+        if len(partial_iv_short) <= 5:
+            entry = self._nonce_bases.get(piv_generator_id)
+            if entry is None or entry[0] is not self.common_iv:
+                base = int.from_bytes(
+                    self._construct_nonce_slowly(b"", piv_generator_id, alg), "big"
+                )
+                if len(self._nonce_bases) >= 8:
+                    self._nonce_bases.clear()
+                entry = self._nonce_bases[piv_generator_id] = (self.common_iv, base)
+            return (entry[1] ^ int.from_bytes(partial_iv_short, "big")).to_bytes(
+                alg.iv_bytes, "big"
+            )
+        return self._construct_nonce_slowly(partial_iv_short, piv_generator_id, alg)
+
+    def _construct_nonce_slowly(
+        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any
+    ) -> bytes:
         components = (
             bytes((len(piv_generator_id),))
             + b"\0" * (alg.iv_bytes - 6 - len(piv_generator_id))
@@ -367,6 +396,52 @@ class SecurityContext(
             raise ValueError("Common IV shorter than the nonce")
         value = int.from_bytes(common, "big") ^ int.from_bytes(components, "big")
         return value.to_bytes(size, "big")
+
+    def _aad(self, alg: Any, kid: bytes, partial_iv: bytes) -> bytes:
+        """The AAD (RFC 8613 Section 5.4; no Class I options, one algorithm, non-group):
+        ``Enc_structure ["Encrypt0", h'', external_aad]`` with ``external_aad = [1,
+        [alg], kid, piv, h'']``, each a definite-length CBOR array, so its encoding is the
+        array head followed by the items' encodings (cbor2 encodes each). All but the
+        Partial IV is fixed per kid, so that part is kept; the bytes equal
+        ``cbor2.dumps`` of the whole structure (tests/oscore/test_oscore_fastpaths.py)."""
+        head = self._aad_heads.get(kid)
+        if head is None:
+            head = b"\x85" + cbor2.dumps(1) + cbor2.dumps([alg.value]) + cbor2.dumps(kid)
+            if len(self._aad_heads) >= 8:
+                self._aad_heads.clear()
+            self._aad_heads[kid] = head
+        return _ENC0_HEAD + cbor2.dumps(head + cbor2.dumps(partial_iv) + _EMPTY_BSTR)
+
+    def _aead(self, alg: Any, key: bytes) -> Any:
+        """A reusable ``cryptography`` AEAD object for ``key`` (aiocoap's AES-CCM and
+        AES-GCM build one per message), or None for the algorithms left to aiocoap."""
+        aead = self._aeads.get(key)
+        if aead is None:
+            if isinstance(alg, _aiooscore.AES_CCM):
+                aead = _crypto_aead.AESCCM(key, alg.tag_bytes)
+            elif isinstance(alg, _aiooscore.AES_GCM):
+                aead = _crypto_aead.AESGCM(key)
+            else:
+                aead = False
+            if len(self._aeads) >= 4:
+                self._aeads.clear()
+            self._aeads[key] = aead
+        return aead or None
+
+    def _seal(self, alg: Any, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        aead = self._aead(alg, key)
+        if aead is None:
+            return alg.encrypt(plaintext, aad, key, nonce)  # type: ignore[no-any-return]
+        return aead.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
+
+    def _open(self, alg: Any, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        aead = self._aead(alg, key)
+        if aead is None:
+            return alg.decrypt(ciphertext, aad, key, nonce)  # type: ignore[no-any-return]
+        try:
+            return aead.decrypt(nonce, ciphertext, aad)  # type: ignore[no-any-return]
+        except InvalidTag:
+            raise _aiooscore.ProtectionInvalid("Tag invalid") from None
 
     # -- unprotection -------------------------------------------------------------------
 
@@ -435,12 +510,9 @@ class SecurityContext(
         ciphertext = protected_message.payload
         if len(ciphertext) < alg.tag_bytes + 1:  # +1: the plaintext holds at least the code
             raise _aiooscore.ProtectionInvalid("Ciphertext too short")
-        external_aad = cbor2.dumps(
-            [1, [alg.value], request_id.kid, request_id.partial_iv, b""]
-        )
-        aad = cbor2.dumps(["Encrypt0", b"", external_aad])
+        aad = self._aad(alg, request_id.kid, request_id.partial_iv)
         nonce = self._construct_nonce(partial_iv, generated_by, alg)
-        plaintext = alg.decrypt(ciphertext, aad, self.recipient_key, nonce)
+        plaintext = self._open(alg, self.recipient_key, nonce, ciphertext, aad)
 
         if not is_response:
             self.recipient_replay_window.strike_out(seqno)
@@ -482,18 +554,15 @@ class SecurityContext(
             if is_request:
                 # One pass; the outer message reuses the request's (immutable) option
                 # objects: Uri-Host, Proxy-Scheme and Uri-Port outer only, Observe both.
+                # (Options keeps a list of option objects per number in ``_options``.)
                 observe = opt.observe
                 outer = Message(code=POST if observe is None else FETCH)
                 inner = Options()
-                outer_opt = outer.opt
-                for option in opt.option_list():
-                    number = option.number
-                    if number in _OUTER_ONLY:
-                        outer_opt.add_option(option)  # (Proxy-Uri never gets here)
-                    else:
-                        inner.add_option(option)
-                        if number == OptionNumber.OBSERVE:
-                            outer_opt.add_option(option)
+                options = opt._options
+                inner._options = {n: v for n, v in options.items() if n not in _OUTER_ONLY}
+                outer.opt._options = {
+                    n: list(v) for n, v in options.items() if n in _OUTER_ONLY or n == _OBSERVE
+                }  # (Proxy-Uri never gets here)
                 encoded = inner.encode()
             else:
                 outer = Message(code=request_id.code_style.response)

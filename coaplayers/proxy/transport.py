@@ -50,9 +50,10 @@ class UpstreamPool:
     socket, and aiocoap's NSTART=1 would queue every client's request behind any other's
     unacknowledged one. New clients are spread round-robin; the client table is a bounded LRU.
 
-    ``request`` also keeps what aiocoap resolved for each ``coap://`` upstream (the address and
-    the socket's interface) for ``resolve_ttl`` seconds, so that an exchange neither runs
-    ``getaddrinfo`` in a thread (plus a routability probe socket) nor spawns aiocoap's
+    ``request`` also keeps what aiocoap resolved for each upstream (the address and the
+    socket's interface for ``coap://``, the Layer 1 transport's remote for ``coaps://``) for
+    ``resolve_ttl`` seconds, so that an exchange neither runs ``getaddrinfo`` in a thread
+    (plus a routability probe socket) or the Layer 1 lookups nor spawns aiocoap's
     resolve-and-send task; ``forget`` drops an entry after an upstream failure.
     """
 
@@ -69,7 +70,7 @@ class UpstreamPool:
         self._assigned: OrderedDict[Hashable, int] = OrderedDict()
         self._next = itertools.cycle(range(len(self.contexts)))
         # (context index, "scheme://hostinfo") -> (request interface, remote, expiry)
-        self._resolved: dict[tuple[int, str], tuple[Any, ResolvedAddress, float]] = {}
+        self._resolved: dict[tuple[int, str], tuple[Any, Any, float]] = {}
 
     def index_for(self, client: Hashable) -> int:
         assigned = self._assigned
@@ -105,13 +106,16 @@ class UpstreamPool:
                 del self._resolved[key]
             interface = await ctx.find_remote_and_interface(message)
             remote = message.remote
-            # Only plain UDP addresses: a Layer 1 remote stands for a DTLS session, which its
-            # transport manages (and may replace) itself.
-            if self.resolve_ttl > 0 and type(remote) is UDP6EndpointAddress:
+            # Plain UDP addresses, and the Layer 1 transport's own remote for a coaps://
+            # host (it stands for the host across DTLS sessions; the transport opens a new
+            # session on it when needed), not a session a peer opened to us.
+            if self.resolve_ttl > 0 and (type(remote) is UDP6EndpointAddress
+                                         or getattr(remote, "reusable", False)):
                 if len(self._resolved) >= 4096:
                     self._resolved.clear()
-                self._resolved[key] = (
-                    interface, ResolvedAddress(remote), self.clock() + self.resolve_ttl)
+                if type(remote) is UDP6EndpointAddress:
+                    remote = ResolvedAddress(remote)
+                self._resolved[key] = (interface, remote, self.clock() + self.resolve_ttl)
         return request_through(ctx, interface, message)
 
     def forget(self, client: Hashable, target: str) -> None:

@@ -155,6 +155,85 @@ async def test_coap_addresses_are_resolved_once_per_ttl(monkeypatch: pytest.Monk
         await server.shutdown()
 
 
+async def test_coaps_hosts_keep_their_layer1_remote_across_sessions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coaps:// host is resolved once per TTL to the Layer 1 transport's own remote for it;
+    when its DTLS session is gone, the next request on the kept remote opens a new one."""
+    from coaplayers.layer1.transport import Layer1Remote
+
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    store = dtls.PskStore({IDENT.encode(): KEY.encode()})
+    server = await create_context(site, listen=["coaps://127.0.0.1:0"], psk_store=store)
+    client = await create_context(client_credentials=_creds())
+    calls = _count_resolutions(monkeypatch)
+    try:
+        uri = server.bound[0] + "/echo"
+        for i in range(3):
+            response = await asyncio.wait_for(client.context.request(
+                Message(code=aiocoap.POST, uri=uri, payload=b"%d" % i)).response, 20)
+            assert response.code == aiocoap.CHANGED and response.payload == b"%d" % i
+        assert len(calls) == 1
+        remembered = client.context._resolved
+        assert remembered is not None
+        [(interface, remote, _)] = remembered.values()
+        assert type(remote) is Layer1Remote and remote.reusable
+
+        transport = interface.token_interface.message_interface
+        [peer] = [p for p in transport._peers.values() if p.remote is remote]
+        transport._drop_session(peer, None, notify=False)  # as after a peer's close_notify
+        response = await asyncio.wait_for(client.context.request(
+            Message(code=aiocoap.POST, uri=uri, payload=b"again")).response, 20)
+        assert response.payload == b"again" and len(calls) == 1
+        assert transport.stats["handshakes_ok"] >= 2
+    finally:
+        monkeypatch.undo()
+        await client.shutdown()
+        await server.shutdown()
+
+
+async def test_an_interface_that_declines_a_request_keeps_resolution_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An interface that says it declines a message (as the OSCORE client transport does for
+    one it has protected) does not stop the cache; one that does not say so does."""
+    from aiocoap.message import UndecidedRemote
+
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    server = await create_context(site, listen=["coap://127.0.0.1:0"])
+    client = await create_context()
+    asked: list[bytes] = []
+
+    class Declines:
+        async def fill_or_recognize_remote(self, message: Message) -> bool:
+            if type(message.remote) is UndecidedRemote:  # asked to resolve, not to recognise
+                asked.append(message.payload)
+            return False
+
+        def declines(self, message: Message) -> bool:
+            return message.payload.startswith(b"declined")
+
+    client.context.request_interfaces.insert(0, Declines())
+    calls = _count_resolutions(monkeypatch)
+    try:
+        uri = server.bound[0] + "/echo"
+        for payload in (b"declined 1", b"declined 2", b"declined 3"):
+            response = await asyncio.wait_for(client.context.request(
+                Message(code=aiocoap.POST, uri=uri, payload=payload)).response, 20)
+            assert response.payload == payload
+        assert len(calls) == 1 and asked == [b"declined 1"]
+        response = await asyncio.wait_for(client.context.request(
+            Message(code=aiocoap.POST, uri=uri, payload=b"asked")).response, 20)
+        assert response.payload == b"asked" and asked[-1] == b"asked" and len(calls) == 2
+    finally:
+        monkeypatch.undo()
+        client.context.request_interfaces.pop(0)
+        await client.shutdown()
+        await server.shutdown()
+
+
 async def test_no_remembered_address_routes_past_another_request_interface(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -213,7 +292,7 @@ async def test_a_request_that_fails_on_the_network_forgets_the_address() -> None
             await asyncio.wait_for(client.context.request(Message(
                 code=aiocoap.POST, uri=bad + "/echo", payload=b"b",
                 transport_tuning=Quick())).response, 20)
-        remembered = {f"{r.scheme}://{r.hostinfo}" for r in client.context._resolved or {}}
+        remembered = {f"{r.scheme}://{r.hostinfo}" for r, _ in client.context._resolved or {}}
         assert remembered == {good}  # the silent one was dropped, the answering one kept
     finally:
         silent.close()

@@ -173,6 +173,51 @@ def test_nonce_matches_aiocoap(id_length: int) -> None:
         assert len(ours) == sc.alg_aead.iv_bytes
 
 
+def test_nonce_constants_follow_the_common_iv() -> None:
+    """The kept Common IV XOR ID part is computed again when the Common IV changes."""
+    sc = _context()
+    first = sc._construct_nonce(b"\x07", b"\x01", sc.alg_aead)
+    assert sc._construct_nonce(b"\x07", b"\x01", sc.alg_aead) == first
+    sc.common_iv = bytes(13)
+    again = sc._construct_nonce(b"\x07", b"\x01", sc.alg_aead)
+    assert again != first
+    assert again == aiooscore.BaseSecurityContext._construct_nonce(
+        sc, b"\x07", b"\x01", sc.alg_aead)
+
+
+@pytest.mark.parametrize("alg", [10, 12, 30, 1, 3, 24])
+def test_aad_matches_the_whole_structure_encoded_by_cbor2(alg: int) -> None:
+    import cbor2
+
+    sc = _context(aead=alg)
+    for kid in (b"", b"\x01", bytes(range(23)), bytes(range(24)), bytes(range(40))):
+        for piv in (b"", b"\x00", b"\x01\x02", b"\x01\x02\x03\x04\x05"):
+            external = cbor2.dumps([1, [sc.alg_aead.value], kid, piv, b""])
+            expected = cbor2.dumps(["Encrypt0", b"", external])
+            assert sc._aad(sc.alg_aead, kid, piv) == expected
+            assert sc._aad(sc.alg_aead, kid, piv) == expected  # with the kept head
+
+
+@pytest.mark.parametrize("alg", [10, 12, 30, 1, 3, 24])
+def test_every_aead_round_trips_against_aiocoap(alg: int) -> None:
+    """Kept AEAD objects (AES-CCM, AES-GCM) and aiocoap's own (others) protect the same
+    bytes; a flipped tag is ProtectionInvalid either way."""
+    ours, theirs, server = _twins(aead=alg)
+    for n in range(3):
+        request = Message(code=Code.POST, uri="coap://h/x", payload=b"p%d" % n)
+        mine, _ = ours.protect(copy_request(request))
+        ref, _ = aiooscore.CanProtect.protect(theirs, copy_request(request))
+        assert _same_wire(mine, ref)
+        mine.direction = Direction.INCOMING
+        inner, _ = server.unprotect(mine)
+        assert inner.payload == b"p%d" % n
+    forged, _ = ours.protect(Message(code=Code.POST, uri="coap://h/x", payload=b"f"))
+    forged.payload = forged.payload[:-1] + bytes((forged.payload[-1] ^ 1,))
+    forged.direction = Direction.INCOMING
+    with pytest.raises(aiooscore.ProtectionInvalid):
+        server.unprotect(forged)
+
+
 class _FakeWireContext:
     """Answers requests sent with handle_blockwise=False from a script, recording them."""
 
