@@ -351,7 +351,7 @@ class SecurityContext(
             bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
         )
 
-        aad = self._aad(alg, request_id.kid, request_id.partial_iv)
+        aad = self._exchange_aad(alg, request_id)
         outer.payload = self._seal(alg, self.sender_key, nonce, plaintext, aad)
         if is_request:
             message.oscore_request_piv = piv  # type: ignore[attr-defined]
@@ -396,6 +396,17 @@ class SecurityContext(
             raise ValueError("Common IV shorter than the nonce")
         value = int.from_bytes(common, "big") ^ int.from_bytes(components, "big")
         return value.to_bytes(size, "big")
+
+    def _exchange_aad(self, alg: Any, request_id: Any) -> bytes:
+        """The AAD of a request and of every response to it: it names the request's kid and
+        Partial IV (RFC 8613 Section 5.4), so it is computed once per exchange and kept on
+        the request's identifiers (aiocoap's ``RequestIdentifiers``, a plain object)."""
+        fields = request_id.__dict__
+        aad = fields.get("_coaplayers_aad")
+        if aad is None:
+            aad = fields["_coaplayers_aad"] = self._aad(alg, request_id.kid,
+                                                        request_id.partial_iv)
+        return aad  # type: ignore[no-any-return]
 
     def _aad(self, alg: Any, kid: bytes, partial_iv: bytes) -> bytes:
         """The AAD (RFC 8613 Section 5.4; no Class I options, one algorithm, non-group):
@@ -510,7 +521,7 @@ class SecurityContext(
         ciphertext = protected_message.payload
         if len(ciphertext) < alg.tag_bytes + 1:  # +1: the plaintext holds at least the code
             raise _aiooscore.ProtectionInvalid("Ciphertext too short")
-        aad = self._aad(alg, request_id.kid, request_id.partial_iv)
+        aad = self._exchange_aad(alg, request_id)
         nonce = self._construct_nonce(partial_iv, generated_by, alg)
         plaintext = self._open(alg, self.recipient_key, nonce, ciphertext, aad)
 

@@ -20,6 +20,7 @@ from typing import Any
 import aiocoap
 import aiocoap.resource as resource
 from aiocoap.message import UndecidedRemote
+from aiocoap.numbers import OptionNumber
 from aiocoap.numbers.codes import Code
 from aiocoap.protocol import BlockwiseRequest
 from aiocoap.proxy.client import ProxyForwarder
@@ -136,6 +137,7 @@ class OscoreRequester:
         # One forwarder for all requests (aiocoap parses the proxy URI when making one).
         self._via: Any = ProxyForwarder(proxy, context) if proxy else context
         self._lock = asyncio.Lock()
+        self._routing: dict[tuple[str, str], list[tuple[int, list[Any] | None]]] = {}
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
         self.last_handshake: Any = None
@@ -217,18 +219,38 @@ class OscoreRequester:
         ):
             direct = copy_request(message)
             if self._proxy:
-                # What ProxyForwarder.request does (the split remembered per origin).
-                hostinfo = direct.remote.hostinfo
-                host, port = split_hostinfo(hostinfo)
-                direct.opt.uri_port = port
-                direct.opt.uri_host = host
-                direct.opt.proxy_scheme = direct.remote.scheme
-                direct.remote = self._via.proxy_address
+                self._route_through_proxy(direct)
             sc = self._contexts.for_request(direct)
             if sc is not None:
                 return await self._exchange_direct(direct, sc), None
         pr = self._send(message)
         return await pr.response, pr.observation
+
+    def _route_through_proxy(self, direct: aiocoap.Message) -> None:
+        """What ProxyForwarder.request does: Uri-Host, Uri-Port and Proxy-Scheme from the
+        request's remote, set as the options' setters would (replacing any of the three),
+        from a template kept per scheme and host (~3 us per request); the proxy becomes
+        the remote."""
+        remote = direct.remote
+        key = (remote.scheme, remote.hostinfo)
+        routing = self._routing.get(key)
+        if routing is None:
+            template = aiocoap.Message()
+            host, port = split_hostinfo(key[1])
+            template.opt.uri_port = port
+            template.opt.uri_host = host
+            template.opt.proxy_scheme = key[0]
+            routing = [(n, template.opt._options.get(n)) for n in _ROUTING]
+            if len(self._routing) >= 64:
+                self._routing.clear()
+            self._routing[key] = routing
+        options = direct.opt._options
+        for number, values in routing:
+            if values is None:
+                options.pop(number, None)
+            else:
+                options[number] = list(values)
+        direct.remote = self._via.proxy_address
 
     async def _exchange_direct(self, message: aiocoap.Message, sc: Any) -> aiocoap.Message:
         """A one-block request without Observe, handed straight to the OSCORE transport.
@@ -254,6 +276,11 @@ class OscoreRequester:
 
     async def close(self) -> None:
         self._contexts.remove(self.origin)
+
+
+#: The options a request through a forward proxy gets from its remote (aiocoap's
+#: ProxyForwarder sets these three).
+_ROUTING = (OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.PROXY_SCHEME)
 
 
 class _Pending:

@@ -473,3 +473,31 @@ def test_unprotect_with_an_unknown_window_goes_to_aiocoap() -> None:
     protected, _ = client.protect(_requests()[0])
     with pytest.raises(aiooscore.ReplayErrorWithEcho):
         restarted.unprotect(_incoming(protected))
+
+
+@pytest.mark.parametrize("uri", [
+    "coap://server.example:5683/a", "coap://server.example/a", "coaps://127.0.0.1:7000/a?q=1",
+    "coaps://[::1]/a", "coap://[2001:db8::1]:61616/x/y",
+])
+async def test_proxy_routing_template_sets_what_the_setters_set(uri: str) -> None:
+    """OscoreRequester's kept Uri-Host / Uri-Port / Proxy-Scheme equal what aiocoap's
+    ProxyForwarder sets through the option setters, replacing options already there."""
+    from coaplayers.layer1.transport import split_hostinfo
+    from coaplayers.oscore.mode import OscoreRequester
+
+    requester = OscoreRequester.__new__(OscoreRequester)
+    requester._routing = {}
+    requester._via = type("V", (), {"proxy_address": UndecidedRemote("coap", "proxy:1")})()
+    for _ in range(2):  # the second time from the kept template
+        message = Message(code=Code.POST, uri=uri, payload=b"p")
+        message.opt.uri_host = "stale.example"  # replaced (or removed) like the setter does
+        expected = copy_request(message)
+        host, port = split_hostinfo(expected.remote.hostinfo)
+        expected.opt.uri_port = port
+        expected.opt.uri_host = host
+        expected.opt.proxy_scheme = expected.remote.scheme
+        ours = copy_request(message)
+        requester._route_through_proxy(ours)
+        assert ours.opt.encode() == expected.opt.encode()
+        assert ours.remote == requester._via.proxy_address
+        assert message.opt.uri_host == "stale.example"  # the original is untouched
