@@ -20,7 +20,7 @@ from typing import Any
 from aiocoap import Message, error, interfaces
 from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
-from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.pipe import Pipe, run_driving_pipe
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from ..dtls import (
@@ -33,6 +33,7 @@ from ..dtls import (
     RawPublicKeyCredentials,
     records,
 )
+from ..message import error_to_message
 from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
 from .eager import run_driving_pipe_eagerly

@@ -11,12 +11,13 @@ from urllib.parse import urlsplit
 
 import aiocoap
 from aiocoap.message import UndecidedRemote
-from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
+from aiocoap.pipe import Pipe, run_driving_pipe
 from aiocoap.protocol import BlockwiseRequest, ClientObservation
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from .. import dedup, dtls
+from ..message import error_to_message
 from .credentials import ClientCredentials
 from .transport import Layer1Limits, MessageInterfaceLayer1
 

@@ -31,6 +31,7 @@ from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
 from ..layer0.eager import run_driving_pipe_eagerly
+from ..message import error_to_message
 from .context import SecurityContext
 from .errors import PersistenceError
 from .persistence import DEFAULT_AHEAD, ContextFile
@@ -297,7 +298,7 @@ class OscoreSite(interfaces.Resource):
         """
         if pipe.request.opt.oscore is None:
             return False
-        run_driving_pipe_eagerly(aiocoap.pipe.error_to_message(pipe, log),
+        run_driving_pipe_eagerly(error_to_message(pipe, log),
                                  self.render_to_pipe(pipe), name="OSCORE request")
         return True
 
@@ -398,7 +399,7 @@ class OscoreSite(interfaces.Resource):
             return not is_last
 
         inner_pipe.on_event(on_event)
-        pipe_taking_errors = aiocoap.pipe.error_to_message(inner_pipe, log)
+        pipe_taking_errors = error_to_message(inner_pipe, log)
         try:
             await self._inner_site.render_to_pipe(pipe_taking_errors)
         except Exception as exc:  # as aiocoap's run_driving_pipe: the error becomes an answer
