@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -222,11 +222,16 @@ class OscoreClientTransport(TransportOSCORE):
         try:
             await self._request(request)
         except _MAPPED as e:
-            self._map_error(e, request.request, secctx)
+            self._map_error(e, getattr(request.request, "oscore_request_piv", None), secctx)
 
-    async def exchange_one(self, message: aiocoap.Message) -> aiocoap.Message:
-        """Protect ``message`` (its remote an :class:`OSCOREAddress`; one block, no Observe),
-        send it, and return the unprotected answer (an inner Block2 is left to the caller).
+    async def exchange_one(
+        self, message: aiocoap.Message, secctx: SecurityContext, hop: Any,
+        routing: Sequence[tuple[int, list[Any] | None]] | None = None,
+    ) -> aiocoap.Message:
+        """Protect ``message`` (one block, no Observe) with ``secctx``, send it to ``hop``
+        (the origin, or a forward proxy with ``routing``: the outer options to set or, for
+        None, remove), and return the unprotected answer (an inner Block2 is left to the
+        caller). ``message`` keeps its options and remote.
 
         What :meth:`request` does through aiocoap's ``TransportOSCORE._request``, minus the
         machinery around it: that coroutine's task, the wire's request object and aiocoap's
@@ -237,31 +242,39 @@ class OscoreClientTransport(TransportOSCORE):
         those of :meth:`request`; an Echo challenge (RFC 8613 Appendix B.1.2) is answered
         once, as aiocoap does.
         """
-        secctx = message.remote.security_context
+        sent: list[Any] = []  # the request's identifiers, once protected
         try:
-            return await self._exchange_one(message, secctx)
+            return await self._exchange_one(message, secctx, hop, routing, sent)
         except _MAPPED as e:
-            self._map_error(e, message, secctx)
+            piv = sent[-1].partial_iv if sent else None
+            self._map_error(e, piv, secctx)
 
-    async def _exchange_one(self, message: aiocoap.Message, secctx: Any) -> aiocoap.Message:
+    async def _exchange_one(
+        self, message: aiocoap.Message, secctx: Any, hop: Any,
+        routing: Sequence[tuple[int, list[Any] | None]] | None, sent: list[Any],
+    ) -> aiocoap.Message:
         context = self._wire._context
-        underlying = message.remote.underlying_address
         echo = None
         while True:
-            if echo is None:
-                protected, request_id = secctx.protect(message)
-            else:
-                retry = message.copy(echo=echo)
-                protected, request_id = secctx.protect(retry)
-                message.oscore_request_piv = retry.oscore_request_piv  # type: ignore[attr-defined]
-            protected.remote = underlying
+            protected, request_id = secctx.protect(
+                message if echo is None else message.copy(echo=echo)
+            )
+            sent.append(request_id)
+            if routing is not None:
+                options = protected.opt._options
+                for number, values in routing:
+                    if values is None:
+                        options.pop(number, None)
+                    else:
+                        options[number] = list(values)
+            protected.remote = hop
             interface = await context.find_remote_and_interface(protected)
             try:
                 answer = await request_through(context, interface, protected).response
             except aiocoap.error.NetworkError:
                 forget = getattr(context, "forget_resolution", None)
-                if forget is not None and isinstance(underlying, UndecidedRemote):
-                    forget(underlying)
+                if forget is not None and isinstance(hop, UndecidedRemote):
+                    forget(hop)
                 raise
             block2 = answer.opt.block2
             if block2 is not None and block2.more:
@@ -279,14 +292,14 @@ class OscoreClientTransport(TransportOSCORE):
             response.remote = OSCOREAddress(secctx, answer.remote)
             return response
 
-    def _map_error(self, error: Exception, request: aiocoap.Message, secctx: Any) -> NoReturn:
-        """Raise what an OSCORE failure means to our callers (see the module doc)."""
+    def _map_error(self, error: Exception, piv: bytes | None, secctx: Any) -> NoReturn:
+        """Raise what an OSCORE failure means to our callers (see the module doc); ``piv`` is
+        the Partial IV the refused request went out with."""
         if isinstance(error, _aiooscore.NotAProtectedMessage):
             plain = error.plain_message
             reason = classify_unprotected(plain)
             if reason is None:
                 raise UnprotectedErrorResponse(plain) from None
-            piv = getattr(request, "oscore_request_piv", None)
             self._signal(RehandshakeRequired(reason, secctx, plain, request_piv=piv))
         if isinstance(error, SequenceNumbersExhausted):
             self._signal(error)

@@ -137,7 +137,7 @@ class OscoreRequester:
         # One forwarder for all requests (aiocoap parses the proxy URI when making one).
         self._via: Any = ProxyForwarder(proxy, context) if proxy else context
         self._lock = asyncio.Lock()
-        self._routing: dict[tuple[str, str], list[tuple[int, list[Any] | None]]] = {}
+        self._routes: dict[tuple[str, str], list[tuple[int, list[Any] | None]]] = {}
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
         self.last_handshake: Any = None
@@ -217,23 +217,20 @@ class OscoreRequester:
             and len(message.payload) <= OSCOREAddress.maximum_payload_size
             and isinstance(message.remote, UndecidedRemote)
         ):
-            direct = copy_request(message)
-            if self._proxy:
-                self._route_through_proxy(direct)
-            sc = self._contexts.for_request(direct)
+            # The request's remote is its origin, which picks the context; the proxy's
+            # routing options go on the protected message (they are outer options).
+            sc = self._contexts.for_request(message)
             if sc is not None:
-                return await self._exchange_direct(direct, sc), None
+                return await self._exchange_direct(message, sc), None
         pr = self._send(message)
         return await pr.response, pr.observation
 
-    def _route_through_proxy(self, direct: aiocoap.Message) -> None:
-        """What ProxyForwarder.request does: Uri-Host, Uri-Port and Proxy-Scheme from the
-        request's remote, set as the options' setters would (replacing any of the three),
-        from a template kept per scheme and host (~3 us per request); the proxy becomes
-        the remote."""
-        remote = direct.remote
+    def _routing(self, remote: UndecidedRemote) -> list[tuple[int, list[Any] | None]]:
+        """What ProxyForwarder.request sets for a request to ``remote``: Uri-Host, Uri-Port
+        and Proxy-Scheme (None: the option is removed), as the options' setters would set
+        them, kept per scheme and host (~3 us per request)."""
         key = (remote.scheme, remote.hostinfo)
-        routing = self._routing.get(key)
+        routing = self._routes.get(key)
         if routing is None:
             template = aiocoap.Message()
             host, port = split_hostinfo(key[1])
@@ -241,16 +238,20 @@ class OscoreRequester:
             template.opt.uri_host = host
             template.opt.proxy_scheme = key[0]
             routing = [(n, template.opt._options.get(n)) for n in _ROUTING]
-            if len(self._routing) >= 64:
-                self._routing.clear()
-            self._routing[key] = routing
-        options = direct.opt._options
-        for number, values in routing:
+            if len(self._routes) >= 64:
+                self._routes.clear()
+            self._routes[key] = routing
+        return routing
+
+    def _route_through_proxy(self, message: aiocoap.Message) -> None:
+        """Address ``message`` to the proxy, as ProxyForwarder.request does."""
+        options = message.opt._options
+        for number, values in self._routing(message.remote):
             if values is None:
                 options.pop(number, None)
             else:
                 options[number] = list(values)
-        direct.remote = self._via.proxy_address
+        message.remote = self._via.proxy_address
 
     async def _exchange_direct(self, message: aiocoap.Message, sc: Any) -> aiocoap.Message:
         """A one-block request without Observe, handed straight to the OSCORE transport.
@@ -259,15 +260,30 @@ class OscoreRequester:
         block-wise runner task, the task that looks for a request interface (asking each
         transport), the OSCORE transport's own task and the send task of the protected
         request (:meth:`OscoreClientTransport.exchange_one`); together ~25-30% of the
-        client's CPU per request in coap-bench. The protected request still goes through
-        the context (retransmission, Layer 1), and a block-wise answer is completed by
-        aiocoap's own code, as its block-wise runner would.
+        client's CPU per request in coap-bench. ``message`` itself is protected (it is not
+        changed) and the proxy's routing options go on the protected message, so no copy
+        of it is made. The protected request still goes through the context
+        (retransmission, Layer 1), and a block-wise answer is completed by aiocoap's own
+        code, as its block-wise runner would.
         """
-        message.remote = OSCOREAddress(sc, message.remote)
-        response = await self._transport.exchange_one(message)
+        origin = message.remote
+        if self._proxy:
+            hop, routing = self._via.proxy_address, self._routing(origin)
+        else:
+            hop, routing = origin, None
+        response = await self._transport.exchange_one(message, sc, hop, routing)
         response.opt.block1 = None
+        block2 = response.opt.block2
+        if block2 is None or not block2.more:
+            response.opt.block2 = None
+            return response
+        # An inner Block2 answer: aiocoap asks for the rest through the OSCORE transport.
+        follow = copy_request(message)
+        if self._proxy:
+            self._route_through_proxy(follow)
+        follow.remote = OSCOREAddress(sc, follow.remote)
         return await BlockwiseRequest._complete_by_requesting_block2(  # type: ignore[no-any-return]
-            self._context, message, response, log
+            self._context, follow, response, log
         )
 
     @property

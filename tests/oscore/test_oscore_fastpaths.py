@@ -486,7 +486,7 @@ async def test_proxy_routing_template_sets_what_the_setters_set(uri: str) -> Non
     from coaplayers.oscore.mode import OscoreRequester
 
     requester = OscoreRequester.__new__(OscoreRequester)
-    requester._routing = {}
+    requester._routes = {}
     requester._via = type("V", (), {"proxy_address": UndecidedRemote("coap", "proxy:1")})()
     for _ in range(2):  # the second time from the kept template
         message = Message(code=Code.POST, uri=uri, payload=b"p")
