@@ -41,6 +41,7 @@ from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.options import Options
+from aiocoap.optiontypes import OpaqueOption as _OpaqueOption
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as _crypto_aead
 
@@ -66,6 +67,7 @@ _OUTER_ONLY = frozenset({
 })
 
 _OBSERVE = OptionNumber.OBSERVE
+_OSCORE = OptionNumber.OSCORE
 
 #: The fixed start of the AAD's Enc_structure (array of 3, "Encrypt0", empty protected
 #: header) and the empty byte string that ends the external AAD (see SecurityContext._aad).
@@ -347,9 +349,10 @@ class SecurityContext(
                     raise ValueError("KID Context too long")
                 flags |= _aiooscore.COMPRESSION_BIT_H
                 s_kid_context = bytes((len(context_value),)) + context_value
-        outer.opt.oscore = (
-            bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
-        )
+        # (What the ``oscore`` setter stores, made directly: ~1 us less per message.)
+        outer.opt._options[_OSCORE] = [_OpaqueOption(
+            _OSCORE, bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
+        )]
 
         aad = self._exchange_aad(alg, request_id)
         outer.payload = self._seal(alg, self.sender_key, nonce, plaintext, aad)

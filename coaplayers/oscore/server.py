@@ -242,6 +242,23 @@ def peer_of(request: aiocoap.Message) -> str | None:
     return None if context is None else context.peer
 
 
+def _error_answer(exc: BaseException) -> aiocoap.Message:
+    """The answer aiocoap's ``error_to_message`` gives for an exception of a renderer."""
+    if isinstance(exc, aiocoap.error.RenderableError):
+        log.info("Render request raised a renderable error (%s), responding accordingly.",
+                 repr(exc))
+        try:
+            message = exc.to_message()
+            if message is None:
+                raise ValueError(f"Exception to_message failed to produce a message on {exc!r}")
+            return message  # type: ignore[no-any-return]
+        except Exception as e2:
+            log.error("Rendering the renderable exception failed: %r", e2, exc_info=e2)
+    else:
+        log.error("An exception occurred while rendering a resource: %r", exc, exc_info=exc)
+    return aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
+
+
 class OscoreSite(interfaces.Resource):
     """Serve an aiocoap resource tree to OSCORE clients whose contexts are in a store.
 
@@ -377,8 +394,9 @@ class OscoreSite(interfaces.Resource):
 
         def on_event(event: aiocoap.pipe.Pipe.Event) -> bool:
             if event.exception is not None:
-                log.warning("renderer raised %r; answering a protected 5.00", event.exception)
-                message = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
+                # What error_to_message would add: a renderable error's own answer (4.04
+                # and the like), else 5.00; protected like any other answer.
+                message = _error_answer(event.exception)
                 is_last = True
             elif event.message is None:
                 return False  # the end of interest, nothing to send
@@ -399,8 +417,7 @@ class OscoreSite(interfaces.Resource):
             return not is_last
 
         inner_pipe.on_event(on_event)
-        pipe_taking_errors = error_to_message(inner_pipe, log)
         try:
-            await self._inner_site.render_to_pipe(pipe_taking_errors)
+            await self._inner_site.render_to_pipe(inner_pipe)
         except Exception as exc:  # as aiocoap's run_driving_pipe: the error becomes an answer
-            pipe_taking_errors.add_exception(exc)
+            inner_pipe.add_exception(exc)
