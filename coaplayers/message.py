@@ -4,6 +4,7 @@ error-mapping pipe without its per-call import."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -42,11 +43,30 @@ def request_through(context: aiocoap.Context, interface: Any,
     Layer 0's outer ones) that task, and aiocoap's block-wise runner, only cost time."""
     pipe = Pipe(message, context.log)
     request = Request(pipe, context.loop, context.log)
+    if request.observation is None:
+        request.response.add_done_callback(functools.partial(_unlink, request))
     try:
         interface.request(pipe)
     except Exception as exc:  # as aiocoap's own send task does
         pipe.add_exception(exc)
     return request
+
+
+def _unlink(request: Request, response: Any) -> None:
+    """Break aiocoap's ``Request`` reference cycle once a one-answer request is answered.
+
+    The request keeps ``_stop_interest`` (a partial of its pipe holding the event callback,
+    a closure over the request) for cancelling before the answer; afterwards it is unused,
+    but the cycle keeps the request, its pipe and both messages alive until the garbage
+    collector finds them: ~25 objects per exchange, which made gen-0 collections promote
+    in-flight state and gen-1 collections slow under load (coap-bench, 50 clients).
+    """
+    if not response.cancelled():  # (cancelling uses it, before the answer)
+        request._stop_interest = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def error_to_message(old_pr: Pipe, log: logging.Logger) -> Pipe:
