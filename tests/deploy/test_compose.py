@@ -37,7 +37,8 @@ IMAGE = "localhost/coaplayers:compose-test"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 APT_ARCHIVES = Path("/var/cache/apt/archives")
 MIRROR = "http://deb.debian.org/debian"
-CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
+CONTAINERS_CONF = ('[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
+                   '[network]\nnetwork_backend = "netavark"\n')
 
 
 @dataclass
@@ -67,7 +68,12 @@ def _podman_env() -> dict[str, str]:
 def podman() -> Podman:
     if os.geteuid() != 0:
         pytest.skip("podman runs compose's networks here only as root (CONTAINERS.md)")
-    problem = ensure_debian_packages(["podman", "podman-compose", "debootstrap", "runc"])
+    # netavark and aardvark-dns: podman's network backend with service-name DNS across a
+    # container's networks (the proxy is on two). Recommended by podman's dependencies, so
+    # --no-install-recommends leaves them out, and podman then falls back to CNI, whose DNS
+    # plugin answers only for one network per container.
+    problem = ensure_debian_packages(["podman", "podman-compose", "debootstrap", "runc",
+                                      "netavark", "aardvark-dns"])
     if problem:
         pytest.skip(f"podman cannot run: {problem}")
     pod = Podman(_podman_env())
