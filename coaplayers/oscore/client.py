@@ -226,7 +226,7 @@ class OscoreClientTransport(TransportOSCORE):
 
     async def exchange_one(
         self, message: aiocoap.Message, secctx: SecurityContext, hop: Any,
-        routing: Sequence[tuple[int, list[Any] | None]] | None = None,
+        routing: Routing | None = None,
     ) -> aiocoap.Message:
         """Protect ``message`` (one block, no Observe) with ``secctx``, send it to ``hop``
         (the origin, or a forward proxy with ``routing``: the outer options to set or, for
@@ -251,7 +251,7 @@ class OscoreClientTransport(TransportOSCORE):
 
     async def _exchange_one(
         self, message: aiocoap.Message, secctx: Any, hop: Any,
-        routing: Sequence[tuple[int, list[Any] | None]] | None, sent: list[Any],
+        routing: Routing | None, sent: list[Any],
     ) -> aiocoap.Message:
         context = self._wire._context
         echo = None
@@ -261,12 +261,7 @@ class OscoreClientTransport(TransportOSCORE):
             )
             sent.append(request_id)
             if routing is not None:
-                options = protected.opt._options
-                for number, values in routing:
-                    if values is None:
-                        options.pop(number, None)
-                    else:
-                        options[number] = list(values)
+                apply_routing(protected, routing)
             protected.remote = hop
             interface = await context.find_remote_and_interface(protected)
             try:
@@ -314,6 +309,22 @@ class OscoreClientTransport(TransportOSCORE):
             except Exception:
                 log.exception("on_rehandshake callback failed")
         raise error
+
+
+Routing = Sequence[tuple[int, list[Any] | None]]
+"""Options a request through a forward proxy gets (number, option objects; None: removed)."""
+
+
+def apply_routing(message: aiocoap.Message, routing: Routing) -> None:
+    """Set ``routing``'s options on ``message``, replacing (or removing) any of those numbers,
+    as aiocoap's option setters would (aiocoap's Options keeps a list per option number in
+    ``_options``; the option objects are immutable and shared)."""
+    options = message.opt._options
+    for number, values in routing:
+        if values is None:
+            options.pop(number, None)
+        else:
+            options[number] = list(values)
 
 
 _MAPPED = (_aiooscore.NotAProtectedMessage, SequenceNumbersExhausted,

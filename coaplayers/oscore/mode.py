@@ -30,7 +30,7 @@ from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
 from ..layer1.transport import split_hostinfo
 from ..message import copy_request
-from .client import ClientContexts, attach, origin_of
+from .client import ClientContexts, Routing, apply_routing, attach, origin_of
 from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
 from .keying import EXPORTER_LABEL, Role, derive_context, exporter_length
 from .params import OscoreParameters
@@ -137,7 +137,7 @@ class OscoreRequester:
         # One forwarder for all requests (aiocoap parses the proxy URI when making one).
         self._via: Any = ProxyForwarder(proxy, context) if proxy else context
         self._lock = asyncio.Lock()
-        self._routes: dict[tuple[str, str], list[tuple[int, list[Any] | None]]] = {}
+        self._routes: dict[tuple[str, str], Routing] = {}
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
         self.last_handshake: Any = None
@@ -225,7 +225,7 @@ class OscoreRequester:
         pr = self._send(message)
         return await pr.response, pr.observation
 
-    def _routing(self, remote: UndecidedRemote) -> list[tuple[int, list[Any] | None]]:
+    def _routing(self, remote: UndecidedRemote) -> Routing:
         """What ProxyForwarder.request sets for a request to ``remote``: Uri-Host, Uri-Port
         and Proxy-Scheme (None: the option is removed), as the options' setters would set
         them, kept per scheme and host (~3 us per request)."""
@@ -245,12 +245,7 @@ class OscoreRequester:
 
     def _route_through_proxy(self, message: aiocoap.Message) -> None:
         """Address ``message`` to the proxy, as ProxyForwarder.request does."""
-        options = message.opt._options
-        for number, values in self._routing(message.remote):
-            if values is None:
-                options.pop(number, None)
-            else:
-                options[number] = list(values)
+        apply_routing(message, self._routing(message.remote))
         message.remote = self._via.proxy_address
 
     async def _exchange_direct(self, message: aiocoap.Message, sc: Any) -> aiocoap.Message:

@@ -31,7 +31,7 @@ from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
 from ..layer0.eager import run_driving_pipe_eagerly
-from ..message import error_to_message
+from ..message import error_answer, error_to_message
 from .context import SecurityContext
 from .errors import PersistenceError
 from .persistence import DEFAULT_AHEAD, ContextFile
@@ -242,23 +242,6 @@ def peer_of(request: aiocoap.Message) -> str | None:
     return None if context is None else context.peer
 
 
-def _error_answer(exc: BaseException) -> aiocoap.Message:
-    """The answer aiocoap's ``error_to_message`` gives for an exception of a renderer."""
-    if isinstance(exc, aiocoap.error.RenderableError):
-        log.info("Render request raised a renderable error (%s), responding accordingly.",
-                 repr(exc))
-        try:
-            message = exc.to_message()
-            if message is None:
-                raise ValueError(f"Exception to_message failed to produce a message on {exc!r}")
-            return message  # type: ignore[no-any-return]
-        except Exception as e2:
-            log.error("Rendering the renderable exception failed: %r", e2, exc_info=e2)
-    else:
-        log.error("An exception occurred while rendering a resource: %r", exc, exc_info=exc)
-    return aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
-
-
 class OscoreSite(interfaces.Resource):
     """Serve an aiocoap resource tree to OSCORE clients whose contexts are in a store.
 
@@ -396,7 +379,7 @@ class OscoreSite(interfaces.Resource):
             if event.exception is not None:
                 # What error_to_message would add: a renderable error's own answer (4.04
                 # and the like), else 5.00; protected like any other answer.
-                message = _error_answer(event.exception)
+                message = error_answer(event.exception, log)
                 is_last = True
             elif event.message is None:
                 return False  # the end of interest, nothing to send

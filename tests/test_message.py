@@ -1,5 +1,6 @@
-"""coaplayers.message.request_through: an answered one-answer request leaves no reference
-cycle behind (aiocoap's Request holds one until the garbage collector finds it)."""
+"""coaplayers.message: ``error_to_message`` behaves as aiocoap's (which it copies for speed),
+and ``request_through`` leaves no reference cycle behind once a one-answer request is answered
+(aiocoap's Request holds one until the garbage collector finds it)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,61 @@ import weakref
 from typing import Any
 
 import aiocoap
-from aiocoap import Message
+import aiocoap.pipe
+import pytest
+from aiocoap import Message, error
 from aiocoap.numbers.codes import Code
 
-from coaplayers.message import request_through
+from coaplayers.message import error_to_message, request_through
+
+log = logging.getLogger("test")
+
+
+def _run(wrap: Any, feed: Any) -> tuple[list[tuple[Any, bool]], list[bool]]:
+    """Feed events into the responder's pipe; what the requester's pipe got, and whether
+    the responder's pipe lost interest when the requester's did."""
+    outer = aiocoap.pipe.Pipe(Message(code=Code.GET, uri="coap://h/x"), log)
+    got: list[tuple[Any, bool]] = []
+
+    def on_event(event: Any) -> bool:
+        got.append((event.message.code if event.message else event.exception, event.is_last))
+        return not event.is_last
+
+    outer.on_event(on_event)
+    inner = wrap(outer, log)
+    ended: list[bool] = []
+    inner.on_interest_end(lambda: ended.append(True))
+    feed(inner)
+    return got, ended
+
+
+CASES = {
+    "answer": lambda p: p.add_response(Message(code=Code.CONTENT), is_last=True),
+    "notification then answer": lambda p: (
+        p.add_response(Message(code=Code.CONTENT), is_last=False),
+        p.add_response(Message(code=Code.VALID), is_last=True)),
+    "renderable error": lambda p: p.add_exception(error.NotFound()),
+    "other exception": lambda p: p.add_exception(RuntimeError("boom")),
+    "unrenderable renderable": lambda p: p.add_exception(_Broken()),
+}
+
+
+class _Broken(error.RenderableError):
+    def to_message(self) -> Message:
+        raise ValueError("cannot")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_as_aiocoap(case: str) -> None:
+    ours = _run(error_to_message, CASES[case])
+    theirs = _run(aiocoap.pipe.error_to_message, CASES[case])
+    assert ours == theirs
+    assert ours[0], "the requester got nothing"
+
+
+def _context(loop: asyncio.AbstractEventLoop) -> Any:
+    """What request_through uses of an aiocoap context."""
+    return type("Ctx", (), {"log": log, "loop": loop})()
 
 
 class _Answers:
@@ -33,7 +85,7 @@ class _Answers:
 
 async def test_an_answered_request_is_freed_without_the_collector() -> None:
     loop = asyncio.get_running_loop()
-    ctx = type("Ctx", (), {"log": logging.getLogger("t"), "loop": loop})()
+    ctx = _context(loop)
     gc.collect()
     gc.disable()
     try:
@@ -51,7 +103,7 @@ async def test_an_answered_request_is_freed_without_the_collector() -> None:
 async def test_a_failed_request_drops_its_interest_handle_too() -> None:
     """(Its exception's traceback may still hold it: that is Python's, not this cycle.)"""
     loop = asyncio.get_running_loop()
-    ctx = type("Ctx", (), {"log": logging.getLogger("t"), "loop": loop})()
+    ctx = _context(loop)
     request = request_through(ctx, _Answers(loop, fail=True),
                               Message(code=Code.GET, uri="coap://h/x"))
     handle = request._stop_interest
@@ -65,7 +117,7 @@ async def test_a_failed_request_drops_its_interest_handle_too() -> None:
 
 async def test_cancelling_before_the_answer_still_stops_interest() -> None:
     loop = asyncio.get_running_loop()
-    ctx = type("Ctx", (), {"log": logging.getLogger("t"), "loop": loop})()
+    ctx = _context(loop)
     stopped: list[bool] = []
 
     class Silent:
