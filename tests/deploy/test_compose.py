@@ -116,7 +116,11 @@ def _build_image(pod: Podman) -> None:
     volumes = ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
     if APT_ARCHIVES.is_dir():
         volumes += ["-v", f"{APT_ARCHIVES}:/var/cache/apt/archives"]
-    pod("build", "--build-arg", f"BASE={BASE_IMAGE}", *volumes, "-t", IMAGE, str(ROOT),
+    # The host's network for the build (pip reaches PyPI): a build needs no isolation, and
+    # a machine whose podman ran with CNI before keeps that bridge and its subnet, which
+    # then leave netavark's default network without outbound NAT and DNS.
+    pod("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", *volumes, "-t",
+        IMAGE, str(ROOT),
         timeout=900, check=True)
 
 
