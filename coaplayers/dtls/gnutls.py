@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from . import records
 from .credentials import RawPublicKeyCredentials, spki_fingerprint
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, alert_error
-from .openssl import _RecordLayer  # the engine's AEAD record layer, shared by both backends
+from .recordlayer import RecordLayer
 from .session import DtlsConfig, DtlsSession, State
 
 CIPHER_SUITE = "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8"
-_SUITE_NAME = "ECDHE-ECDSA-AES128-CCM8"  # the same suite, as openssl._RecordLayer names it
+_SUITE_NAME = "ECDHE-ECDSA-AES128-CCM8"  # the same suite, as recordlayer.RecordLayer names it
 PRIORITY = (
     "NONE:+VERS-DTLS1.2:+ECDHE-ECDSA:+AES-128-CCM-8:+AEAD:+SIGN-ECDSA-SHA256"
     ":+GROUP-X25519:+GROUP-SECP256R1:+COMP-NULL:+CTYPE-CLI-RAWPK:+CTYPE-SRV-RAWPK"
@@ -291,7 +291,7 @@ class GnuTlsSession(DtlsSession):
         self._max_in_seq = -1  # highest handshake message_seq received from the peer
         self._answered_seq = -1  # ... when we last sent a flight: what that flight answered
         self._s: Any = None
-        self._records: _RecordLayer | None = None  # epoch 1 once GnuTLS is freed
+        self._records: RecordLayer | None = None  # epoch 1 once GnuTLS is freed
         holder = _ffi.new("gnutls_session_t *")
         flags = (_GNUTLS_CLIENT if is_client else _GNUTLS_SERVER) | _GNUTLS_DATAGRAM
         flags |= _GNUTLS_NONBLOCK | _GNUTLS_NO_TICKETS | _GNUTLS_ENABLE_RAWPK
@@ -455,7 +455,7 @@ class GnuTlsSession(DtlsSession):
 
         An established GnuTLS session holds ~12 KiB more than the keys need, and each record
         through it costs a round of cffi calls and callbacks; the X.509 backend does the same
-        (``openssl._RecordLayer``, checked against OpenSSL's records in
+        (``recordlayer.RecordLayer``, checked against OpenSSL's records in
         tests/dtls/test_record_layer.py, and against GnuTLS's in tests/dtls/test_gnutls_rpk.py).
         Keeps GnuTLS when anything is not as expected: it then protects the records itself.
         """
@@ -474,7 +474,7 @@ class GnuTlsSession(DtlsSession):
         write_seq = int.from_bytes(bytes(seq), "big")
         if write_seq >> 48 != 1:  # epoch 1, as the established session must be in
             return
-        self._records = _RecordLayer(
+        self._records = RecordLayer(
             _SUITE_NAME, bytes(_ffi.buffer(secret.data, 48)), bytes(_ffi.buffer(client.data, 32)),
             bytes(_ffi.buffer(server.data, 32)), is_client=self.is_client,
             next_seq=write_seq & (1 << 48) - 1,

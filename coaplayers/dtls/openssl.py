@@ -12,7 +12,7 @@ session and a fresh one listens. The PSK listener answers a ClientHello at once 
 :class:`OpenSslPskListener` for why).
 
 Once a handshake is complete, the session frees OpenSSL's SSL object and protects records
-itself (:class:`_RecordLayer`: the AEAD suites, their keys from the master secret, the replay
+itself (:class:`RecordLayer`: the AEAD suites, their keys from the master secret, the replay
 window), since OpenSSL keeps ~90 KiB per established DTLS connection that nothing frees. The
 server's session cache (resumption) and the client's session object stay in OpenSSL.
 """
@@ -27,15 +27,14 @@ from collections import OrderedDict
 from collections.abc import Hashable
 
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 
 from . import records
 from .credentials import CertificateCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
+from .recordlayer import SUITES, RecordLayer
 from .session import DtlsConfig, DtlsSession, State
 
 DEFAULT_CIPHERS = (
@@ -144,7 +143,7 @@ class OpenSslSession(DtlsSession):
         """``credentials`` is ``None`` only for a PSK server session (OpenSslPskSession)."""
         super().__init__(is_client=is_client, config=config)
         self._conn: SSL.Connection | None = connection
-        self._records: _RecordLayer | None = None  # epoch 1, once the SSL object is freed
+        self._records: RecordLayer | None = None  # epoch 1, once the SSL object is freed
         self._session: SSL.Session | None = None  # for resumption (and to forget it on alert)
         self._held: list[bytes] = []  # application data that came before our handshake ended
         self._epoch1_top = -1  # highest epoch 1 sequence number OpenSSL wrote
@@ -348,7 +347,7 @@ class OpenSslSession(DtlsSession):
             self._issued[self._session_id] = None
             while len(self._issued) > _ISSUED_LIMIT:
                 self._issued.popitem(last=False)
-        if cipher in _SUITES:
+        if cipher in SUITES:
             self._release_openssl(conn, cipher)
         held, self._held = self._held, []
         if held:
@@ -358,7 +357,7 @@ class OpenSslSession(DtlsSession):
                 conn.bio_write(b"".join(held))
 
     def _release_openssl(self, conn: SSL.Connection, cipher: str) -> None:
-        """Hand epoch 1 to :class:`_RecordLayer` and free the SSL object (see module doc)."""
+        """Hand epoch 1 to :class:`RecordLayer` and free the SSL object (see module doc)."""
         ssl = conn._ssl
         buf = _ffi.new("unsigned char[]", 48)
         session = conn.get_session()
@@ -372,7 +371,7 @@ class OpenSslSession(DtlsSession):
         server_random = bytes(_ffi.buffer(buf, 32))
         if n != 48:
             return
-        self._records = _RecordLayer(cipher, master, client_random, server_random,
+        self._records = RecordLayer(cipher, master, client_random, server_random,
                                      is_client=self.is_client, next_seq=self._epoch1_top + 1)
         self._session = session
         # As in _backend_free: an SSL object freed without a two-way shutdown would make the
@@ -720,117 +719,6 @@ def _session_id_without_cookie(hello: bytes) -> bytes | None:
     if parsed is None or not parsed[0] or parsed[1] != 0:
         return None
     return parsed[0]
-
-
-# ---------------------------------------------------------------- established records
-
-
-class _RecordLayer:
-    """Epoch 1 of an established DTLS 1.2 session with an AEAD suite (RFC 6347, RFC 5288,
-    RFC 6655), once OpenSSL's SSL object is freed.
-
-    OpenSSL keeps ~90 KiB per DTLS connection after the handshake (its 16 KiB handshake
-    buffer, which DTLS never frees, record-layer state, both epochs' cipher contexts, the
-    retransmission queue), none of which an established session needs, and pyOpenSSL offers
-    no call to free any of it. This keeps only what record protection needs: the keys (from
-    the session's master secret, RFC 5246 section 6.3), the two random values (for the
-    exporter), the next sequence number and the anti-replay window (RFC 6347 4.1.2.6).
-    """
-
-    __slots__ = ("_hash", "_mask", "_master", "_open", "_randoms", "_read_iv", "_seal", "_seq",
-                 "_tag", "_top", "_write_iv")
-
-    def __init__(self, suite: str, master: bytes, client_random: bytes, server_random: bytes,
-                 *, is_client: bool, next_seq: int) -> None:
-        key_len, self._tag, self._hash, aead = _SUITES[suite]
-        block = _prf(self._hash, master, b"key expansion", server_random + client_random,
-                     2 * key_len + 8)
-        ckey, skey = block[:key_len], block[key_len:2 * key_len]
-        civ, siv = block[2 * key_len:2 * key_len + 4], block[2 * key_len + 4:]
-        wkey, rkey = (ckey, skey) if is_client else (skey, ckey)
-        self._write_iv, self._read_iv = (civ, siv) if is_client else (siv, civ)
-        self._seal, self._open = aead(wkey, self._tag), aead(rkey, self._tag)
-        self._seq = next_seq
-        self._top = -1  # highest sequence number accepted, and the window below it
-        self._mask = 0
-        self._master = master
-        self._randoms = client_random + server_random
-
-    def protect(self, ctype: int, data: bytes) -> bytes:
-        if self._seq >= 1 << 48:
-            raise DtlsError("sequence numbers of epoch 1 exhausted")
-        explicit = (1 << 48 | self._seq).to_bytes(8, "big")  # epoch 1 and the sequence number
-        self._seq += 1
-        header = bytes((ctype, 0xFE, 0xFD)) + explicit
-        aad = explicit + header[:3] + len(data).to_bytes(2, "big")  # RFC 6347 4.1.2.1
-        sealed = self._seal.encrypt(self._write_iv + explicit, data, aad)
-        return header + (8 + len(sealed)).to_bytes(2, "big") + explicit + sealed
-
-    def unprotect(self, record: bytes) -> bytes | None:
-        """The plaintext of an authentic epoch 1 record not seen before, else ``None``."""
-        seq = records.sequence_number(record)
-        if seq > self._top:
-            pass
-        elif self._top - seq >= 64 or self._mask >> (self._top - seq) & 1:
-            return None  # too old for the window, or a replay
-        body = record[records.HEADER_LEN:]
-        if len(body) < 8 + self._tag:
-            return None
-        plain_len = len(body) - 8 - self._tag
-        aad = record[3:11] + record[:3] + plain_len.to_bytes(2, "big")
-        try:
-            plain = self._open.decrypt(self._read_iv + body[:8], body[8:], aad)
-        except InvalidTag:
-            return None
-        if len(plain) > 16384:
-            return None
-        if seq > self._top:
-            shift = seq - self._top
-            self._mask = (self._mask << shift | 1) & _WINDOW if shift < 64 else 1
-            self._top = seq
-        else:
-            self._mask |= 1 << (self._top - seq)
-        return plain
-
-    def max_plaintext(self, mtu: int) -> int:
-        return min(mtu - records.HEADER_LEN - 8 - self._tag, 16384)
-
-    def export(self, label: bytes, length: int, context: bytes | None) -> bytes:
-        seed = self._randoms
-        if context is not None:
-            seed += len(context).to_bytes(2, "big") + context
-        return _prf(self._hash, self._master, label, seed, length)
-
-
-_WINDOW = (1 << 64) - 1
-
-
-def _ccm8(key: bytes, tag: int) -> AESCCM:
-    return AESCCM(key, tag_length=tag)
-
-
-def _gcm(key: bytes, _tag: int) -> AESGCM:
-    return AESGCM(key)
-
-
-# OpenSSL's name -> key length, tag length, PRF hash, AEAD (the suites build_context allows)
-_SUITES = {
-    "ECDHE-ECDSA-AES128-CCM8": (16, 8, "sha256", _ccm8),
-    "ECDHE-ECDSA-AES128-GCM-SHA256": (16, 16, "sha256", _gcm),
-    "ECDHE-ECDSA-AES256-GCM-SHA384": (32, 16, "sha384", _gcm),
-    "PSK-AES128-CCM8": (16, 8, "sha256", _ccm8),
-}
-
-
-def _prf(hash_name: str, secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
-    """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
-    seed = label + seed
-    out = b""
-    a = seed
-    while len(out) < length:
-        a = hmac.digest(secret, a, hash_name)
-        out += hmac.digest(secret, a + seed, hash_name)
-    return out[:length]
 
 
 # ------------------------------------------------------------------------- helpers
