@@ -147,6 +147,7 @@ class OpenSslSession(DtlsSession):
         self._session: SSL.Session | None = None  # for resumption (and to forget it on alert)
         self._held: list[bytes] = []  # application data that came before our handshake ended
         self._epoch1_top = -1  # highest epoch 1 sequence number OpenSSL wrote
+        self._epoch1_nonces: list[bytes] = []  # the explicit nonces of those records
         self._issued: OrderedDict[bytes, None] | None = None  # the listener's, for servers
         self._session_id = b""  # from our ServerHello (a server's session)
         self._credentials = credentials
@@ -293,6 +294,12 @@ class OpenSslSession(DtlsSession):
     def _note_written(self, record: bytes) -> None:
         if records.epoch(record) == 1:
             self._epoch1_top = max(self._epoch1_top, records.sequence_number(record))
+            # OpenSSL's GCM nonces are not the sequence number: the record layer that takes
+            # over must know which ones are spent (it takes over when the handshake ends).
+            if self.state is State.HANDSHAKING:
+                self._epoch1_nonces.append(
+                    record[records.HEADER_LEN : records.HEADER_LEN + 8]
+                )
         elif self._issued is not None and records.handshake_type(record) == 2:  # ServerHello
             at = records.HEADER_LEN + 12 + 2 + 32
             if len(record) > at:
@@ -372,7 +379,9 @@ class OpenSslSession(DtlsSession):
         if n != 48:
             return
         self._records = RecordLayer(cipher, master, client_random, server_random,
-                                     is_client=self.is_client, next_seq=self._epoch1_top + 1)
+                                    is_client=self.is_client, next_seq=self._epoch1_top + 1,
+                                    spent=self._epoch1_nonces)
+        self._epoch1_nonces = []
         self._session = session
         # As in _backend_free: an SSL object freed without a two-way shutdown would make the
         # session unresumable.

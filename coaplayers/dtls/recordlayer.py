@@ -11,6 +11,7 @@ layer".
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
@@ -28,13 +29,20 @@ class RecordLayer:
     any of it). This keeps only what record protection needs: the keys (from the session's
     master secret, RFC 5246 section 6.3), the two random values (for the exporter), the next
     sequence number and the anti-replay window (RFC 6347 4.1.2.6).
+
+    Its explicit nonce is the record's epoch and sequence number (RFC 6655 for CCM, and what
+    RFC 5288 section 3 suggests for GCM). A backend may have written epoch 1 records under the
+    same keys with another scheme before the hand-over (OpenSSL's GCM nonces count up from a
+    random value): ``spent`` lists their explicit nonces, and a sequence number whose nonce
+    is among them is skipped, so that no nonce is used twice by construction rather than
+    with high probability (RFC 5288 section 3 requires distinct nonces).
     """
 
     __slots__ = ("_hash", "_mask", "_master", "_open", "_randoms", "_read_iv", "_seal", "_seq",
-                 "_tag", "_top", "_write_iv")
+                 "_skip", "_tag", "_top", "_write_iv")
 
     def __init__(self, suite: str, master: bytes, client_random: bytes, server_random: bytes,
-                 *, is_client: bool, next_seq: int) -> None:
+                 *, is_client: bool, next_seq: int, spent: Iterable[bytes] = ()) -> None:
         key_len, self._tag, self._hash, aead = SUITES[suite]
         block = prf(self._hash, master, b"key expansion", server_random + client_random,
                     2 * key_len + 8)
@@ -44,13 +52,20 @@ class RecordLayer:
         self._write_iv, self._read_iv = (civ, siv) if is_client else (siv, civ)
         self._seal, self._open = aead(wkey, self._tag), aead(rkey, self._tag)
         self._seq = next_seq
+        # Sequence numbers ahead whose explicit nonce the backend has used (usually none).
+        ahead = (int.from_bytes(n, "big") for n in spent if len(n) == 8)
+        self._skip = frozenset(n & _SEQ_MASK for n in ahead if n >> 48 == 1
+                               and n & _SEQ_MASK >= next_seq)
         self._top = -1  # highest sequence number accepted, and the window below it
         self._mask = 0
         self._master = master
         self._randoms = client_random + server_random
 
     def protect(self, ctype: int, data: bytes) -> bytes:
-        if self._seq >= 1 << 48:
+        if self._skip:
+            while self._seq in self._skip:
+                self._seq += 1
+        if self._seq > _SEQ_MASK:
             raise DtlsError("sequence numbers of epoch 1 exhausted")
         explicit = (1 << 48 | self._seq).to_bytes(8, "big")  # epoch 1 and the sequence number
         self._seq += 1
@@ -96,6 +111,7 @@ class RecordLayer:
 
 
 _WINDOW = (1 << 64) - 1
+_SEQ_MASK = (1 << 48) - 1
 
 
 def _ccm8(key: bytes, tag: int) -> AESCCM:
