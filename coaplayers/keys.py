@@ -116,6 +116,9 @@ def create(
         "hop2": ("proxy", secrets.token_hex(16)),  # proxy <-> application server
         "e2e": (device, secrets.token_hex(16)),  # device <-> application server, end to end
     }
+    # Credentials patterns match whole URIs, where an IPv6 address stands in brackets.
+    server_uri_host = f"[{server_host}]" if ":" in server_host else server_host
+    proxy_uri_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
     files: dict[str, tuple[bytes, bool]] = {
         "hop-ca.pem": (hop_ca.cert_pem(), False),
         "hop-ca.key": (hop_ca.key_pem(), True),
@@ -137,7 +140,7 @@ def create(
         **{f"{name}-rpk.pub": (k.public_pem(), False) for name, k in hop_rpk.items()},
         # The device's first hop with raw public keys instead of client-hop.json's PSK.
         "client-hop-rpk.json": (json.dumps({
-            f"coaps://{proxy_host}*": {"dtls-rpk": {
+            f"coaps://{proxy_uri_host}*": {"dtls-rpk": {
                 "key": "client-hop-rpk.key", "peer-keys": ["proxy-rpk.pub"],
             }},
         }, indent=2).encode(), False),
@@ -147,20 +150,18 @@ def create(
         "server-psk.json": (json.dumps({psks["hop2"][0]: "0x" + psks["hop2"][1]}).encode(), True),
         "proxy-psk.json": (json.dumps({psks["hop1"][0]: "0x" + psks["hop1"][1]}).encode(), True),
         "proxy-upstream.json": (json.dumps({
-            f"coaps://{server_host}*": {"dtls": {
+            f"coaps://{server_uri_host}*": {"dtls": {
                 "psk": {"hex": psks["hop2"][1]},
                 "client-identity": {"ascii": psks["hop2"][0]},
             }},
         }, indent=2).encode(), True),
         "client-hop.json": (json.dumps({
-            f"coaps://{proxy_host}*": {"dtls": {
+            f"coaps://{proxy_uri_host}*": {"dtls": {
                 "psk": {"hex": psks["hop1"][1]},
                 "client-identity": {"ascii": psks["hop1"][0]},
             }},
         }, indent=2).encode(), True),
     }
-    server_uri_host = f"[{server_host}]" if ":" in server_host else server_host
-    proxy_uri_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
     files["server.toml"] = (_toml({
         "listen": [f"coaps://{'[::]' if ':' in server_host else '0.0.0.0'}:{server_port}"],
         "psk-file": "server-psk.json",

@@ -137,6 +137,36 @@ class CertificateCredentials:
         return cls(chain, private_key, trusted, require_peer, server_name)
 
 
+def certificate_matches(cert: x509.Certificate, host: str) -> bool:
+    """Whether ``cert`` is for ``host`` as RFC 6125 reads it: an address against the iPAddress
+    names, a name against the dNSName ones (a left-most ``*`` stands for one label), and the
+    common name only when the certificate has no dNSName (what OpenSSL's own check does)."""
+    import ipaddress
+
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        return san is not None and address in san.get_values_for_type(x509.IPAddress)
+    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
+    if not dns:
+        dns = [str(a.value) for a in cert.subject.get_attributes_for_oid(
+            x509.oid.NameOID.COMMON_NAME)]
+    for name in dns:
+        name = name.rstrip(".").lower()
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
 def check_key_file_permissions(path: str | os.PathLike[str], *, strict: bool = False) -> None:
     """Warn (or refuse with ``strict``) when a key file is readable by group or others."""
     mode = os.stat(path).st_mode

@@ -186,6 +186,11 @@ class OpenSslSession(DtlsSession):
         return cls(conn, credentials, is_client=True, config=config)
 
     @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The leaf the peer presented in a full handshake (None after a resumed one)."""
+        return self._peer_leaf[0] if self._peer_leaf else None
+
+    @property
     def resumption_state(self) -> SSL.Session | None:
         """What a later :meth:`client` call passes as ``resume`` to skip the full handshake."""
         if self.state is not State.ESTABLISHED:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import ipaddress
@@ -173,6 +174,7 @@ class _Peer:
         self.last_activity = time.monotonic()
         self.last_received = time.monotonic()  # last CoAP message out of the session
         self.hello_random: bytes | None = None  # server: the ClientHello random of the session
+        self.opened_with: object | None = None  # client: the credentials its session checked
         # Unanswered CON messages we sent as a client: mid -> [first send, bytes, resends].
         self.sent_cons: OrderedDict[int, list[Any]] = OrderedDict()
 
@@ -292,6 +294,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._openssl_contexts: dict[int, Any] = {}
         self._rpk_contexts: dict[int, dtls.RawPublicKeyContext] = {}
         self._tickets = dtls.TicketStore()
+        # (id(credentials), host) -> (credentials, a copy that checks that host's name): a
+        # certificate entry without a server name checks the host of the URI it opens.
+        self._named: dict[tuple[int, str], tuple[Any, dtls.CertificateCredentials]] = {}
         self._loop = asyncio.get_running_loop()
         self.stats: dict[str, int] = {
             "handshakes_ok": 0,
@@ -435,6 +440,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             creds = self.client_credentials.for_uri(hop_uri)
         else:
             creds = self.client_credentials.for_request(message)
+        creds = self._for_host(creds, host)
+        if own is not None and own.is_client:
+            self._check_shared_session(own, creds, host)
         remote = self._remotes.get(key)
         if remote is None:
             remote = Layer1Remote(endpoint, address, _hostname(host))
@@ -442,6 +450,47 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             self._remotes[key] = remote
         remote._credentials = creds  # type: ignore[attr-defined]
         return remote
+
+    def _for_host(self, creds: Any, host: str) -> Any:
+        """Certificate credentials that check ``host`` when they name no server themselves
+        (the first hop's host: the proxy's for a proxied request)."""
+        if not isinstance(creds, dtls.CertificateCredentials) or creds.server_name:
+            return creds
+        key = (id(creds), host)
+        hit = self._named.get(key)
+        if hit is not None:
+            return hit[1]
+        if len(self._named) >= 1024:
+            # Contexts and resumption state are kept per credentials object (by id): all go
+            # together, so that no id is ever reused for other credentials.
+            self._named.clear()
+            self._openssl_contexts.clear()
+            self._tickets = dtls.TicketStore()
+        named = dataclasses.replace(creds, server_name=host)
+        self._named[key] = (creds, named)
+        return named
+
+    def _check_shared_session(self, peer: _Peer, creds: Any, host: str) -> None:
+        """Another name for the address of an open client session uses that session only if
+        the certificate it authenticated is for that name too (DNS could point any name at
+        any address: the name check must not be skipped by reusing a session)."""
+        session = peer.session
+        if (session is None or session.is_closed or peer.opened_with is creds
+                or not isinstance(creds, dtls.CertificateCredentials)):
+            return
+        leaf = getattr(session, "peer_certificate", None)
+        if session.is_established and leaf is not None and dtls.certificate_matches(
+                leaf, creds.server_name or host):
+            return
+        opened = getattr(peer.opened_with, "server_name", None)
+        raise Layer1Error(
+            dtls.AuthenticationFailed(
+                f"the DTLS session to {hostportjoin(*peer.remote.address[:2])} was"
+                f" authenticated for {opened or 'other credentials'!r}, and its certificate"
+                f" is not known to be for {creds.server_name or host!r}"
+            ),
+            peer.remote.hostinfo,
+        )
 
     async def recognize_remote(self, remote: Any) -> bool:
         return isinstance(remote, Layer1Remote) and remote._endpoint in self._endpoints
@@ -552,6 +601,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             )
         peer.session = session
         peer.is_client = True
+        peer.opened_with = creds
         peer.sent_cons.clear()
         self._handshaking.add(peer)
         session.connect(time.monotonic())
