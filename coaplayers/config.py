@@ -8,6 +8,7 @@ are TOML arrays.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import tomllib
@@ -33,6 +34,21 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
         raise ConfigurationError(f"configuration {path} is not UTF-8 text: {exc}") from exc
     return data
+
+
+def cannot_listen(uris: Iterable[str], exc: OSError) -> str:
+    """The one line coap-server and coap-proxy print when a listener cannot be bound.
+
+    A port in use is the first thing a newcomer meets (another instance, or another CoAP
+    program on 5683/5684), so that case names the way out.
+    """
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    text = f"cannot listen on {', '.join(uris)}: {reason}"
+    if exc.errno == errno.EADDRINUSE:
+        text += ("; another program holds the port: choose another with --listen, or write"
+                 " the demo configurations for other ports with"
+                 " coap-keys DIR --server-port N --proxy-port M")
+    return text
 
 
 def merge_config(

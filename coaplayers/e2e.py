@@ -155,13 +155,17 @@ def layer1_details(response: Any) -> dict[str, Any] | None:
     peer = getattr(remote, "peer", None)
     if peer is None or getattr(peer, "session", None) is None:
         return {"mode": "none (plain CoAP on the first hop)"}
-    ident = peer.identity
+    kind = _kind(peer.session)
     return {
-        "peer": ident.decode(errors="replace") if isinstance(ident, bytes) else ident,
-        "mode": "psk" if isinstance(peer.session, dtls.TinyDtlsSession)
-        else "rpk" if isinstance(peer.session, dtls.GnuTlsSession) else "certificate",
+        _identity_label(kind): _text(peer.identity),
+        "mode": kind,
         "cipher": peer.session.cipher_suite,
     }
+
+
+def _identity_label(kind: str) -> str:
+    """A PSK session names no peer: its identity is the client's own, shared with the peer."""
+    return "psk identity" if kind == "psk" else "peer"
 
 
 class DtlsRequester:
@@ -178,11 +182,11 @@ class DtlsRequester:
 
     def describe(self, response: Any) -> dict[str, Any]:
         hs = self.channel.last_handshake
-        session = getattr(self.channel, "_session", None)
+        kind = _kind(getattr(self.channel, "_session", None))
         return {
             "layer 0": {
-                "mode": "dtls " + _kind(session),
-                "peer": _text(hs.peer_identity) if hs else None,
+                "mode": "dtls " + kind,
+                _identity_label(kind): _text(hs.peer_identity) if hs else None,
                 "cipher": hs.cipher_suite if hs else None,
                 "resumed": hs.resumed if hs else None,
             },

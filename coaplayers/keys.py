@@ -221,17 +221,27 @@ def create(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="coap-keys",
-        description="Create a demo credential set (two CAs, certificates, PSKs for each layer "
-        "and hop, an end-to-end raw public key pair for the server and the client) and "
-        "configuration files for coap-server, coap-proxy and coap-client.",
-        epilog="example: coap-keys demo-credentials --server-host app-server --proxy-host proxy",
+        description="Create a demo credential set and configuration files for coap-server,\n"
+        "coap-proxy and coap-client (server.toml, proxy.toml, client.toml). Each layer has\n"
+        "its own: one CA per layer with certificates for every side, fresh PSKs for hop 1,\n"
+        "hop 2 and end to end, and raw public key pairs (RFC 7250) for every side at Layer 1\n"
+        "and end to end. client.toml sends through the proxy; FOLDER/README.txt says how to\n"
+        "start each program.",
+        epilog="examples:\n"
+        "  coap-keys creds                                  # all on 127.0.0.1, ports 5684/5694\n"
+        "  coap-keys creds --server-port 6684 --proxy-port 6694    # those ports are taken\n"
+        "  coap-keys /keys --server-host app-server --proxy-host proxy   # compose.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("folder", help="where to write (created if missing; never overwritten)")
+    p.add_argument("folder", metavar="FOLDER",
+                   help="where to write (created if missing; never overwritten)")
     p.add_argument("--server-host", default="127.0.0.1",
                    help="application server's name or address")
     p.add_argument("--proxy-host", default="127.0.0.1", help="proxy's name or address")
-    p.add_argument("--server-port", type=int, default=5684)
-    p.add_argument("--proxy-port", type=int, default=5694)
+    p.add_argument("--server-port", type=int, default=5684, metavar="PORT",
+                   help="the application server's coaps:// port in server.toml (default 5684)")
+    p.add_argument("--proxy-port", type=int, default=5694, metavar="PORT",
+                   help="the proxy's coaps:// port in proxy.toml and client.toml (default 5694)")
     p.add_argument("--device", default="device-1", help="the client's identity at both layers")
     args = p.parse_args(argv)
     try:

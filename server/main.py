@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coap-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"coap-server: cannot listen on {', '.join(args.listen)}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(f"coap-server: {cfg.cannot_listen(args.listen, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -234,8 +234,8 @@ def start_coap_proxy(procs: Processes, creds: Path) -> tuple[Proc, str, str]:
          "--listen", "coap://127.0.0.1:0", "--listen", "coaps://127.0.0.1:0"],
         until="ready",
     )
-    plain = next(u for u in proc.uris("listen") if u.startswith("coap://"))
-    secure = next(u for u in proc.uris("listen") if u.startswith("coaps://"))
+    plain = next(u for u in proc.uris("listening") if u.startswith("coap://"))
+    secure = next(u for u in proc.uris("listening") if u.startswith("coaps://"))
     return proc, plain, secure
 
 

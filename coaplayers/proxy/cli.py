@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..config import cannot_listen
 from .accesslog import AccessLog
 from .config import (
     ConfigError,
@@ -36,7 +37,7 @@ examples:
   everything from a file, one flag overriding it:
     coap-proxy --config /etc/coap-proxy.toml --log-file /var/log/coap-proxy.jsonl
 
-At start, each bound listen URI is printed on stdout as "listen URI" (port 0 shows the real
+At start, each bound listen URI is printed on stdout as "listening URI" (port 0 shows the real
 port), then "metrics http://HOST:PORT/metrics" if enabled, then "ready".
 Exit status: 0 after SIGINT/SIGTERM, 2 for configuration errors, 1 if binding failed.
 See docs/PROXY.md for the configuration file, logs and metrics.
@@ -149,7 +150,7 @@ def _announce(node: ProxyNode) -> None:
     # out of the collector's way, a full collection only walks what requests leave behind.
     gc.freeze()
     for uri in node.bound_uris:
-        print(f"listen {uri}")
+        print(f"listening {uri}")
     if node.metrics_address is not None:
         print(f"metrics http://{format_uri('x', *node.metrics_address)[4:]}/metrics")
     print("ready", flush=True)
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coap-proxy: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"coap-proxy: cannot bind: {exc}", file=sys.stderr)
+        print(f"coap-proxy: {cannot_listen(config.listen, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -51,14 +51,14 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str,
 class Background:
     """A long-running program whose stdout lines are collected by a reader thread."""
 
-    def __init__(self, argv: Sequence[str], *, stderr_file: Path) -> None:
+    def __init__(self, argv: Sequence[str], *, stderr_file: Path, cwd: Path | None = None) -> None:
         self.argv = list(argv)
         self.stderr_file = stderr_file
         self._err = stderr_file.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
-            text=True, env=env,
+            text=True, env=env, cwd=cwd,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

@@ -238,7 +238,7 @@ async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys:
     assert coaps_hop.rc == 0, coaps_hop.stderr
     # The server saw the proxy (plain hop 2); the first hop was Layer 1 PSK with the proxy.
     assert coaps_hop.stdout.startswith("Hello from coap-server (mode plain)")
-    assert re.search(r"layer 1: .*peer device-1, mode psk", coaps_hop.stderr)
+    assert re.search(r"layer 1: .*psk identity device-1, mode psk", coaps_hop.stderr)
     # Hop 2 over coaps with the proxy's upstream credentials: the server names the proxy.
     assert to_coaps.rc == 0 and "layer 1 peer proxy" in to_coaps.stdout, to_coaps.stderr
 
@@ -319,12 +319,13 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
     for r in (psk, cert, oscore, via_proxy):
         assert r.rc == 0, r.stderr
         assert r.stdout == "inner secret\n"
-    assert re.search(r"layer 0: mode dtls psk, peer device-1, cipher TLS_PSK", psk.stderr)
+    assert re.search(r"layer 0: mode dtls psk, psk identity device-1, cipher TLS_PSK", psk.stderr)
     assert re.search(r"layer 0: mode dtls certificate, peer app-server, cipher ECDHE", cert.stderr)
     assert re.search(r"layer 0: mode oscore .*peer app-server", oscore.stderr)
     # Through the proxy, -v shows both layers: the first hop's PSK session too.
     assert re.search(r"layer 0: mode oscore", via_proxy.stderr)
-    assert re.search(r"layer 1: hop 127\.0\.0\.1:\d+, peer device-1, mode psk", via_proxy.stderr)
+    assert re.search(r"layer 1: hop 127\.0\.0\.1:\d+, psk identity device-1, mode psk",
+                     via_proxy.stderr)
     # Observe and block-wise inside Layer 0 as well (coap-server renders inner requests
     # eagerly: an observation keeps its rendering going in a task).
     fw, obs, obs_dtls = await asyncio.gather(

@@ -65,7 +65,8 @@ async def test_rpk_end_to_end_directly_and_through_the_proxy(
         assert re.search(rf"layer 0: mode oscore \(keyed by a DTLS raw-public-key handshake\), "
                          rf"peer {server_fp}", r.stderr), r.stderr
     # Through the proxy, the first hop is Layer 1 PSK to the proxy, the inner session is ours.
-    assert re.search(r"layer 1: hop 127\.0\.0\.1:\d+, peer device-1, mode psk", proxied.stderr)
+    assert re.search(r"layer 1: hop 127\.0\.0\.1:\d+, psk identity device-1, mode psk",
+                     proxied.stderr)
     # The application sees the client's key fingerprint as its Layer 0 identity.
     assert hello.rc == 0, hello.stderr
     assert f"mode layer0-dtls, layer 0 peer {client_fp}" in hello.stdout

@@ -106,7 +106,7 @@ async def start_proxy(tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0")
     run = Running(proc, log_file=log, stderr_file=err)
     for line in lines:
         word, _, value = line.partition(" ")
-        if word == "listen":
+        if word == "listening":
             run.listen.append(value)
         elif word == "metrics":
             run.metrics = value
