@@ -16,6 +16,7 @@ from coaplayers import config as cfg
 from coaplayers import dtls, layer1
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0.server import Layer0Site, answer_inline
+from coaplayers.rules import RulesSite
 
 from .resources import build_site
 from .speedups import remember_local_multicast
@@ -120,7 +121,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                           trust_flag="--e2e-rpk-trust")
     cfg.check_layers_apart(raw_public_key, e2e.raw_public_key)
     # eager: the server's own resources answer without asyncio.timeout() (see Layer0Site).
-    site: Any = wrap_site(build_site(), e2e, eager=True)
+    # RulesSite innermost: 4.02, 4.06 and No-Response apply to plain and protected requests.
+    site: Any = wrap_site(RulesSite(build_site()), e2e, eager=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 libcoap's coap-server has no echo resource and cannot report what options reached it, so the
 proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload, ``/big``
 serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers after S seconds,
+``/critopt?S`` answers after S seconds with the unknown critical option 65001,
 and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
@@ -51,6 +52,11 @@ class Origin(resource.ObservableResource):
             bad = aiocoap.Message(code=codes.CONTENT, payload=b"x")
             bad.opt.add_option(OpaqueOption(65002, b"u"))
             return bad
+        if first == "critopt":  # safe-to-forward but critical: a client may reject the answer
+            await asyncio.sleep(float(request.opt.uri_query[0]) if request.opt.uri_query else 0)
+            crit = aiocoap.Message(code=codes.CONTENT, payload=b"critical")
+            crit.opt.add_option(OpaqueOption(65001, b"c"))
+            return crit
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {
