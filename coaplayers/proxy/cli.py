@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    " logged)")
     p.add_argument("--upstream-timeout", metavar="SECONDS", type=float,
                    help="answer 5.04 after this long without an upstream answer (default 10)")
+    p.add_argument("--no-response-wait", metavar="SECONDS", type=float,
+                   help="how long a request whose No-Response suppresses success waits for an"
+                   " upstream answer before the exchange ends in silence (default 2)")
     p.add_argument("--ack-timeout", metavar="SECONDS", type=float,
                    help="first CoAP retransmission timeout towards upstreams (default 2; lower"
                    " it on fast but lossy back-end links)")
@@ -124,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["rate_limit"] = RateLimit.parse(args.rate_limit)
     for flag in (
         "log_file", "upstream_timeout", "ack_timeout", "downstream_ack_timeout", "max_in_flight",
-        "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
+        "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace", "no_response_wait",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -156,6 +156,9 @@ class ProxyConfig:
     names: tuple[str, ...] = ()
     allowed_schemes: tuple[str, ...] = ("coap", "coaps")
     upstream_timeout: float = 10.0
+    # RFC 7967: a request whose No-Response suppresses 2.xx waits at most this long upstream
+    # (silence is then its expected answer); a NON one suppressing every class waits not at all.
+    no_response_wait: float = 2.0
     # First CoAP retransmission timeout towards upstreams (RFC 7252 ACK_TIMEOUT); None: 2 s.
     ack_timeout: float | None = None
     # The same towards clients, for separate responses and CON notifications; None: 2 s.
@@ -184,6 +187,8 @@ class ProxyConfig:
             value = getattr(self, name)
             if value is not None and not 0.05 <= value <= 60:
                 raise ConfigError(f"{name} must be between 0.05 and 60 seconds")
+        if not 0.05 <= self.no_response_wait <= 60:
+            raise ConfigError("no_response_wait must be between 0.05 and 60 seconds")
         if self.upstream_timeout <= 0 or self.shutdown_grace < 0:
             raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
         if not 1 <= self.upstream_sockets <= 1024:
@@ -200,6 +205,7 @@ class ProxyConfig:
 _SCALARS: dict[str, type] = {
     "forward": bool,
     "upstream_timeout": float,
+    "no_response_wait": float,
     "ack_timeout": float,
     "downstream_ack_timeout": float,
     "hop_limit": int,

@@ -26,6 +26,7 @@ from aiocoap.optiontypes import UintOption
 from aiocoap.pipe import Pipe
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
+from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
 from .config import ProxyConfig
 from .limits import InFlight, RateLimiter
@@ -122,6 +123,10 @@ class ProxyMetrics:
         self.bytes = r.counter(
             "coap_proxy_payload_bytes_total", "Payload bytes relayed", ["direction"]
         )
+        self.suppressed = r.counter(
+            "coap_proxy_suppressed_total",
+            "Answers not sent because the request's No-Response (RFC 7967) suppressed them",
+        )
 
 
 class ProxySite:
@@ -211,6 +216,8 @@ class ProxySite:
             "routing": routing_fields(request) if self.log_exchanges else None,
             "request_bytes": len(request.payload),
         }
+        if request.opt.no_response is not None:
+            entry["no_response"] = request.opt.no_response
         slot = _Slot(self)
         try:
             try:
@@ -277,6 +284,11 @@ class ProxySite:
         on ``downstream_ack_timeout`` when the operator set one."""
         if self._downstream_tuning is not None:
             message.transport_tuning = self._downstream_tuning
+        no_response = pipe.request.opt.no_response
+        if no_response and suppressed(no_response, message.code):
+            # aiocoap's message layer then sends nothing (NON) or an empty ACK (CON).
+            message.opt.no_response = no_response
+            self.metrics.suppressed.inc()
         pipe.add_response(message, is_last=is_last)
 
     def _relay(self, response: Message) -> Message:
@@ -305,12 +317,33 @@ class ProxySite:
         client = entry["client"]  # per address: Block1 state is per address upstream
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
         pool = self.upstream
+        # RFC 7967: when the client suppressed 2.xx, an upstream honouring that stays silent
+        # on success, so silence is an answer: wait briefly, then end without a word. A NON
+        # request suppressing every class cannot be answered at all: it is sent and left.
+        no_response = request.opt.no_response or 0
+        quiet = bool(no_response & 0x02) and not wants_observe
+        forget = (quiet and request.mtype == Type.NON
+                  and no_response & NO_RESPONSE_ALL == NO_RESPONSE_ALL)
+        limit = self.config.upstream_timeout
+        if quiet:
+            limit = min(limit, self.config.no_response_wait)
         try:
-            async with asyncio.timeout(self.config.upstream_timeout):
+            async with asyncio.timeout(limit):
                 upstream = await pool.request(client, out, target)
+                if forget:
+                    # aiocoap keeps the request a little longer (a backlogged NON still goes
+                    # out, a late answer is absorbed), without this exchange or its slot.
+                    upstream.response.add_done_callback(_retrieve)
+                    asyncio.get_running_loop().call_later(
+                        self.config.no_response_wait, upstream.response.cancel)
+                    self._silent(pipe, entry, started)
+                    return
                 response = await upstream.response
         except (TimeoutError, error.TimeoutError):
             pool.forget(client, target)
+            if quiet:
+                self._silent(pipe, entry, started)
+                return
             self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout", entry, started)
             return
         except error.NoRequestInterface:
@@ -407,6 +440,18 @@ class ProxySite:
             self.observations -= 1
             obs.cancel()
 
+    def _silent(self, pipe: Pipe, entry: dict[str, Any], started: float) -> None:
+        """End an exchange whose answer the client suppressed (RFC 7967) without sending one."""
+        msg = Message(code=codes.CONTENT, no_response=NO_RESPONSE_ALL)
+        entry["latency_ms"] = round((self.clock() - started) * 1000, 3)
+        entry["code"] = None
+        entry["suppressed"] = True
+        self.metrics.suppressed.inc()
+        self.metrics.bytes.inc(entry["request_bytes"], direction="upstream")
+        if self.log_exchanges:
+            self.access_log.exchange(entry)
+        pipe.add_response(msg, is_last=True)
+
     def _fail(self, pipe: Pipe, code: Code, diagnostic: str, kind: str,
               entry: dict[str, Any], started: float) -> None:
         msg = Message(code=code, payload=diagnostic.encode())
@@ -436,6 +481,8 @@ class ProxySite:
                 resp_opts["observe"] = response.opt.observe
             if resp_opts:
                 entry["response_options"] = resp_opts
+        if suppressed(entry.get("no_response"), code):
+            entry["suppressed"] = True
         self.metrics.responses.inc(code=entry["code"])
         if upstream is not None:
             self.metrics.bytes.inc(entry["request_bytes"], direction="upstream")
@@ -457,6 +504,12 @@ class _Slot:
             self.site.in_flight.release()
             if self.site.in_flight.count == 0:
                 self.site._idle.set()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned upstream answer's exception as seen (no "never retrieved" noise)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _unreachable(exc: BaseException) -> bool:
