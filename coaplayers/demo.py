@@ -1,12 +1,17 @@
-"""The one-machine demo: server, proxy and client, each mode, and what every party saw.
+"""The one-machine demo: one short story per mode, told by the three parties that took part.
 
-Topology (all on loopback, all real processes)::
+All on loopback, all real processes::
 
-    coap-client --coaps (Layer 1, PSK)--> coap-proxy --coap--> coap-relay --coap--> coap-server
+    coap-client ==hop 1: coaps==> coap-proxy --hop 2: coap--> tap (coap-relay) --> coap-server
 
-The second hop is plain CoAP on purpose: the relay records every byte the proxy forwards, which
-is exactly what the proxy could read. With Layer 1 only, the request's payload shows up there in
-clear; with Layer 0 DTLS and with OSCORE it does not. (In compose.yaml both hops are coaps.)
+In every mode the client sends the same ``POST /echo`` with a marker in its payload. Each
+scene shows what the client sent and got back, what the proxy forwarded (the tap on hop 2)
+and what the server's application received (``coap-server -v``), and whether the marker
+crossed the proxy in clear; a summary ends the run.
+
+Hop 2 is plain CoAP on purpose: the proxy ends Layer 1 on both of its sides, so whatever it
+forwards it holds in clear, and the tap shows exactly that. Deployed, hop 2 is coaps:// as
+well (compose.yaml, docs/DEPLOY.md): that hides it from the wire, not from the proxy.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 
@@ -118,34 +125,54 @@ class Demo:
         e2e_rpk = ["--e2e-rpk-key", str(creds / "client-rpk.key"),
                    "--e2e-rpk-server-key", str(creds / "server-rpk.pub")]
         print(_banner("coaplayers demo"))
-        print(f"  application server  {server_uri}  (reached through the relay at {relay_addr})")
-        print(f"  proxy               {proxy_uri}  (Layer 1 PSK or raw public keys towards"
-              " the client)")
-        print(f"  credentials         {creds}  (made by coap-keys; one CA per layer)\n")
+        print(f"  client   coap-client, through the proxy {proxy_uri}")
+        print(f"  proxy    {proxy_uri}  hop 1 is coaps (Layer 1 DTLS: PSK or raw public keys)")
+        print(f"  tap      {relay_addr}  hop 2, between the proxy and the server")
+        print(f"  server   {server_uri}  the application server")
+        print(f"  keys     {creds}  (coap-keys: separate keys per layer)")
+        print("  Hop 2 is plain CoAP here on purpose: the proxy ends Layer 1 on both sides, so")
+        print("  it holds in clear whatever it forwards, and the tap on hop 2 shows exactly")
+        print("  that. Deployed, hop 2 is coaps too (docs/DEPLOY.md): that hides it from the")
+        print("  wire, not from the proxy.")
         modes = [
-            ("Layer 1 only", hop1),
-            ("Layer 0 DTLS (PSK)", [*hop1, "--e2e", "dtls", *e2e_psk]),
-            ("Layer 0 DTLS (certificates)", [*hop1, "--e2e", "dtls", *e2e_cert]),
-            ("Layer 0 DTLS (raw public keys, RFC 7250)", [*hop1, "--e2e", "dtls", *e2e_rpk]),
-            ("OSCORE mode", [*hop1, "--e2e", "oscore", *e2e_cert]),
-            # Raw public keys at both layers, each layer with its own key pairs.
-            ("Layer 1 and Layer 0 with raw public keys", [*hop1_rpk, "--e2e", "dtls", *e2e_rpk]),
+            ("Layer 1 only", "hop-by-hop DTLS only: the proxy decrypts and re-encrypts each hop",
+             hop1),
+            ("Layer 0 DTLS (PSK)", "end-to-end DTLS inside CoAP payloads, with a pre-shared key",
+             [*hop1, "--e2e", "dtls", *e2e_psk]),
+            ("Layer 0 DTLS (certificates)", "end-to-end DTLS inside CoAP payloads, X.509 on both"
+             " sides", [*hop1, "--e2e", "dtls", *e2e_cert]),
+            ("Layer 0 DTLS (raw public keys, RFC 7250)", "end-to-end DTLS inside CoAP payloads,"
+             " each side pinning the other's key", [*hop1, "--e2e", "dtls", *e2e_rpk]),
+            ("OSCORE mode", "one end-to-end DTLS handshake keys OSCORE (RFC 8613), which then"
+             " protects each request", [*hop1, "--e2e", "oscore", *e2e_cert]),
+            ("Layer 1 and Layer 0 with raw public keys", "raw public keys at both layers, each"
+             " layer with its own key pairs", [*hop1_rpk, "--e2e", "dtls", *e2e_rpk]),
         ]
-        failures = 0
-        for title, argv in modes:
-            failures += self.show_mode(title, argv, target, capture, access_log)
-        print(_banner("done" if not failures else f"{failures} mode(s) FAILED"))
+        outcomes = []
+        for number, (title, what, argv) in enumerate(modes, 1):
+            print(_banner(f"{number}/{len(modes)} {title}"))
+            outcomes.append((title, self.show_mode(what, argv, target, capture, access_log)))
+        failures = sum(1 for _, outcome in outcomes if outcome is None)
+        print(_banner("summary" if not failures else f"summary: {failures} mode(s) FAILED"))
+        print(f"  {'mode':<42} {'requests on hop 2':>17}  marker in clear at the proxy")
+        for title, outcome in outcomes:
+            if outcome is None:
+                print(f"  {title:<42} {'FAILED':>17}")
+                continue
+            count, clear = outcome
+            print(f"  {title:<42} {count:>17}  {'YES' if clear else 'no'}")
         if not failures:
-            print("  The proxy routed every request on outer options only; with Layer 0 and")
-            print(f"  OSCORE the marker {MARKER!r} never crossed the proxy in clear, with Layer 1")
-            print("  only it did: hop-by-hop security lets the proxy read everything.")
+            print("  The proxy routed every request on outer options. With Layer 1 alone it read")
+            print(f"  the marker {MARKER!r}, and could have changed it; with Layer 0 and OSCORE it")
+            print("  forwarded only ciphertext that it can neither read nor alter unnoticed.")
         return 1 if failures else 0
 
-    def show_mode(self, title: str, argv: list[str], target: str, capture: Path,
-                  access_log: Path) -> int:
-        print(_banner(title))
+    def show_mode(self, what: str, argv: list[str], target: str, capture: Path,
+                  access_log: Path) -> tuple[int, bool] | None:
+        """One scene; returns (requests on hop 2, marker in clear) or None if it failed."""
+        print(f"  {what}")
         seen_before = len(read_capture(capture)) if capture.exists() else 0
-        log_before = _lines(access_log)
+        log_before = len(_lines(access_log))
         server_log = self.dir / "server.log"
         server_before = len(_lines(server_log))
         payload = f"{MARKER}: 21.5 C"
@@ -153,49 +180,103 @@ class Demo:
             "-v", "-m", "post", "-e", payload, "-t", "text/plain", *argv, f"{target}/echo"
         )
         ok = result.returncode == 0 and result.stdout.strip() == payload
-        print("  client sent       POST /echo  payload " + repr(payload))
-        print("  client got back   " + (repr(result.stdout.strip()) if result.stdout else "-")
-              + ("" if ok else f"   FAILED (exit {result.returncode}): {result.stderr.strip()}"))
-        for line in result.stderr.splitlines():
-            if line.strip().startswith(("layer", "end-to-end", "oscore")):
-                print("                    " + line.strip())
-        entries = _lines(access_log)[len(log_before):]
-        for entry in entries:
+        print(f"  client   sent     POST /echo {payload!r}")
+        layers = dict(line.strip().partition(": ")[::2] for line in result.stderr.splitlines()
+                      if line.strip().startswith(("layer 1: ", "layer 0: ")))
+        for name in ("layer 1", "layer 0"):  # the hop first, then end to end
+            if name in layers:
+                details = layers[name].replace(", resumed False", "")
+                print(textwrap.fill(details, 100, initial_indent=f"           {name}  ",
+                                    subsequent_indent=" " * 20))
+        # The proxy: who it took the requests from (hop 1), what it forwarded (hop 2).
+        identities = []
+        for entry in _lines(access_log)[log_before:]:
             try:
-                rec = json.loads(entry)
+                ident = json.loads(entry).get("identity")
             except ValueError:
                 continue
-            keys = ("method", "code", "route", "upstream", "options", "request_bytes",
-                    "response_bytes", "latency_ms", "client_identity")
-            shown = {k: rec[k] for k in keys if k in rec}
-            print("  proxy logged      " + json.dumps(shown, sort_keys=True))
+            if ident and ident not in identities:
+                identities.append(ident)
         datagrams = read_capture(capture)[seen_before:] if capture.exists() else []
-        up = [d for d in datagrams if d.direction is Direction.UP]
+        exchanges = _exchanges(datagrams)
         clear = any(MARKER.encode() in d.data for d in datagrams)
-        print(f"  proxy forwarded   {len(up)} datagrams, {sum(len(d.data) for d in up)} bytes;"
-              f" marker in clear: {'YES' if clear else 'no'}")
-        for d in up[-2:]:  # the last ones carry the request itself
-            try:
-                msg = aiocoap.Message.decode(d.data)
-            except Exception:
-                print(f"    {d.data[:40].hex()}...")
-                continue
-            opts = ", ".join(
-                f"{o.number.name if hasattr(o.number, 'name') else o.number}"
-                f"={_short(o.value)}" for o in msg.opt.option_list()
-            )
-            print(f"    {msg.code} {opts}; payload {len(msg.payload)} bytes"
-                  f" {msg.payload[:24].hex()}{'...' if len(msg.payload) > 24 else ''}")
+        source = f" from {', '.join(identities)}" if identities else ""
+        plural = "" if len(exchanges) == 1 else "s"
+        print(f"  proxy    hop 1: took the client's requests{source} (its Layer 1 identity)")
+        print(f"           hop 2: forwarded {len(exchanges)} request{plural},"
+              " each with its answer:")
+        for request, response in exchanges:
+            answer = (f"-> {response.code.dotted} {len(response.payload):>4} B  "
+                      f"{_content(response, request)}" if response is not None
+                      else "-> (no answer)")
+            print(f"             {_target(request):<22} {len(request.payload):>4} B  "
+                  f"{_content(request):<25} {answer}")
+        print(f"           the marker in clear: {'YES' if clear else 'no'}")
         # What the application saw, after Layer 0 / OSCORE were removed (coap-server -v).
-        for line in _lines(server_log)[server_before:]:
-            if " coap-server.requests " in line:
-                print("  server received   " + line.split(" INFO ", 1)[-1])
-        return 0 if ok else 1
+        received = [line.split(" INFO ", 1)[-1] for line in _lines(server_log)[server_before:]
+                    if " coap-server.requests " in line]
+        for number, line in enumerate(received):
+            print(f"  {'server' if number == 0 else '':<8} received {line}")
+        got = repr(result.stdout.strip()) if result.stdout.strip() else "nothing"
+        print(f"  client   got back {got}" + (
+            "" if ok else f"   FAILED (exit {result.returncode}): {_last(result.stderr)}"))
+        return (len(exchanges), clear) if ok else None
 
 
-def _short(value: object) -> str:
-    text = value.hex() if isinstance(value, bytes) else str(value)
-    return text if len(text) <= 32 else text[:29] + "..."
+def _exchanges(datagrams: list[Any]) -> list[tuple[aiocoap.Message, aiocoap.Message | None]]:
+    """The requests the proxy sent on hop 2, each with its answer (matched by token)."""
+    requests: list[aiocoap.Message] = []
+    answers: dict[bytes, aiocoap.Message] = {}
+    for d in datagrams:
+        try:
+            msg = aiocoap.Message.decode(d.data)
+        except Exception:  # not CoAP: nothing the proxy forwarded
+            continue
+        if d.direction is Direction.UP and msg.code.is_request():
+            if all(msg.mid != r.mid for r in requests):  # not a retransmission
+                requests.append(msg)
+        elif d.direction is Direction.DOWN and msg.code.is_response():
+            answers.setdefault(msg.token, msg)
+    return [(r, answers.get(r.token)) for r in requests]
+
+
+def _target(msg: aiocoap.Message) -> str:
+    path = "/" + "/".join(msg.opt.uri_path)
+    kid = _oscore_kid(msg.opt.oscore)
+    return f"{msg.code.name} {path}" + (f" kid {kid}" if kid else "")
+
+
+def _oscore_kid(value: bytes | None) -> str | None:
+    """The kid in an OSCORE option (RFC 8613 6.1), which a proxy sees in every request."""
+    if not value:
+        return None
+    flags, rest = value[0], value[1 + (value[0] & 0x07):]
+    if flags & 0x10 and rest:  # kid context: a length byte, then the context
+        rest = rest[1 + rest[0]:]
+    return rest.hex() if flags & 0x08 else None
+
+
+_DTLS = {20: "DTLS change cipher spec", 21: "DTLS alert", 22: "DTLS handshake",
+         23: "DTLS application data"}
+
+
+def _content(msg: aiocoap.Message, request: aiocoap.Message | None = None) -> str:
+    """What a payload is, as far as someone holding it without the end-to-end keys can tell."""
+    data = msg.payload
+    if not data:
+        return "(empty)"
+    if msg.opt.oscore is not None:
+        return "OSCORE ciphertext"
+    path = (request or msg).opt.uri_path
+    if path and path[0].startswith(("~", ".well-known")):  # the Layer 0 tunnel's paths
+        return _DTLS.get(data[0], "DTLS records")
+    text = data.decode(errors="replace")
+    return repr(text if len(text) <= 24 else text[:21] + "...")
+
+
+def _last(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _lines(path: Path) -> list[str]:

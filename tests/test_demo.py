@@ -1,5 +1,6 @@
-"""The main job: the end-to-end demo (``scripts/demo`` after set-up) runs every mode and shows
-that only Layer 1 alone lets the proxy read the application's data."""
+"""The main job: the end-to-end demo (``scripts/demo`` after set-up) tells one short story per
+mode, the client's, the proxy's and the server's view of the same request, and shows that only
+Layer 1 alone lets the proxy read the application's data."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from coaplayers.demo import MARKER
 
 from .conftest import run_program
 
+SENT = f"'{MARKER}: 21.5 C'"
+
 
 async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_layer1() -> None:
     code, out, err = await run_program(sys.executable, "-m", "coaplayers.demo", timeout=180)
     text = out.decode()
     assert code == 0, text + err.decode()
-    scenes = dict(re.findall(r"^== (.+?) =+\n(.*?)(?=^== )", text, re.S | re.M))
+    # The set-up says why hop 2 is plain CoAP here while a deployment uses coaps on it.
+    intro = text.split("\n== 1/6 ", 1)[0]
+    assert "Hop 2 is plain CoAP here on purpose" in intro, intro
+    assert "Deployed, hop 2 is coaps too" in intro, intro
+    scenes = dict(re.findall(r"^== \d/6 (.+?) =+\n(.*?)(?=^== )", text, re.S | re.M))
     expected = {
         "Layer 1 only": "YES",
         "Layer 0 DTLS (PSK)": "no",
@@ -24,9 +31,30 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
         "OSCORE mode": "no",
         "Layer 1 and Layer 0 with raw public keys": "no",
     }
+    assert set(scenes) == set(expected), list(scenes)
+    summary = text.split("\n== summary ", 1)[1]
     for title, clear in expected.items():
         scene = scenes[title]
-        assert f"client got back   '{MARKER}: 21.5 C'" in scene, scene
-        assert f"marker in clear: {clear}\n" in scene, scene
-        assert "server received   POST /echo" in scene, scene
-    assert "== done ==" in text
+        # The client's view ...
+        assert f"  client   sent     POST /echo {SENT}\n" in scene, scene
+        assert f"  client   got back {SENT}\n" in scene, scene
+        # ... never calls its own PSK identity the peer's ...
+        assert "peer device-1" not in scene.split("  proxy ")[0], scene
+        # ... the proxy's: as many requests listed as it says it forwarded ...
+        forwarded = re.search(r"hop 2: forwarded (\d+) requests?, each with its answer:\n"
+                              r"((?: {13}\S.*\n)+)", scene)
+        assert forwarded, scene
+        rows = forwarded[2].splitlines()
+        assert len(rows) == int(forwarded[1]), scene
+        assert all(" -> 2." in row for row in rows), rows
+        assert f"           the marker in clear: {clear}\n" in scene, scene
+        # ... and the application's, after Layer 0 / OSCORE were taken off.
+        assert "  server   received POST " in scene and " received POST /echo (" in scene, scene
+        assert re.search(rf"^  {re.escape(title)} +{forwarded[1]}  {clear}$", summary, re.M), (
+            summary)
+        if clear == "no":  # only tunnel paths or OSCORE's outer "/" cross the proxy
+            assert all(re.match(r" {13}(POST|DELETE) /(\.well-known/atls|~\S+| kid )", row)
+                       for row in rows), rows
+    assert "psk identity device-1" in scenes["Layer 0 DTLS (PSK)"]
+    assert "OSCORE ciphertext" in scenes["OSCORE mode"]
+    assert "With Layer 1 alone it read" in summary
