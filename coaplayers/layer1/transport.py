@@ -175,6 +175,10 @@ class _Peer:
         self.last_received = time.monotonic()  # last CoAP message out of the session
         self.hello_random: bytes | None = None  # server: the ClientHello random of the session
         self.opened_with: object | None = None  # client: the credentials its session checked
+        # Server: a new handshake from the address of this established session, which it
+        # replaces only once it completes (RFC 6347 4.2.8); set on that standby peer too.
+        self.replacement: _Peer | None = None
+        self.replaces: _Peer | None = None
         # Unanswered CON messages we sent as a client: mid -> [first send, bytes, resends].
         self.sent_cons: OrderedDict[int, list[Any]] = OrderedDict()
 
@@ -616,6 +620,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         peer = self._peers.get(key)
         hello_random = records.client_hello_random(data)
         is_hello = hello_random is not None
+        standby = peer.replacement if peer is not None else None
+        if standby is not None and self._to_standby(standby, data, hello_random):
+            return
         if peer is not None and peer.session is not None and not peer.session.is_closed:
             if not (is_hello and endpoint.listeners and not peer.is_client and
                     (peer.session.is_established or hello_random != peer.hello_random)):
@@ -668,6 +675,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         remote = self._remotes.get(key)
         if remote is None:
             remote = Layer1Remote(endpoint, addr, None)
+        if peer is not None and peer.session is not None and peer.session.is_established:
+            self._stand_by(peer, session, hello_random)
+            return
         if peer is not None:
             self._drop_session(peer, None, notify=False)
         # Only a ClientHello with a valid cookie gets here, or (certificates) one resuming a
@@ -682,6 +692,62 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._handshaking.add(peer)
         self._process(peer)
 
+    def _stand_by(self, peer: _Peer, session: dtls.DtlsSession, hello_random: bytes | None
+                  ) -> None:
+        """Run a new handshake from an established session's address beside that session.
+
+        Whoever saw a handshake and can send from the client's address can make the listener
+        start one (a session ID offered for resumption, or a cookie, which binds to the
+        address only, both travel in the clear): the established session must stay until
+        the new handshake completes, which takes the client itself (RFC 6347 4.2.8). Until
+        then application data goes to the established session, handshake records to the
+        new one; one standby at a time, the newest.
+        """
+        old = peer.replacement
+        if old is not None:
+            self._drop_session(old, None, notify=False)
+        self._make_room_for_handshake()
+        standby = _Peer(self, peer.remote)
+        standby.session = session
+        standby.hello_random = hello_random
+        standby.replaces = peer
+        peer.replacement = standby
+        self._handshaking.add(standby)
+        self._process(standby)
+
+    def _to_standby(self, standby: _Peer, data: bytes, hello_random: bytes | None) -> bool:
+        """Feed ``data`` to a standby handshake if it is for that one (see :meth:`_stand_by`);
+        False: the established session or the listener takes it."""
+        session = standby.session
+        if session is None or session.is_closed:
+            return False
+        if hello_random is not None:
+            if hello_random != standby.hello_random:
+                return False  # yet another handshake: the listener's
+        elif data[0] == records.CONTENT_APPLICATION_DATA or (
+            data[0] == records.CONTENT_ALERT and records.epoch(data) != 0
+        ):
+            return False  # the established session's records (its alerts are protected)
+        standby.last_activity = time.monotonic()
+        self._handshaking.touch(standby)
+        session.receive_datagram(data, time.monotonic())
+        self._process(standby)
+        return True
+
+    def _take_over(self, standby: _Peer) -> None:
+        """A standby handshake completed: its session replaces the established one."""
+        old = standby.replaces
+        standby.replaces = None
+        if old is None or old.replacement is not standby:
+            return
+        old.replacement = None
+        key = (id(standby.remote._endpoint), standby.remote.address)
+        if self._peers.get(key) is old:
+            self._peers[key] = standby
+            self._peers.move_to_end(key)
+            standby.remote.peer = standby
+        self._drop_session(old, None, notify=False)
+
     def _process(self, peer: _Peer) -> None:
         """Move a session's output to the socket and its events to aiocoap."""
         session = peer.session
@@ -691,6 +757,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         while (event := session.next_event()) is not None:
             if isinstance(event, dtls.HandshakeComplete):
                 self._handshaking.discard(peer)
+                if peer.replaces is not None:
+                    self._take_over(peer)
                 peer.identity = event.peer_identity
                 self.stats["handshakes_ok"] += 1
                 self._emit_event("handshake", peer, cipher=event.cipher_suite,
@@ -717,7 +785,9 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                     self._emit_event("handshake_failed", peer, error=str(err))
                 elif err is None and peer.queue:
                     err = dtls.SessionClosed("the peer closed the DTLS session")
-                self._drop_session(peer, err, notify=err is not None)
+                # A failed standby handshake concerns nobody's requests: the session it
+                # would have replaced goes on.
+                self._drop_session(peer, err, notify=err is not None and peer.replaces is None)
                 return
         self._arm_timer(peer)
 
@@ -767,9 +837,18 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     def _forget(self, peer: _Peer) -> None:
         peer.queue.clear()
         self._handshaking.discard(peer)
+        owner, peer.replaces = peer.replaces, None
+        if owner is not None:  # a standby: the remote stays its established session's
+            if owner.replacement is peer:
+                owner.replacement = None
+            return
+        standby, peer.replacement = peer.replacement, None
+        if standby is not None:
+            self._drop_session(standby, None, notify=False)
         key = (id(peer.remote._endpoint), peer.remote.address)
-        if self._peers.get(key) is peer:
-            del self._peers[key]
+        if self._peers.get(key) is not peer:
+            return  # replaced (a standby took over): the remote is the new session's
+        del self._peers[key]
         if not peer.is_client:
             self._remotes.pop(key, None)
         peer.remote.peer = None
