@@ -14,6 +14,7 @@ from typing import Any
 
 from coaplayers import config as cfg
 from coaplayers import dtls, layer1
+from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0.server import Layer0Site, answer_inline
 from coaplayers.rules import RulesSite
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     l0.add_argument("--oscore-state", metavar="DIR",
                     help="keep OSCORE contexts in this folder (one owner-only file each), so"
                     " that clients keep them across a restart without a new handshake")
+    p.add_argument("--max-body", type=int, metavar="BYTES",
+                   help="largest request body a resource takes block-wise (4.13 beyond it;"
+                   f" default {BlockwiseLimits().max_body})")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     return p
 
@@ -121,8 +125,13 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                           trust_flag="--e2e-rpk-trust")
     cfg.check_layers_apart(raw_public_key, e2e.raw_public_key)
     # eager: the server's own resources answer without asyncio.timeout() (see Layer0Site).
+    try:
+        blockwise = BlockwiseLimits(**(
+            {"max_body": args.max_body} if args.max_body is not None else {}))
+    except ValueError as exc:
+        raise dtls.ConfigurationError(f"--max-body: {exc}") from exc
     # RulesSite innermost: 4.02, 4.06 and No-Response apply to plain and protected requests.
-    site: Any = wrap_site(RulesSite(build_site()), e2e, eager=True)
+    site: Any = wrap_site(RulesSite(build_site(blockwise)), e2e, eager=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

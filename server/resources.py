@@ -16,6 +16,7 @@ import aiocoap.resource as resource
 import cbor2
 from aiocoap.numbers.contentformat import ContentFormat
 
+from coaplayers.blockwise import BlockwiseLimits, BoundedSite
 from coaplayers.identity import describe_peer
 
 FIRMWARE_SIZE = 64 * 1024
@@ -124,11 +125,12 @@ class Firmware(resource.Resource):
 log = logging.getLogger("coap-server.requests")
 
 
-class LoggingSite(resource.Site):
+class LoggingSite(BoundedSite):
     """The resource tree, logging each request it dispatches (``coap-server -v``).
 
     It sits innermost, under Layer 0 and OSCORE, so the log line shows what the application
-    received after unprotection, and who sent it at which layer.
+    received after unprotection, and who sent it at which layer; for the same reason its
+    bounded Block1 reassembly holds for requests in all three modes.
     """
 
     async def render_to_pipe(self, request: Any) -> None:
@@ -141,8 +143,8 @@ class LoggingSite(resource.Site):
         await super().render_to_pipe(request)
 
 
-def build_site() -> resource.Site:
-    site = LoggingSite()
+def build_site(blockwise: BlockwiseLimits | None = None) -> resource.Site:
+    site = LoggingSite(blockwise)
     wkc = resource.WKCResource(site.get_resources_as_linkheader)
     site.add_resource([".well-known", "core"], wkc)
     site.add_resource(["hello"], Hello())
