@@ -128,11 +128,21 @@ class Layer0Peer:
     resumed: bool
     session_id: str
     _session: DtlsSession = field(repr=False, compare=False)
+    _claimed: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def export_keying_material(
         self, label: bytes, length: int, context: bytes | None = None
     ) -> bytes:
         return self._session.export_keying_material(label, length, context)
+
+    def claim(self, purpose: str) -> bool:
+        """True the first time ``purpose`` is claimed on this session, False after: for what
+        a session may do once only (the OSCORE mode keys one context per handshake, since a
+        second one from the same exporter would repeat the first one's nonces)."""
+        if purpose in self._claimed:
+            return False
+        self._claimed.add(purpose)
+        return True
 
 
 @dataclass(eq=False)

@@ -42,6 +42,12 @@ KEYING_PATH = (".well-known", "atls-oscore")
 """Inner path of the keying exchange; only reachable inside a Layer 0 session."""
 PARAMETERS_CONTENT_FORMAT = 65001
 """``application/vnd.coaplayers.oscore-params+cbor`` (experimental range)."""
+ALREADY_PROCESSED = b"request already processed"
+"""Diagnostic payload of the 4.09 to a keying request whose ``prior=`` request was processed."""
+ALREADY_KEYED = b"this Layer 0 session has keyed OSCORE already"
+"""Diagnostic payload of the 4.09 to a second keying request on one Layer 0 session."""
+NEEDS_FULL_HANDSHAKE = b"OSCORE keying needs a full handshake (this session was resumed)"
+"""Diagnostic payload of the 4.03 to a keying request on a resumed Layer 0 session."""
 
 
 class KeyingResource(resource.Resource):
@@ -63,6 +69,13 @@ class KeyingResource(resource.Resource):
                 code=Code.NOT_IMPLEMENTED,
                 payload=b"OSCORE keying needs a certificate-mode session (TLS exporter)",
             )
+        if peer.resumed:
+            # docs/OSCORE-KEYING.md section 1: keys come from a full handshake only.
+            return aiocoap.Message(code=Code.FORBIDDEN, payload=NEEDS_FULL_HANDSHAKE)
+        if not peer.claim("oscore-keying"):
+            # A second context from the same exporter output would have the first one's
+            # keys and Common IV and start at sequence number 0 again: nonces would repeat.
+            return aiocoap.Message(code=Code.CONFLICT, payload=ALREADY_KEYED)
         prior = _prior_of(request)
         if prior is not None:
             old = self.store.get(prior[0])
@@ -70,9 +83,7 @@ class KeyingResource(resource.Resource):
                 if _seen(old, prior[1]):
                     # The client's old context is alive and took this request: whatever
                     # refusal the client got was forged in transit. It keeps that context.
-                    return aiocoap.Message(
-                        code=Code.CONFLICT, payload=b"request already processed"
-                    )
+                    return aiocoap.Message(code=Code.CONFLICT, payload=ALREADY_PROCESSED)
                 # Not processed: end the old context, so that a copy of the request held
                 # back in transit can never be processed after the client sent it again.
                 self.store.remove(old)
@@ -169,7 +180,8 @@ class OscoreRequester:
             if prior is not None:
                 msg.opt.uri_query = [f"{PRIOR_QUERY}{prior[0].hex()}.{prior[1].hex()}"]
             response = await channel.request(msg).response
-            if response.code == Code.CONFLICT and prior is not None:
+            if (response.code == Code.CONFLICT and prior is not None
+                    and response.payload == ALREADY_PROCESSED):
                 raise AlreadyProcessed(
                     "the server's refusal was forged in transit: its context is alive and"
                     " has processed the request, which is not sent again"

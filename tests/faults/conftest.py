@@ -330,15 +330,15 @@ def layer0_channel(
 def oscore_requester(
     ctx: layer1.LayeredContext, origin: str, creds: Keys, proxy: str | None
 ) -> OscoreRequester:
-    """The OSCORE mode with this suite's outer timers; its keying channels share resumption
-    state and the one OpenSSL context that state belongs to (see Layer0Channel)."""
-    tickets = dtls.TicketStore()
+    """The OSCORE mode with this suite's outer timers; every keying is a full handshake on a
+    new channel (the server keys nothing on a resumed session), with the one OpenSSL context
+    built once."""
     cert = creds.e2e_client_cert()
     ssl_context = dtls.build_context(cert, server=False)
     return OscoreRequester(
         ctx.context, origin,
         lambda: Layer0Channel(
-            ctx.context, origin, cert, proxy=proxy, tickets=tickets, ssl_context=ssl_context,
+            ctx.context, origin, cert, proxy=proxy, ssl_context=ssl_context,
             config=ChannelConfig(transport_tuning=FastTuning()),
         ),
         proxy=proxy,
