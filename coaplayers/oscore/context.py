@@ -473,6 +473,10 @@ class SecurityContext(
         RFC 8613 Appendix B.1.2), the group flag, reserved bits, truncated fields.
         """
         option = protected_message.opt.oscore
+        if option and option[0] & _aiooscore.COMPRESSION_BITS_N > 5:
+            # RFC 8613 section 6.1 reserves the lengths 6 and 7; the nonce has room for 5
+            # bytes (both paths below would fail building it with a bare ValueError).
+            raise _aiooscore.DecodeError("Partial IV length is reserved (6 or 7)")
         is_response = protected_message.code.is_response()
         if (
             option is None

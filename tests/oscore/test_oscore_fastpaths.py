@@ -501,3 +501,28 @@ async def test_proxy_routing_template_sets_what_the_setters_set(uri: str) -> Non
         assert ours.opt.encode() == expected.opt.encode()
         assert ours.remote == requester._via.proxy_address
         assert message.opt.uri_host == "stale.example"  # the original is untouched
+
+
+@pytest.mark.parametrize("length", [6, 7])
+@pytest.mark.parametrize("window_known", [True, False])
+def test_reserved_partial_iv_lengths_are_decode_errors(length: int, window_known: bool) -> None:
+    """RFC 8613 section 6.1 reserves the Partial IV lengths 6 and 7: a request or a response
+    that announces one is malformed like any other broken OSCORE option (DecodeError, which
+    coap-server answers with 4.02 and a client gets as a ProtectionInvalid), on the fast path
+    and on aiocoap's (a replay window not yet known), not a bare ValueError."""
+    client = _context()
+    server = SecurityContext(master_secret=bytes(range(16)), sender_id=b"",
+                             recipient_id=b"\x01", replay_window_known=window_known)
+    protected, request_ids = client.protect(_requests()[0])
+    forged = _incoming(protected)
+    forged.opt.oscore = bytes([0x08 | length]) + bytes(length - 1) + b"\x01" + b"\x01"
+    with pytest.raises(aiooscore.DecodeError, match="reserved"):
+        server.unprotect(forged)
+    responder = SecurityContext(master_secret=bytes(range(16)), sender_id=b"",
+                                recipient_id=b"\x01")
+    _, server_ids = responder.unprotect(_incoming(protected))
+    reply, _ = responder.protect(Message(code=Code.CONTENT, payload=b"a", observe=5), server_ids)
+    answer = _incoming(reply)
+    answer.opt.oscore = bytes([length]) + bytes(length - 1) + b"\x05"
+    with pytest.raises(aiooscore.DecodeError, match="reserved"):
+        client.unprotect(answer, request_ids)
