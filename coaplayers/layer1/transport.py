@@ -21,6 +21,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -70,6 +71,38 @@ class Layer1Limits:
 
 
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL})
+# ICMP errors for datagrams already sent, reported later by the kernel (IP_RECVERR).
+_REFUSED = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+# Linux values (Python 3.11 names only some of them); aiocoap's udp6 transport uses the same.
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+
+
+def _receive_icmp_errors(sock: socket.socket) -> None:
+    """Ask Linux to report ICMP errors (port or host unreachable) on this unconnected socket,
+    so that a handshake towards a closed port fails at once instead of by timeout."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+
+
+def _errqueue_addresses(sock: socket.socket | None, limit: int = 64) -> list[tuple[Any, ...]]:
+    """The destinations of datagrams whose ICMP errors wait in the socket's error queue."""
+    found: list[tuple[Any, ...]] = []
+    if sock is None:
+        return found
+    for _ in range(limit):
+        try:
+            _, _, _, address = sock.recvmsg(1, 512, _MSG_ERRQUEUE)
+        except OSError:  # empty (EAGAIN) or not supported
+            break
+        if address and address[:2] not in found:
+            found.append(address[:2])
+    return found
 
 
 class Layer1Error(error.NetworkError):
@@ -236,6 +269,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.local_hostinfo = ""
         self.family = socket.AF_INET6
         self._sending_to: tuple[Any, ...] | None = None
+        self.raw_socket: socket.socket | None = None  # for its error queue (asyncio's lacks it)
 
     def connection_made(self, udp: asyncio.BaseTransport) -> None:
         self.udp = udp  # type: ignore[assignment]
@@ -254,6 +288,12 @@ class _Endpoint(asyncio.DatagramProtocol):
         dest = self._sending_to
         if dest is not None and isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
             asyncio.get_running_loop().call_soon(self.owner._unreachable, self, dest, exc)
+            return
+        if isinstance(exc, OSError) and exc.errno in _REFUSED:
+            # An ICMP error for an earlier datagram (IP_RECVERR): the error queue names
+            # the address it was sent to.
+            for addr in _errqueue_addresses(self.raw_socket):
+                asyncio.get_running_loop().call_soon(self.owner._unreachable, self, addr, exc)
             return
         log.debug("socket error on %s: %s", self.local_hostinfo, exc)
 
@@ -349,9 +389,11 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             where = hostportjoin(host, port)
             raise OSError(exc.errno, f"cannot bind coaps to {where}: {exc.strerror}") from exc
         sock.setblocking(False)
+        _receive_icmp_errors(sock)
         _, endpoint = await self._loop.create_datagram_endpoint(
             lambda: _Endpoint(self, kinds), sock=sock
         )
+        endpoint.raw_socket = sock
         self._endpoints.append(endpoint)
         return endpoint
 
@@ -548,9 +590,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         if peer is None or peer.session is None or peer.session.is_established:
             return  # established: a route may come back; aiocoap's retransmission decides
         self.stats["handshakes_failed"] += 1
+        why = ("nothing listens on that port" if exc.errno in _REFUSED
+               else "no route to that network or host from here")
         err = dtls.NetworkUnreachable(
-            f"cannot send to {hostportjoin(*address[:2])}: {exc.strerror} (no route to that"
-            " network or host from here)"
+            f"cannot send to {hostportjoin(*address[:2])}: {exc.strerror} ({why})"
         )
         self._emit_event("handshake_failed", peer, error=str(err))
         self._drop_session(peer, err, notify=True)

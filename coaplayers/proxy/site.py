@@ -26,6 +26,8 @@ from aiocoap.optiontypes import UintOption
 from aiocoap.pipe import Pipe
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
+from .. import dtls
+from ..layer1.transport import Layer1Error
 from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
 from .config import ProxyConfig
@@ -350,6 +352,12 @@ class ProxySite:
             self._fail(pipe, codes.PROXYING_NOT_SUPPORTED, "no transport for upstream",
                        "not_proxying", entry, started)
             return
+        except dtls.ConfigurationError:
+            # No Layer 1 credentials match this coaps:// upstream: the operator's to fix (the
+            # exchange line and the metric say so; clients cannot flood the log with it).
+            self._fail(pipe, codes.BAD_GATEWAY, "no credentials for this coaps upstream",
+                       "no_credentials", entry, started)
+            return
         except error.ResolutionError:
             self._fail(pipe, codes.BAD_GATEWAY, "cannot resolve upstream", "resolution",
                        entry, started)
@@ -513,6 +521,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, Layer1Error):  # coaps://: the transport saw the ICMP error
+        return isinstance(exc.cause, dtls.NetworkUnreachable)
     cause = exc.__cause__
     return isinstance(cause, OSError) and cause.errno in (
         errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,

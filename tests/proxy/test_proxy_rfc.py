@@ -121,3 +121,31 @@ async def test_non_telemetry_with_no_response_at_500_per_second_leaves_others_un
     text = await http_get(proxy.metrics)  # type: ignore[arg-type]
     assert metric(text, 'coap_proxy_errors_total{kind="overloaded"}') == 0
     assert metric(text, "coap_proxy_suppressed_total") >= total * 0.95
+
+
+async def test_coaps_upstream_without_credentials_is_502_and_closed_port_504_at_once(
+    tmp_path: Path, proxies: list[Running]
+) -> None:
+    """libcoap's client saw a bare 5.00 (no log line) for a coaps:// host no credentials
+    matched, and a 5.04 "upstream timeout" after 10 s for a closed coaps:// port."""
+    closed = free_udp_port()
+    creds = tmp_path / "upstream.json"
+    creds.write_text('{"coaps://127.0.0.1*": {"dtls": {"psk": {"ascii": "k"},'
+                     ' "client-identity": {"ascii": "proxy"}}}}')
+    creds.chmod(0o600)
+    proxies.append(proxy := await start_proxy(tmp_path, "--upstream-credentials", str(creds),
+                                              "--metrics", "127.0.0.1:0"))
+    via = ["-P", f"coap://{proxy.hostport}"]
+    t0 = time.monotonic()
+    (nocred, _), (refused, _) = await asyncio.gather(
+        libcoap_get(tmp_path, "nocred", *via, f"coaps://localhost:{closed}/hello"),
+        libcoap_get(tmp_path, "closed", *via, f"coaps://127.0.0.1:{closed}/hello"),
+    )
+    assert time.monotonic() - t0 < 5
+    assert "5.02" in nocred and "no credentials" in nocred, nocred
+    assert "5.04" in refused and "unreachable" in refused, refused
+    lines = {e["upstream"]: e for e in exchanges(proxy)}
+    assert lines[f"coaps://localhost:{closed}/hello"]["reason"] == "no_credentials"
+    assert lines[f"coaps://127.0.0.1:{closed}/hello"]["reason"] == "unreachable"
+    text = await http_get(proxy.metrics)  # type: ignore[arg-type]
+    assert metric(text, 'coap_proxy_errors_total{kind="no_credentials"}') == 1
