@@ -7,6 +7,7 @@ socket is opened.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ class Upstream:
     host: str
     port: int
     path: tuple[str, ...] = ()
+    # The URI had a path ("/" and "/." included): a prefix route mounts the upstream there,
+    # replacing the prefix in requests and rewriting Location-Path in answers.
+    mount: bool = False
 
     @classmethod
     def parse(cls, uri: str) -> Upstream:
@@ -42,8 +46,9 @@ class Upstream:
             port = parts.port
         except ValueError as exc:
             raise ConfigError(f"upstream {uri!r}: bad port") from exc
-        path = tuple(unquote(s) for s in parts.path.split("/")[1:] if s != "")
-        return cls(scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port, path)
+        path = _remove_dot_segments(unquote(s) for s in parts.path.split("/")[1:])
+        return cls(scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port, path,
+                   mount=parts.path != "")
 
     @property
     def hostinfo(self) -> str:
@@ -54,13 +59,27 @@ class Upstream:
         return f"{self.scheme}://{self.hostinfo}" + "".join("/" + s for s in self.path)
 
 
+def _remove_dot_segments(segments: Iterable[str]) -> tuple[str, ...]:
+    """RFC 3986 5.2.4 on path segments: "." goes, ".." removes its parent; empty ones go."""
+    out: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg not in (".", ""):
+            out.append(seg)
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A reverse-proxy rule: requests for a Uri-Host name, or under a path prefix, go upstream.
 
     ``NAME=URI`` matches the request's Uri-Host (case-insensitive); ``/PREFIX=URI`` matches
-    whole Uri-Path segments. With no path in the upstream URI, the request path is forwarded
-    unchanged (so Location-Path answers stay valid); with one, it replaces the prefix.
+    whole Uri-Path segments. With no path in the upstream URI (``coap://h:p``), the request
+    path is forwarded unchanged (so Layer 0 session paths stay valid); with one (``coap://h:p/``
+    or ``coap://h:p/base``), the upstream is mounted at the prefix: the prefix is replaced by
+    that path going up, and Location-Path answers under it are rewritten back coming down.
     """
 
     match: str

@@ -68,6 +68,17 @@ class Decision:
     uri_host: str | None  # sent as Uri-Host; None for IP literals (RFC 7252 6.4)
     hop_limit: int  # the Hop-Limit value to send
     route: str | None = None
+    # A mounted prefix route: (upstream base path, prefix) for Location-Path in answers.
+    mount: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def location_down(self, location: tuple[str, ...]) -> tuple[str, ...] | None:
+        """An answer's Location-Path as the client must see it (None: unchanged)."""
+        if self.mount is None:
+            return None
+        base, prefix = self.mount
+        if location[: len(base)] != base:
+            return None
+        return prefix + location[len(base):]
 
     @property
     def uri(self) -> str:
@@ -224,7 +235,7 @@ class Router:
             for r in self.prefix_routes:
                 if path[: len(r.prefix)] == r.prefix:
                     route = r
-                    rest = path[len(r.prefix):] if r.upstream.path else path
+                    rest = path[len(r.prefix):] if r.upstream.mount else path
                     break
         if route is None:
             raise Refusal(codes.PROXYING_NOT_SUPPORTED, "no route for this request", "no_route")
@@ -237,6 +248,7 @@ class Router:
             None if is_ip_literal(up.host) else up.host.lower(),
             self._next_hop_limit(request),
             route=route.match,
+            mount=(up.path, route.prefix if route.is_prefix else ()) if up.mount else None,
         )
 
     def _next_hop_limit(self, request: Message) -> int:

@@ -293,11 +293,16 @@ class ProxySite:
             self.metrics.suppressed.inc()
         pipe.add_response(message, is_last=is_last)
 
-    def _relay(self, response: Message) -> Message:
-        """A fresh downstream message carrying the upstream answer's code, options and payload."""
+    def _relay(self, response: Message, d: Decision) -> Message:
+        """A fresh downstream message carrying the upstream answer's code, options and payload
+        (Location-Path mapped back through a mounted prefix route)."""
         out = Message(code=response.code, payload=response.payload)
         for o in response.opt.option_list():
             out.opt.add_option(o)
+        if d.mount is not None and response.opt.location_path:
+            location = d.location_down(tuple(response.opt.location_path))
+            if location is not None:
+                out.opt.location_path = location
         if response.code == codes.HOP_LIMIT_REACHED:
             trace = (self.self_name.encode() + b" " + response.payload).rstrip()
             out.payload = trace[:MAX_508_TRACE]
@@ -384,7 +389,7 @@ class ProxySite:
             self._fail(pipe, codes.BAD_GATEWAY, "upstream answer has unknown unsafe option "
                        + ",".join(map(str, bad)), "bad_gateway", entry, started)
             return
-        first = self._relay(response)
+        first = self._relay(response, d)
         relaying = (
             observe and upstream.observation is not None and response.opt.observe is not None
             and response.code.is_successful()
@@ -395,9 +400,9 @@ class ProxySite:
             assert upstream.observation is not None
             # The first answer is out: the slot for waiting exchanges is free again.
             slot.release()
-            await self._relay_notifications(pipe, upstream.observation)
+            await self._relay_notifications(pipe, upstream.observation, d)
 
-    async def _relay_notifications(self, pipe: Pipe, obs: Any) -> None:
+    async def _relay_notifications(self, pipe: Pipe, obs: Any, d: Decision) -> None:
         """Relay upstream notifications until either side ends the observation."""
         queue: asyncio.Queue[tuple[Message | None, BaseException | None]] = asyncio.Queue()
 
@@ -428,7 +433,7 @@ class ProxySite:
                 if msg is not None:
                     last = msg.opt.observe is None or not msg.code.is_successful()
                     self.metrics.bytes.inc(len(msg.payload), direction="downstream")
-                    self._answer(pipe, self._relay(msg), is_last=last)
+                    self._answer(pipe, self._relay(msg, d), is_last=last)
                     if last:
                         return
                     continue

@@ -3,7 +3,8 @@
 libcoap's coap-server has no echo resource and cannot report what options reached it, so the
 proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload, ``/big``
 serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers after S seconds,
-``/critopt?S`` answers after S seconds with the unknown critical option 65001,
+``/critopt?S`` answers after S seconds with the unknown critical option 65001, a POST to
+``.../create`` answers 2.01 with the Location-Path ``.../made``,
 and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
@@ -57,6 +58,10 @@ class Origin(resource.ObservableResource):
             crit = aiocoap.Message(code=codes.CONTENT, payload=b"critical")
             crit.opt.add_option(OpaqueOption(65001, b"c"))
             return crit
+        if path[-1:] == ["create"] and request.code == codes.POST:  # 2.01 with a Location-Path
+            made = aiocoap.Message(code=codes.CREATED)
+            made.opt.location_path = [*path[:-1], "made"]
+            return made
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {

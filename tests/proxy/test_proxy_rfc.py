@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -149,3 +150,42 @@ async def test_coaps_upstream_without_credentials_is_502_and_closed_port_504_at_
     assert lines[f"coaps://127.0.0.1:{closed}/hello"]["reason"] == "unreachable"
     text = await http_get(proxy.metrics)  # type: ignore[arg-type]
     assert metric(text, 'coap_proxy_errors_total{kind="no_credentials"}') == 1
+
+
+async def test_prefix_routes_mount_an_upstream_both_ways(
+    tmp_path: Path, origin: Running, proxies: list[Running], client: aiocoap.Context
+) -> None:
+    """``--route /files=coap://host:port/`` sent /files/hello.txt upstream unchanged (4.04 from
+    aiocoap-fileserver) and ``/.`` sent /./hello.txt (4.00)."""
+    fileserver = str(Path(sys.executable).with_name("aiocoap-fileserver"))
+    root = tmp_path / "served"
+    (root / "d").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello from the file server\n")
+    (root / "d" / "a.txt").write_text("in d\n")
+    port = free_udp_port()
+    async with background(fileserver, "--bind", f"127.0.0.1:{port}", str(root)):
+        await wait_udp_bound("127.0.0.1", port)
+        fs = f"coap://127.0.0.1:{port}"
+        proxies.append(proxy := await start_proxy(
+            tmp_path, "--no-forward", "--route", f"/files={fs}/", "--route", f"/dot={fs}/.",
+            "--route", f"/sub/dir={fs}/d", "--route", f"/api=coap://{origin.hostport}/inner",
+        ))
+        base = f"coap://{proxy.hostport}"
+
+        async def get(path: str) -> Message:
+            return await asyncio.wait_for(
+                client.request(Message(code=GET, uri=base + path)).response, 10)
+
+        hello, dot, sub, listing = await asyncio.gather(
+            get("/files/hello.txt"), get("/dot/hello.txt"), get("/sub/dir/a.txt"), get("/files/"))
+    assert (hello.code, hello.payload) == (codes.CONTENT, b"hello from the file server\n")
+    assert (dot.code, dot.payload) == (codes.CONTENT, hello.payload)
+    assert (sub.code, sub.payload) == (codes.CONTENT, b"in d\n")
+    assert listing.code == codes.CONTENT and b"hello.txt" in listing.payload
+    # Coming down, a Location-Path under the mounted path is mapped back under the prefix.
+    made = await asyncio.wait_for(client.request(
+        Message(code=POST, uri=base + "/api/things/create")).response, 10)
+    assert made.code == codes.CREATED
+    assert list(made.opt.location_path) == ["api", "things", "made"]
+    upstream = {e["upstream"] for e in exchanges(proxy)}
+    assert f"{fs}/hello.txt" in upstream and f"{fs}/d/a.txt" in upstream
