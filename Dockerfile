@@ -1,9 +1,9 @@
 # One image for coap-server, coap-proxy, coap-client and coap-keys (see docs/DEPLOY.md).
 #
 # The base image is a build argument: users get the official Python slim image; machines
-# without a registry pass a locally made one (BASE=localhost/debian-base:bookworm, see
-# tests/deploy/test_compose.py). Any Debian-based image with python3 (>= 3.11) and its venv
-# module works.
+# without a registry pass a locally made one (BASE=localhost/debian-base:bookworm, which
+# scripts/compose makes with debootstrap). Any Debian-based image with python3 (>= 3.11) and
+# its venv module works.
 ARG BASE=python:3.11-slim
 
 # ---- build stage: compilers, DTLSSocket's from-source build, a finished venv -------------

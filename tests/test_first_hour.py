@@ -142,3 +142,20 @@ def test_the_projects_metadata_builds_without_a_warning() -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+
+
+def test_compose_script_says_what_is_missing(tmp_path: Path) -> None:
+    """DEPLOY's Docker command where Docker has no compose plugin and no docker-compose: one
+    line that says so, not a compose error. (No Docker engine runs here: a stand-in ``docker``
+    that fails every command, as one without the plugin fails ``docker compose version``.)"""
+    (tmp_path / "docker").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "docker").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    res = run([str(ROOT / "scripts" / "compose"), "docker"], timeout=30, env=env)
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr == ("compose: docker has no compose plugin and docker-compose is missing"
+                          " (Debian: apt-get install docker-compose)\n")
+    usage = run([str(ROOT / "scripts" / "compose")], timeout=30, env=env)
+    assert usage.returncode == 2
+    assert usage.stderr == ("compose: usage: scripts/compose docker|podman"
+                            " [up | client ARGS... | down]\n")

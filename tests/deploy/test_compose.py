@@ -1,23 +1,19 @@
-"""compose.yaml brought up for real with podman-compose (the recipe of CONTAINERS.md).
+"""compose.yaml brought up for real by the command docs/DEPLOY.md gives: ``scripts/compose podman``.
 
-No Docker engine runs on the project's machines and no container registry is reachable, so:
-- podman (with runc) runs the containers as root, with a containers.conf of our own passed in
-  CONTAINERS_CONF (no rlimits copied into containers, runc not crun), leaving /etc alone;
-- the base image is made locally with debootstrap and imported as
-  localhost/debian-base:bookworm (once per machine: podman keeps it, and later runs reuse it);
-- the image is built with ``podman build`` (so that the host's CA bundle can be mounted for pip
-  and the host's apt archive for apt), tagged with the name compose.yaml is told to use;
-  podman's layer cache keeps rebuilds to the changed source layers.
-The stack gets a project name of its own per run; its containers, networks and volume are
-removed whatever happens. The image and the base image stay, as the cache.
+No Docker engine runs on the project's machines and no container registry is reachable, so the
+script's podman path is the one exercised: its own containers.conf (runc, netavark), a base
+image made locally with debootstrap once per machine, the build on the host's network. The test
+runs the command exactly as DEPLOY.md shows it, with a project name of its own
+(COMPOSE_PROJECT_NAME), compares what it prints with the output DEPLOY.md shows, then probes the
+topology. The stack is removed whatever happens (``scripts/compose podman down``, then anything
+left by label); the images stay, as the cache.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import shutil
+import shlex
 import subprocess
 import time
 import uuid
@@ -29,16 +25,13 @@ import pytest
 
 from .support import ROOT, ensure_debian_packages, run, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 CACHE = ROOT / ".deploy-cache"
-BASE_IMAGE = "localhost/debian-base:bookworm"
-IMAGE = "localhost/coaplayers:compose-test"
-CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-APT_ARCHIVES = Path("/var/cache/apt/archives")
-MIRROR = "http://deb.debian.org/debian"
+IMAGE = "localhost/coaplayers:latest"  # scripts/compose's default COAPLAYERS_IMAGE
 CONTAINERS_CONF = ('[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
                    '[network]\nnetwork_backend = "netavark"\n')
+HEX = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -49,31 +42,32 @@ class Podman:
                  check: bool = False) -> subprocess.CompletedProcess[str]:
         return run(["podman", *argv], timeout=timeout, check=check, env=self.env)
 
-    def compose(self, project: str, *argv: str, timeout: float = 180,
-                check: bool = False) -> subprocess.CompletedProcess[str]:
-        return run(["podman-compose", "-p", project, "-f", str(ROOT / "compose.yaml"), *argv],
-                   timeout=timeout, check=check, env=self.env, cwd=ROOT)
-
 
 def _podman_env() -> dict[str, str]:
+    """The test's own podman calls use the configuration scripts/compose writes."""
     CACHE.mkdir(exist_ok=True)
     conf = CACHE / "containers.conf"
     if not conf.exists() or conf.read_text() != CONTAINERS_CONF:
         conf.write_text(CONTAINERS_CONF)
-    return dict(os.environ, CONTAINERS_CONF=str(conf), COAPLAYERS_IMAGE=IMAGE,
-                BASE=BASE_IMAGE)
+    return dict(os.environ, CONTAINERS_CONF=str(conf))
+
+
+def deploy_recipe() -> tuple[list[str], list[str]]:
+    """DEPLOY.md's podman command and the output it shows for it."""
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    found = re.search(r"^With podman:\n\n```\n(.*?)```\n\n.*?\n```\n(.*?)```", text, re.S | re.M)
+    assert found, "docs/DEPLOY.md: no 'With podman:' command followed by its output"
+    return found[1].splitlines(), found[2].splitlines()
 
 
 @pytest.fixture(scope="module")
 def podman() -> Podman:
     if os.geteuid() != 0:
-        pytest.skip("podman runs compose's networks here only as root (CONTAINERS.md)")
-    # netavark and aardvark-dns: podman's network backend with service-name DNS across a
-    # container's networks (the proxy is on two). Recommended by podman's dependencies, so
-    # --no-install-recommends leaves them out, and podman then falls back to CNI, whose DNS
-    # plugin answers only for one network per container.
+        pytest.skip("podman runs compose's networks here only as root")
+    # What scripts/compose installs, checked here first so that a machine that cannot have
+    # them skips with the reason instead of failing.
     problem = ensure_debian_packages(["podman", "podman-compose", "debootstrap", "runc",
-                                      "netavark", "aardvark-dns"])
+                                      "netavark", "aardvark-dns", "iptables"])
     if problem:
         pytest.skip(f"podman cannot run: {problem}")
     pod = Podman(_podman_env())
@@ -84,44 +78,6 @@ def podman() -> Podman:
     if info.returncode != 0:
         pytest.skip(f"podman cannot run: podman info: {info.stderr.strip()[-500:]}")
     return pod
-
-
-def _ensure_base_image(pod: Podman) -> None:
-    """Debootstrap + import, once per machine; a lock keeps two runs from doing it twice."""
-    with open(CACHE / "base-image.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if pod("image", "exists", BASE_IMAGE).returncode == 0:
-            return
-        rootfs = CACHE / f"rootfs-{uuid.uuid4().hex[:8]}"
-        try:
-            # The host's apt archive as debootstrap's package cache: packages the host has
-            # already downloaded are not fetched again (debootstrap checks their sums).
-            cache = ([f"--cache-dir={APT_ARCHIVES}"] if APT_ARCHIVES.is_dir() else [])
-            run(["debootstrap", "--variant=minbase", *cache,
-                 "--include=python3,python3-venv,python3-pip",
-                 "bookworm", str(rootfs), MIRROR], timeout=900, check=True)
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."],
-                                   stdout=subprocess.PIPE)
-            imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout,
-                                      capture_output=True, text=True, env=pod.env, timeout=300)
-            assert tar.stdout is not None
-            tar.stdout.close()
-            assert tar.wait(timeout=60) == 0
-            assert imported.returncode == 0, imported.stderr
-        finally:
-            shutil.rmtree(rootfs, ignore_errors=True)
-
-
-def _build_image(pod: Podman) -> None:
-    volumes = ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
-    if APT_ARCHIVES.is_dir():
-        volumes += ["-v", f"{APT_ARCHIVES}:/var/cache/apt/archives"]
-    # The host's network for the build (pip reaches PyPI): a build needs no isolation, and
-    # a machine whose podman ran with CNI before keeps that bridge and its subnet, which
-    # then leave netavark's default network without outbound NAT and DNS.
-    pod("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", *volumes, "-t",
-        IMAGE, str(ROOT),
-        timeout=900, check=True)
 
 
 def _pin_bridge_macs(pod: Podman, project: str) -> None:
@@ -145,8 +101,8 @@ def _pin_bridge_macs(pod: Podman, project: str) -> None:
                 timeout=10, check=True)
 
 
-def _cleanup(pod: Podman, project: str) -> None:
-    pod.compose(project, "down", "-v", "-t", "2", timeout=120)
+def _cleanup(pod: Podman, project: str, env: dict[str, str]) -> None:
+    run(["scripts/compose", "podman", "down"], timeout=180, env=env, cwd=ROOT)
     label = f"label=io.podman.compose.project={project}"
     for ids in (pod("ps", "-aq", "--filter", label).stdout.split(),
                 pod("ps", "-aq", "--filter", f"name={project}_").stdout.split()):
@@ -157,21 +113,46 @@ def _cleanup(pod: Podman, project: str) -> None:
     pod("volume", "rm", "-f", f"{project}_keys")
 
 
+def _matches(shown: str, printed: str, project: str) -> bool:
+    """A line DEPLOY.md shows against one the script printed: fingerprints and the base
+    image depend on the run and the machine, the project name on the test."""
+    pattern = HEX.sub("[0-9a-f]{32}", re.escape(shown.replace("project coaplayers",
+                                                                f"project {project}")))
+    pattern = re.sub(r"base\\ image\\ \S+", r"base\\ image\\ \\S+", pattern)
+    return re.fullmatch(pattern, printed) is not None
+
+
 @pytest.fixture(scope="module")
 def stack(podman: Podman) -> Iterator[tuple[Podman, str]]:
-    t0 = time.monotonic()
-    _ensure_base_image(podman)
-    t1 = time.monotonic()
-    _build_image(podman)
-    t2 = time.monotonic()
-    print(f"base image {t1 - t0:.0f} s, build {t2 - t1:.0f} s")
+    command, shown = deploy_recipe()
+    assert command == ["scripts/compose podman"], command
     project = f"cltest{uuid.uuid4().hex[:8]}"
+    # The command as written; only the project name is the test's, through the variable
+    # DEPLOY.md names for it. The script writes its own containers.conf.
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
+    env["COMPOSE_PROJECT_NAME"] = project
     try:
-        podman.compose(project, "up", "-d", check=True)
+        t0 = time.monotonic()
+        up = run(shlex.split(command[0]), timeout=1400, env=env, cwd=ROOT)
+        print(f"scripts/compose podman: {time.monotonic() - t0:.0f} s")
+        assert up.returncode == 0, (up.stdout, up.stderr)
+        printed = up.stdout.splitlines()
+        # The script's own lines in order; the client's log (indented) in any order, since
+        # its stderr (-v) and stdout interleave as the engine keeps them.
+        ours = [line for line in printed if line.startswith("compose:")]
+        wanted = [line for line in shown if line.startswith("compose:")]
+        assert len(ours) == len(wanted), (printed, shown)
+        for want, got in zip(wanted, ours, strict=True):
+            assert _matches(want, got, project), (want, got)
+        logged = sorted(line for line in printed if not line.startswith("compose:"))
+        logged_shown = sorted(line for line in shown if not line.startswith("compose:"))
+        assert len(logged) == len(logged_shown), (printed, shown)
+        for want in logged_shown:
+            assert any(_matches(want, got, project) for got in logged), (want, printed)
         _pin_bridge_macs(podman, project)
         yield podman, project
     finally:
-        _cleanup(podman, project)
+        _cleanup(podman, project, env)
         left = podman("ps", "-aq", "--filter", f"name={project}_").stdout.split()
         nets = podman("network", "ls", "--format", "{{.Name}}").stdout.split()
         assert not left and not [n for n in nets if n.startswith(project)], (left, nets)
