@@ -22,6 +22,7 @@ from aiocoap.numbers.codes import Code
 from coaplayers import config as cfg
 from coaplayers import dtls, layer1
 from coaplayers.e2e import E2EClientOptions, PlainRequester, layer1_details, open_requester
+from coaplayers.loglimit import LogLimits, install_log_limits
 
 from . import output
 
@@ -521,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except dtls.ConfigurationError as exc:
         print(f"coap-client: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    install_log_limits(LogLimits(tracebacks=args.verbose > 1))
     try:
         code = asyncio.run(_main_task(args))
     except KeyboardInterrupt:

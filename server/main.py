@@ -17,6 +17,7 @@ from coaplayers import dtls, layer1
 from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0.server import Layer0Site, answer_inline
+from coaplayers.loglimit import LogLimits, install_log_limits
 from coaplayers.rules import RulesSite
 
 from .resources import build_site
@@ -91,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=int, metavar="BYTES",
                    help="largest request body a resource takes block-wise (4.13 beyond it;"
                    f" default {BlockwiseLimits().max_body})")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--log-rate", type=float, metavar="LINES",
+                   help="log lines per second at most, beyond a burst; warnings of one kind"
+                   " repeat a few times per 10 s, then are counted (0: no bound; default"
+                   f" {LogLimits().rate:g})")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output (-vv: tracebacks too)")
     return p
 
 
@@ -164,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    try:
+        install_log_limits(LogLimits(
+            **({"rate": args.log_rate} if args.log_rate is not None else {}),
+            tracebacks=args.verbose >= 2))
+    except ValueError as exc:
+        print(f"coap-server: --log-rate: {exc}", file=sys.stderr)
+        return 2
     warnings.showwarning = _warn_line
     remember_local_multicast()
     try:

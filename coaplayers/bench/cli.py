@@ -261,6 +261,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..loglimit import install_log_limits
+
+    install_log_limits()  # its in-process peers log what the network does to them
     if args.png and not _png_available():
         print("coap-bench: --png needs matplotlib, which is not installed; install the bench"
               " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"

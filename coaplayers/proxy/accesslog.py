@@ -33,6 +33,11 @@ class JsonLinesFormatter(logging.Formatter):
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
+EXCHANGE_LINE_RATE = 2000.0
+"""Exchange lines per second at most (a burst of as many): well above what one proxy forwards
+in coap-bench, far below what fills a disk."""
+
+
 class AccessLog:
     """Where exchange and event lines go (a file in append mode, or a stream).
 
@@ -42,7 +47,15 @@ class AccessLog:
     aiocoap's own messages go through ``logging``.
     """
 
-    def __init__(self, path: str | None = None, stream: TextIO | None = None) -> None:
+    def __init__(self, path: str | None = None, stream: TextIO | None = None,
+                 exchange_rate: float = EXCHANGE_LINE_RATE) -> None:
+        # Exchange lines: a token bucket of exchange_rate lines per second (as many at
+        # once; 0: no bound), so that a flood of requests cannot fill the disk; what it
+        # holds back is counted in an "exchanges_held_back" event before the next line.
+        self._rate = exchange_rate
+        self._tokens = exchange_rate
+        self._refilled = time.monotonic()
+        self._held = 0
         self.logger = logging.getLogger(f"coaplayers.proxy.access.{id(self):x}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -56,6 +69,17 @@ class AccessLog:
         self.logger.addHandler(handler)
 
     def exchange(self, entry: dict[str, Any]) -> None:
+        if self._rate:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+            self._refilled = now
+            if self._tokens < 1:
+                self._held += 1
+                return
+            self._tokens -= 1
+            if self._held:
+                held, self._held = self._held, 0
+                self.event("exchanges_held_back", count=held)
         # Same line as JsonLinesFormatter's: "ts" first, then the entry's fields in order.
         body = _dumps(entry)
         line = '{"ts":' + repr(round(time.time(), 6)) + ("," + body[1:] if entry else "}") + "\n"
@@ -74,5 +98,8 @@ class AccessLog:
         self.logger.info(event, extra={"fields": {"event": event, **fields}})
 
     def close(self) -> None:
+        if self._held:
+            held, self._held = self._held, 0
+            self.event("exchanges_held_back", count=held)
         self.logger.removeHandler(self.handler)
         self.handler.close()

@@ -12,7 +12,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import cannot_listen
-from .accesslog import AccessLog
+from ..loglimit import LogLimits, install_log_limits
+from .accesslog import EXCHANGE_LINE_RATE, AccessLog
 from .config import (
     ConfigError,
     Layer1Settings,
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", metavar="RATE[/BURST]",
                    help="per-client requests per second (answers 4.29 beyond)")
     p.add_argument("--log-file", metavar="FILE", help="JSON-lines log (default stderr)")
+    p.add_argument("--log-rate", metavar="LINES", type=float,
+                   help="log lines per second at most beyond a burst; warnings of one kind"
+                   " repeat a few times per 10 s, then are counted (0: no bound)")
     p.add_argument("--log-exchanges", action=argparse.BooleanOptionalAction, default=None,
                    help="one JSON line per request in the log (default on; events are always"
                    " logged)")
@@ -126,8 +130,9 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if args.rate_limit:
         changes["rate_limit"] = RateLimit.parse(args.rate_limit)
     for flag in (
-        "log_file", "upstream_timeout", "ack_timeout", "downstream_ack_timeout", "max_in_flight",
-        "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace", "no_response_wait",
+        "log_file", "log_rate", "upstream_timeout", "ack_timeout", "downstream_ack_timeout",
+        "max_in_flight", "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
+        "no_response_wait",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -163,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        access_log = AccessLog(config.log_file)
+        access_log = AccessLog(config.log_file,
+                               exchange_rate=EXCHANGE_LINE_RATE if config.log_rate else 0.0)
     except ConfigError as exc:
         print(f"coap-proxy: {exc}", file=sys.stderr)
         return 2
@@ -174,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(access_log.handler)
     root.setLevel(logging.WARNING)
+    install_log_limits(LogLimits(rate=config.log_rate), handlers=[access_log.handler])
     node = ProxyNode(config, access_log=access_log)
     try:
         asyncio.run(node.run(on_ready=_announce))

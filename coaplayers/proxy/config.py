@@ -195,6 +195,9 @@ class ProxyConfig:
     log_file: str | None = None
     # One "exchange" line per request in the log (events and warnings are always logged).
     log_exchanges: bool = True
+    # Log lines per second at most beyond a burst (coaplayers.loglimit; 0: no bound). Exchange
+    # lines have a bucket of their own, EXCHANGE_LINE_RATE.
+    log_rate: float = 50.0
     layer1: Layer1Settings = field(default_factory=Layer1Settings)
 
     def __post_init__(self) -> None:
@@ -214,6 +217,8 @@ class ProxyConfig:
             raise ConfigError("upstream_sockets must be between 1 and 1024")
         if not 0 <= self.resolve_ttl <= 86400:
             raise ConfigError("resolve_ttl must be between 0 and 86400 seconds")
+        if self.log_rate < 0:
+            raise ConfigError("log_rate must be >= 0")
         if self.max_in_flight < 1 or self.max_observations < 0:
             raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
         bad = set(self.allowed_schemes) - set(DEFAULT_PORTS)
@@ -236,6 +241,7 @@ _SCALARS: dict[str, type] = {
     "shutdown_grace": float,
     "log_file": str,
     "log_exchanges": bool,
+    "log_rate": float,
 }
 _LISTS = ("listen", "names", "allowed_schemes")
 _LAYER1_LISTS = ("psk", "rpk_trust")

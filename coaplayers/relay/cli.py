@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ..loglimit import LogLimits, install_log_limits
 from .faults import Faults
 from .relay import Address, FaultRelay
 
@@ -300,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    install_log_limits(LogLimits(tracebacks=args.verbose >= 2))
     try:
         faults = faults_from_args(args)
     except ValueError as e:
