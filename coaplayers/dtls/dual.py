@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from .records import client_hello_random, offers_psk, offers_raw_public_key
+from .records import client_hello_random, offered_suites, offers_psk, offers_raw_public_key
 
 # Fatal handshake_failure alert in epoch 0 (RFC 6347 record, RFC 5246 alert): 15 bytes.
 HANDSHAKE_FAILURE_ALERT = bytes.fromhex("15fefd" "0000" "000000000000" "0002" "0228")
@@ -23,8 +23,9 @@ class KindListener:
     offering a PSK suite to ``psk``, anything else to ``certificate``; a kind the endpoint
     does not hold goes to one it does, whose handshake then fails with an alert (the client
     learns at once, rather than by timeout). Only tinydtls ignores a ClientHello without a
-    PSK suite: an endpoint holding nothing else answers it with a handshake_failure alert
-    itself (smaller than the ClientHello, so no amplification).
+    suite it has (it has one, TLS_PSK_WITH_AES_128_CCM_8): such a hello goes to another kind,
+    and an endpoint holding nothing else answers it with a handshake_failure alert itself
+    (smaller than the ClientHello, so no amplification).
     """
 
     def __init__(self, *, psk: Any = None, certificate: Any = None, rpk: Any = None) -> None:
@@ -42,8 +43,13 @@ class KindListener:
         if self.rpk is not None and offers_raw_public_key(datagram):
             return self.rpk
         if self.psk is not None and offers_psk(datagram):
-            return self.psk
-        return self.certificate or self.rpk  # None: PSK alone, and no PSK suite offered
+            # A backend that names its suites (tinydtls: CCM_8 only) gets only hellos it can
+            # serve; tinydtls drops the others without a word, so the client would time out.
+            served = getattr(self.psk, "cipher_suites", None)
+            if served is None or not offered_suites(datagram).isdisjoint(served):
+                return self.psk
+        # None: nothing here serves that hello (PSK alone, and no PSK suite it has offered)
+        return self.certificate or self.rpk
 
     def accept(self, peer_key: Hashable, datagram: bytes, now: float) -> tuple[list[bytes], Any]:
         listener = self._for(datagram)

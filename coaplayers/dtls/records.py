@@ -146,8 +146,8 @@ PSK_CIPHER_SUITES = frozenset({0xC0A8, 0xC0A4, 0xC0A5, 0x00A8, 0x00AE, 0x008C, 0
 """PSK suites (RFC 4279, RFC 5487, RFC 6655, RFC 7905) that select the PSK listener."""
 
 
-def offers_psk(client_hello: bytes) -> bool:
-    """Whether a ClientHello datagram offers any PSK cipher suite."""
+def offered_suites(client_hello: bytes) -> frozenset[int]:
+    """The cipher suites a ClientHello datagram offers (empty if it cannot be parsed)."""
     try:
         pos = HEADER_LEN + 12 + 2 + 32
         pos += 1 + client_hello[pos]  # session id
@@ -155,11 +155,15 @@ def offers_psk(client_hello: bytes) -> bool:
         n = int.from_bytes(client_hello[pos : pos + 2], "big")
         suites = client_hello[pos + 2 : pos + 2 + n]
     except IndexError:
-        return False
-    return any(
-        int.from_bytes(suites[i : i + 2], "big") in PSK_CIPHER_SUITES
-        for i in range(0, len(suites) - 1, 2)
+        return frozenset()
+    return frozenset(
+        int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites) - 1, 2)
     )
+
+
+def offers_psk(client_hello: bytes) -> bool:
+    """Whether a ClientHello datagram offers any PSK cipher suite."""
+    return not offered_suites(client_hello).isdisjoint(PSK_CIPHER_SUITES)
 
 
 SERVER_CERTIFICATE_TYPE = 20  # RFC 7250 section 3

@@ -268,6 +268,10 @@ class TinyDtlsSession(DtlsSession):
 class TinyDtlsListener:
     """Accepts PSK handshakes for a server: stateless until the client returns our cookie."""
 
+    # What tinydtls negotiates (TLS_PSK_WITH_AES_128_CCM_8); KindListener answers a hello
+    # offering none of these with an alert, as tinydtls drops it silently.
+    cipher_suites = frozenset({0xC0A8})
+
     def __init__(self, store: PskStore, config: DtlsConfig | None = None) -> None:
         self.store = store
         self.config = config or DtlsConfig()

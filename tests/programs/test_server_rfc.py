@@ -4,13 +4,14 @@ and Accept (RFC 7252 5.4.1, 5.10.4), the cases libcoap's client found answered w
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need_program, run_program
 
-from .conftest import Running
+from .conftest import Running, start_server
 
 pytestmark = pytest.mark.interop
 
@@ -71,3 +72,29 @@ async def test_accept_answers_4_06_for_a_format_the_resource_lacks(
     assert "4.06" in json_temp and not temp_payload.endswith(b" C"), (json_temp, temp_payload)
     assert text_temp.endswith(b" C"), text_temp
     assert json_time.startswith(b'{"time": '), json_time
+
+
+async def test_psk_hello_without_a_suite_we_have_gets_handshake_failure(tmp_path: Path) -> None:
+    """openssl s_client offering only PSK-AES128-GCM-SHA256 waited in silence until it gave up
+    (tinydtls, the Layer 1 PSK backend, drops a hello without CCM_8)."""
+    openssl = need_program("openssl")
+    server = start_server(tmp_path, "--listen", "coaps://127.0.0.1:0", "--psk", "dev:secret")
+    try:
+        port = server.uri("coaps").rsplit(":", 1)[1]
+        t0 = time.monotonic()
+        _, out, err = await run_program(
+            openssl, "s_client", "-dtls1_2", "-connect", f"127.0.0.1:{port}",
+            "-psk_identity", "dev", "-psk", b"secret".hex(), "-cipher", "PSK-AES128-GCM-SHA256",
+            stdin=b"", timeout=30)
+        elapsed = time.monotonic() - t0
+        # the suite we do have still works
+        _, ok_out, _ = await run_program(
+            openssl, "s_client", "-dtls1_2", "-connect", f"127.0.0.1:{port}",
+            "-psk_identity", "dev", "-psk", b"secret".hex(), "-cipher", "PSK-AES128-CCM8",
+            stdin=b"", timeout=30)
+    finally:
+        server.stop()
+    text = (out + err).decode(errors="replace")
+    assert "alert handshake failure" in text, text
+    assert elapsed < 5, elapsed
+    assert "Cipher is PSK-AES128-CCM8" in ok_out.decode(errors="replace")
