@@ -112,4 +112,33 @@ def error_to_message(old_pr: Pipe, log: logging.Logger) -> Pipe:
     return next_pr
 
 
+def _add_event_after_end(pipe: Pipe, event: Any) -> bool:
+    """aiocoap 0.4.17's ``Pipe._add_event`` logs an exception added to an ended pipe with
+    ``log.error(..., exception=...)``, which ``logging`` refuses with a TypeError: raised
+    inside whatever delivered the event (a rendering task, the message layer handling a
+    datagram), it was seen in coap-proxy's log next to "Task was destroyed but it is
+    pending!" around a client that rejected an answer. Logged here instead; True if handled.
+    Retire once aiocoap's ``_add_event`` passes ``exc_info``."""
+    if pipe._event_callbacks is not False or event.exception is None:
+        return False
+    pipe.log.info("Discarded exception in %r added after %r has ended", event, pipe,
+                  exc_info=event.exception)
+    return True
+
+
+def _install_pipe_fix() -> None:
+    original = Pipe._add_event
+    if getattr(original, "_coaplayers", False):
+        return
+
+    def _add_event(self: Pipe, event: Any) -> None:
+        if not _add_event_after_end(self, event):
+            original(self, event)
+
+    _add_event._coaplayers = True  # type: ignore[attr-defined]
+    Pipe._add_event = _add_event  # type: ignore[method-assign]
+
+
+_install_pipe_fix()
+
 __all__ = ["copy_request", "error_answer", "error_to_message", "request_through"]

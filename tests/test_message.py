@@ -128,3 +128,29 @@ async def test_cancelling_before_the_answer_still_stops_interest() -> None:
     request.response.cancel()
     await asyncio.sleep(0)
     assert stopped == [True]
+
+
+async def test_an_exception_after_the_end_is_logged_not_a_type_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiocoap 0.4.17 raised ``TypeError: Logger._log() got an unexpected keyword argument
+    'exception'`` here (seen in coap-proxy's log): a rendering task that failed after its
+    pipe had ended took the TypeError instead of its own exception."""
+    log = logging.getLogger("tests.pipe")
+    pipe = aiocoap.pipe.Pipe(Message(code=Code.GET), log)
+    events: list[Any] = []
+    pipe.on_event(lambda ev: (events.append(ev), not ev.is_last)[1])
+
+    async def render() -> None:
+        pipe.add_response(Message(code=Code.CONTENT), is_last=True)
+        raise RuntimeError("failed after answering")
+
+    with caplog.at_level(logging.INFO, "tests.pipe"):
+        aiocoap.pipe.run_driving_pipe(pipe, render())
+        await asyncio.sleep(0)  # the task's one step (it is not awaited by design)
+        await asyncio.sleep(0)
+        pipe.add_exception(ValueError("later still"))  # raised TypeError directly
+    assert [ev.message.code for ev in events] == [Code.CONTENT]
+    discarded = [r for r in caplog.records if "added after" in r.getMessage()]
+    assert len(discarded) == 2
+    assert {type(r.exc_info[1]) for r in discarded if r.exc_info} == {RuntimeError, ValueError}

@@ -189,3 +189,24 @@ async def test_prefix_routes_mount_an_upstream_both_ways(
     assert list(made.opt.location_path) == ["api", "things", "made"]
     upstream = {e["upstream"] for e in exchanges(proxy)}
     assert f"{fs}/hello.txt" in upstream and f"{fs}/d/a.txt" in upstream
+
+
+async def test_client_rejecting_an_answer_with_an_unknown_critical_option(
+    tmp_path: Path, origin: Running, proxies: list[Running]
+) -> None:
+    """libcoap's client rejects (RST) a separate answer carrying the critical option 65001,
+    which the proxy relays as RFC 7252 5.7.1 asks of safe-to-forward options; the proxy must
+    take the RST quietly and go on serving (its log once held aiocoap's TypeError there)."""
+    proxies.append(proxy := await start_proxy(tmp_path))
+    via = ["-P", f"coap://{proxy.hostport}"]
+    rejected, after = await asyncio.gather(
+        libcoap_get(tmp_path, "crit", *via, f"coap://{origin.hostport}/critopt?1", wait=4),
+        libcoap_get(tmp_path, "after", *via, f"coap://{origin.hostport}/x"),
+    )
+    assert not rejected[1], rejected  # libcoap refused the answer: no payload
+    assert after[1].startswith(b'{"method": "GET"'), after
+    crit = [e for e in exchanges(proxy) if str(e["upstream"]).endswith("/critopt?1")]
+    assert crit and crit[0]["code"] == "2.05"
+    log_text = proxy.log_file.read_text()  # type: ignore[union-attr]
+    stderr = proxy.stderr_file.read_text()  # type: ignore[union-attr]
+    assert "TypeError" not in log_text + stderr and "Traceback" not in stderr
