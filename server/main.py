@@ -36,6 +36,8 @@ examples:
   coap-server --config server.toml
 
 resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
+Request bodies sent block-wise are taken up to --max-body (4.13 with Size1 beyond it), in
+plain CoAP, inside Layer 0 and under OSCORE alike.
 Layer 1 credentials of every kind given (--psk, --cert, --rpk-key) are served side by side on
 each coaps:// listener; a raw-public-key client's Layer 1 identity is its key's fingerprint.
 Each layer keeps its own keys: a key in both --rpk-trust and --e2e-rpk-trust, or one private
