@@ -64,7 +64,7 @@ async def test_an_observation_survives_a_replayed_client_hello(demo_pki, replaye
     )
     # The new handshake the replay starts gives up soon (and must not take anything with it).
     srv = await create_context(site, listen=["coaps://127.0.0.1:0"], certificate=server_cert,
-                               limits=Layer1Limits(handshake_timeout=1.0))
+                               limits=Layer1Limits(handshake_timeout=2.0))
     creds = ClientCredentials()
     creds.add_certificate("coaps://*", dtls.CertificateCredentials(
         [p["client"].certificate], p["client"].private_key, [p["ca"].certificate],
@@ -125,9 +125,9 @@ async def test_an_observation_survives_a_replayed_client_hello(demo_pki, replaye
         endpoint.udp.sendto(hello, srv.layer1.bound_addresses[0])
         answer = await asyncio.wait_for(answers.get(), T)  # the server has taken it in
         assert records.content_type(answer) == records.CONTENT_HANDSHAKE
+        assert srv.layer1.half_open_count == 1  # the replay's handshake, beside the session
         ticker.bump()
         assert (await asyncio.wait_for(notifications.__anext__(), T)).payload == b"2"
-        assert srv.layer1.half_open_count == 1  # the replay's handshake, beside the session
         await asyncio.wait_for(_until(lambda: srv.layer1.half_open_count == 0), T)
         assert srv.layer1.stats["handshakes_failed"] == 1
         ticker.bump()
