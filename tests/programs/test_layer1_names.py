@@ -17,7 +17,7 @@ from coaplayers import pki
 from .conftest import Keys, client, start_proxy, start_server
 
 
-def _evil_server(keys: Keys, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _evil_files(keys: Keys, tmp_path: Path) -> list[str]:
     ca = pki.Issued(
         x509.load_pem_x509_certificate((keys / "hop-ca.pem").read_bytes()),
         serialization.load_pem_private_key(  # type: ignore[arg-type]
@@ -27,8 +27,25 @@ def _evil_server(keys: Keys, tmp_path: Path):  # type: ignore[no-untyped-def]
     (tmp_path / "evil.pem").write_bytes(evil.cert_pem())
     (tmp_path / "evil.key").write_bytes(evil.key_pem())
     (tmp_path / "evil.key").chmod(0o600)
-    return start_server(tmp_path, "--listen", "coaps://127.0.0.1:0", "--cert",
-                        str(tmp_path / "evil.pem"), "--key", str(tmp_path / "evil.key"))
+    return ["--cert", str(tmp_path / "evil.pem"), "--key", str(tmp_path / "evil.key")]
+
+
+def _evil_server(keys: Keys, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return start_server(tmp_path, "--listen", "coaps://127.0.0.1:0", *_evil_files(keys, tmp_path))
+
+
+async def test_the_proxy_is_checked_for_its_own_name_with_p(
+    keys: Keys, tmp_path: Path
+) -> None:
+    proxy = start_proxy(tmp_path, "--listen", "coaps://127.0.0.1:0", *_evil_files(keys, tmp_path))
+    try:
+        r = await client("-P", proxy.uri("coaps"), "--ca", str(keys / "hop-ca.pem"), "-B", "10",
+                         "coap://127.0.0.1:9/hello")
+    finally:
+        assert proxy.stop(signal.SIGINT) == 0
+    assert r.rc == 7, r.stderr
+    line = r.one_line_error()
+    assert "not for '127.0.0.1'" in line and "evil.example" in line, line
 
 
 async def test_a_wrong_name_certificate_of_the_right_ca_fails_with_exit_7(
