@@ -159,3 +159,18 @@ def test_compose_script_says_what_is_missing(tmp_path: Path) -> None:
     assert usage.returncode == 2
     assert usage.stderr == ("compose: usage: scripts/compose docker|podman"
                             " [up | client ARGS... | down]\n")
+
+
+def test_programs_word_configuration_errors_alike(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = [\n")
+    missing = tmp_path / "missing.toml"
+    for program in ("coap-server", "coap-proxy", "coap-client"):
+        target = ["coap://127.0.0.1:9/x"] if program == "coap-client" else []
+        gone = run([str(BIN / program), "--config", str(missing), *target], timeout=30)
+        assert gone.returncode == 2, gone
+        assert gone.stderr == (f"{program}: cannot read configuration {missing}:"
+                               " No such file or directory\n"), gone.stderr
+        broken = run([str(BIN / program), "--config", str(bad), *target], timeout=30)
+        assert broken.returncode == 2, broken
+        assert broken.stderr.startswith(f"{program}: configuration {bad} is not valid TOML: ")

@@ -351,10 +351,13 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
+    # The same words as coap-server's and coap-client's (coaplayers.config.load_toml).
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
+        raise ConfigError(f"configuration {path} is not UTF-8 text: {exc}") from exc
     data = _normalise(data)
     folder = Path(path).parent
     layer1 = data.get("layer1")

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -262,9 +264,17 @@ async def _run(args: argparse.Namespace, faults: Faults) -> int:
     )
     try:
         await relay.start()
+    except socket.gaierror as e:
+        relay.close()
+        print(f"coap-relay: cannot resolve --upstream {format_address(args.upstream)} or"
+              f" --listen {format_address(args.listen)}: {e.strerror}", file=sys.stderr)
+        return 1
     except OSError as e:
         relay.close()
-        print(f"coap-relay: cannot start: {e}", file=sys.stderr)
+        # The words of coap-server's and coap-proxy's bind errors.
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        print(f"coap-relay: cannot listen on {format_address(args.listen)}: {reason}",
+              file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
