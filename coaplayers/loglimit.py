@@ -125,15 +125,19 @@ class LogLimiter(logging.Filter):
 
 def install_log_limits(limits: LogLimits | None = None,
             handlers: Iterable[logging.Handler] | None = None) -> list[LogLimiter]:
-    """Bound the given handlers (default: the root logger's). Without any handler, one is
-    added that prints what logging's last resort would (warnings and errors, the message
-    only), bounded."""
-    targets = list(logging.getLogger().handlers if handlers is None else handlers)
-    if not targets:
-        fallback = logging.StreamHandler()
-        fallback.setLevel(logging.WARNING)
-        logging.getLogger().addHandler(fallback)
-        targets = [fallback]
+    """Bound the given handlers (default: the root logger's stream and file handlers, as
+    ``logging.basicConfig`` makes them; others, such as a test runner's capture, are left
+    alone). Without any root handler, one is added that prints what logging's last resort
+    would (warnings and errors, the message only), bounded. A handler is bounded once."""
+    root = logging.getLogger()
+    if handlers is None:
+        if not root.handlers:
+            fallback = logging.StreamHandler()
+            fallback.setLevel(logging.WARNING)
+            root.addHandler(fallback)
+        handlers = [h for h in root.handlers
+                    if type(h) in (logging.StreamHandler, logging.FileHandler)]
+    targets = [h for h in handlers if not any(isinstance(f, LogLimiter) for f in h.filters)]
     limiters = []
     for handler in targets:
         limiter = LogLimiter(handler, limits)

@@ -99,3 +99,20 @@ def test_proxy_exchange_lines_have_a_bucket_of_their_own() -> None:
     assert 10 <= len(shown) <= 12 and shown == list(range(len(shown)))  # the burst (+ refill)
     assert entries[-1]["event"] == "exchanges_held_back"
     assert entries[-1]["count"] == 100 - len(shown)
+
+
+def test_install_bounds_basic_handlers_once_and_leaves_others_alone() -> None:
+    from coaplayers.loglimit import install_log_limits
+
+    root = logging.getLogger()
+    mine = logging.StreamHandler(io.StringIO())
+    other = logging.NullHandler()
+    root.addHandler(mine)
+    root.addHandler(other)
+    try:
+        assert [lim.handler for lim in install_log_limits()] == [mine]
+        assert install_log_limits() == []  # already bounded
+        assert not other.filters
+    finally:
+        root.removeHandler(mine)
+        root.removeHandler(other)
