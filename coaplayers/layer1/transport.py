@@ -473,10 +473,13 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         )
         key = (id(endpoint), address)
         own = self._peers.get(key)
-        if own is None or own.session is None:
+        if (own is None or own.session is None) and _hostname(host) is None:
             # An existing session to that address on another socket (a server calling back
             # a client over the client's own session) is used first. The scan runs only
-            # when we hold no client session to the address, not on every request.
+            # when we hold no client session to the address, not on every request; and only
+            # for an address given as such: the peer of such a session authenticated as a
+            # client, never for a name, so a host name always gets a session of our own
+            # that checks it (DNS could point the name at that peer).
             for (_, addr), peer in self._peers.items():
                 if addr == address and peer.session is not None and not peer.session.is_closed:
                     return peer.remote

@@ -141,3 +141,33 @@ def test_coap_keys_certificates_are_for_the_hosts_it_configures(
                       ("server-hop.pem", "localhost")):
         cert = x509.load_pem_x509_certificate((tmp_path / pem).read_bytes())
         assert host and dtls.certificate_matches(cert, host), (pem, host)
+
+
+async def test_a_host_name_never_rides_on_a_session_a_client_opened(demo_pki) -> None:  # type: ignore[no-untyped-def]
+    """A server calls a client back over the client's session by address; a name resolving
+    to that address gets a session of its own, whose certificate is checked for the name."""
+    import socket
+
+    from coaplayers.layer1 import Layer1Limits
+
+    if socket.getaddrinfo("localhost", 1, type=socket.SOCK_DGRAM)[0][4][0] != "127.0.0.1":
+        pytest.skip("localhost does not resolve to 127.0.0.1 first here")
+    ca = demo_pki["ca"]
+    server_cert = dtls.CertificateCredentials(
+        [demo_pki["server"].certificate], demo_pki["server"].private_key, [ca.certificate],
+        require_peer=False)
+    srv = await create_context(site(), listen=["coaps://127.0.0.1:0"], certificate=server_cert,
+                               client_credentials=_trusting(ca),
+                               limits=Layer1Limits(handshake_timeout=2))
+    device = await create_context(site(), client_credentials=_trusting(ca))
+    try:
+        await get(device, srv.bound[0] + "/hello")  # the device's session to the server
+        (back,) = [p.remote for p in srv.layer1._peers.values()]
+        port = back.address[1]
+        by_address = await get(srv, f"coaps://127.0.0.1:{port}/hello")
+        with pytest.raises(Layer1Error):
+            await get(srv, f"coaps://localhost:{port}/hello")
+    finally:
+        await device.shutdown()
+        await srv.shutdown()
+    assert by_address.code == aiocoap.CONTENT  # the call back by address still works
