@@ -8,6 +8,7 @@ metadata (a clean set-up builds it with no warning) are checked the same way.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
@@ -174,3 +175,19 @@ def test_programs_word_configuration_errors_alike(tmp_path: Path) -> None:
         broken = run([str(BIN / program), "--config", str(bad), *target], timeout=30)
         assert broken.returncode == 2, broken
         assert broken.stderr.startswith(f"{program}: configuration {bad} is not valid TOML: ")
+
+
+@pytest.mark.slow
+def test_setup_shows_no_build_warning(tmp_path: Path) -> None:
+    """scripts/setup as a clean clone runs it, into a fresh virtual environment of its own;
+    only the project itself is installed (its dependencies are the same wheels every time,
+    and their build is not ours)."""
+    env = dict(os.environ, COAPLAYERS_VENV=str(tmp_path / "venv"),
+               PIP_NO_DEPS="yes")
+    env.pop("PYTHONWARNINGS", None)
+    res = run([str(ROOT / "scripts" / "setup")], timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "venv" / ".coaplayers-installed").exists()
+    said = res.stdout + res.stderr
+    for word in ("BuildBackendWarning", "pyproject.toml", "setuptools", "Editable installation"):
+        assert word not in said, said
