@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiocoap.resource as resource
@@ -82,12 +82,11 @@ class BlockOutOfOrder(IncompleteException):  # type: ignore[misc]
 
 @dataclass(slots=True)
 class _Assembly:
-    first: Message
     peer: Hashable
     host: Hashable
     body: bytearray
     seen: float
-    limit: int = field(default=0)
+    limit: int
 
 
 def _peer_and_host(remote: Any) -> tuple[Hashable, Hashable]:
@@ -143,7 +142,7 @@ class Block1Assembler:
                 return request
             peer, host = _peer_and_host(request.remote)
             self._make_room(peer, host)
-            self._assemblies[key] = _Assembly(request, peer, host, bytearray(payload), now, limit)
+            self._assemblies[key] = _Assembly(peer, host, bytearray(payload), now, limit)
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self._per_host[host] = self._per_host.get(host, 0) + 1
             raise ContinueException(block1)
@@ -155,6 +154,7 @@ class Block1Assembler:
         if start != len(body):
             if start < len(body) and body[start:start + len(payload)] == payload and block1.more:
                 assembly.seen = now  # a repeat of a block we hold: acknowledge it again
+                self._assemblies.move_to_end(key)
                 raise ContinueException(block1)
             self._drop(key)
             self.stats["out_of_order"] += 1
