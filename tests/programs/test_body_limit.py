@@ -7,7 +7,11 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from .conftest import Keys, client, start_server
+
+pytestmark = pytest.mark.slow  # several processes each
 
 
 async def test_max_body_in_every_mode(keys: Keys, tmp_path: Path) -> None:

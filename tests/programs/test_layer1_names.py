@@ -9,12 +9,15 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from coaplayers import pki
 
 from .conftest import Keys, client, start_proxy, start_server
+
+pytestmark = pytest.mark.slow  # several processes each
 
 
 def _evil_files(keys: Keys, tmp_path: Path) -> list[str]:

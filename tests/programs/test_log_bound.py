@@ -10,9 +10,13 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from .conftest import start_proxy, start_server
 
 GARBAGE = b"\xff\x00"
+
+pytestmark = pytest.mark.slow  # several processes each
 
 
 def flood(uri: str, batches: int = 60, per_batch: int = 50) -> None:
