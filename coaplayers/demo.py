@@ -206,11 +206,14 @@ class Demo:
         print(f"           hop 2: forwarded {len(exchanges)} request{plural},"
               " each with its answer:")
         for request, response in exchanges:
-            answer = (f"-> {response.code.dotted} {len(response.payload):>4} B  "
-                      f"{_content(response, request)}" if response is not None
-                      else "-> (no answer)")
+            content = _content(request)
+            answer = "-> (no answer)"
+            if response is not None:
+                answer = f"-> {response.code.dotted} {len(response.payload):>4} B"
+                if _content(response, request) != content:  # only what the answer adds
+                    answer += f"  {_content(response, request)}"
             print(f"             {_target(request):<22} {len(request.payload):>4} B  "
-                  f"{_content(request):<25} {answer}")
+                  f"{content:<21} {answer}")
         print(f"           the marker in clear: {'YES' if clear else 'no'}")
         # What the application saw, after Layer 0 / OSCORE were removed (coap-server -v).
         received = [line.split(" INFO ", 1)[-1] for line in _lines(server_log)[server_before:]
@@ -256,7 +259,7 @@ def _oscore_kid(value: bytes | None) -> str | None:
     return rest.hex() if flags & 0x08 else None
 
 
-_DTLS = {20: "DTLS change cipher spec", 21: "DTLS alert", 22: "DTLS handshake",
+_DTLS = {20: "DTLS ChangeCipherSpec", 21: "DTLS alert", 22: "DTLS handshake",
          23: "DTLS application data"}
 
 
