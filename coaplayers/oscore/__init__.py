@@ -29,6 +29,7 @@ from .errors import (
     RehandshakeRequired,
     SequenceNumbersExhausted,
     UnprotectedErrorResponse,
+    UnprotectedRequestRefused,
 )
 from .keying import (
     EXPORTER_LABEL,
@@ -64,6 +65,7 @@ __all__ = [
     "SecurityContext",
     "SequenceNumbersExhausted",
     "UnprotectedErrorResponse",
+    "UnprotectedRequestRefused",
     "attach",
     "derive_context",
     "export_keying_material",

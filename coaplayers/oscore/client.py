@@ -34,6 +34,7 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.protocol import BlockwiseRequest
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
+from .. import _aiocoap
 from ..layer0.profile import is_tunnel_path
 from ..message import request_through
 from .context import SecurityContext
@@ -42,6 +43,7 @@ from .errors import (
     RehandshakeRequired,
     SequenceNumbersExhausted,
     UnprotectedErrorResponse,
+    UnprotectedRequestRefused,
 )
 from .server import CONTEXT_NOT_FOUND, DECRYPTION_FAILED
 
@@ -194,6 +196,28 @@ class OscoreClientTransport(TransportOSCORE):
             return False
         message.remote = OSCOREAddress(context, message.remote)
         return True
+
+    async def recognize_remote(self, message: aiocoap.Message) -> bool:
+        """First pass of aiocoap's two-pass interface choice (its development branch)."""
+        return isinstance(message.remote, OSCOREAddress) and isinstance(
+            message.remote.security_context, SecurityContext)
+
+    async def determine_remote(self, message: aiocoap.Message) -> OSCOREAddress | None:
+        """Second pass of aiocoap's two-pass interface choice (its development branch)."""
+        if isinstance(message.remote, OSCOREAddress) or message.opt.oscore is not None:
+            return None
+        context = self.contexts.for_request(message)
+        return None if context is None else OSCOREAddress(context, message.remote)
+
+    def refusal(self, message: aiocoap.Message) -> UnprotectedRequestRefused | None:
+        """Why ``message``, handed to a plain transport, must not be sent: it is not an
+        OSCORE message and its origin has a context (or it was addressed for OSCORE)."""
+        if message.opt.oscore is not None:
+            return None
+        if (isinstance(message.remote, OSCOREAddress)
+                or self.contexts.for_request(message) is not None):
+            return UnprotectedRequestRefused(message)
+        return None
 
     def declines(self, message: aiocoap.Message) -> bool:
         """True when :meth:`fill_or_recognize_remote` is sure to refuse ``message`` without a
@@ -425,9 +449,15 @@ def attach(
     In front, so that it sees requests before aiocoap's own OSCORE transport (which keeps
     working for contexts placed in ``client_credentials``) and before plain transports.
     Returns the transport; its ``contexts`` attribute is the map to fill.
+
+    Fail closed: every other request interface of ``context`` (also those added later)
+    refuses a request whose origin has a context in ``contexts`` with
+    :class:`~coaplayers.oscore.errors.UnprotectedRequestRefused`, so that a request meant
+    for OSCORE never leaves in the clear, whichever interface aiocoap hands it to.
     """
     transport = OscoreClientTransport(
         context, contexts if contexts is not None else ClientContexts(), on_rehandshake
     )
     context.request_interfaces.insert(0, transport)
+    _aiocoap.guard_request_interfaces(context, transport.refusal, spare=TransportOSCORE)
     return transport

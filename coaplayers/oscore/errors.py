@@ -105,6 +105,24 @@ class SequenceNumbersExhausted(RehandshakeRequired):
         super().__init__(RehandshakeReason.SEQUENCE_NUMBERS_EXHAUSTED, security_context)
 
 
+class UnprotectedRequestRefused(OscoreError):
+    """A request whose origin has an OSCORE context reached a plain transport (aiocoap did
+    not hand it to the OSCORE transport): it was refused and never sent. A local error: the
+    client's request interfaces are set up wrongly (or aiocoap chose differently than the
+    version coaplayers was checked against); the peer had no part in it."""
+
+    def __init__(self, message: Message) -> None:
+        try:
+            where = message.get_request_uri()
+        except Exception:  # no usable remote
+            where = repr(message.remote)
+        super().__init__(
+            f"refused to send a request for {where} unprotected: its origin has an OSCORE"
+            " context, but the request reached a plain transport"
+        )
+        self.request = message
+
+
 class UnprotectedErrorResponse(OscoreError):
     """The server answered an OSCORE request with an unprotected message that is not one of
     the answers mapped to :class:`RehandshakeRequired` (e.g. 4.01 "Replay detected", a
