@@ -16,7 +16,9 @@ three hand the inner request to the same resource):
 * each peer has a bounded number of assemblies in progress, and all peers together too: a new
   one displaces the peer's own oldest, or at the overall limit the oldest of the host holding
   the most, so a host with many ports displaces its own assemblies first;
-* blocks are appended to one buffer, copied once when the body is complete.
+* blocks are appended to one buffer, copied once when the body is complete;
+* the complete responses that later Block2 requests are cut from are kept for the whole site
+  up to a bound, not one per block key without one.
 
 Sans-I/O: time comes from ``clock``; an assembly not continued within ``lifetime`` is dropped
 when the table is next used, so no timer runs.
@@ -32,7 +34,12 @@ from typing import Any
 
 import aiocoap.resource as resource
 from aiocoap import Message, error
-from aiocoap.blockwise import ContinueException, IncompleteException, _extract_block_key
+from aiocoap.blockwise import (
+    Block2Cache,
+    ContinueException,
+    IncompleteException,
+    _extract_block_key,
+)
 from aiocoap.numbers.codes import Code
 
 from .message import copy_request
@@ -51,9 +58,11 @@ class BlockwiseLimits:
     max_per_peer: int = 4
     max_assemblies: int = 64
     lifetime: float = 93.0
+    max_responses: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_body < 1 or self.max_per_peer < 1 or self.max_assemblies < 1:
+        if (self.max_body < 1 or self.max_per_peer < 1 or self.max_assemblies < 1
+                or self.max_responses < 1):
             raise ValueError("block-wise limits must be at least 1")
         if self.lifetime <= 0:
             raise ValueError("the block-wise lifetime must be positive")
@@ -209,6 +218,34 @@ class Block1Assembler:
                 return
 
 
+class _Responses:
+    """The complete responses that Block2 requests after the first are cut from (aiocoap's
+    ``Block2Cache`` keeps one per block key, without a bound, for ``lifetime``): at most
+    ``max_responses`` for a whole site, the least recently asked for giving way. A block
+    asked for after its response gave way gets 4.08, and the client starts again."""
+
+    def __init__(self, limits: BlockwiseLimits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._items: OrderedDict[Hashable, tuple[Message, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, key: Hashable) -> Message:
+        message, stored = self._items[key]
+        if self.clock() - stored > self.limits.lifetime:
+            del self._items[key]
+            raise KeyError(key)
+        return message
+
+    def __setitem__(self, key: Hashable, message: Message) -> None:
+        self._items.pop(key, None)
+        self._items[key] = (message, self.clock())
+        while len(self._items) > self.limits.max_responses:
+            self._items.popitem(last=False)
+
+
 class _ResourceSpool:
     """What aiocoap's ``Resource`` calls as its ``_block1``: the site's assembler with the
     resource's own body limit."""
@@ -225,12 +262,14 @@ class _ResourceSpool:
 
 class BoundedSite(resource.Site):  # type: ignore[misc]
     """aiocoap's ``Site`` whose resources reassemble Block1 through one
-    :class:`Block1Assembler`; a resource's ``max_body`` attribute (bytes) overrides the
-    default body limit. Nested sites are covered as they are added."""
+    :class:`Block1Assembler` and keep Block2 responses in one bounded store; a resource's
+    ``max_body`` attribute (bytes) overrides the default body limit. Nested sites are
+    covered as they are added."""
 
     def __init__(self, limits: BlockwiseLimits | None = None) -> None:
         super().__init__()
         self.block1 = Block1Assembler(limits)
+        self.responses = _Responses(self.block1.limits, self.block1.clock)
 
     def add_resource(self, path: Any, resource_: Any) -> None:
         self._bound(resource_)
@@ -241,6 +280,10 @@ class BoundedSite(resource.Site):  # type: ignore[misc]
             limit = getattr(resource_, "max_body", None)
             resource_._block1 = _ResourceSpool(
                 self.block1, limit if isinstance(limit, int) else self.block1.limits.max_body)
+        if hasattr(resource_, "_block2"):
+            cache = Block2Cache()
+            cache._completes = self.responses
+            resource_._block2 = cache
         if isinstance(resource_, resource.Site) and not isinstance(resource_, BoundedSite):
             for child in list(resource_._resources.values()):
                 self._bound(child)

@@ -154,3 +154,26 @@ async def test_coap_server_resources_refuse_7745_in_order_blocks_at_the_limit(ca
     assert refused.opt.size1 == 64 * 1024
     assert out_of_order.code == late.code == Code.REQUEST_ENTITY_INCOMPLETE
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_block2_responses_are_kept_up_to_a_bound_for_the_whole_site() -> None:
+    site = build_site(BlockwiseLimits(max_responses=2))
+    srv = await create_context(site, listen=["coap://127.0.0.1:0"])
+    cli = await aiocoap.Context.create_client_context()
+
+    async def get(query: str, n: int) -> aiocoap.Message:
+        m = aiocoap.Message(code=aiocoap.GET, uri=f"{srv.bound[0]}/firmware?{query}")
+        m.opt.block2 = BlockOption.BlockwiseTuple(n, False, 6)
+        return await asyncio.wait_for(cli.request(m, handle_blockwise=False).response, 10)
+
+    try:
+        for i in range(100):  # each query its own block key (aiocoap kept all 100)
+            assert (await get(f"q{i}", 0)).code == Code.CONTENT
+        kept = len(site.responses)
+        early, recent = await get("q0", 1), await get("q99", 1)
+    finally:
+        await cli.shutdown()
+        await srv.shutdown()
+    assert kept == 2
+    assert early.code == Code.REQUEST_ENTITY_INCOMPLETE  # gave way: the client starts again
+    assert recent.code == Code.CONTENT and recent.opt.block2.block_number == 1
