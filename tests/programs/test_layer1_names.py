@@ -64,7 +64,7 @@ async def test_a_wrong_name_certificate_of_the_right_ca_fails_with_exit_7(
         "cert": str(keys / "proxy.pem"), "key": str(keys / "proxy.key"),
         "ca": str(keys / "hop-ca.pem"), "server-name": "evil.example"}}}))
     proxy = start_proxy(
-        tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
+        tmp_path, "--listen", "coaps://127.0.0.1:0", "--psk", "gw:secret", "--no-forward",
         "--route", f"/evil={server.uri('coaps')}", "--upstream-credentials", str(creds),
     )
     try:
@@ -73,7 +73,7 @@ async def test_a_wrong_name_certificate_of_the_right_ca_fails_with_exit_7(
             client("--ca", str(keys / "hop-ca.pem"), "-B", "10", uri),
             client("--credentials", str(creds), "-B", "10", uri),
             client("--credentials", str(named), "-B", "10", uri),
-            client("-B", "10", proxy.uri("coap") + "/evil/hello"),
+            client("-u", "gw", "-k", "secret", "-B", "10", proxy.uri("coaps") + "/evil/hello"),
         )
     finally:
         assert server.stop() == 0
