@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
 
+from .. import _openssl
 from . import records
 from .credentials import CertificateCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
@@ -52,8 +53,6 @@ DEFAULT_SIGALGS = "ECDSA+SHA256"
 DEFAULT_GROUPS = "X25519:P-256"
 _SSL_OP_NO_ENCRYPT_THEN_MAC = 0x80000  # SSL_OP_BIT(19): no CBC suite is offered, so it is moot
 _SSL_MODE_NO_AUTO_CHAIN = 0x8  # SSL_MODE_NO_AUTO_CHAIN (ssl.h); pyOpenSSL has no name for it
-_lib = SSL._lib  # type: ignore[attr-defined]  # SSL_session_reused is not wrapped
-_ffi = SSL._ffi  # type: ignore[attr-defined]
 _MAX_HELD = 8  # early application data records kept until the handshake ends
 _ISSUED_LIMIT = 20480  # session IDs a listener remembers (OpenSSL's default cache size)
 
@@ -95,10 +94,9 @@ def build_context(
         ctx.set_cipher_list(ciphers.encode())
     except SSL.Error as exc:
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
-    if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, DEFAULT_SIGALGS.encode()) != 1:
-        raise ConfigurationError(f"OpenSSL refused the signature algorithms {DEFAULT_SIGALGS}")
-    if _lib.SSL_CTX_set1_curves_list(ctx._context, DEFAULT_GROUPS.encode()) != 1:
-        raise ConfigurationError(f"OpenSSL refused the groups {DEFAULT_GROUPS}")
+    refused = _openssl.set_sigalgs_and_groups(ctx, DEFAULT_SIGALGS, DEFAULT_GROUPS)
+    if refused is not None:
+        raise ConfigurationError(f"OpenSSL refused the signature algorithms or groups {refused}")
     if credentials.certificate_chain:
         try:
             ctx.use_certificate(credentials.certificate_chain[0])
@@ -321,7 +319,11 @@ class OpenSslSession(DtlsSession):
         as Layer 0 certificate handshakes that never finished under loss). Running the timer
         here, before the new records are written, separates them from the real answer.
         """
-        if _lib.DTLSv1_handle_timeout(conn._ssl) > 0:
+        try:
+            expired = conn.DTLSv1_handle_timeout()
+        except SSL.Error:
+            expired = False  # the next read reports what is wrong
+        if expired:
             while True:
                 try:
                     chunk = conn.bio_read(65536)
@@ -346,14 +348,14 @@ class OpenSslSession(DtlsSession):
             self._pump()  # our fatal alert, if OpenSSL queued one
             if self._rejected:
                 raise self._rejected[0] from exc
-            if _lib.SSL_get_verify_result(conn._ssl) in _NAME_MISMATCH:
+            if _openssl.verify_result(conn) in _openssl.NAME_MISMATCH:
                 raise self._name_mismatch(conn) from exc
             presented = self._credentials is None or bool(self._credentials.certificate_chain)
             raise _map_error(exc, self.is_client, presented_certificate=presented) from exc
         self._pump()
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
-        self._established(identity, cipher, bool(_lib.SSL_session_reused(conn._ssl)))
+        self._established(identity, cipher, _openssl.session_reused(conn))
         if self._issued is not None and self._session_id:
             self._issued.pop(self._session_id, None)
             self._issued[self._session_id] = None
@@ -370,18 +372,11 @@ class OpenSslSession(DtlsSession):
 
     def _release_openssl(self, conn: SSL.Connection, cipher: str) -> None:
         """Hand epoch 1 to :class:`RecordLayer` and free the SSL object (see module doc)."""
-        ssl = conn._ssl
-        buf = _ffi.new("unsigned char[]", 48)
         session = conn.get_session()
-        if session is None:
-            return
-        n = _lib.SSL_SESSION_get_master_key(session._session, buf, 48)
-        master = bytes(_ffi.buffer(buf, n))
-        _lib.SSL_get_client_random(ssl, buf, 32)
-        client_random = bytes(_ffi.buffer(buf, 32))
-        _lib.SSL_get_server_random(ssl, buf, 32)
-        server_random = bytes(_ffi.buffer(buf, 32))
-        if n != 48:
+        master = conn.master_key()
+        client_random, server_random = conn.client_random(), conn.server_random()
+        if (session is None or master is None or len(master) != 48
+                or client_random is None or server_random is None):
             return
         self._records = RecordLayer(cipher, master, client_random, server_random,
                                     is_client=self.is_client, next_seq=self._epoch1_top + 1,
@@ -404,7 +399,7 @@ class OpenSslSession(DtlsSession):
         """A session that ended in a fatal alert must not be resumed (RFC 5246 7.2.2): OpenSSL
         would drop it from the cache; without its SSL object, overwrite its master secret."""
         if self._session is not None:
-            _lib.SSL_SESSION_set1_master_key(self._session._session, os.urandom(48), 48)
+            _openssl.scrub_master_key(self._session, os.urandom(48))
             self._session = None
         if self._issued is not None:
             self._issued.pop(self._session_id, None)
@@ -547,7 +542,7 @@ class OpenSslListener:
         """
         conn = self._new_listener()
         conn.set_app_data(peer_key)
-        _lib.SSL_set_cert_cb(conn._ssl, _refuse_full_handshake, _ffi.NULL)
+        _openssl.refuse_full_handshake(conn)
         try:
             conn.bio_write(hello)
             conn.do_handshake()
@@ -555,7 +550,7 @@ class OpenSslListener:
             pass
         except (SSL.Error, ValueError):
             return None
-        if not _lib.SSL_session_reused(conn._ssl):
+        if not _openssl.session_reused(conn):
             return None
         return conn
 
@@ -592,26 +587,8 @@ def build_psk_context(ciphers: str = PSK_CIPHERS) -> SSL.Context:
     except SSL.Error as exc:
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    _lib.SSL_CTX_set_psk_server_callback(ctx._context, _psk_server_callback)
+    _openssl.use_psk_server(ctx)
     return ctx
-
-
-@_ffi.callback("unsigned int(SSL *, const char *, unsigned char *, unsigned int)")
-def _psk_server_callback(ssl: object, identity: object, psk: object, max_len: int) -> int:
-    """OpenSSL asks for the key of the identity in the ClientKeyExchange (0: unknown)."""
-    try:
-        conn = SSL.Connection._reverse_mapping.get(ssl)  # type: ignore[attr-defined]
-        ref = getattr(conn, "_coaplayers_psk", None)
-        session = ref() if ref is not None else None
-        if session is None or identity == _ffi.NULL:
-            return 0
-        key = session._psk_for(bytes(_ffi.string(identity)))
-        if key is None or len(key) > max_len:
-            return 0
-        _ffi.memmove(psk, key, len(key))
-        return len(key)
-    except Exception:  # an exception must not cross into OpenSSL: refuse the identity
-        return 0
 
 
 class OpenSslPskSession(OpenSslSession):
@@ -624,7 +601,7 @@ class OpenSslPskSession(OpenSslSession):
         self._store = store
         self._psk_identity: bytes | None = None
         self._unknown_identity: bytes | None = None
-        connection._coaplayers_psk = weakref.ref(self)  # type: ignore[attr-defined]
+        _openssl.bind_psk(connection, self._psk_for)
 
     def _psk_for(self, identity: bytes) -> bytes | None:
         key = self._store.get(identity)
@@ -705,11 +682,6 @@ class OpenSslPskListener(OpenSslListener):
         return OpenSslPskSession(conn, self.store, config=self.config)
 
 
-@_ffi.callback("int(SSL *, void *)")
-def _refuse_full_handshake(_ssl: object, _arg: object) -> int:
-    return 0  # OpenSSL calls this only for a full handshake: stop it (see _resume_at_once)
-
-
 def _session_id_and_cookie(hello: bytes) -> tuple[bytes, int] | None:
     """The session ID a whole ClientHello (checked by records.client_hello_random) offers,
     and the length of its cookie."""
@@ -759,22 +731,9 @@ _ALERT_NUMBERS = {
 }
 
 
-_NAME_MISMATCH = (_lib.X509_V_ERR_HOSTNAME_MISMATCH, 64)  # 64: X509_V_ERR_IP_ADDRESS_MISMATCH
-
-
 def _require_peer_name(conn: SSL.Connection, name: str) -> None:
     """Have OpenSSL check the server's DNS name or IP address (RFC 6125) as part of the chain."""
-    import ipaddress
-
-    param = _lib.SSL_get0_param(conn._ssl)
-    bare = name.strip("[]")
-    try:
-        packed = ipaddress.ip_address(bare).packed
-    except ValueError:
-        ok = _lib.X509_VERIFY_PARAM_set1_host(param, bare.encode(), len(bare.encode()))
-    else:
-        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
-    if ok != 1:
+    if not _openssl.require_peer_name(conn, name):
         raise ConfigurationError(f"cannot check the server name {name!r}")
 
 
