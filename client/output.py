@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import aiocoap
-import cbor2
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption
@@ -54,6 +53,8 @@ def render(payload: bytes, fmt: int | None) -> tuple[bytes, bool]:
             return cbor2diag(payload).encode() + b"\n", True
         except Exception:
             try:
+                import cbor2
+
                 return repr(cbor2.loads(payload)).encode() + b"\n", True
             except Exception:
                 pass
@@ -61,6 +62,8 @@ def render(payload: bytes, fmt: int | None) -> tuple[bytes, bool]:
         text = payload.decode()
     except UnicodeDecodeError:
         return payload, False
+    if fmt == 40 and "\n" not in text:
+        return text.replace(">,<", ">,\n<").encode() + b"\n", True
     if fmt in (None, 0, 40, 41) or text.isprintable() or "\n" in text:
         return payload + (b"" if payload.endswith(b"\n") or not payload else b"\n"), True
     return payload, False
@@ -94,7 +97,8 @@ class Progress:
 
 
 async def blockwise_with_progress(
-    send: Callable[..., Any], request: aiocoap.Message, progress: Progress
+    send: Callable[..., Any], request: aiocoap.Message, progress: Progress, *,
+    szx: int | None = None,
 ) -> aiocoap.Message:
     """A GET/FETCH with Block2 driven here, one block at a time, so that each shows as progress.
 
@@ -102,77 +106,105 @@ async def blockwise_with_progress(
     each block itself (``handle_blockwise=False``) and asks for the total size (Size2 0,
     RFC 7959 section 4). A response without Block2 is returned as it is.
     """
-    szx = 6
+    szx = 6 if szx is None else szx
     number = 0
+    offset = 0
     body = bytearray()
     first_etag = None
     try:
         while True:
             msg = request.copy()
             msg.opt.block2 = BlockOption.BlockwiseTuple(number, False, szx)
-            if number == 0:
+            if not body:
                 msg.opt.size2 = 0
             response = await send(msg, handle_blockwise=False).response
             block2 = response.opt.block2
             if block2 is None or not response.code.is_successful():
-                if number == 0:
+                if not body:
                     return response
                 raise aiocoap.error.UnexpectedBlock2(f"block {number} answered {response.code}")
-            if number == 0:
+            if not body:
                 first_etag = response.opt.etag
+                # The server may answer with smaller blocks than asked (RFC 7959 2.4).
+                offset = block2.block_number << (block2.size_exponent + 4)
             elif response.opt.etag != first_etag:
                 raise aiocoap.error.UnexpectedBlock2("the resource changed during the transfer")
-            start = block2.block_number * (1 << (block2.size_exponent + 4))
-            if start != len(body):
-                raise aiocoap.error.UnexpectedBlock2(f"unexpected block at offset {start}")
+            at = block2.block_number << (block2.size_exponent + 4)
+            if at != offset + len(body):
+                raise aiocoap.error.UnexpectedBlock2(
+                    f"asked for the block at offset {offset + len(body)}, got offset {at}")
             body += response.payload
-            progress.update(len(body), response.opt.size2)
+            progress.update(offset + len(body), response.opt.size2)
             if not block2.more:
                 response.payload = bytes(body)
                 response.opt.block2 = None
                 return response
             szx = block2.size_exponent
-            number = len(body) >> (szx + 4)
+            number = (offset + len(body)) >> (szx + 4)
     finally:
         progress.finish()
 
 
 class Printer:
-    def __init__(self, output: str | None, verbose: int = 0) -> None:
-        self.output = output
-        self.verbose = verbose
+    """Where and how payloads go: as received on a pipe or into a file (like libcoap),
+    rendered for reading on a terminal or with --pretty."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.to_file = config.output is not None and config.output != "-"
+        # libcoap ends its stdout output with a newline, unless -o names a file or "-".
+        self.final_newline = config.output is None
+        self.wrote = False
         self._file: BinaryIO | None = None
         self.progress = Progress(sys.stderr)
+        self.pretty = config.pretty if config.pretty is not None else (
+            not self.to_file and sys.stdout.isatty())
 
     def progress_wanted(self) -> bool:
         return sys.stderr.isatty()
 
-    def response(self, response: aiocoap.Message, layers: dict[str, Any] | None) -> None:
-        if self.verbose:
+    def response(self, response: aiocoap.Message, layers: dict[str, Any] | None,
+                 hint: str = "") -> None:
+        if self.config.details:
             self._details(response, layers)
         payload = response.payload
         if not response.code.is_successful():
-            # Failures go to stderr as one line: the code and the server's diagnostic text.
+            # Failures go to stderr as one line: the code, the server's diagnostic text and,
+            # for a proxy's 5.02/5.04, which hop failed.
             why = payload.decode(errors="replace").strip().replace("\n", " ")[:200]
-            print(f"coap-client: {response.code}" + (f": {why}" if why else ""),
-                  file=sys.stderr, flush=True)
+            print(f"coap-client: {response.code}" + (f": {why}" if why else "")
+                  + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
             return
-        if self.output:
-            if self._file is None:
-                self._file = open(Path(self.output), "wb")
-            self._file.write(payload)
-            self._file.flush()
-            return
-        shown, is_text = render(payload, response.opt.content_format)
-        if not is_text and sys.stdout.isatty():
-            print(
-                f"coap-client: {len(payload)} bytes of binary payload not shown on a terminal;"
-                " use -o FILE or a pipe",
-                file=sys.stderr,
-            )
-            return
-        sys.stdout.buffer.write(shown if is_text else payload)
-        sys.stdout.flush()
+        data = payload
+        if self.pretty:
+            shown, is_text = render(payload, response.opt.content_format)
+            if not is_text and not self.to_file and sys.stdout.isatty():
+                print(
+                    f"coap-client: {len(payload)} bytes of binary payload not shown on a"
+                    " terminal; use -o FILE or a pipe",
+                    file=sys.stderr,
+                )
+                return
+            data = shown if is_text else payload
+            if self.config.newline and not data.endswith(b"\n"):
+                data += b"\n"
+        elif self.config.newline:
+            data += b"\n"
+        out = self._open()
+        out.write(data)
+        out.flush()
+        self.wrote = True
+
+    def _open(self) -> BinaryIO:
+        if not self.to_file:
+            return sys.stdout.buffer
+        if self._file is None:
+            try:
+                self._file = open(Path(self.config.output), "wb")
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"-o {self.config.output}: cannot write it: {exc.strerror}") from exc
+        return self._file
 
     def _details(self, response: aiocoap.Message, layers: dict[str, Any] | None) -> None:
         err = sys.stderr
@@ -180,7 +212,7 @@ class Printer:
         for opt in response.opt.option_list():
             if opt.number == 9:  # OSCORE: opaque
                 continue
-            print(f"  {_option_name(opt.number)}: {_option_value(opt)}", file=err)
+            print(f"  {option_name(opt.number)}: {option_value(opt)}", file=err)
         print(f"  payload: {len(response.payload)} bytes", file=err)
         for layer, info in (layers or {}).items():
             if info:
@@ -191,20 +223,25 @@ class Printer:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        elif self.wrote and self.final_newline and not self.pretty:
+            sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
 
 
-def _option_name(number: Any) -> str:
+def option_name(number: Any) -> str:
     name = getattr(number, "name", None)
     if not name:
         return f"option {int(number)}"
     return "-".join(w.capitalize() if w not in ("ETAG",) else "ETag" for w in name.split("_"))
 
 
-def _option_value(opt: Any) -> str:
+def option_value(opt: Any) -> str:
     value = opt.value
     if opt.number == OptionNumber.CONTENT_FORMAT or opt.number == OptionNumber.ACCEPT:
         media = getattr(value, "media_type", None)
         return f"{int(value)} ({media})" if media else str(int(value))
     if isinstance(value, bytes):
         return "0x" + value.hex()
+    if isinstance(value, BlockOption.BlockwiseTuple):
+        return f"{value.block_number}/{int(value.more)}/{value.size}"
     return str(value)

@@ -52,14 +52,16 @@ def cannot_listen(uris: Iterable[str], exc: OSError) -> str:
 
 
 def merge_config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any]
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any],
+    *, base: Path | None = None,
 ) -> argparse.Namespace:
     """Fill every option the command line left unset from ``config``; unknown keys are errors.
 
     Relative paths in the file are taken relative to the file's folder, so a configuration
     set can be moved as a whole.
     """
-    base = Path(getattr(args, "_config_dir", "."))
+    if base is None:
+        base = Path(getattr(args, "_config_dir", "."))
     by_key = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     by_name: dict[str, argparse.Action] = {}
     for action in by_key.values():
@@ -96,7 +98,8 @@ def _checked(key: str, action: argparse.Action, value: Any) -> Any:
             raise ConfigurationError(f"configuration key {key!r} must be a string or a list of"
                                      " strings")
         return items
-    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction
+                  | argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             raise ConfigurationError(f"configuration key {key!r} must be true or false")
         return value

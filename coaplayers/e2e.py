@@ -150,13 +150,17 @@ class PlainRequester:
 
 
 def layer1_details(response: Any) -> dict[str, Any] | None:
-    """What the first hop's DTLS session says about itself, for ``coap-client -v``."""
+    """What the first hop's DTLS session says about itself, for ``coap-client -v``.
+
+    The hop is named by its address (the proxy's, through a proxy).
+    """
     remote = getattr(response, "remote", None)
     peer = getattr(remote, "peer", None)
     if peer is None or getattr(peer, "session", None) is None:
         return {"mode": "none (plain CoAP on the first hop)"}
     kind = _kind(peer.session)
     return {
+        "hop": getattr(remote, "hostinfo", None),
         _identity_label(kind): _text(peer.identity),
         "mode": kind,
         "cipher": peer.session.cipher_suite,

@@ -67,7 +67,13 @@ class Echo(resource.Resource):
 
 
 class Temperature(resource.ObservableResource):
-    """A reading that changes every second while someone observes it (no timer otherwise)."""
+    """A reading that changes every second while someone observes it (no timer otherwise).
+
+    Its answers say so (Max-Age): an observer then knows when the next notification is due
+    and can tell a path that went silent from a value that did not change (RFC 7641 3.3.1).
+    """
+
+    MAX_AGE = 2
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,10 +103,12 @@ class Temperature(resource.ObservableResource):
         return 21.0 + 2.5 * math.sin(s / 30.0) + ((3 * s) % 7) * 0.05
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(
+        response = aiocoap.Message(
             payload=f"{self.reading(time.time()):.2f} C".encode(),
             content_format=ContentFormat.TEXT,
         )
+        response.opt.max_age = self.MAX_AGE
+        return response
 
 
 class Firmware(resource.Resource):

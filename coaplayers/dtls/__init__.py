@@ -14,19 +14,8 @@ Servers accept sessions through a listener (:class:`TinyDtlsListener`,
 returns a valid cookie; :class:`OpenSslPskListener` answers PSK ClientHellos at once.
 """
 
-from .credentials import (
-    CertificateCredentials,
-    KeyFilePermissionWarning,
-    PskClientCredentials,
-    PskStore,
-    RawPublicKeyCredentials,
-    certificate_matches,
-    check_identities,
-    check_key_file_permissions,
-    parse_key_text,
-    spki_fingerprint,
-)
-from .dual import KindListener
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -38,20 +27,78 @@ from .errors import (
     ProtocolViolation,
     SessionClosed,
 )
-from .events import AlertReceived, ApplicationData, ConnectionClosed, Event, HandshakeComplete
-from .gnutls import GnuTlsListener, GnuTlsSession, RawPublicKeyContext
-from .openssl import (
-    OpenSslListener,
-    OpenSslPskListener,
-    OpenSslPskSession,
-    OpenSslSession,
-    TicketStore,
-    build_context,
-)
-from .session import DtlsConfig, DtlsSession, State
-from .tinydtls import TinyDtlsListener, TinyDtlsSession
 
-Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener  # OpenSslPskListener is one
+# The backends pull in OpenSSL, cryptography and GnuTLS (through cffi): most of a program's
+# start-up. They load on first use, so a plain coap:// run of coap-client never pays for
+# them (PEP 562); the error types above are cheap and always there.
+_LAZY = {
+    "credentials": ("CertificateCredentials", "KeyFilePermissionWarning",
+                    "PskClientCredentials", "PskStore", "RawPublicKeyCredentials",
+                    "certificate_matches", "check_identities", "check_key_file_permissions",
+                    "parse_key_text", "spki_fingerprint"),
+    "dual": ("KindListener",),
+    "events": ("AlertReceived", "ApplicationData", "ConnectionClosed", "Event",
+               "HandshakeComplete"),
+    "gnutls": ("GnuTlsListener", "GnuTlsSession", "RawPublicKeyContext"),
+    "openssl": ("OpenSslListener", "OpenSslPskListener", "OpenSslPskSession",
+                "OpenSslSession", "TicketStore", "build_context"),
+    "session": ("DtlsConfig", "DtlsSession", "State"),
+    "tinydtls": ("TinyDtlsListener", "TinyDtlsSession"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "Listener":
+        from .gnutls import GnuTlsListener
+        from .openssl import OpenSslListener
+        from .tinydtls import TinyDtlsListener
+
+        value: Any = TinyDtlsListener | OpenSslListener | GnuTlsListener
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .credentials import (
+        CertificateCredentials,
+        KeyFilePermissionWarning,
+        PskClientCredentials,
+        PskStore,
+        RawPublicKeyCredentials,
+        certificate_matches,
+        check_identities,
+        check_key_file_permissions,
+        parse_key_text,
+        spki_fingerprint,
+    )
+    from .dual import KindListener
+    from .events import (
+        AlertReceived,
+        ApplicationData,
+        ConnectionClosed,
+        Event,
+        HandshakeComplete,
+    )
+    from .gnutls import GnuTlsListener, GnuTlsSession, RawPublicKeyContext
+    from .openssl import (
+        OpenSslListener,
+        OpenSslPskListener,
+        OpenSslPskSession,
+        OpenSslSession,
+        TicketStore,
+        build_context,
+    )
+    from .session import DtlsConfig, DtlsSession, State
+    from .tinydtls import TinyDtlsListener, TinyDtlsSession
+
+    Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener  # OpenSslPskListener is one
 
 __all__ = [
     "AlertReceived",

@@ -60,7 +60,7 @@ async def test_each_method_reaches_the_server(app: Running) -> None:
     for method, r in zip(methods, results, strict=True):
         if method in ("post", "put"):
             assert r.rc == 0, r.stderr
-            assert r.stdout == f"payload-{method}\n"
+            assert r.stdout == f"payload-{method}\n"  # libcoap's newline at the end
         else:
             assert r.rc == 4, (method, r)
             assert r.stdout == ""
@@ -84,8 +84,9 @@ async def test_payload_from_text_file_and_stdin(app: Running, tmp_path: Path) ->
         client("-m", "post", "-e", "x", "-f", str(f), uri),
     )
     assert text.rc == 0 and text.stdout == "from -e\n"
-    assert from_file.rc == 0 and from_file.out == data  # binary to a pipe: as is
-    assert from_stdin.rc == 0 and from_stdin.out == data[::-1]
+    # Binary to a pipe as received, then libcoap's newline at the end.
+    assert from_file.rc == 0 and from_file.out == data + b"\n"
+    assert from_stdin.rc == 0 and from_stdin.out == data[::-1] + b"\n"
     assert both.rc == 2 and "-e and -f" in both.stderr
 
 
@@ -97,13 +98,13 @@ async def test_content_format_by_name_and_number_and_how_output_is_rendered(
     as_json = json.dumps(doc, separators=(",", ":"))
     cbor = cbor2.dumps({"a": [1, 2], "b": "x"})
     r_json, r_json_num, r_cbor, r_text, r_verbose = await asyncio.gather(
-        client("-m", "post", "-t", "json", "-e", as_json, uri),
-        client("-m", "post", "-t", "application/json", "-e", as_json, uri),
-        client("-m", "post", "-t", "60", "-f", "-", uri, stdin=cbor),
-        client("-m", "post", "-t", "text/plain", "-e", "plain text", uri),
+        client("--pretty", "-m", "post", "-t", "json", "-e", as_json, uri),
+        client("--pretty", "-m", "post", "-t", "application/json", "-e", as_json, uri),
+        client("--pretty", "-m", "post", "-t", "60", "-f", "-", uri, stdin=cbor),
+        client("--pretty", "-m", "post", "-t", "text/plain", "-e", "plain text", uri),
         client("-m", "put", "-t", "50", "-e", "[1]", "-v", uri),
     )
-    # JSON pretty-printed (indented), same document.
+    # --pretty: JSON pretty-printed (indented), same document.
     assert r_json.rc == 0 and r_json.stdout == json.dumps(doc, indent=2) + "\n"
     assert r_json_num.stdout == r_json.stdout
     # CBOR in diagnostic notation.
@@ -112,6 +113,11 @@ async def test_content_format_by_name_and_number_and_how_output_is_rendered(
     assert r_text.stdout == "plain text\n"
     # The Content-Format went out as a number and came back (the server echoes it).
     assert r_verbose.rc == 0 and re.search(r"Content-Format: 50\b", r_verbose.stderr)
+    # Without --pretty (and not on a terminal): the bytes as received, like libcoap.
+    raw_json, raw_cbor = await asyncio.gather(
+        client("-m", "post", "-t", "json", "-e", as_json, uri),
+        client("-m", "post", "-t", "60", "-f", "-", uri, stdin=cbor))
+    assert raw_json.out == as_json.encode() + b"\n" and raw_cbor.out == cbor + b"\n"
     bad = await client("-m", "post", "-t", "no/such-format", "-e", "x", uri)
     assert bad.rc == 2 and "Content-Format" in bad.one_line_error()
 
@@ -119,7 +125,8 @@ async def test_content_format_by_name_and_number_and_how_output_is_rendered(
 async def test_accept_by_name_and_number(app: Running) -> None:
     uri = app.uri("coap") + "/time"
     text, as_json, as_cbor, as_number, refused = await asyncio.gather(
-        client(uri), client("-A", "json", uri), client("-A", "cbor", uri),
+        client(uri), client("--pretty", "-A", "json", uri),
+        client("--pretty", "-A", "cbor", uri),
         client("-A", "50", "-v", uri), client("-A", "41", uri),
     )
     assert text.rc == 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00\n", text.stdout)
@@ -135,7 +142,10 @@ async def test_output_file_pipe_and_terminal(app: Running, tmp_path: Path) -> No
     out = tmp_path / "fw.bin"
     to_file, to_pipe = await asyncio.gather(client("-o", str(out), uri), client(uri))
     assert to_file.rc == 0 and to_file.out == b"" and out.read_bytes() == IMAGE
-    assert to_pipe.rc == 0 and to_pipe.out == IMAGE  # binary goes to a pipe untouched
+    # Binary goes to a pipe untouched, and then libcoap's newline; -o - writes it exactly.
+    assert to_pipe.rc == 0 and to_pipe.out == IMAGE + b"\n"
+    exact = await client("-o", "-", uri)
+    assert exact.rc == 0 and exact.out == IMAGE
     # On a terminal: binary is refused with one line, and block-wise shows a progress bar.
     (rc, shown), (rc_o, shown_o) = await asyncio.gather(
         asyncio.to_thread(run_on_pty, [CLIENT, uri]),
@@ -158,7 +168,7 @@ async def test_output_file_pipe_and_terminal(app: Running, tmp_path: Path) -> No
 
 async def test_observe_prints_each_notification(app: Running) -> None:
     t0 = time.monotonic()
-    r = await client("-s", "2.6", app.uri("coap") + "/sensors/temperature")
+    r = await client("-s", "2.6", "-w", "-o", "-", app.uri("coap") + "/sensors/temperature")
     assert r.rc == 0, r.stderr
     lines = r.stdout.splitlines()
     assert 3 <= len(lines) <= 5, lines  # the first answer, then one per second
@@ -169,7 +179,7 @@ async def test_observe_prints_each_notification(app: Running) -> None:
 
 async def test_observe_stops_cleanly_on_sigint(app: Running) -> None:
     proc = await asyncio.create_subprocess_exec(
-        CLIENT, "-s", "60", app.uri("coap") + "/sensors/temperature",
+        CLIENT, "-s", "60", "-w", "-o", "-", app.uri("coap") + "/sensors/temperature",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -238,7 +248,9 @@ async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys:
     assert coaps_hop.rc == 0, coaps_hop.stderr
     # The server saw the proxy (plain hop 2); the first hop was Layer 1 PSK with the proxy.
     assert coaps_hop.stdout.startswith("Hello from coap-server (mode plain)")
-    assert re.search(r"layer 1: .*psk identity device-1, mode psk", coaps_hop.stderr)
+    # -v names the first hop (the proxy); a PSK identity is labelled as such (it is ours).
+    hop = proxy.uri("coaps").removeprefix("coaps://")
+    assert f"layer 1: hop {hop}, psk identity device-1, mode psk" in coaps_hop.stderr
     # Hop 2 over coaps with the proxy's upstream credentials: the server names the proxy.
     assert to_coaps.rc == 0 and "layer 1 peer proxy" in to_coaps.stdout, to_coaps.stderr
 
@@ -329,10 +341,10 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
     # Observe and block-wise inside Layer 0 as well (coap-server renders inner requests
     # eagerly: an observation keeps its rendering going in a task).
     fw, obs, obs_dtls = await asyncio.gather(
-        client("--e2e", "dtls", *keys.e2e_psk, app.uri("coap") + "/firmware"),
-        client("--e2e", "oscore", *keys.e2e_cert, "-s", "1.6",
+        client("--e2e", "dtls", *keys.e2e_psk, "-o", "-", app.uri("coap") + "/firmware"),
+        client("--e2e", "oscore", *keys.e2e_cert, "-s", "1.6", "-w", "-o", "-",
                app.uri("coap") + "/sensors/temperature"),
-        client("--e2e", "dtls", *keys.e2e_psk, "-s", "1.6",
+        client("--e2e", "dtls", *keys.e2e_psk, "-s", "1.6", "-w", "-o", "-",
                app.uri("coap") + "/sensors/temperature"),
     )
     assert fw.rc == 0 and fw.out == IMAGE
@@ -411,7 +423,7 @@ async def test_config_file_and_flags_win(app: Running, proxy: Running, keys: Key
     assert e2e_flag_wins.rc == 0 and "layer 0: mode dtls certificate" in e2e_flag_wins.stderr
     # Short flags without a long name by their option names; "key" is --key, the PSK is psk-key.
     l1 = tmp_path / "l1.toml"
-    l1.write_text(f'identity = "{PSK_TEXT[0]}"\npsk-key = "{PSK_TEXT[1]}"\nverbose = 1\n')
+    l1.write_text(f'identity = "{PSK_TEXT[0]}"\npsk-key = "{PSK_TEXT[1]}"\nverbose = 6\n')
     r = await client("--config", str(l1), app.uri("coaps") + "/hello")
     assert r.rc == 0 and "layer 1 peer dev" in r.stdout and "response: 2.05" in r.stderr
     bad = tmp_path / "bad.toml"

@@ -68,11 +68,11 @@ async def test_rpk_hops_directly_through_the_proxy_and_next_to_psk(
         assert r.rc == 0, r.stderr
     # The resource names the Layer 1 peer by its key's fingerprint, as Layer 0 does.
     assert direct.stdout == f"Hello from coap-server (mode plain, layer 1 peer {proxy_fp})\n"
-    assert re.search(rf"layer 1: peer {server_fp}, mode rpk, cipher "
+    assert re.search(rf"layer 1: hop [^,]+, peer {server_fp}, mode rpk, cipher "
                      r"TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", direct.stderr), direct.stderr
     # Through the proxy: hop 1 pins the proxy's key, hop 2 is the proxy's own session.
     assert proxied.stdout == f"Hello from coap-server (mode plain, layer 1 peer {proxy_fp})\n"
-    assert f"layer 1: peer {proxy_fp}, mode rpk" in proxied.stderr
+    assert re.search(rf"layer 1: hop [^,]+, peer {proxy_fp}, mode rpk", proxied.stderr)
     # End to end inside: Layer 0 names the client by its own (end-to-end) key, Layer 1 the
     # hop that delivered the records (the proxy).
     assert e2e.stdout == (f"Hello from coap-server (mode layer0-dtls, layer 1 peer {proxy_fp},"

@@ -238,7 +238,7 @@ async def test_resources(app: Running, tmp_path: Path) -> None:
         client("-v", uri + "/hello"),
         client(uri + "/time"),
         client(uri + "/.well-known/core"),
-        client("-m", "post", "-t", "application/cbor", "-f", "-", uri + "/echo",
+        client("--pretty", "-m", "post", "-t", "application/cbor", "-f", "-", uri + "/echo",
                stdin=b"\xa1\x61a\x01"),
         client("-m", "put", "-t", "41", "-e", "<x/>", "-v", uri + "/echo"),
         client("-m", "post", "-v", uri + "/echo"),
@@ -258,7 +258,7 @@ async def test_resources(app: Running, tmp_path: Path) -> None:
     assert fw.read_bytes() == Firmware().image
     assert "Size2: 65536" in verbose_fw.stderr  # announced total of a block-wise body
     # Observable, changing every second.
-    obs = await client("-s", "2.5", uri + "/sensors/temperature")
+    obs = await client("-s", "2.5", "-w", "-o", "-", uri + "/sensors/temperature")
     values = obs.stdout.splitlines()
     assert obs.rc == 0 and len(values) >= 3
     assert all(a != b for a, b in itertools.pairwise(values))
