@@ -28,7 +28,7 @@ async def test_max_body_in_every_mode(keys: Keys, tmp_path: Path) -> None:
     uri = server.uri("coap") + "/echo"
     modes = [[], ["--e2e", "dtls", *keys.e2e_psk], ["--e2e", "oscore", *keys.e2e_cert]]
     try:
-        fits = await asyncio.gather(*(client(*m, "-m", "post", "-f", str(small), uri)
+        fits = await asyncio.gather(*(client(*m, "-m", "post", "-o", "-", "-f", str(small), uri)
                                       for m in modes))
         refused = await asyncio.gather(*(client(*m, "-m", "post", "-f", str(big), uri)
                                          for m in modes))
