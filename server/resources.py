@@ -38,15 +38,18 @@ class Time(resource.Resource):
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         accept = request.opt.accept
+        # Max-Age 1: a caching proxy may serve it for the second it stays true (RFC 7252 5.6).
         if accept is None or accept == ContentFormat.TEXT:
-            return aiocoap.Message(payload=now.encode(), content_format=ContentFormat.TEXT)
+            return aiocoap.Message(payload=now.encode(), content_format=ContentFormat.TEXT,
+                                   max_age=1)
         if accept == ContentFormat.JSON:
             return aiocoap.Message(
-                payload=json.dumps({"time": now}).encode(), content_format=ContentFormat.JSON
+                payload=json.dumps({"time": now}).encode(), content_format=ContentFormat.JSON,
+                max_age=1,
             )
         if accept == ContentFormat.CBOR:
             return aiocoap.Message(
-                payload=cbor2.dumps({"time": now}), content_format=ContentFormat.CBOR
+                payload=cbor2.dumps({"time": now}), content_format=ContentFormat.CBOR, max_age=1
             )
         return aiocoap.Message(
             code=aiocoap.NOT_ACCEPTABLE, payload=b"/time speaks text/plain, JSON and CBOR"
@@ -106,6 +109,7 @@ class Temperature(resource.ObservableResource):
         response = aiocoap.Message(
             payload=f"{self.reading(time.time()):.2f} C".encode(),
             content_format=ContentFormat.TEXT,
+            max_age=1,  # the reading changes every second
         )
         response.opt.max_age = self.MAX_AGE
         return response

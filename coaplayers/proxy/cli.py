@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    " notifications towards clients (default 2)")
     p.add_argument("--max-in-flight", metavar="N", type=int,
                    help="exchanges waiting on upstreams at once; 5.03 beyond (default 256)")
+    p.add_argument("--cache-entries", metavar="N", type=int,
+                   help="answers the response cache may hold (default 1024; 0: no cache)")
+    p.add_argument("--cache-bytes", metavar="N", type=int,
+                   help="bytes the response cache may hold (default 1048576)")
     p.add_argument("--upstream-sockets", metavar="N", type=int,
                    help="upstream sockets; each client sticks to one (default 32)")
     p.add_argument("--resolve-ttl", metavar="SECONDS", type=float,
@@ -132,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     for flag in (
         "log_file", "log_rate", "upstream_timeout", "ack_timeout", "downstream_ack_timeout",
         "max_in_flight", "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
-        "no_response_wait",
+        "no_response_wait", "cache_entries", "cache_bytes",
     ):
         value = getattr(args, flag)
         if value is not None:

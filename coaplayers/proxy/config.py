@@ -188,6 +188,9 @@ class ProxyConfig:
     # How long a resolved coap:// upstream address is reused (0: resolve on every exchange).
     resolve_ttl: float = 30.0
     max_observations: int = 1024
+    # The response cache (docs/PROXY.md, Caching): entries (0: off) and bytes it may hold.
+    cache_entries: int = 1024
+    cache_bytes: int = 1 << 20
     rate_limit: RateLimit | None = None
     rate_limit_clients: int = 10000
     shutdown_grace: float = 5.0
@@ -219,6 +222,8 @@ class ProxyConfig:
             raise ConfigError("resolve_ttl must be between 0 and 86400 seconds")
         if self.log_rate < 0:
             raise ConfigError("log_rate must be >= 0")
+        if not 0 <= self.cache_entries <= 1_000_000 or not 0 <= self.cache_bytes <= 1 << 32:
+            raise ConfigError("cache_entries must be 0..1000000 and cache_bytes 0..4 GiB")
         if self.max_in_flight < 1 or self.max_observations < 0:
             raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
         bad = set(self.allowed_schemes) - set(DEFAULT_PORTS)
@@ -237,6 +242,8 @@ _SCALARS: dict[str, type] = {
     "upstream_sockets": int,
     "resolve_ttl": float,
     "max_observations": int,
+    "cache_entries": int,
+    "cache_bytes": int,
     "rate_limit_clients": int,
     "shutdown_grace": float,
     "log_file": str,

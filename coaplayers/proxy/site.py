@@ -30,6 +30,7 @@ from .. import dtls
 from ..layer1.transport import Layer1Error
 from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
+from .cache import CacheLimits, ResponseCache, cached_answer
 from .config import ProxyConfig
 from .limits import InFlight, RateLimiter
 from .metrics import MetricsRegistry
@@ -125,6 +126,10 @@ class ProxyMetrics:
         self.bytes = r.counter(
             "coap_proxy_payload_bytes_total", "Payload bytes relayed", ["direction"]
         )
+        self.cache = r.counter(
+            "coap_proxy_cache_total", "Cacheable requests by result (hit, miss, validated)",
+            ["result"],
+        )
         self.suppressed = r.counter(
             "coap_proxy_suppressed_total",
             "Answers not sent because the request's No-Response (RFC 7967) suppressed them",
@@ -160,6 +165,11 @@ class ProxySite:
             RateLimiter(config.rate_limit, config.rate_limit_clients)
             if config.rate_limit is not None else None
         )
+        self.cache = ResponseCache(CacheLimits(config.cache_entries, config.cache_bytes))
+        registry.gauge("coap_proxy_cache_entries", "Answers in the response cache",
+                       func=lambda: len(self.cache))
+        registry.gauge("coap_proxy_cache_bytes", "Bytes charged to the response cache",
+                       func=lambda: self.cache.bytes_used)
         self.observations = 0
         self.draining = False
         self._stopping = asyncio.Event()
@@ -318,8 +328,25 @@ class ProxySite:
                 f"no {d.upstream.scheme} transport configured", "not_proxying"), entry, started)
             return
         wants_observe = request.opt.observe == 0
+        cache = self.cache
+        key = cache.key_for(request, d) if cache.enabled else None
+        validating = None
+        if key is not None:
+            now = self.clock()
+            found = cache.lookup(key, now)
+            if found.fresh is not None:
+                self.metrics.cache.inc(result="hit")
+                entry["cache"] = "hit"
+                answer = cached_answer(found.fresh, request, now)
+                self._done(entry, answer, started, None)
+                self._answer(pipe, answer, is_last=True)
+                return
+            if found.stale is not None and not request.opt.etags:
+                validating = found.stale  # ask upstream whether our copy is still valid
         observe = wants_observe and self.observations < self.config.max_observations
         out = self._upstream_request(request, d, observe)
+        if validating is not None:
+            out.opt.etags = [validating.etag]
         t0 = self.clock()
         client = entry["client"]  # per address: Block1 state is per address upstream
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
@@ -389,7 +416,23 @@ class ProxySite:
             self._fail(pipe, codes.BAD_GATEWAY, "upstream answer has unknown unsafe option "
                        + ",".join(map(str, bad)), "bad_gateway", entry, started)
             return
-        first = self._relay(response, d)
+        if key is not None:
+            now = self.clock()
+            if (validating is not None and response.code == codes.VALID
+                    and response.opt.etags[:1] == (validating.etag,)):
+                cache.refresh(key, validating, response, now)
+                self.metrics.cache.inc(result="validated")
+                entry["cache"] = "validated"
+                first = cached_answer(validating, request, now)
+            else:
+                cache.store(key, response, d.uri, now)
+                self.metrics.cache.inc(result="miss")
+                entry["cache"] = "miss"
+                first = self._relay(response, d)
+        else:
+            if cache.enabled:
+                cache.invalidate(request, response, d.uri)
+            first = self._relay(response, d)
         relaying = (
             observe and upstream.observation is not None and response.opt.observe is not None
             and response.code.is_successful()

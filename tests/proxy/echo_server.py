@@ -4,7 +4,8 @@ libcoap's coap-server has no echo resource and cannot report what options reache
 proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload, ``/big``
 serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers after S seconds,
 ``/critopt?S`` answers after S seconds with the unknown critical option 65001, a POST to
-``.../create`` answers 2.01 with the Location-Path ``.../made``,
+``.../create`` answers 2.01 with the Location-Path ``.../made``, ``/etag?MAXAGE`` has the ETag
+"e1" (2.03 to a request holding it),
 and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
@@ -62,6 +63,16 @@ class Origin(resource.ObservableResource):
             made = aiocoap.Message(code=codes.CREATED)
             made.opt.location_path = [*path[:-1], "made"]
             return made
+        if first == "etag":  # ETag "e1", Max-Age from the query (default 1); 2.03 if held
+            max_age = int(request.opt.uri_query[0]) if request.opt.uri_query else 1
+            if b"e1" in request.opt.etags:
+                valid = aiocoap.Message(code=codes.VALID, max_age=max_age)
+                valid.opt.etag = b"e1"
+                return valid
+            tagged = aiocoap.Message(code=codes.CONTENT, payload=b"tagged body",
+                                     max_age=max_age)
+            tagged.opt.etag = b"e1"
+            return tagged
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {
