@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hop-Limit inserted when a request has none (default 16)")
     p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
                    help="how long in-flight exchanges may take at shutdown (default 5)")
+    hx = p.add_argument_group("http:// and https:// upstreams (CoAP-to-HTTP cross-proxy)")
+    hx.add_argument("--http-max-body", metavar="BYTES", type=int,
+                    help="largest request body reassembled from Block1 and largest HTTP"
+                    " response body read (default 262144)")
+    hx.add_argument("--http-connections", metavar="N", type=int,
+                    help="HTTP connections kept open at most (default 64)")
+    hx.add_argument("--http-ca", metavar="PEM",
+                    help="CAs https:// upstreams are checked against (default: the system's)")
     l1 = p.add_argument_group("Layer 1 (coaps://), wired in by the Layer 1 transport")
     l1.add_argument("--psk", metavar="ID:KEY", action="append",
                     help="PSK for coaps listeners, repeatable")
@@ -141,6 +149,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         value = getattr(args, flag)
         if value is not None:
             changes[flag] = value
+    hx: dict[str, Any] = {}
+    for flag, name in (("http_max_body", "max_body"), ("http_connections", "connections"),
+                       ("http_ca", "ca")):
+        if getattr(args, flag) is not None:
+            hx[name] = getattr(args, flag)
     l1: dict[str, Any] = {}
     if args.psk:
         l1["psk"] = tuple(args.psk)
@@ -152,6 +165,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if l1:
         changes["layer1"] = replace(cfg.layer1 or Layer1Settings(), **l1)
     try:
+        if hx:
+            changes["http"] = replace(cfg.http, **hx)
         return replace(cfg, **changes)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc

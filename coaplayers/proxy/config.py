@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-DEFAULT_PORTS = {"coap": 5683, "coaps": 5684}
+DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "http": 80, "https": 443}
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class Upstream:
         parts = urlsplit(uri)
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
-            raise ConfigError(f"upstream {uri!r}: scheme must be coap or coaps")
+            raise ConfigError(f"upstream {uri!r}: scheme must be coap, coaps, http or https")
         if not parts.hostname:
             raise ConfigError(f"upstream {uri!r} names no host")
         if parts.query or parts.fragment:
@@ -165,6 +165,26 @@ class Layer1Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Bounds and trust of the CoAP-to-HTTP cross-proxy (``http.py``)."""
+
+    # Largest request body reassembled from Block1 and largest HTTP response body read.
+    max_body: int = 256 * 1024
+    # Open HTTP connections kept at most (all origins together); idle ones are reused.
+    connections: int = 64
+    # PEM bundle of the CAs https:// upstreams are checked against; None: the system's.
+    ca: str | None = None
+    # Answers held for Block2 continuations of methods that cannot be repeated, at most.
+    held_bodies: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_body <= 64 * 1024 * 1024:
+            raise ConfigError("http max_body must be between 1 byte and 64 MiB")
+        if not 1 <= self.connections <= 4096 or not 1 <= self.held_bodies <= 65536:
+            raise ConfigError("http connections must be 1..4096 and held_bodies 1..65536")
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything coap-proxy can be told; the CLI and the TOML file fill the same fields."""
 
@@ -173,7 +193,7 @@ class ProxyConfig:
     forward: bool = True
     # Names (Uri-Host values) that mean this proxy itself, besides its bound addresses.
     names: tuple[str, ...] = ()
-    allowed_schemes: tuple[str, ...] = ("coap", "coaps")
+    allowed_schemes: tuple[str, ...] = ("coap", "coaps", "http", "https")
     upstream_timeout: float = 10.0
     # RFC 7967: a request whose No-Response suppresses 2.xx waits at most this long upstream
     # (silence is then its expected answer); a NON one suppressing every class waits not at all.
@@ -202,6 +222,8 @@ class ProxyConfig:
     # lines have a bucket of their own, EXCHANGE_LINE_RATE.
     log_rate: float = 50.0
     layer1: Layer1Settings = field(default_factory=Layer1Settings)
+    # http:// and https:// upstreams (the CoAP-to-HTTP cross-proxy, http.py).
+    http: HttpSettings = field(default_factory=lambda: HttpSettings())
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -311,6 +333,17 @@ def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -
                 else:
                     raise ConfigError(f"layer1: unknown setting {k!r}")
             changes["layer1"] = replace(cfg.layer1, **l1)
+        elif key == "http":
+            if not isinstance(value, dict):
+                raise ConfigError("http: expected a table")
+            kinds = {"max_body": int, "connections": int, "ca": str, "held_bodies": int}
+            h: dict[str, Any] = {}
+            for k, v in value.items():
+                k = k.replace("-", "_")
+                if k not in kinds:
+                    raise ConfigError(f"http: unknown setting {k!r}")
+                h[k] = _typed(f"http.{k}", v, kinds[k])
+            changes["http"] = replace(cfg.http, **h)
         else:
             raise ConfigError(f"unknown setting {key!r}")
     try:
@@ -378,4 +411,7 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
             layer1["rpk_trust"] = [str(folder / t) if isinstance(t, str) else t for t in items]
     if isinstance(data.get("log_file"), str):
         data["log_file"] = str(folder / data["log_file"])
+    http = data.get("http")
+    if isinstance(http, dict) and isinstance(http.get("ca"), str):
+        http["ca"] = str(folder / http["ca"])
     return config_from_mapping(data, base)

@@ -87,6 +87,8 @@ class ProxyNode:
             await self.metrics_server.close()
         if self.context is not None:
             await self.context.shutdown()
+        if self.site.http_upstream is not None:
+            await self.site.http_upstream.close()
         self._stopped.set()
         return finished
 

@@ -32,6 +32,8 @@ from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
 from .cache import CacheLimits, ResponseCache, cached_answer
 from .config import ProxyConfig
+from .http import HTTP_SCHEMES, HttpUpstream
+from .http import forward as http_forward
 from .limits import InFlight, RateLimiter
 from .metrics import MetricsRegistry
 from .routing import ROUTING_OPTIONS, Decision, Refusal, Router, unknown_unsafe
@@ -159,6 +161,7 @@ class ProxySite:
         self.identity = identity
         self.upstream: UpstreamPool | None = None  # set once the contexts exist
         self.upstream_schemes: frozenset[str] = frozenset({"coap"})
+        self.http_upstream: HttpUpstream | None = None  # made on the first http:// request
         self.self_name = "coap-proxy"  # our hop id in relayed 5.08 payloads (RFC 8768)
         self.in_flight = InFlight(config.max_in_flight)
         self.limiter = (
@@ -322,6 +325,9 @@ class ProxySite:
         self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
         slot: _Slot,
     ) -> None:
+        if d.upstream.scheme in HTTP_SCHEMES:  # the CoAP-to-HTTP cross-proxy
+            await http_forward(self, pipe, request, d, entry, started)
+            return
         if d.upstream.scheme not in self.upstream_schemes or self.upstream is None:
             self._refuse(pipe, Refusal(
                 codes.PROXYING_NOT_SUPPORTED,

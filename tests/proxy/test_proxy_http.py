@@ -1,0 +1,221 @@
+"""coap-proxy as a CoAP-to-HTTP cross-proxy, with real HTTP origins behind it and real CoAP
+clients in front: Python's http.server (GET, files), a uvicorn-served ASGI origin for the
+other methods and headers, libcoap's coap-client and aiocoap as clients."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiocoap
+import pytest
+from aiocoap import Message
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import OpaqueOption
+
+from coaplayers.proxy.config import ProxyConfig
+from tests.conftest import need_program, run_program
+
+from .conftest import ROOT, Running, _read_until, _stop, start_proxy
+
+pytestmark = pytest.mark.slow
+
+
+def allow(*hosts: str) -> list[str]:
+    """``--allow`` for the proxy where it has an allow-list (forward proxying closed)."""
+    if "allow" not in {f.name for f in dataclasses.fields(ProxyConfig)}:
+        return []
+    return [a for h in hosts for a in ("--allow", h)]
+
+
+@pytest.fixture
+async def files(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """Python's stock http.server on a folder: (base URL, folder)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", "-m", "http.server", "-b", "127.0.0.1", "0", "-d", str(folder),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        line = (await _read_until(proc, "Serving HTTP", 20))[-1]
+        port = line.split(" port ")[1].split()[0]
+        yield f"http://127.0.0.1:{port}", folder
+    finally:
+        await _stop(proc)
+
+
+async def start_origin_http(tmp: Path, *tls: str) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.proxy.http_origin", "127.0.0.1", "0", *tls,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=open(tmp / f"origin-{os.urandom(3).hex()}.err", "wb"))
+    line = (await _read_until(proc, "listen ", 20))[-1]
+    return proc, line.split()[1]
+
+
+@pytest.fixture
+async def web(tmp_path: Path) -> AsyncIterator[str]:
+    proc, url = await start_origin_http(tmp_path)
+    try:
+        yield url
+    finally:
+        await _stop(proc)
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[Running]:
+    run = await start_proxy(tmp_path, *allow("127.0.0.1"), "--http-max-body", "8192",
+                            "--upstream-timeout", "2")
+    try:
+        yield run
+    finally:
+        await _stop(run.proc)
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[aiocoap.Context]:
+    c = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        yield c
+    finally:
+        await c.shutdown()
+
+
+def via(proxy: Running, url: str, code: Code = Code.GET, payload: bytes = b"",
+        **options: object) -> Message:
+    """A request for ``url`` sent to ``proxy`` with Proxy-Uri."""
+    msg = Message(code=code, payload=payload, uri=f"coap://{proxy.hostport}", **options)
+    msg.opt.proxy_uri = url
+    return msg
+
+
+async def ask(ctx: aiocoap.Context, msg: Message) -> Message:
+    return await asyncio.wait_for(ctx.request(msg).response, 15)
+
+
+@pytest.mark.interop
+async def test_libcoap_client_reads_files_from_python_http_server(
+        files: tuple[str, Path], proxy: Running, tmp_path: Path) -> None:
+    base, folder = files
+    (folder / "a.txt").write_text("hello http\n")
+    big = os.urandom(3000).hex().encode()  # 6000 bytes: six Block2 slices
+    (folder / "big.bin").write_bytes(big)
+    client = need_program("coap-client-notls")
+    out = tmp_path / "out"
+    for name, expected in (("a.txt", b"hello http\n"), ("big.bin", big)):
+        out.unlink(missing_ok=True)
+        rc, _, err = await run_program(client, "-m", "get", "-P", f"coap://{proxy.hostport}",
+                                       "-o", str(out), f"{base}/{name}")
+        assert rc == 0, err
+        assert out.read_bytes() == expected
+    rc, stdout, _ = await run_program(client, "-v", "6", "-m", "get", "-P",
+                                      f"coap://{proxy.hostport}", f"{base}/missing")
+    assert b"c:4.04" in stdout
+    lines = [e for e in proxy.log_lines() if e.get("event") == "exchange"]
+    assert any(e["upstream"] == f"{base}/big.bin" and e["code"] == "2.05" for e in lines)
+
+
+async def test_aiocoap_client_gets_text_and_blocks(
+        files: tuple[str, Path], proxy: Running, ctx: aiocoap.Context) -> None:
+    base, folder = files
+    body = os.urandom(2500).hex().encode()
+    (folder / "t.txt").write_bytes(body)
+    response = await ask(ctx, via(proxy, f"{base}/t.txt"))
+    assert response.code == Code.CONTENT
+    assert response.payload == body
+    assert response.opt.content_format == 0  # text/plain
+    assert response.opt.max_age == 0  # http.server says nothing about freshness
+
+
+async def test_methods_codes_location_and_headers(
+        web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    made = await ask(ctx, via(proxy, f"{web}/items", Code.POST, b"x", content_format=0))
+    assert made.code == Code.CREATED
+    assert tuple(made.opt.location_path) == ("items", "7")
+    assert tuple(made.opt.location_query) == ("v=1",)
+    assert (await ask(ctx, via(proxy, f"{web}/items/7", Code.PUT, b"y"))).code == Code.CHANGED
+    assert (await ask(ctx, via(proxy, f"{web}/items/7", Code.DELETE))).code == Code.DELETED
+    assert (await ask(ctx, via(proxy, f"{web}/nothing"))).code == Code.NOT_FOUND
+    echoed = await ask(ctx, via(proxy, f"{web}/echo?a=1&b=x%20y", Code.POST, b"{}",
+                                content_format=50, accept=50))
+    assert echoed.code == Code.CHANGED and echoed.payload == b"{}"
+    assert echoed.opt.content_format == 50
+    last = json.loads((await ask(ctx, via(proxy, f"{web}/last"))).payload)
+    assert last["method"] == "POST" and last["query"] == "a=1&b=x%20y"
+    assert last["headers"]["content-type"] == "application/json"
+    assert last["headers"]["accept"] == "application/json"
+    busy = await ask(ctx, via(proxy, f"{web}/busy"))
+    assert busy.code == Code.SERVICE_UNAVAILABLE and busy.opt.max_age == 7
+    moved = await ask(ctx, via(proxy, f"{web}/redirect"))
+    assert moved.code == Code.BAD_GATEWAY
+
+
+async def test_etag_and_max_age_validate_across(
+        web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    first = await ask(ctx, via(proxy, f"{web}/etag"))
+    assert first.code == Code.CONTENT and first.payload == b"tagged"
+    assert first.opt.max_age == 30
+    assert first.opt.etag is not None and len(first.opt.etag) <= 8
+    again = await ask(ctx, via(proxy, f"{web}/etag", etag=first.opt.etag))
+    assert again.code == Code.VALID
+    assert again.opt.etag == first.opt.etag
+    last = json.loads((await ask(ctx, via(proxy, f"{web}/last"))).payload)
+    assert last["headers"]["if-none-match"] == '"v1-abcdef"'  # the origin's own tag
+
+
+async def test_block1_bodies_are_reassembled_and_bounded(
+        web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    body = os.urandom(3000)
+    echoed = await ask(ctx, via(proxy, f"{web}/echo", Code.POST, body, content_format=42))
+    assert echoed.code == Code.CHANGED
+    assert echoed.payload == body  # up in Block1, down in Block2
+    last = json.loads((await ask(ctx, via(proxy, f"{web}/last"))).payload)
+    assert bytes.fromhex(last["body"]) == body
+    too_big = await ask(ctx, via(proxy, f"{web}/echo", Code.POST, os.urandom(9000)))
+    assert too_big.code == Code.REQUEST_ENTITY_TOO_LARGE
+
+
+async def test_what_http_cannot_carry_is_refused(
+        web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    fetch = await ask(ctx, via(proxy, f"{web}/echo", Code.FETCH, b"q"))
+    assert fetch.code == Code.METHOD_NOT_ALLOWED
+    odd_format = await ask(ctx, via(proxy, f"{web}/echo", Code.POST, b"z",
+                                    content_format=12345))
+    assert odd_format.code == Code.UNSUPPORTED_CONTENT_FORMAT
+    critical = via(proxy, f"{web}/echo")
+    critical.opt.add_option(OpaqueOption(2049, b"\x01"))  # critical, safe to forward, unknown
+    assert (await ask(ctx, critical)).code == Code.BAD_OPTION
+    observed = await ask(ctx, via(proxy, f"{web}/etag", observe=0))
+    assert observed.code == Code.CONTENT and observed.opt.observe is None
+
+
+async def test_upstream_failures(web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    slow = await ask(ctx, via(proxy, f"{web}/slow"))
+    assert slow.code == Code.GATEWAY_TIMEOUT
+    closed = await ask(ctx, via(proxy, "http://127.0.0.1:9/"))
+    assert closed.code == Code.GATEWAY_TIMEOUT and closed.payload == b"upstream unreachable"
+
+
+async def test_https_upstreams_are_verified(
+        tmp_path: Path, demo_pki: dict, ctx: aiocoap.Context) -> None:
+    cert, key, ca = tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem"
+    cert.write_bytes(demo_pki["server"].cert_pem())
+    key.write_bytes(demo_pki["server"].key_pem())
+    ca.write_bytes(demo_pki["ca"].cert_pem())
+    origin, url = await start_origin_http(tmp_path, str(cert), str(key))
+    trusting = await start_proxy(tmp_path, *allow("127.0.0.1"), "--http-ca", str(ca))
+    default = await start_proxy(tmp_path, *allow("127.0.0.1"))
+    try:
+        ok = await ask(ctx, via(trusting, f"{url}/etag"))
+        assert ok.code == Code.CONTENT and ok.payload == b"tagged"
+        refused = await ask(ctx, via(default, f"{url}/etag"))
+        assert refused.code == Code.BAD_GATEWAY
+        assert refused.payload == b"upstream certificate not trusted"
+    finally:
+        for proc in (origin, trusting.proc, default.proc):
+            await _stop(proc)
