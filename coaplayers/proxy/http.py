@@ -210,7 +210,10 @@ async def forward(
                    f" {http.settings.max_body} bytes", "too_large", entry, started)
         return
     except httpx.ConnectError as exc:
-        if _certificate_problem(exc):
+        if _cause(exc, socket.gaierror):
+            site._fail(pipe, Code.BAD_GATEWAY, "cannot resolve upstream", "resolution",
+                       entry, started)
+        elif _cause(exc, ssl.SSLError):
             site._fail(pipe, Code.BAD_GATEWAY, "upstream certificate not trusted",
                        "tls", entry, started)
         else:
@@ -256,12 +259,13 @@ async def _checked_address(site: ProxySite, d: Decision) -> str | None:
     return None
 
 
-def _certificate_problem(exc: BaseException) -> bool:
+def _cause(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is among the exceptions that led to ``exc`` (httpx wraps them)."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             return False
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

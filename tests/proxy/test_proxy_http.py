@@ -199,6 +199,8 @@ async def test_upstream_failures(web: str, proxy: Running, ctx: aiocoap.Context)
     assert slow.code == Code.GATEWAY_TIMEOUT
     closed = await ask(ctx, via(proxy, "http://127.0.0.1:9/"))
     assert closed.code == Code.GATEWAY_TIMEOUT and closed.payload == b"upstream unreachable"
+    unknown = await ask(ctx, via(proxy, "http://no-such-host.invalid/"))
+    assert unknown.code == Code.BAD_GATEWAY and unknown.payload == b"cannot resolve upstream"
 
 
 async def test_https_upstreams_are_verified(

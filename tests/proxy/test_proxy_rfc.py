@@ -56,7 +56,7 @@ async def test_no_response_is_honoured_and_holds_nothing(
             libcoap_get(tmp_path, "ok", "-N", "-O", "258,0x18", *via,
                         f"coap://{origin.hostport}/x"),
             # success suppressed, errors wanted: a refusal by the proxy itself still comes
-            libcoap_get(tmp_path, "err", "-N", "-O", "258,0x02", *via, "http://x/"),
+            libcoap_get(tmp_path, "err", "-N", "-O", "258,0x02", *via, "ftp://x/"),
         )
         elapsed = time.monotonic() - t0
     (lc, lc_out), (ao, ao_out), (_, ok_out), (err, _) = results

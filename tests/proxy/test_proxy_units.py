@@ -84,7 +84,9 @@ def test_option_safety() -> None:
 def test_refusals_505() -> None:
     assert refusal(router(forward=False), proxy_uri("coap://h/")).code == (
         codes.PROXYING_NOT_SUPPORTED)
-    assert refusal(router(), proxy_uri("http://h/")).code == codes.PROXYING_NOT_SUPPORTED
+    assert refusal(router(allowed_schemes=("coap", "coaps")), proxy_uri("http://h/")).code == (
+        codes.PROXYING_NOT_SUPPORTED)
+    assert refusal(router(), proxy_uri("ftp://h/")).code == codes.PROXYING_NOT_SUPPORTED
     assert refusal(router(allowed_schemes=("coap",)), proxy_uri("coaps://h/")).kind == (
         "not_proxying")
     assert refusal(router(), Message(code=GET, uri="coap://127.0.0.1/x")).kind == "no_route"
@@ -156,7 +158,7 @@ def test_config_file_and_flags_win(tmp_path: Path) -> None:
     f.write_text("listn = []\n")
     with pytest.raises(ConfigError, match="listn"):
         load_config_file(f)
-    for bad in ("nothing", "/x=http://h", "/x=coap://"):
+    for bad in ("nothing", "/x=ftp://h", "/x=coap://"):
         with pytest.raises(ConfigError):
             Route.parse(bad)
 
