@@ -7,12 +7,13 @@ the DTLS engines, which are most of the start-up time.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+# asyncio, aiocoap and the DTLS engines are imported where a run needs them: --help and
+# usage errors never load them (start-up time, docs/BENCHMARKS.md).
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     from coaplayers.loglimit import LogLimits, install_log_limits
 
     install_log_limits(LogLimits(tracebacks=config.traceback))
+    import asyncio
+
     state = RunState()
     try:
         code = asyncio.run(_main_task(config, state))
@@ -165,6 +168,9 @@ def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: A
 
 
 async def _main_task(config: Any, state: RunState) -> int:
+    import asyncio
+    import signal
+
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     assert task is not None

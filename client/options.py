@@ -18,8 +18,6 @@ from typing import NoReturn
 
 from coaplayers.dtls import ConfigurationError
 
-from . import output
-
 METHODS = ("delete", "fetch", "get", "ipatch", "patch", "post", "put")
 
 DEFAULT_TIMEOUT = 90.0
@@ -385,6 +383,8 @@ def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
         raise UsageError(f"-p {args.port}: not a port number")
     if args.loss is not None:
         _check_loss(args.loss)
+    from . import output
+
     verbosity = args.verbose if args.verbose is not None else DEFAULT_VERBOSITY
     if not 0 <= verbosity <= 9:
         raise UsageError(f"-v {verbosity}: the level is 0..9")

@@ -11,7 +11,9 @@ Phases, in order (each bounded in time, every process ended however the run ends
    the product's client (:mod:`.handshake`) and, to keep the server busy, from a lean load
    generator (:mod:`.hsload`);
 5. in process, without the rig: handshake sizes and round trips, handshakes per second,
-   memory per Layer 0 session and per OSCORE context (:mod:`.memory`, one process each).
+   memory per Layer 0 session and per OSCORE context (:mod:`.memory`, one process each);
+6. start-up: ``--help`` of each program and a first plain GET in fresh processes, next to
+   libcoap's and aiocoap's clients (:mod:`.startup`; ``--startup`` runs this phase alone).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import handshake, hsload, report, wire
+from . import handshake, hsload, report, startup, wire
 from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
 from .load import open_clients, run_load
 from .rig import rig
@@ -40,6 +42,7 @@ examples:
   coap-bench --json bench.json --png bench.png        # the full run (about 6 minutes)
   coap-bench --quick --json quick.json                # a smoke run (about a minute)
   coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
+  coap-bench --startup                                # start-up times alone (seconds)
 
 modes: """ + ", ".join(MODES) + """
 The PNG needs matplotlib: pip install -e '.[bench]'. Exit status 0 when the run completed
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated subset of the throughput modes")
     p.add_argument("--memory-counts", help="comma-separated session counts (default 1000,10000;"
                    " quick 100,1000)")
+    p.add_argument("--startup", action="store_true",
+                   help="only the start-up figures: --help and a first GET in fresh processes,"
+                   " with libcoap's and aiocoap's clients beside ours")
     p.add_argument("--workdir", metavar="DIR",
                    help="keep credentials, logs and captures here (default: a temporary folder,"
                    " removed at the end)")
@@ -254,6 +260,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         handshake.rate_in_process, 3, 40 if quick else 150, ep.creds, "rpk")
     _say(f"memory at {', '.join(map(str, counts))}")
     results["memory"] = await phase_memory(counts, ep.creds, 120 if quick else 300)
+    _say("start-up")
+    results["startup"] = await asyncio.to_thread(startup.measure, 3 if quick else 7)
     results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
     results["targets"] = report.evaluate(results)
     return results
@@ -268,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         print("coap-bench: --png needs matplotlib, which is not installed; install the bench"
               " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"
               " JSON are still written.", file=sys.stderr)
+    if args.startup:
+        results = {"startup": startup.measure(3 if args.quick else 7)}
+        results["targets"] = report.evaluate(results)
+        print(report.render_startup_only(results), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        return 0
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,24 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         what = "OSCORE context" if kind == "oscore" else f"Layer 0 session ({kind})"
         t.append(_target(f"memory per {what} at {count:,}", entry["bytes_per_item"] / KIB,
                          limit, at_least=False, unit="KiB", note=entry.get("where", "")))
+    t += _startup_targets(results.get("startup", {}))
+    return t
+
+
+def _startup_targets(startup: dict[str, Any]) -> list[dict[str, Any]]:
+    from .startup import GET_TARGET, HELP_TARGET
+
+    t = []
+    for key, label, limit in (("help", "coap-client --help", HELP_TARGET),
+                              ("get", "coap-client first plain GET on loopback", GET_TARGET)):
+        figures = startup.get(key, {})
+        ours = figures.get("coap-client")
+        if ours is None:
+            continue
+        others = ", ".join(f"{name} {1000 * x:.0f}" for name, x in figures.items()
+                           if name in ("aiocoap-client", "coap-client-notls") and x is not None)
+        t.append(_target(f"start-up: {label}", 1000 * ours, 1000 * limit, at_least=False,
+                         unit="ms", also=others))
     return t
 
 
@@ -205,6 +223,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
             (c.rjust(w) if i else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths,
                                                                               strict=True))))
     return "\n".join(out)
+
+
+def render_startup_only(results: dict[str, Any]) -> str:
+    from .startup import render as render_startup
+
+    rows = [[x["target"], f"{x['comparison']} {_fmt(x['limit'])} {x['unit']}",
+             _fmt(x["measured"]), x["result"], x.get("also", "")]
+            for x in results.get("targets", [])]
+    return render_startup(results["startup"]) + "\n\n" + _table(
+        ["target", "limit", "measured", "result", "also (ms)"], rows)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -324,6 +352,10 @@ def render(results: dict[str, Any]) -> str:
     if rows:
         parts.append("\nMemory (server RSS growth / count; in-process, see method in JSON)")
         parts.append(_table(["what", "count", "KiB each", "MiB growth", "seconds"], rows))
+    if results.get("startup"):
+        from .startup import render as render_startup
+
+        parts.append("\n" + render_startup(results["startup"]))
     targets = results.get("targets", [])
     if targets:
         rows = [[x["target"], f"{x['comparison']} {_fmt(x['limit'], 1 if x['limit'] < 10 else 0)}"
