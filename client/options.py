@@ -73,6 +73,10 @@ class UsageError(ConfigurationError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        flags = [a for a in unknown[1].split() if a.startswith("-")] if unknown else []
+        if flags:
+            message = f"unknown flag {flags[0]}"
         raise UsageError(f"{message} (coap-client --help lists the flags)")
 
 
