@@ -60,8 +60,8 @@ are kept apart: the same raw public key at both layers is refused.
 
 end-to-end credentials: a handshake uses one kind. --e2e-auth psk|cert|rpk names it; without
 it, a kind given on the command line wins over the file's, and among several the order is
-rpk (raw public keys, RFC 7250), psk, cert (--e2e oscore: rpk, cert; the PSK backend has no
-exporter to key OSCORE from).
+rpk (raw public keys, RFC 7250), psk, cert (--e2e oscore keys from any of them: its PSK
+handshake runs on OpenSSL, for the TLS exporter).
 
 exit status: {EXIT_OK} for 2.xx; {EXIT_CLIENT_ERROR} for 4.xx; {EXIT_SERVER_ERROR} for 5.xx;
 {EXIT_TIMEOUT} no answer (timeout, the port or host unreachable, an observation gone silent);

@@ -58,9 +58,8 @@ def choose_e2e_kind(config: ClientConfig) -> str | None:
             flags = "/".join("--" + d.replace("_", "-") for d in E2E_KINDS[e2e.auth])
             raise dtls.ConfigurationError(f"--e2e-auth {e2e.auth} needs {flags}")
         return e2e.auth
-    usable = [k for k in given if not (e2e.mode == "oscore" and k == "psk")]
-    preferred = [k for k in e2e.kinds_on_command_line if k in usable]
-    return (preferred or usable or [None])[0]
+    preferred = [k for k in e2e.kinds_on_command_line if k in given]
+    return (preferred or given or [None])[0]
 
 
 def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | None:
@@ -74,11 +73,6 @@ def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | Non
         if _given(config) or e2e.auth:
             raise dtls.ConfigurationError("end-to-end credentials given without --e2e dtls|oscore")
         return None
-    if e2e.mode == "oscore" and e2e.auth == "psk":
-        raise dtls.ConfigurationError(
-            "--e2e oscore keys OSCORE from a certificate or raw-public-key handshake:"
-            " --e2e-auth psk cannot key it"
-        )
     kind = choose_e2e_kind(config)
     rpk = cfg.raw_public_key_from(
         e2e.rpk_key, e2e.rpk_server_keys, trust_flag="--e2e-rpk-server-key", peer="server",
@@ -99,11 +93,6 @@ def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | Non
                                     server_name=server_name)
     elif e2e.ca:
         cert = dtls.CertificateCredentials.trust_only(e2e.ca, server_name=server_name)
-    if kind is None and e2e.mode == "oscore":
-        raise dtls.ConfigurationError(
-            "--e2e oscore keys OSCORE from a certificate or raw-public-key handshake: give"
-            " --e2e-ca (with --e2e-cert/--e2e-key) or --e2e-rpk-key/--e2e-rpk-server-key"
-        )
     if kind is None:
         raise dtls.ConfigurationError(
             "--e2e needs --e2e-psk-identity/--e2e-psk, --e2e-ca (with --e2e-cert/--e2e-key)"

@@ -100,9 +100,9 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
         store = ContextStore(state_dir=options.oscore_state)
     except PersistenceError as e:
         raise dtls.ConfigurationError(f"--oscore-state: {e}") from e
-    if options.certificate is not None or options.raw_public_key is not None:
-        # OSCORE keys from the handshake's exporter: OpenSSL and GnuTLS have one, tinydtls not.
-        site.add_resource(list(KEYING_PATH), KeyingResource(store))
+    # OSCORE keys from the handshake's exporter: every Layer 0 server listener has one (PSK
+    # and certificates on OpenSSL, raw public keys on GnuTLS).
+    site.add_resource(list(KEYING_PATH), KeyingResource(store))
     inner: Any = RequireEndToEnd(site) if options.required else site
     inner = OscoreSite(inner, store)
     credentials = options.credentials
@@ -125,11 +125,10 @@ class E2EClientOptions:
     raw_public_key: dtls.RawPublicKeyCredentials | None = None
 
     def chosen(self) -> Any:
-        """The one kind a handshake uses: raw public keys, then PSK, then certificates (the
-        OSCORE mode needs an exporter, which the PSK backend lacks: raw public keys, then
-        certificates). ``coap-client`` fills in only the kind it picked."""
-        order = (self.raw_public_key, self.certificate) if self.mode == "oscore" else (
-            self.raw_public_key, self.psk, self.certificate)
+        """The one kind a handshake uses: raw public keys, then PSK, then certificates (in
+        the OSCORE mode a PSK handshake runs on OpenSSL, for its exporter). ``coap-client``
+        fills in only the kind it picked."""
+        order = (self.raw_public_key, self.psk, self.certificate)
         return next((c for c in order if c is not None), None)
 
 
@@ -201,12 +200,13 @@ class DtlsRequester:
 
 
 class OscoreModeRequester:
-    """OSCORE requests keyed by a Layer 0 certificate or raw-public-key handshake."""
+    """OSCORE requests keyed by a Layer 0 handshake (PSK, certificate or raw public key)."""
 
     def __init__(self, context: Any, target: str, proxy: str | None,
                  credentials: dtls.CertificateCredentials | dtls.RawPublicKeyCredentials
-                 ) -> None:
+                 | dtls.PskClientCredentials) -> None:
         self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
+                     else "PSK" if isinstance(credentials, dtls.PskClientCredentials)
                      else "certificate")
         from .layer0 import Layer0Channel
         from .oscore.mode import OscoreRequester
@@ -217,7 +217,8 @@ class OscoreModeRequester:
         # session from another context, so a second keying (re-keying) would raise.
         self.requester = OscoreRequester(
             context.context, origin,
-            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy),
+            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy,
+                                  exporter=True),
             proxy=proxy,
         )
 
@@ -230,7 +231,8 @@ class OscoreModeRequester:
         return {
             "layer 0": {
                 "mode": f"oscore (keyed by a DTLS {self.kind} handshake)",
-                "peer": _text(hs.peer_identity) if hs else None,
+                _identity_label("psk" if self.kind == "PSK" else self.kind):
+                    _text(hs.peer_identity) if hs else None,
                 "handshake cipher": hs.cipher_suite if hs else None,
                 "sender id": params.client_id.hex() if params else None,
             },
@@ -248,7 +250,7 @@ def _origin(uri: str) -> str:
 
 
 def _kind(session: Any) -> str:
-    if isinstance(session, dtls.TinyDtlsSession):
+    if isinstance(session, dtls.TinyDtlsSession | dtls.OpenSslPskClientSession):
         return "psk"
     if isinstance(session, dtls.GnuTlsSession):
         return "rpk"
@@ -272,7 +274,6 @@ async def open_requester(
         return DtlsRequester(context, target, proxy, creds)
     if e2e.mode == "oscore":
         if creds is None:
-            raise dtls.ConfigurationError(
-                "the OSCORE mode needs certificate or raw-public-key credentials")
+            raise dtls.ConfigurationError("the OSCORE mode needs end-to-end credentials")
         return OscoreModeRequester(context, target, proxy, creds)
     raise dtls.ConfigurationError(f"unknown end-to-end mode {e2e.mode!r}")

@@ -40,8 +40,8 @@ _LAZY = {
     "events": ("AlertReceived", "ApplicationData", "ConnectionClosed", "Event",
                "HandshakeComplete"),
     "gnutls": ("GnuTlsListener", "GnuTlsSession", "RawPublicKeyContext"),
-    "openssl": ("OpenSslListener", "OpenSslPskListener", "OpenSslPskSession",
-                "OpenSslSession", "TicketStore", "build_context"),
+    "openssl": ("OpenSslListener", "OpenSslPskClientSession", "OpenSslPskListener",
+                "OpenSslPskSession", "OpenSslSession", "TicketStore", "build_context"),
     "session": ("DtlsConfig", "DtlsSession", "State"),
     "tinydtls": ("TinyDtlsListener", "TinyDtlsSession"),
 }
@@ -89,6 +89,7 @@ if TYPE_CHECKING:
     from .gnutls import GnuTlsListener, GnuTlsSession, RawPublicKeyContext
     from .openssl import (
         OpenSslListener,
+        OpenSslPskClientSession,
         OpenSslPskListener,
         OpenSslPskSession,
         OpenSslSession,
@@ -121,6 +122,7 @@ __all__ = [
     "Listener",
     "NetworkUnreachable",
     "OpenSslListener",
+    "OpenSslPskClientSession",
     "OpenSslPskListener",
     "OpenSslPskSession",
     "OpenSslSession",

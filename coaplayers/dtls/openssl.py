@@ -33,7 +33,7 @@ from OpenSSL import SSL, crypto
 
 from .. import _openssl
 from . import records
-from .credentials import CertificateCredentials, PskStore
+from .credentials import CertificateCredentials, PskClientCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
 from .recordlayer import SUITES, RecordLayer
 from .session import DtlsConfig, DtlsSession, State
@@ -572,9 +572,9 @@ class OpenSslListener:
 # ---------------------------------------------------------------- PSK (server side)
 
 
-def build_psk_context(ciphers: str = PSK_CIPHERS) -> SSL.Context:
-    """A server context for PSK handshakes: no certificate, and no session cache (resuming
-    saves no public-key operation here, and without a cache the ServerHello carries no 32-byte
+def build_psk_context(ciphers: str = PSK_CIPHERS, *, server: bool = True) -> SSL.Context:
+    """A context for PSK handshakes: no certificate, and no session cache (resuming saves no
+    public-key operation here, and without a cache the ServerHello carries no 32-byte
     session ID)."""
     ctx = SSL.Context(SSL.DTLS_METHOD)
     ctx.set_options(
@@ -587,7 +587,10 @@ def build_psk_context(ciphers: str = PSK_CIPHERS) -> SSL.Context:
     except SSL.Error as exc:
         raise ConfigurationError(f"no usable cipher in {ciphers!r}") from exc
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    _openssl.use_psk_server(ctx)
+    if server:
+        _openssl.use_psk_server(ctx)
+    else:
+        _openssl.use_psk_client(ctx)
     return ctx
 
 
@@ -623,6 +626,35 @@ class OpenSslPskSession(OpenSslSession):
 
     def _verify_peer(self, conn: SSL.Connection) -> bytes | str | None:
         return self._psk_identity
+
+
+class OpenSslPskClientSession(OpenSslSession):
+    """The client side of a PSK handshake on OpenSSL (TLS_PSK_WITH_AES_128_CCM_8, as
+    tinydtls offers): what a PSK client uses when it needs the TLS exporter, i.e. to key the
+    OSCORE mode (tinydtls has none). ``peer_identity`` is the PSK identity sent, as with
+    tinydtls; the server's identity hint is ignored, as tinydtls does."""
+
+    def __init__(self, connection: SSL.Connection, credentials: PskClientCredentials, *,
+                 config: DtlsConfig | None) -> None:
+        super().__init__(connection, None, is_client=True, config=config)
+        self._psk = credentials
+        _openssl.bind_psk(connection, self._offer)
+
+    @classmethod
+    def psk_client(
+        cls, context: SSL.Context, credentials: PskClientCredentials,
+        config: DtlsConfig | None = None,
+    ) -> OpenSslPskClientSession:
+        """A session from a context of :func:`build_psk_context` (``server=False``)."""
+        conn = SSL.Connection(context, None)
+        conn.set_connect_state()
+        return cls(conn, credentials, config=config)
+
+    def _offer(self, _hint: bytes | None) -> tuple[bytes, bytes]:
+        return self._psk.identity, self._psk.key
+
+    def _verify_peer(self, conn: SSL.Connection) -> bytes | str | None:
+        return self._psk.identity
 
 
 class OpenSslPskListener(OpenSslListener):

@@ -51,6 +51,7 @@ from ..dtls import (
     DtlsSession,
     GnuTlsSession,
     HandshakeComplete,
+    OpenSslPskClientSession,
     OpenSslSession,
     PskClientCredentials,
     RawPublicKeyContext,
@@ -59,6 +60,7 @@ from ..dtls import (
     TinyDtlsSession,
     build_context,
 )
+from ..dtls.openssl import build_psk_context
 from ..message import copy_request, request_through
 from . import inner, profile
 from .errors import (
@@ -235,6 +237,8 @@ class Layer0Channel:
     ``proxy`` is a forward proxy's URI (``coap://proxy:5683``). ``tickets`` keeps resumption
     state (OpenSSL only); to resume across channels, share one store and one ``ssl_context``
     (from :func:`coaplayers.dtls.build_context`): OpenSSL resumes only within one context.
+    ``exporter``: the sessions must offer the TLS exporter (the OSCORE mode keys from it), so
+    PSK handshakes run on OpenSSL rather than tinydtls, which has none.
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class Layer0Channel:
         config: ChannelConfig | None = None,
         tickets: TicketStore | None = None,
         ssl_context: SSL.Context | None = None,
+        exporter: bool = False,
     ) -> None:
         parsed = urllib.parse.urlsplit(origin)
         if parsed.scheme not in ("coap", "coaps", "coap+tcp", "coaps+tcp") or not parsed.hostname:
@@ -268,7 +273,10 @@ class Layer0Channel:
                     credentials, server=False, ciphers=profile.DTLS_CIPHERS)
         elif isinstance(credentials, RawPublicKeyCredentials):  # raw public keys: GnuTLS
             self._rpk_context = RawPublicKeyContext(credentials, server=False)
-        elif not isinstance(credentials, PskClientCredentials):
+        elif isinstance(credentials, PskClientCredentials):
+            if exporter and ssl_context is None:
+                self._ssl_context = build_psk_context(server=False)
+        else:
             raise TypeError(
                 "Layer 0 client credentials must be PskClientCredentials, CertificateCredentials"
                 f" or RawPublicKeyCredentials, not {type(credentials).__name__}"
@@ -412,6 +420,9 @@ class Layer0Channel:
     def _new_engine(self) -> DtlsSession:
         config = layer0_config(self.config.handshake_timeout)
         if isinstance(self._credentials, PskClientCredentials):
+            if self._ssl_context is not None:
+                return OpenSslPskClientSession.psk_client(
+                    self._ssl_context, self._credentials, config)
             return TinyDtlsSession.client(self._credentials, config)
         if isinstance(self._credentials, RawPublicKeyCredentials):
             return GnuTlsSession.client(self._rpk_context, config)

@@ -26,6 +26,7 @@ from aiocoap.protocol import BlockwiseRequest
 from aiocoap.proxy.client import ProxyForwarder
 from aiocoap.transports.oscore import OSCOREAddress
 
+from ..dtls.errors import DtlsError
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
 from ..layer1.transport import split_hostinfo
@@ -64,10 +65,12 @@ class KeyingResource(resource.Resource):
             return aiocoap.Message(
                 code=Code.UNAUTHORIZED, payload=b"OSCORE keying needs a Layer 0 session"
             )
-        if peer.mode == "psk":
+        try:  # every Layer 0 server backend has one (PSK too: OpenSSL); checked anyway
+            peer.export_keying_material(EXPORTER_LABEL, 1, None)
+        except DtlsError:
             return aiocoap.Message(
                 code=Code.NOT_IMPLEMENTED,
-                payload=b"OSCORE keying needs a certificate-mode session (TLS exporter)",
+                payload=b"OSCORE keying needs a session with a TLS exporter",
             )
         if peer.resumed:
             # docs/OSCORE-KEYING.md section 1: keys come from a full handshake only.

@@ -431,8 +431,8 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
 ) -> None:
     """Through coap-proxy with the client's hop PSK on Layer 1: the same identity with the hop
     key at Layer 0 is refused while the end-to-end key works; a hop certificate does not
-    key OSCORE; a PSK Layer 0 session (even the right one) cannot key OSCORE at all, and a
-    request outside Layer 0 cannot either."""
+    key OSCORE; a PSK Layer 0 session with the end-to-end key keys it (the server's PSK side
+    is OpenSSL, which has the exporter), and a request outside Layer 0 cannot."""
     psk = json.loads((keys / "psk.json").read_text())
     hop = psk["hop1"]
     assert hop["identity"] == psk["e2e"]["identity"]  # same name, different layer and key
@@ -469,7 +469,7 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
     rc, out, err = hop_cert
     assert rc == 7 and out == b"", (rc, out, err)
     assert b"unknown_ca" in err
-    assert keying.code == Code.NOT_IMPLEMENTED  # the PSK handshake has no exporter to key from
+    assert keying.code == Code.CHANGED  # the server's PSK session has an exporter
     # Outside a Layer 0 session the keying resource refuses outright.
     assert plain.code == Code.UNAUTHORIZED and plain.payload.startswith(b"OSCORE keying needs")
 
