@@ -387,6 +387,10 @@ def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
         raise UsageError(f"-p {args.port}: not a port number")
     if args.loss is not None:
         _check_loss(args.loss)
+    first_hop = (args.proxy or uri).lower()
+    if (args.address is not None or args.port is not None) and first_hop.startswith("coaps:"):
+        raise UsageError("-a/-p bind the plain CoAP socket; a coaps:// first hop gets a DTLS"
+                         " socket of its own, which they cannot choose (not supported)")
     from . import output
 
     verbosity = args.verbose if args.verbose is not None else DEFAULT_VERBOSITY

@@ -141,6 +141,22 @@ async def test_local_address_and_port() -> None:
                                                   ("127.0.0.1", local_ours)]
 
 
+async def test_local_address_refused_for_a_coaps_first_hop() -> None:
+    r = await client("-p", str(free_udp_port()), "-u", "dev", "-k", "x", "coaps://127.0.0.1/x")
+    assert r.rc == 2 and "-a/-p" in r.one_line_error()
+
+
+async def test_keepalive_interval_registers_a_silent_observation_again(app: Running) -> None:
+    """-K: no notification for that long, and the observation is registered again (libcoap
+    sends a CoAP ping, which reaches only the first hop); notifications keep coming."""
+    r = await client("-s", "2.6", "-K", "0.4", "-w", "-o", "-", "-v", "7",
+                     app.uri("coap") + "/sensors/temperature")
+    assert r.rc == 0, r.stderr
+    registrations = re.findall(r"sent \S+ v:1 t:CON c:GET .*Observe:0", r.stderr)
+    assert len(registrations) >= 2, r.stderr
+    assert len(r.stdout.splitlines()) >= 2
+
+
 async def test_repeat_count() -> None:
     async with capture() as (cap, port):
         theirs, ours = await both(["-G", "2"], f"coap://127.0.0.1:{port}/x")
