@@ -45,6 +45,9 @@ REFUSED = {
 """libcoap flags coap-client does not support, and why (each refused with one line)."""
 
 _REFUSED_WITH_VALUE = {"-X", "-L", "-J", "-S", "-h"}
+_TAKES_VALUE = {"-m", "-e", "-f", "-t", "-A", "-o", "-s", "-B", "-P", "-b", "-T", "-O", "-H",
+                "-a", "-p", "-G", "-K", "-l", "-u", "-k", "-c", "-j", "-C", "-R", "-M", "-X",
+                "-L", "-J", "-S"}
 
 LIBCOAP_EPILOG = """\
 libcoap compatibility: the flags of libcoap 4.3's coap-client mean what they mean there
@@ -302,6 +305,12 @@ def _normalise(argv: list[str]) -> list[str]:
         if a == "--":
             out += argv[i:]
             break
+        if a in _TAKES_VALUE and nxt is not None and nxt != "--":
+            # A value such as "-e -v" is the flag's, as getopt reads it (argparse takes a
+            # value that starts with "-" only attached to its flag).
+            out += [a + nxt] if nxt.startswith("-") else [a, nxt]
+            i += 2
+            continue
         if re.fullmatch(r"-v+", a) and not (nxt is not None and nxt.isdigit() and a == "-v"):
             out += ["-v", str(min(9, 5 + len(a) - 1))]
         elif a == "-h":

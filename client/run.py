@@ -8,7 +8,6 @@ uses an aiocoap context with the UDP transport alone.
 from __future__ import annotations
 
 import asyncio
-import random
 import urllib.parse
 import warnings
 from typing import Any
@@ -299,15 +298,4 @@ async def _observe(requester: Any, config: ClientConfig, printer: output.Printer
             pr.observation.cancel()
     return 0
 
-
-def loss_filter(spec: str) -> Any:
-    """-l: which outgoing datagrams (numbered from 1) to drop, as libcoap's debugging aid."""
-    if spec.endswith("%"):
-        share = float(spec[:-1]) / 100
-        return lambda n: random.random() < share
-    dropped: set[int] = set()
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        dropped.update(range(int(low), int(high or low) + 1))
-    return lambda n: n in dropped
 

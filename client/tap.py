@@ -8,6 +8,7 @@ per-instance wrappers (aiocoap 0.4.17: ``MessageManager._send_via_transport``,
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +28,19 @@ def describe_message(message: aiocoap.Message) -> str:
             f" {{{message.token.hex()}}} [ {options} ] :: {len(message.payload)} bytes")
 
 
-def install(context: aiocoap.Context, config: ClientConfig) -> None:
-    from .run import loss_filter
+def loss_filter(spec: str) -> Callable[[int], bool]:
+    """-l: which outgoing datagrams (numbered from 1) to drop, as libcoap's debugging aid."""
+    if spec.endswith("%"):
+        share = float(spec[:-1]) / 100
+        return lambda n: random.random() < share
+    dropped: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        dropped.update(range(int(low), int(high or low) + 1))
+    return lambda n: n in dropped
 
+
+def install(context: aiocoap.Context, config: ClientConfig) -> None:
     drop: Callable[[int], bool] | None = loss_filter(config.loss) if config.loss else None
     sent = [0]
     token = [config.token]

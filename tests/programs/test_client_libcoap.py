@@ -108,6 +108,7 @@ async def both(argv: list[str], uri: str, **kw: object) -> tuple[object, object]
     ["-m", "PUT", "-N", "-T", "cafe", "-e", "a%20b%00c", "-t", "0"],
     ["-m", "Post", "-O", "2048,0x0102ff", "-O", "65001,text", "-H", "5", "-A", "50"],
     ["-T", "12345678", "-m", "fetch", "-e", "{}", "-t", "50"],
+    ["-m", "post", "-e", "-v"],  # getopt: "-v" is -e's value
 ])
 async def test_request_flags_put_the_same_message_on_the_wire_as_libcoap(
     flags: list[str],
