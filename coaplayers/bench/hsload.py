@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from aiocoap import CON, POST, Message
 
 from ..dtls import ConnectionClosed, HandshakeComplete
-from ..layer0.profile import CHANGED, CONTENT_FORMAT, CREATED, WELL_KNOWN_PATH
+from ..layer0.profile import CHANGED, CONTENT_FORMAT, CREATED, WELL_KNOWN_PATH, handshake_tag
 from .inmem import Peers
 from .procs import cpu_of
 
@@ -89,12 +89,14 @@ class _Load:
             client.connect(loop.time())
             queue = list(client.datagrams_to_send())
             sid: str | None = None
+            tag = b""  # the handshake tag starts every request to the half-open session
             for _ in range(16):
                 datagram = queue.pop(0) if queue else b""
                 path = WELL_KNOWN_PATH if sid is None else (sid,)
-                answer = await self.exchange(path, datagram)
+                answer = await self.exchange(path, tag + datagram if sid else datagram)
                 if answer.code == CREATED and answer.opt.location_path:
                     sid = answer.opt.location_path[-1]
+                    tag = handshake_tag(answer.payload) or b"\0"
                 elif answer.code != CHANGED:
                     raise RuntimeError(f"handshake refused: {answer.code}")
                 if answer.payload:

@@ -32,7 +32,7 @@ from ..dtls import (
     parse_key_text,
 )
 from ..layer0.core import ServerLimits, TunnelCore
-from ..layer0.profile import CHANGED, CREATED, DTLS_CIPHERS
+from ..layer0.profile import CHANGED, CREATED, DTLS_CIPHERS, handshake_tag
 from ..layer0.server import layer0_config, make_listener
 
 
@@ -136,24 +136,20 @@ def handshake(core: TunnelCore, client: Any, peer_key: Any, now: float = 0.0) ->
     client.connect(now)
     queue = list(client.datagrams_to_send())
     sid: str | None = None
+    tag = b""
     done = False
     for _ in range(64):
         datagram = queue.pop(0) if queue else b""
         t0 = time.thread_time()
         if sid is None:
             answer = core.entry(peer_key, datagram, now)
-        elif datagram:
-            answer, _ = core.datagram(sid, datagram, now)
-        else:
-            answer = core.pull(sid, now)
-            if answer is None:
-                from ..layer0.core import Answer
-
-                answer = Answer(CHANGED, b"")
+        else:  # the handshake tag starts every request to a half-open session
+            answer, _ = core.datagram(sid, tag + datagram, now)
         result.server_seconds += time.thread_time() - t0
         result.exchanges.append(Exchange(datagram, answer.payload, answer.code))
         if answer.code == CREATED and answer.location:
             sid = answer.location[-1]
+            tag = handshake_tag(answer.payload) or b""
         elif answer.code != CHANGED:
             raise RuntimeError(f"handshake refused: {answer.code} {answer.payload[:60]!r}")
         if answer.payload:

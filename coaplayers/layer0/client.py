@@ -9,8 +9,10 @@ awaited and whose ``observation`` (for Observe requests) is iterated.
 What it does by itself, so applications need not:
 
 * block-wise inside the tunnel (512-byte inner blocks), in both directions;
-* Observe inside the tunnel: notifications are fetched with long-polling empty POSTs, because
-  not every proxy forwards outer observations (aiocoap 0.4.17's forward proxy cannot);
+* Observe inside the tunnel: notifications are fetched with long-polling pulls, each a small
+  record that acknowledges what the previous pulls delivered (the server keeps a notification
+  until then), because not every proxy forwards outer observations (aiocoap 0.4.17's forward
+  proxy cannot);
 * a new handshake when the server answers 4.04 (it forgot the session), and resending the
   request if its method is idempotent (the server never decrypted it, but a lost answer after
   a server crash cannot be told apart, so POST is only resent when the channel allows it);
@@ -59,6 +61,7 @@ from ..dtls import (
     TicketStore,
     TinyDtlsSession,
     build_context,
+    records,
 )
 from ..dtls.openssl import build_psk_context
 from ..message import copy_request, request_through
@@ -83,6 +86,8 @@ from .profile import (
     MAX_LOCATION_SEGMENTS,
     OUTER_ONLY_OPTIONS,
     WELL_KNOWN_PATH,
+    handshake_tag,
+    pull_message,
 )
 from .server import MAX_INNER, layer0_config
 
@@ -284,6 +289,7 @@ class Layer0Channel:
         self._tickets = tickets if tickets is not None else TicketStore()
         self._session: DtlsSession | None = None
         self._path: tuple[str, ...] = WELL_KNOWN_PATH
+        self._acked = -1  # highest record sequence number of the session's pull answers
         self._generation = 0
         self._lock = asyncio.Lock()
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
@@ -418,7 +424,7 @@ class Layer0Channel:
     # ------------------------------------------------------------------ handshake
 
     def _new_engine(self) -> DtlsSession:
-        config = layer0_config(self.config.handshake_timeout)
+        config = layer0_config(self.config.handshake_timeout, client=True)
         if isinstance(self._credentials, PskClientCredentials):
             if self._ssl_context is not None:
                 return OpenSslPskClientSession.psk_client(
@@ -466,6 +472,7 @@ class Layer0Channel:
                     " loses too much, or (with PSK) the key is wrong, which looks the same"
                 ) from exc
             self._session, self._path = session, path
+            self._acked = -1
             self._generation += 1
             self.handshakes += 1
             self.last_handshake = event
@@ -495,6 +502,7 @@ class Layer0Channel:
         loop = asyncio.get_running_loop()
         dtls.connect(loop.time())
         path = WELL_KNOWN_PATH
+        tag = b""  # the handshake tag, from the 2.01: it starts every request to the session
         queue = dtls.datagrams_to_send()
         flight = list(queue)
         repeats = 0
@@ -517,7 +525,7 @@ class Layer0Channel:
         while True:
             datagram = queue.pop(0) if queue else b""
             try:
-                resp = await self._post(Code.POST, path, datagram)
+                resp = await self._post(Code.POST, path, tag + datagram)
                 self._outer_answers += 1
             except OuterError as exc:
                 if done is not None or datagram:
@@ -543,7 +551,10 @@ class Layer0Channel:
                     or not all(0 < len(seg.encode()) <= 255 for seg in location)
                 ):
                     raise HandshakeFailed(f"server named the session oddly: {location!r}")
-                path = location
+                created_tag = handshake_tag(bytes(resp.payload))
+                if created_tag is None:
+                    raise HandshakeFailed("the server created the session without a ServerHello")
+                path, tag = location, created_tag
             elif code == Code.SERVICE_UNAVAILABLE:
                 raise ServerBusy("the server has too many handshakes in progress (5.03)")
             elif code == Code.NOT_FOUND and path != WELL_KNOWN_PATH:
@@ -560,7 +571,7 @@ class Layer0Channel:
                 if isinstance(event, HandshakeComplete):
                     done = event
                 elif isinstance(event, ConnectionClosed):
-                    await self._send_alert(dtls, path)
+                    await self._send_alert(dtls, path, tag)
                     raise HandshakeFailed(f"Layer 0 handshake failed: {event.error}") from (
                         event.error
                     )
@@ -581,12 +592,13 @@ class Layer0Channel:
             if not datagram:
                 repeat_flight()  # we pulled and got nothing: our flight or its answer was lost
 
-    async def _send_alert(self, dtls: DtlsSession, path: tuple[str, ...]) -> None:
+    async def _send_alert(self, dtls: DtlsSession, path: tuple[str, ...], tag: bytes) -> None:
         """Tell the server (best effort) that we abandon the handshake, so it frees the slot."""
         out = b"".join(dtls.datagrams_to_send())
         if out and path != WELL_KNOWN_PATH:
             try:
-                await asyncio.wait_for(self._post(Code.POST, path, out), self.config.close_timeout)
+                await asyncio.wait_for(self._post(Code.POST, path, tag + out),
+                                       self.config.close_timeout)
             except (Layer0Error, TimeoutError):
                 pass
 
@@ -668,6 +680,19 @@ class Layer0Channel:
             self._invalidate(generation, SessionLost(f"the server closed the session: {closed}"))
         return delivered
 
+    def _receive_pulled(self, payload: bytes, generation: int) -> None:
+        """Feed a pull's answer record by record, and remember the highest sequence number
+        among the records that authenticated: the next pull acknowledges it."""
+        try:
+            recs = records.split_records(payload)
+        except DtlsError:
+            self._receive(payload, generation)  # the engine drops it
+            return
+        for record in recs:
+            if self._receive(record, generation) and records.epoch(record):
+                if generation == self._generation:
+                    self._acked = max(self._acked, records.sequence_number(record))
+
     def _route(self, data: bytes) -> bool:
         """Hand one inner message to the request or observation its token names; False if
         it does not decode."""
@@ -684,6 +709,33 @@ class Layer0Channel:
         else:
             log.debug("answer for a token no longer awaited")
         return True
+
+    async def _alive(self, generation: int) -> bool:
+        """Whether the server still holds the session, asked with an inner 7.02 Ping.
+
+        The server answers every request that does not authenticate with 4.04, as it answers
+        a name it does not know (docs/PROTOCOL.md 6), so after a 4.04 only an authentic 7.03
+        Pong tells "our record was refused" from "the session is gone"."""
+        session = self._session
+        if generation != self._generation or session is None or not session.is_established:
+            return False
+        token = self._new_token()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        try:
+            session.send(inner.encode(token, Message(code=Code.PING)))
+            resp = await self._post(Code.POST, self._path, b"".join(session.datagrams_to_send()))
+            if resp.code == Code.CHANGED:
+                self._receive(bytes(resp.payload), generation)
+        except (OuterError, DtlsError):
+            return False
+        finally:
+            self._pending.pop(token, None)
+        if not future.done():
+            return False
+        if len(token) == 1:  # answered once: no other answer can carry it
+            self._free_tokens.append(token)
+        return future.result().code == Code.PONG
 
     def _new_token(self) -> bytes:
         if self._free_tokens:
@@ -751,11 +803,17 @@ class Layer0Channel:
                         )
                     raise ResponseRejected("the server's answer carried no record")
                 if code == Code.NOT_FOUND:
+                    if await self._alive(generation):
+                        raise RecordRejected(
+                            "the server did not accept our record (altered or replayed in"
+                            " transit); the session is still alive"
+                        )
                     self._invalidate(generation, SessionLost("the server forgot the session"))
                     if may_retry:
                         continue
                     raise SessionLost(
-                        "the server does not know the session (restarted or evicted); a new"
+                        "the server does not know the session (restarted or evicted) or did not"
+                        " accept our record (altered or replayed in transit); a new"
                         " handshake follows on the next request, this one was not resent"
                     )
                 if code in (Code.UNAUTHORIZED, Code.BAD_REQUEST):
@@ -844,14 +902,19 @@ class Layer0Channel:
             self._poller = asyncio.create_task(self._poll_loop(), name="Layer 0 poller")
 
     async def _poll_loop(self) -> None:
-        """Long-poll with empty POSTs while observations are active (see module doc)."""
+        """Long-poll with pulls while observations are active (see module doc)."""
         failures = 0
         while self._observations and not self._closed:
             generation, session = self._generation, self._session
-            if session is None:
+            if session is None or not session.is_established:
                 break
             try:
-                resp = await self._post(Code.POST, self._path, b"")
+                session.send(pull_message(self._acked))
+            except DtlsError:  # the session ended meanwhile
+                break
+            pull = b"".join(session.datagrams_to_send())
+            try:
+                resp = await self._post(Code.POST, self._path, pull)
             except OuterError as exc:
                 failures += 1
                 if failures >= self.config.max_attempts:
@@ -865,11 +928,12 @@ class Layer0Channel:
             failures = 0
             if resp.code == Code.CHANGED:
                 if resp.payload:
-                    self._receive(bytes(resp.payload), generation)
+                    self._receive_pulled(bytes(resp.payload), generation)
                 else:
                     await asyncio.sleep(self.config.poll_pause)
             elif resp.code == Code.NOT_FOUND:
-                self._invalidate(generation, SessionLost("the server forgot the session"))
+                if not await self._alive(generation):
+                    self._invalidate(generation, SessionLost("the server forgot the session"))
             else:
                 failures += 1
                 await asyncio.sleep(self.config.poll_pause)

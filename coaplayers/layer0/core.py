@@ -3,7 +3,8 @@
 :class:`TunnelCore` is driven by exactly three things, like the DTLS engine under it:
 
 * outer requests, already reduced to (resource, payload, now): :meth:`TunnelCore.entry` for the
-  entry resource, :meth:`TunnelCore.datagram` and :meth:`TunnelCore.pull` for a session resource;
+  entry resource, :meth:`TunnelCore.datagram` for a session resource (:meth:`TunnelCore.queued`
+  is what a held pull waits for);
 * the shell sealing inner responses and notifications: :meth:`TunnelCore.seal`,
   :meth:`TunnelCore.enqueue`;
 * time: every call takes ``now``, and :meth:`TunnelCore.expire` drops idle and stale sessions.
@@ -16,12 +17,20 @@ request, and CoAP's confirmable exchange already repeats that on each hop. When 
 exchange fails, the client repeats its flight in a new one; the server recognises the repeat by
 its digest and answers it again from a cache, which does not depend on how the DTLS backend
 treats duplicate handshake messages.
+
+Why a session name changes nothing by itself: it is a routing key every proxy sees. A session's
+state (queue, timers, order of eviction, handshake caches) changes only on a request that
+authenticates: one of its records does (established), or it starts with the handshake tag that
+only the receiver of the server's first datagram knows (half-open, docs/PROTOCOL.md 3.3).
+Everything else gets the answer an unknown name gets, :data:`UNKNOWN`, and changes nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import itertools
 import logging
 import os
 from collections import OrderedDict, deque
@@ -47,12 +56,15 @@ from .profile import (
     CREATED,
     DELETED,
     FORBIDDEN,
+    HANDSHAKE_TAG_LEN,
     MAX_DATAGRAM,
     NOT_FOUND,
     REQUEST_ENTITY_TOO_LARGE,
     SESSION_ID_CHARS,
     SESSION_PREFIX,
-    UNAUTHORIZED,
+    UNKNOWN_SESSION,
+    handshake_tag,
+    parse_pull,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +90,8 @@ class ServerLimits:
     handshake_timeout: float = 30.0
     """A half-open session older than this is dropped."""
     max_queued: int = 32
-    """Datagrams waiting for the client to pull them, per session (oldest dropped first)."""
+    """Datagrams waiting for the client to pull them and acknowledge them, per session (oldest
+    dropped first)."""
     max_observations: int = 8
     """Concurrent inner observations per session; more are served as plain requests."""
     poll_hold: float = 20.0
@@ -105,6 +118,8 @@ class Answer:
     code: Code
     payload: bytes = b""
     location: tuple[str, ...] | None = None
+    pull: bool = False
+    """An authenticated pull found nothing queued: the shell may hold it (docs/PROTOCOL.md 3.4)."""
 
     @property
     def carries_records(self) -> bool:
@@ -145,9 +160,17 @@ class Layer0Peer:
         return True
 
 
+UNKNOWN = Answer(NOT_FOUND, UNKNOWN_SESSION)
+"""The answer to every session request that does not authenticate, live name or not."""
+
+
 @dataclass(eq=False)
 class TunnelSession:
-    """One tunnel: its engine session, name, queue and handshake-repeat cache."""
+    """One tunnel: its engine session, name, handshake tag, queue and handshake-repeat cache.
+
+    ``outbox`` holds the rest of a handshake flight (taken by tagged pulls) and, once
+    established, notifications and other queued datagrams, each kept until a pull acknowledges
+    its records."""
 
     sid: str
     dtls: DtlsSession
@@ -156,6 +179,7 @@ class TunnelSession:
     entry_digest: bytes
     entry_answer: list[bytes]
     outbox: deque[bytes] = field(default_factory=deque)
+    tag: bytes = b""
     peer: Layer0Peer | None = None
     hs_last_in: bytes | None = None
     hs_last_out: list[bytes] = field(default_factory=list)
@@ -177,8 +201,9 @@ class CoreStats:
     resumed: int = 0
     evicted: int = 0
     expired: int = 0
-    rejected_records: int = 0
     half_open_evicted: int = 0
+    unauthenticated: int = 0
+    """Session requests answered :data:`UNKNOWN` although the name was live."""
 
 
 def _digest(data: bytes) -> bytes:
@@ -228,7 +253,7 @@ class TunnelCore:
         if sid is not None and sid in self.sessions:
             s = self.sessions[sid]
             if not s.established:  # our 2.01 was lost: answer the repeat the same way
-                s.outbox = deque(s.entry_answer[1:])
+                # (the outbox is left alone: a replayed ClientHello must not change it)
                 first = s.entry_answer[0] if s.entry_answer else b""
                 return Answer(CREATED, first, s.location)
         if records.client_hello_random(payload) is None:
@@ -244,16 +269,17 @@ class TunnelCore:
         if id(dtls) in self._by_engine:  # a backend that recognised the repeat by itself
             s = self.sessions[self._by_engine[id(dtls)]]
             out = dtls.datagrams_to_send() or s.entry_answer
-            s.outbox = deque(out[1:])
             return Answer(CREATED, out[0] if out else b"", s.location)
         out = dtls.datagrams_to_send()
         closed = self._drain_closed(dtls)
-        if closed:
-            return Answer(FORBIDDEN, out[0] if out else b"")
+        tag = handshake_tag(out[0]) if out else None
+        if closed or tag is None:
+            dtls.abort()
+            return Answer(FORBIDDEN, out[0] if out and closed else b"")
         if len(self._half_open) >= self.limits.max_half_open:
             self._evict_half_open()
         sid = self._new_sid()
-        s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]))
+        s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]), tag)
         self.sessions[sid] = s
         self._half_open.add(sid)
         self._half_open_source[sid] = _source(peer_key)
@@ -270,45 +296,51 @@ class TunnelCore:
     def datagram(
         self, sid: str, payload: bytes, now: float, *, delete: bool = False
     ) -> tuple[Answer, list[bytes]]:
-        """A POST (or DELETE) with records to a session: returns the answer so far and the
-        decrypted inner messages, whose responses the shell seals into the answer."""
+        """A POST (or DELETE) to a session: returns the answer so far and the decrypted inner
+        messages, whose responses the shell seals into the answer.
+
+        Pulls (docs/PROTOCOL.md 3.4) are handled here: their acknowledgements drop what the
+        client has, and their answer is what is still queued (``Answer.pull`` when nothing is).
+        A request that does not authenticate gets :data:`UNKNOWN` and changes nothing.
+        """
+        if len(payload) > MAX_DATAGRAM:  # checked first: a live name must not answer otherwise
+            return Answer(REQUEST_ENTITY_TOO_LARGE, b"datagram larger than 1024 bytes"), []
         s = self.sessions.get(sid)
         if s is None:
-            return Answer(NOT_FOUND, b"unknown session"), []
-        if len(payload) > MAX_DATAGRAM:
-            return Answer(REQUEST_ENTITY_TOO_LARGE, b"datagram larger than 1024 bytes"), []
-        try:
-            recs = records.split_records(payload)
-        except DtlsError:
-            return Answer(BAD_REQUEST, b"not DTLS records"), []
-        if not recs:
-            return Answer(BAD_REQUEST, b"no DTLS record"), []
-        self._touch(s, now)
-        was_established = s.established
-        digest = _digest(payload)
-        if not was_established and digest == s.hs_last_in:
-            s.outbox = deque(s.hs_last_out[1:])
-            return Answer(CHANGED, s.hs_last_out[0] if s.hs_last_out else b""), []
+            return UNKNOWN, []
+        if hmac.compare_digest(payload[:HANDSHAKE_TAG_LEN], s.tag) and not delete:
+            return self._handshake_datagram(s, payload[HANDSHAKE_TAG_LEN:], now), []
+        if not s.established:
+            return self._unauthenticated(s)
         # The usual protected request, one application-data record, takes the engine's
         # shortcut; if that leaves an event (the session ended), the events are read below.
-        fast = (s.dtls.receive_application_data(payload, now)
-                if was_established and not delete else None)
+        fast = s.dtls.receive_application_data(payload, now) if not delete else None
         if fast is not None and not s.dtls.has_pending:
             if not fast:
-                self.stats.rejected_records += 1
-                log.info("session %s: record not accepted (altered or replayed)", sid)
-                return Answer(UNAUTHORIZED, b"record not accepted"), []
-            return Answer(CHANGED, b""), fast
+                return self._unauthenticated(s)
+            self._touch(s, now)
+            return self._pulls(s, CHANGED, b"", fast)
         if fast is None:
+            try:
+                recs = records.split_records(payload)
+            except DtlsError:
+                return self._unauthenticated(s)
+            # Handshake records are taken only with the tag: an established engine repeats its
+            # final flight for any, which would tell the live name and change the session.
+            if not recs or any(
+                records.epoch(r) == 0
+                or records.content_type(r) in (records.CONTENT_HANDSHAKE,
+                                               records.CONTENT_CHANGE_CIPHER_SPEC)
+                for r in recs
+            ):
+                return self._unauthenticated(s)
             s.dtls.receive_datagram(payload, now)
         out = s.dtls.datagrams_to_send()
         plaintexts: list[bytes] = list(fast or ())
         closed = False
         error: DtlsError | None = None
         while (event := s.dtls.next_event()) is not None:
-            if isinstance(event, HandshakeComplete):
-                self._established(s, event)
-            elif isinstance(event, ApplicationData):
+            if isinstance(event, ApplicationData):
                 plaintexts.append(event.data)
             elif isinstance(event, ConnectionClosed):
                 closed, error = True, event.error
@@ -317,37 +349,28 @@ class TunnelCore:
             log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
             code = DELETED if error is None else FORBIDDEN
             return Answer(code, out[0] if out else b""), []
-        if delete:
+        if delete or not plaintexts:
             # Ending a session needs its authenticated close_notify: a bare DELETE from
             # anyone who saw the session name must not end it.
-            return Answer(UNAUTHORIZED, b"DELETE needs the session's close_notify"), []
-        if not was_established:
-            if not s.established:  # once established, repeats go to the engine (final flight)
-                s.hs_last_in, s.hs_last_out = digest, list(out)
-            s.outbox = deque(out[1:])
-            return Answer(CHANGED, out[0] if out else b""), []
-        only_data = all(records.content_type(r) == records.CONTENT_APPLICATION_DATA for r in recs)
-        if not plaintexts and only_data:
-            self.stats.rejected_records += 1
-            log.info("session %s: record not accepted (altered or replayed)", sid)
-            return Answer(UNAUTHORIZED, b"record not accepted"), []
+            return self._unauthenticated(s)
+        self._touch(s, now)
         for extra in out[1:]:
             self.enqueue(sid, extra)
-        return Answer(CHANGED, out[0] if out else b""), plaintexts
+        return self._pulls(s, CHANGED, out[0] if out else b"", plaintexts)
 
-    def pull(self, sid: str, now: float) -> Answer | None:
-        """An empty POST: the next queued datagrams, or ``None`` when nothing is queued."""
+    def queued(self, sid: str) -> Answer | None:
+        """What a pull is answered with: the oldest queued datagrams that fit one payload,
+        left queued until a later pull acknowledges them; ``None`` when nothing is queued."""
         s = self.sessions.get(sid)
-        if s is None:
-            return Answer(NOT_FOUND, b"unknown session")
-        self._touch(s, now)
-        if not s.outbox:
+        if s is None or not s.outbox:
             return None
-        batch = [s.outbox.popleft()]
+        batch = [s.outbox[0]]
         size = len(batch[0])
-        while s.outbox and size + len(s.outbox[0]) <= MAX_DATAGRAM:
-            size += len(s.outbox[0])
-            batch.append(s.outbox.popleft())
+        for more in itertools.islice(s.outbox, 1, None):
+            if size + len(more) > MAX_DATAGRAM:
+                break
+            size += len(more)
+            batch.append(more)
         return Answer(CHANGED, b"".join(batch))
 
     def seal(self, sid: str, plaintext: bytes) -> bytes:
@@ -419,6 +442,84 @@ class TunnelCore:
         return len(self.sessions) - len(self._half_open)
 
     # ------------------------------------------------------------------------ internals
+
+    def _unauthenticated(self, s: TunnelSession) -> tuple[Answer, list[bytes]]:
+        self.stats.unauthenticated += 1
+        log.debug("session %s: request did not authenticate", s.sid)
+        return UNKNOWN, []
+
+    def _handshake_datagram(self, s: TunnelSession, data: bytes, now: float) -> Answer:
+        """A request that carried the session's handshake tag: a flight datagram, the repeat
+        of one, a pull of the rest of the server's flight (no records), or an alert."""
+        sid = s.sid
+        self._touch(s, now)
+        if not data:  # a handshake pull: the rest of our flight, taken as it is sent
+            if not s.outbox:
+                return Answer(CHANGED)
+            batch = [s.outbox.popleft()]
+            size = len(batch[0])
+            while s.outbox and size + len(s.outbox[0]) <= MAX_DATAGRAM:
+                size += len(s.outbox[0])
+                batch.append(s.outbox.popleft())
+            return Answer(CHANGED, b"".join(batch))
+        try:
+            records.split_records(data)
+        except DtlsError:
+            return Answer(BAD_REQUEST, b"not DTLS records")
+        was_established = s.established
+        digest = _digest(data)
+        if not was_established and digest == s.hs_last_in:
+            s.outbox = deque(s.hs_last_out[1:])
+            return Answer(CHANGED, s.hs_last_out[0] if s.hs_last_out else b"")
+        s.dtls.receive_datagram(data, now)
+        out = s.dtls.datagrams_to_send()
+        closed = False
+        error: DtlsError | None = None
+        while (event := s.dtls.next_event()) is not None:
+            if isinstance(event, HandshakeComplete):
+                self._established(s, event)
+            elif isinstance(event, ConnectionClosed):
+                closed, error = True, event.error
+        if closed:
+            self.remove(sid)
+            log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
+            code = DELETED if error is None else FORBIDDEN
+            return Answer(code, out[0] if out else b"")
+        if was_established:  # the client repeats its final flight: ours was lost
+            for extra in out[1:]:
+                self.enqueue(sid, extra)
+            return Answer(CHANGED, out[0] if out else b"")
+        if not s.established:  # once established, repeats go to the engine (final flight)
+            s.hs_last_in, s.hs_last_out = digest, list(out)
+        s.outbox = deque(out[1:])
+        return Answer(CHANGED, out[0] if out else b"")
+
+    def _pulls(
+        self, s: TunnelSession, code: Code, payload: bytes, plaintexts: list[bytes]
+    ) -> tuple[Answer, list[bytes]]:
+        """Take the pulls out of authenticated inner messages: apply their acknowledgements,
+        and answer a request that was only a pull with what is queued."""
+        acks = [a for p in plaintexts if len(p) <= 10 and (a := parse_pull(p)) is not None]
+        if not acks:
+            return Answer(code, payload), plaintexts
+        self._acknowledge(s, max(acks))
+        rest = [p for p in plaintexts if len(p) > 10 or parse_pull(p) is None]
+        if rest or payload:
+            return Answer(code, payload), rest
+        return self.queued(s.sid) or Answer(code, pull=True), []
+
+    def _acknowledge(self, s: TunnelSession, ack: int) -> None:
+        """Drop the queued datagrams whose records all have sequence numbers up to ``ack``:
+        pull answers hand out the queue from its head, so those are what the client has."""
+        while s.outbox:
+            try:
+                recs = records.split_records(s.outbox[0])
+            except DtlsError:
+                recs = []
+            seqs = [records.sequence_number(r) for r in recs if records.epoch(r)]
+            if max(seqs, default=-1) > ack:
+                break
+            s.outbox.popleft()
 
     def _touch(self, s: TunnelSession, now: float) -> None:
         s.last_active = now

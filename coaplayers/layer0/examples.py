@@ -15,7 +15,7 @@ from aiocoap.numbers.types import Type
 from ..dtls import ApplicationData, PskClientCredentials, PskStore, TinyDtlsSession
 from . import inner
 from .core import Answer, TunnelCore
-from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH
+from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH, handshake_tag
 from .server import layer0_config, make_listener
 
 
@@ -77,6 +77,7 @@ def tunnel_example() -> list[tuple[str, bytes]]:
     client.connect(0.0)
     out: list[tuple[str, bytes]] = []
     path = WELL_KNOWN_PATH
+    tag = b""
     mid = 0x1000
     queue = client.datagrams_to_send()
     while not client.is_established:
@@ -87,17 +88,14 @@ def tunnel_example() -> list[tuple[str, bytes]]:
         if path == WELL_KNOWN_PATH:
             answer = core.entry(("coap", "192.0.2.1:5683"), datagram, 0.0)
         else:
-            answer = (
-                core.datagram(path[-1], datagram, 0.0)[0]
-                if datagram
-                else core.pull(path[-1], 0.0) or Answer(Code.CHANGED)
-            )
+            answer = core.datagram(path[-1], tag + datagram, 0.0)[0]
         entry = path == WELL_KNOWN_PATH
         out.append(
             (f"response {mid:#06x} {answer.code}", _outer_response(mid, answer, entry=entry))
         )
         if answer.location:
             path = answer.location
+            tag = handshake_tag(answer.payload) or b""
         if answer.payload:
             client.receive_datagram(answer.payload, 0.0)
         queue += client.datagrams_to_send()

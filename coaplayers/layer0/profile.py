@@ -6,10 +6,13 @@ whole wire contract from one short module.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Final
 
 from aiocoap.numbers.codes import Code
+
+from ..dtls import records
 
 WELL_KNOWN_PATH: Final = (".well-known", "atls")
 """The tunnel entry resource: a client POSTs its first ClientHello here."""
@@ -40,8 +43,19 @@ paths starting with it belong to the tunnel (an unknown one gets 4.04 "unknown s
 the wrapped site); one segment keeps the session's name at 7 bytes on every request."""
 
 SESSION_ID_CHARS: Final = 5
-"""Random base64url characters after the prefix: 30 bits. The name is not a credential (every
-record is authenticated; an on-path party sees the name anyway); see docs/PROTOCOL.md 2."""
+"""Random base64url characters after the prefix: 30 bits. The name is a routing key, not a
+credential: nothing that does not authenticate changes a session, and an unauthenticated request
+gets the same answer on a live name as on a dead one (docs/PROTOCOL.md 2, 3.3, 3.4)."""
+
+HANDSHAKE_TAG_LEN: Final = 8
+"""Bytes of the handshake tag that starts every request payload to a half-open session."""
+
+UNKNOWN_SESSION: Final = b"unknown session"
+"""The diagnostic of the one answer (4.04) to every session request that does not authenticate,
+whether or not the name is live."""
+
+PULL_CODE: Final = 0
+"""Inner code of a pull: an Empty (0.00) inner message whose token is the acknowledgement."""
 
 MAX_LOCATION_SEGMENTS: Final = 4
 """Longest Location-Path a client accepts for a session (this server sends one segment)."""
@@ -75,3 +89,44 @@ def is_tunnel_path(path: Sequence[str]) -> bool:
     return tuple(path[:2]) == WELL_KNOWN_PATH or (
         len(path) == 1 and path[0].startswith(SESSION_PREFIX)
     )
+
+
+def handshake_tag(datagram: bytes) -> bytes | None:
+    """The tag that proves a request to a half-open session comes from whoever received the
+    server's first datagram: SHA-256 over the ServerHello's random, first 8 bytes.
+
+    The random is chosen afresh by the server and travels only in that datagram's payload, so a
+    party that merely knows (or guesses) the session name cannot produce it; a repeated 2.01
+    carries the same ServerHello, hence the same tag. ``None`` if ``datagram`` does not start
+    with a ServerHello.
+    """
+    try:
+        first = records.split_records(datagram)[0]
+    except (records.ProtocolViolation, IndexError):
+        return None
+    body = first[records.HEADER_LEN:]
+    # handshake header 12 (type, length 3, message_seq 2, fragment offset 3, fragment length 3),
+    # server_version 2, random 32
+    if (records.handshake_type(first) != records.HANDSHAKE_SERVER_HELLO
+            or body[6:9] != b"\0\0\0" or len(body) < 12 + 2 + 32):
+        return None
+    return hashlib.sha256(body[14:46]).digest()[:HANDSHAKE_TAG_LEN]
+
+
+def pull_message(acknowledged: int) -> bytes:
+    """The inner message of a pull: acknowledges every queued record up to sequence number
+    ``acknowledged`` (-1: none yet) that earlier pull answers delivered."""
+    if acknowledged < 0:
+        return bytes([0, PULL_CODE])
+    ack = acknowledged.to_bytes(max(1, (acknowledged.bit_length() + 7) // 8), "big")
+    return bytes([len(ack)]) + ack + bytes([PULL_CODE])
+
+
+def parse_pull(plaintext: bytes) -> int | None:
+    """The acknowledgement of a pull's inner message (-1: nothing acknowledged), or ``None``
+    if ``plaintext`` is not a pull."""
+    if not plaintext or plaintext[0] > MAX_TOKEN_LENGTH or len(plaintext) != plaintext[0] + 2:
+        return None
+    if plaintext[-1] != PULL_CODE:
+        return None
+    return int.from_bytes(plaintext[1:-1], "big") if plaintext[0] else -1

@@ -41,6 +41,7 @@ from .errors import InnerMessageError
 from .policy import Policy
 from .profile import (
     CONTENT_FORMAT,
+    HANDSHAKE_TAG_LEN,
     INNER_BLOCK_SIZE,
     INNER_BLOCK_SZX,
     MAX_DATAGRAM,
@@ -62,9 +63,11 @@ ServerCredentials = PskStore | CertificateCredentials | RawPublicKeyCredentials
 MAX_INNER = MAX_DATAGRAM - 64
 
 
-def layer0_config(handshake_timeout: float = 30.0) -> DtlsConfig:
-    """The engine settings of a Layer 0 session: datagrams fit one outer payload."""
-    return DtlsConfig(mtu=MAX_DATAGRAM, handshake_timeout=handshake_timeout)
+def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> DtlsConfig:
+    """The engine settings of a Layer 0 session: datagrams fit one outer payload (a client's
+    leave room for the handshake tag, docs/PROTOCOL.md 3.3)."""
+    mtu = MAX_DATAGRAM - HANDSHAKE_TAG_LEN if client else MAX_DATAGRAM
+    return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout)
 
 
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,  # type: ignore[no-untyped-def]
@@ -241,7 +244,8 @@ class Layer0Site(interfaces.Resource):
         """Answer a tunnel request before returning, when it needs no waiting; ``False`` for
         any other request (render it through :meth:`render_to_pipe` as usual).
 
-        Handshake flights, entry requests, DELETEs and pulls with something queued are answered
+        Handshake flights, entry requests, DELETEs, refusals and pulls with something queued are
+        answered
         here synchronously; inner requests and pulls that wait get a task as usual. With
         ``eager``, requests for the wrapped site go to its own ``render_inline`` when it has
         one (:meth:`coaplayers.oscore.OscoreSite.render_inline`: OSCORE requests). What this
@@ -303,10 +307,10 @@ class Layer0Site(interfaces.Resource):
             return _outer(answer)
         if request.code != Code.POST:
             return Message(code=METHOD_NOT_ALLOWED)
-        if not payload:
-            pulled = self._pull_now(sid, now)
-            return _outer(pulled) if pulled is not None else self._pull(sid)
         answer, plaintexts = self.core.datagram(sid, payload, now)
+        if answer.pull:  # an authenticated pull that found nothing queued: maybe held
+            at_once = self._pull_now(sid)
+            return _outer(at_once) if at_once is not None else self._pull(sid)
         if not plaintexts:
             return _outer(answer)
         return self._inner(sid, answer, plaintexts, getattr(request.remote, "peer_identity", None))
@@ -341,10 +345,10 @@ class Layer0Site(interfaces.Resource):
             self.core.enqueue(sid, extra)
         return _outer(Answer(answer.code, packed[0] if packed else b""))
 
-    def _pull_now(self, sid: str, now: float) -> Answer | None:
+    def _pull_now(self, sid: str) -> Answer | None:
         """A pull's answer if it need not wait: queued datagrams, or an empty 2.04 when no
         notification can come (no such session, not established, nothing observed)."""
-        answer = self.core.pull(sid, now)
+        answer = self.core.queued(sid)
         if answer is not None:
             return answer
         s = self.core.sessions.get(sid)
@@ -356,7 +360,7 @@ class Layer0Site(interfaces.Resource):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.poll_hold
         while True:
-            answer = self._pull_now(sid, loop.time())
+            answer = self._pull_now(sid)
             remaining = deadline - loop.time()
             if answer is not None:
                 return _outer(answer)
@@ -387,6 +391,8 @@ class Layer0Site(interfaces.Resource):
                 return None
             return self._seal(sid, token, Message(code=Code.BAD_REQUEST))
         token, request = msg.token, msg.message
+        if request.code == Code.PING:  # the client asks whether its session is alive
+            return self._seal(sid, token, Message(code=Code.PONG))
         if not request.code.is_request():
             return None
         old = s.observations.pop(token, None)

@@ -24,7 +24,7 @@ from coaplayers.dtls import (
     build_context,
 )
 from coaplayers.layer0.core import TunnelCore
-from coaplayers.layer0.profile import CHANGED, CREATED, MAX_DATAGRAM
+from coaplayers.layer0.profile import CHANGED, CREATED, MAX_DATAGRAM, handshake_tag
 from coaplayers.oscore import OscoreParameters, Role, derive_context
 
 PSK_IDENTITY = b"fuzz-device"
@@ -105,6 +105,7 @@ def tunnel_handshake(core: TunnelCore, client: DtlsSession, peer_key=("coap", "p
     """Run a Layer 0 handshake through the sans-I/O core, as the client shell would."""
     client.connect(0.0)
     sid: str | None = None
+    tag = b""
     for _ in range(40):
         if client.is_established and sid is not None:
             break
@@ -117,12 +118,13 @@ def tunnel_handshake(core: TunnelCore, client: DtlsSession, peer_key=("coap", "p
                 if answer.code == CREATED:
                     assert answer.location is not None
                     sid = answer.location[-1]
+                    tag = handshake_tag(answer.payload) or b""
             else:
-                answer, _ = core.datagram(sid, datagram, 0.0)
+                answer, _ = core.datagram(sid, tag + datagram, 0.0)
             assert answer.code in (CREATED, CHANGED), answer
             if answer.payload:
                 client.receive_datagram(answer.payload, 0.0)
-            while sid is not None and (more := core.pull(sid, 0.0)) is not None:
+            while sid is not None and (more := core.datagram(sid, tag, 0.0)[0]).payload:
                 client.receive_datagram(more.payload, 0.0)
     assert client.is_established and sid is not None
     drain(client)

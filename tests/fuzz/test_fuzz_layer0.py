@@ -145,7 +145,7 @@ def test_tunnel_core_entry_and_unknown_sessions(backend: str) -> None:
             if sid not in core.sessions:
                 answer, plain = core.datagram(sid, payload, now)
                 assert answer.code == NOT_FOUND and plain == []
-                assert core.pull(sid, now) == Answer(NOT_FOUND, b"unknown session")
+                assert core.datagram(sid, b"", now)[0] == Answer(NOT_FOUND, b"unknown session")
         assert core.half_open_count <= 2
 
     feed()

@@ -40,6 +40,7 @@ async def establish(site: Any, creds: Any,
     """A PSK client engine handshaken with a Layer0Site through ``post(site, path, payload)``
     (which returns the outer answer); the client and its session's resource name."""
     from coaplayers.dtls import TinyDtlsSession
+    from coaplayers.layer0.profile import handshake_tag
     from coaplayers.layer0.server import layer0_config
 
     client = TinyDtlsSession.client(creds, layer0_config())
@@ -49,11 +50,13 @@ async def establish(site: Any, creds: Any,
         client.receive_datagram(answer.payload, 0.0)
         answer = await post(site, "/.well-known/atls", client.datagrams_to_send()[0])
     sid = answer.opt.location_path[0]
+    tag = handshake_tag(bytes(answer.payload))
+    assert tag is not None
     for _ in range(8):
         client.receive_datagram(answer.payload, 0.0)
         if client.is_established:
             break
-        answer = await post(site, sid, b"".join(client.datagrams_to_send()))
+        answer = await post(site, sid, tag + b"".join(client.datagrams_to_send()))
     assert client.is_established
     while client.next_event() is not None:
         pass

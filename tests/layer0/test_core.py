@@ -20,8 +20,9 @@ from coaplayers.dtls import (
     records,
 )
 from coaplayers.layer0 import InnerMessageError, Policy, ServerLimits, TunnelCore, inner
+from coaplayers.layer0.core import Answer
 from coaplayers.layer0.examples import inner_examples
-from coaplayers.layer0.profile import WELL_KNOWN_PATH
+from coaplayers.layer0.profile import WELL_KNOWN_PATH, handshake_tag
 from coaplayers.layer0.server import layer0_config, make_listener
 
 CREDS = PskClientCredentials(b"dev-1", b"0123456789abcdef")
@@ -60,16 +61,18 @@ def handshake(core: TunnelCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]
     client = TinyDtlsSession.client(CREDS, layer0_config())
     client.connect(now)
     sid = None
+    tag = b""
     queue = client.datagrams_to_send()
     for _ in range(10):
         datagram = queue.pop(0) if queue else b""
         if sid is None:
             answer = core.entry(PEER, datagram, now)
         else:
-            answer = core.datagram(sid, datagram, now)[0] if datagram else core.pull(sid, now)
+            answer = core.datagram(sid, tag + datagram, now)[0]
         assert answer is not None and answer.code in (Code.CREATED, Code.CHANGED)
         if answer.location:
             sid = answer.location[-1]
+            tag = handshake_tag(answer.payload) or b""
         if answer.payload:
             client.receive_datagram(answer.payload, now)
         queue += client.datagrams_to_send()
@@ -77,6 +80,12 @@ def handshake(core: TunnelCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]
             assert sid is not None
             return client, sid
     raise AssertionError("no handshake")
+
+
+def tag_of(created: Answer) -> bytes:
+    tag = handshake_tag(created.payload)
+    assert tag is not None
+    return tag
 
 
 def core(**limits: float) -> TunnelCore:
@@ -126,7 +135,7 @@ def test_a_psk_hello_is_answered_at_once_until_too_many_handshakes_are_in_progre
     for client, answer in zip(clients[:2], (first, second), strict=True):
         assert answer.location is not None
         client.receive_datagram(answer.payload, 0.0)
-        flight = b"".join(client.datagrams_to_send())
+        flight = tag_of(answer) + b"".join(client.datagrams_to_send())
         finished = c.datagram(answer.location[-1], flight, 0.0)[0]
         client.receive_datagram(finished.payload, 0.0)
         assert client.is_established
@@ -146,7 +155,8 @@ def test_an_unknown_psk_identity_gets_an_alert_and_leaves_no_session() -> None:
     created = c.entry(PEER, stranger.datagrams_to_send()[0], 0.0)
     assert created.code == Code.CREATED and created.location
     stranger.receive_datagram(created.payload, 0.0)
-    refused = c.datagram(created.location[-1], b"".join(stranger.datagrams_to_send()), 0.0)[0]
+    flight = tag_of(created) + b"".join(stranger.datagrams_to_send())
+    refused = c.datagram(created.location[-1], flight, 0.0)[0]
     assert refused.code == Code.FORBIDDEN and not c.sessions and c.half_open_count == 0
     assert records.content_type(refused.payload) == records.CONTENT_ALERT
     stranger.receive_datagram(refused.payload, 0.0)
@@ -163,17 +173,20 @@ def test_outer_answers_of_an_established_session() -> None:
     record = b"".join(client.datagrams_to_send())
     answer, plaintexts = c.datagram(sid, record, 1.0)
     assert answer.code == Code.CHANGED and inner.decode(plaintexts[0]).token == b"\1"
+    # Whatever does not authenticate is answered as an unknown name is (docs/PROTOCOL.md 6).
+    unknown = (Code.NOT_FOUND, b"unknown session")
     replay, nothing = c.datagram(sid, record, 1.0)
-    assert replay.code == Code.UNAUTHORIZED and nothing == []
+    assert (replay.code, replay.payload) == unknown and nothing == []
     flipped = bytearray(record)
     flipped[-3] ^= 1
     client.send(b"\x00\x01")
-    assert c.datagram(sid, bytes(flipped), 1.0)[0].code == Code.UNAUTHORIZED
-    assert c.datagram(sid, b"garbage", 1.0)[0].code == Code.BAD_REQUEST
+    assert c.datagram(sid, bytes(flipped), 1.0)[0] == c.datagram("~nosuch", record, 1.0)[0]
+    garbage = c.datagram(sid, b"garbage", 1.0)[0]
+    assert (garbage.code, garbage.payload) == unknown
     assert c.datagram("nosuchid", record, 1.0)[0].code == Code.NOT_FOUND
     client.send(b"\x00\x01")
     bare_delete = c.datagram(sid, b"".join(client.datagrams_to_send()), 1.0, delete=True)
-    assert bare_delete[0].code == Code.UNAUTHORIZED and sid in c.sessions
+    assert bare_delete[0].code == Code.NOT_FOUND and sid in c.sessions
     client.close()
     bye = c.datagram(sid, b"".join(client.datagrams_to_send()), 1.0, delete=True)[0]
     assert bye.code == Code.DELETED and sid not in c.sessions

@@ -13,7 +13,7 @@ from aiocoap.pipe import Pipe
 
 from coaplayers.dtls import PskClientCredentials, PskStore, TinyDtlsSession
 from coaplayers.layer0 import Layer0Site, Policy
-from coaplayers.layer0.profile import CONTENT_FORMAT
+from coaplayers.layer0.profile import CONTENT_FORMAT, handshake_tag
 from coaplayers.layer0.server import answer_inline, layer0_config
 
 from .pipes import Answers, collecting_pipe, establish
@@ -61,10 +61,14 @@ def test_handshake_requests_are_answered_before_render_inline_returns() -> None:
         assert answers[0].opt.content_format == CONTENT_FORMAT
         sid = answers[0].opt.location_path[0]
         assert sid in site.core.sessions
-        # a pull with nothing queued on a session that cannot be notified: empty 2.04 at once
-        pipe, answers = _pipe(Code.POST, sid)
+        # a handshake pull (the tag alone) with nothing queued: empty 2.04 at once
+        pipe, answers = _pipe(Code.POST, sid, handshake_tag(bytes(answers[0].payload)))
         assert site.render_inline(pipe)
         assert [(a.code, a.payload) for a in answers] == [(Code.CHANGED, b"")]
+        # without the tag it is answered as an unknown name is
+        pipe, answers = _pipe(Code.POST, sid)
+        assert site.render_inline(pipe)
+        assert [(a.code, a.payload) for a in answers] == [(Code.NOT_FOUND, b"unknown session")]
         pipe, answers = _pipe(Code.POST, "~zzzzz", b"\x16\xfe\xfd" + bytes(10))
         assert site.render_inline(pipe)
         assert [a.code for a in answers] == [Code.NOT_FOUND]

@@ -26,7 +26,7 @@ from coaplayers.dtls import (
 from coaplayers.layer0 import Policy, ServerLimits, TunnelCore
 from coaplayers.layer0.listeners import KindListener, offers_raw_public_key
 from coaplayers.layer0.policy import rpk_identity
-from coaplayers.layer0.profile import DTLS_CIPHERS
+from coaplayers.layer0.profile import DTLS_CIPHERS, handshake_tag
 from coaplayers.layer0.server import layer0_config, make_listener
 
 PEER = ("coap", "192.0.2.1:5683")
@@ -67,16 +67,18 @@ def handshake(core: TunnelCore, client: DtlsSession) -> str:
     """Drive a client through the tunnel core in memory; returns the session id."""
     client.connect(0.0)
     sid = None
+    tag = b""
     queue = client.datagrams_to_send()
     for _ in range(12):
         datagram = queue.pop(0) if queue else b""
         if sid is None:
             answer = core.entry(PEER, datagram, 0.0)
         else:
-            answer = core.datagram(sid, datagram, 0.0)[0] if datagram else core.pull(sid, 0.0)
+            answer = core.datagram(sid, tag + datagram, 0.0)[0]
         assert answer is not None and answer.code in (Code.CREATED, Code.CHANGED), answer
         if answer.location:
             sid = answer.location[-1]
+            tag = handshake_tag(answer.payload) or b""
         if answer.payload:
             client.receive_datagram(answer.payload, 0.0)
         queue += client.datagrams_to_send()
