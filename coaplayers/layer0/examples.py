@@ -1,8 +1,9 @@
 """Print the byte-exact examples of docs/PROTOCOL.md: ``python -m coaplayers.layer0.examples``.
 
-Inner messages are deterministic. The tunnel exchange is a real PSK handshake and one request,
-driven in memory through :class:`~coaplayers.layer0.core.TunnelCore` (no sockets); its DTLS bytes
-differ on every run (randoms, keys), the framing around them does not.
+Inner messages are deterministic. The tunnel exchange is a real PSK handshake, one request and
+one pull that fetches a notification, driven in memory through
+:class:`~coaplayers.layer0.core.TunnelCore` (no sockets); its DTLS bytes differ on every run
+(randoms, keys), the framing around them does not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aiocoap.numbers.types import Type
 from ..dtls import ApplicationData, PskClientCredentials, PskStore, TinyDtlsSession
 from . import inner
 from .core import Answer, TunnelCore
-from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH, handshake_tag
+from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH, handshake_tag, pull_message
 from .server import layer0_config, make_listener
 
 
@@ -65,6 +66,10 @@ def inner_examples() -> list[tuple[str, bytes]]:
             "4.03 Forbidden (policy), token 03",
             inner.encode(b"\3", Message(code=Code.FORBIDDEN)),
         ),
+        ("pull acknowledging nothing yet (0.00, empty token)", pull_message(-1)),
+        ("pull acknowledging records up to sequence number 5 (0.00, token 05)", pull_message(5)),
+        ("7.02 Ping, token 04", inner.encode(b"\4", Message(code=Code.PING))),
+        ("7.03 Pong, token 04", inner.encode(b"\4", Message(code=Code.PONG))),
     ]
 
 
@@ -82,13 +87,14 @@ def tunnel_example() -> list[tuple[str, bytes]]:
     queue = client.datagrams_to_send()
     while not client.is_established:
         datagram = queue.pop(0) if queue else b""
-        out.append(
-            (f"request {mid:#06x} POST /{'/'.join(path)}", _outer_request(mid, path, datagram))
-        )
+        if path != WELL_KNOWN_PATH:
+            datagram = tag + datagram  # the handshake tag starts it (docs/PROTOCOL.md 3.3)
+        title = f"request {mid:#06x} POST /{'/'.join(path)}" + (" (tag first)" if tag else "")
+        out.append((title, _outer_request(mid, path, datagram)))
         if path == WELL_KNOWN_PATH:
             answer = core.entry(("coap", "192.0.2.1:5683"), datagram, 0.0)
         else:
-            answer = core.datagram(path[-1], tag + datagram, 0.0)[0]
+            answer = core.datagram(path[-1], datagram, 0.0)[0]
         entry = path == WELL_KNOWN_PATH
         out.append(
             (f"response {mid:#06x} {answer.code}", _outer_response(mid, answer, entry=entry))
@@ -119,6 +125,18 @@ def tunnel_example() -> list[tuple[str, bytes]]:
     client.receive_datagram(record, 0.0)
     event = client.next_event()
     assert isinstance(event, ApplicationData)
+    # a notification of an observation (token 02) is queued; the client pulls it
+    mid += 1
+    core.enqueue(path[-1], core.seal(path[-1], inner.encode(
+        b"\2", Message(code=Code.CONTENT, observe=7, content_format=0, payload=b"42"))))
+    client.send(pull_message(-1))
+    datagram = b"".join(client.datagrams_to_send())
+    out.append((f"request {mid:#06x} pull, acknowledging nothing yet",
+                _outer_request(mid, path, datagram)))
+    answer, plaintexts = core.datagram(path[-1], datagram, 0.0)
+    assert answer.payload and not plaintexts
+    out.append((f"response {mid:#06x} 2.04 with the queued notification (kept until acknowledged)",
+                _outer_response(mid, answer)))
     return out
 
 
@@ -126,7 +144,7 @@ def main() -> None:
     print("## Inner messages\n")
     for title, data in inner_examples():
         print(f"{title}:\n    {_hex(data)}\n")
-    print("## A PSK tunnel: handshake, then one protected request\n")
+    print("## A PSK tunnel: handshake, one protected request, one pull\n")
     for title, data in tunnel_example():
         print(f"{title} ({len(data)} bytes):\n    {_hex(data)}\n")
 
