@@ -62,17 +62,21 @@ def profile(exchanges: list[Exchange], resumed: bool) -> dict[str, Any]:
     flights: list[dict[str, Any]] = []
     per_message: dict[str, int] = {}
     for ex in exchanges:
-        for side, payload in (("client", ex.up), ("server", ex.down)):
-            if not payload:
+        for side, payload, tag in (("client", ex.up, ex.tag), ("server", ex.down, 0)):
+            if not payload and not tag:
                 continue
             _message_bytes(payload, per_message)
+            messages = _describe(payload)
+            if tag:  # the handshake tag counts: it is in the outer payload
+                per_message["handshake tag"] = per_message.get("handshake tag", 0) + tag
+                messages = ["handshake tag", *messages]
             if flights and flights[-1]["from"] == side:
-                flights[-1]["bytes"] += len(payload)
+                flights[-1]["bytes"] += len(payload) + tag
                 flights[-1]["datagrams"] += 1
-                flights[-1]["messages"] += _describe(payload)
+                flights[-1]["messages"] += messages
             else:
-                flights.append({"from": side, "bytes": len(payload), "datagrams": 1,
-                                "messages": _describe(payload)})
+                flights.append({"from": side, "bytes": len(payload) + tag, "datagrams": 1,
+                                "messages": messages})
     cookie = bool(exchanges) and "HelloVerifyRequest" in _describe(exchanges[0].down)
     rts = len(exchanges)
     return {
@@ -86,7 +90,7 @@ def profile(exchanges: list[Exchange], resumed: bool) -> dict[str, Any]:
         "cookie_exchange": cookie,
         "round_trips_beyond_cookie": rts - 1 if cookie else rts,
         "exchanges": [
-            {"up": len(e.up), "down": len(e.down), "code": str(e.code),
+            {"up": len(e.up) + e.tag, "down": len(e.down), "code": str(e.code),
              "up_messages": _describe(e.up), "down_messages": _describe(e.down)}
             for e in exchanges
         ],

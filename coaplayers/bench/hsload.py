@@ -96,7 +96,10 @@ class _Load:
                 answer = await self.exchange(path, tag + datagram if sid else datagram)
                 if answer.code == CREATED and answer.opt.location_path:
                     sid = answer.opt.location_path[-1]
-                    tag = handshake_tag(answer.payload) or b"\0"
+                    created_tag = handshake_tag(answer.payload)
+                    if created_tag is None:
+                        raise RuntimeError("session created without a ServerHello")
+                    tag = created_tag
                 elif answer.code != CHANGED:
                     raise RuntimeError(f"handshake refused: {answer.code}")
                 if answer.payload:

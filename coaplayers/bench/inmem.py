@@ -43,6 +43,8 @@ class Exchange:
     up: bytes
     down: bytes
     code: Any
+    tag: int = 0
+    """Bytes of handshake tag before ``up`` in the outer payload (docs/PROTOCOL.md 3.3)."""
 
 
 @dataclass
@@ -146,7 +148,8 @@ def handshake(core: TunnelCore, client: Any, peer_key: Any, now: float = 0.0) ->
         else:  # the handshake tag starts every request to a half-open session
             answer, _ = core.datagram(sid, tag + datagram, now)
         result.server_seconds += time.thread_time() - t0
-        result.exchanges.append(Exchange(datagram, answer.payload, answer.code))
+        result.exchanges.append(Exchange(datagram, answer.payload, answer.code,
+                                         len(tag) if sid is not None else 0))
         if answer.code == CREATED and answer.location:
             sid = answer.location[-1]
             tag = handshake_tag(answer.payload) or b""
