@@ -210,6 +210,14 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _handshake_remnant(datagram: bytes) -> bool:
+    """Whether a queued datagram holds an unprotected (epoch 0) record: part of a flight."""
+    try:
+        return any(records.epoch(r) == 0 for r in records.split_records(datagram))
+    except DtlsError:
+        return False
+
+
 def _source(peer_key: Hashable) -> Hashable:
     """The client host of an entry request's peer key (scheme, host:port): its port dropped."""
     if isinstance(peer_key, tuple) and peer_key and isinstance(peer_key[-1], str):
@@ -454,11 +462,12 @@ class TunnelCore:
         sid = s.sid
         self._touch(s, now)
         if not data:  # a handshake pull: the rest of our flight, taken as it is sent
-            if not s.outbox:
-                return Answer(CHANGED)
-            batch = [s.outbox.popleft()]
-            size = len(batch[0])
-            while s.outbox and size + len(s.outbox[0]) <= MAX_DATAGRAM:
+            batch: list[bytes] = []
+            size = 0
+            # Once established, only what is left of a handshake flight (epoch 0 records):
+            # notifications wait for a pull that acknowledges them.
+            while (s.outbox and (not batch or size + len(s.outbox[0]) <= MAX_DATAGRAM)
+                   and (not s.established or _handshake_remnant(s.outbox[0]))):
                 size += len(s.outbox[0])
                 batch.append(s.outbox.popleft())
             return Answer(CHANGED, b"".join(batch))

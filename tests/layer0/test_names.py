@@ -134,6 +134,9 @@ def test_queued_datagrams_stay_until_a_pull_acknowledges_them() -> None:
     for forged in (b"", os.urandom(30), seals[0]):
         assert (c.datagram(sid, forged, 1.0)[0].code, len(c.sessions[sid].outbox)) == (
             Code.NOT_FOUND, 3)
+    # nor does the handshake tag take them once the session is established
+    tagged = c.datagram(sid, c.sessions[sid].tag, 1.5)[0]
+    assert (tagged.code, tagged.payload, len(c.sessions[sid].outbox)) == (Code.CHANGED, b"", 3)
     first, _ = c.datagram(sid, pull(client, -1), 2.0)
     assert first.code == Code.CHANGED and first.payload == b"".join(seals)
     # the answer was lost: the next pull still acknowledges nothing and gets it all again
