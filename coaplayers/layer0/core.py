@@ -95,7 +95,7 @@ class ServerLimits:
     max_observations: int = 8
     """Concurrent inner observations per session; more are served as plain requests."""
     poll_hold: float = 20.0
-    """How long an empty POST (a pull) waits for a notification before it is answered empty."""
+    """How long an authenticated pull waits for a notification before it is answered empty."""
     inner_timeout: float = 60.0
     """How long a resource may take for its first response before the client gets 5.03."""
 
