@@ -14,6 +14,7 @@ import aiocoap
 from aiocoap import interfaces
 
 from . import dtls
+from .replica import REPLICA_PATH
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class E2EServerOptions:
     """RFC 7250 raw public keys (GnuTLS): our key and the pinned client keys."""
     oscore_state: Path | None = None
     """Folder that keeps the OSCORE mode's contexts across restarts (see ContextStore)."""
+    replica: int | None = None
+    """This server's number in a replica set: in every session name and client ID it hands
+    out, so that a proxy finds the replica from outer options (coaplayers.replica)."""
 
     @property
     def credentials(self) -> list[Any]:
@@ -62,7 +66,9 @@ class RequireEndToEnd(interfaces.Resource):
     async def render_to_pipe(self, pipe: Any) -> None:
         from .identity import peer_info
 
-        if peer_info(pipe.request).mode == "plain":
+        # The replica number is public (every routing key carries it): proxies probe it plainly.
+        if peer_info(pipe.request).mode == "plain" and (
+                tuple(pipe.request.opt.uri_path) != REPLICA_PATH):
             pipe.add_response(
                 aiocoap.Message(
                     code=aiocoap.UNAUTHORIZED,
@@ -97,7 +103,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     from .oscore.mode import KEYING_PATH, KeyingResource
 
     try:
-        store = ContextStore(state_dir=options.oscore_state)
+        store = ContextStore(state_dir=options.oscore_state, replica=options.replica)
     except PersistenceError as e:
         raise dtls.ConfigurationError(f"--oscore-state: {e}") from e
     # OSCORE keys from the handshake's exporter: every Layer 0 server listener has one (PSK
@@ -111,7 +117,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     policy = Policy.build(protected=())
     return Layer0Site(
         inner, credentials if len(credentials) > 1 else credentials[0], policy=policy,
-        eager=eager,
+        eager=eager, replica=options.replica,
     )
 
 

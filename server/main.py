@@ -18,6 +18,7 @@ from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0.server import Layer0Site, answer_inline
 from coaplayers.loglimit import LogLimits, install_log_limits
+from coaplayers.replica import check_replica
 from coaplayers.rules import RulesSite
 
 from .resources import build_site
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     l0.add_argument("--oscore-state", metavar="DIR",
                     help="keep OSCORE contexts in this folder (one owner-only file each), so"
                     " that clients keep them across a restart without a new handshake")
+    p.add_argument("--replica", type=_replica, metavar="N",
+                   help="this server's number (0-15) in a replica set behind coap-proxy: it"
+                   " goes into every Layer 0 session name and OSCORE client ID, and"
+                   " /.well-known/replica answers it")
     p.add_argument("--max-body", type=int, metavar="BYTES",
                    help="largest request body a resource takes block-wise (4.13 beyond it;"
                    f" default {BlockwiseLimits().max_body})")
@@ -101,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more log output (-vv: tracebacks too)")
     return p
+
+
+def _replica(text: str) -> int:
+    try:
+        return check_replica(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,6 +140,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         required=bool(args.e2e_required),
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
         oscore_state=Path(args.oscore_state) if args.oscore_state else None,
+        replica=args.replica,
     )
     dtls.check_identities(e2e.psk_store, e2e.raw_public_key, psk_flag="--e2e-psk",
                           trust_flag="--e2e-rpk-trust")
@@ -139,7 +152,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     except ValueError as exc:
         raise dtls.ConfigurationError(f"--max-body: {exc}") from exc
     # RulesSite innermost: 4.02, 4.06 and No-Response apply to plain and protected requests.
-    site: Any = wrap_site(RulesSite(build_site(blockwise)), e2e, eager=True)
+    site: Any = wrap_site(RulesSite(build_site(blockwise, args.replica)), e2e, eager=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from aiocoap.numbers.contentformat import ContentFormat
 
 from coaplayers.blockwise import BlockwiseLimits, BoundedSite
 from coaplayers.identity import describe_peer
+from coaplayers.replica import REPLICA_PATH
 
 FIRMWARE_SIZE = 64 * 1024
 
@@ -155,8 +156,24 @@ class LoggingSite(BoundedSite):
         await super().render_to_pipe(request)
 
 
-def build_site(blockwise: BlockwiseLimits | None = None) -> resource.Site:
+class Replica(resource.Resource):
+    """This server's replica number (``--replica``), for the health probes of proxies that
+    route to a replica set: they learn which address holds which sessions from it."""
+
+    def __init__(self, replica: int) -> None:
+        super().__init__()
+        self.payload = str(replica).encode()
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(payload=self.payload, content_format=ContentFormat.TEXT)
+
+
+def build_site(
+    blockwise: BlockwiseLimits | None = None, replica: int | None = None
+) -> resource.Site:
     site = LoggingSite(blockwise)
+    if replica is not None:
+        site.add_resource(list(REPLICA_PATH), Replica(replica))
     wkc = resource.WKCResource(site.get_resources_as_linkheader)
     site.add_resource([".well-known", "core"], wkc)
     site.add_resource(["hello"], Hello())

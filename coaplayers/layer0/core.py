@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from aiocoap.numbers.codes import Code
 
+from .. import replica as replica_ids
 from ..dtls import (
     ApplicationData,
     ConnectionClosed,
@@ -240,6 +241,8 @@ class TunnelCore:
         self.listener = listener
         self.limits = limits or ServerLimits()
         self._random = random
+        #: coap-server --replica: its number goes into every session name (coaplayers.replica).
+        self.replica: int | None = None
         self.sessions: OrderedDict[str, TunnelSession] = OrderedDict()  # LRU order
         self._half_open: set[str] = set()
         self._half_open_source: dict[str, Hashable] = {}  # sid -> client host (pruned in entry)
@@ -593,6 +596,8 @@ class TunnelCore:
     def _new_sid(self) -> str:
         while True:
             name = base64.urlsafe_b64encode(self._random(4)).decode()[:SESSION_ID_CHARS]
+            if self.replica is not None:
+                name = replica_ids.session_name(self.replica, name)
             sid = SESSION_PREFIX + name
             if sid not in self.sessions:
                 return sid

@@ -193,6 +193,7 @@ class Layer0Site(interfaces.Resource):
         limits: ServerLimits | None = None,
         on_established: Callable[[Layer0Peer], None] | None = None,
         eager: bool = False,
+        replica: int | None = None,
     ) -> None:
         super().__init__()
         self.site = site
@@ -205,6 +206,7 @@ class Layer0Site(interfaces.Resource):
         self.core = TunnelCore(listener, self.limits)
         self.core.on_close = self._session_closed
         self.core.on_established = on_established
+        self.core.replica = replica
         self._wakeups: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._hostinfos: dict[tuple[object, ...], str] = {}

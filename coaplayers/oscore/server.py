@@ -30,6 +30,7 @@ from aiocoap import oscore as _aiooscore
 from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
+from .. import replica as replica_ids
 from ..layer0.eager import run_driving_pipe_eagerly
 from ..message import error_answer, error_to_message
 from .context import SecurityContext
@@ -66,11 +67,14 @@ class ContextStore:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         ahead: int = DEFAULT_AHEAD,
+        replica: int | None = None,
     ) -> None:
         if max_contexts < 1:
             raise ValueError("max_contexts must be at least 1")
         self.max_contexts = max_contexts
         self.server_id = server_id
+        #: coap-server --replica: its number goes into every client ID (coaplayers.replica).
+        self.replica = replica
         self._contexts: OrderedDict[tuple[bytes, bytes | None], SecurityContext] = OrderedDict()
         #: Number of contexts evicted for room so far (for monitoring).
         self.evictions = 0
@@ -172,6 +176,9 @@ class ContextStore:
             except PersistenceError as e:
                 log.warning("OSCORE context file not restored: %s", e)
                 continue
+            if self.replica is not None and (
+                    replica_ids.replica_of_kid(context.recipient_id) != self.replica):
+                continue  # another replica's, in a folder the set shares: one writer per kid
             if context.sender_id != self.server_id or path != self._file_of(context):
                 log.warning("OSCORE context file %s is not one of this server's; ignored", path)
                 continue
@@ -208,22 +215,27 @@ class ContextStore:
 
         ``length=None`` picks the shortest length whose ID space is at most a quarter full, so
         every request carries a 1-byte ``kid`` while the server holds fewer than 64 contexts
+        (4 with a replica number, which fixes 4 bits of every ID: coaplayers.replica)
         (RFC 8613 leaves the length to the server; the kid is on every request's wire).
         Random rather than counted so that after a server restart an old client's stale ID
         is unlikely to name someone else's context: it will then get "Security context not
         found" (clean re-handshake) rather than "Decryption failed".
         """
+        # With a replica number, 4 bits of the first byte are fixed: fewer IDs per length.
+        fixed = 16 if self.replica is not None else 1
         if length is None:
             length = 1
-            while len(self._contexts) >= 256**length // 4 and length < 7:
+            while len(self._contexts) >= 256**length // fixed // 4 and length < 7:
                 length += 1
         if not 1 <= length <= 7:
             raise ValueError("client IDs are 1 to 7 bytes (AES-CCM-16-64-128 nonce)")
-        space = 256**length
+        space = 256**length // fixed
         if len(self._contexts) >= space // 2:
             raise RuntimeError("client ID space too crowded; use longer IDs")
         while True:
             candidate = secrets.token_bytes(length)
+            if self.replica is not None:
+                candidate = replica_ids.client_id(self.replica, candidate)
             if candidate != self.server_id and (candidate, id_context) not in self._contexts:
                 return candidate
 

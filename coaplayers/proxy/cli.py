@@ -35,6 +35,10 @@ examples:
         --route /sensors=coap://10.0.0.5 --route app.example=coap://10.0.0.6:5683
   ephemeral port, metrics, a rate limit of 20 requests/s (bursts of 40) per client:
     coap-proxy --listen coap://127.0.0.1:0 --metrics 127.0.0.1:9100 --rate-limit 20/40
+  a replica set: sessions and OSCORE kids to the coap-server --replica N that holds them,
+  new handshakes and plain requests hashed over the members that answer their probes:
+    coap-proxy --no-forward --route /=replicas:coap://10.0.0.5,coap://10.0.0.6 \
+        --route app.example=replicas:coap://app-server:5683   (every address of the name)
   everything from a file, one flag overriding it:
     coap-proxy --config /etc/coap-proxy.toml --log-file /var/log/coap-proxy.jsonl
 
@@ -95,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve-ttl", metavar="SECONDS", type=float,
                    help="reuse a resolved coap:// upstream address this long (default 30;"
                    " 0: resolve on every exchange)")
+    p.add_argument("--health-interval", metavar="SECONDS", type=float,
+                   help="probe every replica set member this often (default 1)")
+    p.add_argument("--health-timeout", metavar="SECONDS", type=float,
+                   help="a member silent this long is down until it answers again (default 3)")
     p.add_argument("--hop-limit", metavar="N", type=int,
                    help="Hop-Limit inserted when a request has none (default 16)")
     p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
@@ -144,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     for flag in (
         "log_file", "log_rate", "upstream_timeout", "ack_timeout", "downstream_ack_timeout",
         "max_in_flight", "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
-        "no_response_wait", "cache_entries", "cache_bytes",
+        "no_response_wait", "cache_entries", "cache_bytes", "health_interval",
+        "health_timeout",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -71,6 +71,9 @@ def _remove_dot_segments(segments: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+REPLICAS_PREFIX = "replicas:"
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A reverse-proxy rule: requests for a Uri-Host name, or under a path prefix, go upstream.
@@ -84,6 +87,9 @@ class Route:
 
     match: str
     upstream: Upstream
+    # A replica set (``replicas:URI,URI...`` or a TOML list): the servers that serve this
+    # route's origin together; ``upstream`` is the first. See coaplayers.proxy.replicas.
+    members: tuple[Upstream, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> Route:
@@ -93,11 +99,26 @@ class Route:
         return cls.make(key, uri)
 
     @classmethod
-    def make(cls, key: str, uri: str) -> Route:
+    def make(cls, key: str, uri: str | list[str] | tuple[str, ...]) -> Route:
         key = key.strip()
         if not key.startswith("/"):
             key = key.lower()
-        return cls(key, Upstream.parse(uri.strip()))
+        if isinstance(uri, str) and uri.strip().startswith(REPLICAS_PREFIX):
+            uri = [u for u in uri.strip()[len(REPLICAS_PREFIX):].split(",") if u.strip()]
+        if isinstance(uri, str):
+            return cls(key, Upstream.parse(uri.strip()))
+        members = tuple(Upstream.parse(u.strip()) for u in uri)
+        if not members:
+            raise ConfigError(f"route {key!r}: a replica set needs at least one URI")
+        first = members[0]
+        if any((m.scheme, m.path, m.mount) != (first.scheme, first.path, first.mount)
+               for m in members):
+            raise ConfigError(f"route {key!r}: a replica set's URIs differ only in host and port")
+        return cls(key, first, members)
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.members)
 
     @property
     def is_prefix(self) -> bool:
@@ -108,6 +129,8 @@ class Route:
         return tuple(s for s in self.match.split("/") if s != "")
 
     def __str__(self) -> str:
+        if self.members:
+            return f"{self.match}={REPLICAS_PREFIX}" + ",".join(str(m) for m in self.members)
         return f"{self.match}={self.upstream}"
 
 
@@ -208,6 +231,10 @@ class ProxyConfig:
     # How long a resolved coap:// upstream address is reused (0: resolve on every exchange).
     resolve_ttl: float = 30.0
     max_observations: int = 1024
+    # Replica sets (docs/PROXY.md): probe every member this often; one that has not answered
+    # for health_timeout is down (routed around) until it answers again.
+    health_interval: float = 1.0
+    health_timeout: float = 3.0
     # The response cache (docs/PROXY.md, Caching): entries (0: off) and bytes it may hold.
     cache_entries: int = 1024
     cache_bytes: int = 1 << 20
@@ -240,6 +267,8 @@ class ProxyConfig:
             raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
         if not 1 <= self.upstream_sockets <= 1024:
             raise ConfigError("upstream_sockets must be between 1 and 1024")
+        if not 0.05 <= self.health_interval <= 60 or not 0.1 <= self.health_timeout <= 600:
+            raise ConfigError("health_interval must be 0.05..60 s and health_timeout 0.1..600 s")
         if not 0 <= self.resolve_ttl <= 86400:
             raise ConfigError("resolve_ttl must be between 0 and 86400 seconds")
         if self.log_rate < 0:
@@ -264,6 +293,8 @@ _SCALARS: dict[str, type] = {
     "upstream_sockets": int,
     "resolve_ttl": float,
     "max_observations": int,
+    "health_interval": float,
+    "health_timeout": float,
     "cache_entries": int,
     "cache_bytes": int,
     "rate_limit_clients": int,
@@ -307,7 +338,9 @@ def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -
             if not isinstance(value, dict):
                 raise ConfigError('routes: expected a table like { "/sensors" = "coap://..." }')
             changes["routes"] = tuple(
-                Route.make(k, _typed(f"routes.{k}", v, str)) for k, v in value.items()
+                Route.make(k, _strings(f"routes.{k}", v) if isinstance(v, list)
+                           else _typed(f"routes.{k}", v, str))
+                for k, v in value.items()
             )
         elif key == "metrics":
             changes["metrics"] = parse_hostport(_typed(key, value, str), "metrics")

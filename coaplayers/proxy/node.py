@@ -11,9 +11,12 @@ import logging
 import signal
 from collections.abc import Callable
 
+from aiocoap import Message
+
 from .accesslog import AccessLog
 from .config import ProxyConfig
 from .metrics import MetricsRegistry, MetricsServer
+from .replicas import HealthMonitor
 from .site import ProxySite
 from .transport import ProxyContext, build_context, format_uri
 
@@ -32,6 +35,7 @@ class ProxyNode:
         self.context: ProxyContext | None = None
         self.metrics_server: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
+        self.health: HealthMonitor | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -58,10 +62,14 @@ class ProxyNode:
                         "warning", message="a route points at this proxy itself; requests "
                         "on it end with 5.08 Hop Limit Reached")
                     break
+            if self.site.router.sets:
+                await self._start_health(self.context)
             if self.config.metrics is not None:
                 self.metrics_server = MetricsServer(self.metrics)
                 self.metrics_address = await self.metrics_server.start(*self.config.metrics)
         except BaseException:
+            if self.health is not None:
+                await self.health.stop()
             await self.context.shutdown()
             raise
         self.access_log.event(
@@ -71,6 +79,27 @@ class ProxyNode:
             f"http://{format_uri('x', *self.metrics_address)[4:]}/metrics",
         )
         return self.bound_uris
+
+    async def _start_health(self, context: ProxyContext) -> None:
+        """Probe the replica sets' members once (bounded) so routes work when we say ready,
+        then on every health_interval."""
+        pool = context.upstream
+
+        async def send(message: Message, target: str) -> Message:
+            request = await pool.request(("replica health", target), message, target)
+            return await request.response
+
+        self.health = HealthMonitor(
+            list(self.site.router.sets.values()), send, interval=self.config.health_interval,
+            events=self.access_log.event, metrics=self.metrics,
+            resolve_every=max(self.config.resolve_ttl, self.config.health_interval),
+        )
+        await self.health.first_round(self.config.health_timeout)
+        for s in self.site.router.sets.values():
+            self.access_log.event("replica_set", route=s.route.match, healthy=s.healthy,
+                                  members={m.key: m.replica for m in s.members.values()
+                                           if m.up})
+        self.health.start()
 
     async def stop(self) -> bool:
         """Refuse new requests (5.03), let in-flight ones finish within the grace period, close.
@@ -83,6 +112,8 @@ class ProxyNode:
         finished = await self.site.wait_idle(self.config.shutdown_grace)
         self.access_log.event("stop", in_flight_left=self.site.in_flight.count,
                               clean=finished)
+        if self.health is not None:
+            await self.health.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.context is not None:

@@ -18,6 +18,7 @@ from aiocoap import Message
 from aiocoap.numbers import OptionNumber, codes
 from aiocoap.numbers.codes import Code
 
+from ..replica import balance_key, replica_of_request
 from .config import DEFAULT_PORTS, ProxyConfig, Route, Upstream
 
 Opt = OptionNumber
@@ -136,6 +137,12 @@ class Router:
         self.prefix_routes = sorted(
             (r for r in config.routes if r.is_prefix), key=lambda r: -len(r.prefix)
         )
+        from .replicas import ReplicaSet  # (it imports is_ip_literal from here)
+
+        # Replica sets by route: members, their health, the choice per request (replicas.py).
+        self.sets = {
+            r.match: ReplicaSet(r, config.health_timeout) for r in config.routes if r.is_set
+        }
 
     def add_own_address(self, scheme: str, host: str, port: int) -> None:
         self.addresses.add((scheme, host.strip("[]").lower(), port))
@@ -152,8 +159,9 @@ class Router:
                 return True
         return False
 
-    def decide(self, request: Message) -> Decision:
-        """The routing decision for ``request``, or raise :class:`Refusal`."""
+    def decide(self, request: Message, client: str = "") -> Decision:
+        """The routing decision for ``request``, or raise :class:`Refusal`. ``client`` (the
+        downstream address) picks the replica of a set for requests that name none."""
         opt = request.opt
         bad = unknown_unsafe(opt.option_list())
         if bad:
@@ -161,12 +169,12 @@ class Router:
                 codes.BAD_OPTION, "unknown proxy-unsafe option " + ",".join(map(str, bad)),
                 "bad_option",
             )
-        decision = self._route(request)
+        decision = self._route(request, client)
         return decision
 
     # -- routing -------------------------------------------------------------------------------
 
-    def _route(self, request: Message) -> Decision:
+    def _route(self, request: Message, client: str = "") -> Decision:
         opt = request.opt
         if opt.proxy_uri is not None:
             scheme, host, port, path, query = self._split_proxy_uri(opt.proxy_uri)
@@ -179,7 +187,8 @@ class Router:
             return self._forward(
                 request, scheme, opt.uri_host, port, tuple(opt.uri_path), tuple(opt.uri_query)
             )
-        return self._reverse(request, opt.uri_host, tuple(opt.uri_path), tuple(opt.uri_query))
+        return self._reverse(request, opt.uri_host, tuple(opt.uri_path), tuple(opt.uri_query),
+                             client)
 
     @staticmethod
     def _split_proxy_uri(uri: str) -> tuple[str, str, int, tuple[str, ...], tuple[str, ...]]:
@@ -225,7 +234,7 @@ class Router:
 
     def _reverse(
         self, request: Message, uri_host: str | None, path: tuple[str, ...],
-        query: tuple[str, ...],
+        query: tuple[str, ...], client: str = "",
     ) -> Decision:
         route: Route | None = None
         rest = path
@@ -240,12 +249,22 @@ class Router:
         if route is None:
             raise Refusal(codes.PROXYING_NOT_SUPPORTED, "no route for this request", "no_route")
         up = route.upstream
+        uri_host = None if is_ip_literal(up.host) else up.host.lower()
+        if route.is_set:
+            member = self.sets[route.match].pick(
+                replica_of_request(request.opt), balance_key(request, client))
+            if member is None:
+                raise Refusal(codes.SERVICE_UNAVAILABLE, "no replica answers", "no_replica",
+                              max_age=1)
+            up = member.upstream
+            name = member.name or up.host
+            uri_host = None if is_ip_literal(name) else name.lower()
         return Decision(
             "reverse",
             Upstream(up.scheme, up.host, up.port),
             up.path + rest,
             query,
-            None if is_ip_literal(up.host) else up.host.lower(),
+            uri_host,
             self._next_hop_limit(request),
             route=route.match,
             mount=(up.path, route.prefix if route.is_prefix else ()) if up.mount else None,

@@ -237,7 +237,7 @@ class ProxySite:
         try:
             try:
                 self._admit(request, entry, slot)
-                decision = self.router.decide(request)
+                decision = self.router.decide(request, entry["client"])
             except Refusal as refusal:
                 self._refuse(pipe, refusal, entry, started)
                 return

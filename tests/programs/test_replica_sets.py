@@ -1,0 +1,124 @@
+"""Replica sets: coap-server --replica N behind coap-proxy routing on outer options alone.
+
+Two real coap-server processes serve one origin; a real coap-proxy routes to them. Layer 0
+sessions and OSCORE contexts must stay on the replica that holds them (no second handshake),
+new ones spread over the replicas, and when one replica dies its clients handshake again
+with the other, every request answered right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import pytest
+
+from coaplayers import dtls, layer1
+from coaplayers.e2e import OscoreModeRequester
+from coaplayers.layer0 import Layer0Channel
+from coaplayers.replica import replica_of_kid, replica_of_session
+from tests.conftest import free_udp_port
+
+from .conftest import Keys, Running, client, start_proxy, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def _server_args(keys: Keys, replica: int, port: int) -> list[str]:
+    return ["--listen", f"coap://127.0.0.1:{port}", "--replica", str(replica), "-v",
+            "--e2e-cert", str(keys / "server-e2e.pem"), "--e2e-key", str(keys / "server-e2e.key"),
+            "--e2e-ca", str(keys / "e2e-ca.pem")]
+
+
+def _events(proxy: Running, name: str) -> list[dict[str, Any]]:
+    assert proxy.log_file is not None
+    out = []
+    for line in proxy.log_file.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == name:
+            out.append(record)
+    return out
+
+
+async def _wait_event(proxy: Running, name: str, count: int, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _events(proxy, name)
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"no {name} event within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
+    tmp_path: Path, keys: Keys
+) -> None:
+    ports = [free_udp_port(), free_udp_port()]
+    servers = {n: start_server(tmp_path, *_server_args(keys, n, ports[i]), name=f"replica{n}")
+               for i, n in enumerate((1, 2))}
+    members = ",".join(f"coap://127.0.0.1:{p}" for p in ports)
+    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
+                        "--route", f"/=replicas:{members}",
+                        "--health-interval", "0.2", "--health-timeout", "1")
+    ctx = await layer1.create_context()
+    credentials = dtls.CertificateCredentials.from_files(
+        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+    origin = proxy.uri("coap")
+    channels = [Layer0Channel(ctx.context, origin, credentials) for _ in range(10)]
+    oscores = [OscoreModeRequester(ctx, origin, None, credentials) for _ in range(6)]
+
+    async def post(requester: Any, text: bytes) -> None:
+        # PUT: idempotent, so a client may resend it after a lost session (docs/PROTOCOL.md)
+        message = aiocoap.Message(code=aiocoap.PUT, uri=origin + "/echo", payload=text)
+        response = await asyncio.wait_for(requester.request(message).response, 30)
+        assert response.code == aiocoap.CHANGED and response.payload == text, response
+
+    async def round_(tag: str) -> None:
+        await asyncio.gather(*(post(r, f"{tag}{i}".encode())
+                               for i, r in enumerate([*channels, *oscores])))
+
+    try:
+        started = _events(proxy, "replica_set")
+        assert started and started[0]["healthy"] == [1, 2]
+        for n in range(3):
+            await round_(f"r{n}-")
+        # Each session and each kid names its replica; nobody handshook twice.
+        l0_at = [replica_of_session(c.session_path[0]) for c in channels]
+        kid_at = [replica_of_kid(o.requester.parameters.client_id) for o in oscores]
+        assert all(c.handshakes == 1 for c in channels)
+        assert all(o.requester.keyings == 1 for o in oscores)
+        assert set(l0_at) | set(kid_at) == {1, 2}, (l0_at, kid_at)
+        plain = await client(origin + "/hello")
+        assert plain.rc == 0 and plain.stdout.startswith("Hello from coap-server"), plain.stderr
+
+        # Replica 1 dies: marked down within the bound, its clients go to replica 2.
+        servers[1].proc.send_signal(signal.SIGKILL)
+        servers[1].proc.wait(10)
+        down = await _wait_event(proxy, "replica_down", 1, timeout=5)
+        assert down[0]["replica"] == 1 and down[0]["healthy"] == [2]
+        await round_("after-")
+        assert [replica_of_session(c.session_path[0]) for c in channels] == [2] * 10
+        assert [replica_of_kid(o.requester.parameters.client_id) for o in oscores] == [2] * 6
+        assert [c.handshakes for c in channels] == [1 + (r == 1) for r in l0_at]
+        assert [o.requester.keyings for o in oscores] == [1 + (r == 1) for r in kid_at]
+
+        # It comes back on the same address: up again, new sessions may go there.
+        servers[1] = start_server(tmp_path, *_server_args(keys, 1, ports[0]), name="replica1b")
+        up = await _wait_event(proxy, "replica_up", 1, timeout=5)
+        assert up[-1]["replica"] == 1 and up[-1]["healthy"] == [1, 2]
+        await round_("back-")
+        assert all(c.handshakes == 1 + (r == 1) for c, r in zip(channels, l0_at, strict=True))
+    finally:
+        for c in channels:
+            await c.close()
+        for o in oscores:
+            await o.close()
+        await ctx.shutdown()
+        proxy.stop()
+        for s in servers.values():
+            s.stop()
