@@ -82,6 +82,8 @@ class ReplicaSet:
                 self.names.append(up)
         self._by_replica: dict[int, Member] = {}
         self._healthy: list[int] = []
+        # (set, member, "up" or "down", reason): the monitor logs and counts transitions.
+        self.changed: Callable[[ReplicaSet, Member, str, str], None] | None = None
 
     def _add(self, member: Member) -> None:
         self.members.setdefault(member.key, member)
@@ -118,6 +120,16 @@ class ReplicaSet:
         member.up = False
         self._reindex()
         return "down"
+
+    def fail(self, key: str, reason: str) -> bool:
+        """A forwarded request showed the member ``key`` down (an ICMP error: nothing took
+        the datagram); mark it so at once. Whether it was up."""
+        member = self.members.get(key)
+        if member is None or self.lost(member, reason) is None:
+            return False
+        if self.changed is not None:
+            self.changed(self, member, "down", reason)
+        return True
 
     def expire(self, now: float) -> list[Member]:
         """Members that have not answered for ``timeout``: marked down, returned."""
@@ -197,6 +209,8 @@ class HealthMonitor:
                 ("route", "state"))
         else:
             self.up_gauge = self.changes = None
+        for s in sets:
+            s.changed = self._changed
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica health")

@@ -172,6 +172,21 @@ class Router:
         decision = self._route(request, client)
         return decision
 
+    def upstream_unreachable(
+        self, d: Decision, request: Message, client: str
+    ) -> Decision | None:
+        """A replica set member refused ``d``'s datagram (ICMP: no process took it, so
+        nothing ran): mark it down and decide again. None: not a set, or no other member."""
+        s = self.sets.get(d.route) if d.route is not None else None
+        if s is None:
+            return None
+        s.fail(f"{d.upstream.scheme}://{d.upstream.hostinfo}", "unreachable")
+        try:
+            again = self.decide(request, client)
+        except Refusal:
+            return None
+        return again if again.upstream != d.upstream else None
+
     # -- routing -------------------------------------------------------------------------------
 
     def _route(self, request: Message, client: str = "") -> Decision:

@@ -403,6 +403,14 @@ class ProxySite:
         except error.NetworkError as exc:
             pool.forget(client, target)
             if _unreachable(exc):
+                # A replica set's member is down: once, to another (nothing ran at this one).
+                again = None if "retried" in entry else self.router.upstream_unreachable(
+                    d, request, client)
+                if again is not None:
+                    entry["retried"] = entry["upstream"]
+                    entry["upstream"] = again.uri
+                    await self._forward(pipe, request, again, entry, started, slot)
+                    return
                 # Host or port down: treated like silence, as a client cannot act differently.
                 self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable",
                            entry, started)

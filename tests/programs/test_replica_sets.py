@@ -96,12 +96,16 @@ async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
         plain = await client(origin + "/hello")
         assert plain.rc == 0 and plain.stdout.startswith("Hello from coap-server"), plain.stderr
 
-        # Replica 1 dies: marked down within the bound, its clients go to replica 2.
+        # Replica 1 dies. The first request that meets its closed port (ICMP) marks it down
+        # and goes to replica 2, as does every later one: no request fails.
         servers[1].proc.send_signal(signal.SIGKILL)
         servers[1].proc.wait(10)
+        await round_("after-")
         down = await _wait_event(proxy, "replica_down", 1, timeout=5)
         assert down[0]["replica"] == 1 and down[0]["healthy"] == [2]
-        await round_("after-")
+        assert down[0]["reason"] == "unreachable"
+        retried = [e for e in _events(proxy, "exchange") if "retried" in e]
+        assert retried and all(e["code"] in ("4.04", "4.01") for e in retried), retried
         assert [replica_of_session(c.session_path[0]) for c in channels] == [2] * 10
         assert [replica_of_kid(o.requester.parameters.client_id) for o in oscores] == [2] * 6
         assert [c.handshakes for c in channels] == [1 + (r == 1) for r in l0_at]
@@ -114,6 +118,21 @@ async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
         assert up[-1]["replica"] == 1 and up[-1]["healthy"] == [1, 2]
         await round_("back-")
         assert all(c.handshakes == 1 + (r == 1) for c, r in zip(channels, l0_at, strict=True))
+
+        # Replica 2 hangs (no ICMP, no answer): down within health timeout + interval, its
+        # clients go to replica 1; it is up again with its first answer.
+        downs = len(_events(proxy, "replica_down"))
+        servers[2].proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        down = await _wait_event(proxy, "replica_down", downs + 1, timeout=5)
+        assert down[-1]["replica"] == 2 and down[-1]["reason"] == "no answer"
+        assert time.monotonic() - t0 < 1 + 0.2 + 2  # timeout, interval, a loaded machine
+        await round_("hung-")
+        assert [replica_of_session(c.session_path[0]) for c in channels] == [1] * 10
+        ups = len(_events(proxy, "replica_up"))
+        servers[2].proc.send_signal(signal.SIGCONT)
+        up = await _wait_event(proxy, "replica_up", ups + 1, timeout=5)
+        assert up[-1]["replica"] == 2
     finally:
         for c in channels:
             await c.close()

@@ -159,3 +159,27 @@ def test_probe_answers_and_configuration() -> None:
         Route.parse("/=replicas:")
     with pytest.raises(ConfigError):
         ProxyConfig(health_interval=0)
+
+
+def test_an_unreachable_member_is_down_at_once_and_the_request_decided_again() -> None:
+    config = ProxyConfig(routes=(Route.parse("/=replicas:coap://127.0.0.1:1,coap://127.0.0.1:2"),))
+    router = Router(config)
+    s = router.sets["/"]
+    seen: list[tuple[int | None, str, str]] = []
+    s.changed = lambda _s, m, state, reason: seen.append((m.replica, state, reason))
+    for i, m in enumerate(sorted(s.members.values(), key=lambda m: m.key)):
+        s.answered(m, i, now=0.0)
+    request = _request(("~" + replica.session_name(0, "AAAAA")[0] + "bcd",))
+    first = router.decide(request, "c")
+    assert first.upstream.port == 1
+    again = router.upstream_unreachable(first, request, "c")
+    assert again is not None and again.upstream.port == 2
+    assert seen == [(0, "down", "unreachable")] and s.healthy == [1]
+    # Another request that was already on its way there: decided again, no second event.
+    assert router.upstream_unreachable(first, request, "c").upstream.port == 2  # type: ignore[union-attr]
+    assert len(seen) == 1
+    # The last member gone too: nothing to try.
+    assert router.upstream_unreachable(again, request, "c") is None
+    plain = Router(ProxyConfig(routes=(Route.parse("/=coap://127.0.0.1:1"),)))
+    d = plain.decide(_request(("x",)), "c")
+    assert plain.upstream_unreachable(d, _request(("x",)), "c") is None
