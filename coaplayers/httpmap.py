@@ -283,13 +283,13 @@ def coap_to_http_request(request: Message, url: str, etags: EtagMap) -> HttpRequ
     oscore = opt.get_option(Opt.OSCORE)
     if oscore:
         headers.append(("oscore", oscore_header(oscore[0].value)))
-    if request.payload or opt.content_format is not None or oscore:
-        if oscore:
-            headers.append(("content-type", OSCORE_MEDIA_TYPE))
-        elif opt.content_format is not None:
-            headers.append(("content-type", media_type(int(opt.content_format))))
-        else:
-            headers.append(("content-type", "application/octet-stream"))
+    # A body without Content-Format goes without Content-Type (RFC 9110 8.3 lets the
+    # recipient treat it as unknown), so that "none" crosses as "none": a Layer 0 session
+    # resource's records carry no Content-Format and must not gain one.
+    if oscore:
+        headers.append(("content-type", OSCORE_MEDIA_TYPE))
+    elif opt.content_format is not None:
+        headers.append(("content-type", media_type(int(opt.content_format))))
     if opt.accept is not None:
         try:
             headers.append(("accept", media_type(int(opt.accept))))

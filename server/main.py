@@ -11,9 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from coaplayers import config as cfg
 from coaplayers import dtls, layer1
+from coaplayers.asgi import CoapAsgiApp, HttpListener
 from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0.server import Layer0Site, answer_inline
@@ -34,6 +36,7 @@ examples:
               --rpk-trust client-hop-rpk.pub --psk proxy:0x6b6579
   coap-server --listen coap://[::]:5683 --e2e-rpk-key server-rpk.key \\
               --e2e-rpk-trust client-rpk.pub --e2e-rpk-trust more-clients.pub
+  coap-server --listen coap://[::]:5683 --listen http://127.0.0.1:8080 --e2e-psk dev1:secret
   coap-server --config server.toml
 
 resources: /hello /time /echo (POST, PUT) /sensors/temperature (observable) /firmware (64 KiB)
@@ -46,6 +49,9 @@ key for --rpk-key and --e2e-rpk-key, is refused.
 End-to-end credentials of every kind given (PSK, certificate, raw public key) are accepted side
 by side on the same listeners; each client's handshake picks one. A raw-public-key client's
 identity is its key's fingerprint (32 hex digits, as -v logs and coap-keys prints).
+An http:// listener serves the same resources over HTTP (RFC 8075 mapping), Layer 0 by ATLS's
+HTTP binding (POST /.well-known/atls, application/atls) and OSCORE by RFC 8613 section 11: the
+Figure 2 deployment, behind a CoAP-to-HTTP coap-proxy (docs/DEPLOY.md).
 Each bound address is printed on stdout as "listening URI" (port 0 -> the real port).
 A key file readable by other users gets a warning on stderr.
 Exit status: 0 after SIGINT/SIGTERM, 2 for configuration errors, 1 if binding failed.
@@ -62,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE.toml", help="configuration file (flags win)")
     p.add_argument("--listen", action="append", default=[], metavar="URI",
-                   help="coap://HOST:PORT or coaps://HOST:PORT (repeatable; default coap://[::]:5683)")
+                   help="coap://HOST:PORT, coaps://HOST:PORT or http://HOST:PORT (repeatable;"
+                   " default coap://[::]:5683)")
     l1 = p.add_argument_group("Layer 1 (hop-by-hop DTLS on coaps:// listeners)")
     l1.add_argument("--psk", action="append", default=[], metavar="ID:KEY",
                     help="accepted PSK identity and key (KEY as text or 0x-hex; repeatable)")
@@ -157,22 +164,57 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    coap_listen, http_listen = split_listen(args.listen)
     ctx = await layer1.create_context(
-        site, listen=args.listen, psk_store=psk_store, certificate=certificate,
+        site, listen=coap_listen, psk_store=psk_store, certificate=certificate,
         raw_public_key=raw_public_key, loggername="coap-server",
-    )
-    if isinstance(site, Layer0Site):
+    ) if coap_listen else None
+    if ctx is not None and isinstance(site, Layer0Site):
         answer_inline(ctx.context, site)
+    http_listeners = []
+    try:
+        for host, port in http_listen:
+            listener = HttpListener(CoapAsgiApp(site), host, port)
+            http_listeners.append(listener)
+            await listener.start()
+    except BaseException:
+        for listener in http_listeners:
+            await listener.close()
+        if ctx is not None:
+            await ctx.shutdown()
+        raise
     # Everything built so far lives as long as the process: out of the collector's way, a
     # full collection only walks what requests leave behind.
     gc.freeze()
-    for uri in ctx.bound:
+    for uri in [*(ctx.bound if ctx is not None else ()), *(h.uri for h in http_listeners)]:
         print(f"listening {uri}", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
-    await ctx.shutdown()
+    for listener in http_listeners:
+        await listener.close()
+    if ctx is not None:
+        await ctx.shutdown()
     return 0
+
+
+def split_listen(uris: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """The CoAP listen URIs, and (host, port) of the http:// ones."""
+    coap: list[str] = []
+    http: list[tuple[str, int]] = []
+    for uri in uris:
+        parts = urlsplit(uri)
+        if parts.scheme != "http":
+            coap.append(uri)
+            continue
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise dtls.ConfigurationError(f"bad port in {uri!r}") from exc
+        if parts.hostname is None or parts.path not in ("", "/") or parts.query:
+            raise dtls.ConfigurationError(f"listen URI {uri!r}: expected http://HOST:PORT")
+        http.append((parts.hostname, 80 if port is None else port))
+    return coap, http
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,7 +259,11 @@ class Layer0Channel:
         exporter: bool = False,
     ) -> None:
         parsed = urllib.parse.urlsplit(origin)
-        if parsed.scheme not in ("coap", "coaps", "coap+tcp", "coaps+tcp") or not parsed.hostname:
+        if parsed.scheme in ("http", "https") and parsed.hostname and proxy is None:
+            # ATLS's HTTP binding: the outer exchanges cross a CoAP-to-HTTP proxy unread.
+            raise ValueError(f"an {parsed.scheme}:// origin needs a CoAP-to-HTTP cross-proxy")
+        if parsed.scheme not in ("coap", "coaps", "coap+tcp", "coaps+tcp", "http", "https") or (
+                not parsed.hostname):
             raise ValueError(f"origin must be a coap:// or coaps:// URI with a host: {origin!r}")
         self._ctx = context
         self.origin = f"{parsed.scheme}://{parsed.netloc}"

@@ -50,7 +50,8 @@ from .server import CONTEXT_NOT_FOUND, DECRYPTION_FAILED
 log = logging.getLogger("coaplayers.oscore.client")
 
 
-_DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684}
+_DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "coap+tcp": 5683, "coaps+tcp": 5684,
+                  "http": 80, "https": 443}
 
 RehandshakeCallback = Callable[[RehandshakeRequired], None]
 
