@@ -370,7 +370,12 @@ def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
     if not args.uri:
         raise UsageError("a URI is required (coap-client --help lists the flags)")
     uri: str = args.uri
-    if not uri.lower().startswith(("coap://", "coaps://")):
+    if uri.lower().startswith(("http://", "https://")):
+        # Figure 2 of the Layered DTLS draft: CoAP to a cross-proxy, HTTP behind it.
+        if not args.proxy:
+            raise UsageError(f"an {uri.split(':', 1)[0].lower()}:// target needs a"
+                             " CoAP-to-HTTP cross-proxy: give one with -P coap://PROXY")
+    elif not uri.lower().startswith(("coap://", "coaps://")):
         schemes = "coap+tcp:// and coaps+tcp:// (TCP) are not supported; " if re.match(
             r"(?i)coaps?\+tcp://", uri) else ""
         raise UsageError(f"the URI must start with coap:// or coaps:// (got {uri!r}); "

@@ -137,7 +137,16 @@ async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any
 def build_request(config: ClientConfig) -> aiocoap.Message:
     msg = aiocoap.Message(code=METHODS[config.method], payload=config.payload or b"",
                           mtype=aiocoap.CON if config.confirmable else aiocoap.NON)
-    msg.set_request_uri(config.uri, set_uri_host=not config.omit_uri_host)
+    scheme, _, rest = config.uri.partition("://")
+    if scheme.lower() in ("http", "https"):
+        # Through a cross-proxy: options as for a coap:// URI, then the remote's scheme says
+        # which one the proxy is to speak (Proxy-Scheme, or the origin of the e2e modes).
+        from aiocoap.message import UndecidedRemote
+
+        msg.set_request_uri("coap://" + rest, set_uri_host=not config.omit_uri_host)
+        msg.remote = UndecidedRemote(scheme.lower(), msg.remote.hostinfo)
+    else:
+        msg.set_request_uri(config.uri, set_uri_host=not config.omit_uri_host)
     if not config.omit_uri_host and config.e2e.mode is None:
         # As libcoap: a port that is not the scheme's default goes in Uri-Port too (the
         # end-to-end modes leave the outer options to their own rules).

@@ -212,8 +212,12 @@ class HttpListener:
     def __init__(self, app: CoapAsgiApp, host: str, port: int) -> None:
         self.app = app
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, so that asyncio sets TCP_NODELAY on accepted connections (it
+        # checks sock.proto): otherwise a response's head and body, two writes, wait for the
+        # client's delayed ACK on every keep-alive request after the first.
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:

@@ -62,11 +62,15 @@ class HttpUpstream:
         self.settings = settings
         # https:// is checked against the system's CAs, or the operator's bundle; never off.
         context = ssl.create_default_context(cafile=settings.ca)
+        limits = httpx.Limits(max_connections=settings.connections,
+                              max_keepalive_connections=settings.connections)
+        # TCP_NODELAY: a request's head and body are two writes; without it the body waits
+        # for the origin's delayed ACK of the head.
+        transport = httpx.AsyncHTTPTransport(
+            verify=context, limits=limits,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.client = httpx.AsyncClient(
-            verify=context, timeout=timeout, follow_redirects=False, trust_env=False,
-            limits=httpx.Limits(max_connections=settings.connections,
-                                max_keepalive_connections=settings.connections),
-        )
+            transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
         self.etags = EtagMap()
         self.block1 = Block1Assembler(BlockwiseLimits(max_body=settings.max_body))
         # (client, method, url) -> (expiry, answer): Block2 continuations.

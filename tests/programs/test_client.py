@@ -388,7 +388,7 @@ async def test_unknown_host_and_usage_errors() -> None:
     assert bad_uri.rc == 2 and "URI" in bad_uri.one_line_error()
     assert bad_method.rc == 2 and "jump" in bad_method.stderr
     assert bad_config.rc == 2 and "cannot read configuration" in bad_config.one_line_error()
-    assert http.rc == 2 and "coap:// or coaps://" in http.stderr
+    assert http.rc == 2 and "needs a CoAP-to-HTTP cross-proxy" in http.stderr
 
 
 async def test_config_file_and_flags_win(app: Running, proxy: Running, keys: Keys,

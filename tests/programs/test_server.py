@@ -176,7 +176,7 @@ async def test_bad_configuration_exits_2_with_one_clear_line(tmp_path: Path, key
          "is not the private key of the certificate"),
         (["--e2e-cert", str(keys / "server-e2e.pem")],
          "--e2e-cert and --e2e-key must be given together"),
-        (["--listen", "http://127.0.0.1:0"], "scheme must be coap or coaps"),
+        (["--listen", "https://127.0.0.1:0"], "scheme must be coap or coaps"),
         (["--listen", "coaps://127.0.0.1:0"], "needs server credentials"),
         (["--e2e-required"], "--e2e-required needs end-to-end credentials"),
         (["--config", str(tmp_path / "missing.toml")], "cannot read configuration"),

@@ -72,7 +72,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     tls = {"ssl_certfile": sys.argv[3], "ssl_keyfile": sys.argv[4]} if len(sys.argv) > 4 else {}
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, port))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", **tls)
     server = uvicorn.Server(config)
