@@ -43,9 +43,11 @@ class TcpCapture:
         self.data = bytearray()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
 
     async def __aenter__(self) -> TcpCapture:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -53,11 +55,6 @@ class TcpCapture:
         self.server.close()
         for task in self.tasks:
             task.cancel()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
