@@ -74,12 +74,15 @@ class HttpRemote(interfaces.EndpointAddress):
             (other.scheme, other._host, other._port) == (self.scheme, self._host, self._port))
 
     def __repr__(self) -> str:
-        return f"<HttpRemote {self.hostinfo}>"
+        return f"<HttpRemote {self.hostinfo}:{self._port}>"
 
     @property
     def hostinfo(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self._port}"
+        """The client's host without the port: an HTTP client (a cross-proxy's pool above
+        all) sends one exchange over any of its connections, so the port does not name it,
+        and a Layer 0 cookie exchange must not depend on which connection the next flight
+        takes."""
+        return f"[{self._host}]" if ":" in self._host else self._host
 
     hostinfo_local = property(lambda self: "http.invalid")
     uri_base = property(lambda self: f"{self.scheme}://{self.hostinfo}")

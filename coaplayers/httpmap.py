@@ -454,8 +454,6 @@ def coap_to_http_response(response: Message) -> tuple[int, list[tuple[bytes, byt
             headers.append((b"content-type", media_type(int(opt.content_format)).encode()))
         except MappingError:
             headers.append((b"content-type", b"application/octet-stream"))
-    elif body and not response.code.is_successful():
-        headers.append((b"content-type", b"text/plain; charset=utf-8"))  # a diagnostic
     if opt.etag is not None:
         headers.append((b"etag", http_etag(bytes(opt.etag)).encode()))
     if response.code == Code.SERVICE_UNAVAILABLE and opt.max_age is not None:

@@ -1,0 +1,68 @@
+"""The CoAP <-> HTTP mapping without sockets: what the cross-proxy and the HTTP listener write
+must read back unchanged on the other side."""
+
+from __future__ import annotations
+
+from aiocoap import Message
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import OpaqueOption
+
+from coaplayers import httpmap
+from coaplayers.asgi import HttpRemote
+
+
+def _round_trip(response: Message, method: Code = Code.POST) -> Message:
+    """A CoAP answer through coap-server's HTTP listener and back through the cross-proxy."""
+    status, headers, body = httpmap.coap_to_http_response(response)
+    text = [(k.decode(), v.decode()) for k, v in headers]
+    return httpmap.http_to_coap_response(method, status, text, body, etags=httpmap.EtagMap(),
+                                         upstream="http://origin:8080")
+
+
+def test_layer0_outer_answers_cross_unchanged() -> None:
+    created = Message(code=Code.CREATED, payload=b"\x16\xfe\xfd records", location_path=["~abcde"],
+                      content_format=65000)
+    back = _round_trip(created)
+    assert back.code == Code.CREATED and back.payload == created.payload
+    assert tuple(back.opt.location_path) == ("~abcde",) and back.opt.content_format == 65000
+    for code in (Code.CHANGED, Code.DELETED, Code.UNAUTHORIZED, Code.FORBIDDEN, Code.NOT_FOUND,
+                 Code.BAD_REQUEST, Code.SERVICE_UNAVAILABLE):
+        method = Code.DELETE if code == Code.DELETED else Code.POST
+        back = _round_trip(Message(code=code, payload=b"\x17\xfe\xfd"), method)
+        assert back.code == code and back.payload == b"\x17\xfe\xfd"
+        assert back.opt.content_format is None  # none in, none out
+
+
+def test_oscore_crosses_as_rfc8613_section_11_says() -> None:
+    value = bytes.fromhex("0914")
+    request = Message(code=Code.POST, payload=b"ciphertext")
+    request.opt.add_option(OpaqueOption(9, value))
+    sent = httpmap.coap_to_http_request(request, "http://origin/", httpmap.EtagMap())
+    assert ("oscore", "CRQ") in sent.headers
+    assert ("content-type", "application/oscore") in sent.headers
+    got = httpmap.http_to_coap_request("POST", "/", "", list(sent.headers), sent.body)
+    assert got.opt.get_option(9)[0].value == value and got.opt.content_format is None
+    answer = Message(code=Code.CHANGED, payload=b"sealed")
+    answer.opt.add_option(OpaqueOption(9, b""))
+    back = _round_trip(answer)
+    assert back.code == Code.CHANGED and back.opt.get_option(9)[0].value == b""
+
+
+def test_requests_from_one_http_client_share_its_address() -> None:
+    # A cross-proxy's pool sends a handshake's flights over any of its connections.
+    assert HttpRemote("192.0.2.1", 40001).hostinfo == HttpRemote("192.0.2.1", 40002).hostinfo
+    assert HttpRemote("2001:db8::1", 1).hostinfo == "[2001:db8::1]"
+
+
+def test_freshness_and_tags() -> None:
+    assert httpmap.max_age_from([("cache-control", "public, max-age=30")]) == 30
+    assert httpmap.max_age_from([("cache-control", "no-store")]) == 0
+    assert httpmap.max_age_from([("expires", "garbage")]) == 0
+    assert httpmap.max_age_from([]) is None
+    tags = httpmap.EtagMap(limit=2)
+    short = tags.to_coap('"a-long-origin-tag"')
+    assert short is not None and len(short) == 8 and tags.to_http(short) == '"a-long-origin-tag"'
+    assert tags.to_coap('"0a0b"') == b"\x0a\x0b" and tags.to_coap('W/"x"') is None
+    for n in range(5):
+        tags.to_coap(f'"tag-{n}"')
+    assert len(tags._seen) == 2  # bounded
