@@ -321,13 +321,15 @@ async def test_libcoap_certificate_flags_are_ours(app: Running, keys: Keys) -> N
     """-C (CA), -c (certificate) and -j (key) as libcoap names them; -M is --rpk-key and
     still wants the server's key pinned."""
     uri = app.uri("coaps") + "/hello"
-    trust, mutual, rpk = await asyncio.gather(
+    trust, trust_r, mutual, rpk = await asyncio.gather(
         client("-C", str(keys / "hop-ca.pem"), uri),
+        client("-R", str(keys / "hop-ca.pem"), uri),
         client("-C", str(keys / "hop-ca.pem"), "-c", str(keys / "proxy.pem"),
                "-j", str(keys / "proxy.key"), uri),
         client("-M", str(keys / "client-hop-rpk.key"), uri),
     )
     assert trust.rc == 0 and trust.stdout.startswith("Hello from coap-server"), trust.stderr
+    assert trust_r.rc == 0 and trust_r.stdout == trust.stdout
     assert mutual.rc == 0, mutual.stderr
     assert rpk.rc == 2 and "--rpk-server-key" in rpk.one_line_error()
 
