@@ -6,12 +6,38 @@ function that builds listeners and upstream transports (where Layer 1 plugs in),
 running instance with graceful shutdown, ``cli`` the command.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .config import ConfigError, ProxyConfig, RateLimit, Route, Upstream, load_config_file
-from .metrics import MetricsRegistry
-from .node import ProxyNode
-from .routing import Decision, Refusal, Router
-from .site import ProxySite, client_identity
-from .transport import ProxyContext, build_context
+
+# The running parts pull in aiocoap, the Layer 1 transport and the DTLS engines: they load on
+# first use (PEP 562), so that ``coap-proxy --help`` and configuration checks start quickly.
+_LAZY = {
+    "metrics": ("MetricsRegistry",),
+    "node": ("ProxyNode",),
+    "routing": ("Decision", "Refusal", "Router"),
+    "site": ("ProxySite", "client_identity"),
+    "transport": ("ProxyContext", "build_context"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .metrics import MetricsRegistry
+    from .node import ProxyNode
+    from .routing import Decision, Refusal, Router
+    from .site import ProxySite, client_identity
+    from .transport import ProxyContext, build_context
 
 __all__ = [
     "ConfigError",

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import cannot_listen
 from ..loglimit import LogLimits, install_log_limits
@@ -23,8 +23,9 @@ from .config import (
     load_config_file,
     parse_hostport,
 )
-from .node import ProxyNode
-from .transport import format_uri
+
+if TYPE_CHECKING:
+    from .node import ProxyNode
 
 EPILOG = """\
 examples:
@@ -188,6 +189,8 @@ def _announce(node: ProxyNode) -> None:
     for uri in node.bound_uris:
         print(f"listening {uri}")
     if node.metrics_address is not None:
+        from .transport import format_uri
+
         print(f"metrics http://{format_uri('x', *node.metrics_address)[4:]}/metrics")
     print("ready", flush=True)
 
@@ -209,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.addHandler(access_log.handler)
     root.setLevel(logging.WARNING)
     install_log_limits(LogLimits(rate=config.log_rate), handlers=[access_log.handler])
+    from .node import ProxyNode
+
     node = ProxyNode(config, access_log=access_log)
     try:
         asyncio.run(node.run(on_ready=_announce))
