@@ -71,6 +71,10 @@ class HttpUpstream:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.client = httpx.AsyncClient(
             transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+        # Only what the CoAP request says goes up (Accept only from an Accept option): no
+        # default Accept, Accept-Encoding, User-Agent or Connection (keep-alive is HTTP/1.1's).
+        for name in ("accept", "accept-encoding", "user-agent", "connection"):
+            del self.client.headers[name]
         self.etags = EtagMap()
         self.block1 = Block1Assembler(BlockwiseLimits(max_body=settings.max_body))
         # (client, method, url) -> (expiry, answer): Block2 continuations.
