@@ -13,18 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from coaplayers import config as cfg
-from coaplayers import dtls, layer1
-from coaplayers.asgi import CoapAsgiApp, HttpListener
+from coaplayers import dtls
 from coaplayers.blockwise import BlockwiseLimits
-from coaplayers.e2e import E2EServerOptions, wrap_site
-from coaplayers.layer0.server import Layer0Site, answer_inline
 from coaplayers.loglimit import LogLimits, install_log_limits
 from coaplayers.replica import check_replica
-from coaplayers.rules import RulesSite
 
-from .resources import build_site
-from .speedups import remember_local_multicast
+# The engines and the site load in serve() and main(): --help and flag errors never pay for
+# them (start-up time, docs/BENCHMARKS.md).
 
 EPILOG = """\
 examples:
@@ -126,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
+        from coaplayers import config as cfg
+
         args._config_dir = str(Path(args.config).parent)
         cfg.merge_config(parser, args, cfg.load_toml(args.config))
     if not args.listen:
@@ -134,6 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
+    from coaplayers import config as cfg
+    from coaplayers import layer1
+    from coaplayers.asgi import CoapAsgiApp, HttpListener
+    from coaplayers.e2e import E2EServerOptions, wrap_site
+    from coaplayers.layer0.server import Layer0Site, answer_inline
+    from coaplayers.rules import RulesSite
+
+    from .resources import build_site
+
     psk_store = cfg.psk_store_from(args.psk, args.psk_file)
     certificate = cfg.certificate_from(args.cert, args.key, args.ca, require_peer=bool(args.ca))
     raw_public_key = cfg.raw_public_key_from(args.rpk_key, args.rpk_trust,
@@ -235,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coap-server: --log-rate: {exc}", file=sys.stderr)
         return 2
     warnings.showwarning = _warn_line
+    from coaplayers import config as cfg
+
+    from .speedups import remember_local_multicast
+
     remember_local_multicast()
     try:
         return asyncio.run(serve(args))

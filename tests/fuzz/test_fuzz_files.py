@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 from coaplayers.programs.client import main as client_main
+from coaplayers.programs.client import options as client_options
+from coaplayers.programs.client import run as client_run
+from coaplayers.programs.client import security as client_security
 from coaplayers.programs.server import main as server_main
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -112,13 +115,13 @@ def test_server_configuration(tmp_path: Path, data: bytes) -> None:
 def test_client_configuration(tmp_path: Path, data: bytes) -> None:
     path = write(tmp_path, "client.toml", data)
     with only(ConfigurationError) as rejected:
-        args = client_main.parse_args(["--config", str(path), "coap://127.0.0.1/hello"])
-        client_main.layer1_credentials(args)
-        client_main.e2e_options(args)
-        client_main.build_request(args)
+        config = client_options.load(["--config", str(path), "coap://127.0.0.1/hello"])
+        client_security.layer1_credentials(config.layer1)
+        client_security.e2e_options(config, client_main.RunState())
+        client_run.build_request(config)
     if not rejected:
-        assert args.method in (None, *client_main.METHODS)
-        assert args.timeout is None or isinstance(args.timeout, int | float)
+        assert config.method in client_options.METHODS
+        assert isinstance(config.timeout, int | float)
 
 
 def utf8(data: bytes) -> bool:
