@@ -48,18 +48,11 @@ async def open_context(config: ClientConfig, state: RunState) -> Any:
     if config.local_address is not None or config.local_port is not None:
         bind = (config.local_address or "::", config.local_port or 0)
     if not config.needs_security:
-        from aiocoap.transports.udp6 import MessageInterfaceUDP6
+        from coaplayers import _aiocoap
 
         ctx = aiocoap.Context(loggername="coap-client")
         try:
-            if bind is None:
-                await ctx._append_tokenmanaged_messagemanaged_transport(
-                    lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
-                        mman, log=ctx.log, loop=ctx.loop))
-            else:
-                await ctx._append_tokenmanaged_messagemanaged_transport(
-                    lambda mman: MessageInterfaceUDP6.create_server_transport_endpoint(
-                        mman, log=ctx.log, loop=ctx.loop, bind=_bind_host(bind), multicast=[]))
+            await _aiocoap.append_udp6(ctx, None if bind is None else _bind_host(bind))
         except BaseException:
             await ctx.shutdown()
             raise

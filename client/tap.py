@@ -2,8 +2,8 @@
 dropped datagrams and -T's first token.
 
 aiocoap has no hook for these, so the context's message managers and token managers get
-per-instance wrappers (aiocoap 0.4.17: ``MessageManager._send_via_transport``,
-``dispatch_message`` and ``TokenManager.next_token``).
+per-instance wrappers (aiocoap 0.4.17: the message manager's send path through
+:func:`coaplayers._aiocoap.wrap_sending`, ``dispatch_message`` and ``TokenManager.next_token``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aiocoap
+
+from coaplayers import _aiocoap
 
 from .options import ClientConfig
 from .output import option_name, option_value
@@ -47,8 +49,8 @@ def install(context: aiocoap.Context, config: ClientConfig) -> None:
     for ri in context.request_interfaces:
         if token[0] is not None and hasattr(ri, "next_token"):
             _first_token(ri, token)
-        mm = getattr(ri, "token_interface", None)
-        if mm is None or not hasattr(mm, "_send_via_transport"):
+        mm = _aiocoap.message_manager_of(ri)
+        if mm is None:
             continue
         _wrap(mm, config.dump, drop, sent)
 
@@ -69,24 +71,27 @@ def _first_token(tm: Any, token: list[bytes | None]) -> None:
 
 
 def _wrap(mm: Any, dump: bool, drop: Callable[[int], bool] | None, sent: list[int]) -> None:
-    send, dispatch = mm._send_via_transport, mm.dispatch_message
+    dispatch = mm.dispatch_message
 
-    def send_via_transport(message: aiocoap.Message) -> None:
-        sent[0] += 1
-        if drop is not None and drop(sent[0]):
+    def wrap(send: Callable[[aiocoap.Message], None]) -> Callable[[aiocoap.Message], None]:
+        def send_via_transport(message: aiocoap.Message) -> None:
+            sent[0] += 1
+            if drop is not None and drop(sent[0]):
+                if dump:
+                    _show("dropped (-l)", message)
+                return
             if dump:
-                _show("dropped (-l)", message)
-            return
-        if dump:
-            _show("sent", message)
-        send(message)
+                _show("sent", message)
+            send(message)
+
+        return send_via_transport
 
     def dispatch_message(message: aiocoap.Message) -> None:
         if dump:
             _show("received", message)
         dispatch(message)
 
-    mm._send_via_transport = send_via_transport
+    _aiocoap.wrap_sending(mm, wrap)
     mm.dispatch_message = dispatch_message
 
 

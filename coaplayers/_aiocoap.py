@@ -1,20 +1,57 @@
 """The one place where coaplayers reaches past aiocoap's public API.
 
-Checked against aiocoap 0.4.17 (the pinned range in pyproject.toml) and, for the request
-interface choice, against its development branch (commit f867dc4, which splits
+Checked against aiocoap 0.4.17 (``CHECKED_AGAINST``; pinned in pyproject.toml) and, for the
+request interface choice, against its development branch (commit f867dc4, which splits
 ``fill_or_recognize_remote`` into ``recognize_remote`` and ``determine_remote`` and drops
-``MessageInterfaceUDP6.create_*_transport_endpoint``). Every other module uses aiocoap's
-public names only; ``tests/test_seams.py`` greps the tree for private ones.
+``MessageInterfaceUDP6.create_{server,client}_transport_endpoint``). Every other module uses
+aiocoap's public names only; ``tests/test_seams.py`` parses the tree and fails on a private
+aiocoap name anywhere else, except ``EXCEPTIONS`` below.
 
-Each workaround below says why it is here and which upstream change would retire it.
+What is here, each with why and the upstream change that would retire it:
+
+* fail closed: :func:`guard_request_interfaces` (a request meant for OSCORE never leaves
+  through a plain transport);
+* transports: :func:`append_transport`, :func:`append_udp6` (no public way to add one);
+* rendering and requests without aiocoap's per-request task names (:func:`render_site`,
+  :func:`blockwise_request`), :func:`complete_block2`, :func:`request_block_key`,
+  :func:`release_request`;
+* options as aiocoap stores them (:func:`option_lists`), for copies without deep copies;
+* resources: :func:`site_children`, :func:`replace_block_state` (bounded block-wise state);
+* the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
+  :func:`wrap_sending`, :func:`message_manager_of`;
+* the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
+* credentials: :func:`credentials_entry_base`, :func:`credentials_class_map`;
+* copies of aiocoap functions, changed (:func:`error_to_message`, :func:`error_answer`);
+* process-wide patches: :func:`install_pipe_fix`, :func:`remember_local_multicast`.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
 
-from aiocoap import Message
+from aiocoap import Message, error
+from aiocoap.blockwise import _extract_block_key
+from aiocoap.numbers.codes import Code
+from aiocoap.pipe import Pipe
+from aiocoap.protocol import BlockwiseRequest, ClientObservation
+
+CHECKED_AGAINST = {"aiocoap": "0.4.17"}
+"""Distribution -> the version these workarounds were checked against (tests/test_seams.py
+compares it with what is installed)."""
+
+EXCEPTIONS = {
+    ("coaplayers/oscore/context.py", "_split_message"):
+        "SecurityContext overrides aiocoap's OSCORE hook (called by aiocoap's own protect and"
+        " unprotect) and calls it for Proxy-Uri requests. Upstream: public hooks for the outer"
+        " options, or class U options kept outer (aiocoap drops Proxy-Scheme and Uri-Port).",
+    ("coaplayers/oscore/context.py", "_construct_nonce"):
+        "SecurityContext overrides aiocoap's nonce hook with a faster one for its own"
+        " (non-group) contexts. Upstream: the same speed in aiocoap's.",
+}
+"""(file, private aiocoap name) used outside this module, with the reason it stays there."""
 
 Refusal = Callable[[Message], "Exception | None"]
 """Says why a request must not go out through a plain interface (None: it may)."""
@@ -91,3 +128,324 @@ class _GuardedList(list[Any]):
 
     def extend(self, items: Iterable[Any]) -> None:
         super().extend(self._guarded(ri) for ri in items)
+
+
+# ----------------------------------------------------------------------- transports
+#
+# aiocoap 0.4.17 has no public way to add a transport to a Context (create_client_context and
+# create_server_context pick them from a name list, with fixed options). Upstream: a public
+# ``Context.add_transport``; its development branch also drops
+# ``MessageInterfaceUDP6.create_{server,client}_transport_endpoint`` for one
+# ``create_transport_endpoint``: only these two functions change then.
+
+
+async def append_transport(context: Any, make: Callable[[Any], Any]) -> Any:
+    """Add the message interface ``make(message_manager)`` (awaitable) to ``context``, with
+    aiocoap's message and token managers on top; returns the message interface."""
+    made: list[Any] = []
+
+    async def build(mman: Any) -> Any:
+        interface = await make(mman)
+        made.append(interface)
+        return interface
+
+    await context._append_tokenmanaged_messagemanaged_transport(build)
+    return made[0]
+
+
+async def append_udp6(context: Any, bind: tuple[str, int] | None = None) -> Any:
+    """Add aiocoap's udp6 transport: a client socket, or a server socket bound to ``bind``
+    (no multicast). Returns the message interface (its ``transport`` is the socket's)."""
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+    if bind is None:
+        return await append_transport(
+            context, lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
+                mman, log=context.log, loop=context.loop))
+    return await append_transport(
+        context, lambda mman: MessageInterfaceUDP6.create_server_transport_endpoint(
+            mman, log=context.log, loop=context.loop, bind=bind, multicast=[]))
+
+
+def render_site(context: Any, pipe: Any) -> Any:
+    """The coroutine that renders ``pipe``'s request with ``context``'s site (what aiocoap's
+    ``Context.render_to_pipe`` runs in a task named after the request). Upstream: a
+    ``Context.render_to_pipe`` that takes the task name, or names tasks lazily."""
+    return context._render_to_pipe(pipe)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def option_lists(opt: Any) -> dict[int, list[Any]]:
+    """An aiocoap ``Options``' option objects per option number: the dict itself, so that callers
+    can copy or move options without aiocoap's per-option setters and deep copies (its
+    option objects are immutable and may be shared). Upstream: ``Options.copy()`` shallow,
+    and a public ``Options.items()`` / ``Options.replace(number, values)``."""
+    return opt._options  # type: ignore[no-any-return]
+
+
+def set_option_lists(opt: Any, options: dict[int, list[Any]]) -> None:
+    """Replace all of an ``Options``' options by ``options`` (see :func:`option_lists`)."""
+    opt._options = options
+
+
+def release_request(request: Any) -> None:
+    """Drop the reference cycle of an answered one-answer aiocoap ``Request`` (its
+    ``_stop_interest`` partial holds its pipe and callback). Upstream: ``Request`` clearing
+    it once the last answer arrived."""
+    request._stop_interest = _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
+async def complete_block2(context: Any, request: Any, first: Any, log: Any) -> Any:
+    """aiocoap's own completion of a Block2 answer whose first block is ``first``.
+    Upstream: a public ``BlockwiseRequest.complete_block2``."""
+    return await BlockwiseRequest._complete_by_requesting_block2(context, request, first, log)
+
+
+def blockwise_request(context: Any, app_request: Any, name: str) -> Any:
+    """aiocoap 0.4.17's ``BlockwiseRequest(context, app_request)`` with a constant task
+    name: aiocoap names it after the request's repr, formatted for every request.
+    Upstream: a ``name`` argument, or lazy task names."""
+    request = BlockwiseRequest.__new__(BlockwiseRequest)
+    request.protocol = context
+    request.log = context.log.getChild("blockwise-requester")
+    request.response = context.loop.create_future()
+    request.observation = (
+        ClientObservation() if app_request.opt.observe is not None else None)
+    observation = request.observation
+    request._runner = context.loop.create_task(
+        BlockwiseRequest._run_outer(
+            app_request, request.response,
+            weakref.ref(observation) if observation is not None else lambda: None,
+            context, request.log),
+        name=name,
+    )
+    request.response.add_done_callback(request._response_cancellation_handler)
+    return request
+
+
+def request_block_key(request: Any) -> Any:
+    """What aiocoap keys a block-wise transfer by (endpoint and the request's cache-key
+    options). Upstream: a public ``blockwise.extract_block_key``."""
+    return _extract_block_key(request)
+
+
+# ------------------------------------------------------------------------ resources
+
+
+def site_children(site: Any) -> list[Any]:
+    """The resources added to an aiocoap ``resource.Site``. Upstream: a public iterator."""
+    return list(site._resources.values())
+
+
+def replace_block_state(resource: Any, block1: Any = None, block2: Any = None,
+                        completes: Any = None) -> tuple[bool, bool]:
+    """Give an aiocoap ``resource.Resource`` our Block1 spool and/or Block2 cache in place of
+    its own unbounded ones (``completes``: the Block2 cache's response table); returns
+    which of the two the resource has. Upstream: bounds in aiocoap's ``Block1Spool`` and
+    ``Block2Cache``, or a constructor argument for them."""
+    has1, has2 = hasattr(resource, "_block1"), hasattr(resource, "_block2")
+    if has1 and block1 is not None:
+        resource._block1 = block1
+    if has2 and block2 is not None:
+        if completes is not None:
+            block2._completes = completes
+        resource._block2 = block2
+    return has1, has2
+
+
+# ------------------------------------------------------------------- message manager
+
+
+def message_manager_of(request_interface: Any) -> Any:
+    """The aiocoap ``MessageManager`` below a request interface (None: not one of
+    aiocoap's token-managed transports)."""
+    mman = getattr(request_interface, "token_interface", None)
+    return mman if mman is not None and hasattr(mman, "_recent_messages") else None
+
+
+def replace_duplicate_table(mman: Any, deduplicate: Callable[..., Any],
+                            store: Callable[..., Any]) -> None:
+    """Have ``mman`` (before it has seen a message) detect duplicates and keep answers with
+    ``deduplicate`` / ``store`` in place of its own dict. Upstream: a pluggable (or bounded,
+    compact) duplicate table in ``MessageManager``."""
+    mman._deduplicate_message = deduplicate
+    mman._store_response_for_duplicates = store
+
+
+def send_datagram(mman: Any, message: Any) -> None:
+    """Send ``message`` through ``mman``'s transport as is (no retransmission state)."""
+    mman._send_via_transport(message)
+
+
+def wrap_sending(mman: Any, wrap: Callable[[Callable[[Any], None]], Callable[[Any], None]]
+                 ) -> bool:
+    """Route every message ``mman`` sends through ``wrap(send)``; False if ``mman`` is not
+    an aiocoap ``MessageManager``. Upstream: a send hook on ``MessageManager``."""
+    send = getattr(mman, "_send_via_transport", None)
+    if send is None:
+        return False
+    mman._send_via_transport = wrap(send)
+    return True
+
+
+# ------------------------------------------------------------------------------ OSCORE
+
+
+def oscore_transport_tasks(transport: Any) -> set[Any]:
+    """The task set aiocoap's ``TransportOSCORE`` keeps its request tasks in."""
+    return transport._tasks  # type: ignore[no-any-return]
+
+
+def oscore_transport_run(transport: Any, request: Any) -> Any:
+    """The coroutine aiocoap's ``TransportOSCORE.request`` runs for ``request`` (protect,
+    send through the wire, unprotect). Upstream: a public coroutine, or a hook for mapping
+    its errors."""
+    return transport._request(request)
+
+
+def oscore_transport_wire(transport: Any) -> Any:
+    """The forward context aiocoap's ``TransportOSCORE`` sends protected messages through."""
+    return transport._wire
+
+
+# ------------------------------------------------------------------------------- pipes
+
+
+def add_event_after_end(pipe: Any, event: Any) -> bool:
+    """aiocoap 0.4.17's ``Pipe._add_event`` logs an exception added to an ended pipe with
+    ``log.error(..., exception=...)``, which ``logging`` refuses with a TypeError: raised
+    inside whatever delivered the event (a rendering task, the message layer handling a
+    datagram), it was seen in coap-proxy's log next to "Task was destroyed but it is
+    pending!" around a client that rejected an answer. Logged here instead; True if handled.
+    Retire once aiocoap's ``_add_event`` passes ``exc_info``."""
+    if pipe._event_callbacks is not False or event.exception is None:
+        return False
+    pipe.log.info("Discarded exception in %r added after %r has ended", event, pipe,
+                  exc_info=event.exception)
+    return True
+
+
+def install_pipe_fix() -> None:
+    """Install :func:`add_event_after_end` in aiocoap's ``Pipe`` (once)."""
+    original = Pipe._add_event
+    if getattr(original, "_coaplayers", False):
+        return
+
+    def _add_event(self: Any, event: Any) -> None:
+        if not add_event_after_end(self, event):
+            original(self, event)
+
+    _add_event._coaplayers = True  # type: ignore[attr-defined]
+    Pipe._add_event = _add_event  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------- copies of aiocoap functions
+
+
+def error_answer(exc: BaseException, log: logging.Logger) -> Any:
+    """The answer aiocoap's ``error_to_message`` gives for an exception of a renderer: a
+    ``RenderableError``'s own message (4.04 and the like), else 5.00; logged as aiocoap does."""
+    if isinstance(exc, error.RenderableError):
+        # the repr() here is quite important for garbage collection (aiocoap's note)
+        log.info("Render request raised a renderable error (%s), responding accordingly.",
+                 repr(exc))
+        try:
+            msg = exc.to_message()
+            if msg is None:
+                raise ValueError(f"Exception to_message failed to produce a message on {exc!r}")
+            return msg  # type: ignore[no-any-return]
+        except Exception as e2:
+            log.error("Rendering the renderable exception failed: %r", e2, exc_info=e2)
+    else:
+        log.error("An exception occurred while rendering a resource: %r", exc, exc_info=exc)
+    return Message(code=Code.INTERNAL_SERVER_ERROR)
+
+
+def error_to_message(old_pr: Any, log: logging.Logger) -> Any:
+    """aiocoap's ``aiocoap.pipe.error_to_message`` (0.4.17; recheck on upgrades), unchanged
+    in what it does: a new pipe for the responder whose answers go to ``old_pr``, whose
+    exceptions become a terminal answer there (:func:`error_answer`), and whose loss of
+    interest is forwarded.
+
+    Copied because aiocoap's runs ``from .message import Message`` on every call: an import
+    statement per rendered request, ~2-3 us of CPU each, and a server renders through one
+    or two of these per request.
+    """
+    next_pr = Pipe(old_pr.request, log)
+
+    def on_event(event: Any) -> bool:
+        if event.message is not None:
+            old_pr.add_response(event.message, event.is_last)
+            return not event.is_last
+        old_pr.add_response(error_answer(event.exception, log), is_last=True)
+        return False
+
+    remove_interest = next_pr.on_event(on_event)
+    old_pr.on_interest_end(remove_interest)
+    return next_pr
+
+
+# ------------------------------------------------------------------------- credentials
+#
+# aiocoap's credentials map builds entries from JSON through a class map and a base class
+# that are both private. Upstream: a public registry of entry kinds (and base class).
+
+
+def credentials_entry_base() -> type:
+    """The base class of aiocoap's credential entries (``credentials._Objectish``)."""
+    from aiocoap import credentials
+
+    return credentials._Objectish  # type: ignore[no-any-return]
+
+
+def credentials_class_map(**extra: Callable[[], type]) -> dict[str, Callable[[], type]]:
+    """aiocoap's map of credential entry kinds, plus ``extra`` (JSON key -> class factory);
+    set it as a ``CredentialsMap`` subclass's ``_class_map``."""
+    from aiocoap import credentials
+
+    return {**credentials.CredentialsMap._class_map, **extra}
+
+
+# ------------------------------------------------------------------- process-wide patches
+#
+# remember_local_multicast: aiocoap decides for every response whether the request came to a
+# multicast address of ours (UDP6EndpointAddress.as_response_address ->
+# is_multicast_locally), parsing our own address from the packet info with ipaddress each
+# time, three times per Layer 0 handshake and once per plain request. The answer depends only
+# on those packet-info bytes, of which a server sees a handful (one per local address), so it
+# is remembered per value. Upstream: a cached property on UDP6EndpointAddress.
+
+_MULTICAST_MEMO_LIMIT = 256  # distinct local addresses remembered (then the memo starts over)
+
+
+def remember_local_multicast() -> None:
+    """Make ``UDP6EndpointAddress.is_multicast_locally`` remember its answer per packet info."""
+    from aiocoap.transports.udp6 import UDP6EndpointAddress
+
+    original = UDP6EndpointAddress.is_multicast_locally
+    compute = original.fget
+    if getattr(compute, "_coaplayers_memo", False):
+        return
+    memo: dict[bytes, bool] = {}
+
+    def is_multicast_locally(self: Any) -> bool:
+        pktinfo = self.pktinfo
+        if pktinfo is None:
+            return bool(compute(self))  # as aiocoap does (it fails without packet info)
+        known = memo.get(pktinfo)
+        if known is None:
+            known = bool(compute(self))
+            if len(memo) >= _MULTICAST_MEMO_LIMIT:
+                memo.clear()
+            memo[pktinfo] = known
+        return known
+
+    prop = property(is_multicast_locally, doc=original.__doc__)
+    prop.fget._coaplayers_memo = True  # type: ignore[attr-defined]
+    UDP6EndpointAddress.is_multicast_locally = prop  # type: ignore[method-assign]

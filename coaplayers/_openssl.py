@@ -7,8 +7,9 @@ functions here reach OpenSSL through the cffi binding pyOpenSSL itself uses (``S
 module uses pyOpenSSL's public API; ``tests/test_seams.py`` greps the tree for the private
 names.
 
-Checked against pyOpenSSL 26.4.0 with cryptography 50.0.2 (OpenSSL 4.0 in its wheel), the
-ranges pinned in pyproject.toml. Each function says which upstream addition would retire it.
+Checked against pyOpenSSL 26.4.0 with cryptography 50.0.2 (OpenSSL 4.0 in its wheel),
+``CHECKED_AGAINST``; pinned in pyproject.toml. Each function says which upstream addition
+would retire it. No exceptions: nothing else in the tree reaches below pyOpenSSL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+
+CHECKED_AGAINST = {"pyOpenSSL": "26.4.0", "cryptography": "50.0.2"}
+"""Distribution -> the version these calls were checked against (tests/test_seams.py)."""
 
 _lib: Any = SSL._lib  # type: ignore[attr-defined]
 _ffi: Any = SSL._ffi  # type: ignore[attr-defined]

@@ -34,14 +34,10 @@ from typing import Any
 
 import aiocoap.resource as resource
 from aiocoap import Message, error
-from aiocoap.blockwise import (
-    Block2Cache,
-    ContinueException,
-    IncompleteException,
-    _extract_block_key,
-)
+from aiocoap.blockwise import Block2Cache, ContinueException, IncompleteException
 from aiocoap.numbers.codes import Code
 
+from . import _aiocoap
 from .message import copy_request
 
 
@@ -134,7 +130,7 @@ class Block1Assembler:
             return request
         now = self.clock()
         self._expire(now)
-        key = _extract_block_key(request)
+        key = _aiocoap.request_block_key(request)
         payload = request.payload
         if block1.more and len(payload) != block1.size and not (
             block1.size_exponent == 7 and payload and len(payload) % block1.size == 0
@@ -276,16 +272,14 @@ class BoundedSite(resource.Site):  # type: ignore[misc]
         super().add_resource(path, resource_)
 
     def _bound(self, resource_: Any) -> None:
-        if hasattr(resource_, "_block1"):
-            limit = getattr(resource_, "max_body", None)
-            resource_._block1 = _ResourceSpool(
-                self.block1, limit if isinstance(limit, int) else self.block1.limits.max_body)
-        if hasattr(resource_, "_block2"):
-            cache = Block2Cache()
-            cache._completes = self.responses
-            resource_._block2 = cache
+        limit = getattr(resource_, "max_body", None)
+        _aiocoap.replace_block_state(
+            resource_,
+            block1=_ResourceSpool(
+                self.block1, limit if isinstance(limit, int) else self.block1.limits.max_body),
+            block2=Block2Cache(), completes=self.responses)
         if isinstance(resource_, resource.Site) and not isinstance(resource_, BoundedSite):
-            for child in list(resource_._resources.values()):
+            for child in _aiocoap.site_children(resource_):
                 self._bound(child)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from aiocoap import CON, Message
 from aiocoap.message import Direction
 
+from . import _aiocoap
+
 SWEEP_INTERVAL = 1.0
 """Seconds between expiry passes (an entry lives up to this much longer than its lifetime)."""
 
@@ -53,7 +55,7 @@ class CompactDuplicates:
                     self._log.info("Duplicate CON received, sending old response again")
                     again = Message.decode(entry[1], message.remote)
                     again.direction = Direction.OUTGOING
-                    self._mman._send_via_transport(again)
+                    _aiocoap.send_datagram(self._mman, again)
                 else:
                     self._log.info("Duplicate CON received, no response to send yet")
             else:
@@ -115,8 +117,7 @@ def install(mman: Any) -> CompactDuplicates:
     """Replace ``mman``'s duplicate table (an aiocoap ``MessageManager``, before it has seen
     a message) with a :class:`CompactDuplicates`."""
     table = CompactDuplicates(mman)
-    mman._deduplicate_message = table.deduplicate
-    mman._store_response_for_duplicates = table.store
+    _aiocoap.replace_duplicate_table(mman, table.deduplicate, table.store)
     mman.compact_duplicates = table
     shutdown = mman.shutdown
 
@@ -131,10 +132,8 @@ def install(mman: Any) -> CompactDuplicates:
 def install_all(context: Any) -> None:
     """:func:`install` on every message manager of an aiocoap context."""
     for interface in context.request_interfaces:
-        mman = getattr(interface, "token_interface", None)
-        if mman is not None and hasattr(mman, "_recent_messages") and not hasattr(
-            mman, "compact_duplicates"
-        ):
+        mman = _aiocoap.message_manager_of(interface)
+        if mman is not None and not hasattr(mman, "compact_duplicates"):
             install(mman)
 
 

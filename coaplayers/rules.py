@@ -27,6 +27,7 @@ from aiocoap.numbers import OptionNumber, codes
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe
 
+from . import _aiocoap
 from .message import error_answer
 
 Opt = OptionNumber
@@ -46,7 +47,7 @@ NO_RESPONSE_ALL = 0x02 | 0x08 | 0x10  # RFC 7967: 2.xx, 4.xx and 5.xx suppressed
 
 def unknown_critical(message: Message, known: frozenset[int] = SERVER_CRITICAL) -> list[int]:
     """Numbers of critical options (odd numbers) in ``message`` outside ``known``."""
-    bad = [n for n in message.opt._options if n & 1 and n not in known]
+    bad = [n for n in _aiocoap.option_lists(message.opt) if n & 1 and n not in known]
     return sorted(int(n) for n in bad)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,11 +11,10 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap.message import UndecidedRemote
 from aiocoap.pipe import Pipe, run_driving_pipe
-from aiocoap.protocol import BlockwiseRequest, ClientObservation
 from aiocoap.tokenmanager import TokenManager
-from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+from aiocoap.transports.udp6 import UDP6EndpointAddress
 
-from .. import dedup, dtls
+from .. import _aiocoap, dedup, dtls
 from ..message import error_to_message
 from .credentials import ClientCredentials
 from .transport import Layer1Limits, MessageInterfaceLayer1
@@ -113,14 +111,15 @@ class ServerContext(aiocoap.Context):
 
     def render_to_pipe(self, pipe: Pipe) -> None:
         run_driving_pipe(
-            error_to_message(pipe, self.log), self._render_to_pipe(pipe),
+            error_to_message(pipe, self.log), _aiocoap.render_site(self, pipe),
             name="coaplayers request",
         )
 
     def request(self, request_message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
         remote = request_message.remote
         if handle_blockwise:
-            request = _BlockwiseRequest(self, request_message)
+            request = _aiocoap.blockwise_request(
+                self, request_message, "coaplayers blockwise request")
         else:
             request = super().request(request_message, handle_blockwise=False)
         if (type(remote) is UndecidedRemote and remote.scheme in DEFAULT_PORTS
@@ -162,30 +161,6 @@ class ResolvedAddress(UDP6EndpointAddress):
     @property
     def hostinfo(self) -> str:
         return self._hostinfo
-
-
-class _BlockwiseRequest(BlockwiseRequest):  # type: ignore[misc]
-    """aiocoap 0.4.17's ``BlockwiseRequest.__init__`` with a constant task name."""
-
-    def __init__(self, protocol: aiocoap.Context, app_request: aiocoap.Message) -> None:
-        self.protocol = protocol
-        self.log = protocol.log.getChild("blockwise-requester")
-        self.response = protocol.loop.create_future()
-        self.observation = (
-            ClientObservation() if app_request.opt.observe is not None else None
-        )
-        self._runner = protocol.loop.create_task(
-            self._run_outer(
-                app_request,
-                self.response,
-                weakref.ref(self.observation) if self.observation is not None
-                else lambda: None,
-                protocol,
-                self.log,
-            ),
-            name="coaplayers blockwise request",
-        )
-        self.response.add_done_callback(self._response_cancellation_handler)
 
 
 def parse_listen_uri(uri: str) -> tuple[str, str, int]:
@@ -252,7 +227,7 @@ async def attach_layer1(
         holder.append(t)
         return t
 
-    await ctx._append_tokenmanaged_messagemanaged_transport(make)
+    await _aiocoap.append_transport(ctx, make)
     return holder[0]
 
 
@@ -287,30 +262,15 @@ async def create_context(
                 h, p = await layer1.listen(host, port)
                 bound.append(_uri("coaps", h, p))
             else:
-                iface: list[Any] = []
-
-                async def make_udp(
-                    mman: Any, host: str = host, port: int = port, iface: list[Any] = iface
-                ) -> Any:
-                    t = await MessageInterfaceUDP6.create_server_transport_endpoint(
-                        mman, log=ctx.log, loop=ctx.loop, bind=(host, port), multicast=[]
-                    )
-                    iface.append(t)
-                    return t
-
-                await ctx._append_tokenmanaged_messagemanaged_transport(make_udp)
-                sock = iface[0].transport.get_extra_info("socket")
+                udp = await _aiocoap.append_udp6(ctx, (host, port))
+                sock = udp.transport.get_extra_info("socket")
                 h, p = sock.getsockname()[:2]
                 if sock.family == socket.AF_INET6 and h.startswith("::ffff:"):
                     h = h[7:]
                 bound.append(_uri("coap", host if host not in ("::", "0.0.0.0") else h, p))
                 plain_bound = True
         if not plain_bound:
-            await ctx._append_tokenmanaged_messagemanaged_transport(
-                lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
-                    mman, log=ctx.log, loop=ctx.loop
-                )
-            )
+            await _aiocoap.append_udp6(ctx)
     except BaseException:
         await ctx.shutdown()
         raise

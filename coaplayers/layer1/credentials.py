@@ -29,6 +29,7 @@ from typing import Any
 import aiocoap.credentials as aiocoap_credentials
 from aiocoap import Message
 
+from .. import _aiocoap
 from ..dtls import (
     CertificateCredentials,
     ConfigurationError,
@@ -75,7 +76,7 @@ def _entry_fields(
     return out
 
 
-class DtlsCert(aiocoap_credentials._Objectish):  # type: ignore[misc]
+class DtlsCert(_aiocoap.credentials_entry_base()):  # type: ignore[misc]
     """A ``dtls-cert`` entry: PEM file names, relative to the credentials file."""
 
     @classmethod
@@ -101,7 +102,7 @@ class DtlsCert(aiocoap_credentials._Objectish):  # type: ignore[misc]
         return self._loaded
 
 
-class DtlsRpk(aiocoap_credentials._Objectish):  # type: ignore[misc]
+class DtlsRpk(_aiocoap.credentials_entry_base()):  # type: ignore[misc]
     """A ``dtls-rpk`` entry (RFC 7250 raw public keys): our PEM private key and the PEM
     public keys the server may present, file names relative to the credentials file.
 
@@ -137,11 +138,8 @@ class DtlsRpk(aiocoap_credentials._Objectish):  # type: ignore[misc]
 class ClientCredentials(aiocoap_credentials.CredentialsMap):
     """aiocoap's credentials map that also understands ``dtls-cert`` and ``dtls-rpk`` entries."""
 
-    _class_map = {
-        **aiocoap_credentials.CredentialsMap._class_map,
-        "dtls-cert": lambda: DtlsCert,
-        "dtls-rpk": lambda: DtlsRpk,
-    }
+    _class_map = _aiocoap.credentials_class_map(  # the entry kinds aiocoap knows, and ours
+        **{"dtls-cert": lambda: DtlsCert, "dtls-rpk": lambda: DtlsRpk})
 
     def __init__(self, base: str | os.PathLike[str] = ".") -> None:
         super().__init__()

@@ -31,7 +31,6 @@ from urllib.parse import unquote, urlsplit
 import aiocoap
 from aiocoap import oscore as _aiooscore
 from aiocoap.message import UndecidedRemote
-from aiocoap.protocol import BlockwiseRequest
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from .. import _aiocoap
@@ -230,10 +229,11 @@ class OscoreClientTransport(TransportOSCORE):
     def request(self, request: Any) -> None:
         # No task name: formatting the request's repr for it cost ~40 us per request.
         task = self.loop.create_task(self._request_mapping_errors(request))
-        self._tasks.add(task)
+        tasks = _aiocoap.oscore_transport_tasks(self)
+        tasks.add(task)
 
         def done(t: Any, _request: Any = request) -> None:
-            self._tasks.discard(t)
+            tasks.discard(t)
             if t.cancelled():
                 return
             exc = t.exception()
@@ -245,7 +245,7 @@ class OscoreClientTransport(TransportOSCORE):
     async def _request_mapping_errors(self, request: Any) -> None:
         secctx = request.request.remote.security_context
         try:
-            await self._request(request)
+            await _aiocoap.oscore_transport_run(self, request)
         except _MAPPED as e:
             self._map_error(e, getattr(request.request, "oscore_request_piv", None), secctx)
 
@@ -278,7 +278,7 @@ class OscoreClientTransport(TransportOSCORE):
         self, message: aiocoap.Message, secctx: Any, hop: Any,
         routing: Routing | None, sent: list[Any],
     ) -> aiocoap.Message:
-        context = self._wire._context
+        context = _aiocoap.oscore_transport_wire(self).context
         echo = None
         while True:
             protected, request_id = secctx.protect(
@@ -299,9 +299,7 @@ class OscoreClientTransport(TransportOSCORE):
             block2 = answer.opt.block2
             if block2 is not None and block2.more:
                 # Outer Block2 (a proxy fragmented the protected answer): aiocoap completes it.
-                answer = await BlockwiseRequest._complete_by_requesting_block2(
-                    context, protected, answer, log
-                )
+                answer = await _aiocoap.complete_block2(context, protected, answer, log)
             unprotected = _aiooscore.verify_start(answer)
             secctx = secctx.context_from_response(unprotected)
             response, _ = secctx.unprotect(answer, request_id)
@@ -344,7 +342,7 @@ def apply_routing(message: aiocoap.Message, routing: Routing) -> None:
     """Set ``routing``'s options on ``message``, replacing (or removing) any of those numbers,
     as aiocoap's option setters would (aiocoap's Options keeps a list per option number in
     ``_options``; the option objects are immutable and shared)."""
-    options = message.opt._options
+    options = _aiocoap.option_lists(message.opt)
     for number, values in routing:
         if values is None:
             options.pop(number, None)
@@ -372,7 +370,7 @@ class _Wire:
     """
 
     def __init__(self, context: aiocoap.Context) -> None:
-        self._context = context
+        self.context = context
         self.loop = context.loop
 
     def request(self, message: aiocoap.Message, handle_blockwise: bool = True) -> Any:
@@ -383,8 +381,8 @@ class _Wire:
             or message.opt.block2 is not None
             or len(message.payload) > ONE_BLOCK
         ):
-            return self._context.request(message, handle_blockwise=handle_blockwise)
-        return _OneBlockRequest(self._context, message)
+            return self.context.request(message, handle_blockwise=handle_blockwise)
+        return _OneBlockRequest(self.context, message)
 
 
 class _OneBlockRequest:
@@ -429,9 +427,7 @@ class _OneBlockRequest:
 
     async def _complete(self, first: aiocoap.Message) -> None:
         try:
-            whole = await BlockwiseRequest._complete_by_requesting_block2(
-                self._context, self._message, first, log
-            )
+            whole = await _aiocoap.complete_block2(self._context, self._message, first, log)
         except Exception as exc:
             if not self.response.done():
                 self.response.set_exception(exc)

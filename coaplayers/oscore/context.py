@@ -45,6 +45,7 @@ from aiocoap.optiontypes import OpaqueOption as _OpaqueOption
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import aead as _crypto_aead
 
+from .. import _aiocoap
 from .errors import KeyingError, SequenceNumbersExhausted
 from .params import (
     DEFAULT_AEAD,
@@ -350,7 +351,7 @@ class SecurityContext(
                 flags |= _aiooscore.COMPRESSION_BIT_H
                 s_kid_context = bytes((len(context_value),)) + context_value
         # (What the ``oscore`` setter stores, made directly: ~1 us less per message.)
-        outer.opt._options[_OSCORE] = [_OpaqueOption(
+        _aiocoap.option_lists(outer.opt)[_OSCORE] = [_OpaqueOption(
             _OSCORE, bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
         )]
 
@@ -572,15 +573,15 @@ class SecurityContext(
             if is_request:
                 # One pass; the outer message reuses the request's (immutable) option
                 # objects: Uri-Host, Proxy-Scheme and Uri-Port outer only, Observe both.
-                # (Options keeps a list of option objects per number in ``_options``.)
                 observe = opt.observe
                 outer = Message(code=POST if observe is None else FETCH)
                 inner = Options()
-                options = opt._options
-                inner._options = {n: v for n, v in options.items() if n not in _OUTER_ONLY}
-                outer.opt._options = {
+                options = _aiocoap.option_lists(opt)
+                _aiocoap.set_option_lists(
+                    inner, {n: v for n, v in options.items() if n not in _OUTER_ONLY})
+                _aiocoap.set_option_lists(outer.opt, {
                     n: list(v) for n, v in options.items() if n in _OUTER_ONLY or n == _OBSERVE
-                }  # (Proxy-Uri never gets here)
+                })  # (Proxy-Uri never gets here)
                 encoded = inner.encode()
             else:
                 outer = Message(code=request_id.code_style.response)

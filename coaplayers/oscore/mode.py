@@ -22,10 +22,10 @@ import aiocoap.resource as resource
 from aiocoap.message import UndecidedRemote
 from aiocoap.numbers import OptionNumber
 from aiocoap.numbers.codes import Code
-from aiocoap.protocol import BlockwiseRequest
 from aiocoap.proxy.client import ProxyForwarder
 from aiocoap.transports.oscore import OSCOREAddress
 
+from .. import _aiocoap
 from ..dtls.errors import DtlsError
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
@@ -252,7 +252,7 @@ class OscoreRequester:
             template.opt.uri_port = port
             template.opt.uri_host = host
             template.opt.proxy_scheme = key[0]
-            routing = [(n, template.opt._options.get(n)) for n in _ROUTING]
+            routing = [(n, _aiocoap.option_lists(template.opt).get(n)) for n in _ROUTING]
             if len(self._routes) >= 64:
                 self._routes.clear()
             self._routes[key] = routing
@@ -292,9 +292,8 @@ class OscoreRequester:
         if self._proxy:
             self._route_through_proxy(follow)
         follow.remote = OSCOREAddress(sc, follow.remote)
-        return await BlockwiseRequest._complete_by_requesting_block2(  # type: ignore[no-any-return]
-            self._context, follow, response, log
-        )
+        return await _aiocoap.complete_block2(  # type: ignore[no-any-return]
+            self._context, follow, response, log)
 
     @property
     def security_context(self) -> Any:

@@ -20,9 +20,9 @@ from typing import Any
 import aiocoap
 from aiocoap import Message
 from aiocoap.protocol import Request
-from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+from aiocoap.transports.udp6 import UDP6EndpointAddress
 
-from .. import dedup, dtls, layer1
+from .. import _aiocoap, dedup, dtls, layer1
 from ..config import certificate_from, psk_store_from, raw_public_key_from
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
@@ -149,17 +149,8 @@ class ProxyContext:
 
 
 async def _udp_server(ctx: aiocoap.Context, host: str, port: int) -> tuple[str, int]:
-    holder: list[Any] = []
-
-    async def make(mman: Any) -> Any:
-        t = await MessageInterfaceUDP6.create_server_transport_endpoint(
-            mman, log=ctx.log, loop=ctx.loop, bind=(host, port), multicast=[]
-        )
-        holder.append(t)
-        return t
-
-    await ctx._append_tokenmanaged_messagemanaged_transport(make)
-    sock: socket.socket = holder[0].transport.get_extra_info("socket")
+    udp = await _aiocoap.append_udp6(ctx, (host, port))
+    sock: socket.socket = udp.transport.get_extra_info("socket")
     real_host, real_port = sock.getsockname()[:2]
     if real_host.startswith("::ffff:"):
         real_host = real_host[7:]
@@ -184,11 +175,7 @@ async def build_context(
     async def upstream_context() -> aiocoap.Context:
         """One upstream client context (its own socket); the listeners only ever answer."""
         up = aiocoap.Context(loggername="coaplayers.proxy.upstream")
-        await up._append_tokenmanaged_messagemanaged_transport(
-            lambda mman: MessageInterfaceUDP6.create_client_transport_endpoint(
-                mman, log=up.log, loop=up.loop
-            )
-        )
+        await _aiocoap.append_udp6(up)
         return up
 
     make_upstream: Callable[[], Awaitable[aiocoap.Context]] = upstream_context
