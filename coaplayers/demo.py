@@ -9,6 +9,10 @@ scene shows what the client sent and got back, what the proxy forwarded (the tap
 and what the server's application received (``coap-server -v``), and whether the marker
 crossed the proxy in clear; a summary ends the run.
 
+The last two scenes are the Layered DTLS draft's Figure 2: the proxy speaks CoAP to the client
+and HTTP to a second coap-server listening on http://, through a TCP tap that records the HTTP
+hop; Layer 0 and OSCORE cross the change of protocol unread.
+
 Hop 2 is plain CoAP on purpose: the proxy ends Layer 1 on both of its sides, so whatever it
 forwards it holds in clear, and the tap shows exactly that. Deployed, hop 2 is coaps:// as
 well (compose.yaml, docs/DEPLOY.md): that hides it from the wire, not from the proxy.
@@ -21,10 +25,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +39,7 @@ from typing import Any
 
 import aiocoap
 
+from .httpmap import oscore_option
 from .relay import Direction, read_capture
 
 BIN = Path(sys.executable).parent
@@ -115,6 +122,12 @@ class Demo:
             "--rpk-trust", str(creds / "client-hop-rpk.pub"),
         )
         proxy_uri = proxy_line.split()[-1]
+        _, http_line = self.start(
+            "server-http", "coap-server", "--config", str(creds / "server.toml"),
+            "--listen", "http://127.0.0.1:0", "-v",
+        )
+        self.http_tap = HttpTap(int(http_line.rsplit(":", 1)[1]))
+        http_target = f"http://127.0.0.1:{self.http_tap.port}"
         target = f"coap://{relay_addr}"
         hop1 = ["-P", proxy_uri, "--credentials", str(creds / "client-hop.json")]
         hop1_rpk = ["-P", proxy_uri, "--credentials", str(creds / "client-hop-rpk.json")]
@@ -129,6 +142,8 @@ class Demo:
         print(f"  proxy    {proxy_uri}  hop 1 is coaps (Layer 1 DTLS: PSK or raw public keys)")
         print(f"  tap      {relay_addr}  hop 2, between the proxy and the server")
         print(f"  server   {server_uri}  the application server")
+        print(f"  web      {http_line.split()[-1]}  the same server on HTTP (scenes 7-8), its tap"
+              f" on {http_target.removeprefix('http://')}")
         print(f"  keys     {creds}  (coap-keys: separate keys per layer)")
         print("  Hop 2 is plain CoAP here on purpose: the proxy ends Layer 1 on both sides, so")
         print("  it holds in clear whatever it forwards, and the tap on hop 2 shows exactly")
@@ -147,11 +162,22 @@ class Demo:
              " protects each request", [*hop1, "--e2e", "oscore", *e2e_cert]),
             ("Layer 1 and Layer 0 with raw public keys", "raw public keys at both layers, each"
              " layer with its own key pairs", [*hop1_rpk, "--e2e", "dtls", *e2e_rpk]),
+            ("CoAP to HTTP: Layer 0 DTLS (PSK)", "Figure 2: CoAP to the proxy, HTTP on to the"
+             " server; the Layer 0 records cross unread",
+             [*hop1, "--e2e", "dtls", *e2e_psk]),
+            ("CoAP to HTTP: OSCORE mode", "Figure 2 with OSCORE: its option rides the OSCORE"
+             " header field (RFC 8613 section 11)", [*hop1, "--e2e", "oscore", *e2e_cert]),
         ]
         outcomes = []
         for number, (title, what, argv) in enumerate(modes, 1):
             print(_banner(f"{number}/{len(modes)} {title}"))
-            outcomes.append((title, self.show_mode(what, argv, target, capture, access_log)))
+            if title.startswith("CoAP to HTTP"):
+                outcome = self.show_mode(what, argv, http_target, self.http_tap, access_log,
+                                         self.dir / "server-http.log")
+            else:
+                outcome = self.show_mode(what, argv, target, UdpTap(capture), access_log,
+                                         self.dir / "server.log")
+            outcomes.append((title, outcome))
         failures = sum(1 for _, outcome in outcomes if outcome is None)
         print(_banner("summary" if not failures else f"summary: {failures} mode(s) FAILED"))
         print(f"  {'mode':<42} {'requests on hop 2':>17}  marker in clear at the proxy")
@@ -167,13 +193,12 @@ class Demo:
             print("  forwarded only ciphertext that it can neither read nor alter unnoticed.")
         return 1 if failures else 0
 
-    def show_mode(self, what: str, argv: list[str], target: str, capture: Path,
-                  access_log: Path) -> tuple[int, bool] | None:
+    def show_mode(self, what: str, argv: list[str], target: str, tap: UdpTap | HttpTap,
+                  access_log: Path, server_log: Path) -> tuple[int, bool] | None:
         """One scene; returns (requests on hop 2, marker in clear) or None if it failed."""
         print(f"  {what}")
-        seen_before = len(read_capture(capture)) if capture.exists() else 0
+        tap.mark()
         log_before = len(_lines(access_log))
-        server_log = self.dir / "server.log"
         server_before = len(_lines(server_log))
         payload = f"{MARKER}: 21.5 C"
         result = self.client(
@@ -197,23 +222,14 @@ class Demo:
                 continue
             if ident and ident not in identities:
                 identities.append(ident)
-        datagrams = read_capture(capture)[seen_before:] if capture.exists() else []
-        exchanges = _exchanges(datagrams)
-        clear = any(MARKER.encode() in d.data for d in datagrams)
+        rows, clear = tap.since_mark()
         source = f" from {', '.join(identities)}" if identities else ""
-        plural = "" if len(exchanges) == 1 else "s"
+        plural = "" if len(rows) == 1 else "s"
         print(f"  proxy    hop 1: took the client's requests{source} (its Layer 1 identity)")
-        print(f"           hop 2: forwarded {len(exchanges)} request{plural},"
+        print(f"           hop 2: forwarded {len(rows)} {tap.kind}request{plural},"
               " each with its answer:")
-        for request, response in exchanges:
-            content = _content(request)
-            answer = "-> (no answer)"
-            if response is not None:
-                answer = f"-> {response.code.dotted} {len(response.payload):>4} B"
-                if _content(response, request) != content:  # only what the answer adds
-                    answer += f"  {_content(response, request)}"
-            print(f"             {_target(request):<22} {len(request.payload):>4} B  "
-                  f"{content:<21} {answer}")
+        for row in rows:
+            print(f"             {row}")
         print(f"           the marker in clear: {'YES' if clear else 'no'}")
         # What the application saw, after Layer 0 / OSCORE were removed (coap-server -v).
         received = [line.split(" INFO ", 1)[-1] for line in _lines(server_log)[server_before:]
@@ -223,7 +239,127 @@ class Demo:
         got = repr(result.stdout.strip()) if result.stdout.strip() else "nothing"
         print(f"  client   got back {got}" + (
             "" if ok else f"   FAILED (exit {result.returncode}): {_last(result.stderr)}"))
-        return (len(exchanges), clear) if ok else None
+        return (len(rows), clear) if ok else None
+
+
+class UdpTap:
+    """Hop 2 as coap-relay recorded it: CoAP datagrams."""
+
+    kind = ""
+
+    def __init__(self, capture: Path) -> None:
+        self.capture = capture
+        self.seen = 0
+
+    def mark(self) -> None:
+        self.seen = len(read_capture(self.capture)) if self.capture.exists() else 0
+
+    def since_mark(self) -> tuple[list[str], bool]:
+        datagrams = read_capture(self.capture)[self.seen:] if self.capture.exists() else []
+        rows = []
+        for request, response in _exchanges(datagrams):
+            content = _content(request)
+            answer = "-> (no answer)"
+            if response is not None:
+                answer = f"-> {response.code.dotted} {len(response.payload):>4} B"
+                if _content(response, request) != content:  # only what the answer adds
+                    answer += f"  {_content(response, request)}"
+            rows.append(f"{_target(request):<22} {len(request.payload):>4} B  "
+                        f"{content:<21} {answer}")
+        return rows, any(MARKER.encode() in d.data for d in datagrams)
+
+
+class HttpTap:
+    """Hop 2 of Figure 2: a TCP relay in front of the HTTP server that records both
+    directions (threads: the demo itself runs no event loop)."""
+
+    kind = "HTTP "
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.chunks: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.seen = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b, who in ((conn, up, "up"), (up, conn, "down")):
+                threading.Thread(target=self._pump, args=(a, b, who), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, who: str) -> None:
+        try:
+            while chunk := src.recv(65536):
+                with self.lock:
+                    self.chunks.append((who, chunk))
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def mark(self) -> None:
+        with self.lock:
+            self.seen = len(self.chunks)
+
+    def since_mark(self) -> tuple[list[str], bool]:
+        with self.lock:
+            chunks = self.chunks[self.seen:]
+        up = b"".join(c for who, c in chunks if who == "up")
+        down = b"".join(c for who, c in chunks if who == "down")
+        requests, answers = _http_messages(up), _http_messages(down)
+        rows = []
+        for i, (head, body) in enumerate(requests):
+            method, path = [*head[0].split(" "), "", ""][:2]
+            fields = {name.lower(): value for name, _, value in
+                      (line.partition(": ") for line in head[1:])}
+            kid = None
+            if "oscore" in fields:
+                try:
+                    kid = _oscore_kid(oscore_option(fields["oscore"]))
+                except ValueError:
+                    kid = None
+            if "oscore" in fields:
+                what = "OSCORE ciphertext"
+            elif body[1:3] in (b"\xfe\xfd", b"\xfe\xff"):  # a record header first
+                what = _DTLS.get(body[0], "DTLS records")
+            else:  # the handshake tag first (docs/PROTOCOL.md 3.3), or nothing
+                what = "DTLS records" if body else "(empty)"
+            answer = "-> (no answer)"
+            if i < len(answers):
+                status, answer_body = answers[i]
+                answer = f"-> {status[0].split(' ', 1)[1][:3]} {len(answer_body):>4} B"
+            target = f"{method} {path}" + (f" kid {kid}" if kid else "")
+            rows.append(f"{target:<22} {len(body):>4} B  {what:<21} {answer}")
+        return rows, MARKER.encode() in up + down
+
+
+def _http_messages(data: bytes) -> list[tuple[list[str], bytes]]:
+    """HTTP/1.1 messages (head lines, body) in one direction of a connection's bytes; bodies
+    by Content-Length (what the proxy and uvicorn send here)."""
+    out = []
+    while b"\r\n\r\n" in data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip() or 0)
+        out.append((lines, rest[:length]))
+        data = rest[length:]
+    return out
 
 
 def _exchanges(datagrams: list[Any]) -> list[tuple[aiocoap.Message, aiocoap.Message | None]]:

@@ -19,10 +19,10 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
     text = out.decode()
     assert code == 0, text + err.decode()
     # The set-up says why hop 2 is plain CoAP here while a deployment uses coaps on it.
-    intro = text.split("\n== 1/6 ", 1)[0]
+    intro = text.split("\n== 1/8 ", 1)[0]
     assert "Hop 2 is plain CoAP here on purpose" in intro, intro
     assert "Deployed, hop 2 is coaps too" in intro, intro
-    scenes = dict(re.findall(r"^== \d/6 (.+?) =+\n(.*?)(?=^== )", text, re.S | re.M))
+    scenes = dict(re.findall(r"^== \d/8 (.+?) =+\n(.*?)(?=^== )", text, re.S | re.M))
     expected = {
         "Layer 1 only": "YES",
         "Layer 0 DTLS (PSK)": "no",
@@ -30,6 +30,9 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
         "Layer 0 DTLS (raw public keys, RFC 7250)": "no",
         "OSCORE mode": "no",
         "Layer 1 and Layer 0 with raw public keys": "no",
+        # Figure 2: the proxy speaks HTTP to the server; its view stays ciphertext.
+        "CoAP to HTTP: Layer 0 DTLS (PSK)": "no",
+        "CoAP to HTTP: OSCORE mode": "no",
     }
     assert set(scenes) == set(expected), list(scenes)
     summary = text.split("\n== summary ", 1)[1]
@@ -41,12 +44,12 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
         # ... never calls its own PSK identity the peer's ...
         assert "peer device-1" not in scene.split("  proxy ")[0], scene
         # ... the proxy's: as many requests listed as it says it forwarded ...
-        forwarded = re.search(r"hop 2: forwarded (\d+) requests?, each with its answer:\n"
+        forwarded = re.search(r"hop 2: forwarded (\d+) (?:HTTP )?requests?, each with its answer:\n"
                               r"((?: {13}\S.*\n)+)", scene)
         assert forwarded, scene
         rows = forwarded[2].splitlines()
         assert len(rows) == int(forwarded[1]), scene
-        assert all(" -> 2." in row for row in rows), rows
+        assert all(re.search(r" -> 2(\.\d\d|\d\d) ", row) for row in rows), rows
         assert f"           the marker in clear: {clear}\n" in scene, scene
         # ... and the application's, after Layer 0 / OSCORE were taken off.
         assert "  server   received POST " in scene and " received POST /echo (" in scene, scene
@@ -57,4 +60,9 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
                        for row in rows), rows
     assert "psk identity device-1" in scenes["Layer 0 DTLS (PSK)"]
     assert "OSCORE ciphertext" in scenes["OSCORE mode"]
+    http_l0 = scenes["CoAP to HTTP: Layer 0 DTLS (PSK)"]
+    assert "forwarded 4 HTTP requests" in http_l0 and "POST /.well-known/atls" in http_l0
+    assert " -> 201 " in http_l0  # the session created over HTTP
+    assert re.search(r"POST / +kid \S+ +\d+ B  OSCORE ciphertext +-> 200 ",
+                     scenes["CoAP to HTTP: OSCORE mode"])
     assert "With Layer 1 alone it read" in summary
