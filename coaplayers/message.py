@@ -11,8 +11,12 @@ import aiocoap
 from aiocoap import Message
 from aiocoap.pipe import Pipe
 from aiocoap.protocol import Request
+from aiocoap.util import hostportsplit
 
 from . import _aiocoap
+
+split_hostinfo = functools.lru_cache(maxsize=1024)(hostportsplit)
+"""aiocoap's ``hostportsplit``, remembered: requests parse the same few origins over and over."""
 
 
 def copy_request(message: Message) -> Message:
@@ -69,4 +73,5 @@ error_answer = _aiocoap.error_answer
 error_to_message = _aiocoap.error_to_message
 _aiocoap.install_pipe_fix()
 
-__all__ = ["copy_request", "error_answer", "error_to_message", "request_through"]
+__all__ = ["copy_request", "error_answer", "error_to_message", "request_through",
+           "split_hostinfo"]

@@ -353,3 +353,67 @@ def check_identities(
                 f"{psk_flag} identity {text} is the fingerprint of a key in {trust_flag}:"
                 " choose another PSK identity"
             )
+
+
+def raw_public_key_from(
+    key: str | None, trusted: Iterable[str] = (), *, key_flag: str = "--e2e-rpk-key",
+    trust_flag: str = "--e2e-rpk-trust", peer: str = "client",
+) -> RawPublicKeyCredentials | None:
+    """Raw-public-key credentials (RFC 7250) from PEM files, or None when none are given.
+
+    ``key`` is our ECDSA P-256 private key; ``trusted`` are files of PEM ``PUBLIC KEY`` blocks,
+    the keys the ``peer`` may present (pinning: at least one, every one P-256). The flag names
+    make the messages point at what to change.
+    """
+    trusted = list(trusted)
+    if not key:
+        if trusted:
+            raise ConfigurationError(f"{trust_flag} needs {key_flag} (our own private key) too")
+        return None
+    if not trusted:
+        raise ConfigurationError(
+            f"{key_flag} needs {trust_flag}: the {peer}'s public key(s) to accept (PEM files);"
+            f" raw public keys authenticate by pinning, so the trust list cannot be empty"
+        )
+    try:
+        private_key = load_private_key(key)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{key_flag}: {exc}") from exc
+    if not _is_p256(private_key):
+        raise ConfigurationError(
+            f"{key_flag} {key} is not an ECDSA P-256 private key (RFC 7925's raw-public-key"
+            " profile; make one with: openssl genpkey -algorithm EC -pkeyopt"
+            " ec_paramgen_curve:P-256)"
+        )
+    keys: list[bytes] = []
+    for path in trusted:
+        try:
+            found = load_public_keys(path)
+        except ConfigurationError as exc:
+            hint = ""
+            if Path(path).is_file() and b"BEGIN CERTIFICATE" in Path(path).read_bytes()[:4096]:
+                hint = (f" (it is a certificate: take its key with openssl x509 -pubkey -noout"
+                        f" -in {path})")
+            elif Path(path).is_file() and b"PRIVATE KEY" in Path(path).read_bytes()[:4096]:
+                hint = " (it is a private key: give the public key file, never the private one)"
+            raise ConfigurationError(f"{trust_flag}: {exc}{hint}") from exc
+        for der in found:
+            if not _is_p256(serialization.load_der_public_key(der)):
+                raise ConfigurationError(
+                    f"{trust_flag} {path} holds a public key that is not ECDSA P-256"
+                )
+        keys += found
+    creds = RawPublicKeyCredentials(private_key, frozenset(keys))
+    if creds.public_key_der in creds.trusted_keys:
+        raise ConfigurationError(
+            f"{trust_flag} lists our own public key ({key_flag} {key}): give the {peer}'s"
+        )
+    return creds
+
+
+def _is_p256(key: object) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and isinstance(
+        key.curve, ec.SECP256R1
+    )

@@ -36,6 +36,7 @@ from ..dtls import (
     PskClientCredentials,
     RawPublicKeyCredentials,
 )
+from ..dtls.credentials import raw_public_key_from
 
 Loaded = PskClientCredentials | CertificateCredentials | RawPublicKeyCredentials
 
@@ -124,8 +125,6 @@ class DtlsRpk(_aiocoap.credentials_entry_base()):  # type: ignore[misc]
 
     def load(self) -> RawPublicKeyCredentials:
         if self._loaded is None:
-            from ..config import raw_public_key_from
-
             loaded = raw_public_key_from(
                 str(self.base / self.key), [str(self.base / k) for k in self.peer_keys],
                 key_flag='dtls-rpk "key"', trust_flag='dtls-rpk "peer-keys"', peer="server",

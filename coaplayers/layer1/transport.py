@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import functools
 import ipaddress
 import logging
 import socket
@@ -30,14 +29,12 @@ from typing import Any
 
 from aiocoap import Message, error, interfaces
 from aiocoap.numbers import COAPS_PORT, constants
-from aiocoap.util import hostportjoin, hostportsplit
+from aiocoap.util import hostportjoin
 
 from .. import dtls
 from ..dtls import records
+from ..message import split_hostinfo
 from .credentials import ClientCredentials
-
-split_hostinfo = functools.lru_cache(maxsize=1024)(hostportsplit)
-"""aiocoap's ``hostportsplit``, remembered: requests parse the same few origins over and over."""
 
 log = logging.getLogger("coaplayers.layer1")
 

@@ -29,8 +29,7 @@ from .. import _aiocoap
 from ..dtls.errors import DtlsError
 from ..layer0.client import Layer0Channel
 from ..layer0.server import layer0_peer
-from ..layer1.transport import split_hostinfo
-from ..message import copy_request
+from ..message import copy_request, split_hostinfo
 from .client import ClientContexts, Routing, apply_routing, attach, origin_of
 from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
 from .keying import EXPORTER_LABEL, Role, derive_context, exporter_length
