@@ -6,7 +6,9 @@ Phases, in order (each bounded in time, every process ended however the run ends
    listeners each), aiocoap-proxy --forward and a stock aiocoap server;
 2. bytes on the wire with recording relays on both hops (:mod:`.wire`);
 3. throughput and latency, 1 and 50 concurrent clients per mode, in interleaved rounds so
-   that every ratio compares figures taken close together (:mod:`.load`);
+   that every ratio compares figures taken close together (:mod:`.load`); then how well each
+   proxy shields the device: upstream requests per downstream request for 50 clients reading
+   and observing one resource, and cache-hit throughput (:mod:`.shield`);
 4. full certificate and raw-public-key handshakes against coap-server over the wire: from
    the product's client (:mod:`.handshake`) and, to keep the server busy, from a lean load
    generator (:mod:`.hsload`);
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import handshake, hsload, report, startup, wire
+from . import handshake, hsload, report, shield, startup, wire
 from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
 from .load import open_clients, run_load
 from .rig import rig
@@ -237,6 +239,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         _say("throughput")
         results["throughput"] = await phase_throughput(
             ep, modes, clients=args.clients, rounds=rounds, duration=duration, warmup=warmup)
+        _say("proxy shield: reads and observations of one resource through each proxy")
+        results["shield"] = await shield.measure(
+            {"coap-proxy": ep.proxy_coap, "aiocoap-proxy": ep.aio_proxy}, ep.aio_server,
+            ep.pids, clients=args.clients, duration=duration)
         _say("certificate handshakes over the wire")
         from .clients import _e2e_cert, _e2e_rpk
 

@@ -170,6 +170,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 note=f"server busy {100 * busy['server_cpu_share']:.0f}% of a core,"
                      f" {busy['server_cpu_ms_per_handshake']:.2f} ms CPU each;"
                      f" wall {busy['wall_per_second']:.0f}/s"))
+    t.extend(_shield_targets(results.get("shield", {})))
     mem = results.get("memory", {})
     for _key, entry in sorted(mem.items()):
         if not isinstance(entry, dict) or "bytes_per_item" not in entry:
@@ -199,6 +200,33 @@ def _startup_targets(startup: dict[str, Any]) -> list[dict[str, Any]]:
                            if name in ("aiocoap-client", "coap-client-notls") and x is not None)
         t.append(_target(f"start-up: {label}", 1000 * ours, 1000 * limit, at_least=False,
                          unit="ms", also=others))
+    return t
+
+
+def _shield_targets(shield: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 19: what coap-proxy spares the device, and its cache hits against aiocoap-proxy."""
+    t: list[dict[str, Any]] = []
+    ours = shield.get("coap-proxy", {})
+    reads, obs = ours.get("reads", {}), ours.get("observe", {})
+    theirs = shield.get("aiocoap-proxy", {})
+    if "upstream_per_downstream" in reads:
+        ratio = reads["upstream_per_downstream"]
+        t.append(_target(
+            "coap-proxy upstream GETs per downstream GET, 50 clients reading one resource",
+            float("nan") if ratio is None else ratio, 0.1, at_least=False, unit="x",
+            note="device's own count", also=f"{reads['upstream']} of {reads['downstream']}"))
+    if "upstream_registrations" in obs:
+        t.append(_target(
+            f"coap-proxy upstream observations for {obs['observers']} observers of one resource",
+            obs["upstream_registrations"], 1, at_least=False, unit="",
+            note="device's own count",
+            also=f"{obs['observers_notified']} of {obs['observers']} notified"))
+    if "cache_hit_rps_ratio" in shield:
+        t.append(_target(
+            "coap-proxy answering from its cache / aiocoap-proxy forwarding, req/s, 50 clients",
+            shield["cache_hit_rps_ratio"], 1.0, at_least=True, unit="x",
+            note="aiocoap-proxy does not cache",
+            also=f"{_fmt(reads.get('rps'))} vs {_fmt(theirs.get('reads', {}).get('rps'))}"))
     return t
 
 
@@ -342,6 +370,21 @@ def render(results: dict[str, Any]) -> str:
                          f" {b['server_cpu_ms_per_handshake']:.2f} ms CPU each ="
                          f" {b['server_cpu_bound_per_second']:.0f}/s per core")
         parts.append(line)
+    shield = results.get("shield", {})
+    if shield:
+        rows = []
+        for name in ("coap-proxy", "aiocoap-proxy"):
+            e = shield.get(name, {})
+            r, o = e.get("reads", {}), e.get("observe", {})
+            rows.append([name, _fmt(r.get("rps")), _fmt(r.get("downstream")),
+                         _fmt(r.get("upstream")), _fmt(r.get("upstream_per_downstream"), 3),
+                         _fmt(o.get("upstream_registrations")),
+                         _fmt(o.get("observers_notified")),
+                         (r.get("error") or o.get("error") or "")[:60]])
+        parts.append("\nShielding the device: 50 clients reading, then observing, one resource"
+                     " through each proxy (upstream = what reached the server)")
+        parts.append(_table(["proxy", "reads/s", "downstream", "upstream", "up/down",
+                             "upstream observations", "observers notified", "error"], rows))
     mem = results.get("memory", {})
     rows = []
     for key, e in mem.items():

@@ -100,9 +100,13 @@ class ResponseCache:
         return self.limits.entries > 0
 
     @staticmethod
-    def key_for(request: Message, d: Decision) -> Hashable | None:
-        """The cache key of ``request`` going to ``d``; None if it must not be cached."""
-        if request.code not in _CACHEABLE_METHODS or request.opt.observe is not None:
+    def key_for(request: Message, d: Decision, *, observing: bool = False) -> Hashable | None:
+        """The cache key of ``request`` going to ``d``; None if it must not be cached.
+
+        ``observing``: the key of an Observe registration, under which clients share one
+        upstream observation (:mod:`coaplayers.proxy.observe`)."""
+        if request.code not in _CACHEABLE_METHODS or (
+                request.opt.observe is not None and not observing):
             return None
         parts: list[object] = [int(request.code), d.upstream.scheme, d.upstream.host,
                                d.upstream.port, d.path, d.query]

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    " notifications towards clients (default 2)")
     p.add_argument("--max-in-flight", metavar="N", type=int,
                    help="exchanges waiting on upstreams at once; 5.03 beyond (default 256)")
+    p.add_argument("--aggregate-observations", action=argparse.BooleanOptionalAction,
+                   default=None, help="clients observing the same unprotected resource share"
+                   " one upstream observation (default on)")
     p.add_argument("--cache-entries", metavar="N", type=int,
                    help="answers the response cache may hold (default 1024; 0: no cache)")
     p.add_argument("--cache-bytes", metavar="N", type=int,
@@ -142,6 +145,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["routes"] = tuple(Route.parse(r) for r in args.route)
     if args.forward is not None:
         changes["forward"] = args.forward
+    if args.aggregate_observations is not None:
+        changes["aggregate_observations"] = args.aggregate_observations
     if args.log_exchanges is not None:
         changes["log_exchanges"] = args.log_exchanges
     if args.name:

@@ -235,6 +235,8 @@ class ProxyConfig:
     # for health_timeout is down (routed around) until it answers again.
     health_interval: float = 1.0
     health_timeout: float = 3.0
+    # Clients observing the same unprotected resource share one upstream observation.
+    aggregate_observations: bool = True
     # The response cache (docs/PROXY.md, Caching): entries (0: off) and bytes it may hold.
     cache_entries: int = 1024
     cache_bytes: int = 1 << 20
@@ -284,6 +286,7 @@ class ProxyConfig:
 
 _SCALARS: dict[str, type] = {
     "forward": bool,
+    "aggregate_observations": bool,
     "upstream_timeout": float,
     "no_response_wait": float,
     "ack_timeout": float,

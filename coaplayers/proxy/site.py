@@ -12,7 +12,7 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from .http import HTTP_SCHEMES, HttpUpstream
 from .http import forward as http_forward
 from .limits import InFlight, RateLimiter
 from .metrics import MetricsRegistry
+from .observe import Event, Fanout
 from .routing import ROUTING_OPTIONS, Decision, Refusal, Router, unknown_unsafe
 from .transport import UpstreamPool
 
@@ -173,15 +174,19 @@ class ProxySite:
                        func=lambda: len(self.cache))
         registry.gauge("coap_proxy_cache_bytes", "Bytes charged to the response cache",
                        func=lambda: self.cache.bytes_used)
-        self.observations = 0
+        self.observations = 0  # upstream observations
+        self.observers = 0  # client observations they feed
+        self._shared: dict[Hashable, Fanout] = {}  # cache key -> the observation clients share
         self.draining = False
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         registry.gauge("coap_proxy_in_flight", "Exchanges waiting on an upstream",
                        func=lambda: self.in_flight.count)
-        registry.gauge("coap_proxy_observations", "Observations being relayed",
+        registry.gauge("coap_proxy_observations", "Upstream observations being relayed",
                        func=lambda: self.observations)
+        registry.gauge("coap_proxy_observers", "Client observations being served",
+                       func=lambda: self.observers)
         self.log = logging.getLogger("coaplayers.proxy")
         self._hostinfo: dict[Any, str] = {}  # sockaddr -> "host:port" of plain UDP clients
 
@@ -349,7 +354,35 @@ class ProxySite:
                 return
             if found.stale is not None and not request.opt.etags:
                 validating = found.stale  # ask upstream whether our copy is still valid
-        observe = wants_observe and self.observations < self.config.max_observations
+        fanout: Fanout | None = None
+        if wants_observe and self.observations < self.config.max_observations:
+            okey = (cache.key_for(request, d, observing=True)
+                    if self.config.aggregate_observations else None)
+            shared = self._shared.get(okey) if okey is not None else None
+            if shared is not None and not shared.ended:
+                if await self._join(pipe, shared, d, entry, started, slot):
+                    return
+                okey = None  # its registration failed: this client registers on its own
+            fanout = Fanout(okey, self.clock)
+            if okey is not None:
+                self._shared[okey] = fanout
+        try:
+            await self._exchange(pipe, request, d, entry, started, slot, key, validating,
+                                 fanout)
+        finally:
+            if fanout is not None and fanout.obs is None:
+                fanout.abandon()  # clients waiting to join go their own way
+                if fanout.key is not None and self._shared.get(fanout.key) is fanout:
+                    del self._shared[fanout.key]
+
+    async def _exchange(
+        self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
+        slot: _Slot, key: Hashable | None, validating: Any, fanout: Fanout | None,
+    ) -> None:
+        """One upstream exchange (with its Observe registration when ``fanout`` is given)."""
+        cache = self.cache
+        wants_observe = request.opt.observe == 0
+        observe = fanout is not None
         out = self._upstream_request(request, d, observe)
         if validating is not None:
             out.opt.etags = [validating.etag]
@@ -454,24 +487,53 @@ class ProxySite:
         self._done(entry, first, started, upstream=True)
         self._answer(pipe, first, is_last=not relaying)
         if relaying:
-            assert upstream.observation is not None
+            assert upstream.observation is not None and fanout is not None
+            fanout.start(upstream.observation, response)
+            self.observations += 1
+            queue = fanout.subscribe()
             # The first answer is out: the slot for waiting exchanges is free again.
             slot.release()
-            await self._relay_notifications(pipe, upstream.observation, d)
+            await self._relay_notifications(pipe, fanout, queue, d)
 
-    async def _relay_notifications(self, pipe: Pipe, obs: Any, d: Decision) -> None:
+    async def _join(self, pipe: Pipe, shared: Fanout, d: Decision, entry: dict[str, Any],
+                    started: float, slot: _Slot) -> bool:
+        """Serve an Observe registration from an upstream observation another client made;
+        False if that registration did not become one (the caller then registers itself)."""
+        try:
+            async with asyncio.timeout(self.config.upstream_timeout):
+                first = await asyncio.shield(shared.ready)
+        except TimeoutError:
+            self._fail(pipe, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout", entry, started)
+            return True
+        current = shared.current()
+        if first is None or current is None or shared.ended:
+            return False
+        latest, max_age = current
+        answer = self._relay(latest, d)
+        answer.opt.max_age = max_age  # RFC 7252 5.6.1: what is left of its freshness
+        queue = shared.subscribe()
+        entry["observe"] = "shared"
+        self._done(entry, answer, started, None)
+        self._answer(pipe, answer, is_last=False)
+        slot.release()
+        await self._relay_notifications(pipe, shared, queue, d)
+        return True
+
+    def _leave(self, fanout: Fanout, queue: asyncio.Queue[Event]) -> None:
+        """A client's observation ended; the upstream one ends with the last client."""
+        last = fanout.unsubscribe(queue)
+        if (last or fanout.ended) and fanout.key is not None \
+                and self._shared.get(fanout.key) is fanout:
+            del self._shared[fanout.key]
+        if last and fanout.obs is not None:
+            obs, fanout.obs = fanout.obs, None
+            obs.cancel()
+            self.observations -= 1
+
+    async def _relay_notifications(self, pipe: Pipe, fanout: Fanout,
+                                   queue: asyncio.Queue[Event], d: Decision) -> None:
         """Relay upstream notifications until either side ends the observation."""
-        queue: asyncio.Queue[tuple[Message | None, BaseException | None]] = asyncio.Queue()
-
-        def on_notification(msg: Message) -> None:
-            if queue.qsize() > 8:  # Observe is lossy by design; keep memory bounded
-                queue.get_nowait()
-            queue.put_nowait((msg, None))
-
-        obs.register_callback(on_notification, _suppress_deprecation=True)
-        obs.register_errback(lambda exc: queue.put_nowait((None, exc)),
-                             _suppress_deprecation=True)
-        self.observations += 1
+        self.observers += 1
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
@@ -507,8 +569,8 @@ class ProxySite:
                 return
         finally:
             stopping.cancel()
-            self.observations -= 1
-            obs.cancel()
+            self.observers -= 1
+            self._leave(fanout, queue)
 
     def _silent(self, pipe: Pipe, entry: dict[str, Any], started: float) -> None:
         """End an exchange whose answer the client suppressed (RFC 7967) without sending one."""

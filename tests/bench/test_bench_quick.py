@@ -41,7 +41,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.timeout(450)
 def test_every_section_is_there(results: dict) -> None:
-    for section in ("meta", "throughput", "wire", "handshake", "memory", "targets"):
+    for section in ("meta", "throughput", "wire", "shield", "handshake", "memory", "targets"):
         assert section in results, section
     assert results["meta"]["quick"] is True
 
@@ -126,6 +126,17 @@ def test_memory_per_session_and_context(results: dict) -> None:
 
 
 @pytest.mark.timeout(450)
+def test_shield_counts_what_reached_the_device(results: dict) -> None:
+    ours = results["shield"]["coap-proxy"]
+    reads, obs = ours["reads"], ours["observe"]
+    assert reads["downstream"] > 0 and number(reads["rps"]), reads
+    assert reads["upstream"] <= reads["downstream"], reads  # counted by the server itself
+    assert obs["observers"] == 50 and number(obs["upstream_registrations"]), obs
+    theirs = results["shield"]["aiocoap-proxy"]  # a result even when aiocoap-proxy fails
+    assert "reads" in theirs and "observe" in theirs
+
+
+@pytest.mark.timeout(450)
 def test_every_target_is_judged(results: dict) -> None:
     targets = results["targets"]
     assert len(targets) >= 20
@@ -135,5 +146,6 @@ def test_every_target_is_judged(results: dict) -> None:
     names = " ".join(t["target"] for t in targets)
     for needle in ("throughput / plain", "aiocoap-proxy", "overhead", "handshake bytes",
                    "round trips", "handshakes/s", "memory per Layer 0 session",
-                   "memory per OSCORE context"):
+                   "memory per OSCORE context", "upstream GETs per downstream GET",
+                   "upstream observations for 50 observers"):
         assert needle in names, needle
