@@ -45,6 +45,7 @@ examples:
   coap-bench --quick --json quick.json                # a smoke run (about a minute)
   coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
   coap-bench --startup                                # start-up times alone (seconds)
+  coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
 
 modes: """ + ", ".join(MODES) + """
 The PNG needs matplotlib: pip install -e '.[bench]'. Exit status 0 when the run completed
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated subset of the throughput modes")
     p.add_argument("--memory-counts", help="comma-separated session counts (default 1000,10000;"
                    " quick 100,1000)")
+    p.add_argument("--http", action="store_true",
+                   help="only the cloud-proxy topology: Layer 0 and OSCORE through coap-proxy"
+                   " as a CoAP-to-HTTP cross-proxy, against plain CoAP-to-HTTP, with the HTTP"
+                   " hop's bytes per request")
     p.add_argument("--startup", action="store_true",
                    help="only the start-up figures: --help and a first GET in fresh processes,"
                    " with libcoap's and aiocoap's clients beside ours")
@@ -296,6 +301,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="coap-bench-"))
         cleanup = True
+    if args.http:
+        from . import http
+
+        try:
+            results = {"http": asyncio.run(http.run(workdir, quick=args.quick))}
+        except Exception as exc:  # one line, the details are in the logs
+            print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
+                  file=sys.stderr)
+            return 1
+        finally:
+            if cleanup:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print(http.render(results["http"]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        return 0
     status = 0
     try:
         results = asyncio.run(_main_task(args, workdir))
