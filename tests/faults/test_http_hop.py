@@ -65,6 +65,7 @@ class EvilHttp:
         self.mode: str | None = None
         self.hits = 0
         self.replay_status: int | None = None
+        self.seen = bytearray()  # every request and answer as it crossed, heads and bodies
         self._held: asyncio.Future[None] | None = None
         self.client = httpx.AsyncClient(timeout=60)
         self.listener = HttpListener(self, "127.0.0.1", 0)  # type: ignore[arg-type]
@@ -87,6 +88,7 @@ class EvilHttp:
         path = scope["path"] + ("?" + scope["query_string"].decode()
                                 if scope["query_string"] else "")
         target = self.upstream + path
+        self.seen += repr((scope["method"], path, headers)).encode() + body
         mode = self.mode if self.protected(scope["path"], headers, body) else None
         if mode == "flip":
             self.hits += 1
@@ -114,8 +116,8 @@ class EvilHttp:
             self.replay_status = again.status_code
         await self._reply(send, answer)
 
-    @staticmethod
-    async def _reply(send: Any, answer: httpx.Response) -> None:
+    async def _reply(self, send: Any, answer: httpx.Response) -> None:
+        self.seen += repr(answer.headers.multi_items()).encode() + answer.content
         out = [(k.encode(), v.encode()) for k, v in answer.headers.multi_items()
                if k not in ("transfer-encoding", "content-encoding")]
         await send({"type": "http.response.start", "status": answer.status_code,
@@ -234,3 +236,18 @@ async def test_reordered_requests_on_the_http_hop_each_run_once(
     assert http_app.executed[1:] in ([b"two", b"one"], [b"one", b"two"])
     assert http_app.executed.index(b"two") < http_app.executed.index(b"one")  # reordered
     await r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_http_hop_holds_no_inner_plaintext(
+        kind: str, http_app: HttpApp, evil: EvilHttp, proxy: Any, client_ctx: Any,
+        creds: Keys) -> None:
+    r = await requester_for(kind, client_ctx, creds, evil, proxy)
+    marker = b"INNER-PLAINTEXT-5d1e"
+    answer = await post(r, marker, kind == "oscore", evil)
+    assert answer.code == Code.CHANGED and answer.payload.startswith(marker)
+    await r.close()
+    assert len(evil.seen) > 200  # the middlebox saw the exchanges ...
+    assert marker not in evil.seen and b"count" not in evil.seen  # ... and no inner part
+    log = b"".join(p.read_bytes() for p in proxy.tmp.glob("proxy-*.jsonl"))
+    assert b'"upstream":"http://127.0.0.1:' in log and marker not in log
