@@ -221,3 +221,22 @@ async def test_https_upstreams_are_verified(
     finally:
         for proc in (origin, trusting.proc, default.proc):
             await _stop(proc)
+
+
+async def test_http_targets_obey_the_allow_list(
+        web: str, tmp_path: Path, ctx: aiocoap.Context) -> None:
+    """Forward proxying to http:// is decided like coap://: only allowed upstreams, and never
+    loopback unless named (the proxy's allow-list, closed by default)."""
+    if not allow("x"):
+        pytest.skip("this coap-proxy has no allow-list")
+    elsewhere = await start_proxy(tmp_path, "--allow", "192.0.2.1")
+    try:
+        refused = await ask(ctx, via(elsewhere, f"{web}/etag"))
+        assert refused.code == Code.FORBIDDEN
+        wildcard = await start_proxy(tmp_path, "--allow", "*")
+        try:  # '*' does not open loopback
+            assert (await ask(ctx, via(wildcard, f"{web}/etag"))).code == Code.FORBIDDEN
+        finally:
+            await _stop(wildcard.proc)
+    finally:
+        await _stop(elsewhere.proc)
