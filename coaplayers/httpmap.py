@@ -315,11 +315,8 @@ def http_to_coap_response(
     out = Message(code=code, payload=body)
     get = _getter(headers)
     oscore = get("oscore")
-    if oscore is not None:
-        try:
-            out.opt.add_option(OpaqueOption(Opt.OSCORE, oscore_option(oscore)))
-        except ValueError:
-            return Message(code=Code.BAD_GATEWAY, payload=b"upstream sent a bad OSCORE header")
+    if not _add_oscore(out, oscore):
+        return Message(code=Code.BAD_GATEWAY, payload=b"upstream sent a bad OSCORE header")
     ctype = get("content-type")
     if ctype is not None and body and oscore is None:
         cf = content_format(ctype)
@@ -341,6 +338,18 @@ def http_to_coap_response(
     if location is not None and code == Code.CREATED:
         _set_location(out, location, upstream)
     return out
+
+
+def _add_oscore(message: Message, header: str | None) -> bool:
+    """The OSCORE option from an ``OSCORE`` header field, if there is one; False if it is
+    not base64url."""
+    if header is None:
+        return True
+    try:
+        message.opt.add_option(OpaqueOption(Opt.OSCORE, oscore_option(header)))
+    except ValueError:
+        return False
+    return True
 
 
 def _coap_code(method: Code, status: int) -> Code:
@@ -407,11 +416,8 @@ def http_to_coap_request(
         msg.opt.uri_query = [unquote(q.replace("+", " ")) for q in query.split("&")]
     get = _getter(headers)
     oscore = get("oscore")
-    if oscore is not None:
-        try:
-            msg.opt.add_option(OpaqueOption(Opt.OSCORE, oscore_option(oscore)))
-        except ValueError:
-            raise MappingError(Code.BAD_REQUEST, 400, "bad OSCORE header field") from None
+    if not _add_oscore(msg, oscore):
+        raise MappingError(Code.BAD_REQUEST, 400, "bad OSCORE header field")
     ctype = get("content-type")
     if ctype is not None and body and oscore is None:
         cf = content_format(ctype)

@@ -66,3 +66,53 @@ def test_freshness_and_tags() -> None:
     for n in range(5):
         tags.to_coap(f'"tag-{n}"')
     assert len(tags._seen) == 2  # bounded
+
+
+def test_bad_oscore_header_fields_are_refused_both_ways() -> None:
+    import pytest
+
+    with pytest.raises(httpmap.MappingError) as refused:
+        httpmap.http_to_coap_request("POST", "/", "", [("oscore", "not base64!")], b"x")
+    assert refused.value.status == 400
+    back = httpmap.http_to_coap_response(Code.POST, 200, [("oscore", "%%")], b"x",
+                                         etags=httpmap.EtagMap(), upstream="http://o")
+    assert back.code == Code.BAD_GATEWAY
+
+
+async def test_the_asgi_app_bounds_bodies_and_maps_what_it_cannot_serve() -> None:
+    import aiocoap.resource as resource
+
+    from coaplayers.asgi import CoapAsgiApp, HttpBindingLimits
+
+    class Echo(resource.Resource):
+        async def render_post(self, request: Message) -> Message:
+            return Message(code=Code.CHANGED, payload=request.payload, content_format=0)
+
+    site = resource.Site()
+    site.add_resource(["echo"], Echo())
+    app = CoapAsgiApp(site, HttpBindingLimits(max_body=16))
+
+    async def call(method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+                   ) -> tuple[int, dict[bytes, bytes], bytes]:
+        sent: list[dict] = []
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return chunks.pop(0)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "query_string": b"",
+                 "headers": headers, "client": ("192.0.2.7", 40000), "scheme": "http"}
+        await app(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+    text = [(b"content-type", b"text/plain")]
+    assert await call("POST", "/echo", b"ping", text) == (
+        200, {b"content-type": b"text/plain; charset=utf-8", b"content-length": b"4"}, b"ping")
+    status, _, body = await call("POST", "/echo", b"x" * 17, text)
+    assert status == 413 and b"16 bytes" in body
+    assert (await call("OPTIONS", "/echo", b"", []))[0] == 501
+    assert (await call("POST", "/echo", b"x", [(b"content-type", b"image/x-odd")]))[0] == 415
+    assert (await call("GET", "/nothing", b"", []))[0] == 404
