@@ -15,7 +15,9 @@ Phases, in order (each bounded in time, every process ended however the run ends
 5. in process, without the rig: handshake sizes and round trips, handshakes per second,
    memory per Layer 0 session and per OSCORE context (:mod:`.memory`, one process each);
 6. start-up: ``--help`` of each program and a first plain GET in fresh processes, next to
-   libcoap's and aiocoap's clients (:mod:`.startup`; ``--startup`` runs this phase alone).
+   libcoap's and aiocoap's clients (:mod:`.startup`; ``--startup`` runs this phase alone);
+7. round trips to the first protected answer, cold and warm, through a relay that delays hop 1
+   (:mod:`.rtt`; ``--rtt`` runs the rig and this phase alone).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import handshake, hsload, report, shield, startup, wire
+from . import handshake, hsload, report, rtt, shield, startup, wire
 from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
 from .load import open_clients, run_load
 from .rig import rig
@@ -46,6 +48,7 @@ examples:
   coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
   coap-bench --startup                                # start-up times alone (seconds)
   coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
+  coap-bench --rtt                                    # round trips to the first answer alone
 
 modes: """ + ", ".join(MODES) + """
 The PNG needs matplotlib: pip install -e '.[bench]'. Exit status 0 when the run completed
@@ -79,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup", action="store_true",
                    help="only the start-up figures: --help and a first GET in fresh processes,"
                    " with libcoap's and aiocoap's clients beside ours")
+    p.add_argument("--rtt", action="store_true",
+                   help="only the rig and the round trips to the first protected answer, cold"
+                   " and warm, per mode")
+    p.add_argument("--rtt-delay", type=float, metavar="MS",
+                   help="one-way delay of hop 1 while counting round trips (default 250,"
+                   " quick 150)")
     p.add_argument("--workdir", metavar="DIR",
                    help="keep credentials, logs and captures here (default: a temporary folder,"
                    " removed at the end)")
@@ -237,8 +246,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         },
     }
     t0 = time.monotonic()
+    delay = (args.rtt_delay or (150 if quick else 250)) / 1000
     async with rig(workdir) as (ep, _procs):
         _say("rig up: " + ", ".join(f"{k} pid {v}" for k, v in ep.pids.items()))
+        _say(f"round trips to the first answer ({1000 * delay:.0f} ms each way on hop 1)")
+        results["rtt"] = await rtt.measure(ep, workdir, delay=delay)
+        if args.rtt:
+            results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+            results["targets"] = report.evaluate(results)
+            return results
         _say("bytes on the wire")
         results["wire"] = await phase_wire(ep, workdir, 10 if quick else 20, modes)
         _say("throughput")

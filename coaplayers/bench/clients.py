@@ -136,9 +136,11 @@ def hop_credentials(creds: Path) -> layer1.ClientCredentials:
 
 
 async def open_client(
-    mode: str, ep: Endpoints, *, proxy: str | None = None, origin: str | None = None
+    mode: str, ep: Endpoints, *, proxy: str | None = None, origin: str | None = None,
+    state: Path | None = None,
 ) -> BenchClient:
-    """A connected client of ``mode``. ``proxy``/``origin`` override where it goes (relays)."""
+    """A connected client of ``mode``. ``proxy``/``origin`` override where it goes (relays);
+    ``state`` is a folder for what the client keeps between runs, as ``coap-client`` does."""
     if mode in ("aio_plain", "aio_via_coap_proxy"):
         from aiocoap.proxy.client import ProxyForwarder
 

@@ -1,4 +1,4 @@
-"""Targets of issue 7 against the measured values, the text table, and the PNG chart."""
+"""Targets of issues 7 and 23 against the measured values, the text table, and the PNG chart."""
 
 from __future__ import annotations
 
@@ -183,6 +183,26 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         t.append(_target(f"memory per {what} at {count:,}", entry["bytes_per_item"] / KIB,
                          limit, at_least=False, unit="KiB", note=entry.get("where", "")))
     t += _startup_targets(results.get("startup", {}))
+    t += _rtt_targets(results.get("rtt", {}))
+    return t
+
+
+#: Issue 23's limits on round trips to the first protected answer (cold, warm).
+RTT_LIMITS = {"l0psk": (2, 2), "l0cert": (2, 2), "l0rpk": (2, 2), "oscore": (3, 1)}
+
+
+def _rtt_targets(rtt: dict[str, Any]) -> list[dict[str, Any]]:
+    t = []
+    ref = rtt.get("reference", {})
+    for mode, (cold, warm) in RTT_LIMITS.items():
+        entry = rtt.get("modes", {}).get(mode)
+        if entry is None:
+            continue
+        for run, limit in (("cold", cold), ("warm", warm)):
+            t.append(_target(
+                f"round trips to the first protected answer, {mode}, {run}",
+                entry[run]["round_trips"], limit, at_least=False, unit="round trips",
+                note=f"{ref.get('label', 'reference')}: {ref.get(run)}"))
     return t
 
 
@@ -385,6 +405,18 @@ def render(results: dict[str, Any]) -> str:
                      " through each proxy (upstream = what reached the server)")
         parts.append(_table(["proxy", "reads/s", "downstream", "upstream", "up/down",
                              "upstream observations", "observers notified", "error"], rows))
+    rtt = results.get("rtt", {})
+    if rtt.get("modes"):
+        ref = rtt["reference"]
+        rows = [[ref["label"] + " (reference)", str(ref["cold"]), "", str(ref["warm"]), ""]]
+        for entry in rtt["modes"].values():
+            rows.append([entry["label"], str(entry["cold"]["round_trips"]),
+                         _fmt(1000 * entry["cold"]["processing_s"]),
+                         str(entry["warm"]["round_trips"]),
+                         _fmt(1000 * entry["warm"]["processing_s"])])
+        parts.append(f"\nRound trips to the first protected answer (one client run, hop 1"
+                     f" delayed {rtt['delay_ms']} ms each way; processing = time left over)")
+        parts.append(_table(["mode", "cold", "processing ms", "warm", "processing ms"], rows))
     mem = results.get("memory", {})
     rows = []
     for key, e in mem.items():
@@ -404,7 +436,7 @@ def render(results: dict[str, Any]) -> str:
         rows = [[x["target"], f"{x['comparison']} {_fmt(x['limit'], 1 if x['limit'] < 10 else 0)}"
                  f" {x['unit']}", _fmt(x["measured"], 2 if abs(x["measured"]) < 10 else 0),
                  x["result"], x.get("also", "")] for x in targets]
-        parts.append("\nTargets (issue 7)")
+        parts.append("\nTargets (issues 7 and 23)")
         parts.append(_table(["target", "limit", "measured", "result", "also"], rows))
         fails = sum(1 for x in targets if x["result"] == "FAIL")
         parts.append(f"{len(targets) - fails} PASS, {fails} FAIL")

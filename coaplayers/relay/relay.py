@@ -283,6 +283,13 @@ class FaultRelay:
         return self._address
 
     @property
+    def started_at(self) -> float:
+        """The event loop's time at start: capture times are seconds after it."""
+        if self._address is None:
+            raise RuntimeError("relay not started")
+        return self._start
+
+    @property
     def faults(self) -> Faults:
         return self._faults
 

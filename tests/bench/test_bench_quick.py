@@ -35,7 +35,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, f"coap-bench failed: {proc.stderr[-3000:]}"
-    assert "Targets (issue 7)" in proc.stdout
+    assert "Targets (issues 7 and 23)" in proc.stdout
     return json.loads(json_file.read_text())
 
 

@@ -1,0 +1,58 @@
+"""coap-bench --rtt: round trips to the first protected answer, counted through a delaying relay.
+
+The counts are exact (the relay's delay dwarfs the processing; the JSON says how much was left
+over), so this test pins what each mode costs today, cold and warm, and the reference line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = str(Path(sys.executable).with_name("coap-bench"))
+
+#: (cold, warm) round trips to the first answer per mode, as measured on the wire.
+EXPECTED = {
+    "plain": (1, 1),
+    "l0psk": (3, 3),
+    "l0cert": (4, 4),
+    "l0rpk": (4, 4),
+    "oscore": (6, 6),
+    "aio_oscore": (1, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def rtt(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("rtt")
+    json_file = out / "rtt.json"
+    proc = subprocess.run(
+        [BENCH, "--rtt", "--rtt-delay", "150", "--json", str(json_file)],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"coap-bench --rtt failed: {proc.stderr[-3000:]}"
+    assert "Round trips to the first protected answer" in proc.stdout
+    return json.loads(json_file.read_text())["rtt"]
+
+
+@pytest.mark.timeout(300)
+def test_round_trips_per_mode_cold_and_warm(rtt: dict) -> None:
+    assert rtt["delay_ms"] == 150
+    assert rtt["reference"] == {"label": "EDHOC + OSCORE (RFC 9668)", "cold": 2, "warm": 1}
+    got = {m: (rtt["modes"][m]["cold"]["round_trips"], rtt["modes"][m]["warm"]["round_trips"])
+           for m in EXPECTED}
+    assert got == EXPECTED
+    for mode, entry in rtt["modes"].items():
+        for run in ("cold", "warm"):
+            r = entry[run]
+            # What the count rests on: processing stays inside one round trip's time.
+            assert 0 <= r["processing_s"] < 0.3, (mode, run, r)
+            if r["coap_requests_up"] is not None:
+                # Every round trip to the server is at least one CoAP request of the client.
+                assert r["coap_requests_up"] >= r["round_trips"], (mode, run, r)
