@@ -14,15 +14,26 @@ import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Any
 
 from . import dtls
 from .dtls import ConfigurationError
 
-# Library code: the programs reach it from here (it names their flags in its messages).
-from .dtls.credentials import raw_public_key_from as raw_public_key_from
+# cryptography is imported by the functions that build credentials: reading a TOML file or
+# merging flags never loads it (start-up time, docs/BENCHMARKS.md).
+
+
+if TYPE_CHECKING:
+    # Library code: the programs reach it from here (it names their flags in its messages).
+    from .dtls.credentials import raw_public_key_from as raw_public_key_from
+
+
+def __getattr__(name: str) -> Any:
+    if name == "raw_public_key_from":
+        from .dtls.credentials import raw_public_key_from
+
+        return raw_public_key_from
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -193,16 +204,18 @@ def certificate_from(
     )
     # A key that does not belong to the certificate would only show up as a handshake failure
     # on the peer's side, far from the mistake; refuse it at start.
-    leaf_key = creds.certificate_chain[0].public_key().public_bytes(*_SPKI)
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf_key = creds.certificate_chain[0].public_key().public_bytes(*spki)
     assert creds.private_key is not None
-    if creds.private_key.public_key().public_bytes(*_SPKI) != leaf_key:
+    if creds.private_key.public_key().public_bytes(*spki) != leaf_key:
         raise ConfigurationError(
             f"--{what}key {key} is not the private key of the certificate in --{what}cert {cert}"
         )
     return creds
 
 
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def check_layers_apart(
