@@ -40,6 +40,9 @@ examples:
   new handshakes and plain requests hashed over the members that answer their probes:
     coap-proxy --no-forward --route /=replicas:coap://10.0.0.5,coap://10.0.0.6 \
         --route app.example=replicas:coap://app-server:5683   (every address of the name)
+  a CoAP-to-HTTP cross-proxy (the cloud server of Figure 2): devices speak CoAP, the
+  application server HTTP; Layer 0 and OSCORE cross it unread:
+    coap-proxy --no-forward --route /=https://app.example:8443 --http-ca web-ca.pem
   everything from a file, one flag overriding it:
     coap-proxy --config /etc/coap-proxy.toml --log-file /var/log/coap-proxy.jsonl
 

@@ -240,3 +240,21 @@ async def test_http_targets_obey_the_allow_list(
             await _stop(wildcard.proc)
     finally:
         await _stop(elsewhere.proc)
+
+
+async def test_reverse_routes_to_http_origins(
+        web: str, tmp_path: Path, ctx: aiocoap.Context) -> None:
+    """A prefix route mounts an HTTP origin: the prefix is replaced going up and a 201's
+    Location comes back under the prefix as Location-Path."""
+    run = await start_proxy(tmp_path, "--no-forward", "--route", f"/web={web}/")
+    try:
+        base = f"coap://{run.hostport}/web"
+        got = await ask(ctx, Message(code=Code.GET, uri=f"{base}/etag"))
+        assert got.code == Code.CONTENT and got.payload == b"tagged"
+        made = await ask(ctx, Message(code=Code.POST, uri=f"{base}/items", payload=b"x"))
+        assert made.code == Code.CREATED
+        assert tuple(made.opt.location_path) == ("web", "items", "7")
+        last = json.loads((await ask(ctx, Message(code=Code.GET, uri=f"{base}/last"))).payload)
+        assert last["path"] == "/items" and last["method"] == "POST"
+    finally:
+        await _stop(run.proc)
