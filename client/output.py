@@ -188,8 +188,10 @@ class Printer:
             data = shown if is_text else payload
             if self.config.newline and not data.endswith(b"\n"):
                 data += b"\n"
-        elif self.config.newline:
+        elif self.config.newline and data:
             data += b"\n"
+        if not data:
+            return  # as libcoap: nothing received, nothing written (not even the newline)
         out = self._open()
         out.write(data)
         out.flush()

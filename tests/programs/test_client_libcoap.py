@@ -193,6 +193,10 @@ async def test_output_is_byte_for_byte_libcoaps(libcoap_server: str, app: Runnin
         await run(libcoap_client(), "-o", str(f_theirs), uri)
         r = await client("-o", str(f_ours), uri)
         assert r.rc == 0 and r.out == b"" and f_ours.read_bytes() == f_theirs.read_bytes()
+    # An answer without payload: nothing at all, with or without -w.
+    for flags in ([], ["-w"]):
+        theirs, ours = await both(["-m", "post", *flags], app.uri("coap") + "/echo")
+        assert ours.rc == 0 and ours.out == theirs.out == b""  # type: ignore[attr-defined]
     fw = await client("-o", "-", app.uri("coap") + "/firmware")
     assert fw.rc == 0 and fw.out == IMAGE
 
