@@ -116,7 +116,10 @@ class CoapAsgiApp:
             return
         if scope["type"] != "http":
             return  # websockets: nothing to serve
-        body = await self._body(receive)
+        try:
+            body = await self._body(receive)
+        except _Disconnected:
+            return  # the client went away before its body was complete: nothing to serve
         if body is None:
             await _respond(send, 413, [(b"content-type", b"text/plain; charset=utf-8")],
                            f"request body is limited to {self.limits.max_body} bytes".encode())
@@ -166,12 +169,16 @@ class CoapAsgiApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return bytes(body)
+                raise _Disconnected()
             body += message.get("body", b"")
             if len(body) > self.limits.max_body:
                 return None
             if not message.get("more_body"):
                 return bytes(body)
+
+
+class _Disconnected(Exception):
+    """The HTTP client disconnected while its request body was being read."""
 
 
 async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]],
