@@ -46,10 +46,12 @@ class HttpBindingLimits:
     """Largest request body read; a larger one gets 413 before the site sees anything."""
     timeout: float = 30.0
     """How long a request may wait for its CoAP answer (then 504)."""
+    max_connections: int = 1024
+    """Connections and requests served at once by :class:`HttpListener` (503 beyond)."""
 
     def __post_init__(self) -> None:
-        if self.max_body < 1 or self.timeout <= 0:
-            raise ValueError("the HTTP binding's max_body and timeout must be positive")
+        if self.max_body < 1 or self.timeout <= 0 or self.max_connections < 1:
+            raise ValueError("the HTTP binding's limits must be positive")
 
 
 class HttpRemote(interfaces.EndpointAddress):
@@ -219,7 +221,8 @@ def _uvicorn_server(config: Any, started: asyncio.Event) -> Any:
 class HttpListener:
     """``--listen http://HOST:PORT``: serve an ASGI app with uvicorn in the running loop."""
 
-    def __init__(self, app: CoapAsgiApp, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        """``app``: a :class:`CoapAsgiApp` (its limits apply) or any other ASGI app."""
         self.app = app
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP named, so that asyncio sets TCP_NODELAY on accepted connections (it
@@ -250,7 +253,9 @@ class HttpListener:
 
         config = uvicorn.Config(self.app, lifespan="off", log_level="warning",
                                 access_log=False, proxy_headers=False, server_header=False,
-                                date_header=False)
+                                date_header=False,
+                                limit_concurrency=getattr(self.app, "limits",
+                                                          HttpBindingLimits()).max_connections)
         started = asyncio.Event()
         self._server = _uvicorn_server(config, started)
         self._task = asyncio.create_task(self._server.serve(sockets=[self.sock]))

@@ -68,7 +68,7 @@ class EvilHttp:
         self.seen = bytearray()  # every request and answer as it crossed, heads and bodies
         self._held: asyncio.Future[None] | None = None
         self.client = httpx.AsyncClient(timeout=60)
-        self.listener = HttpListener(self, "127.0.0.1", 0)  # type: ignore[arg-type]
+        self.listener = HttpListener(self, "127.0.0.1", 0)
 
     @staticmethod
     def protected(path: str, headers: dict[str, str], body: bytes) -> bool:
