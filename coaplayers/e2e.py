@@ -32,6 +32,8 @@ class E2EServerOptions:
     replica: int | None = None
     """This server's number in a replica set: in every session name and client ID it hands
     out, so that a proxy finds the replica from outer options (coaplayers.replica)."""
+    worker: tuple[int, int] | None = None
+    """(index, count) of this process among coap-server's workers (coaplayers.steering)."""
 
     @property
     def credentials(self) -> list[Any]:
@@ -103,7 +105,8 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     from .oscore.mode import KEYING_PATH, KeyingResource
 
     try:
-        store = ContextStore(state_dir=options.oscore_state, replica=options.replica)
+        store = ContextStore(state_dir=options.oscore_state, replica=options.replica,
+                             worker=options.worker)
     except PersistenceError as e:
         raise dtls.ConfigurationError(f"--oscore-state: {e}") from e
     # OSCORE keys from the handshake's exporter: every Layer 0 server listener has one (PSK
@@ -117,7 +120,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     policy = Policy.build(protected=())
     return Layer0Site(
         inner, credentials if len(credentials) > 1 else credentials[0], policy=policy,
-        eager=eager, replica=options.replica,
+        eager=eager, replica=options.replica, worker=options.worker,
     )
 
 

@@ -17,6 +17,7 @@ from coaplayers import dtls
 from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.loglimit import LogLimits, install_log_limits
 from coaplayers.replica import check_replica
+from coaplayers.workers import Supervisor, WorkerFailed, parse_workers, self_command, worker_role
 
 # The engines and the site load in serve() and main(): --help and flag errors never pay for
 # them (start-up time, docs/BENCHMARKS.md).
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this server's number (0-15) in a replica set behind coap-proxy: it"
                    " goes into every Layer 0 session name and OSCORE client ID, and"
                    " /.well-known/replica answers it")
+    p.add_argument("--workers", metavar="N|auto",
+                   help="processes sharing the listen ports (1-16; auto: one per core, at most"
+                   " 16); Layer 0 sessions and OSCORE contexts reach their worker by the"
+                   " kernel's choice (default 1)")
     p.add_argument("--max-body", type=int, metavar="BYTES",
                    help="largest request body a resource takes block-wise (4.13 beyond it;"
                    f" default {BlockwiseLimits().max_body})")
@@ -154,6 +159,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         raw_public_key=cfg.raw_public_key_from(args.e2e_rpk_key, args.e2e_rpk_trust),
         oscore_state=Path(args.oscore_state) if args.oscore_state else None,
         replica=args.replica,
+        worker=(role.index, role.count) if (role := worker_role()) is not None else None,
     )
     dtls.check_identities(e2e.psk_store, e2e.raw_public_key, psk_flag="--e2e-psk",
                           trust_flag="--e2e-rpk-trust")
@@ -192,8 +198,15 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     # Everything built so far lives as long as the process: out of the collector's way, a
     # full collection only walks what requests leave behind.
     gc.freeze()
+    if role is not None and role.index == 0 and ctx is not None:
+        from coaplayers import steering
+
+        for sock in ctx.plain_sockets:  # coaps:// groups keep the address hash (DTLS)
+            steering.attach(sock, role.count)
     for uri in [*(ctx.bound if ctx is not None else ()), *(h.uri for h in http_listeners)]:
         print(f"listening {uri}", flush=True)
+    if role is not None:
+        print("ready", flush=True)  # the supervisor waits for it (coaplayers.workers)
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -224,11 +237,15 @@ def split_listen(uris: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
+        workers = _workers(args.workers)
     except dtls.ConfigurationError as exc:
         print(f"coap-server: {exc}", file=sys.stderr)
         return 2
+    if workers > 1 and worker_role() is None:
+        return _supervise(argv, workers)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -256,6 +273,50 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+MAX_WORKERS = 16
+"""Every worker index is reachable by the session names' steering character (steering.py)."""
+
+
+def _workers(value: Any) -> int:
+    if value is None:
+        return 1
+    try:
+        n = parse_workers(str(value))
+    except ValueError as exc:
+        raise dtls.ConfigurationError(f"--workers: {exc}") from exc
+    if value == "auto":
+        return min(n, MAX_WORKERS)
+    if n > MAX_WORKERS:
+        raise dtls.ConfigurationError(f"--workers: at most {MAX_WORKERS}")
+    return n
+
+
+def _supervise(argv: list[str], workers: int) -> int:
+    """--workers N: N servers on the same ports (coaplayers.workers, coaplayers.steering)."""
+    supervisor = Supervisor(
+        "coap-server", self_command("coaplayers.programs.server.main", argv), workers)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            try:
+                await supervisor.start()
+            except (WorkerFailed, TimeoutError) as exc:
+                print(f"coap-server: {exc or 'a worker did not start in time'}",
+                      file=sys.stderr, flush=True)
+                return 1
+            for uri in supervisor.bound:
+                print(f"listening {uri}", flush=True)
+            return await supervisor.wait(stop)
+        finally:
+            await supervisor.stop()
+
+    return asyncio.run(run())
 
 
 def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

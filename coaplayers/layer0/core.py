@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from aiocoap.numbers.codes import Code
 
 from .. import replica as replica_ids
+from .. import steering
 from ..dtls import (
     ApplicationData,
     ConnectionClosed,
@@ -243,6 +244,8 @@ class TunnelCore:
         self._random = random
         #: coap-server --replica: its number goes into every session name (coaplayers.replica).
         self.replica: int | None = None
+        #: coap-server --workers: (index, count); names steer to this worker (steering.py).
+        self.worker: tuple[int, int] | None = None
         self.sessions: OrderedDict[str, TunnelSession] = OrderedDict()  # LRU order
         self._half_open: set[str] = set()
         self._half_open_source: dict[str, Hashable] = {}  # sid -> client host (pruned in entry)
@@ -598,6 +601,8 @@ class TunnelCore:
             name = base64.urlsafe_b64encode(self._random(4)).decode()[:SESSION_ID_CHARS]
             if self.replica is not None:
                 name = replica_ids.session_name(self.replica, name)
+            if self.worker is not None and not steering.session_name_for(name, *self.worker):
+                continue
             sid = SESSION_PREFIX + name
             if sid not in self.sessions:
                 return sid

@@ -194,6 +194,7 @@ class Layer0Site(interfaces.Resource):
         on_established: Callable[[Layer0Peer], None] | None = None,
         eager: bool = False,
         replica: int | None = None,
+        worker: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.site = site
@@ -207,6 +208,7 @@ class Layer0Site(interfaces.Resource):
         self.core.on_close = self._session_closed
         self.core.on_established = on_established
         self.core.replica = replica
+        self.core.worker = worker
         self._wakeups: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._hostinfos: dict[tuple[object, ...], str] = {}

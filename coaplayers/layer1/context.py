@@ -192,6 +192,9 @@ class LayeredContext:
         self.context = context
         self.layer1 = layer1
         self.bound = bound
+        #: The coap:// listeners' sockets, in the order of ``listen`` (coap-server steers
+        #: its workers' SO_REUSEPORT groups through them: coaplayers.steering).
+        self.plain_sockets: list[socket.socket] = []
 
     async def shutdown(self) -> None:
         await self.context.shutdown()
@@ -249,6 +252,7 @@ async def create_context(
     """
     ctx = ServerContext(serversite=site, loggername=loggername)
     bound: list[str] = []
+    plain_sockets: list[socket.socket] = []
     try:
         layer1 = await attach_layer1(
             ctx, psk_store=psk_store, certificate=certificate,
@@ -268,6 +272,7 @@ async def create_context(
                 if sock.family == socket.AF_INET6 and h.startswith("::ffff:"):
                     h = h[7:]
                 bound.append(_uri("coap", host if host not in ("::", "0.0.0.0") else h, p))
+                plain_sockets.append(sock)
                 plain_bound = True
         if not plain_bound:
             await _aiocoap.append_udp6(ctx)
@@ -275,4 +280,6 @@ async def create_context(
         await ctx.shutdown()
         raise
     dedup.install_all(ctx)
-    return LayeredContext(ctx, layer1, bound)
+    layered = LayeredContext(ctx, layer1, bound)
+    layered.plain_sockets = plain_sockets
+    return layered

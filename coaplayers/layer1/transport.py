@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import sys
 import time
@@ -34,6 +35,7 @@ from aiocoap.util import hostportjoin
 from .. import dtls
 from ..dtls import records
 from ..message import split_hostinfo
+from ..workers import WORKER_ENV
 from .credentials import ClientCredentials
 
 log = logging.getLogger("coaplayers.layer1")
@@ -380,6 +382,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             if family == socket.AF_INET6:
                 # "::" serves IPv4 too, as users expect from a wildcard address.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if os.environ.get(WORKER_ENV):
+                # One of several workers on this port (coaplayers.workers): the kernel spreads
+                # clients over them by address, so each DTLS session stays with one.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host or "::", port))
         except OSError as exc:
             sock.close()

@@ -31,6 +31,7 @@ from aiocoap.numbers.codes import FETCH, POST
 from aiocoap.transports.oscore import OSCOREAddress
 
 from .. import replica as replica_ids
+from .. import steering
 from ..layer0.eager import run_driving_pipe_eagerly
 from ..message import error_answer, error_to_message
 from .context import SecurityContext
@@ -68,6 +69,7 @@ class ContextStore:
         state_dir: str | os.PathLike[str] | None = None,
         ahead: int = DEFAULT_AHEAD,
         replica: int | None = None,
+        worker: tuple[int, int] | None = None,
     ) -> None:
         if max_contexts < 1:
             raise ValueError("max_contexts must be at least 1")
@@ -75,6 +77,8 @@ class ContextStore:
         self.server_id = server_id
         #: coap-server --replica: its number goes into every client ID (coaplayers.replica).
         self.replica = replica
+        #: coap-server --workers: (index, count); client IDs steer to this worker.
+        self.worker = worker
         self._contexts: OrderedDict[tuple[bytes, bytes | None], SecurityContext] = OrderedDict()
         #: Number of contexts evicted for room so far (for monitoring).
         self.evictions = 0
@@ -223,6 +227,8 @@ class ContextStore:
         """
         # With a replica number, 4 bits of the first byte are fixed: fewer IDs per length.
         fixed = 16 if self.replica is not None else 1
+        if self.worker is not None:
+            fixed *= self.worker[1]  # and the last byte's value modulo the worker count
         if length is None:
             length = 1
             while len(self._contexts) >= 256**length // fixed // 4 and length < 7:
@@ -236,6 +242,8 @@ class ContextStore:
             candidate = secrets.token_bytes(length)
             if self.replica is not None:
                 candidate = replica_ids.client_id(self.replica, candidate)
+            if self.worker is not None and not steering.client_id_for(candidate, *self.worker):
+                continue
             if candidate != self.server_id and (candidate, id_context) not in self._contexts:
                 return candidate
 

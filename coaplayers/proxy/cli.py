@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..config import cannot_listen
 from ..loglimit import LogLimits, install_log_limits
+from ..workers import Supervisor, WorkerFailed, parse_workers, self_command, worker_role
 from .accesslog import EXCHANGE_LINE_RATE, AccessLog
 from .config import (
     ConfigError,
@@ -110,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe every replica set member this often (default 1)")
     p.add_argument("--health-timeout", metavar="SECONDS", type=float,
                    help="a member silent this long is down until it answers again (default 3)")
+    p.add_argument("--workers", metavar="N|auto",
+                   help="processes sharing the listen ports, one scrape for all (default 1;"
+                   " auto: one per core)")
     p.add_argument("--hop-limit", metavar="N", type=int,
                    help="Hop-Limit inserted when a request has none (default 16)")
     p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
@@ -158,6 +166,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["metrics"] = parse_hostport(args.metrics, "--metrics")
     if args.rate_limit:
         changes["rate_limit"] = RateLimit.parse(args.rate_limit)
+    if args.workers is not None:
+        try:
+            changes["workers"] = parse_workers(args.workers)
+        except ValueError as exc:
+            raise ConfigError(f"--workers: {exc}") from exc
     for flag in (
         "log_file", "log_rate", "upstream_timeout", "ack_timeout", "downstream_ack_timeout",
         "max_in_flight", "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
@@ -204,9 +217,15 @@ def _announce(node: ProxyNode) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        if worker_role() is not None:
+            # One of a supervisor's workers: it serves the metrics of all of them.
+            config = replace(config, workers=1, metrics=None)
+        elif config.workers > 1:
+            return _supervise(config, argv)
         access_log = AccessLog(config.log_file,
                                exchange_rate=EXCHANGE_LINE_RATE if config.log_rate else 0.0)
     except ConfigError as exc:
@@ -237,6 +256,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.removeHandler(access_log.handler)
         access_log.close()
     return 0
+
+
+def _supervise(config: ProxyConfig, argv: list[str]) -> int:
+    """``--workers N``: N proxies on the same ports (coaplayers.workers), one scrape."""
+    from .metrics import MULTIPROC_ENV, MetricsServer, MultiProcessMetrics
+    from .transport import format_uri
+
+    folder = tempfile.mkdtemp(prefix="coap-proxy-metrics-")
+    metrics = MultiProcessMetrics(folder)
+    supervisor = Supervisor(
+        "coap-proxy", self_command("coaplayers.proxy.cli", argv), config.workers,
+        env={**os.environ, MULTIPROC_ENV: folder}, on_exit=metrics.process_gone)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        server = None
+        try:
+            try:
+                await supervisor.start()
+            except (WorkerFailed, TimeoutError) as exc:
+                print(f"coap-proxy: {exc or 'a worker did not start in time'}",
+                      file=sys.stderr, flush=True)
+                return 1
+            for uri in supervisor.bound:
+                print(f"listening {uri}")
+            if config.metrics is not None:
+                server = MetricsServer(metrics)
+                address = await server.start(*config.metrics)
+                print(f"metrics http://{format_uri('x', *address)[4:]}/metrics")
+            print("ready", flush=True)
+            return await supervisor.wait(stop)
+        finally:
+            await supervisor.stop()
+            if server is not None:
+                await server.close()
+
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        print(f"coap-proxy: cannot serve metrics: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ..workers import parse_workers
+
 DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "http": 80, "https": 443}
 
 
@@ -237,6 +239,9 @@ class ProxyConfig:
     health_timeout: float = 3.0
     # Clients observing the same unprotected resource share one upstream observation.
     aggregate_observations: bool = True
+    # Processes sharing the listen ports (coaplayers.workers); "auto" in TOML and on the
+    # command line means one per core.
+    workers: int = 1
     # The response cache (docs/PROXY.md, Caching): entries (0: off) and bytes it may hold.
     cache_entries: int = 1024
     cache_bytes: int = 1 << 20
@@ -271,6 +276,8 @@ class ProxyConfig:
             raise ConfigError("upstream_sockets must be between 1 and 1024")
         if not 0.05 <= self.health_interval <= 60 or not 0.1 <= self.health_timeout <= 600:
             raise ConfigError("health_interval must be 0.05..60 s and health_timeout 0.1..600 s")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers must be 1 to 64 (or auto)")
         if not 0 <= self.resolve_ttl <= 86400:
             raise ConfigError("resolve_ttl must be between 0 and 86400 seconds")
         if self.log_rate < 0:
@@ -345,6 +352,12 @@ def config_from_mapping(data: dict[str, Any], base: ProxyConfig | None = None) -
                            else _typed(f"routes.{k}", v, str))
                 for k, v in value.items()
             )
+        elif key == "workers":
+            try:
+                changes["workers"] = parse_workers(value if isinstance(value, str | int)
+                                                   and not isinstance(value, bool) else "")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         elif key == "metrics":
             changes["metrics"] = parse_hostport(_typed(key, value, str), "metrics")
         elif key == "rate_limit":

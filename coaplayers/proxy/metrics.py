@@ -1,189 +1,183 @@
-"""Counters in Prometheus text format on a small HTTP endpoint.
+"""The proxy's metrics, in Prometheus text format on a small HTTP endpoint.
 
-A registry of our own (a few dozen lines) instead of a new dependency: the proxy needs counters,
-gauges and one histogram, and Layer 1 registers its DTLS session and handshake counters in the
-same registry (``ProxyNode.metrics``) so that one scrape shows both layers.
+Built on ``prometheus_client`` so that several worker processes (``coap-proxy --workers N``)
+give one scrape: with ``PROMETHEUS_MULTIPROC_DIR`` set (the supervisor sets it for its
+workers), every process writes its values to files there and :class:`MultiProcessMetrics`
+sums them. Layer 1 registers its DTLS session and handshake counters in the same registry
+(``ProxyNode.metrics``), so one scrape shows both layers. The wrappers keep the small API the
+proxy uses (``inc(**labels)``, ``set``, ``observe``, gauges read from a function).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
-LabelValues = tuple[str, ...]
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
+# No "_created" sample per counter and histogram: the names stay as they were.
+prometheus_client.disable_created_metrics()
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _num(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+def multiprocess_dir() -> str | None:
+    """The folder of a multi-process scrape, when this process is one of its workers."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
-class Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help
+class _Wrapped:
+    def __init__(self, metric: Any, labelnames: Sequence[str]) -> None:
+        self.metric = metric
+        self.name = metric._name
         self.labelnames = tuple(labelnames)
 
-    def _key(self, labels: dict[str, str]) -> LabelValues:
-        names = self.labelnames
-        if len(labels) == len(names):
-            try:
-                return tuple([str(labels[n]) for n in names])
-            except KeyError:
-                pass
-        raise ValueError(f"{self.name}: labels must be {names}, got {sorted(labels)}")
+    def _child(self, labels: dict[str, str]) -> Any:
+        if not self.labelnames:
+            if labels:
+                raise ValueError(f"{self.name}: no labels, got {sorted(labels)}")
+            return self.metric
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name}: labels must be {self.labelnames}, got {sorted(labels)}")
+        return self.metric.labels(**{k: str(v) for k, v in labels.items()})
 
-    def samples(self) -> list[str]:
-        raise NotImplementedError
-
-    def render(self) -> str:
-        head = f"# HELP {self.name} {self.help}\n# TYPE {self.name} {self.kind}\n"
-        return head + "".join(s + "\n" for s in self.samples())
-
-
-class Counter(Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labelnames)
-        self.values: dict[LabelValues, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def get(self, **labels: str) -> float:
-        return self.values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        return [
-            f"{self.name}{_labels(self.labelnames, k)} {_num(v)}"
-            for k, v in sorted(self.values.items())
-        ]
-
-
-class Gauge(Metric):
-    kind = "gauge"
-
-    def __init__(
-        self, name: str, help: str, labelnames: Sequence[str] = (),
-        func: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        self.values: dict[LabelValues, float] = {}
-        self.func = func
-
-    def set(self, value: float, **labels: str) -> None:
-        self.values[self._key(labels)] = value
-
-    def samples(self) -> list[str]:
-        if self.func is not None:
-            return [f"{self.name} {_num(self.func())}"]
-        return [
-            f"{self.name}{_labels(self.labelnames, k)} {_num(v)}"
-            for k, v in sorted(self.values.items())
-        ]
-
-
-class Histogram(Metric):
-    kind = "histogram"
-
-    def __init__(
-        self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        self.buckets = (*sorted(buckets), math.inf)
-        # Per label set: how many observations fell in each bucket alone (not cumulative);
-        # the cumulative counts Prometheus wants are summed when rendering.
-        self.counts: dict[LabelValues, list[int]] = {}
-        self.sums: dict[LabelValues, float] = {}
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels) if labels or self.labelnames else ()
-        counts = self.counts.get(key)
-        if counts is None:
-            counts = self.counts[key] = [0] * len(self.buckets)
-        counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sums[key] = self.sums.get(key, 0.0) + value
-
-    def cumulative(self, **labels: str) -> list[int]:
-        """Observations <= each bucket bound (the ``_bucket`` samples), +Inf last."""
-        counts = self.counts.get(self._key(labels), [0] * len(self.buckets))
-        return list(itertools.accumulate(counts))
-
-    def samples(self) -> list[str]:
-        out = []
-        for key, alone in sorted(self.counts.items()):
-            counts = list(itertools.accumulate(alone))
-            for bound, c in zip(self.buckets, counts, strict=True):
-                le = f'le="{_num(bound)}"'
-                out.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {c}")
-            lab = _labels(self.labelnames, key)
-            out.append(f"{self.name}_sum{lab} {_num(self.sums[key])}")
-            out.append(f"{self.name}_count{lab} {counts[-1]}")
+    def _samples(self, suffix: str = "") -> dict[tuple[tuple[str, str], ...], float]:
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for family in self.metric.collect():
+            for sample in family.samples:
+                if sample.name == family.name + suffix or (
+                        not suffix and sample.name in (family.name, family.name + "_total")):
+                    out[tuple(sorted(sample.labels.items()))] = sample.value
         return out
 
 
+class Counter(_Wrapped):
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._child(labels).inc(amount)
+
+    def get(self, **labels: str) -> float:
+        return self._samples().get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+class Gauge(_Wrapped):
+    def __init__(self, metric: Any, labelnames: Sequence[str],
+                 func: Callable[[], float] | None) -> None:
+        super().__init__(metric, labelnames)
+        self.func = func
+
+    def set(self, value: float, **labels: str) -> None:
+        self._child(labels).set(value)
+
+    def refresh(self) -> None:
+        if self.func is not None:
+            self.metric.set(self.func())
+
+
+class Histogram(_Wrapped):
+    def __init__(self, metric: Any, buckets: Sequence[float]) -> None:
+        super().__init__(metric, ())
+        self.buckets = (*sorted(buckets), math.inf)
+
+    def observe(self, value: float, **labels: str) -> None:
+        self._child(labels).observe(value)
+
+    def cumulative(self) -> list[int]:
+        """Observations <= each bucket bound (the ``_bucket`` samples), +Inf last."""
+        counts: list[int] = []
+        for family in self.metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    counts.append(int(sample.value))
+        return counts
+
+
 class MetricsRegistry:
-    """Named metrics rendered together; registering a name twice returns the first metric."""
+    """Named metrics rendered together; registering a name twice returns the first metric.
+
+    In a worker of a multi-process proxy (``PROMETHEUS_MULTIPROC_DIR`` set), gauges read from
+    a function are written by :meth:`refresh` (the node calls it periodically), since the
+    scraping process cannot call into the workers.
+    """
 
     def __init__(self) -> None:
-        self._metrics: dict[str, Metric] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, Any] = {}
+        self.multiprocess = multiprocess_dir() is not None
 
-    def _add(self, metric: Metric) -> Metric:
-        existing = self._metrics.get(metric.name)
-        if existing is not None:
-            if type(existing) is not type(metric):
-                raise ValueError(f"metric {metric.name} already registered as {existing.kind}")
-            return existing
-        self._metrics[metric.name] = metric
-        return metric
+    def _get(self, name: str, kind: type) -> Any:
+        existing = self._metrics.get(name)
+        if existing is not None and not isinstance(existing, kind):
+            raise ValueError(f"metric {name} already registered as another kind")
+        return existing
 
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        m = self._add(Counter(name, help, labelnames))
-        assert isinstance(m, Counter)
+        m = self._get(name, Counter)
+        if m is None:
+            m = self._metrics[name] = Counter(prometheus_client.Counter(
+                name, help, labelnames, registry=self.registry), labelnames)
         return m
 
     def gauge(
         self, name: str, help: str, labelnames: Sequence[str] = (),
         func: Callable[[], float] | None = None,
     ) -> Gauge:
-        m = self._add(Gauge(name, help, labelnames, func))
-        assert isinstance(m, Gauge)
+        m = self._get(name, Gauge)
+        if m is None:
+            # Across workers: the sum of the live processes' values.
+            metric = prometheus_client.Gauge(name, help, labelnames, registry=self.registry,
+                                             multiprocess_mode="livesum")
+            if func is not None and not self.multiprocess:
+                metric.set_function(func)
+            m = self._metrics[name] = Gauge(metric, labelnames, func)
+            if self.multiprocess:
+                m.refresh()
         return m
 
     def histogram(
         self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
     ) -> Histogram:
-        m = self._add(Histogram(name, help, buckets, labelnames))
-        assert isinstance(m, Histogram)
+        m = self._get(name, Histogram)
+        if m is None:
+            m = self._metrics[name] = Histogram(prometheus_client.Histogram(
+                name, help, labelnames, registry=self.registry, buckets=buckets), buckets)
         return m
 
+    def refresh(self) -> None:
+        """Write the function-read gauges' values (multi-process workers)."""
+        for m in self._metrics.values():
+            if isinstance(m, Gauge):
+                m.refresh()
+
     def render(self) -> str:
-        return "".join(m.render() for m in self._metrics.values())
+        if self.multiprocess:
+            self.refresh()
+        return generate_latest(self.registry).decode()
+
+
+class MultiProcessMetrics:
+    """The scrape of a multi-process proxy: every worker's files in ``path``, summed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=path)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def process_gone(self, pid: int) -> None:
+        """A worker ended: its live gauges leave the sums."""
+        multiprocess.mark_process_dead(pid, self.path)
 
 
 class MetricsServer:
     """A minimal HTTP/1.0 responder for ``GET /metrics``; meant for a local port only."""
 
-    def __init__(self, registry: MetricsRegistry) -> None:
+    def __init__(self, registry: MetricsRegistry | MultiProcessMetrics) -> None:
         self.registry = registry
         self._server: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None

@@ -36,6 +36,7 @@ class ProxyNode:
         self.metrics_server: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.health: HealthMonitor | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -64,6 +65,8 @@ class ProxyNode:
                     break
             if self.site.router.sets:
                 await self._start_health(self.context)
+            if self.metrics.multiprocess:
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh())
             if self.config.metrics is not None:
                 self.metrics_server = MetricsServer(self.metrics)
                 self.metrics_address = await self.metrics_server.start(*self.config.metrics)
@@ -79,6 +82,12 @@ class ProxyNode:
             f"http://{format_uri('x', *self.metrics_address)[4:]}/metrics",
         )
         return self.bound_uris
+
+    async def _refresh(self) -> None:
+        """A worker of several writes its function-read gauges for the supervisor's scrape."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(0.5)
 
     async def _start_health(self, context: ProxyContext) -> None:
         """Probe the replica sets' members once (bounded) so routes work when we say ready,
@@ -114,6 +123,8 @@ class ProxyNode:
                               clean=finished)
         if self.health is not None:
             await self.health.stop()
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.context is not None:

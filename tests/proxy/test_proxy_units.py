@@ -189,10 +189,11 @@ def test_prometheus_text() -> None:
     assert h.cumulative() == [2, 3, 4]
     reg.gauge("g", "gauge", func=lambda: 7)
     text = reg.render()
-    assert 'x_total{kind="a\\"b"} 1' in text
-    assert 'lat_seconds_bucket{le="0.1"} 2' in text and 'lat_seconds_bucket{le="1"} 3' in text
-    assert 'lat_seconds_bucket{le="+Inf"} 4' in text and "lat_seconds_sum 3.15" in text
-    assert "lat_seconds_count 4" in text and "\ng 7\n" in text
+    assert 'x_total{kind="a\\"b"} 1.0' in text and "x_created" not in text
+    assert 'lat_seconds_bucket{le="0.1"} 2.0' in text and 'lat_seconds_bucket{le="1.0"} 3.0' in text
+    assert 'lat_seconds_bucket{le="+Inf"} 4.0' in text and "lat_seconds_sum 3.15" in text
+    assert "lat_seconds_count 4.0" in text and "\ng 7.0\n" in text
+    assert c.get(kind='a"b') == 1
 
 
 def test_layer1_raw_public_key_settings(tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""--workers 2 for coap-server and coap-proxy: Layer 0, OSCORE and plain clients, directly and
+through the proxy, all from one client socket where that is the hard case (through a proxy,
+every request may come from one address and port)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import psutil
+import pytest
+
+from coaplayers import dtls, layer1
+from coaplayers.e2e import OscoreModeRequester
+from coaplayers.layer0 import Layer0Channel
+from tests.proxy.conftest import http_get, metric
+
+from .conftest import Keys, client, start_proxy, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, keys: Keys) -> None:
+    server = start_server(
+        tmp_path, "--workers", "2", "--listen", "coap://127.0.0.1:0",
+        "--e2e-cert", str(keys / "server-e2e.pem"), "--e2e-key", str(keys / "server-e2e.key"),
+        "--e2e-ca", str(keys / "e2e-ca.pem"))
+    proxy = start_proxy(tmp_path, "--workers", "2", "--listen", "coap://127.0.0.1:0",
+                        "--no-forward", "--route", f"/={server.uri('coap')}",
+                        "--metrics", "127.0.0.1:0")
+    metrics_url = next(line.split()[1] for line in proxy.lines if line.startswith("metrics "))
+    server_workers = [c.pid for c in psutil.Process(server.proc.pid).children()]
+    proxy_workers = [c.pid for c in psutil.Process(proxy.proc.pid).children()]
+    assert len(server_workers) == 2 and len(proxy_workers) == 2
+    cpu_before = {pid: _cpu(pid) for pid in (*server_workers, *proxy_workers)}
+    ctx = await layer1.create_context()  # one socket for every client below
+    credentials = dtls.CertificateCredentials.from_files(
+        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+    origins = {"direct": server.uri("coap"), "proxy": proxy.uri("coap")}
+    channels = {k: [Layer0Channel(ctx.context, o, credentials) for _ in range(12)]
+                for k, o in origins.items()}
+    oscores = {k: [OscoreModeRequester(ctx, o, None, credentials) for _ in range(12)]
+               for k, o in origins.items()}
+
+    async def put(requester: Any, origin: str, text: bytes) -> None:
+        message = aiocoap.Message(code=aiocoap.PUT, uri=origin + "/echo", payload=text)
+        response = await asyncio.wait_for(requester.request(message).response, 30)
+        assert response.code == aiocoap.CHANGED and response.payload == text, response
+
+    try:
+        for n in range(3):
+            await asyncio.gather(*(
+                put(r, origins[k], f"{k}{n}-{i}".encode())
+                for k in origins for i, r in enumerate([*channels[k], *oscores[k]])))
+        for k in origins:
+            # Nobody handshook twice: every request reached the worker that holds its state.
+            assert [c.handshakes for c in channels[k]] == [1] * 12
+            assert [o.requester.keyings for o in oscores[k]] == [1] * 12
+            # And the state is spread over both workers (the name's and the kid's steering).
+            assert {ord(c.session_path[0][2]) % 2 for c in channels[k]} == {0, 1}
+            assert {o.requester.parameters.client_id[-1] % 2 for o in oscores[k]} == {0, 1}
+        # Plain clients, each its own process (and so its own source port).
+        plain = await asyncio.gather(*(client(origins[k] + "/hello")
+                                       for k in origins for _ in range(6)))
+        assert all(r.rc == 0 and r.stdout.startswith("Hello from coap-server") for r in plain)
+        # Every worker worked.
+        for pid, before in cpu_before.items():
+            assert _cpu(pid) > before, pid
+        # One scrape counts what both proxy workers did, as their exchange lines do.
+        assert proxy.log_file is not None
+        lines = [json.loads(x) for x in proxy.log_file.read_text().splitlines()]
+        exchanges = [x for x in lines if x.get("event") == "exchange"]
+        assert len([x for x in lines if x.get("event") == "start"]) == 2
+        for _ in range(20):  # the workers write their gauges every half second
+            text = await http_get(metrics_url)
+            if metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(exchanges):
+                break
+            await asyncio.sleep(0.1)
+        assert metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(exchanges)
+        assert metric(text, "coap_proxy_in_flight") == 0
+    finally:
+        for group in (*channels.values(), *oscores.values()):
+            for r in group:
+                await r.close()
+        await ctx.shutdown()
+        assert proxy.stop() == 0
+        assert server.stop() == 0
+    for pid in (*server_workers, *proxy_workers):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
