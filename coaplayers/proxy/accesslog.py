@@ -56,6 +56,8 @@ class AccessLog:
         self._tokens = exchange_rate
         self._refilled = time.monotonic()
         self._held = 0
+        # One of coap-proxy's workers: its index in every exchange line (after "ts").
+        self.tag = ""
         self.logger = logging.getLogger(f"coaplayers.proxy.access.{id(self):x}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -82,7 +84,8 @@ class AccessLog:
                 self.event("exchanges_held_back", count=held)
         # Same line as JsonLinesFormatter's: "ts" first, then the entry's fields in order.
         body = _dumps(entry)
-        line = '{"ts":' + repr(round(time.time(), 6)) + ("," + body[1:] if entry else "}") + "\n"
+        line = ('{"ts":' + repr(round(time.time(), 6)) + self.tag
+                + ("," + body[1:] if entry else "}") + "\n")
         handler = self.handler
         handler.acquire()
         try:

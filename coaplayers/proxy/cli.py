@@ -234,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"coap-proxy: cannot open log file: {exc}", file=sys.stderr)
         return 2
+    role = worker_role()
+    if role is not None:
+        access_log.tag = f',"worker":{role.index}'
     # aiocoap's own warnings go to the same JSON-lines destination.
     root = logging.getLogger()
     root.addHandler(access_log.handler)
