@@ -116,3 +116,27 @@ async def test_the_asgi_app_bounds_bodies_and_maps_what_it_cannot_serve() -> Non
     assert (await call("OPTIONS", "/echo", b"", []))[0] == 501
     assert (await call("POST", "/echo", b"x", [(b"content-type", b"image/x-odd")]))[0] == 415
     assert (await call("GET", "/nothing", b"", []))[0] == 404
+
+
+def test_the_documented_oscore_example_over_http() -> None:
+    """docs/PROTOCOL.md section 12: OSCORE-KEYING.md 9.5's request and answer on the HTTP hop."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "PROTOCOL.md").read_text()
+    request = Message.decode(bytes.fromhex(
+        "4102000101393139322e302e322e3142163324" "0900a1b2d411636f6170"
+        "ffc45eb91709fdea15fe3097cb04268c"))
+    sent = httpmap.coap_to_http_request(request, "http://192.0.2.1:8080/", httpmap.EtagMap())
+    assert sent.headers == (("oscore", "CQChsg"), ("content-type", "application/oscore"))
+    assert f"Content-Length: {len(sent.body)}\n\n{sent.body.hex()}\n" in doc
+    answer = Message.decode(bytes.fromhex("614400010190ff4c2233cc580f49881ff8e78b"))
+    status, headers, body = httpmap.coap_to_http_response(answer)
+    assert status == 200
+    assert headers == [(b"oscore", b""), (b"content-type", b"application/oscore"),
+                       (b"content-length", b"12")]
+    assert f"content-length: 12\n\n{body.hex()}\n" in doc
+    back = httpmap.http_to_coap_response(
+        Code.POST, status, [(k.decode(), v.decode()) for k, v in headers], body,
+        etags=httpmap.EtagMap(), upstream="http://192.0.2.1:8080")
+    assert back.code == Code.CHANGED and back.payload == answer.payload
+    assert back.opt.get_option(9)[0].value == b""
