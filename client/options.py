@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
-    p.add_argument("uri", nargs="?", help="coap:// or coaps:// URI of the resource")
+    p.add_argument("uri", nargs="?", help="coap:// or coaps:// URI of the resource (http:// or"
+                   " https:// through a CoAP-to-HTTP proxy, -P)")
     p.add_argument("--help", action="help", help="show this help and exit (also -h alone)")
     p.add_argument("--config", metavar="FILE.toml", help="configuration file (flags win)")
     p.add_argument("-m", dest="method", type=str.lower, choices=METHODS,

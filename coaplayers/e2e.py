@@ -165,7 +165,8 @@ def layer1_details(response: Any) -> dict[str, Any] | None:
     remote = getattr(response, "remote", None)
     peer = getattr(remote, "peer", None)
     if peer is None or getattr(peer, "session", None) is None:
-        return {"mode": "none (plain CoAP on the first hop)"}
+        hop = getattr(remote, "hostinfo", None) if remote is not None else None
+        return {"hop": hop, "mode": "none (plain CoAP on the first hop)"}
     kind = _kind(peer.session)
     return {
         "hop": getattr(remote, "hostinfo", None),

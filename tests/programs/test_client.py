@@ -238,13 +238,14 @@ def test_silent_layer0_server_is_exit_6_naming_the_hop() -> None:
 
 async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys: Keys) -> None:
     plain, coaps_hop, to_coaps = await asyncio.gather(
-        client("-P", proxy.uri("coap"), "-m", "post", "-e", "via proxy",
+        client("-P", proxy.uri("coap"), "-v", "-m", "post", "-e", "via proxy",
                app.uri("coap") + "/echo"),
         client("-P", proxy.uri("coaps"), "--credentials", str(keys / "client-hop.json"), "-v",
                app.uri("coap") + "/hello"),
         client("-P", proxy.uri("coap"), app.uri("coaps") + "/hello"),
     )
     assert plain.rc == 0 and plain.stdout == "via proxy\n"
+    assert f"layer 1: hop {proxy.uri('coap').removeprefix('coap://')}, mode none" in plain.stderr
     assert coaps_hop.rc == 0, coaps_hop.stderr
     # The server saw the proxy (plain hop 2); the first hop was Layer 1 PSK with the proxy.
     assert coaps_hop.stdout.startswith("Hello from coap-server (mode plain)")
