@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from coaplayers.proxy.config import ProxyConfig
 
 from .conftest import Keys, Running, app_server_args, client, run, start_proxy, start_server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 MARKER = "Hello from coap-server"
@@ -93,3 +98,33 @@ async def test_curl_talks_to_coap_server_over_http(figure2: tuple[Running, Runni
     odd = await run(curl, "-s", "-i", "-X", "POST", "--data-binary", "x",
                     "-H", "content-type: application/x-unknown", f"{base}/echo")
     assert odd.stdout.startswith("HTTP/1.1 415 Unsupported Media Type")
+
+
+async def test_deploy_md_web_application_serves_layer0_under_uvicorn(tmp_path: Path) -> None:
+    """docs/DEPLOY.md's Python snippet, run by the uvicorn command as the page gives it (port
+    0 instead of 8080), answers coap-client's Layer 0 request through coap-proxy."""
+    page = (ROOT / "docs" / "DEPLOY.md").read_text()
+    source = re.search(r"```python\n(.*?)```", page, re.S)
+    assert source is not None and "uvicorn figure2_app:app --port 8080" in page
+    (tmp_path / "figure2_app.py").write_text(source[1])
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    proc = await asyncio.create_subprocess_exec(
+        uvicorn, "figure2_app:app", "--port", "0", cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", *allow_local())
+    try:
+        assert proc.stderr is not None
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, "uvicorn ended"
+            if match := re.search(r"running on (http://\S+)", line):
+                url = match[1]
+        result = await client("-P", proxy.uri("coap"), "--e2e", "dtls",
+                              "--e2e-psk-identity", "dev1", "--e2e-psk", "secret-psk-0123",
+                              f"{url}/temperature")
+        assert result.rc == 0 and result.stdout.strip() == "21.5 C", result
+    finally:
+        proxy.stop()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
