@@ -23,7 +23,6 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from aiocoap import Message, error
 from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
@@ -59,6 +58,8 @@ class HttpUpstream:
     """The proxy's HTTP client: one pool of keep-alive connections for all origins."""
 
     def __init__(self, settings: HttpSettings, timeout: float) -> None:
+        import httpx  # on the first http:// request: coap-proxy starts without it
+
         self.settings = settings
         # https:// is checked against the system's CAs, or the operator's bundle; never off.
         context = ssl.create_default_context(cafile=settings.ca)
@@ -92,6 +93,8 @@ class HttpUpstream:
         ``connect_to``: an address already checked against the allow-list; the connection goes
         there while Host and the TLS server name stay the URL's host.
         """
+        import httpx
+
         url = httpx.URL(request.url)
         headers = list(request.headers)
         extensions: dict[str, Any] = {}
@@ -165,6 +168,8 @@ async def forward(
     started: float,
 ) -> None:
     """Relay one CoAP request to the HTTP origin of ``d`` and answer it (see module doc)."""
+    import httpx
+
     http = upstream_for(site)
     url = target_url(d.upstream.scheme, d.upstream.hostinfo, d.path, d.query)
     block2 = request.opt.block2
