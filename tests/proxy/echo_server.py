@@ -106,7 +106,10 @@ async def tick(site: Origin) -> None:
 
 async def main(host: str, port: int) -> None:
     site = Origin()
-    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port))
+    # UDP only: aiocoap's TCP and WebSocket servers would bind their default ports whatever
+    # ``port`` says, and fail when another program holds them.
+    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port),
+                                                      transports=["udp6"])
     sock = None
     for ri in ctx.request_interfaces:
         t = getattr(getattr(ri, "token_interface", None), "message_interface", None)
