@@ -48,7 +48,8 @@ fails, coap-client says so and exits {EXIT_TIMEOUT}.
 
 --config FILE.toml takes the long flag names as keys, and for short flags these names:
 method text file content-format accept output observe timeout proxy verbose identity
-psk-key (-k); "key" is --key. A flag on the command line wins over the file; Layer 1
+psk-key (-k) block non token option hop-limit address port no-uri-host newline repeat ping
+loss; "key" is --key. A flag on the command line wins over the file; Layer 1
 credentials given as flags replace all of the file's. End-to-end credentials from the file
 are used only when --e2e (flag or file) picks a mode.
 

@@ -26,8 +26,9 @@ def describe_message(message: aiocoap.Message) -> str:
     options = ", ".join(f"{option_name(o.number)}:{option_value(o)}"
                         for o in message.opt.option_list())
     mtype = getattr(message.mtype, "name", message.mtype)
-    return (f"v:1 t:{mtype} c:{message.code} i:{message.mid if message.mid is not None else '-'}"
-            f" {{{message.token.hex()}}} [ {options} ] :: {len(message.payload)} bytes")
+    mid = message.mid if message.mid is not None else "-"
+    return (f"v:1 t:{mtype} c:{message.code} i:{mid} {{{message.token.hex()}}}"
+            f" [ {options + ' ' if options else ''}] :: {len(message.payload)} bytes")
 
 
 def loss_filter(spec: str) -> Callable[[int], bool]:

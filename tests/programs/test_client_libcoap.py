@@ -122,6 +122,21 @@ async def test_request_flags_put_the_same_message_on_the_wire_as_libcoap(
     assert wire(us, "-T" in flags) == wire(lib, "-T" in flags)
 
 
+async def test_libcoap_flags_from_the_configuration_file(tmp_path: Path) -> None:
+    conf = tmp_path / "client.toml"
+    conf.write_text('non = true\ntoken = "ab"\noption = ["2048,0x01"]\nhop-limit = 3\n'
+                    'method = "put"\ntext = "x"\n')
+    async with capture() as (cap, port):
+        uri = f"coap://127.0.0.1:{port}/x"
+        from_file = await client("--config", str(conf), uri)
+        from_flags = await client("-N", "-T", "ab", "-O", "2048,0x01", "-H", "3", "-m", "put",
+                                  "-e", "x", uri)
+    assert from_file.rc == from_flags.rc == 0
+    (a, _), (b, _) = cap.requests
+    assert wire(a, True) == wire(b, True)
+    assert a.mtype == aiocoap.NON and a.token == b"ac" and a.opt.hop_limit == 3
+
+
 async def test_uri_host_by_default_and_never_with_U() -> None:
     async with capture() as (cap, port):
         uri = f"coap://localhost:{port}/x"
