@@ -38,6 +38,7 @@ from aiocoap.blockwise import Block2Cache, ContinueException, IncompleteExceptio
 from aiocoap.numbers.codes import Code
 
 from . import _aiocoap
+from .errors import RemoteError
 from .message import copy_request
 
 
@@ -64,7 +65,7 @@ class BlockwiseLimits:
             raise ValueError("the block-wise lifetime must be positive")
 
 
-class RequestTooLarge(error.ConstructionRenderableError):  # type: ignore[misc]
+class RequestTooLarge(error.ConstructionRenderableError, RemoteError):  # type: ignore[misc]
     """4.13 with Size1: the body a client sends (or announced) exceeds the resource's limit."""
 
     code = Code.REQUEST_ENTITY_TOO_LARGE
@@ -79,7 +80,7 @@ class RequestTooLarge(error.ConstructionRenderableError):  # type: ignore[misc]
         return message  # type: ignore[no-any-return]
 
 
-class BlockOutOfOrder(IncompleteException):  # type: ignore[misc]
+class BlockOutOfOrder(IncompleteException, RemoteError):  # type: ignore[misc]
     """4.08: a block that does not continue the body received so far."""
 
     message = "block out of order: send the body again from block 0"

@@ -36,6 +36,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.optiontypes import OpaqueOption
 
+from .errors import RemoteError
+
 Opt = OptionNumber
 
 ATLS_MEDIA_TYPE = "application/atls"
@@ -102,7 +104,7 @@ _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?", re.IGNO
 MAX_AGE_LIMIT = 2**32 - 1
 
 
-class MappingError(Exception):
+class MappingError(RemoteError):
     """A message that has no counterpart on the other side; ``code`` is the CoAP answer and
     ``status`` the HTTP one."""
 

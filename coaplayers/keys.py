@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import pki
 from .dtls import spki_fingerprint
+from .errors import LocalError
 
 
-class Refused(Exception):
+class Refused(LocalError):
     """The target holds keys already: overwriting them could lock out deployed devices."""
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from ..errors import CoaplayersError, LocalError, RemoteError
 
-class DtlsError(Exception):
+
+class DtlsError(CoaplayersError):
     """Base class of every DTLS engine error."""
 
 
-class ConfigurationError(DtlsError):
+class ConfigurationError(DtlsError, LocalError):
     """Local credentials or settings are unusable (missing key, unreadable file, bad PEM)."""
 
 
-class HandshakeTimeout(DtlsError):
+class HandshakeTimeout(DtlsError, RemoteError):
     """The handshake did not finish in time.
 
     With PSK this is how a wrong key looks on the wire: the peer cannot decrypt our Finished
@@ -19,11 +21,11 @@ class HandshakeTimeout(DtlsError):
     """
 
 
-class AuthenticationFailed(DtlsError):
+class AuthenticationFailed(DtlsError, RemoteError):
     """The peer was rejected, or rejected us (unknown identity, untrusted certificate, ...)."""
 
 
-class PeerAlert(DtlsError):
+class PeerAlert(DtlsError, RemoteError):
     """The peer ended the session with a fatal alert."""
 
     def __init__(self, description: int, message: str | None = None) -> None:
@@ -31,19 +33,19 @@ class PeerAlert(DtlsError):
         super().__init__(message or f"peer sent fatal alert {alert_name(description)}")
 
 
-class ProtocolViolation(DtlsError):
+class ProtocolViolation(DtlsError, RemoteError):
     """Received bytes are not valid DTLS (truncated record, bad length, ...)."""
 
 
-class SessionClosed(DtlsError):
+class SessionClosed(DtlsError, LocalError):
     """The operation needs an open session, and this one is closed."""
 
 
-class IdleTimeout(DtlsError):
+class IdleTimeout(DtlsError, RemoteError):
     """The session was quiet for longer than the configured idle timeout."""
 
 
-class NetworkUnreachable(DtlsError):
+class NetworkUnreachable(DtlsError, RemoteError):
     """The local network stack refused to send to the peer (no route, host unreachable)."""
 
 

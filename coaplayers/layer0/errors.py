@@ -4,20 +4,22 @@ again" (:class:`SessionLost`) from "somebody tampered" (:class:`RecordRejected`,
 
 from __future__ import annotations
 
+from ..errors import CoaplayersError, LocalError, RemoteError
 
-class Layer0Error(Exception):
+
+class Layer0Error(CoaplayersError):
     """Base class of every Layer 0 error."""
 
 
-class InnerMessageError(Layer0Error):
+class InnerMessageError(Layer0Error, RemoteError):
     """Bytes inside a record are not a valid inner message (docs/PROTOCOL.md, "Inner message")."""
 
 
-class HandshakeFailed(Layer0Error):
+class HandshakeFailed(Layer0Error, RemoteError):
     """The end-to-end DTLS handshake failed; ``__cause__`` holds the engine's error if any."""
 
 
-class SessionLost(Layer0Error):
+class SessionLost(Layer0Error, RemoteError):
     """The server does not know the session any more (4.04), e.g. after a restart or eviction.
 
     Raised for a request that was not resent automatically (non-idempotent methods, unless the
@@ -25,22 +27,22 @@ class SessionLost(Layer0Error):
     """
 
 
-class RecordRejected(Layer0Error):
+class RecordRejected(Layer0Error, RemoteError):
     """The server refused our record (4.01/4.00): it was altered in transit or replayed."""
 
 
-class ResponseRejected(Layer0Error):
+class ResponseRejected(Layer0Error, RemoteError):
     """The answer did not authenticate or did not belong to the request: altered in transit.
 
     The response is dropped; nothing unauthenticated is ever handed to the application.
     """
 
 
-class ServerBusy(Layer0Error):
+class ServerBusy(Layer0Error, RemoteError):
     """The server has no room for another handshake (5.03); retry later."""
 
 
-class OuterError(Layer0Error):
+class OuterError(Layer0Error, RemoteError):
     """The outer CoAP exchange failed (timeout, network error, or an unexpected answer)."""
 
 
@@ -49,5 +51,5 @@ class NoAnswer(OuterError):
     nothing listens there, or everything is lost (not a key problem)."""
 
 
-class ChannelClosed(Layer0Error):
+class ChannelClosed(Layer0Error, LocalError):
     """The channel was closed by the application."""

@@ -34,6 +34,7 @@ from aiocoap.util import hostportjoin
 
 from .. import dtls
 from ..dtls import records
+from ..errors import RemoteError
 from ..message import split_hostinfo
 from ..workers import WORKER_ENV
 from .credentials import ClientCredentials
@@ -104,7 +105,7 @@ def _errqueue_addresses(sock: socket.socket | None, limit: int = 64) -> list[tup
     return found
 
 
-class Layer1Error(error.NetworkError):
+class Layer1Error(error.NetworkError, RemoteError):
     """A Layer 1 failure surfaced to aiocoap requests; the message names the likely cause.
 
     A :class:`aiocoap.error.NetworkError`, so aiocoap passes it to the request unchanged;

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiocoap import error as _aiocoap_error
 
+from ..errors import CoaplayersError, LocalError, RemoteError
+
 if TYPE_CHECKING:
     from aiocoap import Message
 
 
-class OscoreError(_aiocoap_error.Error):
+class OscoreError(CoaplayersError, _aiocoap_error.Error):
     """Base class of every error raised by :mod:`coaplayers.oscore`.
 
     An aiocoap ``Error``, because these errors surface through aiocoap request objects
@@ -26,7 +28,7 @@ class OscoreError(_aiocoap_error.Error):
     """
 
 
-class ParameterError(OscoreError, ValueError):
+class ParameterError(OscoreError, RemoteError, ValueError):
     """The OSCORE parameters sent by the server inside the Layer 0 tunnel are malformed.
 
     Raised by the strict parser for any deviation from docs/OSCORE-KEYING.md (bad CBOR,
@@ -36,11 +38,11 @@ class ParameterError(OscoreError, ValueError):
     """
 
 
-class KeyingError(OscoreError, ValueError):
+class KeyingError(OscoreError, LocalError, ValueError):
     """The exporter output does not fit the parameters (wrong length, for example)."""
 
 
-class PersistenceError(OscoreError):
+class PersistenceError(OscoreError, LocalError):
     """A persisted context file is missing fields, corrupt, or not owner-only."""
 
 
@@ -91,21 +93,21 @@ class RehandshakeRequired(OscoreError):
         self.request_piv = request_piv
 
 
-class AlreadyProcessed(OscoreError):
+class AlreadyProcessed(OscoreError, RemoteError):
     """The request was refused with an unprotected "context not found" / "decryption
     failed", but the server says, authenticated by a new Layer 0 session, that its context
     is alive and has seen the request's Partial IV: the refusal was forged in transit and
     the request may have been processed. It is not sent again; the context stays in use."""
 
 
-class SequenceNumbersExhausted(RehandshakeRequired):
+class SequenceNumbersExhausted(RehandshakeRequired, LocalError):
     """The context's sender sequence numbers are used up (hard limit reached)."""
 
     def __init__(self, security_context: Any = None) -> None:
         super().__init__(RehandshakeReason.SEQUENCE_NUMBERS_EXHAUSTED, security_context)
 
 
-class UnprotectedRequestRefused(OscoreError):
+class UnprotectedRequestRefused(OscoreError, LocalError):
     """A request whose origin has an OSCORE context reached a plain transport (aiocoap did
     not hand it to the OSCORE transport): it was refused and never sent. A local error: the
     client's request interfaces are set up wrongly (or aiocoap chose differently than the
@@ -123,7 +125,7 @@ class UnprotectedRequestRefused(OscoreError):
         self.request = message
 
 
-class UnprotectedErrorResponse(OscoreError):
+class UnprotectedErrorResponse(OscoreError, RemoteError):
     """The server answered an OSCORE request with an unprotected message that is not one of
     the answers mapped to :class:`RehandshakeRequired` (e.g. 4.01 "Replay detected", a
     proxy's 5.04, or 4.02 from a proxy). ``response`` holds the message as received."""

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ..errors import LocalError
 from ..workers import parse_workers
 
 DEFAULT_PORTS = {"coap": 5683, "coaps": 5684, "http": 80, "https": 443}
 
 
-class ConfigError(ValueError):
+class ConfigError(LocalError, ValueError):
     """The configuration cannot work; the message names the offending setting."""
 
 

@@ -29,6 +29,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
 from ..blockwise import Block1Assembler, BlockOutOfOrder, BlockwiseLimits, RequestTooLarge
+from ..errors import RemoteError
 from ..httpmap import (
     EtagMap,
     HttpRequest,
@@ -50,7 +51,7 @@ DEFAULT_BLOCK_SZX = 6  # 1024-byte Block2 slices unless the client asks for smal
 HELD_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: a client that waited longer has given up
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(RemoteError):
     """An HTTP answer larger than ``HttpSettings.max_body``."""
 
 

@@ -18,6 +18,7 @@ from aiocoap import Message
 from aiocoap.numbers import OptionNumber, codes
 from aiocoap.numbers.codes import Code
 
+from ..errors import RemoteError
 from ..replica import balance_key, replica_of_request
 from .config import DEFAULT_PORTS, ProxyConfig, Route, Upstream
 
@@ -41,7 +42,7 @@ KNOWN_UNSAFE = frozenset(
 )
 
 
-class Refusal(Exception):
+class Refusal(RemoteError):
     """The proxy answers this request itself; ``kind`` labels the metric and the log line."""
 
     def __init__(self, code: Code, diagnostic: str, kind: str, max_age: int | None = None) -> None:
