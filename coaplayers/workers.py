@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .errors import LocalError
+
 WORKER_ENV = "COAPLAYERS_WORKER"
 MAX_WORKERS = 64
 
@@ -152,7 +154,7 @@ class Supervisor:
                 self.on_exit(p.pid)
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(LocalError, RuntimeError):
     """A worker could not start (its stderr, shared with ours, says why)."""
 
 
