@@ -158,6 +158,10 @@ class ClientConfig:
     pretty: bool | None = None
     """None: pretty-print only on a terminal."""
     exit_zero: bool = False
+    state_dir: str | None = None
+    """Where the OSCORE mode keeps its contexts between runs (None: the default folder)."""
+    keep: bool = True
+    """False with --no-keep: nothing is kept between runs."""
 
     @property
     def details(self) -> bool:
@@ -272,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                      " key rollover)")
     e2e.add_argument("--e2e-auth", choices=sorted(E2E_KINDS),
                      help="which end-to-end credentials to use when several are configured")
+    e2e.add_argument("--state-dir", metavar="DIR",
+                     help="owner-only folder where --e2e oscore keeps its contexts between runs"
+                     " (default $XDG_STATE_HOME/coaplayers/oscore, i.e."
+                     " ~/.local/state/coaplayers/oscore)")
+    e2e.add_argument("--no-keep", action="store_true",
+                     help="keep nothing between runs: every --e2e oscore run keys afresh")
     refused = p.add_argument_group("libcoap flags refused (one line says why)")
     for flag in REFUSED:
         if flag == "-h":
@@ -449,6 +459,8 @@ def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
         loss=args.loss,
         pretty=args.pretty,
         exit_zero=args.exit_zero,
+        state_dir=args.state_dir,
+        keep=not args.no_keep,
     )
 
 

@@ -124,7 +124,17 @@ async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any
 
     e2e = e2e_options(config, state)
     check_layers_apart(state.layer1_credentials, e2e)
-    return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri)
+    keep = None
+    if e2e is not None and e2e.mode == "oscore" and config.keep:
+        from coaplayers.dtls import ConfigurationError
+        from coaplayers.oscore.errors import PersistenceError
+        from coaplayers.oscore.kept import KeptContexts, default_folder
+
+        try:
+            keep = KeptContexts(config.state_dir or default_folder())
+        except PersistenceError as e:
+            raise ConfigurationError(f"--state-dir: {e} (or --no-keep)") from e
+    return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri, keep=keep)
 
 
 def build_request(config: ClientConfig) -> aiocoap.Message:

@@ -214,14 +214,18 @@ class OscoreModeRequester:
 
     def __init__(self, context: Any, target: str, proxy: str | None,
                  credentials: dtls.CertificateCredentials | dtls.RawPublicKeyCredentials
-                 | dtls.PskClientCredentials) -> None:
+                 | dtls.PskClientCredentials, keep: Any = None) -> None:
         self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
                      else "PSK" if isinstance(credentials, dtls.PskClientCredentials)
                      else "certificate")
         from .layer0 import Layer0Channel
+        from .oscore.client import origin_of
         from .oscore.mode import OscoreRequester
 
         origin = _origin(target)
+        # A context kept from an earlier run (``keep``: a coaplayers.oscore.kept.KeptContexts)
+        # makes the first request a single round trip.
+        slot = keep.slot(origin_of(origin), credentials) if keep is not None else None
         # Every keying is a full handshake on a new channel (docs/OSCORE-KEYING.md, section 1).
         # No shared TicketStore: each channel has its own SSL context, and OpenSSL refuses a
         # session from another context, so a second keying (re-keying) would raise.
@@ -229,7 +233,7 @@ class OscoreModeRequester:
             context.context, origin,
             lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy,
                                   exporter=True),
-            proxy=proxy,
+            proxy=proxy, kept=slot,
         )
 
     def request(self, message: Any) -> Any:
@@ -238,6 +242,14 @@ class OscoreModeRequester:
     def describe(self, response: Any) -> dict[str, Any]:
         hs = self.requester.last_handshake
         params = self.requester.parameters
+        if self.requester.restored:
+            sc = self.requester.security_context
+            return {"layer 0": {
+                "mode": "oscore (context kept from an earlier run)",
+                _identity_label("psk" if self.kind == "PSK" else self.kind):
+                    sc.peer if sc is not None else None,
+                "sender id": sc.sender_id.hex() if sc is not None else None,
+            }}
         return {
             "layer 0": {
                 "mode": f"oscore (keyed by a DTLS {self.kind} handshake)",
@@ -272,9 +284,13 @@ def _text(value: Any) -> Any:
 
 
 async def open_requester(
-    context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str
+    context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str,
+    keep: Any = None,
 ) -> Any:
-    """Something with ``request(message)`` and ``describe(response)`` for the chosen mode."""
+    """Something with ``request(message)`` and ``describe(response)`` for the chosen mode.
+
+    ``keep`` (a :class:`coaplayers.oscore.kept.KeptContexts`): the OSCORE mode keeps its
+    context there between runs."""
     if e2e is None:
         return PlainRequester(context, proxy)
     creds = e2e.chosen()
@@ -285,5 +301,5 @@ async def open_requester(
     if e2e.mode == "oscore":
         if creds is None:
             raise dtls.ConfigurationError("the OSCORE mode needs end-to-end credentials")
-        return OscoreModeRequester(context, target, proxy, creds)
+        return OscoreModeRequester(context, target, proxy, creds, keep=keep)
     raise dtls.ConfigurationError(f"unknown end-to-end mode {e2e.mode!r}")

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,9 @@ from coaplayers import pki
 # Programs the tests start inherit this: a crash in native code (tinydtls, OpenSSL, GnuTLS)
 # prints the Python stack to their stderr, which the program tests show when they fail.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# What programs keep between runs (coap-client's OSCORE contexts) goes to a folder of this test
+# session, never to the user's own state folder.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="coaplayers-tests-state-")
 
 
 _STARTED = pytest.StashKey[float]()
@@ -131,3 +135,7 @@ async def wait_udp_bound(host: str, port: int, timeout: float = 10.0) -> None:
 
 def argv(*parts: str | int) -> Sequence[str]:
     return [str(p) for p in parts]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(os.environ["XDG_STATE_HOME"], ignore_errors=True)

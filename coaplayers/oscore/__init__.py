@@ -10,6 +10,7 @@ The Layer 0 handshake runs once through the tunnel; after it, requests travel as
 * :mod:`.context` -- :class:`SecurityContext`: aiocoap's OSCORE with Class U outer options
   kept, sequence numbers that are never reused, a re-key threshold and a peer identity.
 * :mod:`.persistence` -- :class:`ContextFile`: contexts across restarts (RFC 8613 B.1).
+* :mod:`.kept` -- a client's contexts kept between runs, one locked file per server.
 * :mod:`.server` -- :class:`ContextStore` (bounded, LRU) and :class:`OscoreSite`.
 * :mod:`.client` -- :class:`OscoreClientTransport` / :func:`attach` for aiocoap clients.
 

@@ -32,6 +32,7 @@ from ..layer0.server import layer0_peer
 from ..message import copy_request, split_hostinfo
 from .client import ClientContexts, Routing, apply_routing, attach, origin_of
 from .errors import AlreadyProcessed, ParameterError, RehandshakeRequired
+from .kept import KeptSlot
 from .keying import EXPORTER_LABEL, Role, derive_context, exporter_length
 from .params import OscoreParameters
 from .server import ContextStore
@@ -139,7 +140,7 @@ class OscoreRequester:
 
     def __init__(self, context: aiocoap.Context, origin: str,
                  new_channel: Callable[[], Layer0Channel], *, proxy: str | None = None,
-                 rekey_threshold: int | None = None) -> None:
+                 rekey_threshold: int | None = None, kept: KeptSlot | None = None) -> None:
         self.rekey_threshold = rekey_threshold
         self._context = context
         self.origin = origin_of(origin)
@@ -154,6 +155,15 @@ class OscoreRequester:
         self.keyings = 0
         self.parameters: OscoreParameters | None = None
         self.last_handshake: Any = None
+        # A context kept from an earlier run (coaplayers.oscore.kept): the first request goes
+        # out protected at once; every keying replaces it.
+        self.kept = kept
+        self.restored = False
+        if kept is not None:
+            sc = kept.load(rekey_threshold=rekey_threshold)
+            if sc is not None:
+                self._contexts.set(self.origin, sc)
+                self.restored = True
 
     async def key(self) -> None:
         """Run a Layer 0 handshake now and install a fresh OSCORE context."""
@@ -209,7 +219,13 @@ class OscoreRequester:
         peer = self.last_handshake.peer_identity if self.last_handshake else None
         sc = derive_context(secret, params, Role.CLIENT, peer=peer,
                             rekey_threshold=self.rekey_threshold)
+        if self.kept is not None:
+            try:
+                self.kept.save(sc)  # attaches the file: numbers are reserved before use
+            except OSError as e:
+                log.warning("OSCORE context not kept: %s", e)
         self._contexts.set(self.origin, sc)
+        self.restored = False
         self.parameters = params
         self.keyings += 1
 
@@ -300,6 +316,8 @@ class OscoreRequester:
 
     async def close(self) -> None:
         self._contexts.remove(self.origin)
+        if self.kept is not None:
+            self.kept.release()
 
 
 #: The options a request through a forward proxy gets from its remote (aiocoap's

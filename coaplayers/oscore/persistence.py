@@ -82,7 +82,9 @@ class ContextFile:
     def load(self, **options: Any) -> SecurityContext:
         """Restore the context; it continues at the stored mark with an unknown replay window.
 
-        ``options`` go to the context (``rekey_threshold``, ``on_rekey_needed``...).
+        ``options`` go to the context (``rekey_threshold``, ``on_rekey_needed``...); a
+        client may pass ``replay_window_known=True`` (see :mod:`.kept` for why that is safe
+        on the client side only).
         """
         try:
             info = os.stat(self.path)
@@ -122,11 +124,11 @@ class ContextFile:
         self._record = {k: v for k, v in record.items() if k != "next_sequence_number"}
         self.stored_mark = mark
         options.setdefault("peer", peer)
+        options.setdefault("replay_window_known", False)
         try:
             return SecurityContext.from_derived_keys(
                 **fields,
                 sender_sequence_number=mark,
-                replay_window_known=False,
                 store=self,
                 **options,
             )

@@ -23,7 +23,7 @@ EXPECTED = {
     "l0psk": (3, 3),
     "l0cert": (4, 4),
     "l0rpk": (4, 4),
-    "oscore": (6, 6),
+    "oscore": (6, 1),
     "aio_oscore": (1, 1),
 }
 
