@@ -16,6 +16,8 @@ the client that the resource is not being observed (RFC 7641 section 3.1).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -172,6 +174,12 @@ async def forward(
     import httpx
 
     http = upstream_for(site)
+    if not _usable_host(d.upstream.host):
+        # Uri-Host is any string: "a.example/x?" or "user@b" would put another authority into
+        # the URL than the one routed and allowed.
+        site._fail(pipe, Code.BAD_REQUEST, "Uri-Host is not a host name or address",
+                   "bad_request", entry, started)
+        return
     url = target_url(d.upstream.scheme, d.upstream.hostinfo, d.path, d.query)
     block2 = request.opt.block2
     # A Block2 continuation repeats method and URI, not the body (RFC 7959 section 2.4).
@@ -271,6 +279,19 @@ async def _checked_address(site: ProxySite, d: Decision) -> str | None:
         if allow.address_allowed(ip, port):
             return ip
     return None
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def _usable_host(host: str) -> bool:
+    """A DNS name or an IP address literal, nothing that could change the URL's authority."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return bool(_HOST_NAME.match(host))
+    return True
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> bool:

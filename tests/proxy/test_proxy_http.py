@@ -194,6 +194,20 @@ async def test_what_http_cannot_carry_is_refused(
     assert observed.code == Code.CONTENT and observed.opt.observe is None
 
 
+async def test_a_uri_host_that_would_change_the_url_is_refused(
+        web: str, proxy: Running, ctx: aiocoap.Context) -> None:
+    port = int(web.rsplit(":", 1)[1])
+    for host in ("127.0.0.1/etag?", "user@127.0.0.1", "127.0.0.1:80#"):
+        msg = Message(code=Code.GET, uri=f"coap://{proxy.hostport}", uri_path=["etag"])
+        msg.opt.proxy_scheme = "http"
+        msg.opt.uri_host = host
+        msg.opt.uri_port = port
+        answer = await ask(ctx, msg)
+        assert answer.code == Code.BAD_REQUEST, (host, answer)
+    last = json.loads((await ask(ctx, via(proxy, f"{web}/last"))).payload)
+    assert last == {}  # none of them reached the origin
+
+
 async def test_upstream_failures(web: str, proxy: Running, ctx: aiocoap.Context) -> None:
     slow = await ask(ctx, via(proxy, f"{web}/slow"))
     assert slow.code == Code.GATEWAY_TIMEOUT
