@@ -16,6 +16,7 @@ from coaplayers.dtls import (
     TinyDtlsListener,
 )
 from coaplayers.dtls.openssl import build_psk_context
+from tests.conftest import UdpCollector
 
 from .conftest import PSK_IDENTITY, PSK_KEY
 from .harness import CLIENT, SERVER, Network
@@ -57,19 +58,6 @@ def test_wrong_psk_does_not_establish() -> None:
 # -- against libcoap's servers over real UDP ---------------------------------------------------
 
 
-class Receiver(asyncio.DatagramProtocol):
-    """Queues what the socket receives."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.queue.put_nowait(data)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP port unreachable while the server is still starting
-
-
 async def _get_over_udp(session: OpenSslPskClientSession, port: int, timeout: float) -> bytes:
     """Drive ``session`` over a UDP socket to 127.0.0.1:port, send one CoAP GET / inside it
     and return the first application data that comes back."""
@@ -77,7 +65,7 @@ async def _get_over_udp(session: OpenSslPskClientSession, port: int, timeout: fl
 
     loop = asyncio.get_running_loop()
     transport, receiver = await loop.create_datagram_endpoint(
-        Receiver, remote_addr=("127.0.0.1", port))
+        UdpCollector, remote_addr=("127.0.0.1", port))
     deadline = loop.time() + timeout
 
     def flush() -> None:

@@ -13,21 +13,22 @@ import os
 from typing import Any
 
 import pytest
-from OpenSSL import SSL
 
 from coaplayers.dtls import (
     ConnectionClosed,
     DtlsConfig,
     DtlsError,
     OpenSslListener,
+    OpenSslPskClientSession,
     OpenSslPskListener,
     OpenSslSession,
+    PskClientCredentials,
     PskStore,
     State,
     build_context,
     records,
 )
-from coaplayers.dtls.openssl import PSK_CIPHERS
+from coaplayers.dtls.openssl import PSK_CIPHERS, build_psk_context
 from coaplayers.dtls.recordlayer import RecordLayer
 
 from .conftest import PSK_IDENTITY, PSK_KEY, Pki
@@ -65,34 +66,9 @@ class _PskListener(_Keeping, OpenSslPskListener):
     pass
 
 
-_lib = SSL._lib  # type: ignore[attr-defined]
-_ffi = SSL._ffi  # type: ignore[attr-defined]
-
-
-@_ffi.callback("unsigned int(SSL *, const char *, char *, unsigned int, unsigned char *,"
-               " unsigned int)")
-def _psk_client_callback(_ssl, _hint, identity, _max_id, psk, _max_psk):  # type: ignore[no-untyped-def]
-    _ffi.memmove(identity, PSK_IDENTITY + b"\0", len(PSK_IDENTITY) + 1)
-    _ffi.memmove(psk, PSK_KEY, len(PSK_KEY))
-    return len(PSK_KEY)
-
-
-class _OpenSslPskClient(OpenSslSession):
-    """The client side of a PSK handshake on OpenSSL (the library's PSK clients run on
-    tinydtls): OpenSSL's record layer for TLS_PSK_WITH_AES_128_CCM_8, here to test ours."""
-
-    def _verify_peer(self, conn: SSL.Connection) -> bytes | str | None:
-        return None
-
-
 def _psk_network(keep: str | None, **kw: Any) -> Network:
-    ctx = SSL.Context(SSL.DTLS_METHOD)
-    ctx.set_cipher_list(PSK_CIPHERS.encode())
-    ctx.set_options(SSL.OP_NO_TICKET)
-    _lib.SSL_CTX_set_psk_client_callback(ctx._context, _psk_client_callback)
-    conn = SSL.Connection(ctx, None)
-    conn.set_connect_state()
-    client = _OpenSslPskClient(conn, None, is_client=True, config=None)
+    client = OpenSslPskClientSession.psk_client(  # OpenSSL's record layer, to test ours
+        build_psk_context(PSK_CIPHERS, server=False), PskClientCredentials(PSK_IDENTITY, PSK_KEY))
     if keep == CLIENT:
         _keep_openssl(client)
     listener = _PskListener(PskStore({PSK_IDENTITY: PSK_KEY}), DtlsConfig())

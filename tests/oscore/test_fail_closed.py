@@ -21,8 +21,9 @@ from aiocoap.numbers.codes import GET, POST
 from coaplayers.layer1 import create_context
 from coaplayers.oscore import ClientContexts, OscoreClientTransport, attach
 from coaplayers.oscore.errors import UnprotectedRequestRefused
+from tests.conftest import UdpCollector
 
-from .support import _Collector, static_pair
+from .support import static_pair
 
 TIMEOUT = 10.0
 
@@ -31,7 +32,7 @@ TIMEOUT = 10.0
 async def capture() -> AsyncIterator[tuple[int, asyncio.Queue[bytes]]]:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        _Collector, local_addr=("127.0.0.1", 0))
+        UdpCollector, local_addr=("127.0.0.1", 0))
     try:
         yield transport.get_extra_info("sockname")[1], proto.queue
     finally:
