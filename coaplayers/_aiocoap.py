@@ -20,7 +20,7 @@ What is here, each with why and the upstream change that would retire it:
 * the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
   :func:`wrap_sending`, :func:`message_manager_of`;
 * the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
-* credentials: :func:`credentials_entry_base`, :func:`credentials_class_map`;
+* credentials: :func:`credentials_entry_base`, :func:`credentials_map_base`;
 * copies of aiocoap functions, changed (:func:`error_to_message`, :func:`error_answer`);
 * process-wide patches: :func:`install_pipe_fix`, :func:`remember_local_multicast`.
 """
@@ -404,12 +404,13 @@ def credentials_entry_base() -> type:
     return credentials._Objectish  # type: ignore[no-any-return]
 
 
-def credentials_class_map(**extra: Callable[[], type]) -> dict[str, Callable[[], type]]:
-    """aiocoap's map of credential entry kinds, plus ``extra`` (JSON key -> class factory);
-    set it as a ``CredentialsMap`` subclass's ``_class_map``."""
+def credentials_map_base(**extra: Callable[[], type]) -> type:
+    """A base for a ``CredentialsMap`` whose JSON loader knows the entry kinds ``extra``
+    (JSON key -> class factory) besides aiocoap's own."""
     from aiocoap import credentials
 
-    return {**credentials.CredentialsMap._class_map, **extra}
+    kinds = {**credentials.CredentialsMap._class_map, **extra}
+    return type("CredentialsMapWithKinds", (credentials.CredentialsMap,), {"_class_map": kinds})
 
 
 # ------------------------------------------------------------------- process-wide patches

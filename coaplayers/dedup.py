@@ -45,7 +45,7 @@ class CompactDuplicates:
         return len(self._entries)
 
     def deduplicate(self, message: Message) -> bool:
-        """aiocoap's ``_deduplicate_message``: True (and the stored answer sent again) for a
+        """aiocoap's duplicate check: True (and the stored answer sent again) for a
         request seen within its exchange lifetime."""
         peer = self._peers.get(message.remote)
         entry = self._entries.get((peer[0], message.mid)) if peer is not None else None
@@ -73,7 +73,7 @@ class CompactDuplicates:
         return False
 
     def store(self, message: Message) -> None:
-        """aiocoap's ``_store_response_for_duplicates``: keep the answer to a remembered
+        """aiocoap's response store for duplicates: keep the answer to a remembered
         request (a piggybacked response, an empty ACK or a RST: same message ID).
 
         The transport encodes the same message right after this; encoding it here too

@@ -59,7 +59,7 @@ def request_through(context: aiocoap.Context, interface: Any,
 def _unlink(request: Request, response: Any) -> None:
     """Break aiocoap's ``Request`` reference cycle once a one-answer request is answered.
 
-    The request keeps ``_stop_interest`` (a partial of its pipe holding the event callback,
+    The request keeps a partial of its pipe holding the event callback,
     a closure over the request) for cancelling before the answer; afterwards it is unused,
     but the cycle keeps the request, its pipe and both messages alive until the garbage
     collector finds them: ~25 objects per exchange, which made gen-0 collections promote

@@ -134,11 +134,9 @@ class DtlsRpk(_aiocoap.credentials_entry_base()):  # type: ignore[misc]
         return self._loaded
 
 
-class ClientCredentials(aiocoap_credentials.CredentialsMap):
+class ClientCredentials(_aiocoap.credentials_map_base(  # type: ignore[misc]
+        **{"dtls-cert": lambda: DtlsCert, "dtls-rpk": lambda: DtlsRpk})):
     """aiocoap's credentials map that also understands ``dtls-cert`` and ``dtls-rpk`` entries."""
-
-    _class_map = _aiocoap.credentials_class_map(  # the entry kinds aiocoap knows, and ours
-        **{"dtls-cert": lambda: DtlsCert, "dtls-rpk": lambda: DtlsRpk})
 
     def __init__(self, base: str | os.PathLike[str] = ".") -> None:
         super().__init__()
