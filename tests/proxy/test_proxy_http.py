@@ -116,6 +116,10 @@ async def test_libcoap_client_reads_files_from_python_http_server(
     rc, stdout, _ = await run_program(client, "-v", "6", "-m", "get", "-P",
                                       f"coap://{proxy.hostport}", f"{base}/missing")
     assert b"c:4.04" in stdout
+    # curl, an HTTP client, reads from the same server what came through the proxy.
+    curl = need_program("curl")
+    rc, direct, _ = await run_program(curl, "-s", "--fail", f"{base}/big.bin")
+    assert rc == 0 and direct == big
     lines = [e for e in proxy.log_lines() if e.get("event") == "exchange"]
     assert any(e["upstream"] == f"{base}/big.bin" and e["code"] == "2.05" for e in lines)
 
