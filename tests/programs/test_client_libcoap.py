@@ -111,7 +111,7 @@ async def both(argv: list[str], uri: str, **kw: object) -> tuple[object, object]
     ["-m", "post", "-e", "-v"],  # getopt: "-v" is -e's value
 ])
 async def test_request_flags_put_the_same_message_on_the_wire_as_libcoap(
-    flags: list[str],
+    flags: list[str], libcoap_server: str, app: Running,
 ) -> None:
     async with capture() as (cap, port):
         uri = f"coap://127.0.0.1:{port}/a/b?q=1"
@@ -120,6 +120,10 @@ async def test_request_flags_put_the_same_message_on_the_wire_as_libcoap(
     assert len(cap.requests) == 2, cap.requests
     (lib, _), (us, _) = cap.requests
     assert wire(us, "-T" in flags) == wire(lib, "-T" in flags)
+    # And against real servers, libcoap's and ours: the same output from both clients.
+    for target in (libcoap_server + "/", app.uri("coap") + "/echo"):
+        theirs, ours = await both(["-B", "5", *flags], target)
+        assert ours.out == theirs.out, (target, theirs, ours)  # type: ignore[attr-defined]
 
 
 async def test_libcoap_flags_from_the_configuration_file(tmp_path: Path) -> None:
