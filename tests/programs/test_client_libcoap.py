@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from coaplayers.programs.server.resources import Firmware
 
 from tests.conftest import free_udp_port, need_program, wait_udp_bound
 
-from .conftest import CLIENT, PSK_TEXT, Keys, Running, client, run
+from .conftest import CLIENT, PSK_TEXT, Keys, Result, Running, client, run
 
 pytestmark = pytest.mark.interop
 
@@ -31,7 +31,7 @@ def libcoap_client() -> str:
 
 
 @pytest.fixture(scope="module")
-def libcoap_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def libcoap_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """libcoap's coap-server-notls on an ephemeral port (its resources: /, /time, ...)."""
     import subprocess
 
@@ -94,10 +94,10 @@ def wire(msg: aiocoap.Message, token: bool) -> tuple[object, ...]:
     return (msg.mtype, msg.code, msg.token if token else None, options, msg.payload)
 
 
-async def both(argv: list[str], uri: str, **kw: object) -> tuple[object, object]:
+async def both(argv: list[str], uri: str) -> tuple[Result, Result]:
     """libcoap's client and ours with the same flags, one after the other."""
     theirs = await run(libcoap_client(), *argv, uri, timeout=30)
-    ours = await client(*argv, uri, **kw)  # type: ignore[arg-type]
+    ours = await client(*argv, uri)
     return theirs, ours
 
 
@@ -116,14 +116,14 @@ async def test_request_flags_put_the_same_message_on_the_wire_as_libcoap(
     async with capture() as (cap, port):
         uri = f"coap://127.0.0.1:{port}/a/b?q=1"
         theirs, ours = await both(flags, uri)
-        assert theirs.rc == 0 and ours.rc == 0, (theirs, ours)  # type: ignore[attr-defined]
+        assert theirs.rc == 0 and ours.rc == 0, (theirs, ours)
     assert len(cap.requests) == 2, cap.requests
     (lib, _), (us, _) = cap.requests
     assert wire(us, "-T" in flags) == wire(lib, "-T" in flags)
     # And against real servers, libcoap's and ours: the same output from both clients.
     for target in (libcoap_server + "/", app.uri("coap") + "/echo"):
         theirs, ours = await both(["-B", "5", *flags], target)
-        assert ours.out == theirs.out, (target, theirs, ours)  # type: ignore[attr-defined]
+        assert ours.out == theirs.out, (target, theirs, ours)
 
 
 async def test_libcoap_flags_from_the_configuration_file(tmp_path: Path) -> None:
@@ -180,9 +180,9 @@ async def test_keepalive_interval_registers_a_silent_observation_again(app: Runn
 async def test_repeat_count() -> None:
     async with capture() as (cap, port):
         theirs, ours = await both(["-G", "2"], f"coap://127.0.0.1:{port}/x")
-    assert theirs.rc == ours.rc == 0  # type: ignore[attr-defined]
+    assert theirs.rc == ours.rc == 0
     assert len(cap.requests) == 4
-    assert ours.out == theirs.out == b"okok\n"  # type: ignore[attr-defined]
+    assert ours.out == theirs.out == b"okok\n"
 
 
 async def test_loss_list_drops_the_first_datagram_and_the_retransmission_gets_through(
@@ -206,8 +206,8 @@ async def test_output_is_byte_for_byte_libcoaps(libcoap_server: str, app: Runnin
     for uri in (libcoap_server + "/", app.uri("coap") + "/hello"):
         for flags in ([], ["-o", "-"], ["-w"], ["-w", "-o", "-"]):
             theirs, ours = await both(flags, uri)
-            assert theirs.rc == ours.rc == 0  # type: ignore[attr-defined]
-            assert ours.out == theirs.out, (uri, flags)  # type: ignore[attr-defined]
+            assert theirs.rc == ours.rc == 0
+            assert ours.out == theirs.out, (uri, flags)
         f_theirs, f_ours = tmp_path / "theirs", tmp_path / "ours"
         await run(libcoap_client(), "-o", str(f_theirs), uri)
         r = await client("-o", str(f_ours), uri)
@@ -215,7 +215,7 @@ async def test_output_is_byte_for_byte_libcoaps(libcoap_server: str, app: Runnin
     # An answer without payload: nothing at all, with or without -w.
     for flags in ([], ["-w"]):
         theirs, ours = await both(["-m", "post", *flags], app.uri("coap") + "/echo")
-        assert ours.rc == 0 and ours.out == theirs.out == b""  # type: ignore[attr-defined]
+        assert ours.rc == 0 and ours.out == theirs.out == b""
     fw = await client("-o", "-", app.uri("coap") + "/firmware")
     assert fw.rc == 0 and fw.out == IMAGE
 
@@ -247,7 +247,7 @@ async def test_missing_payload_file_and_closed_stdout(app: Running) -> None:
     assert proc.stdout is not None and proc.stderr is not None
     assert len(await asyncio.wait_for(proc.stdout.read(1), 30)) == 1
     proc.stdout.feed_eof()
-    transport = proc._transport  # type: ignore[attr-defined]
+    transport = proc._transport
     transport.get_pipe_transport(1).close()
     err = await asyncio.wait_for(proc.stderr.read(), 30)
     await asyncio.wait_for(proc.wait(), 10)
@@ -317,7 +317,7 @@ async def test_block_size_for_downloads_and_uploads(app: Running, libcoap_server
                                                     tmp_path: Path) -> None:
     fw = app.uri("coap") + "/firmware"
     theirs, ours = await both(["-b", "64", "-o", "-"], fw)
-    assert theirs.out == ours.out == IMAGE  # type: ignore[attr-defined]
+    assert theirs.out == ours.out == IMAGE
     dumped = await client("-b", "64", "-v", "7", "-o", "/dev/null", fw)
     asked = re.findall(r"sent \S+ v:1 t:CON c:GET .*Block2:(\d+)/0/(\d+)", dumped.stderr)
     assert len(asked) == 1024 and {size for _, size in asked} == {"64"}
@@ -329,10 +329,10 @@ async def test_block_size_for_downloads_and_uploads(app: Running, libcoap_server
     sizes = re.findall(r"sent \S+ v:1 t:CON c:PUT .*Block1:\d+/[01]/(\d+)", up.stderr)
     assert len(sizes) == 16 and set(sizes) == {"32"}
     back_theirs, back_ours = await both(["-o", "-"], store)
-    assert back_theirs.out == back_ours.out == data  # type: ignore[attr-defined]
+    assert back_theirs.out == back_ours.out == data
     # NUM,SIZE: that one block, as libcoap's client gives it.
     from_2_theirs, from_2_ours = await both(["-b", "2,64", "-o", "-"], store)
-    assert from_2_ours.out == from_2_theirs.out == data[128:192]  # type: ignore[attr-defined]
+    assert from_2_ours.out == from_2_theirs.out == data[128:192]
     bad = await client("-b", "100", fw)
     assert bad.rc == 2 and "-b 100" in bad.one_line_error()
 
