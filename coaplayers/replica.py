@@ -103,8 +103,9 @@ def balance_key(request: object, client: str) -> str:
     """What a request that names no replica is hashed on: a Layer 0 first flight's
     ClientHello random (clients behind one proxy or NAT share an address), else the
     client's address (a plain block-wise transfer stays on one replica)."""
-    if tuple(request.opt.uri_path) == _ENTRY_PATH:  # type: ignore[attr-defined]
-        random = client_hello_random(bytes(request.payload))  # type: ignore[attr-defined]
+    payload = request.payload  # type: ignore[attr-defined]
+    if payload[:1] == b"\x16" and tuple(request.opt.uri_path) == _ENTRY_PATH:  # type: ignore[attr-defined]
+        random = client_hello_random(bytes(payload))
         if random is not None:
             return random.hex()
     return client
@@ -114,11 +115,11 @@ def replica_of_request(options: object) -> int | None:
     """The replica that holds a request's state, from its outer options (an aiocoap
     ``Options``): the OSCORE kid, else a one-segment session path. None: any replica will do
     (a new handshake or a plain request)."""
-    for o in options.option_list():  # type: ignore[attr-defined]
-        if o.number == _OSCORE_OPTION:
-            kid = kid_of_option(bytes(o.value))
-            return None if kid is None else replica_of_kid(kid)
-    path = options.uri_path  # type: ignore[attr-defined]
+    oscore = options.get_option(_OSCORE_OPTION)  # type: ignore[attr-defined]
+    if oscore:
+        kid = kid_of_option(bytes(oscore[0].value))
+        return None if kid is None else replica_of_kid(kid)
+    path = options.get_option(_URI_PATH)  # type: ignore[attr-defined]
     if len(path) == 1:
-        return replica_of_session(path[0])
+        return replica_of_session(path[0].value)
     return None

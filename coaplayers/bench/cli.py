@@ -49,6 +49,7 @@ examples:
   coap-bench --startup                                # start-up times alone (seconds)
   coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
   coap-bench --rtt                                    # round trips to the first answer alone
+  coap-bench --scaling --json scaling.json            # workers, router, libcoap's proxy
 
 modes: """ + ", ".join(MODES) + """
 The PNG needs matplotlib: pip install -e '.[bench]'. Exit status 0 when the run completed
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the cloud-proxy topology: Layer 0 and OSCORE through coap-proxy"
                    " as a CoAP-to-HTTP cross-proxy, against plain CoAP-to-HTTP, with the HTTP"
                    " hop's bytes per request")
+    p.add_argument("--scaling", action="store_true",
+                   help="only the scaling section: CPU per request per role with 1 and 2"
+                   " workers, the router's cost, libcoap's proxy and aiocoap-proxy as baselines")
     p.add_argument("--startup", action="store_true",
                    help="only the start-up figures: --help and a first GET in fresh processes,"
                    " with libcoap's and aiocoap's clients beside ours")
@@ -317,6 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="coap-bench-"))
         cleanup = True
+    if args.scaling:
+        from . import scaling
+
+        try:
+            results = {"scaling": asyncio.run(scaling.run(workdir, quick=args.quick,
+                                                          clients=args.clients))}
+        except Exception as exc:  # one line, the details are in the logs
+            print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
+                  file=sys.stderr)
+            return 1
+        finally:
+            if cleanup:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print(scaling.render(results["scaling"]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        return 0
     if args.http:
         from . import http
 

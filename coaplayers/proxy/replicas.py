@@ -82,6 +82,8 @@ class ReplicaSet:
                 self.names.append(up)
         self._by_replica: dict[int, Member] = {}
         self._healthy: list[int] = []
+        # Recent choices by hash key (a client's address): valid until the healthy set changes.
+        self._picks: dict[str, Member] = {}
         # (set, member, "up" or "down", reason): the monitor logs and counts transitions.
         self.changed: Callable[[ReplicaSet, Member, str, str], None] | None = None
 
@@ -148,6 +150,7 @@ class ReplicaSet:
                 by_replica[m.replica] = m
         self._by_replica = by_replica
         self._healthy = sorted(by_replica)
+        self._picks = {}
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -162,10 +165,17 @@ class ReplicaSet:
             member = self._by_replica.get(replica)
             if member is not None:
                 return member
+        member = self._picks.get(client)
+        if member is not None:
+            return member
         if not self._healthy:
             return None
         best = max(self._healthy, key=lambda r: _weight(client, r))
-        return self._by_replica[best]
+        member = self._by_replica[best]
+        if len(self._picks) >= 4096:  # keys come from the network: bounded
+            self._picks.clear()
+        self._picks[client] = member
+        return member
 
 
 def parse_probe_answer(response: Message) -> int | None:

@@ -1,0 +1,260 @@
+"""``coap-bench --scaling``: what a request costs each role, with 1 and 2 workers per role, and
+next to libcoap's proxy (C) and aiocoap-proxy with the same client and server.
+
+Configurations, each measured with 1 and ``clients`` closed-loop clients (each on a socket of
+its own, 40-byte POST /echo through the proxy, forward proxying with Proxy-Scheme as aiocoap
+sends it):
+
+- ``coap-proxy x1 / coap-server x1`` and ``x2 / x2`` (``--workers``);
+- ``coap-proxy replica set``: a reverse route to a replica set of two coap-server (one worker
+  each) against ``coap-proxy reverse``, the same route to one of them: the difference in the
+  proxy's CPU per request is the router's cost;
+- ``libcoap proxy`` (``coap-server-notls -P``) and ``aiocoap-proxy`` in front of one
+  coap-server.
+
+On a machine with few cores the client competes for CPU with the roles, so wall rates mostly
+show the client; CPU per request per role (from /proc, every worker and the supervisor
+counted) does not, and predicts each role's capacity per core (1 s / CPU per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+from aiocoap.message import UndecidedRemote
+from aiocoap.numbers.codes import Code
+
+from .load import run_load
+from .procs import Processes, coap_ping, free_udp_port, program
+
+PAYLOAD = b"x" * 40
+
+
+class _Client:
+    """One socket, one request at a time, through a forward or reverse proxy."""
+
+    def __init__(self, ctx: aiocoap.Context, proxy: str, origin: str | None) -> None:
+        self.ctx = ctx
+        self.proxy = proxy  # host:port
+        self.origin = origin  # forward: the origin's host:port; None: reverse
+
+    async def post(self) -> None:
+        if self.origin is None:
+            msg = aiocoap.Message(code=Code.POST, uri=f"coap://{self.proxy}/echo",
+                                  payload=PAYLOAD)
+        else:
+            msg = aiocoap.Message(code=Code.POST, uri=f"coap://{self.origin}/echo",
+                                  payload=PAYLOAD)
+            msg.opt.proxy_scheme = "coap"
+            host, _, port = self.origin.rpartition(":")
+            msg.opt.uri_host, msg.opt.uri_port = host, int(port)  # not left out for literals
+            msg.remote = UndecidedRemote("coap", self.proxy)
+        response = await self.ctx.request(msg).response
+        if response.code != Code.CHANGED or bytes(response.payload) != PAYLOAD:
+            raise RuntimeError(f"unexpected answer {response.code}")
+
+    async def close(self) -> None:
+        await self.ctx.shutdown()
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its children (a supervisor's workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    return [pid, *kids]
+
+
+async def _measure(procs_of: dict[str, list[int]], proxy: str, origin: str | None, *,
+                   clients: int, duration: float) -> dict[str, Any]:
+    made = [_Client(await aiocoap.Context.create_client_context(), proxy, origin)
+            for _ in range(clients)]
+    try:
+        for c in made[:10]:
+            await asyncio.wait_for(c.post(), 30)  # resolve, warm every path
+        # Every process of a role (a supervisor and its workers) read at the window's marks.
+        pids = {f"{role}#{i}": pid for role, group in procs_of.items()
+                for i, pid in enumerate(group)}
+        result = await run_load(made, duration=duration, warmup=0.5,  # type: ignore[arg-type]
+                                pids=pids)
+    finally:
+        for c in made:
+            await c.close()
+    done = max(1, result.completed)
+    cpu = {role: sum(v for k, v in result.cpu.items() if k.split("#")[0] == role)
+           for role in procs_of}
+    return {
+        "clients": clients,
+        "rps": result.rps,
+        "errors": result.errors,
+        "p50_ms": 1000 * result.percentile(50),
+        "cpu_us_per_request": {k: 1e6 * v / done for k, v in cpu.items()},
+        "client_cpu_us_per_request": 1e6 * result.cpu.get("client (coap-bench)", 0.0) / done,
+    }
+
+
+async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[str, Any]:
+    duration = 1.0 if quick else 2.5
+    points = (1, clients)
+    out: dict[str, Any] = {"duration": duration, "cpus": os.cpu_count(), "configs": {}}
+    with Processes(workdir) as procs:
+
+        def server(name: str, workers: int, *extra: str) -> tuple[int, str]:
+            port = free_udp_port()
+            p = procs.start(name, [program("coap-server"), "--listen", f"coap://127.0.0.1:{port}",
+                                   "--workers", str(workers), *extra], until="listening")
+            return p.pid, f"127.0.0.1:{port}"
+
+        def coap_proxy(name: str, workers: int, *extra: str) -> tuple[int, str]:
+            port = free_udp_port()
+            p = procs.start(name, [program("coap-proxy"), "--listen", f"coap://127.0.0.1:{port}",
+                                   "--workers", str(workers), "--no-log-exchanges",
+                                   "--cache-entries", "0", *extra], until="ready")
+            return p.pid, f"127.0.0.1:{port}"
+
+        async def config(label: str, proxy_pid: int, proxy: str, server_pids: list[int],
+                         origin: str | None) -> None:
+            roles = {"proxy": _tree(proxy_pid), "server": [p for s in server_pids
+                                                           for p in _tree(s)]}
+            out["configs"][label] = [
+                await _measure(roles, proxy, origin, clients=n, duration=duration)
+                for n in points]
+
+        for workers in (1, 2):
+            spid, saddr = server(f"server-x{workers}", workers)
+            ppid, paddr = coap_proxy(f"proxy-x{workers}", workers)
+            await config(f"coap-proxy x{workers} / coap-server x{workers}", ppid, paddr,
+                         [spid], saddr)
+            for p in list(procs.procs):
+                procs.stop(p)
+        # The router's cost: a replica set of two against one route.
+        s1, a1 = server("replica-0", 1, "--replica", "0")
+        s2, a2 = server("replica-1", 1, "--replica", "1")
+        ppid, paddr = coap_proxy("proxy-single", 1, "--no-forward", "--route", f"/=coap://{a1}")
+        await config("coap-proxy reverse", ppid, paddr, [s1], None)
+        ppid, paddr = coap_proxy("proxy-set", 1, "--no-forward", "--route",
+                                 f"/=replicas:coap://{a1},coap://{a2}")
+        await config("coap-proxy replica set", ppid, paddr, [s1, s2], None)
+        for p in list(procs.procs):
+            procs.stop(p)
+        # The baselines, in front of one coap-server.
+        spid, saddr = server("server-baselines", 1)
+        libcoap = shutil.which("coap-server-notls")
+        if libcoap:
+            port = free_udp_port()
+            p = procs.start("libcoap-proxy", [libcoap, "-A", "127.0.0.1", "-p", str(port),
+                                              "-P", ",bench-proxy"], until=None)
+            await asyncio.to_thread(coap_ping, port)
+            await config("libcoap proxy (C)", p.pid, f"127.0.0.1:{port}", [spid], saddr)
+        port = free_udp_port()
+        p = procs.start("aiocoap-proxy", [program("aiocoap-proxy"), "--forward", "--bind",
+                                          f"127.0.0.1:{port}"], until=None)
+        await asyncio.to_thread(coap_ping, port)
+        await config("aiocoap-proxy", p.pid, f"127.0.0.1:{port}", [spid], saddr)
+        ppid, paddr = coap_proxy("proxy-baseline", 1)
+        await config("coap-proxy x1 (same server)", ppid, paddr, [spid], saddr)
+    out["router_us"] = router_microbench(5000 if quick else 20000)
+    out["summary"] = summarise(out["configs"], clients, out["router_us"])
+    return out
+
+
+def router_microbench(rounds: int = 20000) -> dict[str, float]:
+    """The routing decision alone, in process (microseconds): one route against a replica set
+    of two, for a plain request and a session request. The end-to-end comparison above is too
+    noisy on a shared machine to show a few per cent; this is what the set adds per request."""
+    import timeit
+
+    from ..proxy.config import ProxyConfig, Route
+    from ..proxy.routing import Router
+
+    single = Router(ProxyConfig(routes=(Route.parse("/=coap://127.0.0.1:1"),)))
+    routed = Router(ProxyConfig(routes=(
+        Route.parse("/=replicas:coap://127.0.0.1:1,coap://127.0.0.1:2"),)))
+    replica_set = routed.sets["/"]
+    for i, m in enumerate(replica_set.members.values()):
+        replica_set.answered(m, i, 0.0)
+    out: dict[str, float] = {}
+    for kind, path in (("plain", ("echo",)), ("session", ("~AQEBA",))):
+        msg = aiocoap.Message(code=Code.POST, uri_path=path, payload=PAYLOAD)
+        for name, router in (("one route", single), ("replica set", routed)):
+            best = min(timeit.repeat(lambda r=router, m=msg: r.decide(m, "127.0.0.1:40000"),
+                                     number=rounds, repeat=3))
+            out[f"{name}, {kind}"] = 1e6 * best / rounds
+    return out
+
+
+def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
+              router: dict[str, float] | None = None) -> dict[str, Any]:
+    """The figures the targets read (docs/BENCHMARKS.md, "Scaling")."""
+    def at(label: str, n: int) -> dict[str, Any] | None:
+        for point in configs.get(label, []):
+            if point["clients"] == n:
+                return point
+        return None
+
+    s: dict[str, Any] = {}
+    one = at("coap-proxy x1 / coap-server x1", clients)
+    two = at("coap-proxy x2 / coap-server x2", clients)
+    if one and two:
+        t1 = sum(one["cpu_us_per_request"].values())
+        t2 = sum(two["cpu_us_per_request"].values())
+        s["total_cpu_us_x1"], s["total_cpu_us_x2"] = t1, t2
+        s["sharding_cost"] = t2 / t1 - 1 if t1 else None
+        s["capacity_per_core"] = {
+            role: 1e6 / us for role, us in one["cpu_us_per_request"].items() if us}
+    single, routed = at("coap-proxy reverse", clients), at("coap-proxy replica set", clients)
+    if single and routed:
+        a, b = single["cpu_us_per_request"]["proxy"], routed["cpu_us_per_request"]["proxy"]
+        s["router_cost_end_to_end"] = (b - a) / a if a else None
+    if single and router is not None:
+        extra = max(router["replica set, plain"] - router["one route, plain"],
+                    router["replica set, session"] - router["one route, session"])
+        s["router_us"] = extra
+        s["router_cost"] = extra / single["cpu_us_per_request"]["proxy"]
+    ours, lib = at("coap-proxy x1 (same server)", clients), at("libcoap proxy (C)", clients)
+    if ours and lib:
+        s["proxy_cpu_vs_libcoap"] = (lib["cpu_us_per_request"]["proxy"]
+                                     / ours["cpu_us_per_request"]["proxy"])
+        s["rps_vs_libcoap_x2"] = (two["rps"] / lib["rps"]) if two and lib["rps"] else None
+    return s
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"scaling: plain 40-byte POST /echo through a proxy, {results['duration']} s per"
+             f" point, {results['cpus']} CPUs (the client shares them)"]
+    header = (f"{'configuration':42} {'clients':>7} {'req/s':>8} {'p50 ms':>7}"
+              f" {'proxy us/req':>12} {'server us/req':>13} {'client us/req':>13}")
+    lines.append(header)
+    for label, points in results["configs"].items():
+        for p in points:
+            cpu = p["cpu_us_per_request"]
+            lines.append(f"{label:42} {p['clients']:>7} {p['rps']:>8.0f} {p['p50_ms']:>7.2f}"
+                         f" {cpu.get('proxy', 0):>12.0f} {cpu.get('server', 0):>13.0f}"
+                         f" {p['client_cpu_us_per_request']:>13.0f}")
+    s = results.get("summary", {})
+    if "capacity_per_core" in s:
+        cap = ", ".join(f"{k} {v:,.0f} req/s" for k, v in s["capacity_per_core"].items())
+        lines.append(f"capacity per core (1 worker, from CPU per request): {cap}")
+    if s.get("sharding_cost") is not None:
+        lines.append(f"total CPU per request, 2 workers vs 1: {100 * s['sharding_cost']:+.1f} %"
+                     " (target within 10 %)")
+    if s.get("router_cost") is not None:
+        lines.append(f"router's cost at the proxy: {s['router_us']:.2f} us per request ="
+                     f" {100 * s['router_cost']:.1f} % of the proxy's CPU per request (target at"
+                     " most 5 %)")
+    if s.get("router_cost_end_to_end") is not None:
+        lines.append(f"  (end to end, replica set vs one route: proxy CPU per request"
+                     f" {100 * s['router_cost_end_to_end']:+.1f} %, within this machine's noise)")
+    if s.get("proxy_cpu_vs_libcoap") is not None:
+        lines.append(f"coap-proxy CPU per request vs libcoap's proxy: libcoap/ours ="
+                     f" {s['proxy_cpu_vs_libcoap']:.2f}x (target at least 1.0x)")
+    if s.get("rps_vs_libcoap_x2") is not None:
+        lines.append(f"requests/s, coap-proxy x2 vs libcoap's proxy: {s['rps_vs_libcoap_x2']:.2f}x")
+    return "\n".join(lines)
