@@ -246,7 +246,8 @@ async def forward(
         site._fail(pipe, Code.BAD_GATEWAY, "upstream failed", "bad_gateway", entry, started)
         return
     site.metrics.latency.observe(site.clock() - t0)
-    origin = f"{d.upstream.scheme}://{d.upstream.host}" + (
+    host = f"[{d.upstream.host}]" if ":" in d.upstream.host else d.upstream.host
+    origin = f"{d.upstream.scheme}://{host}" + (
         "" if d.upstream.port == (80 if d.upstream.scheme == "http" else 443)
         else f":{d.upstream.port}")
     answer = http_to_coap_response(whole.code, status, headers, body, etags=http.etags,
