@@ -5,7 +5,8 @@ proxy tests use this one: ``/echo`` answers a POST or PUT with the same payload,
 serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers after S seconds,
 ``/critopt?S`` answers after S seconds with the unknown critical option 65001, a POST to
 ``.../create`` answers 2.01 with the Location-Path ``.../made``, ``/etag?MAXAGE`` has the ETag
-"e1" (2.03 to a request holding it),
+"e1" (2.03 to a request holding it), ``/count`` and ``/count0`` (Max-Age 0) answer a new number
+per GET, ``/obscount`` says how many Observe registrations ``/obs`` had,
 and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
@@ -35,6 +36,8 @@ class Origin(resource.ObservableResource):
     def __init__(self) -> None:
         super().__init__()
         self.counter = 0
+        self.gets = 0  # GETs of /count and /count0
+        self.registrations = 0  # Observe registrations of /obs
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         path = list(request.opt.uri_path)
@@ -73,6 +76,14 @@ class Origin(resource.ObservableResource):
                                      max_age=max_age)
             tagged.opt.etag = b"e1"
             return tagged
+        if first in ("count", "count0"):  # a new value per GET; "count0" says Max-Age 0
+            self.gets += 1
+            counted = aiocoap.Message(code=codes.CONTENT, payload=str(self.gets).encode())
+            if first == "count0":
+                counted.opt.max_age = 0
+            return counted
+        if first == "obscount":
+            return aiocoap.Message(code=codes.CONTENT, payload=str(self.registrations).encode())
         if first == "obs":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.counter).encode())
         report = {
@@ -92,6 +103,7 @@ class Origin(resource.ObservableResource):
     async def add_observation(self, request: aiocoap.Message, serverobservation: object) -> None:
         path = list(request.opt.uri_path)
         if path[:1] == ["obs"]:
+            self.registrations += 1
             serverobservation.accept(lambda: None)  # type: ignore[attr-defined]
             self._observations.add(serverobservation)
 
