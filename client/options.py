@@ -277,11 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-auth", choices=sorted(E2E_KINDS),
                      help="which end-to-end credentials to use when several are configured")
     e2e.add_argument("--state-dir", metavar="DIR",
-                     help="owner-only folder where --e2e oscore keeps its contexts between runs"
-                     " (default $XDG_STATE_HOME/coaplayers/oscore, i.e."
-                     " ~/.local/state/coaplayers/oscore)")
+                     help="owner-only folder for what end-to-end runs keep between runs:"
+                     " OSCORE contexts, Layer 0 sessions to resume (default"
+                     " $XDG_STATE_HOME/coaplayers, i.e. ~/.local/state/coaplayers)")
     e2e.add_argument("--no-keep", action="store_true",
-                     help="keep nothing between runs: every --e2e oscore run keys afresh")
+                     help="keep nothing between runs: every end-to-end run starts afresh")
     refused = p.add_argument_group("libcoap flags refused (one line says why)")
     for flag in REFUSED:
         if flag == "-h":

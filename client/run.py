@@ -124,17 +124,22 @@ async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any
 
     e2e = e2e_options(config, state)
     check_layers_apart(state.layer1_credentials, e2e)
-    keep = None
-    if e2e is not None and e2e.mode == "oscore" and config.keep:
-        from coaplayers.dtls import ConfigurationError
-        from coaplayers.oscore.errors import PersistenceError
-        from coaplayers.oscore.kept import KeptContexts, default_folder
+    from pathlib import Path
 
-        try:
-            keep = KeptContexts(config.state_dir or default_folder())
-        except PersistenceError as e:
-            raise ConfigurationError(f"--state-dir: {e} (or --no-keep)") from e
-    return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri, keep=keep)
+    from coaplayers.clientstate import StateFolderError, owner_only_folder, state_root
+    from coaplayers.dtls import ConfigurationError
+    from coaplayers.oscore.errors import PersistenceError
+
+    state_dir = None
+    try:
+        if e2e is not None and config.keep:
+            state_dir = owner_only_folder(
+                Path(config.state_dir) if config.state_dir else state_root(),
+                "what coap-client keeps between runs")
+        return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri,
+                              state=state_dir)
+    except (StateFolderError, PersistenceError) as e:
+        raise ConfigurationError(f"--state-dir: {e} (or --no-keep)") from e
 
 
 def build_request(config: ClientConfig) -> aiocoap.Message:

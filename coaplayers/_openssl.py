@@ -156,3 +156,30 @@ def bind_psk(conn: SSL.Connection, callback: PskLookup | PskOffer) -> None:
     """What ``conn``'s PSK callback calls: a bound method, held weakly (its object, the
     session, owns ``conn``)."""
     setattr(conn, _PSK_ATTRIBUTE, weakref.WeakMethod(callback))  # type: ignore[arg-type]
+
+
+def session_to_der(session: SSL.Session) -> bytes:
+    """``i2d_SSL_SESSION``: a client's resumption state as bytes (it holds the master secret),
+    so that it outlives the process. Upstream: ``Session`` serialisation in pyOpenSSL."""
+    size = _lib.i2d_SSL_SESSION(session._session, _ffi.NULL)  # type: ignore[attr-defined]
+    if size <= 0:
+        raise ValueError("OpenSSL could not encode the session")
+    buf = _ffi.new("unsigned char[]", size)
+    _lib.i2d_SSL_SESSION(session._session, _ffi.new("unsigned char **", buf))  # type: ignore[attr-defined]
+    return bytes(_ffi.buffer(buf, size))
+
+
+def session_from_der(data: bytes, context: SSL.Context) -> SSL.Session | None:
+    """``d2i_SSL_SESSION``: resumption state from :func:`session_to_der` (None if OpenSSL
+    does not take it), for connections of ``context``. pyOpenSSL's ``set_session`` takes only
+    a session of the connection's own context (OpenSSL itself takes any, as a client); a
+    session read from a file belongs to the context it is read for. Upstream: ``Session``
+    serialisation in pyOpenSSL."""
+    buf = _ffi.new("unsigned char[]", data)
+    ptr = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("unsigned char **", buf), len(data))
+    if ptr == _ffi.NULL:
+        return None
+    session = SSL.Session.__new__(SSL.Session)
+    session._session = _ffi.gc(ptr, _lib.SSL_SESSION_free)  # type: ignore[attr-defined]
+    session._context = context  # type: ignore[attr-defined]
+    return session

@@ -185,10 +185,21 @@ class DtlsRequester:
     """Requests inside a Layer 0 DTLS channel to the target's origin."""
 
     def __init__(self, context: Any, target: str, proxy: str | None,
-                 credentials: Any) -> None:
+                 credentials: Any, state: Path | None = None) -> None:
         from .layer0 import Layer0Channel
 
-        self.channel = Layer0Channel(context.context, _origin(target), credentials, proxy=proxy)
+        kept: dict[str, Any] = {}
+        if state is not None and isinstance(credentials, dtls.CertificateCredentials):
+            # Resumption state kept between runs (coaplayers.layer0.resumption): the next
+            # run resumes instead of a full handshake.
+            from .layer0.profile import DTLS_CIPHERS
+            from .layer0.resumption import ResumptionCache
+
+            ssl_context = dtls.build_context(credentials, server=False, ciphers=DTLS_CIPHERS)
+            kept = {"ssl_context": ssl_context,
+                    "tickets": ResumptionCache(state / "layer0", credentials, ssl_context)}
+        self.channel = Layer0Channel(context.context, _origin(target), credentials, proxy=proxy,
+                                     **kept)
 
     def request(self, message: Any) -> Any:
         return self.channel.request(message)
@@ -214,7 +225,7 @@ class OscoreModeRequester:
 
     def __init__(self, context: Any, target: str, proxy: str | None,
                  credentials: dtls.CertificateCredentials | dtls.RawPublicKeyCredentials
-                 | dtls.PskClientCredentials, keep: Any = None) -> None:
+                 | dtls.PskClientCredentials, state: Path | None = None) -> None:
         self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
                      else "PSK" if isinstance(credentials, dtls.PskClientCredentials)
                      else "certificate")
@@ -223,9 +234,13 @@ class OscoreModeRequester:
         from .oscore.mode import OscoreRequester
 
         origin = _origin(target)
-        # A context kept from an earlier run (``keep``: a coaplayers.oscore.kept.KeptContexts)
-        # makes the first request a single round trip.
-        slot = keep.slot(origin_of(origin), credentials) if keep is not None else None
+        # A context kept from an earlier run (coaplayers.oscore.kept) makes the first request
+        # a single round trip.
+        slot = None
+        if state is not None:
+            from .oscore.kept import KeptContexts
+
+            slot = KeptContexts(state / "oscore").slot(origin_of(origin), credentials)
         # Every keying is a full handshake on a new channel (docs/OSCORE-KEYING.md, section 1).
         # No shared TicketStore: each channel has its own SSL context, and OpenSSL refuses a
         # session from another context, so a second keying (re-keying) would raise.
@@ -285,21 +300,22 @@ def _text(value: Any) -> Any:
 
 async def open_requester(
     context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str,
-    keep: Any = None,
+    state: Path | None = None,
 ) -> Any:
     """Something with ``request(message)`` and ``describe(response)`` for the chosen mode.
 
-    ``keep`` (a :class:`coaplayers.oscore.kept.KeptContexts`): the OSCORE mode keeps its
-    context there between runs."""
+    ``state``: an owner-only folder (:func:`coaplayers.clientstate.owner_only_folder`) where
+    the OSCORE mode keeps its context (``oscore/``) and Layer 0 its resumption state
+    (``layer0/``) between runs; None keeps nothing."""
     if e2e is None:
         return PlainRequester(context, proxy)
     creds = e2e.chosen()
     if e2e.mode == "dtls":
         if creds is None:
             raise dtls.ConfigurationError("the end-to-end DTLS mode needs credentials")
-        return DtlsRequester(context, target, proxy, creds)
+        return DtlsRequester(context, target, proxy, creds, state=state)
     if e2e.mode == "oscore":
         if creds is None:
             raise dtls.ConfigurationError("the OSCORE mode needs end-to-end credentials")
-        return OscoreModeRequester(context, target, proxy, creds, keep=keep)
+        return OscoreModeRequester(context, target, proxy, creds, state=state)
     raise dtls.ConfigurationError(f"unknown end-to-end mode {e2e.mode!r}")

@@ -182,12 +182,7 @@ async def open_client(
     else:
         raise ValueError(f"unknown mode {mode!r}")
     target = f"{target_origin}/echo"
-    keep = None
-    if state is not None and e2e is not None and e2e.mode == "oscore":
-        from ..oscore.kept import KeptContexts
-
-        keep = KeptContexts(state / "oscore")
-    requester = await open_requester(ctx, proxy=proxy_uri, e2e=e2e, target=target, keep=keep)
+    requester = await open_requester(ctx, proxy=proxy_uri, e2e=e2e, target=target, state=state)
     return BenchClient(ctx, requester, target)
 
 

@@ -454,27 +454,14 @@ class Layer0Channel:
                 return self._generation
             self._outer_answers = 0
             try:
-                async with asyncio.timeout(self.config.handshake_timeout):
-                    for _ in range(3):
-                        try:
-                            session, path, event = await self._handshake_once()
-                            break
-                        except _Restart:
-                            continue
-                    else:
-                        raise HandshakeFailed("the server kept dropping our handshake")
-            except TimeoutError as exc:
-                if not self._outer_answers:
-                    # Not one CoAP answer (a CON's ACK alone does not count): nothing is
-                    # listening there, or everything is lost; not a key problem.
-                    raise NoAnswer(
-                        f"no answer from {self._first_hop()} within"
-                        f" {self.config.handshake_timeout:g} s"
-                    ) from exc
-                raise HandshakeFailed(
-                    f"no Layer 0 handshake within {self.config.handshake_timeout:g} s: the path"
-                    " loses too much, or (with PSK) the key is wrong, which looks the same"
-                ) from exc
+                session, path, event = await self._handshake_bounded()
+            except (NoAnswer, asyncio.CancelledError):
+                raise
+            except BaseException:
+                # A session that did not lead to a handshake is not offered again (a kept
+                # one, coaplayers.layer0.resumption, included).
+                self._tickets.forget(self.origin)
+                raise
             self._session, self._path = session, path
             self._acked = -1
             self._generation += 1
@@ -486,6 +473,34 @@ class Layer0Channel:
             for callback in list(self.on_handshake):
                 callback(self, event)
             return self._generation
+
+    async def _handshake_bounded(
+        self,
+    ) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
+        """One handshake (up to three attempts if the server drops it) within the timeout."""
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                for _ in range(3):
+                    try:
+                        session, path, event = await self._handshake_once()
+                        break
+                    except _Restart:
+                        continue
+                else:
+                    raise HandshakeFailed("the server kept dropping our handshake")
+        except TimeoutError as exc:
+            if not self._outer_answers:
+                # Not one CoAP answer (a CON's ACK alone does not count): nothing is
+                # listening there, or everything is lost; not a key problem.
+                raise NoAnswer(
+                    f"no answer from {self._first_hop()} within"
+                    f" {self.config.handshake_timeout:g} s"
+                ) from exc
+            raise HandshakeFailed(
+                f"no Layer 0 handshake within {self.config.handshake_timeout:g} s: the path"
+                " loses too much, or (with PSK) the key is wrong, which looks the same"
+            ) from exc
+        return session, path, event
 
     def _first_hop(self) -> str:
         return f"the proxy {self._proxy_uri}" if self._proxy_uri else self.origin

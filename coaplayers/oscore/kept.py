@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
+from ..clientstate import StateFolderError, entry_name, owner_only_folder, state_root
 from .context import SecurityContext
 from .errors import PersistenceError
 from .persistence import DEFAULT_AHEAD, ContextFile
@@ -53,36 +52,7 @@ DEFAULT_MAX_SERVERS = 64
 
 def default_folder() -> Path:
     """``$XDG_STATE_HOME/coaplayers/oscore`` (``~/.local/state/coaplayers/oscore``)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                            ".local", "state")
-    return Path(base) / "coaplayers" / "oscore"
-
-
-def credentials_tag(credentials: Any) -> bytes:
-    """What identifies a client's end-to-end credentials and trust, hashed (never stored
-    in clear): its own identity and key, and whom it trusts as the server."""
-    from cryptography.hazmat.primitives import serialization
-
-    from .. import dtls
-
-    h = hashlib.sha256()
-    if isinstance(credentials, dtls.PskClientCredentials):
-        h.update(b"psk\0" + credentials.identity + b"\0" + credentials.key)
-    elif isinstance(credentials, dtls.RawPublicKeyCredentials):
-        h.update(b"rpk\0" + credentials.public_key_der)
-        for key in sorted(credentials.trusted_keys):
-            h.update(b"\0" + key)
-    elif isinstance(credentials, dtls.CertificateCredentials):
-        h.update(b"cert\0")
-        for cert in credentials.certificate_chain:
-            h.update(cert.public_bytes(serialization.Encoding.DER))
-        h.update(b"\0trusted")
-        for cert in credentials.trusted:
-            h.update(cert.public_bytes(serialization.Encoding.DER))
-        h.update(b"\0" + (credentials.server_name or "").encode())
-    else:
-        raise TypeError(f"no kept contexts for {type(credentials).__name__}")
-    return h.digest()
+    return state_root() / "oscore"
 
 
 class KeptContexts:
@@ -96,23 +66,14 @@ class KeptContexts:
         self.max_servers = max_servers
         self.ahead = ahead
         try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = os.stat(self.folder)
-        except OSError as e:
-            raise PersistenceError(f"cannot use {self.folder} for kept OSCORE contexts:"
-                                   f" {e.strerror}") from None
-        if not stat.S_ISDIR(info.st_mode):
-            raise PersistenceError(f"{self.folder} is not a folder")
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or info.st_uid != os.getuid():
-            raise PersistenceError(
-                f"{self.folder} is not owner-only (mode {stat.S_IMODE(info.st_mode):o});"
-                " kept OSCORE contexts hold keys: chmod 700 it, or choose another folder")
+            owner_only_folder(self.folder, "kept OSCORE contexts")
+        except StateFolderError as e:
+            raise PersistenceError(str(e)) from None
 
     def slot(self, origin: str, credentials: Any) -> KeptSlot | None:
         """The slot of ``origin`` under ``credentials``, locked; None while another run
         holds it (this run then keys a context of its own and keeps nothing)."""
-        name = hashlib.sha256(origin.encode() + b"\0" + credentials_tag(credentials)
-                              ).hexdigest()[:32]
+        name = entry_name(origin, credentials)
         fd = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -136,7 +136,8 @@ async def test_second_run_is_one_round_trip_and_no_keep_keys_afresh(rig: Rig) ->
         assert "context kept from an earlier run" in err
         # Owner-only folder and files: they hold keys.
         assert stat.S_IMODE(rig.state.stat().st_mode) == 0o700
-        files = list(rig.state.glob("*.json"))
+        assert stat.S_IMODE((rig.state / "oscore").stat().st_mode) == 0o700
+        files = list((rig.state / "oscore").glob("*.json"))
         assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
         before = files[0].read_bytes()
         third, _ = await one_run(rig, "--no-keep")
@@ -162,7 +163,7 @@ async def test_other_credential_kinds_keep_their_own_context(rig: Rig, kind: str
         # The certificate's slot is another one: nothing kept there yet.
         third, err = await one_run(rig)
         assert len(third) >= 4 and "context kept" not in err
-        assert len(list(rig.state.glob("*.json"))) == 2
+        assert len(list((rig.state / "oscore").glob("*.json"))) == 2
     finally:
         await _close(rig)
 
@@ -183,7 +184,7 @@ async def test_a_group_readable_state_folder_is_refused(rig: Rig) -> None:
 async def test_server_restart_without_state_rekeys_by_itself(rig: Rig) -> None:
     try:
         await one_run(rig)
-        (kept,) = rig.state.glob("*.json")
+        (kept,) = (rig.state / "oscore").glob("*.json")
         keys_before = json.loads(kept.read_text())["sender_key"]
         rig.restart()  # the server lost every context
         second, err = await one_run(rig)
@@ -219,7 +220,7 @@ from coaplayers.oscore.client import origin_of
 from coaplayers.oscore.kept import KeptContexts
 creds = dtls.CertificateCredentials.from_files(sys.argv[2], sys.argv[3], sys.argv[4],
                                                server_name="127.0.0.1")
-slot = KeptContexts(sys.argv[1]).slot(origin_of(sys.argv[5]), creds)
+slot = KeptContexts(sys.argv[1] + "/oscore").slot(origin_of(sys.argv[5]), creds)
 sc = slot.load()
 print(sc.new_sequence_number(), flush=True)  # reserved (on disk), never used
 os.kill(os.getpid(), signal.SIGKILL)
