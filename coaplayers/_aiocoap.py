@@ -93,9 +93,9 @@ def _guard(ri: Any, refusal: Refusal, spare: type) -> None:
         def request(pipe: Any, _guards: list[Refusal] = guards) -> None:
             message = pipe.request
             for refuse in _guards:
-                error = refuse(message)
-                if error is not None:
-                    pipe.add_exception(error)
+                refused = refuse(message)
+                if refused is not None:
+                    pipe.add_exception(refused)
                     return
             unguarded(pipe)
 
@@ -108,8 +108,9 @@ def _guard(ri: Any, refusal: Refusal, spare: type) -> None:
 
 
 class _GuardedList(list[Any]):
-    """``Context.request_interfaces`` that guards interfaces appended after the guard was
-    installed (aiocoap appends a transport's token manager as it starts)."""
+    """``Context.request_interfaces`` that guards interfaces added after the guard was
+    installed (aiocoap appends a transport's token manager as it starts; coaplayers and
+    aiocoap add interfaces with ``append``, ``insert`` and ``extend`` only)."""
 
     def __init__(self, items: Iterable[Any]) -> None:
         super().__init__(items)
