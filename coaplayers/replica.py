@@ -21,6 +21,7 @@ Pure functions (no sockets, no clock): the proxy's router and the servers share 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 MAX_REPLICA: Final = 15
@@ -42,6 +43,31 @@ def check_replica(replica: int) -> int:
             0 <= replica <= MAX_REPLICA):
         raise ValueError(f"a replica number is 0 to {MAX_REPLICA}")
     return replica
+
+
+def auto_replica() -> int:
+    """A replica number from this host's address: its last byte modulo 16.
+
+    For containers that run one command scaled to several copies (``compose --scale``): the
+    copies get consecutive addresses on their network, so up to 16 of them get distinct
+    numbers. Where addresses are not consecutive, give each replica its number instead.
+    """
+    import ipaddress
+    import socket
+
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+        if address.startswith("127."):
+            raise OSError("loopback")
+    except OSError:
+        # The address the host would send from (connect() on UDP sends nothing).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("10.255.255.255", 9))
+                address = s.getsockname()[0]
+            except OSError:
+                address = "127.0.0.1"
+    return int(ipaddress.ip_address(address).packed[-1]) % (MAX_REPLICA + 1)
 
 
 def session_name(replica: int, name: str) -> str:
@@ -111,7 +137,7 @@ def balance_key(request: object, client: str) -> str:
     return client
 
 
-def replica_of_request(options: object) -> int | None:
+def replica_of_request(options: object, path: Sequence[str] | None = None) -> int | None:
     """The replica that holds a request's state, from its outer options (an aiocoap
     ``Options``): the OSCORE kid, else a one-segment session path. None: any replica will do
     (a new handshake or a plain request)."""
@@ -119,7 +145,9 @@ def replica_of_request(options: object) -> int | None:
     if oscore:
         kid = kid_of_option(bytes(oscore[0].value))
         return None if kid is None else replica_of_kid(kid)
-    path = options.get_option(_URI_PATH)  # type: ignore[attr-defined]
-    if len(path) == 1:
-        return replica_of_session(path[0].value)
+    if path is not None:  # the path a Proxy-Uri named
+        return replica_of_session(path[0]) if len(path) == 1 else None
+    segments = options.get_option(_URI_PATH)  # type: ignore[attr-defined]
+    if len(segments) == 1:
+        return replica_of_session(segments[0].value)
     return None

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from coaplayers import dtls
 from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.loglimit import LogLimits, install_log_limits
-from coaplayers.replica import check_replica
+from coaplayers.replica import auto_replica, check_replica
 from coaplayers.workers import Supervisor, WorkerFailed, parse_workers, self_command, worker_role
 
 # The engines and the site load in serve() and main(): --help and flag errors never pay for
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica", type=_replica, metavar="N",
                    help="this server's number (0-15) in a replica set behind coap-proxy: it"
                    " goes into every Layer 0 session name and OSCORE client ID, and"
-                   " /.well-known/replica answers it")
+                   " /.well-known/replica answers it; auto: the last byte of this host's"
+                   " address modulo 16 (containers of one network, as compose --scale makes)")
     p.add_argument("--workers", metavar="N|auto",
                    help="processes sharing the listen ports (1-16; auto: one per core, at most"
                    " 16); Layer 0 sessions and OSCORE contexts reach their worker by the"
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _replica(text: str) -> int:
+    if text == "auto":
+        return auto_replica()
     try:
         return check_replica(int(text))
     except ValueError as exc:

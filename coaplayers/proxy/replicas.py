@@ -76,7 +76,7 @@ class ReplicaSet:
         self.members: dict[str, Member] = {}
         self.names: list[Upstream] = []  # members given by host name, resolved by the monitor
         for up in route.members:
-            if is_ip_literal(up.host) or up.scheme != "coap":
+            if is_ip_literal(up.host):
                 self._add(Member(up))
             else:
                 self.names.append(up)
@@ -243,7 +243,10 @@ class HealthMonitor:
         while True:
             await asyncio.sleep(self.interval)
             now = self.clock()
-            if now - self._resolved_at >= self.resolve_every:
+            # Again every resolve_every, and on every round while a named set has no healthy
+            # member (its replicas may not have been in the DNS yet when we started).
+            if now - self._resolved_at >= self.resolve_every or any(
+                    s.names and not s.healthy for s in self.sets):
                 await self._resolve()
             for s in self.sets:
                 for m in s.expire(now):
@@ -269,6 +272,9 @@ class HealthMonitor:
 
     async def _probe(self, s: ReplicaSet, m: Member) -> None:
         msg = Message(code=GET, mtype=Type.NON, uri_path=REPLICA_PATH)
+        if m.name is not None:
+            # The name the set was given by: coaps:// credentials are looked up by it.
+            msg.opt.uri_host = m.name
         msg.remote = UndecidedRemote(m.upstream.scheme, m.upstream.hostinfo)
         try:
             response = await asyncio.wait_for(self.send(msg, m.key), self.interval + s.timeout)

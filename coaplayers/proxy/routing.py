@@ -194,14 +194,15 @@ class Router:
         opt = request.opt
         if opt.proxy_uri is not None:
             scheme, host, port, path, query = self._split_proxy_uri(opt.proxy_uri)
-            return self._forward(request, scheme, host, port, path, query)
+            return self._forward(request, scheme, host, port, path, query, client)
         if opt.proxy_scheme is not None:
             if opt.uri_host is None:
                 raise Refusal(codes.BAD_REQUEST, "Proxy-Scheme needs Uri-Host", "bad_request")
             scheme = opt.proxy_scheme.lower()
             port = opt.uri_port if opt.uri_port is not None else DEFAULT_PORTS.get(scheme, 0)
             return self._forward(
-                request, scheme, opt.uri_host, port, tuple(opt.uri_path), tuple(opt.uri_query)
+                request, scheme, opt.uri_host, port, tuple(opt.uri_path), tuple(opt.uri_query),
+                client,
             )
         return self._reverse(request, opt.uri_host, tuple(opt.uri_path), tuple(opt.uri_query),
                              client)
@@ -225,7 +226,7 @@ class Router:
 
     def _forward(
         self, request: Message, scheme: str, host: str, port: int,
-        path: tuple[str, ...], query: tuple[str, ...],
+        path: tuple[str, ...], query: tuple[str, ...], client: str = "",
     ) -> Decision:
         host = host.strip("[]")
         if scheme in DEFAULT_PORTS and self.is_self(scheme, host, port):
@@ -233,6 +234,11 @@ class Router:
             # route it as if it had come without proxy options instead of forwarding to
             # ourselves.
             return self._reverse(request, None, path, query)
+        named = self.host_routes.get(host.lower())
+        if named is not None and named.is_set and not named.upstream.mount:
+            # A forward request for a name that a replica set serves: one of its replicas,
+            # chosen as for a reverse request (the set's scheme and port).
+            return self._replica(request, named, path, query, client, "forward", host)
         if not self.config.forward:
             raise Refusal(
                 codes.PROXYING_NOT_SUPPORTED, "forward proxying is disabled", "not_proxying"
@@ -284,6 +290,24 @@ class Router:
             self._next_hop_limit(request),
             route=route.match,
             mount=(up.path, route.prefix if route.is_prefix else ()) if up.mount else None,
+        )
+
+    def _replica(
+        self, request: Message, route: Route, path: tuple[str, ...], query: tuple[str, ...],
+        client: str, kind: str, origin: str | None = None,
+    ) -> Decision:
+        member = self.sets[route.match].pick(
+            replica_of_request(request.opt, path), balance_key(request, client))
+        if member is None:
+            raise Refusal(codes.SERVICE_UNAVAILABLE, "no replica answers", "no_replica",
+                          max_age=1)
+        up = member.upstream
+        # Uri-Host: the name the client asked for, else the one the set was given by.
+        name = origin or member.name or up.host
+        return Decision(
+            kind, Upstream(up.scheme, up.host, up.port), up.path + path, query,
+            None if is_ip_literal(name) else name.lower(), self._next_hop_limit(request),
+            route=route.match,
         )
 
     def _next_hop_limit(self, request: Message) -> int:

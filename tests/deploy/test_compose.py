@@ -11,6 +11,7 @@ left by label); the images stay, as the cache.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -247,3 +248,33 @@ def test_client_reaches_app_server_only_through_proxy(stack: tuple[Podman, str])
         control = _until_ok(pod, backend, "sh", "-c", DIRECT, "direct", target)
         assert control.returncode == 0, (target, control.stderr)
         assert "Hello from coap-server" in control.stdout
+
+
+def test_three_app_server_replicas(podman: Podman) -> None:
+    """APP_SERVERS=3 scripts/compose podman: three app-server replicas behind the proxy (the
+    name app-server resolves to all three, each numbers itself by its address); Layer 0 and
+    OSCORE clients through the proxy are answered, their sessions spread over the replicas."""
+    project = f"clscale{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
+    env.update(COMPOSE_PROJECT_NAME=project, APP_SERVERS="3")
+    try:
+        up = run(["scripts/compose", "podman"], timeout=1400, env=env, cwd=ROOT)
+        assert up.returncode == 0, (up.stdout, up.stderr)
+        _pin_bridge_macs(podman, project)
+        servers = podman("ps", "-q", "--filter", f"name={project}_app-server_").stdout.split()
+        assert len(servers) == 3
+        answers = [
+            run(["scripts/compose", "podman", "client", "--e2e", mode, *extra,
+                 "coaps://app-server:5684/hello"], timeout=120, env=env, cwd=ROOT)
+            for mode, extra in [("dtls", [])] * 6 + [("oscore", ["--no-keep"])] * 2]
+        for a in answers:
+            assert a.returncode == 0 and "Hello from coap-server" in a.stdout, a.stderr
+        proxy = f"{project}_proxy_1"
+        lines = [json.loads(x) for x in _logs(podman, proxy).splitlines() if x.startswith("{")]
+        sets = [x for x in lines if x.get("event") == "replica_set"]
+        assert sets and len(sets[0]["healthy"]) == 3, sets
+        sessions = {x["upstream"].split("/")[2] for x in lines
+                    if x.get("event") == "exchange" and "/~" in x.get("upstream", "")}
+        assert len(sessions) >= 2, sessions  # 8 sessions: all on one replica is 3 * 3**-8
+    finally:
+        _cleanup(podman, project, env)

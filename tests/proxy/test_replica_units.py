@@ -183,3 +183,25 @@ def test_an_unreachable_member_is_down_at_once_and_the_request_decided_again() -
     plain = Router(ProxyConfig(routes=(Route.parse("/=coap://127.0.0.1:1"),)))
     d = plain.decide(_request(("x",)), "c")
     assert plain.upstream_unreachable(d, _request(("x",)), "c") is None
+
+
+def test_a_forward_request_for_a_set_name_goes_to_a_replica() -> None:
+    config = ProxyConfig(routes=(
+        Route.parse("app-server=replicas:coaps://10.0.0.8:5684,coaps://10.0.0.9:5684"),))
+    router = Router(config)
+    s = router.sets["app-server"]
+    for i, m in enumerate(sorted(s.members.values(), key=lambda m: m.key)):
+        s.answered(m, i + 2, now=0.0)
+    m = aiocoap.Message(code=aiocoap.POST, payload=b"x")
+    m.opt.proxy_uri = "coaps://app-server:5684/~" + replica.session_name(3, "AAAAA")[0] + "bcd"
+    d = router.decide(m, "c")
+    assert (d.kind, d.upstream.host, d.upstream.scheme) == ("forward", "10.0.0.9", "coaps")
+    assert d.uri_host == "app-server" and d.path[0].startswith("~")
+    # Another name is forwarded as before.
+    other = aiocoap.Message(code=aiocoap.GET)
+    other.opt.proxy_uri = "coap://elsewhere:5683/x"
+    assert router.decide(other, "c").upstream.host == "elsewhere"
+
+
+def test_auto_replica_is_a_valid_number() -> None:
+    assert 0 <= replica.auto_replica() <= replica.MAX_REPLICA
