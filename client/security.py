@@ -37,6 +37,7 @@ def layer1_credentials(hop: Layer1Settings) -> layer1.ClientCredentials:
         if hop.cert:
             cc = cfg.certificate_from(hop.cert, hop.cert_key, hop.ca)
         else:
+            assert hop.ca is not None  # the condition above
             cc = dtls.CertificateCredentials.trust_only(hop.ca)
         assert cc is not None
         creds.add_certificate("coaps://*", cc)
@@ -59,7 +60,7 @@ def choose_e2e_kind(config: ClientConfig) -> str | None:
             raise dtls.ConfigurationError(f"--e2e-auth {e2e.auth} needs {flags}")
         return e2e.auth
     preferred = [k for k in e2e.kinds_on_command_line if k in given]
-    return (preferred or given or [None])[0]
+    return (preferred or given)[0] if preferred or given else None
 
 
 def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | None:

@@ -449,5 +449,5 @@ def remember_local_multicast() -> None:
         return known
 
     prop = property(is_multicast_locally, doc=original.__doc__)
-    prop.fget._coaplayers_memo = True  # type: ignore[attr-defined]
+    is_multicast_locally._coaplayers_memo = True  # type: ignore[attr-defined]
     UDP6EndpointAddress.is_multicast_locally = prop  # type: ignore[method-assign]

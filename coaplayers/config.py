@@ -77,10 +77,10 @@ def merge_config(
         base = Path(getattr(args, "_config_dir", "."))
     by_key = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     by_name: dict[str, argparse.Action] = {}
-    for action in by_key.values():
-        for opt in action.option_strings:
+    for known in by_key.values():
+        for opt in known.option_strings:
             if opt.startswith("--"):
-                by_name[opt[2:]] = action
+                by_name[opt[2:]] = known
     for key, value in config.items():
         action = by_name.get(key) or by_key.get(key.replace("-", "_"))
         if action is None:

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
               " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"
               " JSON are still written.", file=sys.stderr)
     if args.startup:
-        results = {"startup": startup.measure(3 if args.quick else 7)}
+        results: dict[str, Any] = {"startup": startup.measure(3 if args.quick else 7)}
         results["targets"] = report.evaluate(results)
         print(report.render_startup_only(results), flush=True)
         if args.json:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = 0
     try:
-        results = asyncio.run(_main_task(args, workdir))
+        ran = asyncio.run(_main_task(args, workdir))
     except KeyboardInterrupt:
         print("coap-bench: interrupted; every process it started was stopped", file=sys.stderr)
         return 130
@@ -368,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cleanup:
             shutil.rmtree(workdir, ignore_errors=True)
-    if results is None:
+    if ran is None:
         print("coap-bench: interrupted; every process it started was stopped", file=sys.stderr)
         return 130
+    results = ran
     print(report.render(results), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")

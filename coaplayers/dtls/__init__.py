@@ -14,7 +14,7 @@ Servers accept sessions through a listener (:class:`TinyDtlsListener`,
 returns a valid cookie; :class:`OpenSslPskListener` answers PSK ClientHellos at once.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .errors import (
     AuthenticationFailed,
@@ -99,7 +99,7 @@ if TYPE_CHECKING:
     from .session import DtlsConfig, DtlsSession, State
     from .tinydtls import TinyDtlsListener, TinyDtlsSession
 
-    Listener = TinyDtlsListener | OpenSslListener | GnuTlsListener  # OpenSslPskListener is one
+    Listener: TypeAlias = TinyDtlsListener | OpenSslListener | GnuTlsListener  # PSK: a subclass
 
 __all__ = [
     "AlertReceived",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,7 +255,7 @@ class RawPublicKeyCredentials:
     """
 
     private_key: PrivateKeyTypes
-    trusted: Iterable[bytes | PublicKeyTypes] = field(default_factory=frozenset)
+    trusted: Collection[bytes | PublicKeyTypes] = field(default_factory=frozenset)
     require_peer: bool = True
 
     def __post_init__(self) -> None:
@@ -284,7 +284,7 @@ class RawPublicKeyCredentials:
         return spki_fingerprint(self.public_key_der)
 
     def trusts(self, spki: bytes) -> bool:
-        return spki in self.trusted  # type: ignore[operator]  # a frozenset of DER bytes
+        return spki in self.trusted  # a frozenset of DER bytes (__post_init__)
 
     def __repr__(self) -> str:  # never show the key
         return (

@@ -57,4 +57,5 @@ class KindListener:
             if client_hello_random(datagram) is None:
                 return [], None
             return [HANDSHAKE_FAILURE_ALERT], None
-        return listener.accept(peer_key, datagram, now)
+        answer: tuple[list[bytes], Any] = listener.accept(peer_key, datagram, now)
+        return answer

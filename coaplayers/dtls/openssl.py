@@ -24,11 +24,11 @@ import os
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from .. import _openssl
@@ -773,7 +773,7 @@ def _local_verifier(
     credentials: CertificateCredentials,
     rejected: list[AuthenticationFailed],
     leaf_seen: list[x509.Certificate],
-):  # type: ignore[no-untyped-def]
+) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
     """An OpenSSL verify callback: adds local policy to the chain check, notes the leaf."""
 
     def verify(
@@ -829,7 +829,7 @@ def _map_error(
 def _cert_names(cert: x509.Certificate) -> list[str]:
     names: list[str] = []
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names += san.get_values_for_type(x509.DNSName)
         names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:

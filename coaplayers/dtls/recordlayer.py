@@ -11,7 +11,7 @@ layer".
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
@@ -122,8 +122,10 @@ def _gcm(key: bytes, _tag: int) -> AESGCM:
     return AESGCM(key)
 
 
+_Aead = Callable[[bytes, int], AESCCM | AESGCM]
+
 # OpenSSL's name -> key length, tag length, PRF hash, AEAD (the suites build_context allows)
-SUITES = {
+SUITES: dict[str, tuple[int, int, str, _Aead]] = {
     "ECDHE-ECDSA-AES128-CCM8": (16, 8, "sha256", _ccm8),
     "ECDHE-ECDSA-AES128-GCM-SHA256": (16, 16, "sha256", _gcm),
     "ECDHE-ECDSA-AES256-GCM-SHA384": (32, 16, "sha384", _gcm),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import cast
 
 from DTLSSocket import dtls
 
@@ -36,6 +37,9 @@ _ALERT_CLOSE_NOTIFY = 0
 dtls.setLogLevel(dtls.DTLS_LOG_EMERG)  # tinydtls logs key material at debug level
 
 
+_Lookup = Callable[[bytes], bytes | None]  # a PSK identity's key, None if unknown
+
+
 class _KeyView:
     """The ``pskStore`` tinydtls consults; records which identity a handshake used.
 
@@ -43,7 +47,7 @@ class _KeyView:
     referenced: they are the objects held by the underlying dict.
     """
 
-    def __init__(self, context: _TinyContext, lookup) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context: _TinyContext, lookup: _Lookup) -> None:
         self._context = context
         self._lookup = lookup
 
@@ -69,7 +73,7 @@ class _KeyView:
 class _TinyContext:
     """A tinydtls context and the sessions living in it, by (synthetic) address."""
 
-    def __init__(self, own_identity: bytes, lookup) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, own_identity: bytes, lookup: _Lookup) -> None:
         self.sessions: dict[tuple[str, int], TinyDtlsSession] = {}
         self.current: TinyDtlsSession | None = None
         self._own_identity = own_identity  # referenced: tinydtls keeps a char* into it
@@ -220,7 +224,7 @@ class TinyDtlsSession(DtlsSession):
         events = self._events
         out = []
         while events and type(events[0]) is ApplicationData:
-            out.append(events.popleft().data)
+            out.append(cast(ApplicationData, events.popleft()).data)
         if self._peer_gone:
             self._fail(self._pending_close)
         return out

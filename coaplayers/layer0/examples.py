@@ -81,7 +81,7 @@ def tunnel_example() -> list[tuple[str, bytes]]:
     client = TinyDtlsSession.client(creds, layer0_config())
     client.connect(0.0)
     out: list[tuple[str, bytes]] = []
-    path = WELL_KNOWN_PATH
+    path: tuple[str, ...] = WELL_KNOWN_PATH
     tag = b""
     mid = 0x1000
     queue = client.datagrams_to_send()

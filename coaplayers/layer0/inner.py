@@ -37,7 +37,7 @@ def encode(token: bytes, message: Message) -> bytes:
     bad = [o.number for o in message.opt.option_list() if int(o.number) in OUTER_ONLY_OPTIONS]
     if bad:
         raise InnerMessageError(f"outer-only options inside: {sorted(int(b) for b in bad)}")
-    out = bytes([len(token)]) + token + bytes([int(message.code)]) + message.opt.encode()
+    out: bytes = bytes([len(token)]) + token + bytes([int(message.code)]) + message.opt.encode()
     if message.payload:
         out += b"\xff" + bytes(message.payload)
     return out

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path as _FilePath
-from typing import Any
+from typing import Any, overload
 
 from .profile import is_tunnel_path
 
@@ -83,6 +83,10 @@ class Policy:
         return any(_under(path, p) for p in self.grants.get(identity, ()))
 
 
+@overload
+def identity_text(identity: bytes | str) -> str: ...
+@overload
+def identity_text(identity: None) -> None: ...
 def identity_text(identity: bytes | str | None) -> str | None:
     """The text form policies and resources use: PSK identities as UTF-8 (escaped if not)."""
     if identity is None or isinstance(identity, str):

@@ -13,6 +13,7 @@ from typing import Final
 from aiocoap.numbers.codes import Code
 
 from ..dtls import records
+from ..dtls.errors import ProtocolViolation
 
 WELL_KNOWN_PATH: Final = (".well-known", "atls")
 """The tunnel entry resource: a client POSTs its first ClientHello here."""
@@ -102,7 +103,7 @@ def handshake_tag(datagram: bytes) -> bytes | None:
     """
     try:
         first = records.split_records(datagram)[0]
-    except (records.ProtocolViolation, IndexError):
+    except (ProtocolViolation, IndexError):
         return None
     body = first[records.HEADER_LEN:]
     # handshake header 12 (type, length 3, message_seq 2, fragment offset 3, fragment length 3),

@@ -57,7 +57,9 @@ __all__ = ["Layer0Remote", "Layer0Site", "answer_inline", "layer0_peer"]
 
 log = logging.getLogger(__name__)
 
-ServerCredentials = PskStore | CertificateCredentials | RawPublicKeyCredentials
+_OneKind = PskStore | CertificateCredentials | RawPublicKeyCredentials
+# One kind, or several kinds side by side (make_listener).
+ServerCredentials = _OneKind | tuple[_OneKind, ...] | list[_OneKind]
 # Largest inner message a record may carry: MAX_DATAGRAM minus the worst record overhead
 # (13 header + 8 explicit nonce + 16 GCM tag) with margin.
 MAX_INNER = MAX_DATAGRAM - 64

@@ -254,7 +254,8 @@ class _HalfOpenTable:
             del self._by_host[host]
 
     def victim(self) -> _Peer:
-        return next(iter(max(self._by_host.values(), key=len)))
+        fullest = max(self._by_host.values(), key=len)
+        return next(iter(fullest))
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -563,8 +564,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     # ------------------------------------------------------------- internals
 
     async def _resolve(self, host: str, port: int) -> tuple[str, int]:
-        literal = self._literals.get(host, False)
-        if literal is False:
+        literal = self._literals.get(host, "")  # "": not looked at yet (no address is empty)
+        if literal == "":
             try:
                 literal = str(ipaddress.ip_address(host))
             except ValueError:
@@ -580,7 +581,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             raise error.ResolutionError(f"cannot resolve {host}: {exc.strerror}") from exc
         if not infos:
             raise error.ResolutionError(f"cannot resolve {host}")
-        return infos[0][4][:2]
+        address = infos[0][4]
+        return (str(address[0]), int(address[1]))
 
     def _new_peer(self, remote: Layer1Remote) -> _Peer:
         key = (id(remote._endpoint), remote.address)

@@ -82,8 +82,8 @@ _ODD_FLAGS = _aiooscore.COMPRESSION_BITS_RESERVED | _aiooscore.COMPRESSION_BIT_G
 DEFAULT_REPLAY_WINDOW = 32
 
 
-class SecurityContext(
-    _aiooscore.CanProtect, _aiooscore.CanUnprotect, _aiooscore.SecurityContextUtils
+class SecurityContext(  # aiocoap's OSCORE classes carry no types
+    _aiooscore.CanProtect, _aiooscore.CanUnprotect, _aiooscore.SecurityContextUtils  # type: ignore[misc]
 ):
     """One RFC 8613 security context (one peer, one role), usable with aiocoap.
 
@@ -220,7 +220,7 @@ class SecurityContext(
         if not 0 <= sender_sequence_number <= MAX_SEQUENCE_NUMBER:
             raise KeyingError("sender sequence number out of range")
         self.sender_sequence_number = sender_sequence_number
-        self.sequence_limit = min(sequence_limit, MAX_SEQUENCE_NUMBER)
+        self.sequence_limit: int = min(sequence_limit, MAX_SEQUENCE_NUMBER)
         # Per-context constants of protecting and unprotecting, computed on first use:
         # AEAD objects by key, nonce bases by Partial IV generator, AAD heads by kid.
         self._aeads: dict[bytes, Any] = {}
@@ -315,7 +315,8 @@ class SecurityContext(
         outer.transport_tuning = message.transport_tuning
         alg = self.alg_aead
 
-        generated_by = piv = None
+        generated_by: bytes | None = None
+        piv = b""  # set below: the request's (reused) or a fresh Partial IV
         if request_id is not None:
             generated_by, piv = request_id.get_reusable_kid_and_piv()
         if generated_by is None:
@@ -358,7 +359,7 @@ class SecurityContext(
         aad = self._exchange_aad(alg, request_id)
         outer.payload = self._seal(alg, self.sender_key, nonce, plaintext, aad)
         if is_request:
-            message.oscore_request_piv = piv  # type: ignore[attr-defined]
+            message.oscore_request_piv = piv
         return outer, request_id
 
     def _construct_nonce(

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from aiocoap import Message
 
 
-class OscoreError(CoaplayersError, _aiocoap_error.Error):
+class OscoreError(CoaplayersError, _aiocoap_error.Error):  # type: ignore[misc]  # untyped base
     """Base class of every error raised by :mod:`coaplayers.oscore`.
 
     An aiocoap ``Error``, because these errors surface through aiocoap request objects

@@ -67,7 +67,8 @@ class AccessLog:
         else:
             handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(JsonLinesFormatter())
-        self.handler = handler
+        # Its stream is open from here on (no delay=True): exchange() writes to it directly.
+        self.handler: logging.StreamHandler[Any] = handler
         self.logger.addHandler(handler)
 
     def exchange(self, entry: dict[str, Any]) -> None:

@@ -390,6 +390,7 @@ class ProxySite:
         client = entry["client"]  # per address: Block1 state is per address upstream
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
         pool = self.upstream
+        assert pool is not None  # _route sent nothing here before the contexts existed
         # RFC 7967: when the client suppressed 2.xx, an upstream honouring that stays silent
         # on success, so silence is an answer: wait briefly, then end without a word. A NON
         # request suppressing every class cannot be answered at all: it is sent and left.

@@ -270,8 +270,8 @@ class FaultModel(Generic[P]):
             if (s, d) not in known:
                 self._windows.append(_Window(self._start + s, self._start + s + d))
         self._faults = faults
-        for d, state in self._dirs.items():
-            state.link = faults.link(d)
+        for direction, state in self._dirs.items():
+            state.link = faults.link(direction)
 
     def blackhole(self, now: float, duration: float) -> None:
         """Drop everything, both ways, from ``now`` for ``duration`` seconds."""
