@@ -14,8 +14,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .errors import LocalError
 
-class StateFolderError(Exception):
+
+class StateFolderError(LocalError):
     """The folder for kept state is missing, not a folder, or reachable by others."""
 
 
