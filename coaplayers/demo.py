@@ -114,20 +114,21 @@ class Demo:
             "--upstream", server_uri.removeprefix("coap://"), "--record", str(capture),
         )
         relay_addr = relay_line.split()[-1]
-        access_log = self.dir / "proxy-access.jsonl"
-        _, proxy_line = self.start(
-            "proxy", "coap-proxy", "--listen", "coaps://127.0.0.1:0",
-            "--psk-file", str(creds / "proxy-psk.json"), "--log-file", str(access_log),
-            "--rpk-key", str(creds / "proxy-rpk.key"),
-            "--rpk-trust", str(creds / "client-hop-rpk.pub"),
-        )
-        proxy_uri = proxy_line.split()[-1]
         _, http_line = self.start(
             "server-http", "coap-server", "--config", str(creds / "server.toml"),
             "--listen", "http://127.0.0.1:0", "-v",
         )
         self.http_tap = HttpTap(int(http_line.rsplit(":", 1)[1]))
         http_target = f"http://127.0.0.1:{self.http_tap.port}"
+        access_log = self.dir / "proxy-access.jsonl"
+        _, proxy_line = self.start(
+            "proxy", "coap-proxy", "--listen", "coaps://127.0.0.1:0",
+            "--psk-file", str(creds / "proxy-psk.json"), "--log-file", str(access_log),
+            "--rpk-key", str(creds / "proxy-rpk.key"),
+            "--rpk-trust", str(creds / "client-hop-rpk.pub"),
+            *_allow(f"127.0.0.1:{self.http_tap.port}"),
+        )
+        proxy_uri = proxy_line.split()[-1]
         target = f"coap://{relay_addr}"
         hop1 = ["-P", proxy_uri, "--credentials", str(creds / "client-hop.json")]
         hop1_rpk = ["-P", proxy_uri, "--credentials", str(creds / "client-hop-rpk.json")]
@@ -240,6 +241,17 @@ class Demo:
         print(f"  client   got back {got}" + (
             "" if ok else f"   FAILED (exit {result.returncode}): {_last(result.stderr)}"))
         return (len(rows), clear) if ok else None
+
+
+def _allow(*targets: str) -> list[str]:
+    """``--allow`` for the HTTP tap where coap-proxy has an allow-list (closed by default)."""
+    from dataclasses import fields
+
+    from .proxy.config import ProxyConfig
+
+    if "allow" not in {f.name for f in fields(ProxyConfig)}:
+        return []
+    return [a for t in targets for a in ("--allow", t)]
 
 
 class UdpTap:

@@ -69,7 +69,9 @@ async def web(tmp_path: Path) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def proxy(tmp_path: Path) -> AsyncIterator[Running]:
-    run = await start_proxy(tmp_path, *allow("127.0.0.1"), "--http-max-body", "8192",
+    # no-such-host.invalid: allowed, so that its failure to resolve is what the test sees.
+    run = await start_proxy(tmp_path, *allow("127.0.0.1", "no-such-host.invalid"),
+                            "--http-max-body", "8192",
                             "--upstream-timeout", "2")
     try:
         yield run
