@@ -16,6 +16,7 @@ returns a valid cookie; :class:`OpenSslPskListener` answers PSK ClientHellos at 
 
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .alerts import AlertDescription, AlertLevel
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -102,6 +103,8 @@ if TYPE_CHECKING:
     Listener: TypeAlias = TinyDtlsListener | OpenSslListener | GnuTlsListener  # PSK: a subclass
 
 __all__ = [
+    "AlertDescription",
+    "AlertLevel",
     "AlertReceived",
     "ApplicationData",
     "AuthenticationFailed",

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from ..errors import CoaplayersError, LocalError, RemoteError
+from .alerts import (
+    CERTIFICATE_REJECTED,
+    HANDSHAKE_REFUSED,
+    VERIFY_FAILED,
+    AlertDescription,
+    alert_name,
+)
 
 
 class DtlsError(CoaplayersError):
@@ -49,34 +56,7 @@ class NetworkUnreachable(DtlsError, RemoteError):
     """The local network stack refused to send to the peer (no route, host unreachable)."""
 
 
-ALERT_NAMES = {
-    0: "close_notify",
-    10: "unexpected_message",
-    20: "bad_record_mac",
-    22: "record_overflow",
-    40: "handshake_failure",
-    42: "bad_certificate",
-    43: "unsupported_certificate",
-    44: "certificate_revoked",
-    45: "certificate_expired",
-    46: "certificate_unknown",
-    47: "illegal_parameter",
-    48: "unknown_ca",
-    49: "access_denied",
-    50: "decode_error",
-    51: "decrypt_error",
-    70: "protocol_version",
-    71: "insufficient_security",
-    80: "internal_error",
-    90: "user_canceled",
-    100: "no_renegotiation",
-    110: "unsupported_extension",
-    115: "unknown_psk_identity",
-}
-
-
-def alert_name(description: int) -> str:
-    return ALERT_NAMES.get(description, f"alert {description}")
+ALERT_NAMES = {int(a): a.name for a in AlertDescription}  # the enum's, by number
 
 
 def alert_error(description: int, *, we_are_client: bool, raw_public_key: bool = False
@@ -84,7 +64,7 @@ def alert_error(description: int, *, we_are_client: bool, raw_public_key: bool =
     """Map a fatal alert from the peer to an error naming the likely cause (``raw_public_key``:
     we authenticate with a raw public key, RFC 7250, not a certificate)."""
     name = alert_name(description)
-    if description in (42, 43, 44, 45, 46, 48):
+    if description in CERTIFICATE_REJECTED:
         side = "server" if we_are_client else "client"
         if raw_public_key:
             return AuthenticationFailed(
@@ -96,12 +76,12 @@ def alert_error(description: int, *, we_are_client: bool, raw_public_key: bool =
             " still valid"
             + (", and issued for the name the client asked for?" if side == "client" else "?")
         )
-    if description in (40, 115, 49):
+    if description in HANDSHAKE_REFUSED:
         return AuthenticationFailed(
             f"the peer refused the handshake ({name}): likely an unknown PSK identity or no"
             " common cipher suite"
         )
-    if description in (20, 51):
+    if description in VERIFY_FAILED:
         return AuthenticationFailed(
             f"the peer could not verify our handshake ({name}): likely a wrong PSK"
         )

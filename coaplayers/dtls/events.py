@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .alerts import AlertLevel
 from .errors import DtlsError
 
 
@@ -35,14 +36,14 @@ class ApplicationData(Event):
 
 @dataclass(frozen=True, slots=True)
 class AlertReceived(Event):
-    """The peer sent an alert (RFC 5246 section 7.2 numbering)."""
+    """The peer sent an alert (RFC 5246 section 7.2 numbering: :mod:`.alerts` names them)."""
 
     level: int
     description: int
 
     @property
     def fatal(self) -> bool:
-        return self.level == 2
+        return self.level == AlertLevel.fatal
 
 
 @dataclass(frozen=True, slots=True)

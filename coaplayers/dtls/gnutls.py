@@ -32,6 +32,7 @@ from cffi import FFI
 from cryptography.hazmat.primitives import serialization
 
 from . import records
+from .alerts import AlertDescription, AlertLevel
 from .credentials import RawPublicKeyCredentials, spki_fingerprint
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, alert_error
 from .recordlayer import RecordLayer
@@ -561,7 +562,7 @@ class GnuTlsSession(DtlsSession):
         lib = _gnutls()
         if rc == _E_FATAL_ALERT_RECEIVED:
             description = int(lib.gnutls_alert_get(self._s))
-            if description == 40 and not self.is_client:
+            if description == AlertDescription.handshake_failure and not self.is_client:
                 return AuthenticationFailed(
                     "the client refused the handshake (handshake_failure)"
                 )
@@ -592,7 +593,7 @@ class GnuTlsSession(DtlsSession):
                 continue
             if rc == 0:  # close_notify
                 self._inbox.clear()
-                self._alert(1, 0)
+                self._alert(AlertLevel.warning, AlertDescription.close_notify)
                 self._fail(None)
                 return
             if rc in (_E_AGAIN, _E_INTERRUPTED):

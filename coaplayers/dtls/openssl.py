@@ -33,6 +33,7 @@ from OpenSSL import SSL, crypto
 
 from .. import _openssl
 from . import records
+from .alerts import AlertDescription, AlertLevel
 from .credentials import CertificateCredentials, PskClientCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
 from .recordlayer import SUITES, RecordLayer
@@ -303,10 +304,10 @@ class OpenSslSession(DtlsSession):
                 self._epoch1_nonces.append(
                     record[records.HEADER_LEN : records.HEADER_LEN + 8]
                 )
-        elif self._issued is not None and records.handshake_type(record) == 2:  # ServerHello
-            at = records.HEADER_LEN + 12 + 2 + 32
-            if len(record) > at:
-                self._session_id = record[at + 1 : at + 1 + record[at]]
+        elif self._issued is not None:
+            offered = records.server_hello_session_id(record)
+            if offered is not None:
+                self._session_id = offered
 
     def _drop_backend_retransmission(self, conn: SSL.Connection) -> None:
         """Run and discard OpenSSL's own retransmission before it reads new records.
@@ -439,7 +440,7 @@ class OpenSslSession(DtlsSession):
             except SSL.WantReadError:
                 return
             except SSL.ZeroReturnError:
-                self._alert(1, 0)
+                self._alert(AlertLevel.warning, AlertDescription.close_notify)
                 self._pump()
                 self._fail(None)
                 return
@@ -499,7 +500,7 @@ class OpenSslListener:
         """
         if records.client_hello_random(datagram) is None:
             return [], None
-        offered = _session_id_without_cookie(datagram)
+        offered = records.session_id_without_cookie(datagram)
         if self.resume_without_cookie and offered in self._issued:
             conn = self._resume_at_once(peer_key, datagram)
             if conn is not None:
@@ -697,7 +698,7 @@ class OpenSslPskListener(OpenSslListener):
             return [], None
         # A ClientHello with a cookie answers our HelloVerifyRequest: OpenSSL must check it
         # (and only the listening object expects its message sequence number, 1).
-        if _has_cookie(datagram) or self.in_progress >= self.without_cookie:
+        if records.has_cookie(datagram) or self.in_progress >= self.without_cookie:
             return self._cookie_exchange(peer_key, datagram, now)
         conn = self._new_listener()
         conn.set_app_data(peer_key)
@@ -714,53 +715,15 @@ class OpenSslPskListener(OpenSslListener):
         return OpenSslPskSession(conn, self.store, config=self.config)
 
 
-def _session_id_and_cookie(hello: bytes) -> tuple[bytes, int] | None:
-    """The session ID a whole ClientHello (checked by records.client_hello_random) offers,
-    and the length of its cookie."""
-    at = records.HEADER_LEN + 12 + 2 + 32  # record and handshake headers, version, random
-    if len(hello) < at + 2:
-        return None
-    cookie_at = at + 1 + hello[at]
-    if hello[at] > 32 or len(hello) <= cookie_at:
-        return None
-    return hello[at + 1 : cookie_at], hello[cookie_at]
-
-
-def _has_cookie(hello: bytes) -> bool:
-    parsed = _session_id_and_cookie(hello)
-    return parsed is not None and parsed[1] != 0
-
-
-def _session_id_without_cookie(hello: bytes) -> bytes | None:
-    """The session ID a ClientHello without a cookie offers (None: none, or a cookie)."""
-    parsed = _session_id_and_cookie(hello)
-    if parsed is None or not parsed[0] or parsed[1] != 0:
-        return None
-    return parsed[0]
-
-
 # ------------------------------------------------------------------------- helpers
 
 
 _ALERT_RE = re.compile(r"alert (.+)$")
-_ALERT_NUMBERS = {
-    "bad certificate": 42,
-    "unsupported certificate": 43,
-    "certificate revoked": 44,
-    "certificate expired": 45,
-    "certificate unknown": 46,
-    "unknown ca": 48,
-    "access denied": 49,
-    "decode error": 50,
-    "decrypt error": 51,
-    "handshake failure": 40,
-    "protocol version": 70,
-    "insufficient security": 71,
-    "internal error": 80,
-    "illegal parameter": 47,
-    "unexpected message": 10,
-    "bad record mac": 20,
-}
+
+
+def _alert_from_text(text: str) -> AlertDescription | None:
+    """The alert OpenSSL's reason text names ("sslv3 alert bad certificate": bad certificate)."""
+    return AlertDescription.__members__.get(text.strip().replace(" ", "_"))
 
 
 def _require_peer_name(conn: SSL.Connection, name: str) -> None:
@@ -804,8 +767,9 @@ def _map_error(
     for reason in reasons:
         m = _ALERT_RE.search(reason)
         if m:
-            number = _ALERT_NUMBERS.get(m.group(1).strip())
-            if number == 40 and we_are_client and not presented_certificate:
+            number = _alert_from_text(m.group(1))
+            if (number is AlertDescription.handshake_failure and we_are_client
+                    and not presented_certificate):
                 return AuthenticationFailed(
                     "the server refused the handshake (handshake_failure): it likely requires a"
                     " client certificate, and we presented none"

@@ -128,6 +128,39 @@ def client_hello_random(datagram: bytes) -> bytes | None:
     return bytes(datagram[start : start + 32])
 
 
+def session_id_and_cookie(hello: bytes) -> tuple[bytes, int] | None:
+    """The session ID a whole ClientHello (checked by :func:`client_hello_random`) offers,
+    and the length of its cookie."""
+    at = HEADER_LEN + 12 + 2 + 32  # record and handshake headers, version, random
+    if len(hello) < at + 2:
+        return None
+    cookie_at = at + 1 + hello[at]
+    if hello[at] > 32 or len(hello) <= cookie_at:
+        return None
+    return hello[at + 1 : cookie_at], hello[cookie_at]
+
+
+def has_cookie(hello: bytes) -> bool:
+    parsed = session_id_and_cookie(hello)
+    return parsed is not None and parsed[1] != 0
+
+
+def server_hello_session_id(record: bytes) -> bytes | None:
+    """The session ID of a ServerHello record (``None``: not a ServerHello)."""
+    at = HEADER_LEN + 12 + 2 + 32  # record and handshake headers, version, random
+    if handshake_type(record) != HANDSHAKE_SERVER_HELLO or len(record) <= at:
+        return None
+    return record[at + 1 : at + 1 + record[at]]
+
+
+def session_id_without_cookie(hello: bytes) -> bytes | None:
+    """The session ID a ClientHello without a cookie offers (None: none, or a cookie)."""
+    parsed = session_id_and_cookie(hello)
+    if parsed is None or not parsed[0] or parsed[1] != 0:
+        return None
+    return parsed[0]
+
+
 def pack_datagrams(records: Iterable[bytes], mtu: int) -> list[bytes]:
     """Pack records into as few datagrams as fit ``mtu``; an oversized record goes alone."""
     out: list[bytes] = []

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import records
+from .alerts import AlertDescription, AlertLevel
 from .errors import (
     DtlsError,
     HandshakeTimeout,
@@ -356,11 +357,11 @@ class DtlsSession(abc.ABC):
             if len(plain) != 2:
                 continue
             level, description = plain
-            if description == 0:  # close_notify
-                self._alert(1, 0)
+            if description == AlertDescription.close_notify:
+                self._alert(AlertLevel.warning, AlertDescription.close_notify)
                 self._fail(None)
                 return
-            if level == 2:
+            if level == AlertLevel.fatal:
                 self._fatal_alert_received()
                 raise alert_error(description, we_are_client=self.is_client,
                                   raw_public_key=self._raw_public_key)

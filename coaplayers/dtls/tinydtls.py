@@ -21,8 +21,9 @@ from typing import cast
 from DTLSSocket import dtls
 
 from . import records
+from .alerts import AlertDescription, AlertLevel, alert_name
 from .credentials import PskClientCredentials, PskStore
-from .errors import AuthenticationFailed, DtlsError, alert_error, alert_name
+from .errors import AuthenticationFailed, DtlsError, alert_error
 from .events import ApplicationData
 from .session import DtlsConfig, DtlsSession, State
 
@@ -32,12 +33,19 @@ CIPHER_SUITE = "TLS_PSK_WITH_AES_128_CCM_8"
 _RECORD_OVERHEAD = 29
 _TINYDTLS_MAX_PLAINTEXT = 1379
 _EVENT_CONNECTED = 0x1DE
-_ALERT_CLOSE_NOTIFY = 0
 
 dtls.setLogLevel(dtls.DTLS_LOG_EMERG)  # tinydtls logs key material at debug level
 
 
 _Lookup = Callable[[bytes], bytes | None]  # a PSK identity's key, None if unknown
+
+
+# What tinydtls and libcoap servers abort a handshake with when the PSK identity is not in
+# their store.
+_IDENTITY_REFUSED = frozenset({
+    AlertDescription.handshake_failure, AlertDescription.access_denied,
+    AlertDescription.internal_error, AlertDescription.unknown_psk_identity,
+})
 
 
 class _KeyView:
@@ -160,13 +168,13 @@ class TinyDtlsSession(DtlsSession):
         if level == 0 and code == _EVENT_CONNECTED:
             identity = self._client_identity if self.is_client else self._identity_seen
             self._established(identity, CIPHER_SUITE, False)
-        elif level in (1, 2):
+        elif level in (AlertLevel.warning, AlertLevel.fatal):
             self._alert(level, code)
-            if code == _ALERT_CLOSE_NOTIFY:
+            if code == AlertDescription.close_notify:
                 self._pending_close = None
                 self._peer_gone = True
-            elif level == 2:
-                if self.is_client and self.state is State.HANDSHAKING and code in (40, 49, 80, 115):
+            elif level == AlertLevel.fatal:
+                if self.is_client and self.state is State.HANDSHAKING and code in _IDENTITY_REFUSED:
                     # tinydtls and libcoap servers abort with internal_error or
                     # handshake_failure when the identity is not in their store.
                     self._pending_close = AuthenticationFailed(

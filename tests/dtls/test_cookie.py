@@ -104,3 +104,34 @@ def test_non_client_hello_datagrams_are_ignored_by_the_listener(backend: Backend
             assert listener.accept("peer", sent.data, 0.0) == ([], None)
     if isinstance(listener, TinyDtlsListener):
         assert listener.session_count == 0
+
+
+def test_hello_parsing_reads_session_id_and_cookie(backend: Backend) -> None:
+    listener = backend.new_listener(DtlsConfig())
+    client = backend.new_client(DtlsConfig())
+    client.connect(0.0)
+    (hello,) = client.datagrams_to_send()
+    assert records.session_id_and_cookie(hello) == (b"", 0)  # a fresh client offers neither
+    assert not records.has_cookie(hello)
+    assert records.session_id_without_cookie(hello) is None
+    assert records.server_hello_session_id(hello) is None  # not a ServerHello
+
+    replies, _ = listener.accept("peer A", hello, 0.0)
+    (verify_request,) = records.split_records(replies[0])
+    cookie_len = verify_request[records.HEADER_LEN + 12 + 2]  # after the server_version
+    client.receive_datagram(replies[0], 0.0)
+    (hello_with_cookie,) = client.datagrams_to_send()
+    assert records.session_id_and_cookie(hello_with_cookie) == (b"", cookie_len) != (b"", 0)
+    assert records.has_cookie(hello_with_cookie)
+    assert records.session_id_and_cookie(hello[: RANDOM_AT + 32]) is None  # cut short
+
+    net = backend.network()
+    net.handshake()
+    server_hellos = [
+        r for sent in net.sent if sent.sender != CLIENT
+        for r in records.split_records(sent.data)
+        if records.handshake_type(r) == records.HANDSHAKE_SERVER_HELLO
+    ]
+    assert server_hellos
+    session_id = records.server_hello_session_id(server_hellos[0])
+    assert session_id is not None and len(session_id) <= 32
