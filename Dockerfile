@@ -40,9 +40,12 @@ RUN pip install --no-deps . && rm -rf build
 # ---- runtime stage: the base image plus the venv, no compilers -------------------------
 FROM ${BASE}
 COPY --from=build /opt/coaplayers /opt/coaplayers
+# XDG_STATE_HOME: what coap-client keeps between runs (OSCORE contexts, Layer 0 sessions)
+# goes to the container's own /tmp, since the unprivileged user below has no home.
 ENV PATH=/opt/coaplayers/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    XDG_STATE_HOME=/tmp/state
 # An unprivileged user owns /keys, where compose.yaml mounts the credential volume (a new
 # named volume takes this folder's owner). CoAP's ports are above 1024: no root needed.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent coap \
