@@ -375,8 +375,8 @@ def error_to_message(old_pr: Any, log: logging.Logger) -> Any:
     interest is forwarded.
 
     Copied because aiocoap's runs ``from .message import Message`` on every call: an import
-    statement per rendered request, ~2-3 us of CPU each, and a server renders through one
-    or two of these per request.
+    statement per rendered request, and a server renders through one or two of these per
+    request (the cost: docs/BENCHMARKS.md, "Costs behind the code").
     """
     next_pr = Pipe(old_pr.request, log)
 

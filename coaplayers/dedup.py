@@ -4,8 +4,8 @@ aiocoap remembers every received request for EXCHANGE_LIFETIME (247 s by default
 response it got, as a ``Message`` (its options, option objects and transport tuning), and one
 timer per entry: about 25 objects per request that the garbage collector walks. A proxy or
 server answering a few hundred requests per second holds millions of them, and Python's full
-collections then stop the process for hundreds of milliseconds, later seconds (coap-bench
-saw gen-2 pauses of 300-650 ms in coap-proxy after 20 s of load). Written here because
+collections then stop the process for long pauses that grow with the load (coap-bench's
+figures: docs/BENCHMARKS.md, "Costs behind the code"). Written here because
 aiocoap has no setting for it: the same checks, with the response kept as its encoded bytes
 and the entries keyed by a number per peer (tuples of numbers and bytes, which the collector
 stops walking), expiring in order from one timer.
@@ -77,7 +77,7 @@ class CompactDuplicates:
         request (a piggybacked response, an empty ACK or a RST: same message ID).
 
         The transport encodes the same message right after this; encoding it here too
-        (about 3.5 us) is what keeps the table out of the collector's walk, and aiocoap's
+        (a small cost) is what keeps the table out of the collector's walk, and aiocoap's
         message interface hands back no encoded bytes to keep instead."""
         peer = self._peers.get(message.remote)
         if peer is None:

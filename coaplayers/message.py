@@ -25,7 +25,7 @@ def copy_request(message: Message) -> Message:
     Like aiocoap's ``Message.copy()`` but shallow: the option lists are new, the option
     objects are shared. aiocoap never changes an option object in place (its setters
     replace options), so this is enough, and it avoids ``copy.deepcopy`` of every option
-    (about 35 us of CPU per request in coap-bench).
+    (its cost per request: docs/BENCHMARKS.md, "Costs behind the code").
     """
     new = Message(code=message.code, payload=message.payload,
                   transport_tuning=message.transport_tuning)

@@ -4,6 +4,7 @@ on the sans-I/O cores, normal elsewhere)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,21 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     done = _run("mypy")  # files and strictness per module: [tool.mypy] in pyproject.toml
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# A measured cost ("~35 us of CPU per request") ages in a docstring; docs/BENCHMARKS.md keeps
+# such figures ("Costs behind the code"). coaplayers/bench measures, so it may name units.
+_TIMING = re.compile(r"\d\s?(?:us|µs)\b|\d\s?ms (?:of CPU|per (?:request|message))"
+                     r"|(?:ms|us) (?:less|more) per")
+
+
+def test_no_timing_figures_in_the_code() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for top in ("coaplayers", "client", "server")
+        for path in sorted((ROOT / top).rglob("*.py"))
+        if "bench" not in path.relative_to(ROOT).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if _TIMING.search(line)
+    ]
+    assert found == [], "timing figures belong in docs/BENCHMARKS.md"

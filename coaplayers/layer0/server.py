@@ -454,7 +454,7 @@ class Layer0Site(interfaces.Resource):
     def _seal(self, sid: str, token: bytes, response: Message) -> bytes | None:
         # Outer-only options are never echoed inside. The response may be the resource's own
         # object, so it is copied before they are removed; only then (Message.copy is a deep
-        # copy, ~30 us, and almost no response carries one of them).
+        # copy, and almost no response carries one of them).
         outer_only = [o for o in response.opt.option_list() if int(o.number) in OUTER_ONLY_OPTIONS]
         if outer_only:
             response = response.copy()

@@ -26,23 +26,22 @@ class ServerContext(aiocoap.Context):
     """aiocoap's context with a cheaper ``render_to_pipe`` and ``request``.
 
     aiocoap names each request's rendering task with ``"Rendering for %r" % request``, which
-    formats the message and its remote (address parsing included) for every request: about a
-    quarter of a millisecond, a tenth of what a small request costs a server. The tasks get a
+    formats the message and its remote (address parsing included) for every request, a good
+    part of what a small request costs a server (docs/BENCHMARKS.md). The tasks get a
     constant name instead; everything else is aiocoap's (0.4.17; recheck on upgrades).
     Outgoing requests likewise: aiocoap's block-wise runner task is named after the request's
-    repr (~15-40 us per request; twice per request in the OSCORE mode, whose protected
-    request is a second one).
+    repr (twice per request in the OSCORE mode, whose protected request is a second one).
 
     ``find_remote_and_interface`` keeps what aiocoap resolved for a ``coap://`` host for
     ``resolve_ttl`` seconds (0: resolve every time): aiocoap's udp6 transport otherwise runs
     ``getaddrinfo`` in a worker thread, plus a routability probe, for every request to an
-    address given by name or as a URI (a fifth of a plain client's CPU per request in
-    coap-bench). For a ``coaps://`` host it keeps the Layer 1 transport's own remote for it,
-    which stands for the host across DTLS sessions (the transport opens a new session on it
-    when needed), instead of asking every request interface and the Layer 1 transport (name,
-    socket and credential lookups) per request: ~10-15 us of CPU per request at a client
-    and at coap-proxy; the key says whether the request goes through a proxy, as that
-    decides which credentials open a session. Only while every request interface is a
+    address given by name or as a URI (a large share of a plain client's CPU per request:
+    docs/BENCHMARKS.md). For a ``coaps://`` host it keeps the Layer 1 transport's own remote
+    for it, which stands for the host across DTLS sessions (the transport opens a new session
+    on it when needed), instead of asking every request interface and the Layer 1 transport
+    (name, socket and credential lookups) per request, at a client and at coap-proxy; the
+    key says whether the request goes through a proxy, as that decides which credentials
+    open a session. Only while every request interface is a
     plain aiocoap token manager (udp6, Layer 1) or says it declines the request
     (``declines(message)``, as the OSCORE client transport does for a message it has already
     protected): an interface such as OSCORE's claims requests by their URI, and a remembered

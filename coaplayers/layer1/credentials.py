@@ -143,7 +143,7 @@ class ClientCredentials(_aiocoap.credentials_map_base(  # type: ignore[misc]
         self._base = Path(base)
         # uri -> what for_uri returned. The transport asks for every request (a proxied
         # request names the same hop every time); matching means building a Message from
-        # the URI and testing every pattern, ~60-100 us of CPU per request in coap-bench.
+        # the URI and testing every pattern (its cost: docs/BENCHMARKS.md).
         # Any change to the map empties it (see _changed).
         self._for_uri: dict[str, Loaded] = {}
 

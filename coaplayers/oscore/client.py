@@ -129,7 +129,7 @@ class ClientContexts:
             # The common case (a request not sent yet, through a proxy or not): the origin
             # depends only on these fields, so it is computed once per combination rather
             # than by building the request URI and parsing it again for every request
-            # (~50 us of CPU per request in coap-bench). The path test needs no URI either:
+            # (docs/BENCHMARKS.md). The path test needs no URI either:
             # Uri-Path options are the unquoted segments.
             key = (opt.proxy_scheme, remote.scheme, remote.hostinfo, opt.uri_host,
                    opt.uri_port)
@@ -227,7 +227,7 @@ class OscoreClientTransport(TransportOSCORE):
         return message.opt.oscore is not None and not isinstance(message.remote, OSCOREAddress)
 
     def request(self, request: Any) -> None:
-        # No task name: formatting the request's repr for it cost ~40 us per request.
+        # No task name: formatting the request's repr for it costs CPU on every request.
         task = self.loop.create_task(self._request_mapping_errors(request))
         tasks = _aiocoap.oscore_transport_tasks(self)
         tasks.add(task)
@@ -363,8 +363,8 @@ class _Wire:
 
     aiocoap's ``Context.request`` runs each request in a block-wise task of its own, which
     looks the request interface up a second time; a protected request of one block without
-    Observe needs neither (about 1 task, 1 loop iteration and 1 Layer 1 address lookup per
-    request: ~40-60 us of CPU in coap-bench's OSCORE mode). Its answer is still completed by
+    Observe needs neither (1 task, 1 loop iteration and 1 Layer 1 address lookup saved per
+    request; the CPU this saves: docs/BENCHMARKS.md). Its answer is still completed by
     aiocoap's block-wise code when it comes in outer Block2 blocks. Everything else goes
     to ``Context.request`` unchanged.
     """

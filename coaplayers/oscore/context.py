@@ -301,8 +301,8 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         The steps of aiocoap's ``CanProtect.protect`` for a non-group context, written out:
         aiocoap's general version (group modes, signatures, deterministic requests) builds
         the COSE header twice and formats a dozen debug strings whether or not debug
-        logging is on; this one did ~35 -> ~15 us per message in isolation and about 0.1 ms
-        less per message in coap-bench, where each runs cache-cold between datagrams. The
+        logging is on; this one costs about half as much per message (docs/BENCHMARKS.md;
+        in coap-bench each runs cache-cold between datagrams). The
         output is byte-identical (tests/oscore/test_oscore_fastpaths.py compares it with
         aiocoap's for requests and responses; the RFC 8613 Appendix C vectors pass). The
         AEAD is aiocoap's algorithm object (the ``cryptography`` library), unchanged.
@@ -351,7 +351,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
                     raise ValueError("KID Context too long")
                 flags |= _aiooscore.COMPRESSION_BIT_H
                 s_kid_context = bytes((len(context_value),)) + context_value
-        # (What the ``oscore`` setter stores, made directly: ~1 us less per message.)
+        # (What the ``oscore`` setter stores, made directly: cheaper than the setter.)
         _aiocoap.option_lists(outer.opt)[_OSCORE] = [_OpaqueOption(
             _OSCORE, bytes((flags,)) + option_piv + s_kid_context + kid if flags else b""
         )]
@@ -366,8 +366,8 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any
     ) -> bytes:
         """aiocoap's nonce (RFC 8613 Section 5.2), XORed as one integer and without its
-        debug line, whose three hex strings were built even with debug logging off (the
-        two together: ~4 us per nonce, two nonces per message). The Common IV XOR the ID
+        debug line, whose three hex strings were built even with debug logging off (two
+        nonces per message; the saving: docs/BENCHMARKS.md). The Common IV XOR the ID
         part is a constant per Partial IV generator, kept after its first use. Same inputs,
         same bytes (tests/oscore/test_oscore_fastpaths.py and the RFC 8613 vectors check it).
         """
@@ -468,7 +468,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         non-group context with a known replay window, written out as :meth:`protect` is:
         aiocoap's general version parses the OSCORE option into a COSE header map, builds
         the external AAD through its group-aware code and evaluates about ten debug calls
-        per message (~70 -> ~30 us per request at the server in isolation). The checks, their
+        per message (this costs less than half of it: docs/BENCHMARKS.md). The checks, their
         order and the exceptions are aiocoap's (tests/oscore/test_oscore_fastpaths.py
         compares both on valid, forged, replayed and malformed messages). Everything else
         goes to aiocoap's code unchanged: a replay window not yet known (Echo recovery,
@@ -558,8 +558,8 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
 
         Without Proxy-Uri (every request of this project's clients, and every response) the
         split is done here without aiocoap's ``message.copy()``, whose ``deepcopy`` of the
-        options was the largest single cost of protecting a message (~0.3-0.4 ms of CPU per
-        request in coap-bench's OSCORE mode, client and server together). The result is the
+        options was the largest single cost of protecting a message (docs/BENCHMARKS.md,
+        "Costs behind the code"). The result is the
         same: the inner options are the message's minus Uri-Host, Uri-Port, Proxy-Uri and
         Proxy-Scheme (responses: all of them), encoded after the code, then 0xFF and the
         payload; the outer message carries the code POST / FETCH (Observe) or the response

@@ -235,7 +235,7 @@ class OscoreRequester:
     def _send(self, message: aiocoap.Message) -> Any:
         # A copy, as sending fills in the remote and routing options and the request may go
         # out again after a re-keying. Shallow (see copy_request): aiocoap's Message.copy
-        # deep-copies the options, ~35 us of CPU per request in coap-bench.
+        # deep-copies the options (its cost: docs/BENCHMARKS.md).
         return self._via.request(copy_request(message))
 
     async def _exchange(self, message: aiocoap.Message) -> tuple[aiocoap.Message, Any]:
@@ -258,7 +258,7 @@ class OscoreRequester:
     def _routing(self, remote: UndecidedRemote) -> Routing:
         """What ProxyForwarder.request sets for a request to ``remote``: Uri-Host, Uri-Port
         and Proxy-Scheme (None: the option is removed), as the options' setters would set
-        them, kept per scheme and host (~3 us per request)."""
+        them, kept per scheme and host (computed once, not per request)."""
         key = (remote.scheme, remote.hostinfo)
         routing = self._routes.get(key)
         if routing is None:
@@ -284,8 +284,8 @@ class OscoreRequester:
         What aiocoap's ``Context.request`` would do for it, without its machinery: its
         block-wise runner task, the task that looks for a request interface (asking each
         transport), the OSCORE transport's own task and the send task of the protected
-        request (:meth:`OscoreClientTransport.exchange_one`); together ~25-30% of the
-        client's CPU per request in coap-bench. ``message`` itself is protected (it is not
+        request (:meth:`OscoreClientTransport.exchange_one`); together a large share of the
+        client's CPU per request (docs/BENCHMARKS.md). ``message`` itself is protected (it is not
         changed) and the proxy's routing options go on the protected message, so no copy
         of it is made. The protected request still goes through the context
         (retransmission, Layer 1), and a block-wise answer is completed by aiocoap's own

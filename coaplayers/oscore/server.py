@@ -390,8 +390,8 @@ class OscoreSite(interfaces.Resource):
         # The inner site renders in this task, and its answers are protected as it adds them
         # (a callback on a plain Pipe). aiocoap's wrapper runs it in a task of its own and
         # queues the answers through an IterablePipe; doing without that task, queue and the
-        # task name (which formatted the context's repr) saves ~60-80 us of CPU per request
-        # in coap-bench. Loss of interest still stops the rendering: it cancels this task.
+        # task name (which formatted the context's repr) saves CPU on every request
+        # (docs/BENCHMARKS.md). Loss of interest still stops the rendering: it cancels this task.
         inner_pipe = aiocoap.pipe.Pipe(inner_request, log)
         outer_pipe = pipe
 
