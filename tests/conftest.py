@@ -75,6 +75,25 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def fingerprint(key: object) -> str:
+    """How coaplayers names a raw public key: the first 16 bytes of the SHA-256 of its DER
+    SubjectPublicKeyInfo, in hex. Computed here with ``cryptography`` and ``hashlib``, not
+    by the library under test. ``key``: a private or public key, or a PEM file of either."""
+    import hashlib
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(key, Path):
+        pem = key.read_bytes()
+        key = (serialization.load_pem_public_key(pem) if b"PUBLIC KEY" in pem.split(b"\n")[0]
+               else serialization.load_pem_private_key(pem, None))
+    public = key.public_key() if hasattr(key, "public_key") else key
+    der = public.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()[:16].hex()
+
+
 def need_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -29,10 +29,11 @@ from coaplayers.dtls import (
     State,
     records,
 )
-from coaplayers.dtls.credentials import RawPublicKeyCredentials, spki_der, spki_fingerprint
+from coaplayers.dtls.credentials import RawPublicKeyCredentials, spki_der
 from coaplayers.dtls.gnutls import CIPHER_SUITE, GnuTlsListener, GnuTlsSession
 from coaplayers.dtls.gnutls import _ffi as gnutls_ffi
 
+from ..conftest import fingerprint
 from .conftest import Backend
 from .harness import CLIENT, SERVER, Network
 from .test_cookie import (  # noqa: F401  - collected here again, with the GnuTLS backend
@@ -80,10 +81,6 @@ def client_credentials(**kw) -> RawPublicKeyCredentials:  # type: ignore[no-unty
 def server_credentials(**kw) -> RawPublicKeyCredentials:  # type: ignore[no-untyped-def]
     kw.setdefault("trusted", [spki_der(CLIENT_KEY.public_key())])  # DER works as well
     return RawPublicKeyCredentials(kw.pop("key", SERVER_KEY), **kw)
-
-
-def fingerprint(key: ec.EllipticCurvePrivateKey) -> str:
-    return spki_fingerprint(spki_der(key.public_key()))
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,11 @@ from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskSto
 from coaplayers.layer0 import Layer0Channel, Layer0Site, Policy, ServerLimits
 from coaplayers.layer0.server import answer_inline
 
+from ..conftest import free_udp_port
 from .apps import make_site
 
 PSK_IDENTITY = b"device-psk-1"
 PSK_KEY = b"l0-secret-key-16"  # tinydtls fails the handshake with keys of ~20+ bytes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class FastTuning(TransportTuning):
@@ -107,7 +102,7 @@ class Origin:
         limits: ServerLimits | None = None,
     ) -> None:
         self.creds = creds
-        self.port = free_port()
+        self.port = free_udp_port()
         self.policy = policy or Policy.build(protected=["/text", "/echo", "/counter", "/whoami"])
         self.limits = limits or ServerLimits(poll_hold=5.0)
         self.context: aiocoap.Context | None = None
@@ -147,7 +142,7 @@ class ProxyProcess:
     def __init__(self, kind: str, log_dir: Path, ack_timeout: float = 0.5) -> None:
         self.kind = kind
         self.ack_timeout = ack_timeout
-        self.port = free_port()
+        self.port = free_udp_port()
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

@@ -13,8 +13,9 @@ from aiocoap.optiontypes import BlockOption
 from coaplayers.blockwise import BlockwiseLimits, BoundedSite
 from coaplayers.layer0 import Layer0Site, Policy
 
+from ..conftest import free_udp_port
 from .apps import Echo
-from .conftest import Credentials, channel, free_port
+from .conftest import Credentials, channel
 
 T = 20.0
 
@@ -24,7 +25,7 @@ async def test_inner_blocks_out_of_order_and_beyond_the_limit(client_context) ->
     site = BoundedSite(BlockwiseLimits(max_body=2048))
     site.add_resource(["echo"], Echo())
     layer0 = Layer0Site(site, creds.server, policy=Policy.build(protected=["/echo"]))
-    port = free_port()
+    port = free_udp_port()
     server = await aiocoap.Context.create_server_context(layer0, bind=("127.0.0.1", port))
     try:
         ch = channel(client_context, f"coap://127.0.0.1:{port}", creds)

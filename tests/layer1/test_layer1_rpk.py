@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coaplayers import dtls
 from coaplayers.layer1 import ClientCredentials, Layer1Error, create_context
 
-from ..conftest import background, free_udp_port, need_program, run_program, wait_udp_bound
+from ..conftest import (
+    background,
+    fingerprint,
+    free_udp_port,
+    need_program,
+    run_program,
+    wait_udp_bound,
+)
 from .test_layer1 import IDENT, KEY, get, psk_creds, refused, site
 
 SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -28,10 +35,6 @@ SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyI
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
-
-
-def fingerprint(key: ec.EllipticCurvePrivateKey) -> str:
-    return dtls.spki_fingerprint(key.public_key().public_bytes(*SPKI))
 
 
 def write_pair(folder: Path, name: str, key: ec.EllipticCurvePrivateKey) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -18,16 +17,11 @@ from aiocoap import resource
 
 from coaplayers.oscore import ContextStore, OscoreSite, SecurityContext, peer_of
 
+from ..conftest import free_udp_port
+
 VENV_BIN = Path(sys.executable).parent
 SECRET = bytes(range(1, 17))
 SALT = bytes.fromhex("9e7ca92223786340")
-
-
-def free_udp_port() -> int:
-    """A UDP port that was free a moment ago (bind 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def static_pair(

@@ -13,7 +13,8 @@ from aiocoap.optiontypes import BlockOption
 from coaplayers.blockwise import BlockwiseLimits, BoundedSite
 from coaplayers.oscore import ClientContexts, ContextStore, OscoreSite, attach
 
-from .support import Echo, free_udp_port, static_pair
+from ..conftest import free_udp_port
+from .support import Echo, static_pair
 
 TIMEOUT = 10.0
 

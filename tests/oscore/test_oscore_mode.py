@@ -36,7 +36,8 @@ from coaplayers.e2e import OscoreModeRequester
 from coaplayers.layer0 import Layer0Channel
 from coaplayers.relay import Direction, FaultRelay, read_capture
 
-from .support import aiocoap_proxy, free_udp_port, udp_exchange
+from ..conftest import free_udp_port
+from .support import aiocoap_proxy, udp_exchange
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,8 @@ from coaplayers.oscore import (
     split_exporter,
 )
 
-from .support import build_site, free_udp_port, oscore_server, static_pair
+from ..conftest import free_udp_port
+from .support import build_site, oscore_server, static_pair
 
 TIMEOUT = 10.0
 

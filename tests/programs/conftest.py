@@ -315,9 +315,3 @@ def proxy(keys: Keys, app: Running, tmp_path_factory: pytest.TempPathFactory
         run.stop()
 
 
-def free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

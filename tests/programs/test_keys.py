@@ -16,7 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .conftest import KEYS, Keys, client, free_udp_port, run, start, start_proxy
+from ..conftest import free_udp_port
+from .conftest import KEYS, Keys, client, run, start, start_proxy
 
 SECRET = {
     "hop-ca.key", "e2e-ca.key", "proxy.key", "server-hop.key", "server-e2e.key",

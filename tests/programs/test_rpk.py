@@ -6,7 +6,6 @@ configuration keys are checked with one clear line each."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import subprocess
 from pathlib import Path
@@ -14,14 +13,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ..conftest import fingerprint
 from .conftest import CLIENT, SERVER, Keys, Running, client, run, start_server
-
-
-def fingerprint(pem_file: Path) -> str:
-    public = serialization.load_pem_public_key(pem_file.read_bytes())
-    der = public.public_bytes(serialization.Encoding.DER,
-                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()[:16].hex()
 
 
 def new_pair(folder: Path, name: str, curve: ec.EllipticCurve | None = None) -> tuple[Path, Path]:
