@@ -13,7 +13,6 @@ restart it on the same port); coap-proxy is a separate process, started through
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -33,7 +32,8 @@ from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0 import ChannelConfig, Layer0Channel, Layer0Site
 from coaplayers.oscore.mode import OscoreRequester
 from tests.conftest import free_udp_port
-from tests.proxy.conftest import Running, _read_until, _stop
+from tests.proxy.conftest import Running, _stop
+from tests.proxy.conftest import start_proxy as start_coap_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 T = 30.0  # bound of any single step
@@ -235,24 +235,15 @@ class Proxy:
 
     async def start(self) -> None:
         self.starts += 1
-        tag = f"{self.starts}-{os.urandom(2).hex()}"
-        log, err = self.tmp / f"proxy-{tag}.jsonl", self.tmp / f"proxy-{tag}.err"
         env = dict(
             os.environ,
             FAULTS_ACK_TIMEOUT=str(ACK_TIMEOUT),
             FAULTS_MAX_RETRANSMIT=str(MAX_RETRANSMIT),
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.faults.fastproxy", "--log-file", str(log),
-            "--listen", self.uri, "--upstream-timeout", "150", *self.args,
-            cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
+        self.run = await start_coap_proxy(
+            self.tmp, "--upstream-timeout", "150", *self.args, listen=self.uri,
+            program=(sys.executable, "-m", "tests.faults.fastproxy"), env=env,
         )
-        try:
-            await _read_until(proc, "ready", 20)
-        except BaseException:
-            await _stop(proc)
-            raise
-        self.run = Running(proc, [self.uri], log_file=log, stderr_file=err)
 
     async def stop(self) -> None:
         if self.run is not None:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,15 +88,20 @@ async def start_origin(tmp: Path) -> Running:
     return Running(proc, [lines[-1].split()[1]], stderr_file=err)
 
 
-async def start_proxy(tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0") -> Running:
+async def start_proxy(
+    tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0",
+    program: Sequence[str] = (PROXY,), env: Mapping[str, str] | None = None,
+) -> Running:
+    """coap-proxy (or ``program``, another command running it) with a JSON log in ``tmp``,
+    once it printed ``ready``; ``listen`` unless ``args`` name --listen or --config."""
     tag = os.urandom(3).hex()
     log = tmp / f"proxy-{tag}.jsonl"
     err = tmp / f"proxy-{tag}.err"
-    argv = [PROXY, "--log-file", str(log), *args]
+    argv = [*program, "--log-file", str(log), *args]
     if "--listen" not in args and "--config" not in args:
         argv += ["--listen", listen]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
+        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
     )
     try:
         lines = await _read_until(proc, "ready", 20)
