@@ -142,3 +142,63 @@ async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
         proxy.stop()
         for s in servers.values():
             s.stop()
+
+
+async def test_replicas_share_an_oscore_state_folder_one_writer_per_kid(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Two replicas keep their OSCORE contexts in one folder (a shared volume): each restores
+    and writes only the files of its own number, so a restarted replica's clients go on
+    without keying again (one Echo round), and the other replica's clients are untouched."""
+    state = tmp_path / "shared-oscore-state"
+    ports = [free_udp_port(), free_udp_port()]
+
+    def replica(n: int) -> Running:
+        return start_server(tmp_path, *_server_args(keys, n, ports[n - 1]),
+                            "--oscore-state", str(state), name=f"replica{n}")
+
+    servers = {n: replica(n) for n in (1, 2)}
+    members = ",".join(f"coap://127.0.0.1:{p}" for p in ports)
+    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
+                        "--route", f"/=replicas:{members}",
+                        "--health-interval", "0.2", "--health-timeout", "1")
+    ctx = await layer1.create_context()
+    credentials = dtls.CertificateCredentials.from_files(
+        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+    origin = proxy.uri("coap")
+    oscores = [OscoreModeRequester(ctx, origin, None, credentials) for _ in range(8)]
+
+    async def round_(tag: str) -> None:
+        async def put(r: Any, text: bytes) -> None:
+            message = aiocoap.Message(code=aiocoap.PUT, uri=origin + "/echo", payload=text)
+            response = await asyncio.wait_for(r.requester.request(message).response, 30)
+            assert response.code == aiocoap.CHANGED and response.payload == text, response
+        await asyncio.gather(*(put(r, f"{tag}{i}".encode()) for i, r in enumerate(oscores)))
+
+    try:
+        await round_("a")
+        at = [replica_of_kid(o.requester.parameters.client_id) for o in oscores]
+        assert set(at) == {1, 2}, at
+        files = sorted(p.name for p in state.iterdir())
+        assert len(files) == 8
+        assert sorted(replica_of_kid(bytes.fromhex(f.split(".")[0])) for f in files) == sorted(at)
+        other = [f for f in files if replica_of_kid(bytes.fromhex(f.split(".")[0])) == 2]
+        downs = len(_events(proxy, "replica_down"))
+        servers[1].stop()
+        await _wait_event(proxy, "replica_down", downs + 1, timeout=5)
+        ups = len(_events(proxy, "replica_up"))
+        servers[1] = replica(1)  # same port, same shared folder
+        await _wait_event(proxy, "replica_up", ups + 1, timeout=5)
+        assert f"restored {at.count(1)} OSCORE context(s)" in servers[1].stderr
+        await round_("b")
+        assert [o.requester.keyings for o in oscores] == [1] * 8  # nobody keyed again
+        for f in other:  # replica 1 neither restored nor removed replica 2's files
+            assert (state / f).exists()
+        assert len(list(state.iterdir())) == 8
+    finally:
+        for o in oscores:
+            await o.close()
+        await ctx.shutdown()
+        proxy.stop()
+        for s in servers.values():
+            s.stop()
