@@ -77,7 +77,7 @@ class RequestTooLarge(error.ConstructionRenderableError, RemoteError):  # type: 
     def to_message(self) -> Message:
         message = super().to_message()
         message.opt.size1 = self.limit
-        return message  # type: ignore[no-any-return]
+        return message
 
 
 class BlockOutOfOrder(IncompleteException, RemoteError):  # type: ignore[misc]
