@@ -7,7 +7,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -164,6 +164,15 @@ async def wait_udp_bound(host: str, port: int, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"nothing bound {host}:{port} within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` on the event loop until it holds; TimeoutError after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 def argv(*parts: str | int) -> Sequence[str]:

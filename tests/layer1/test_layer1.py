@@ -20,7 +20,14 @@ from coaplayers.layer1 import (
     create_context,
     layer1_identity,
 )
-from tests.conftest import background, free_udp_port, need_program, run_program, wait_udp_bound
+from tests.conftest import (
+    background,
+    free_udp_port,
+    need_program,
+    run_program,
+    until,
+    wait_udp_bound,
+)
 
 KEY = "secretPSK"
 IDENT = "dev1"
@@ -90,7 +97,7 @@ async def test_libcoap_clients_get_from_our_server(psk_server, tool: str) -> Non
     assert out.strip() == b"hello dev1", (out, err)
     # libcoap closes with close_notify when it exits: the session is freed at once.
     layer1 = psk_server.layer1
-    await asyncio.wait_for(_until(lambda: layer1.session_count == 0), 5)
+    await asyncio.wait_for(until(lambda: layer1.session_count == 0), 5)
 
 
 @pytest.mark.interop
@@ -260,8 +267,8 @@ async def test_idle_costs_nothing_and_idle_timeout_closes(psk_server) -> None:  
         assert peers[0].timer is None  # no retransmission timer on an established session
         assert peers[0].session.get_timer() is None
         # The idle timer closes the session with close_notify; the server frees its side.
-        await asyncio.wait_for(_until(lambda: cli.layer1.session_count == 0), 5)
-        await asyncio.wait_for(_until(lambda: psk_server.layer1.session_count == 0), 5)
+        await asyncio.wait_for(until(lambda: cli.layer1.session_count == 0), 5)
+        await asyncio.wait_for(until(lambda: psk_server.layer1.session_count == 0), 5)
     finally:
         await cli.shutdown()
 
@@ -336,12 +343,6 @@ async def test_garbage_and_mutated_datagrams_do_not_hurt(psk_server) -> None:  #
         for s in socks:
             s.close()
         await cli.shutdown()
-
-
-async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
-    """Poll a condition on the event loop (each wait bounded by the caller's wait_for)."""
-    while not predicate():
-        await asyncio.sleep(0.02)
 
 
 async def _start_server_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:

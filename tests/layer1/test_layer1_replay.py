@@ -24,6 +24,7 @@ import pytest
 from coaplayers import dtls
 from coaplayers.dtls import records
 from coaplayers.layer1 import ClientCredentials, Layer1Limits, create_context
+from tests.conftest import until
 
 T = 10.0
 
@@ -39,11 +40,6 @@ class Ticker(resource.ObservableResource):
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         return aiocoap.Message(payload=b"%d" % self.value)
-
-
-async def _until(condition) -> None:  # type: ignore[no-untyped-def]
-    while not condition():
-        await asyncio.sleep(0.02)
 
 
 def _session_id_and_cookie(hello: bytes) -> tuple[bytes, bytes]:
@@ -128,7 +124,7 @@ async def test_an_observation_survives_a_replayed_client_hello(demo_pki, replaye
         assert srv.layer1.half_open_count == 1  # the replay's handshake, beside the session
         ticker.bump()
         assert (await asyncio.wait_for(notifications.__anext__(), T)).payload == b"2"
-        await asyncio.wait_for(_until(lambda: srv.layer1.half_open_count == 0), T)
+        await asyncio.wait_for(until(lambda: srv.layer1.half_open_count == 0), T)
         assert srv.layer1.stats["handshakes_failed"] == 1
         ticker.bump()
         assert (await asyncio.wait_for(notifications.__anext__(), T)).payload == b"3"

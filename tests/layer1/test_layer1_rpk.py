@@ -26,6 +26,7 @@ from ..conftest import (
     free_udp_port,
     need_program,
     run_program,
+    until,
     wait_udp_bound,
 )
 from .test_layer1 import IDENT, KEY, get, psk_creds, refused, site
@@ -75,11 +76,6 @@ def keys(tmp_path: Path) -> Keys:
     return Keys(tmp_path)
 
 
-async def _until(predicate: Any) -> None:
-    while not predicate():
-        await asyncio.sleep(0.02)
-
-
 async def test_rpk_request_both_sides_named_by_fingerprint(keys: Keys) -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     srv = await create_context(site(), listen=["coaps://127.0.0.1:0"],
@@ -113,7 +109,7 @@ async def test_untrusted_server_key_is_refused_by_the_client(keys: Keys) -> None
         with pytest.raises(Layer1Error) as info:
             await get(cli, srv.bound[0] + "/hello", timeout=15)
         # The client's fatal alert ends the server's half of the handshake too.
-        await asyncio.wait_for(_until(lambda: srv.layer1.stats["handshakes_failed"] == 1), 5)
+        await asyncio.wait_for(until(lambda: srv.layer1.stats["handshakes_failed"] == 1), 5)
     finally:
         await cli.shutdown()
         await srv.shutdown()

@@ -164,6 +164,16 @@ async def http_get(url: str, timeout: float = 5.0) -> str:
     return body
 
 
+async def poll_metric(proxy: Running, name: str, want: float, timeout: float = 10.0) -> None:
+    """Wait (bounded) until a metric sample of ``proxy`` has the wanted value."""
+    assert proxy.metrics is not None
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := metric(await http_get(proxy.metrics), name)) != want:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{name} = {value}, not {want} within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
 def metric(text: str, name: str) -> float:
     """The value of one sample line (name including labels) in Prometheus text."""
     for line in text.splitlines():

@@ -16,7 +16,7 @@ from aiocoap.optiontypes import OpaqueOption, UintOption
 
 from tests.conftest import free_udp_port
 
-from .conftest import Running, http_get, metric, start_proxy
+from .conftest import Running, http_get, metric, poll_metric, start_proxy
 
 
 def via(proxy: Running, target: str, code: aiocoap.numbers.Code = GET,
@@ -170,16 +170,6 @@ async def test_rate_limit_answers_429_with_max_age(
     assert codes_seen[:3] == [codes.CONTENT] * 3
     assert codes_seen[3:] == [codes.TOO_MANY_REQUESTS] * 3
     assert all(a is not None and a >= 1 for a in max_ages)
-
-
-async def poll_metric(proxy: Running, name: str, want: float, timeout: float = 5.0) -> None:
-    """Wait (bounded) until a metric sample has the wanted value."""
-    assert proxy.metrics is not None
-    deadline = time.monotonic() + timeout
-    while metric(await http_get(proxy.metrics), name) != want:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not reach {want} within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def test_in_flight_bound_answers_503(

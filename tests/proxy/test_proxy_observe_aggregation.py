@@ -4,7 +4,6 @@ one observation; protected ones stay one per client. Real aiocoap and libcoap ob
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import aiocoap
@@ -14,19 +13,9 @@ from aiocoap.optiontypes import OpaqueOption
 
 from tests.conftest import need_program, run_program
 
-from .conftest import Running, http_get, metric, start_proxy
+from .conftest import Running, poll_metric, start_proxy
 
 pytestmark = pytest.mark.interop
-
-
-async def poll_metric(proxy: Running, name: str, want: float, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = metric(await http_get(proxy.metrics), name)  # type: ignore[arg-type]
-        if value == want:
-            return
-        assert time.monotonic() < deadline, f"{name} = {value}, wanted {want}"
-        await asyncio.sleep(0.1)
 
 
 def observe_via(proxy: Running, target: str, protected: bool = False) -> Message:
