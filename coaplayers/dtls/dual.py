@@ -7,12 +7,21 @@ is written down in :mod:`coaplayers.layer0.listeners`.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Protocol
 
 from .records import client_hello_random, offered_suites, offers_psk, offers_raw_public_key
+from .session import DtlsSession
 
 # Fatal handshake_failure alert in epoch 0 (RFC 6347 record, RFC 5246 alert): 15 bytes.
 HANDSHAKE_FAILURE_ALERT = bytes.fromhex("15fefd" "0000" "000000000000" "0002" "0228")
+
+
+class SessionListener(Protocol):
+    """What every backend's listener offers: sessions from ClientHellos, cookie first."""
+
+    def accept(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], DtlsSession | None]: ...
 
 
 class KindListener:
@@ -28,7 +37,9 @@ class KindListener:
     (smaller than the ClientHello, so no amplification).
     """
 
-    def __init__(self, *, psk: Any = None, certificate: Any = None, rpk: Any = None) -> None:
+    def __init__(self, *, psk: SessionListener | None = None,
+                 certificate: SessionListener | None = None,
+                 rpk: SessionListener | None = None) -> None:
         if psk is None and certificate is None and rpk is None:
             raise ValueError("KindListener needs at least one listener")
         self.psk = psk
@@ -36,10 +47,10 @@ class KindListener:
         self.rpk = rpk
 
     @property
-    def listeners(self) -> list[Any]:
+    def listeners(self) -> list[SessionListener]:
         return [x for x in (self.psk, self.certificate, self.rpk) if x is not None]
 
-    def _for(self, datagram: bytes) -> Any:
+    def _for(self, datagram: bytes) -> SessionListener | None:
         if self.rpk is not None and offers_raw_public_key(datagram):
             return self.rpk
         if self.psk is not None and offers_psk(datagram):
@@ -51,11 +62,12 @@ class KindListener:
         # None: nothing here serves that hello (PSK alone, and no PSK suite it has offered)
         return self.certificate or self.rpk
 
-    def accept(self, peer_key: Hashable, datagram: bytes, now: float) -> tuple[list[bytes], Any]:
+    def accept(
+        self, peer_key: Hashable, datagram: bytes, now: float
+    ) -> tuple[list[bytes], DtlsSession | None]:
         listener = self._for(datagram)
         if listener is None:
             if client_hello_random(datagram) is None:
                 return [], None
             return [HANDSHAKE_FAILURE_ALERT], None
-        answer: tuple[list[bytes], Any] = listener.accept(peer_key, datagram, now)
-        return answer
+        return listener.accept(peer_key, datagram, now)

@@ -30,8 +30,9 @@ from __future__ import annotations
 import abc
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import records
 from .alerts import AlertDescription, AlertLevel
@@ -49,6 +50,9 @@ from .events import (
     Event,
     HandshakeComplete,
 )
+
+if TYPE_CHECKING:
+    from .recordlayer import RecordLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +300,7 @@ class DtlsSession(abc.ABC):
     def _backend_free(self) -> None:  # noqa: B027 - optional hook
         """Release backend state once the session is over."""
 
-    _records: Any = None
+    _records: RecordLayer | None = None
     _raw_public_key = False  # authenticates with a raw public key (wording of alert errors)
     """The engine's own epoch 1 record layer (``protect``/``unprotect``), once a backend has
     handed the established session's records to it."""
@@ -333,7 +337,7 @@ class DtlsSession(abc.ABC):
         self._flush_out(as_flight=False)
         self._terminate(error)
 
-    def _receive_epoch1(self, layer: Any, recs: list[bytes]) -> None:
+    def _receive_epoch1(self, layer: RecordLayer, recs: list[bytes]) -> None:
         """Records of an established session whose epoch 1 a backend handed to the engine's
         own record layer (``layer.unprotect``: the plaintext, or ``None`` for a forged,
         altered or replayed record). Epoch 0 and epoch 1 handshake records are the peer's
@@ -371,7 +375,7 @@ class DtlsSession(abc.ABC):
 
     # ---------------------------------------------------------------- internals
 
-    def _guard(self, step, *args: Any) -> None:  # type: ignore[no-untyped-def]
+    def _guard(self, step: Callable[..., None], *args: object) -> None:
         try:
             step(*args)
         except DtlsError as exc:

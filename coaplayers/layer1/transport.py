@@ -716,19 +716,19 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             return
         assert endpoint.kinds is not None  # endpoints with listeners have their dispatcher
         try:
-            replies, session = endpoint.kinds.accept(addr, data, now)
+            replies, accepted = endpoint.kinds.accept(addr, data, now)
         except Exception:  # a listener must never take the socket down
             log.exception("DTLS listener failed on a datagram from %s", addr[0])
             return
         for reply in replies:
             endpoint.sendto(reply, addr)
-        if session is None:
+        if accepted is None:
             return
         remote = self._remotes.get(key)
         if remote is None:
             remote = Layer1Remote(endpoint, addr, None)
         if peer is not None and peer.session is not None and peer.session.is_established:
-            self._stand_by(peer, session, hello_random)
+            self._stand_by(peer, accepted, hello_random)
             return
         if peer is not None:
             self._drop_session(peer, None, notify=False)
@@ -738,7 +738,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         # active handshake rather than refusing this one, which may be a legitimate client's.
         self._make_room_for_handshake()
         peer = self._new_peer(remote)
-        peer.session = session
+        peer.session = accepted
         peer.is_client = False
         peer.hello_random = hello_random
         self._handshaking.add(peer)
