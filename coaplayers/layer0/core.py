@@ -48,9 +48,9 @@ from ..dtls import (
     DtlsSession,
     GnuTlsSession,
     HandshakeComplete,
-    Listener,
     records,
 )
+from ..dtls.dual import SessionListener
 from .policy import identity_text
 from .profile import (
     BAD_REQUEST,
@@ -234,7 +234,7 @@ class TunnelCore:
 
     def __init__(
         self,
-        listener: Listener,
+        listener: SessionListener,
         limits: ServerLimits | None = None,
         *,
         random: Callable[[int], bytes] = os.urandom,

@@ -33,6 +33,7 @@ from ..dtls import (
     RawPublicKeyCredentials,
     records,
 )
+from ..dtls.dual import SessionListener
 from ..message import error_to_message
 from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
@@ -72,8 +73,8 @@ def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> D
     return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout)
 
 
-def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,  # type: ignore[no-untyped-def]
-                  psk_without_cookie: int = 8):
+def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,
+                  psk_without_cookie: int = 8) -> SessionListener:
     """A PSK store selects OpenSSL's PSK listener, certificate credentials OpenSSL, raw public
     keys GnuTLS. PSK ClientHellos are answered without a cookie exchange while fewer than
     ``psk_without_cookie`` such handshakes are in progress (:class:`OpenSslPskListener`).
