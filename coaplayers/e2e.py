@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiocoap
 from aiocoap import interfaces
@@ -36,7 +36,9 @@ class E2EServerOptions:
     """(index, count) of this process among coap-server's workers (coaplayers.steering)."""
 
     @property
-    def credentials(self) -> list[Any]:
+    def credentials(
+        self,
+    ) -> list[dtls.PskStore | dtls.CertificateCredentials | dtls.RawPublicKeyCredentials]:
         """Every kind configured; the server accepts them side by side (one endpoint)."""
         return [c for c in (self.psk_store, self.certificate, self.raw_public_key)
                 if c is not None]
@@ -133,12 +135,18 @@ class E2EClientOptions:
     certificate: dtls.CertificateCredentials | None = None
     raw_public_key: dtls.RawPublicKeyCredentials | None = None
 
-    def chosen(self) -> Any:
+    def chosen(self) -> ClientCredentials | None:
         """The one kind a handshake uses: raw public keys, then PSK, then certificates (in
         the OSCORE mode a PSK handshake runs on OpenSSL, for its exporter). ``coap-client``
         fills in only the kind it picked."""
         order = (self.raw_public_key, self.psk, self.certificate)
         return next((c for c in order if c is not None), None)
+
+
+# The one kind a client's handshake uses (a string: the dtls backends load lazily).
+ClientCredentials: TypeAlias = (
+    "dtls.PskClientCredentials | dtls.CertificateCredentials | dtls.RawPublicKeyCredentials"
+)
 
 
 class PlainRequester:
