@@ -177,6 +177,8 @@ class ProxySite:
         self.observations = 0  # upstream observations
         self.observers = 0  # client observations they feed
         self._shared: dict[Hashable, Fanout] = {}  # cache key -> the observation clients share
+        # cache key -> done when the one upstream request for it is answered (or failed)
+        self._misses: dict[Hashable, asyncio.Future[None]] = {}
         self.draining = False
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -354,6 +356,25 @@ class ProxySite:
                 return
             if found.stale is not None and not request.opt.etags:
                 validating = found.stale  # ask upstream whether our copy is still valid
+            pending = self._misses.get(key)
+            if pending is not None:
+                # The same request of another client is upstream: its answer will do (RFC
+                # 7252 5.6 lets a cache answer from it), so the device is asked once.
+                try:
+                    async with asyncio.timeout(self.config.upstream_timeout):
+                        await asyncio.shield(pending)
+                except TimeoutError:
+                    pass
+                now = self.clock()
+                found = cache.lookup(key, now)
+                if found.fresh is not None:
+                    self.metrics.cache.inc(result="hit")
+                    entry["cache"] = "hit"
+                    entry["coalesced"] = True
+                    answer = cached_answer(found.fresh, request, now)
+                    self._done(entry, answer, started, None)
+                    self._answer(pipe, answer, is_last=True)
+                    return
         fanout: Fanout | None = None
         if wants_observe and self.observations < self.config.max_observations:
             okey = (cache.key_for(request, d, observing=True)
@@ -366,10 +387,16 @@ class ProxySite:
             fanout = Fanout(okey, self.clock)
             if okey is not None:
                 self._shared[okey] = fanout
+        miss: asyncio.Future[None] | None = None
+        if key is not None and key not in self._misses:
+            miss = self._misses[key] = asyncio.get_running_loop().create_future()
         try:
             await self._exchange(pipe, request, d, entry, started, slot, key, validating,
                                  fanout)
         finally:
+            if miss is not None:
+                del self._misses[key]
+                miss.set_result(None)
             if fanout is not None and fanout.obs is None:
                 fanout.abandon()  # clients waiting to join go their own way
                 if fanout.key is not None and self._shared.get(fanout.key) is fanout:
