@@ -44,6 +44,11 @@ async def test_proxy_forwarding_to_itself_answers_508_within_a_second(
         assert elapsed < 1.0, elapsed
     # Each hop prefixed its identity (RFC 8768 trace): 16 hops after the inserted 16.
     assert r.payload.split() == [f"127.0.0.1:{port}".encode()] * 16
+    # An Observe registration or a cacheable GET does not wait for itself on the way round
+    # (the proxy merges concurrent requests for one resource, and observations of it).
+    t0 = time.monotonic()
+    r = await ask(client, Message(code=GET, uri=f"{own}/loop2", observe=0), timeout=5)
+    assert r.code == codes.HOP_LIMIT_REACHED and time.monotonic() - t0 < 1.0
     warnings = [e for e in proxy.log_lines() if e["event"] == "warning"]
     assert warnings, "the self-route should be flagged at start"
 
