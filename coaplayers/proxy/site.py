@@ -177,8 +177,8 @@ class ProxySite:
         self.observations = 0  # upstream observations
         self.observers = 0  # client observations they feed
         self._shared: dict[Hashable, Fanout] = {}  # cache key -> the observation clients share
-        # (cache key, Hop-Limit) -> done when the one upstream request for it is answered
-        self._misses: dict[tuple[Hashable, int], asyncio.Future[None]] = {}
+        # cache key -> done when the one upstream request for it is answered (or failed)
+        self._misses: dict[Hashable, asyncio.Future[None]] = {}
         self.draining = False
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -356,10 +356,8 @@ class ProxySite:
                 return
             if found.stale is not None and not request.opt.etags:
                 validating = found.stale  # ask upstream whether our copy is still valid
-            # Hop-Limit in the key: a request that loops back through this proxy must not wait
-            # for itself (RFC 8768 still ends the loop).
-            pending = self._misses.get((key, d.hop_limit))
-            if pending is not None:
+            pending = self._misses.get(key)
+            if pending is not None and not self._looped(request):
                 # The same request of another client is upstream: its answer will do (RFC
                 # 7252 5.6 lets a cache answer from it), so the device is asked once.
                 try:
@@ -381,9 +379,9 @@ class ProxySite:
         if wants_observe and self.observations < self.config.max_observations:
             okey = (cache.key_for(request, d, observing=True)
                     if self.config.aggregate_observations else None)
-            if okey is not None:
-                okey = (okey, d.hop_limit)  # a registration looping back must not join itself
             shared = self._shared.get(okey) if okey is not None else None
+            if shared is not None and self._looped(request):
+                shared, okey = None, None  # it would wait for itself: its own, unshared
             if shared is not None and not shared.ended:
                 if await self._join(pipe, shared, d, entry, started, slot):
                     return
@@ -392,14 +390,14 @@ class ProxySite:
             if okey is not None:
                 self._shared[okey] = fanout
         miss: asyncio.Future[None] | None = None
-        if key is not None and (key, d.hop_limit) not in self._misses:
-            miss = self._misses[(key, d.hop_limit)] = asyncio.get_running_loop().create_future()
+        if key is not None and key not in self._misses:
+            miss = self._misses[key] = asyncio.get_running_loop().create_future()
         try:
             await self._exchange(pipe, request, d, entry, started, slot, key, validating,
                                  fanout)
         finally:
             if miss is not None:
-                del self._misses[(key, d.hop_limit)]
+                del self._misses[key]
                 miss.set_result(None)
             if fanout is not None and fanout.obs is None:
                 fanout.abandon()  # clients waiting to join go their own way
@@ -550,6 +548,14 @@ class ProxySite:
         slot.release()
         await self._relay_notifications(pipe, shared, queue, d)
         return True
+
+    def _looped(self, request: Message) -> bool:
+        """A request from one of our own upstream sockets: it came round a routing loop, so
+        waiting for a merged request or a shared observation would be waiting for itself
+        (RFC 8768's Hop-Limit then ends the loop)."""
+        sockaddr = getattr(request.remote, "sockaddr", None)
+        return (self.upstream is not None and isinstance(sockaddr, tuple)
+                and self.upstream.is_own_port(int(sockaddr[1])))
 
     def _leave(self, fanout: Fanout, queue: asyncio.Queue[Event]) -> None:
         """A client's observation ended; the upstream one ends with the last client."""

@@ -9,6 +9,7 @@ about transports (the site only asks ``ProxyContext.upstream_schemes``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import time
@@ -64,6 +65,8 @@ class UpstreamPool:
         if not contexts:
             raise ValueError("an upstream pool needs at least one context")
         self.contexts = list(contexts)
+        self.sockets: list[Any] = []  # the coap:// upstream sockets (build_context fills it)
+        self._own_ports: set[int] = set()
         self.max_clients = max_clients
         self.resolve_ttl = resolve_ttl
         self.clock = clock
@@ -117,6 +120,21 @@ class UpstreamPool:
                     remote = ResolvedAddress(remote)
                 self._resolved[key] = (interface, remote, self.clock() + self.resolve_ttl)
         return request_through(ctx, interface, message)
+
+    def is_own_port(self, port: int) -> bool:
+        """Whether ``port`` is one of the upstream sockets' own: a request from there came back
+        round a routing loop. (A socket gets its port at its first send, so the set is
+        refreshed while some are still unbound.)"""
+        if port in self._own_ports:
+            return True
+        if len(self._own_ports) < len(self.sockets):
+            ports = set()
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    ports.add(int(sock.getsockname()[1]))
+            ports.discard(0)
+            self._own_ports = ports
+        return port in self._own_ports
 
     def forget(self, client: Hashable, target: str) -> None:
         """Resolve ``target`` afresh next time (after a failure towards it)."""
@@ -172,10 +190,13 @@ async def build_context(
     upstream = {"coap"}
     pool: list[aiocoap.Context] = []
 
+    upstream_sockets: list[Any] = []
+
     async def upstream_context() -> aiocoap.Context:
         """One upstream client context (its own socket); the listeners only ever answer."""
         up = aiocoap.Context(loggername="coaplayers.proxy.upstream")
-        await _aiocoap.append_udp6(up)
+        interface = await _aiocoap.append_udp6(up)
+        upstream_sockets.append(interface.transport.get_extra_info("socket"))
         return up
 
     make_upstream: Callable[[], Awaitable[aiocoap.Context]] = upstream_context
@@ -240,8 +261,10 @@ async def build_context(
                 await c.shutdown()
         raise
     dedup.install_all(ctx)  # the listeners' duplicate tables (upstream contexts get answers)
+    upstream_pool = UpstreamPool(pool, resolve_ttl=config.resolve_ttl)
+    upstream_pool.sockets = upstream_sockets
     return ProxyContext(
-        ctx, bound, UpstreamPool(pool, resolve_ttl=config.resolve_ttl), frozenset(upstream),
+        ctx, bound, upstream_pool, frozenset(upstream),
         extra,
     )
 
