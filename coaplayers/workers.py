@@ -18,7 +18,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import LocalError
@@ -152,6 +152,35 @@ class Supervisor:
                 await p.wait()
             if self.on_exit is not None:
                 self.on_exit(p.pid)
+
+
+async def serve_supervised(
+    supervisor: Supervisor, *, ready: Callable[[], Awaitable[list[str]]] | None = None,
+    ready_word: str | None = None,
+) -> int:
+    """Start the workers, print their addresses (then ``ready``'s lines and ``ready_word``),
+    wait for SIGINT/SIGTERM or a worker's death, stop them all. The exit status: 0 after a
+    signal, 1 when a worker failed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await supervisor.start()
+        except (WorkerFailed, TimeoutError) as exc:
+            print(f"{supervisor.program}: {exc or 'a worker did not start in time'}",
+                  file=sys.stderr, flush=True)
+            return 1
+        lines = [f"listening {uri}" for uri in supervisor.bound]
+        if ready is not None:
+            lines += await ready()
+        if ready_word is not None:
+            lines.append(ready_word)
+        print("\n".join(lines), flush=True)
+        return await supervisor.wait(stop)
+    finally:
+        await supervisor.stop()
 
 
 class WorkerFailed(LocalError, RuntimeError):

@@ -17,7 +17,13 @@ from coaplayers import dtls
 from coaplayers.blockwise import BlockwiseLimits
 from coaplayers.loglimit import LogLimits, install_log_limits
 from coaplayers.replica import auto_replica, check_replica
-from coaplayers.workers import Supervisor, WorkerFailed, parse_workers, self_command, worker_role
+from coaplayers.workers import (
+    Supervisor,
+    parse_workers,
+    self_command,
+    serve_supervised,
+    worker_role,
+)
 
 # The engines and the site load in serve() and main(): --help and flag errors never pay for
 # them (start-up time, docs/BENCHMARKS.md).
@@ -301,25 +307,7 @@ def _supervise(argv: list[str], workers: int) -> int:
     supervisor = Supervisor(
         "coap-server", self_command("coaplayers.programs.server.main", argv), workers)
 
-    async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            try:
-                await supervisor.start()
-            except (WorkerFailed, TimeoutError) as exc:
-                print(f"coap-server: {exc or 'a worker did not start in time'}",
-                      file=sys.stderr, flush=True)
-                return 1
-            for uri in supervisor.bound:
-                print(f"listening {uri}", flush=True)
-            return await supervisor.wait(stop)
-        finally:
-            await supervisor.stop()
-
-    return asyncio.run(run())
+    return asyncio.run(serve_supervised(supervisor))
 
 
 def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

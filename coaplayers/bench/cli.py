@@ -321,39 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="coap-bench-"))
         cleanup = True
-    if args.scaling:
-        from . import scaling
+    if args.scaling or args.http:
+        if args.scaling:
+            from . import scaling as phase
 
-        try:
-            results = {"scaling": asyncio.run(scaling.run(workdir, quick=args.quick,
-                                                          clients=args.clients))}
-        except Exception as exc:  # one line, the details are in the logs
-            print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
-                  file=sys.stderr)
-            return 1
-        finally:
-            if cleanup:
-                shutil.rmtree(workdir, ignore_errors=True)
-        print(scaling.render(results["scaling"]), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
-        return 0
-    if args.http:
-        from . import http
+            key, coro = "scaling", phase.run(workdir, quick=args.quick, clients=args.clients)
+        else:
+            from . import http as phase  # type: ignore[no-redef]
 
-        try:
-            results = {"http": asyncio.run(http.run(workdir, quick=args.quick))}
-        except Exception as exc:  # one line, the details are in the logs
-            print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
-                  file=sys.stderr)
-            return 1
-        finally:
-            if cleanup:
-                shutil.rmtree(workdir, ignore_errors=True)
-        print(http.render(results["http"]), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
-        return 0
+            key, coro = "http", phase.run(workdir, quick=args.quick)
+        return _alone(key, coro, phase.render, args, workdir, cleanup)
     status = 0
     try:
         ran = asyncio.run(_main_task(args, workdir))
@@ -383,6 +360,24 @@ def main(argv: list[str] | None = None) -> int:
                   " '.[bench]')", file=sys.stderr)
             status = 3
     return status
+
+
+def _alone(key: str, coro: Any, render: Any, args: argparse.Namespace, workdir: Path,
+           cleanup: bool) -> int:
+    """A phase run by itself (--http, --scaling): its table, its JSON."""
+    try:
+        results = {key: asyncio.run(coro)}
+    except Exception as exc:  # one line, the details are in the logs
+        print(f"coap-bench: failed: {type(exc).__name__}: {exc} (logs: {workdir})",
+              file=sys.stderr)
+        return 1
+    finally:
+        if cleanup:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(results[key]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return 0
 
 
 async def _main_task(args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:

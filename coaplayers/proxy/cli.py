@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import cannot_listen
 from ..loglimit import LogLimits, install_log_limits
-from ..workers import Supervisor, WorkerFailed, parse_workers, self_command, worker_role
+from ..workers import Supervisor, parse_workers, self_command, serve_supervised, worker_role
 from .accesslog import EXCHANGE_LINE_RATE, AccessLog
 from .config import (
     ConfigError,
@@ -272,31 +271,19 @@ def _supervise(config: ProxyConfig, argv: list[str]) -> int:
         "coap-proxy", self_command("coaplayers.proxy.cli", argv), config.workers,
         env={**os.environ, MULTIPROC_ENV: folder}, on_exit=metrics.process_gone)
 
+    server = MetricsServer(metrics)
+
+    async def serve_metrics() -> list[str]:
+        if config.metrics is None:
+            return []
+        address = await server.start(*config.metrics)
+        return [f"metrics http://{format_uri('x', *address)[4:]}/metrics"]
+
     async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        server = None
         try:
-            try:
-                await supervisor.start()
-            except (WorkerFailed, TimeoutError) as exc:
-                print(f"coap-proxy: {exc or 'a worker did not start in time'}",
-                      file=sys.stderr, flush=True)
-                return 1
-            for uri in supervisor.bound:
-                print(f"listening {uri}")
-            if config.metrics is not None:
-                server = MetricsServer(metrics)
-                address = await server.start(*config.metrics)
-                print(f"metrics http://{format_uri('x', *address)[4:]}/metrics")
-            print("ready", flush=True)
-            return await supervisor.wait(stop)
+            return await serve_supervised(supervisor, ready=serve_metrics, ready_word="ready")
         finally:
-            await supervisor.stop()
-            if server is not None:
-                await server.close()
+            await server.close()
 
     try:
         return asyncio.run(run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,3 +133,36 @@ def ensure_debian_packages(packages: Sequence[str]) -> str | None:
         return (f"apt-get install {' '.join(missing)} failed: "
                 f"{(update.stderr + install.stderr)[-800:]}")
     return None
+
+
+@contextlib.contextmanager
+def namespaces(
+    names: Sequence[str], links: Sequence[tuple[str, str, str, str]],
+    addresses: Sequence[tuple[str, str, Sequence[str]]],
+) -> Iterator[None]:
+    """Network namespaces ``names`` joined by veth pairs ``(ns_a, dev_a, ns_b, dev_b)``, both
+    ends born inside their namespaces (nothing left in the host's), with ``(ns, dev,
+    [address, ...])`` (/24 each); all removed afterwards, even when the test fails."""
+    made: list[str] = []
+
+    def sh(*argv: str) -> None:
+        run(argv, timeout=10, check=True)
+
+    try:
+        for name in names:
+            sh("ip", "netns", "add", name)
+            made.append(name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        for ns_a, dev_a, ns_b, dev_b in links:
+            sh("ip", "link", "add", dev_a, "netns", ns_a, "type", "veth",
+               "peer", "name", dev_b, "netns", ns_b)
+        for name, dev, addrs in addresses:
+            for addr in addrs:
+                sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", name, "link", "set", dev, "up")
+        yield
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [ns for ns in made if ns in left], f"namespaces left behind: {left}"

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from .support import ROOT, Background, ensure_debian_packages, program, run
+from .support import namespaces as make_namespaces
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +68,6 @@ class Namespaces:
         return ["ip", "netns", "exec", ns, *argv]
 
 
-def _sh(*argv: str) -> None:
-    run(argv, timeout=10, check=True)
-
-
 @pytest.fixture
 def namespaces() -> Iterator[Namespaces]:
     if os.geteuid() != 0:
@@ -80,28 +77,15 @@ def namespaces() -> Iterator[Namespaces]:
         pytest.skip(reason or "nginx is not installed")
     tag = uuid.uuid4().hex[:6]
     ns = Namespaces(*(f"lb-{tag}-{n}" for n in ("client", "lb", "proxy", "server")))
-    made: list[str] = []
-    try:
-        for name in (ns.client, ns.lb, ns.proxy, ns.server):
-            _sh("ip", "netns", "add", name)
-            made.append(name)
-            _sh("ip", "-n", name, "link", "set", "lo", "up")
-        for a, b, dev_a, dev_b in ((ns.client, ns.lb, "c0", "l0"), (ns.lb, ns.proxy, "l1", "p0"),
-                                   (ns.proxy, ns.server, "p1", "s0")):
-            _sh("ip", "link", "add", dev_a, "netns", a, "type", "veth", "peer", "name", dev_b,
-                "netns", b)
-        for name, dev, addrs in (
-            (ns.client, "c0", [CLIENT]), (ns.lb, "l0", [LB_DEVICE]), (ns.lb, "l1", [LB_INNER]),
-            (ns.proxy, "p0", list(PROXIES)), (ns.proxy, "p1", [PROXY_BACKEND]),
-            (ns.server, "s0", list(SERVERS)),
-        ):
-            for addr in addrs:
-                _sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", dev)
-            _sh("ip", "-n", name, "link", "set", dev, "up")
+    with make_namespaces(
+        (ns.client, ns.lb, ns.proxy, ns.server),
+        ((ns.client, "c0", ns.lb, "l0"), (ns.lb, "l1", ns.proxy, "p0"),
+         (ns.proxy, "p1", ns.server, "s0")),
+        ((ns.client, "c0", [CLIENT]), (ns.lb, "l0", [LB_DEVICE]), (ns.lb, "l1", [LB_INNER]),
+         (ns.proxy, "p0", PROXIES), (ns.proxy, "p1", [PROXY_BACKEND]),
+         (ns.server, "s0", SERVERS)),
+    ):
         yield ns
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _exchanges(log: Path) -> list[dict[str, Any]]:

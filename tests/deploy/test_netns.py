@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Background, program, run
+from .support import Background, namespaces, program, run
 
 DEVICE_CLIENT, DEVICE_PROXY = "10.231.1.2", "10.231.1.1"
 BACKEND_PROXY, BACKEND_SERVER = "10.231.2.1", "10.231.2.2"
@@ -57,10 +57,6 @@ class Topology:
         return ["ip", "netns", "exec", ns, *argv]
 
 
-def _sh(*argv: str) -> None:
-    run(argv, timeout=10, check=True)
-
-
 @pytest.fixture
 def topology() -> Iterator[Topology]:
     reason = _why_no_netns()
@@ -68,29 +64,13 @@ def topology() -> Iterator[Topology]:
         pytest.skip(reason)
     tag = uuid.uuid4().hex[:8]
     topo = Topology(client=f"cl-{tag}-client", proxy=f"cl-{tag}-proxy", server=f"cl-{tag}-server")
-    made: list[str] = []
-    try:
-        for ns in (topo.client, topo.proxy, topo.server):
-            _sh("ip", "netns", "add", ns)
-            made.append(ns)
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        # Both ends of each pair are born inside their namespaces: no host-side names to clash.
-        _sh("ip", "link", "add", "dev0", "netns", topo.client, "type", "veth",
-            "peer", "name", "dev0", "netns", topo.proxy)
-        _sh("ip", "link", "add", "back0", "netns", topo.proxy, "type", "veth",
-            "peer", "name", "back0", "netns", topo.server)
-        for ns, dev, addr in (
-            (topo.client, "dev0", DEVICE_CLIENT), (topo.proxy, "dev0", DEVICE_PROXY),
-            (topo.proxy, "back0", BACKEND_PROXY), (topo.server, "back0", BACKEND_SERVER),
-        ):
-            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
+    with namespaces(
+        (topo.client, topo.proxy, topo.server),
+        ((topo.client, "dev0", topo.proxy, "dev0"), (topo.proxy, "back0", topo.server, "back0")),
+        ((topo.client, "dev0", [DEVICE_CLIENT]), (topo.proxy, "dev0", [DEVICE_PROXY]),
+         (topo.proxy, "back0", [BACKEND_PROXY]), (topo.server, "back0", [BACKEND_SERVER])),
+    ):
         yield topo
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert not [ns for ns in made if ns in left], f"namespaces left behind: {left}"
 
 
 @pytest.fixture

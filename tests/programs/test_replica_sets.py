@@ -55,19 +55,28 @@ async def _wait_event(proxy: Running, name: str, count: int, timeout: float) -> 
         await asyncio.sleep(0.05)
 
 
+def _proxy_to(tmp_path: Path, ports: list[int]) -> Running:
+    """coap-proxy with a replica set of the servers on ``ports``; probes every 0.2 s."""
+    members = ",".join(f"coap://127.0.0.1:{p}" for p in ports)
+    return start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
+                       "--route", f"/=replicas:{members}",
+                       "--health-interval", "0.2", "--health-timeout", "1")
+
+
+def _e2e_credentials(keys: Keys) -> dtls.CertificateCredentials:
+    return dtls.CertificateCredentials.from_files(
+        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+
+
 async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
     tmp_path: Path, keys: Keys
 ) -> None:
     ports = [free_udp_port(), free_udp_port()]
     servers = {n: start_server(tmp_path, *_server_args(keys, n, ports[i]), name=f"replica{n}")
                for i, n in enumerate((1, 2))}
-    members = ",".join(f"coap://127.0.0.1:{p}" for p in ports)
-    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
-                        "--route", f"/=replicas:{members}",
-                        "--health-interval", "0.2", "--health-timeout", "1")
+    proxy = _proxy_to(tmp_path, ports)
     ctx = await layer1.create_context()
-    credentials = dtls.CertificateCredentials.from_files(
-        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+    credentials = _e2e_credentials(keys)
     origin = proxy.uri("coap")
     channels = [Layer0Channel(ctx.context, origin, credentials) for _ in range(10)]
     oscores = [OscoreModeRequester(ctx, origin, None, credentials) for _ in range(6)]
@@ -158,13 +167,9 @@ async def test_replicas_share_an_oscore_state_folder_one_writer_per_kid(
                             "--oscore-state", str(state), name=f"replica{n}")
 
     servers = {n: replica(n) for n in (1, 2)}
-    members = ",".join(f"coap://127.0.0.1:{p}" for p in ports)
-    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", "--no-forward",
-                        "--route", f"/=replicas:{members}",
-                        "--health-interval", "0.2", "--health-timeout", "1")
+    proxy = _proxy_to(tmp_path, ports)
     ctx = await layer1.create_context()
-    credentials = dtls.CertificateCredentials.from_files(
-        keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
+    credentials = _e2e_credentials(keys)
     origin = proxy.uri("coap")
     oscores = [OscoreModeRequester(ctx, origin, None, credentials) for _ in range(8)]
 
