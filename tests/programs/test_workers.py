@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from coaplayers.e2e import OscoreModeRequester
 from coaplayers.layer0 import Layer0Channel
 from tests.proxy.conftest import http_get, metric
 
-from .conftest import Keys, client, start_proxy, start_server
+from .conftest import Keys, client, run, start_proxy, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +108,23 @@ async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, ke
         assert server.stop() == 0
     for pid in (*server_workers, *proxy_workers):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Path) -> None:
+    """Fail whole: a supervisor (systemd, Kubernetes) restarts the program, and every worker's
+    sessions go with it, which their clients recover from (a new handshake)."""
+    server = start_server(tmp_path, "--workers", "2", "--listen", "coap://127.0.0.1:0")
+    workers = psutil.Process(server.proc.pid).children()
+    assert len(workers) == 2
+    workers[1].kill()
+    assert server.proc.wait(timeout=30) == 1
+    assert "worker 1" in server.stderr and "stopping the others" in server.stderr
+    psutil.wait_procs([workers[0]], timeout=10)
+    assert not workers[0].is_running() or workers[0].status() == psutil.STATUS_ZOMBIE
+    server.stop()
+
+
+async def test_workers_flag_errors_exit_2() -> None:
+    for program, bad in (("coap-server", "17"), ("coap-server", "x"), ("coap-proxy", "0")):
+        r = await run(str(Path(sys.executable).parent / program), "--workers", bad)
+        assert r.rc == 2 and "--workers" in r.stderr, (program, bad, r.stderr)
