@@ -142,13 +142,18 @@ async def background(
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 5)
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
+    """Terminate a process and wait for it; kill it if it outlives ``timeout``."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 async def wait_udp_bound(host: str, port: int, timeout: float = 10.0) -> None:

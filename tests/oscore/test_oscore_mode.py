@@ -36,7 +36,7 @@ from coaplayers.e2e import OscoreModeRequester
 from coaplayers.layer0 import Layer0Channel
 from coaplayers.relay import Direction, FaultRelay, read_capture
 
-from ..conftest import free_udp_port
+from ..conftest import free_udp_port, stop_process
 from .support import aiocoap_proxy, udp_exchange
 
 pytestmark = pytest.mark.slow
@@ -68,16 +68,6 @@ async def _read_until(proc: asyncio.subprocess.Process, prefix: str, timeout: fl
     return await asyncio.wait_for(read(), timeout)
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 @contextlib.asynccontextmanager
 async def running(*argv: str | Path, ready: str) -> AsyncIterator[list[str]]:
     """Start a program, wait (bounded) for the line starting with ``ready``; yields every
@@ -96,7 +86,7 @@ async def running(*argv: str | Path, ready: str) -> AsyncIterator[list[str]]:
                 break
         yield uris
     finally:
-        await _stop(proc)
+        await stop_process(proc)
 
 
 async def run(*argv: str | Path, timeout: float = 40.0) -> tuple[int, bytes, bytes]:

@@ -18,6 +18,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 
+from tests.conftest import stop_process as _stop
+
 ROOT = Path(__file__).resolve().parents[2]
 PROXY = str(Path(sys.executable).with_name("coap-proxy"))
 
@@ -66,16 +68,6 @@ async def _read_until(proc: asyncio.subprocess.Process, last: str, timeout: floa
         lines.append(line)
         if line.startswith(last):
             return lines
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def start_origin(tmp: Path) -> Running:
