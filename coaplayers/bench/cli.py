@@ -49,6 +49,7 @@ examples:
   coap-bench --startup                                # start-up times alone (seconds)
   coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
   coap-bench --rtt                                    # round trips to the first answer alone
+  coap-bench --loss 20                                # one-shot latency at 20% loss, 20 runs
   coap-bench --scaling --json scaling.json            # workers, router, libcoap's proxy
 
 modes: """ + ", ".join(MODES) + """
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtt", action="store_true",
                    help="only the rig and the round trips to the first protected answer, cold"
                    " and warm, per mode")
+    p.add_argument("--loss", type=int, metavar="RUNS",
+                   help="only the rig and one-shot latency at 20%% loss each way on hop 1: RUNS"
+                   " client runs per mode, cold and warm (a few minutes)")
     p.add_argument("--rtt-delay", type=float, metavar="MS",
                    help="one-way delay of hop 1 while counting round trips (default 250,"
                    " quick 150)")
@@ -253,6 +257,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     delay = (args.rtt_delay or (150 if quick else 250)) / 1000
     async with rig(workdir) as (ep, _procs):
         _say("rig up: " + ", ".join(f"{k} pid {v}" for k, v in ep.pids.items()))
+        if args.loss:
+            _say(f"one-shot latency at 20% loss each way on hop 1, {args.loss} runs per point")
+            results["loss"] = await rtt.measure_loss(ep, workdir, loss=0.2, runs=args.loss)
+            results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+            results["targets"] = report.evaluate(results)
+            return results
         _say(f"round trips to the first answer ({1000 * delay:.0f} ms each way on hop 1)")
         results["rtt"] = await rtt.measure(ep, workdir, delay=delay)
         if args.rtt:

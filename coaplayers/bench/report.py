@@ -417,6 +417,18 @@ def render(results: dict[str, Any]) -> str:
         parts.append(f"\nRound trips to the first protected answer (one client run, hop 1"
                      f" delayed {rtt['delay_ms']} ms each way; processing = time left over)")
         parts.append(_table(["mode", "cold", "processing ms", "warm", "processing ms"], rows))
+    loss = results.get("loss", {})
+    if loss.get("modes"):
+        rows = []
+        for entry in loss["modes"].values():
+            for run in ("cold", "warm"):
+                e = entry[run]
+                rows.append([entry["label"] if run == "cold" else "", run,
+                             f"{e['answered']}/{e['runs']}", _fmt(e["median_s"], 2),
+                             _fmt(e["max_s"], 2)])
+        parts.append(f"\nOne-shot latency at {100 * loss['loss']:.0f}% loss each way on hop 1"
+                     " (fresh client through coap-proxy; warm: with what it kept)")
+        parts.append(_table(["mode", "run", "answered", "median s", "max s"], rows))
     mem = results.get("memory", {})
     rows = []
     for key, e in mem.items():
