@@ -177,9 +177,9 @@ async def measure_loss(ep: Endpoints, workdir: Path, *, loss: float, runs: int,
             out.setdefault(mode, {"label": (MODES.get(mode) or WIRE_ONLY[mode]).label})[run] = {
                 "runs": runs,
                 "answered": len(done),
-                "median_s": round(statistics.median(done), 2) if done else None,
-                "max_s": round(done[-1], 2) if done else None,
-                "seconds": [round(t, 2) for t in done],
+                "median_s": round(statistics.median(done), 3) if done else None,
+                "max_s": round(done[-1], 3) if done else None,
+                "seconds": [round(t, 3) for t in done],
             }
     return {
         "modes": out,

@@ -56,3 +56,23 @@ def test_round_trips_per_mode_cold_and_warm(rtt: dict) -> None:
             if r["coap_requests_up"] is not None:
                 # Every round trip to the server is at least one CoAP request of the client.
                 assert r["coap_requests_up"] >= r["round_trips"], (mode, run, r)
+
+
+@pytest.mark.timeout(400)
+def test_one_shot_latency_under_loss_answers_every_run(tmp_path: Path) -> None:
+    json_file = tmp_path / "loss.json"
+    proc = subprocess.run(
+        [BENCH, "--loss", "1", "--json", str(json_file)],
+        capture_output=True, text=True, timeout=380, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"coap-bench --loss failed: {proc.stderr[-3000:]}"
+    assert "One-shot latency at 20% loss" in proc.stdout
+    loss = json.loads(json_file.read_text())["loss"]
+    assert loss["loss"] == 0.2
+    assert set(loss["modes"]) == {"l0psk", "l0cert", "oscore"}
+    for entry in loss["modes"].values():
+        for run in ("cold", "warm"):
+            point = entry[run]
+            # Every run answered (and client.post checked the answer); the times are numbers.
+            assert point["answered"] == point["runs"] == 1, point
+            assert 0 <= point["median_s"] <= point["max_s"] < 120
