@@ -183,6 +183,9 @@ class ContextStore:
             if self.replica is not None and (
                     replica_ids.replica_of_kid(context.recipient_id) != self.replica):
                 continue  # another replica's, in a folder the set shares: one writer per kid
+            if self.worker is not None and not steering.client_id_for(
+                    context.recipient_id, *self.worker):
+                continue  # another worker's (coap-server --workers): never two copies in use
             if context.sender_id != self.server_id or path != self._file_of(context):
                 log.warning("OSCORE context file %s is not one of this server's; ignored", path)
                 continue

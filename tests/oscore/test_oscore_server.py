@@ -324,3 +324,19 @@ async def test_restarted_server_keeps_its_oscore_clients(
             )
             assert resp.payload == b"hello client-1", start
             assert client_sc.sender_sequence_number == before + 2  # request + Echo answer
+
+
+def test_store_state_dir_shared_by_replicas_and_workers(tmp_path: Path) -> None:
+    """One folder for a replica set's replicas and a server's workers: each store restores
+    only the contexts its own number and index would be handed (one writer per kid)."""
+    state = tmp_path / "oscore"
+    writer = ContextStore(state_dir=state)
+    for kid in (b"\x10", b"\x11", b"\x12", b"\x13", b"\x20", b"\x21"):  # replicas 1 and 2
+        writer.add(_ctx(kid))
+    one = ContextStore(state_dir=state, replica=1)
+    assert sorted(c.recipient_id for c in one) == [b"\x10", b"\x11", b"\x12", b"\x13"]
+    even = ContextStore(state_dir=state, replica=1, worker=(0, 2))
+    odd = ContextStore(state_dir=state, replica=1, worker=(1, 2))
+    assert sorted(c.recipient_id for c in even) == [b"\x10", b"\x12"]
+    assert sorted(c.recipient_id for c in odd) == [b"\x11", b"\x13"]
+    assert all(odd.allocate_client_id()[-1] % 2 == 1 for _ in range(20))
