@@ -36,6 +36,7 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiocoap.numbers.codes import Code
 
@@ -50,7 +51,6 @@ from ..dtls import (
     HandshakeComplete,
     records,
 )
-from ..dtls.dual import SessionListener
 from .policy import identity_text
 from .profile import (
     BAD_REQUEST,
@@ -68,6 +68,9 @@ from .profile import (
     handshake_tag,
     parse_pull,
 )
+
+if TYPE_CHECKING:
+    from ..dtls.dual import SessionListener
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiocoap import Message, error, interfaces
 from aiocoap.message import Direction
@@ -33,7 +33,6 @@ from ..dtls import (
     RawPublicKeyCredentials,
     records,
 )
-from ..dtls.dual import SessionListener
 from ..message import error_to_message
 from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
@@ -53,6 +52,9 @@ from .profile import (
     WELL_KNOWN_PATH,
     is_tunnel_path,
 )
+
+if TYPE_CHECKING:
+    from ..dtls.dual import SessionListener
 
 __all__ = ["Layer0Remote", "Layer0Site", "answer_inline", "layer0_peer"]
 

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiocoap import Message, error, interfaces
 from aiocoap.numbers import COAPS_PORT, constants
@@ -38,6 +38,9 @@ from ..errors import RemoteError
 from ..message import split_hostinfo
 from ..workers import WORKER_ENV
 from .credentials import ClientCredentials
+
+if TYPE_CHECKING:
+    from ..dtls.dual import SessionListener
 
 log = logging.getLogger("coaplayers.layer1")
 
@@ -226,7 +229,7 @@ class _HalfOpenTable:
     """
 
     def __init__(self) -> None:
-        self._by_host: dict[Any, OrderedDict[_Peer, None]] = {}
+        self._by_host: dict[str, OrderedDict[_Peer, None]] = {}
         self._count = 0
 
     def __len__(self) -> int:
@@ -265,7 +268,7 @@ class _Endpoint(asyncio.DatagramProtocol):
                  ) -> None:
         self.owner = transport
         self.kinds = kinds  # hands each ClientHello to the backend of its kind
-        self.listeners: list[Any] = kinds.listeners if kinds is not None else []
+        self.listeners: list[SessionListener] = kinds.listeners if kinds is not None else []
         self.udp: asyncio.DatagramTransport | None = None
         self.local_hostinfo = ""
         self.family = socket.AF_INET6
