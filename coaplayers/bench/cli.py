@@ -47,6 +47,7 @@ examples:
   coap-bench --quick --json quick.json                # a smoke run (about a minute)
   coap-bench --modes plain,l0psk_l1 --rounds 1        # only some modes (others are skipped)
   coap-bench --startup                                # start-up times alone (seconds)
+  coap-bench --costs                                  # the code's shortcuts, per call
   coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
   coap-bench --rtt                                    # round trips to the first answer alone
   coap-bench --loss 20                                # one-shot latency at 20% loss, 20 runs
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", action="store_true",
                    help="only the scaling section: CPU per request per role with 1 and 2"
                    " workers, the router's cost, libcoap's proxy and aiocoap-proxy as baselines")
+    p.add_argument("--costs", action="store_true",
+                   help="only the per-call costs of the code's shortcuts next to the aiocoap"
+                   " calls they replace (docs/BENCHMARKS.md, 'Costs behind the code')")
     p.add_argument("--startup", action="store_true",
                    help="only the start-up figures: --help and a first GET in fresh processes,"
                    " with libcoap's and aiocoap's clients beside ours")
@@ -317,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         print("coap-bench: --png needs matplotlib, which is not installed; install the bench"
               " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"
               " JSON are still written.", file=sys.stderr)
+    if args.costs:
+        from . import costs
+
+        measured = costs.measure(500 if args.quick else 5000)
+        print(costs.render(measured), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"costs": measured}, indent=1) + "\n")
+        return 0
     if args.startup:
         results: dict[str, Any] = {"startup": startup.measure(3 if args.quick else 7)}
         results["targets"] = report.evaluate(results)
