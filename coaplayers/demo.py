@@ -13,6 +13,10 @@ The last two scenes are the Layered DTLS draft's Figure 2: the proxy speaks CoAP
 and HTTP to a second coap-server listening on http://, through a TCP tap that records the HTTP
 hop; Layer 0 and OSCORE cross the change of protocol unread.
 
+The last scene loses a proxy: the client keys OSCORE through proxy A, A is killed, and the
+next request through proxy B (as a load balancer would send it) starts a new Layer 1 session
+but no new end-to-end handshake: the end-to-end state lives at the two ends.
+
 Hop 2 is plain CoAP on purpose: the proxy ends Layer 1 on both of its sides, so whatever it
 forwards it holds in clear, and the tap shows exactly that. Deployed, hop 2 is coaps:// as
 well (compose.yaml, docs/DEPLOY.md): that hides it from the wire, not from the proxy.
@@ -121,13 +125,14 @@ class Demo:
         self.http_tap = HttpTap(int(http_line.rsplit(":", 1)[1]))
         http_target = f"http://127.0.0.1:{self.http_tap.port}"
         access_log = self.dir / "proxy-access.jsonl"
-        _, proxy_line = self.start(
-            "proxy", "coap-proxy", "--listen", "coaps://127.0.0.1:0",
+        proxy_args = [
+            "coap-proxy", "--listen", "coaps://127.0.0.1:0",
             "--psk-file", str(creds / "proxy-psk.json"), "--log-file", str(access_log),
             "--rpk-key", str(creds / "proxy-rpk.key"),
             "--rpk-trust", str(creds / "client-hop-rpk.pub"),
             *_allow(f"127.0.0.1:{self.http_tap.port}"),
-        )
+        ]
+        proxy_proc, proxy_line = self.start("proxy", *proxy_args)
         proxy_uri = proxy_line.split()[-1]
         target = f"coap://{relay_addr}"
         hop1 = ["-P", proxy_uri, "--credentials", str(creds / "client-hop.json")]
@@ -192,7 +197,57 @@ class Demo:
             print("  The proxy routed every request on outer options. With Layer 1 alone it read")
             print(f"  the marker {MARKER!r}, and could have changed it; with Layer 0 and OSCORE it")
             print("  forwarded only ciphertext that it can neither read nor alter unnoticed.")
-        return 1 if failures else 0
+        carried_on = self.show_proxy_loss(
+            proxy_proc, proxy_uri, proxy_args, creds, [*e2e_cert], f"{target}/echo")
+        return 1 if failures or not carried_on else 0
+
+    def show_proxy_loss(self, proxy_a: subprocess.Popen[str], proxy_a_uri: str,
+                        proxy_args: list[str], creds: Path, e2e: list[str], uri: str) -> bool:
+        """The layered design's payoff: a second proxy (as behind a load balancer) takes over
+        when the first dies; Layer 1 starts again with it, the end-to-end state does not."""
+        access_b = self.dir / "proxy-b-access.jsonl"
+        args_b = [a if a != str(self.dir / "proxy-access.jsonl") else str(access_b)
+                  for a in proxy_args]
+        _, line_b = self.start("proxy-b", *args_b)
+        proxy_b_uri = line_b.split()[-1]
+        state = self.dir / "client-state"  # what coap-client keeps between runs
+
+        def request(proxy: str, text: str) -> tuple[bool, dict[str, str]]:
+            result = self.client("-v", "-m", "post", "-e", text, "-P", proxy, "--credentials",
+                                 str(creds / "client-hop.json"), "--e2e", "oscore", *e2e,
+                                 "--state-dir", str(state), uri)
+            layers = dict(line.strip().partition(": ")[::2]
+                          for line in result.stderr.splitlines()
+                          if line.strip().startswith(("layer 1: ", "layer 0: ")))
+            return result.returncode == 0 and result.stdout.strip() == text, layers
+
+        print(_banner("losing a proxy"))
+        print(f"  Two proxies (A {proxy_a_uri}, B {proxy_b_uri}), as behind a load balancer.")
+        print("  The client's first request goes through A and keys OSCORE with the server")
+        print("  (one end-to-end handshake); then A is killed and the client turns to B.")
+        ok_a, via_a = request(proxy_a_uri, "through A")
+        proxy_a.kill()
+        proxy_a.wait(timeout=10)
+        ok_b, via_b = request(proxy_b_uri, "through B")
+        for who, layers, ok in (("via A", via_a, ok_a), ("via B", via_b, ok_b)):
+            for name in ("layer 1", "layer 0"):
+                if name in layers:
+                    print(textwrap.fill(layers[name], 100, initial_indent=(
+                        f"  client   {who:<7} {name}  " if name == "layer 1" else
+                        f"{'':<19}{name}  "), subsequent_indent=" " * 28))
+            if not ok:
+                print(f"  client   {who}: FAILED")
+            if who == "via A":
+                print("  proxy A  killed")
+        kept = ok_a and ok_b and "kept" in via_b.get("layer 0", "")
+        if kept:
+            print("  The hop changed and Layer 1 handshook again, with B; the OSCORE context lives")
+            print("  at the server and the client, not in a proxy, so it carried on: no new")
+            print("  end-to-end handshake. A running client's Layer 0 DTLS session carries on the")
+            print("  same way (tests/deploy/test_loadbalancer.py: nginx, two proxies, one killed).")
+        else:
+            print("  FAILED: the end-to-end state did not carry on through the other proxy")
+        return kept
 
     def show_mode(self, what: str, argv: list[str], target: str, tap: UdpTap | HttpTap,
                   access_log: Path, server_log: Path) -> tuple[int, bool] | None:

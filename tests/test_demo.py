@@ -35,7 +35,15 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
         "CoAP to HTTP: OSCORE mode": "no",
     }
     assert set(scenes) == set(expected), list(scenes)
-    summary = text.split("\n== summary ", 1)[1]
+    summary, loss = text.split("\n== summary ", 1)[1].split("\n== losing a proxy ", 1)
+    # The payoff: proxy A dies, B takes over; Layer 1 starts again, OSCORE carries on.
+    before, killed, after = (" ".join(part.split()) for part in loss.partition("proxy A  killed"))
+    assert killed, loss
+    assert "client via A layer 1 hop " in before, loss
+    assert "mode oscore (keyed by a DTLS certificate handshake)" in before, loss
+    assert "client via B layer 1 hop " in after, loss
+    assert "mode oscore (context kept from an earlier run)" in after, loss
+    assert "it carried on: no new end-to-end handshake" in after, loss
     for title, clear in expected.items():
         scene = scenes[title]
         # The client's view ...
