@@ -363,7 +363,7 @@ async def test_end_to_end_failures_name_the_cause(app: Running, keys: Keys) -> N
         client("--e2e", "oscore", "--e2e-ca", str(keys / "e2e-ca.pem"), "-B", "8", uri),
         client(*keys.e2e_psk, uri),
         client("--e2e", "oscore", "--e2e-psk-identity", e2e["identity"], "--e2e-psk", "wrong",
-               "-B", "8", uri),
+               "--no-keep", "-B", "8", uri),
     )
     assert wrong_psk.rc == 7
     assert "wrong" in wrong_psk.one_line_error() and "key" in wrong_psk.stderr

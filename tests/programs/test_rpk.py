@@ -170,7 +170,7 @@ async def test_client_picks_one_kind(app: Running, keys: Keys, tmp_path: Path) -
         client(*base, "--e2e", "dtls", "--e2e-auth", "cert", uri),
         client(*base, "--e2e", "dtls", *keys.e2e_cert, uri),
         client("--e2e", "dtls", "--e2e-auth", "rpk", *keys.e2e_psk, uri),
-        client(*base, "--e2e", "oscore", "--e2e-auth", "psk", uri),
+        client(*base, "--e2e", "oscore", "--e2e-auth", "psk", "--no-keep", uri),
     )
     assert default.rc == 0 and "layer 0: mode dtls rpk" in default.stderr, default.stderr
     assert auth_psk.rc == 0 and "layer 0: mode dtls psk" in auth_psk.stderr
