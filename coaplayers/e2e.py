@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import aiocoap
 from aiocoap import interfaces
 
 from . import dtls
 from .replica import REPLICA_PATH
+
+if TYPE_CHECKING:
+    from .layer1 import LayeredContext
 
 
 @dataclass(frozen=True)
@@ -152,20 +155,20 @@ ClientCredentials: TypeAlias = (
 class PlainRequester:
     """Requests as aiocoap sends them (Layer 1 on coaps:// hops), optionally via a proxy."""
 
-    def __init__(self, context: Any, proxy: str | None) -> None:
+    def __init__(self, context: LayeredContext, proxy: str | None) -> None:
         from aiocoap.proxy.client import ProxyForwarder
 
         self._context = context
         self._via = ProxyForwarder(proxy, context.context) if proxy else context.context
 
-    def request(self, message: Any) -> Any:
+    def request(self, message: aiocoap.Message) -> Any:
         return self._via.request(message)
 
-    def describe(self, response: Any) -> dict[str, Any]:
+    def describe(self, response: aiocoap.Message) -> dict[str, Any]:
         return {"layer 1": layer1_details(response)}
 
 
-def layer1_details(response: Any) -> dict[str, Any] | None:
+def layer1_details(response: aiocoap.Message) -> dict[str, Any] | None:
     """What the first hop's DTLS session says about itself, for ``coap-client -v``.
 
     The hop is named by its address (the proxy's, through a proxy).
@@ -192,8 +195,8 @@ def _identity_label(kind: str) -> str:
 class DtlsRequester:
     """Requests inside a Layer 0 DTLS channel to the target's origin."""
 
-    def __init__(self, context: Any, target: str, proxy: str | None,
-                 credentials: Any, state: Path | None = None) -> None:
+    def __init__(self, context: LayeredContext, target: str, proxy: str | None,
+                 credentials: ClientCredentials, state: Path | None = None) -> None:
         from .layer0 import Layer0Channel
 
         kept: dict[str, Any] = {}
@@ -209,10 +212,10 @@ class DtlsRequester:
         self.channel = Layer0Channel(context.context, _origin(target), credentials, proxy=proxy,
                                      **kept)
 
-    def request(self, message: Any) -> Any:
+    def request(self, message: aiocoap.Message) -> Any:
         return self.channel.request(message)
 
-    def describe(self, response: Any) -> dict[str, Any]:
+    def describe(self, response: aiocoap.Message) -> dict[str, Any]:
         hs = self.channel.last_handshake
         kind = _kind(getattr(self.channel, "_session", None))
         return {
@@ -231,7 +234,7 @@ class DtlsRequester:
 class OscoreModeRequester:
     """OSCORE requests keyed by a Layer 0 handshake (PSK, certificate or raw public key)."""
 
-    def __init__(self, context: Any, target: str, proxy: str | None,
+    def __init__(self, context: LayeredContext, target: str, proxy: str | None,
                  credentials: dtls.CertificateCredentials | dtls.RawPublicKeyCredentials
                  | dtls.PskClientCredentials, state: Path | None = None) -> None:
         self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
@@ -259,10 +262,10 @@ class OscoreModeRequester:
             proxy=proxy, kept=slot,
         )
 
-    def request(self, message: Any) -> Any:
+    def request(self, message: aiocoap.Message) -> Any:
         return self.requester.request(message)
 
-    def describe(self, response: Any) -> dict[str, Any]:
+    def describe(self, response: aiocoap.Message) -> dict[str, Any]:
         hs = self.requester.last_handshake
         params = self.requester.parameters
         if self.requester.restored:
@@ -294,7 +297,7 @@ def _origin(uri: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _kind(session: Any) -> str:
+def _kind(session: dtls.DtlsSession | None) -> str:
     if isinstance(session, dtls.TinyDtlsSession | dtls.OpenSslPskClientSession):
         return "psk"
     if isinstance(session, dtls.GnuTlsSession):
@@ -302,12 +305,12 @@ def _kind(session: Any) -> str:
     return "certificate"
 
 
-def _text(value: Any) -> Any:
+def _text(value: object) -> object:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 async def open_requester(
-    context: Any, *, proxy: str | None, e2e: E2EClientOptions | None, target: str,
+    context: LayeredContext, *, proxy: str | None, e2e: E2EClientOptions | None, target: str,
     state: Path | None = None,
 ) -> Any:
     """Something with ``request(message)`` and ``describe(response)`` for the chosen mode.
