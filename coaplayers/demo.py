@@ -130,7 +130,9 @@ class Demo:
             "--psk-file", str(creds / "proxy-psk.json"), "--log-file", str(access_log),
             "--rpk-key", str(creds / "proxy-rpk.key"),
             "--rpk-trust", str(creds / "client-hop-rpk.pub"),
-            *_allow(f"127.0.0.1:{self.http_tap.port}"),
+            # Forward proxying reaches only what is allowed: the relay in front of the
+            # application server and the HTTP tap in front of its web twin.
+            *_allow(relay_addr, f"127.0.0.1:{self.http_tap.port}"),
         ]
         proxy_proc, proxy_line = self.start("proxy", *proxy_args)
         proxy_uri = proxy_line.split()[-1]
@@ -299,7 +301,7 @@ class Demo:
 
 
 def _allow(*targets: str) -> list[str]:
-    """``--allow`` for the HTTP tap where coap-proxy has an allow-list (closed by default)."""
+    """``--allow`` for each target (coap-proxy's forward proxying is closed by default)."""
     from dataclasses import fields
 
     from .proxy.config import ProxyConfig

@@ -181,6 +181,9 @@ def create(
         "rpk-key": "proxy-rpk.key",
         "rpk-trust": ["client-hop-rpk.pub"],
         "upstream-credentials": "proxy-upstream.json",
+        # Forward proxying reaches the application server and nothing else (the proxy is
+        # closed by default; a loopback server address has to be listed to be reached).
+        "allow": [f"{server_uri_host}:{server_port}" if server_port else server_host],
     }), False)
     files["client.toml"] = (_toml({
         "proxy": f"coaps://{proxy_uri_host}:{proxy_port}",

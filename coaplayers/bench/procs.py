@@ -231,7 +231,9 @@ def start_coap_proxy(procs: Processes, creds: Path) -> tuple[Proc, str, str]:
         "coap-proxy",
         [program("coap-proxy"), "--config", str(creds / "proxy.toml"),
          "--log-file", str(procs.workdir / "coap-proxy.jsonl"),
-         "--listen", "coap://127.0.0.1:0", "--listen", "coaps://127.0.0.1:0"],
+         "--listen", "coap://127.0.0.1:0", "--listen", "coaps://127.0.0.1:0",
+         # the rig's servers listen on loopback ports chosen at start
+         "--allow", "127.0.0.1"],
         until="ready",
     )
     plain = next(u for u in proc.uris("listening") if u.startswith("coap://"))

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 examples:
-  forward proxy on the default port (clients send Proxy-Uri or Proxy-Scheme):
-    coap-proxy --listen coap://[::]:5683
+  forward proxy on the default port (clients send Proxy-Uri or Proxy-Scheme) to the
+  servers of 10.0.0.0/24 and app.example port 5684, and nowhere else:
+    coap-proxy --listen coap://[::]:5683 --allow 10.0.0.0/24 --allow app.example:5684
   reverse proxy: /sensors/... to one server, Uri-Host app.example to another, nothing else:
     coap-proxy --no-forward --listen coap://0.0.0.0:5683 \\
         --route /sensors=coap://10.0.0.5 --route app.example=coap://10.0.0.6:5683
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reverse route by Uri-Host name or /path/prefix, repeatable")
     p.add_argument("--forward", action=argparse.BooleanOptionalAction, default=None,
                    help="act as a forward proxy for Proxy-Uri / Proxy-Scheme (default on)")
+    p.add_argument("--allow", metavar="HOST[:PORT]", action="append",
+                   help="a forward-proxy upstream allowed, repeatable: a name, an address or a"
+                   " CIDR prefix ([v6]:PORT for IPv6), or '*' for any address except loopback,"
+                   " link-local, unspecified, multicast and this host's own (default: none)")
     p.add_argument("--name", metavar="NAME", action="append",
                    help="a name this proxy is known by (requests for it are not forwarded)")
     p.add_argument("--metrics", metavar="HOST:PORT",
@@ -161,6 +166,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["log_exchanges"] = args.log_exchanges
     if args.name:
         changes["names"] = tuple(args.name)
+    if args.allow:
+        changes["allow"] = tuple(args.allow)
     if args.metrics:
         changes["metrics"] = parse_hostport(args.metrics, "--metrics")
     if args.rate_limit:

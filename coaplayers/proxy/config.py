@@ -220,6 +220,9 @@ class ProxyConfig:
     # Names (Uri-Host values) that mean this proxy itself, besides its bound addresses.
     names: tuple[str, ...] = ()
     allowed_schemes: tuple[str, ...] = ("coap", "coaps", "http", "https")
+    # Forward-proxy targets allowed (HOST[:PORT], HOST a name, address, CIDR prefix or "*");
+    # empty: forward proxying reaches nothing (see allow.py).
+    allow: tuple[str, ...] = ()
     upstream_timeout: float = 10.0
     # RFC 7967: a request whose No-Response suppresses 2.xx waits at most this long upstream
     # (silence is then its expected answer); a NON one suppressing every class waits not at all.
@@ -287,6 +290,10 @@ class ProxyConfig:
             raise ConfigError("cache_entries must be 0..1000000 and cache_bytes 0..4 GiB")
         if self.max_in_flight < 1 or self.max_observations < 0:
             raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
+        from .allow import AllowRule  # (allow.py imports ConfigError from here)
+
+        for spec in self.allow:
+            AllowRule.parse(spec)
         bad = set(self.allowed_schemes) - set(DEFAULT_PORTS)
         if bad:
             raise ConfigError(f"allowed_schemes: unknown scheme(s) {sorted(bad)}")
@@ -314,7 +321,7 @@ _SCALARS: dict[str, type] = {
     "log_exchanges": bool,
     "log_rate": float,
 }
-_LISTS = ("listen", "names", "allowed_schemes")
+_LISTS = ("listen", "names", "allowed_schemes", "allow")
 _LAYER1_LISTS = ("psk", "rpk_trust")
 _LAYER1_SCALARS = ("psk_file", "cert", "key", "ca", "rpk_key", "upstream_credentials")
 

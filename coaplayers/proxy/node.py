@@ -63,6 +63,7 @@ class ProxyNode:
                         "warning", message="a route points at this proxy itself; requests "
                         "on it end with 5.08 Hop Limit Reached")
                     break
+            self._warn_about_forwarding()
             if self.site.router.sets:
                 await self._start_health(self.context)
             if self.metrics.multiprocess:
@@ -77,11 +78,27 @@ class ProxyNode:
             raise
         self.access_log.event(
             "start", listen=self.bound_uris, routes=[str(r) for r in self.config.routes],
-            forward=self.config.forward,
+            forward=self.config.forward, allow=list(self.config.allow),
             metrics=None if self.metrics_address is None else
             f"http://{format_uri('x', *self.metrics_address)[4:]}/metrics",
         )
         return self.bound_uris
+
+    def _warn_about_forwarding(self) -> None:
+        """Say at start what forward proxying may reach when it is wide open or shut."""
+        if not self.config.forward:
+            return
+        allow = self.site.router.allow
+        if allow.opens_everything:
+            self.access_log.event(
+                "warning", message="forward proxying is open to any upstream address (allow"
+                " '*'): anyone who reaches this proxy can send from it to every host it"
+                " reaches, except loopback, link-local, unspecified, multicast and its own"
+                " addresses")
+        elif not allow.rules and not self.config.routes:
+            self.access_log.event(
+                "warning", message="forward proxying reaches no upstream: Proxy-Uri and"
+                " Proxy-Scheme requests are refused with 4.03 until --allow names some")
 
     async def _refresh(self) -> None:
         """A worker of several writes its function-read gauges for the supervisor's scrape."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -20,6 +20,7 @@ from aiocoap.numbers.codes import Code
 
 from ..errors import RemoteError
 from ..replica import balance_key, replica_of_request
+from .allow import AllowList, IPAddress, Verdict, bind_probe
 from .config import DEFAULT_PORTS, ProxyConfig, Route, Upstream
 
 Opt = OptionNumber
@@ -72,6 +73,8 @@ class Decision:
     route: str | None = None
     # A mounted prefix route: (upstream base path, prefix) for Location-Path in answers.
     mount: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    # A name only "*" or a prefix allowed: the address it resolves to is checked before sending.
+    check_address: bool = False
 
     def location_down(self, location: tuple[str, ...]) -> tuple[str, ...] | None:
         """An answer's Location-Path as the client must see it (None: unchanged)."""
@@ -129,8 +132,10 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "::ffff:127.0.0.1"
 class Router:
     """Decides forward / reverse / refuse for each request; knows the proxy's own names."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig,
+                 local_address: Callable[[IPAddress], bool] = bind_probe) -> None:
         self.config = config
+        self.allow = AllowList(config.allow, local_address)
         self.names = {n.lower() for n in config.names}
         self.addresses: set[tuple[str, str, int]] = set()  # (scheme, host, port) we listen on
         self.host_routes = {r.match: r for r in config.routes if not r.is_prefix}
@@ -247,11 +252,15 @@ class Router:
             raise Refusal(
                 codes.PROXYING_NOT_SUPPORTED, f"will not proxy to {scheme!r}", "not_proxying"
             )
+        verdict = self.allow.check_target(host, port)
+        if verdict is Verdict.REFUSED:
+            raise Refusal(codes.FORBIDDEN, self.allow.describe_refusal(host, port), "not_allowed")
         upstream = Upstream(scheme, host, port)
         return Decision(
             "forward", upstream, path, query,
             None if is_ip_literal(host) else host.lower(),
             self._next_hop_limit(request),
+            check_address=verdict is Verdict.CHECK_ADDRESS,
         )
 
     def _reverse(

@@ -38,7 +38,7 @@ from .limits import InFlight, RateLimiter
 from .metrics import MetricsRegistry
 from .observe import Event, Fanout
 from .routing import ROUTING_OPTIONS, Decision, Refusal, Router, unknown_unsafe
-from .transport import UpstreamPool
+from .transport import UpstreamNotAllowed, UpstreamPool, remote_ip
 
 Opt = OptionNumber
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -245,6 +245,13 @@ class ProxySite:
             try:
                 self._admit(request, entry, slot)
                 decision = self.router.decide(request, entry["client"])
+                if (decision.kind == "forward" and decision.upstream.scheme == "coaps"
+                        and entry["identity"] is None):
+                    # The proxy's upstream credentials are not lent to whoever can send a
+                    # datagram: a confused deputy would make every plain client the proxy.
+                    raise Refusal(
+                        codes.FORBIDDEN, "coaps:// upstreams are forwarded to for clients that"
+                        " authenticated at Layer 1 only (or through a route)", "layer1_required")
             except Refusal as refusal:
                 self._refuse(pipe, refusal, entry, started)
                 return
@@ -430,9 +437,10 @@ class ProxySite:
         limit = self.config.upstream_timeout
         if quiet:
             limit = min(limit, self.config.no_response_wait)
+        check = self._address_check(d) if d.check_address else None
         try:
             async with asyncio.timeout(limit):
-                upstream = await pool.request(client, out, target)
+                upstream = await pool.request(client, out, target, check)
                 if forget:
                     # aiocoap keeps the request a little longer (a backlogged NON still goes
                     # out, a late answer is absorbed), without this exchange or its slot.
@@ -442,6 +450,10 @@ class ProxySite:
                     self._silent(pipe, entry, started)
                     return
                 response = await upstream.response
+        except UpstreamNotAllowed:
+            self._fail(pipe, codes.FORBIDDEN, f"upstream {d.upstream.hostinfo} resolved to an"
+                       " address that is not allowed", "not_allowed", entry, started)
+            return
         except (TimeoutError, error.TimeoutError):
             pool.forget(client, target)
             if quiet:
@@ -524,6 +536,17 @@ class ProxySite:
             # The first answer is out: the slot for waiting exchanges is free again.
             slot.release()
             await self._relay_notifications(pipe, fanout, queue, d)
+
+    def _address_check(self, d: Decision) -> Callable[[Any], bool]:
+        """For a name only ``*`` or a prefix allowed: the address it resolved to must be."""
+        allow = self.router.allow
+        port = d.upstream.port
+
+        def check(remote: Any) -> bool:
+            ip = remote_ip(remote)
+            return ip is not None and allow.address_allowed(ip, port)
+
+        return check
 
     async def _join(self, pipe: Pipe, shared: Fanout, d: Decision, entry: dict[str, Any],
                     started: float, slot: _Slot) -> bool:

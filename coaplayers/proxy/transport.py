@@ -43,6 +43,18 @@ def format_uri(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+class UpstreamNotAllowed(Exception):
+    """The address an upstream name resolved to is not allowed (see ``allow.py``)."""
+
+
+def remote_ip(remote: Any) -> str | None:
+    """The IP address a resolved remote sends to (plain UDP or Layer 1), if it has one."""
+    address = getattr(remote, "sockaddr", None) or getattr(remote, "address", None)
+    if isinstance(address, tuple) and address and isinstance(address[0], str):
+        return address[0]
+    return None
+
+
 class UpstreamPool:
     """Client contexts for upstream requests; each downstream client sticks to one of them.
 
@@ -90,12 +102,14 @@ class UpstreamPool:
     def context_for(self, client: Hashable) -> aiocoap.Context:
         return self.contexts[self.index_for(client)]
 
-    async def request(self, client: Hashable, message: Message, target: str) -> Request:
+    async def request(self, client: Hashable, message: Message, target: str,
+                      check: Callable[[Any], bool] | None = None) -> Request:
         """Send ``message`` (its remote an ``UndecidedRemote`` for ``target``) upstream.
 
         Like ``Context.request(message, handle_blockwise=False)``, except that resolution
         errors (``ResolutionError``, ``NoRequestInterface``) are raised here rather than from
-        the response, and a cached resolution is reused.
+        the response, and a cached resolution is reused. ``check`` sees the resolved remote
+        before anything is sent; if it says no, ``UpstreamNotAllowed`` is raised.
         """
         index = self.index_for(client)
         ctx = self.contexts[index]
@@ -119,6 +133,8 @@ class UpstreamPool:
                 if type(remote) is UDP6EndpointAddress:
                     remote = ResolvedAddress(remote)
                 self._resolved[key] = (interface, remote, self.clock() + self.resolve_ttl)
+        if check is not None and not check(message.remote):
+            raise UpstreamNotAllowed(target)
         return request_through(ctx, interface, message)
 
     def is_own_port(self, port: int) -> bool:

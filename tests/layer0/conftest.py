@@ -161,7 +161,7 @@ class ProxyProcess:
             assert exe is not None, "coap-proxy missing from the venv"
             # Retransmissions as fast as the client's (FastTuning), upstream and for separate
             # responses downstream: a lossy hop then costs the same on either side.
-            return [exe, "--listen", f"coap://127.0.0.1:{self.port}",
+            return [exe, "--listen", f"coap://127.0.0.1:{self.port}", "--allow", "127.0.0.1",
                     "--ack-timeout", str(self.ack_timeout),
                     "--downstream-ack-timeout", str(self.ack_timeout), "--upstream-timeout", "60"]
         exe = shutil.which("coap-server-notls")

@@ -128,7 +128,8 @@ def mode_peer(kind: str, keys: Path) -> contextlib.AbstractAsyncContextManager[l
 
 
 def coap_proxy(*args: str | Path) -> contextlib.AbstractAsyncContextManager[list[str]]:
-    return running(BIN / "coap-proxy", *args, ready="ready")
+    allow = () if "--allow" in args else ("--allow", "127.0.0.1")  # the tests' servers
+    return running(BIN / "coap-proxy", *args, *allow, ready="ready")
 
 
 def e2e_cert_flags(keys: Path, cert: str = "client-e2e") -> list[str | Path]:

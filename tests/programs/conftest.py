@@ -196,10 +196,15 @@ def start_server(tmp: Path, *args: str, name: str = "server") -> Running:
     return start([SERVER, *args], tmp / f"{name}-{os.urandom(3).hex()}.err", lines=listens)
 
 
-def start_proxy(tmp: Path, *args: str, name: str = "proxy") -> Running:
+def start_proxy(tmp: Path, *args: str, name: str = "proxy", loopback: bool = True) -> Running:
+    """coap-proxy; forward proxying reaches the tests' loopback servers (``loopback``) unless
+    ``args`` say which upstreams it may reach (``--allow``)."""
     tag = os.urandom(3).hex()
     log = tmp / f"{name}-{tag}.jsonl"
-    run = start([PROXY, "--log-file", str(log), *args], tmp / f"{name}-{tag}.err", until="ready")
+    allow = ("--allow", "127.0.0.1", "--allow", "::1") if loopback and "--allow" not in args \
+        else ()
+    run = start([PROXY, "--log-file", str(log), *args, *allow], tmp / f"{name}-{tag}.err",
+                until="ready")
     run.log_file = log
     return run
 

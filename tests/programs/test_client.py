@@ -237,11 +237,13 @@ def test_silent_layer0_server_is_exit_6_naming_the_hop() -> None:
 
 
 async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys: Keys) -> None:
-    plain, coaps_hop, to_coaps = await asyncio.gather(
+    plain, coaps_hop, to_coaps, plain_to_coaps = await asyncio.gather(
         client("-P", proxy.uri("coap"), "-v", "-m", "post", "-e", "via proxy",
                app.uri("coap") + "/echo"),
         client("-P", proxy.uri("coaps"), "--credentials", str(keys / "client-hop.json"), "-v",
                app.uri("coap") + "/hello"),
+        client("-P", proxy.uri("coaps"), "--credentials", str(keys / "client-hop.json"),
+               app.uri("coaps") + "/hello"),
         client("-P", proxy.uri("coap"), app.uri("coaps") + "/hello"),
     )
     assert plain.rc == 0 and plain.stdout == "via proxy\n"
@@ -254,6 +256,8 @@ async def test_through_proxy_plain_and_coaps(app: Running, proxy: Running, keys:
     assert f"layer 1: hop {hop}, psk identity device-1, mode psk" in coaps_hop.stderr
     # Hop 2 over coaps with the proxy's upstream credentials: the server names the proxy.
     assert to_coaps.rc == 0 and "layer 1 peer proxy" in to_coaps.stdout, to_coaps.stderr
+    # ... for a client that authenticated at Layer 1 only: a plain request does not borrow them.
+    assert plain_to_coaps.rc == 4 and "4.03" in plain_to_coaps.one_line_error()
 
 
 async def test_layer1_psk_text_and_hex_and_wrong_key(app: Running) -> None:

@@ -106,11 +106,14 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
     assert r.rc == 0, r.stderr
     server_cfg = tomllib.loads((creds / "server.toml").read_text())
     assert server_cfg["listen"] == [f"coaps://0.0.0.0:{server_port}"]
+    proxy_cfg = tomllib.loads((creds / "proxy.toml").read_text())
+    assert proxy_cfg["allow"] == [f"127.0.0.1:{server_port}"]
     server = start([str(Path(KEYS).with_name("coap-server")), "--config",
                     str(creds / "server.toml")], tmp_path / "server.err")
     try:
+        # The allow-list coap-keys wrote (the application server, nothing else) is enough.
         proxy = start_proxy(tmp_path, "--config", str(creds / "proxy.toml"),
-                            "--upstream-timeout", "2")
+                            "--upstream-timeout", "2", loopback=False)
         try:
             assert server.uris == [f"coaps://0.0.0.0:{server_port}"]
             assert proxy.uris == [f"coaps://0.0.0.0:{proxy_port}"]

@@ -80,18 +80,26 @@ async def start_origin(tmp: Path) -> Running:
     return Running(proc, [lines[-1].split()[1]], stderr_file=err)
 
 
+LOOPBACK_ALLOWED = ("--allow", "127.0.0.1", "--allow", "::1")
+
+
 async def start_proxy(
     tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0",
     program: Sequence[str] = (PROXY,), env: Mapping[str, str] | None = None,
+    allow: tuple[str, ...] = LOOPBACK_ALLOWED,
 ) -> Running:
     """coap-proxy (or ``program``, another command running it) with a JSON log in ``tmp``,
-    once it printed ``ready``; ``listen`` unless ``args`` name --listen or --config."""
+    once it printed ``ready``; ``listen`` unless ``args`` name --listen or --config. The
+    tests' upstreams are on loopback, which forward proxying reaches only when allowed
+    (``allow=()`` keeps the default: nothing)."""
     tag = os.urandom(3).hex()
     log = tmp / f"proxy-{tag}.jsonl"
     err = tmp / f"proxy-{tag}.err"
     argv = [*program, "--log-file", str(log), *args]
     if "--listen" not in args and "--config" not in args:
         argv += ["--listen", listen]
+    if "--allow" not in args:
+        argv += allow
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
     )

@@ -34,6 +34,7 @@ async def test_config_file_with_flag_override(
     cfg.write_text(
         'listen = ["coap://127.0.0.1:0"]\n'
         "forward = false\n"
+        'allow = ["127.0.0.1"]\n'
         'metrics = "127.0.0.1:0"\n'
         f'log_file = "{log}"\n'
         f'[routes]\n"/file" = "coap://{origin.hostport}"\n'

@@ -25,6 +25,7 @@ from coaplayers.proxy.routing import Refusal, Router
 
 
 def router(**kw: object) -> Router:
+    kw.setdefault("allow", ("*", "127.0.0.0/8", "::1"))  # the routing rules, not the allow-list
     r = Router(ProxyConfig(**kw))  # type: ignore[arg-type]
     r.add_own_address("coap", "127.0.0.1", 5683)
     return r
