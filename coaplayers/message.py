@@ -9,6 +9,7 @@ from typing import Any
 
 import aiocoap
 from aiocoap import Message
+from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe
 from aiocoap.protocol import Request
 from aiocoap.util import hostportsplit
@@ -37,6 +38,30 @@ def copy_request(message: Message) -> Message:
     _aiocoap.set_option_lists(new.opt, {number: list(values) for number, values
                                         in _aiocoap.option_lists(message.opt).items()})
     return new
+
+
+def echo_asked(request: Message, answer: Message) -> bytes | None:
+    """The Echo value an unprotected 4.01 asks ``request`` to be repeated with (RFC 9175), if
+    it was not sent with one already.
+
+    A proxy or server asks this of an address it has not verified yet before it sends a large
+    answer there (docs/SECURITY.md, the 3x rule); the repeated request reaches the server as
+    the first, since the asker did not forward or process the original.
+    """
+    if (answer.code == Code.UNAUTHORIZED and request.opt.echo is None
+            and answer.opt.oscore is None):
+        echo: bytes | None = answer.opt.echo
+        return echo
+    return None
+
+
+def with_echo(request: Message, echo: bytes) -> Message:
+    """``request`` to send again with ``echo``: a new message ID and token, the rest as is."""
+    again = copy_request(request)
+    again.mid = None
+    again.token = None
+    again.opt.echo = echo
+    return again
 
 
 def request_through(context: aiocoap.Context, interface: Any,
@@ -73,5 +98,5 @@ error_answer = _aiocoap.error_answer
 error_to_message = _aiocoap.error_to_message
 _aiocoap.install_pipe_fix()
 
-__all__ = ["copy_request", "error_answer", "error_to_message", "request_through",
-           "split_hostinfo"]
+__all__ = ["copy_request", "echo_asked", "error_answer", "error_to_message", "request_through",
+           "split_hostinfo", "with_echo"]

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes sharing the listen ports (1-16; auto: one per core, at most"
                    " 16); Layer 0 sessions and OSCORE contexts reach their worker by the"
                    " kernel's choice (default 1)")
+    p.add_argument("--amplification-factor", metavar="F", type=float, default=None,
+                   help="answers to plain requests from addresses not yet verified (no Layer 1"
+                   " session, no echoed Echo value) stay within F times the request's size:"
+                   " smaller Block2 blocks, or 4.01 with an Echo option (default 3; 0: no"
+                   " limit)")
     p.add_argument("--max-body", type=int, metavar="BYTES",
                    help="largest request body a resource takes block-wise (4.13 beyond it;"
                    f" default {BlockwiseLimits().max_body})")
@@ -147,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
     from coaplayers import config as cfg
     from coaplayers import layer1
+    from coaplayers.amplification import AmplificationGuard, AmplificationLimits
     from coaplayers.asgi import CoapAsgiApp, HttpListener
     from coaplayers.e2e import E2EServerOptions, wrap_site
     from coaplayers.layer0.server import Layer0Site, answer_inline
@@ -180,7 +186,11 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     except ValueError as exc:
         raise dtls.ConfigurationError(f"--max-body: {exc}") from exc
     # RulesSite innermost: 4.02, 4.06 and No-Response apply to plain and protected requests.
-    site: Any = wrap_site(RulesSite(build_site(blockwise, args.replica)), e2e, eager=True)
+    factor = 3.0 if args.amplification_factor is None else args.amplification_factor
+    if factor and factor < 1:
+        raise dtls.ConfigurationError("--amplification-factor must be 0 (off) or at least 1")
+    guard = AmplificationGuard(AmplificationLimits(factor=factor)) if factor else None
+    site: Any = wrap_site(RulesSite(build_site(blockwise, args.replica, guard)), e2e, eager=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

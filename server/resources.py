@@ -16,6 +16,7 @@ import aiocoap.resource as resource
 import cbor2
 from aiocoap.numbers.contentformat import ContentFormat
 
+from coaplayers.amplification import AmplificationGuard, guarded
 from coaplayers.blockwise import BlockwiseLimits, BoundedSite
 from coaplayers.identity import describe_peer
 from coaplayers.replica import REPLICA_PATH
@@ -143,10 +144,22 @@ class LoggingSite(BoundedSite):
 
     It sits innermost, under Layer 0 and OSCORE, so the log line shows what the application
     received after unprotection, and who sent it at which layer; for the same reason its
-    bounded Block1 reassembly holds for requests in all three modes.
+    bounded Block1 reassembly holds for requests in all three modes;
+    and it holds answers to plain requests from unverified addresses to the 3x rule
+    (``coaplayers.amplification``), which protected ones need not: a Layer 0 or OSCORE
+    request authenticated before it got here.
     """
 
+    def __init__(self, blockwise: BlockwiseLimits | None = None,
+                 guard: AmplificationGuard | None = None) -> None:
+        super().__init__(blockwise)
+        self.guard = guard
+
     async def render_to_pipe(self, request: Any) -> None:
+        guarded_request = guarded(request, self.guard, log)
+        if guarded_request is None:
+            return  # answered: a repetition with an Echo value got the answer held for it
+        request = guarded_request
         req = request.request
         # Sizes, never payloads: logs travel further than the data they describe.
         log.info(
@@ -169,9 +182,10 @@ class Replica(resource.Resource):
 
 
 def build_site(
-    blockwise: BlockwiseLimits | None = None, replica: int | None = None
+    blockwise: BlockwiseLimits | None = None, replica: int | None = None,
+    guard: AmplificationGuard | None = None,
 ) -> resource.Site:
-    site = LoggingSite(blockwise)
+    site = LoggingSite(blockwise, guard)
     if replica is not None:
         site.add_resource(list(REPLICA_PATH), Replica(replica))
     wkc = resource.WKCResource(site.get_resources_as_linkheader)

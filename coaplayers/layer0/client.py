@@ -64,7 +64,7 @@ from ..dtls import (
     records,
 )
 from ..dtls.openssl import build_psk_context
-from ..message import copy_request, request_through
+from ..message import copy_request, echo_asked, request_through, with_echo
 from . import inner, profile
 from .errors import (
     ChannelClosed,
@@ -423,7 +423,11 @@ class Layer0Channel:
         """One outer exchange: at most one block (MAX_DATAGRAM), so it needs neither
         aiocoap's block-wise runner nor its send task (see request_through)."""
         interface = await self._ctx.find_remote_and_interface(msg)
-        return await request_through(self._ctx, interface, msg).response
+        response = await request_through(self._ctx, interface, msg).response
+        echo = echo_asked(msg, response)
+        if echo is not None:  # a proxy verifying our address first (RFC 9175, the 3x rule)
+            response = await request_through(self._ctx, interface, with_echo(msg, echo)).response
+        return response
 
     # ------------------------------------------------------------------ handshake
 

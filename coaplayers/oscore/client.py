@@ -35,7 +35,7 @@ from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from .. import _aiocoap
 from ..layer0.profile import is_tunnel_path
-from ..message import request_through
+from ..message import echo_asked, request_through, with_echo
 from .context import SecurityContext
 from .errors import (
     RehandshakeReason,
@@ -291,6 +291,10 @@ class OscoreClientTransport(TransportOSCORE):
             interface = await context.find_remote_and_interface(protected)
             try:
                 answer = await request_through(context, interface, protected).response
+                outer_echo = echo_asked(protected, answer)
+                if outer_echo is not None:  # our address verified first (RFC 9175, the 3x rule)
+                    answer = await request_through(
+                        context, interface, with_echo(protected, outer_echo)).response
             except aiocoap.error.NetworkError:
                 forget = getattr(context, "forget_resolution", None)
                 if forget is not None and isinstance(hop, UndecidedRemote):

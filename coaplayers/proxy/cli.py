@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="N|auto",
                    help="processes sharing the listen ports, one scrape for all (default 1;"
                    " auto: one per core)")
+    p.add_argument("--amplification-factor", metavar="F", type=float,
+                   help="answers to plain clients not yet verified (no Layer 1 session, no"
+                   " echoed Echo value) stay within F times the request's size (default 3;"
+                   " 0: no limit)")
     p.add_argument("--hop-limit", metavar="N", type=int,
                    help="Hop-Limit inserted when a request has none (default 16)")
     p.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
@@ -181,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "log_file", "log_rate", "upstream_timeout", "ack_timeout", "downstream_ack_timeout",
         "max_in_flight", "upstream_sockets", "resolve_ttl", "hop_limit", "shutdown_grace",
         "no_response_wait", "cache_entries", "cache_bytes", "health_interval",
-        "health_timeout",
+        "health_timeout", "amplification_factor",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -259,6 +259,9 @@ class ProxyConfig:
     # Log lines per second at most beyond a burst (coaplayers.loglimit; 0: no bound). Exchange
     # lines have a bucket of their own, EXCHANGE_LINE_RATE.
     log_rate: float = 50.0
+    # Answers to plain clients not yet verified stay within this many times the request's
+    # size (smaller Block2 blocks or 4.01 + Echo; see coaplayers.amplification); 0: no limit.
+    amplification_factor: float = 3.0
     layer1: Layer1Settings = field(default_factory=Layer1Settings)
     # http:// and https:// upstreams (the CoAP-to-HTTP cross-proxy, http.py).
     http: HttpSettings = field(default_factory=lambda: HttpSettings())
@@ -288,6 +291,8 @@ class ProxyConfig:
             raise ConfigError("log_rate must be >= 0")
         if not 0 <= self.cache_entries <= 1_000_000 or not 0 <= self.cache_bytes <= 1 << 32:
             raise ConfigError("cache_entries must be 0..1000000 and cache_bytes 0..4 GiB")
+        if self.amplification_factor and self.amplification_factor < 1:
+            raise ConfigError("amplification_factor must be 0 (no limit) or at least 1")
         if self.max_in_flight < 1 or self.max_observations < 0:
             raise ConfigError("max_in_flight must be >= 1 and max_observations >= 0")
         from .allow import AllowRule  # (allow.py imports ConfigError from here)
@@ -320,6 +325,7 @@ _SCALARS: dict[str, type] = {
     "log_file": str,
     "log_exchanges": bool,
     "log_rate": float,
+    "amplification_factor": float,
 }
 _LISTS = ("listen", "names", "allowed_schemes", "allow")
 _LAYER1_LISTS = ("psk", "rpk_trust")

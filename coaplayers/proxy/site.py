@@ -27,6 +27,12 @@ from aiocoap.pipe import Pipe
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from .. import dtls
+from ..amplification import (
+    AmplificationGuard,
+    AmplificationLimits,
+    guard_pipe,
+    plain_address,
+)
 from ..layer1.transport import Layer1Error
 from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
@@ -190,6 +196,13 @@ class ProxySite:
         registry.gauge("coap_proxy_observers", "Client observations being served",
                        func=lambda: self.observers)
         self.log = logging.getLogger("coaplayers.proxy")
+        amplification = registry.counter(
+            "coap_proxy_amplification_total", "Answers to unverified plain clients cut to a"
+            " smaller block or replaced by 4.01 + Echo, and clients that echoed", ["action"])
+        self.guard = AmplificationGuard(
+            AmplificationLimits(factor=config.amplification_factor),
+            on_action=lambda action: amplification.inc(action=action),
+        ) if config.amplification_factor else None
         self._hostinfo: dict[Any, str] = {}  # sockaddr -> "host:port" of plain UDP clients
 
     def client_hostinfo(self, remote: Any) -> str:
@@ -241,6 +254,17 @@ class ProxySite:
         if request.opt.no_response is not None:
             entry["no_response"] = request.opt.no_response
         slot = _Slot(self)
+        unverified, held = self._unverified(request)
+        if held is not None:
+            # The repetition of a challenged request: the answer it got, not a second exchange
+            # (a protected request would look like a replay upstream).
+            entry["kind"] = "held"
+            self._done(entry, held, started, upstream=None)
+            self._answer(pipe, held, is_last=True)
+            return
+        if unverified is not None:
+            # Every answer to this request (relayed, refusal or notification) within 3x.
+            pipe = guard_pipe(pipe, self.guard, unverified, self.log)  # type: ignore[arg-type]
         try:
             try:
                 self._admit(request, entry, slot)
@@ -265,6 +289,26 @@ class ProxySite:
             slot.release()
 
     # -- steps -----------------------------------------------------------------------------
+
+    def _unverified(self, request: Message) -> tuple[Any, Message | None]:
+        """The address of a plain client not yet verified (None if there is nothing to limit),
+        and the answer held for this request if it repeats a challenged one.
+
+        An Echo value of ours verifies the address, and is not forwarded (it means nothing
+        upstream).
+        """
+        guard = self.guard
+        if guard is None:
+            return None, None
+        address = plain_address(request.remote)
+        if address is None:
+            return None, None
+        echo = request.opt.echo
+        if echo is not None and guard.check_echo(address, echo):
+            held = guard.take_held(address, request)
+            request.opt.delete_option(Opt.ECHO)
+            return None, held
+        return (None if guard.is_verified(address) else address), None
 
     def _admit(self, request: Message, entry: dict[str, Any], slot: _Slot) -> None:
         if self.draining:

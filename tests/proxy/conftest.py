@@ -86,12 +86,17 @@ LOOPBACK_ALLOWED = ("--allow", "127.0.0.1", "--allow", "::1")
 async def start_proxy(
     tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0",
     program: Sequence[str] = (PROXY,), env: Mapping[str, str] | None = None,
-    allow: tuple[str, ...] = LOOPBACK_ALLOWED,
+    allow: tuple[str, ...] = LOOPBACK_ALLOWED, amplification: bool = False,
 ) -> Running:
     """coap-proxy (or ``program``, another command running it) with a JSON log in ``tmp``,
     once it printed ``ready``; ``listen`` unless ``args`` name --listen or --config. The
     tests' upstreams are on loopback, which forward proxying reaches only when allowed
-    (``allow=()`` keeps the default: nothing)."""
+    (``allow=()`` keeps the default: nothing).
+
+    The 3x rule is off unless ``amplification``: the origin here reports each request's
+    options in its answer, so the blocks a cut answer is fetched in would not fit together
+    (test_amplification.py tests the rule with origins that answer alike).
+    """
     tag = os.urandom(3).hex()
     log = tmp / f"proxy-{tag}.jsonl"
     err = tmp / f"proxy-{tag}.err"
@@ -100,6 +105,8 @@ async def start_proxy(
         argv += ["--listen", listen]
     if "--allow" not in args:
         argv += allow
+    if not amplification and "--amplification-factor" not in args:
+        argv += ["--amplification-factor", "0"]
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
     )
