@@ -70,17 +70,24 @@ def render(payload: bytes, fmt: int | None) -> tuple[bytes, bool]:
 
 
 class Progress:
-    """A one-line bar on stderr, rewritten per received block (only used on a terminal)."""
+    """A one-line bar on stderr, rewritten when a received block moves it by a per cent (only
+    used on a terminal; a server may answer in thousands of small blocks, as coap-server and
+    coap-proxy do for an address they have not verified)."""
 
     WIDTH = 30
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.shown = False
+        self._percent = -1
 
     def update(self, received: int, total: int | None) -> None:
         if total:
             done = min(received, total)
+            percent = 100 * done // total
+            if percent == self._percent:
+                return
+            self._percent = percent
             filled = self.WIDTH * done // total
             bar = "#" * filled + "-" * (self.WIDTH - filled)
             text = f"\r[{bar}] {done}/{total} bytes {100 * done // total:3d}%"

@@ -40,6 +40,9 @@ from aiocoap.pipe import Pipe
 
 ECHO_LENGTH = 12
 _CUTTABLE = frozenset({Code.GET, Code.FETCH})
+# What a block's answer carries besides its payload, at most, in the usual case: header, payload
+# marker and options such as Content-Format, ETag, Block2, Size2 (the token is counted apart).
+_ANSWER_OVERHEAD = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,28 @@ class AmplificationGuard:
     def budget(self, request: Message) -> int:
         return int(self.limits.factor * wire_size(request, len(request.token)))
 
+    def ask_small_blocks(self, request: Message, into: Message | None = None) -> None:
+        """Ask for the answer of a GET or FETCH in blocks that fit the budget (Block2 set in
+        ``into``, the request itself or the one forwarded for it).
+
+        The server then cuts the answer itself and serves the following blocks as it does for
+        any client that asks for small blocks (RFC 7959 2.4); an answer cut afterwards would
+        leave the next blocks to a server that may keep no copy of an answer it sent whole.
+        """
+        if request.code not in _CUTTABLE or request.opt.oscore is not None:
+            return
+        room = self.budget(request) - len(request.token) - _ANSWER_OVERHEAD
+        exponent = 0
+        while exponent < 6 and 16 << (exponent + 1) <= room:
+            exponent += 1
+        target = into if into is not None else request
+        asked = target.opt.block2
+        if asked is None:
+            target.opt.block2 = BlockOption.BlockwiseTuple(0, False, exponent)
+        elif asked.size_exponent > exponent:
+            target.opt.block2 = BlockOption.BlockwiseTuple(
+                asked.block_number << (asked.size_exponent - exponent), False, exponent)
+
     def challenge(self, address: Hashable, request: Message | None = None,
                   answer: Message | None = None) -> Message:
         """4.01 with an Echo value: repeat the request with it to show you receive here.
@@ -180,18 +205,20 @@ class AmplificationGuard:
         return entry[1] if entry[2] >= self.clock() else None
 
     def fit(self, address: Hashable, request: Message, response: Message, *,
-            cut_unblocked: bool = True) -> Message:
+            cut_unblocked: bool = True, budget: int | None = None) -> Message:
         """``response`` if it is within the budget, else a smaller block of it or a challenge.
 
         ``cut_unblocked``: whether a GET answer without Block2 may be cut too: the block the
         request asked for (or the first) is sliced out of the whole answer, which a server
         renders again for each block request, and which a proxy's upstream sends again.
         """
-        budget = self.budget(request)
+        if budget is None:
+            budget = self.budget(request)
         token_length = len(request.token)
         if wire_size(response, token_length) <= budget:
             return response
-        cut = self._cut(request, response, budget, token_length, cut_unblocked)
+        cut = self._cut(request, response, budget, token_length, cut_unblocked,
+                        request.opt.block2)
         if cut is not None:
             self._count("cut")
             return cut
@@ -209,7 +236,7 @@ class AmplificationGuard:
 
     @staticmethod
     def _cut(request: Message, response: Message, budget: int, token_length: int,
-             cut_unblocked: bool) -> Message | None:
+             cut_unblocked: bool, asked: Any) -> Message | None:
         if (not response.code.is_successful() or response.opt.observe is not None
                 or response.opt.oscore is not None):
             return None
@@ -219,7 +246,6 @@ class AmplificationGuard:
             data, more_after, top = response.payload, block.more, block.size_exponent - 1
         elif cut_unblocked and request.code in _CUTTABLE:
             # The whole answer of a GET: the block asked for (or the first), the rest again.
-            asked = request.opt.block2
             offset = asked.block_number * asked.size if asked is not None else 0
             top = asked.size_exponent if asked is not None else 6
             data, more_after = response.payload[offset:], False
@@ -267,13 +293,15 @@ def guard_pipe(pipe: Pipe, guard: AmplificationGuard, address: Hashable, log: An
     through unchanged (aiocoap renders exceptions as small error answers).
     """
     request = pipe.request
+    budget = guard.budget(request)  # of the request as it came, before any Block2 is added
     inner = Pipe(request, log)
 
     def on_event(event: Any) -> bool:
         if event.message is None:
             pipe.add_exception(event.exception)
             return False
-        fitted = guard.fit(address, request, event.message, cut_unblocked=cut_unblocked)
+        fitted = guard.fit(address, request, event.message, cut_unblocked=cut_unblocked,
+                           budget=budget)
         last = event.is_last or fitted.code == Code.UNAUTHORIZED
         pipe.add_response(fitted, last)
         return not last
@@ -306,4 +334,6 @@ def guarded(pipe: Pipe, guard: AmplificationGuard | None, log: Any, *,
         return pipe
     if guard.is_verified(address):
         return pipe
-    return guard_pipe(pipe, guard, address, log, cut_unblocked=cut_unblocked)
+    guarded_pipe = guard_pipe(pipe, guard, address, log, cut_unblocked=cut_unblocked)
+    guard.ask_small_blocks(request)
+    return guarded_pipe

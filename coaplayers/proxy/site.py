@@ -284,7 +284,8 @@ class ProxySite:
             if decision.route is not None:
                 entry["route"] = decision.route
             self.metrics.requests.inc(kind=decision.kind)
-            await self._forward(pipe, request, decision, entry, started, slot)
+            await self._forward(pipe, request, decision, entry, started, slot,
+                                unverified is not None)
         finally:
             slot.release()
 
@@ -381,7 +382,7 @@ class ProxySite:
 
     async def _forward(
         self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
-        slot: _Slot,
+        slot: _Slot, unverified: bool = False,
     ) -> None:
         if d.upstream.scheme in HTTP_SCHEMES:  # the CoAP-to-HTTP cross-proxy
             await http_forward(self, pipe, request, d, entry, started)
@@ -445,7 +446,7 @@ class ProxySite:
             miss = self._misses[key] = asyncio.get_running_loop().create_future()
         try:
             await self._exchange(pipe, request, d, entry, started, slot, key, validating,
-                                 fanout)
+                                 fanout, unverified)
         finally:
             if miss is not None:
                 del self._misses[key]
@@ -458,6 +459,7 @@ class ProxySite:
     async def _exchange(
         self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
         slot: _Slot, key: Hashable | None, validating: Any, fanout: Fanout | None,
+        unverified: bool = False,
     ) -> None:
         """One upstream exchange (with its Observe registration when ``fanout`` is given)."""
         cache = self.cache
@@ -466,6 +468,9 @@ class ProxySite:
         out = self._upstream_request(request, d, observe)
         if validating is not None:
             out.opt.etags = [validating.etag]
+        if unverified and self.guard is not None:
+            # The upstream cuts a GET's answer to the 3x rule itself, and serves the rest.
+            self.guard.ask_small_blocks(request, out)
         t0 = self.clock()
         client = entry["client"]  # per address: Block1 state is per address upstream
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"

@@ -134,20 +134,22 @@ async def test_coaps_upstream_without_credentials_is_502_and_closed_port_504_at_
     creds.write_text('{"coaps://127.0.0.1*": {"dtls": {"psk": {"ascii": "k"},'
                      ' "client-identity": {"ascii": "proxy"}}}}')
     creds.chmod(0o600)
-    proxies.append(proxy := await start_proxy(tmp_path, "--upstream-credentials", str(creds),
-                                              "--metrics", "127.0.0.1:0"))
-    via = ["-P", f"coap://{proxy.hostport}"]
+    # Routes: a plain request reaches a coaps:// upstream only where a route says so.
+    proxies.append(proxy := await start_proxy(
+        tmp_path, "--upstream-credentials", str(creds), "--metrics", "127.0.0.1:0",
+        "--route", f"/nocred=coaps://localhost:{closed}",
+        "--route", f"/closed=coaps://127.0.0.1:{closed}"))
     t0 = time.monotonic()
     (nocred, _), (refused, _) = await asyncio.gather(
-        libcoap_get(tmp_path, "nocred", *via, f"coaps://localhost:{closed}/hello"),
-        libcoap_get(tmp_path, "closed", *via, f"coaps://127.0.0.1:{closed}/hello"),
+        libcoap_get(tmp_path, "nocred", f"coap://{proxy.hostport}/nocred/hello"),
+        libcoap_get(tmp_path, "closed", f"coap://{proxy.hostport}/closed/hello"),
     )
     assert time.monotonic() - t0 < 5
     assert "5.02" in nocred and "no credentials" in nocred, nocred
     assert "5.04" in refused and "unreachable" in refused, refused
     lines = {e["upstream"]: e for e in exchanges(proxy)}
-    assert lines[f"coaps://localhost:{closed}/hello"]["reason"] == "no_credentials"
-    assert lines[f"coaps://127.0.0.1:{closed}/hello"]["reason"] == "unreachable"
+    assert lines[f"coaps://localhost:{closed}/nocred/hello"]["reason"] == "no_credentials"
+    assert lines[f"coaps://127.0.0.1:{closed}/closed/hello"]["reason"] == "unreachable"
     text = await http_get(proxy.metrics)  # type: ignore[arg-type]
     assert metric(text, 'coap_proxy_errors_total{kind="no_credentials"}') == 1
 

@@ -129,3 +129,25 @@ def test_limits_are_checked() -> None:
         AmplificationLimits(factor=0.5)
     with pytest.raises(ValueError):
         AmplificationLimits(held_answers=-1)
+
+
+def test_a_get_asks_for_blocks_that_fit_before_it_is_answered() -> None:
+    guard = AmplificationGuard()
+    req = request()  # 21 bytes: 63 to spend, 8 on the token, some on the options
+    guard.ask_small_blocks(req)
+    b = req.opt.block2
+    assert b is not None and (b.block_number, b.size) == (0, 32)
+    # A client's own larger block at the same offset, in the smaller size; a smaller one kept.
+    big = request(block2=BlockOption.BlockwiseTuple(3, False, 6))
+    guard.ask_small_blocks(big)
+    assert big.opt.block2.block_number * big.opt.block2.size == 3 * 1024
+    small = request(block2=BlockOption.BlockwiseTuple(3, False, 0))
+    guard.ask_small_blocks(small)
+    assert small.opt.block2 == BlockOption.BlockwiseTuple(3, False, 0)
+    # Into the forwarded copy, never for a POST.
+    out = request()
+    guard.ask_small_blocks(request(), out)
+    assert out.opt.block2 is not None
+    post = request(POST, b"x")
+    guard.ask_small_blocks(post)
+    assert post.opt.block2 is None
