@@ -154,6 +154,10 @@ class AmplificationGuard:
     def budget(self, request: Message) -> int:
         return int(self.limits.factor * wire_size(request, len(request.token)))
 
+    def fits(self, request: Message, response: Message) -> bool:
+        """Whether ``response`` may go to ``request``'s unverified sender as it is."""
+        return wire_size(response, len(request.token)) <= self.budget(request)
+
     def ask_small_blocks(self, request: Message, into: Message | None = None) -> None:
         """Ask for the answer of a GET or FETCH in blocks that fit the budget (Block2 set in
         ``into``, the request itself or the one forwarded for it).

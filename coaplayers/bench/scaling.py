@@ -116,7 +116,8 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
             port = free_udp_port()
             p = procs.start(name, [program("coap-proxy"), "--listen", f"coap://127.0.0.1:{port}",
                                    "--workers", str(workers), "--no-log-exchanges",
-                                   "--cache-entries", "0", *extra], until="ready")
+                                   "--cache-entries", "0", "--allow", "127.0.0.1", *extra],
+                              until="ready")
             return p.pid, f"127.0.0.1:{port}"
 
         async def config(label: str, proxy_pid: int, proxy: str, server_pids: list[int],

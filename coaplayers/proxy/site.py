@@ -399,14 +399,20 @@ class ProxySite:
         if key is not None:
             now = self.clock()
             found = cache.lookup(key, now)
-            if found.fresh is not None:
+            answer = cached_answer(found.fresh, request, now) if found.fresh else None
+            if answer is not None and unverified and self.guard is not None \
+                    and not self.guard.fits(request, answer):
+                # Too large for an unverified client: asked upstream in blocks that fit (a
+                # cut copy would send the client for the next blocks to an upstream that
+                # never cut this answer for it), and not stored under the whole answer's key.
+                answer, key = None, None
+            if answer is not None:
                 self.metrics.cache.inc(result="hit")
                 entry["cache"] = "hit"
-                answer = cached_answer(found.fresh, request, now)
                 self._done(entry, answer, started, None)
                 self._answer(pipe, answer, is_last=True)
                 return
-            if found.stale is not None and not request.opt.etags:
+            if key is not None and found.stale is not None and not request.opt.etags:
                 validating = found.stale  # ask upstream whether our copy is still valid
             pending = self._misses.get(key)
             if pending is not None and not self._looped(request):
@@ -470,7 +476,11 @@ class ProxySite:
             out.opt.etags = [validating.etag]
         if unverified and self.guard is not None:
             # The upstream cuts a GET's answer to the 3x rule itself, and serves the rest.
+            asked = out.opt.block2
             self.guard.ask_small_blocks(request, out)
+            if out.opt.block2 != asked:
+                key = None  # an answer to another request than the client's: not cached
+
         t0 = self.clock()
         client = entry["client"]  # per address: Block1 state is per address upstream
         target = f"{d.upstream.scheme}://{d.upstream.hostinfo}"
