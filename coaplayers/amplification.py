@@ -1,15 +1,18 @@
 """The 3x rule: an address that has not shown it receives gets at most three times what it sent.
 
 UDP source addresses are not verified, so without a limit a 41-byte ``GET /firmware`` with a
-forged source makes a server (or a proxy) send a 1,039-byte block to a victim: 25x reflection.
-Following RFC 9175 section 2.4 (and QUIC's rule for unvalidated addresses), a response to an
-unverified address stays within ``factor`` times the request's size on the wire. A larger one
-is either
+forged source makes a server (or a proxy) send a block of about 1,040 bytes to a victim: 25x
+reflection. Following RFC 9175 section 2.4 (and QUIC's rule for unvalidated addresses), a
+response to an unverified address stays within ``factor`` times the request's size on the
+wire. So
 
-* cut into a smaller Block2 block (a GET or FETCH, whose client asks for the next blocks at the
-  size the answer chose, RFC 7959 2.4), or
-* replaced by 4.01 Unauthorized with an Echo option (RFC 9175): a client that repeats the
-  request with that value has shown that it receives at its address.
+* a GET or FETCH asks, before it is answered, for Block2 blocks that fit (``ask_small_blocks``;
+  the resource or upstream cuts its answer and serves the next blocks, RFC 7959 2.4), and a
+  block that is still too large is cut to a smaller one at the same offset;
+* an error keeps its code and loses diagnostic bytes;
+* anything else is replaced by 4.01 Unauthorized with an Echo option (RFC 9175), and the
+  answer is held: a client that repeats the request with that value has shown that it receives
+  at its address, and gets the held answer without the request being processed again.
 
 An address is verified by a Layer 1 session (its cookie exchange) or by an echoed Echo value;
 the latter is remembered (``verified_addresses`` entries, LRU, each for ``verified_lifetime``
@@ -106,10 +109,6 @@ class AmplificationGuard:
     def echo_for(self, address: Hashable) -> bytes:
         stamp = struct.pack("!I", int(self.clock()) & 0xFFFFFFFF)
         return stamp + self._mac(address, stamp)
-
-    def is_ours(self, value: bytes | None) -> bool:
-        """Whether an Echo value has our length (others pass through a proxy untouched)."""
-        return value is not None and len(value) == ECHO_LENGTH
 
     def check_echo(self, address: Hashable, value: bytes) -> bool:
         """Whether ``value`` is a fresh Echo value made for ``address``; if so, it is verified."""
