@@ -269,8 +269,8 @@ class ProxySite:
             try:
                 self._admit(request, entry, slot)
                 decision = self.router.decide(request, entry["client"])
-                if (decision.kind == "forward" and decision.upstream.scheme == "coaps"
-                        and entry["identity"] is None):
+                if (decision.kind == "forward" and decision.route is None
+                        and decision.upstream.scheme == "coaps" and entry["identity"] is None):
                     # The proxy's upstream credentials are not lent to whoever can send a
                     # datagram: a confused deputy would make every plain client the proxy.
                     raise Refusal(
@@ -573,7 +573,10 @@ class ProxySite:
                 entry["cache"] = "validated"
                 first = cached_answer(validating, request, now)
             else:
-                cache.store(key, response, d.uri, now)
+                if response.opt.block2 is None or out.opt.block2 is not None:
+                    # (A block the request did not ask for is not stored: its next blocks
+                    # come from the upstream that cut it, for the socket it cut it for.)
+                    cache.store(key, response, d.uri, now)
                 self.metrics.cache.inc(result="miss")
                 entry["cache"] = "miss"
                 first = self._relay(response, d)
