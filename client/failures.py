@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiocoap
 import aiocoap.error
@@ -21,6 +21,9 @@ from .main import (
     RunState,
 )
 
+if TYPE_CHECKING:
+    from .options import ClientConfig
+
 NO_ANSWER = "is the server (or proxy) running and reachable, and is the port right?"
 
 
@@ -28,7 +31,7 @@ class ObservationSilent(Exception):
     """An observation's notifications stopped and registering again found no answer."""
 
 
-def no_answer_hint(config: Any) -> str:
+def no_answer_hint(config: ClientConfig | None) -> str:
     """Which hop to look at when nothing answered."""
     if config is not None and config.proxy:
         return (f"is the proxy {config.proxy} running and reachable, and is its port right? (the"
@@ -36,7 +39,7 @@ def no_answer_hint(config: Any) -> str:
     return NO_ANSWER
 
 
-def gateway_hint(code: Any, config: Any) -> str:
+def gateway_hint(code: object, config: ClientConfig | None) -> str:
     """A proxy's 5.02/5.04 said the hop after it failed: name that hop, not the URI."""
     if config is None or not config.proxy:
         return ""
@@ -51,7 +54,8 @@ def gateway_hint(code: Any, config: Any) -> str:
     return ""
 
 
-def classify(exc: BaseException, config: Any, state: RunState) -> tuple[int, str]:
+def classify(exc: BaseException, config: ClientConfig | None, state: RunState
+             ) -> tuple[int, str]:
     """Exit status and one line naming what failed and the likely cause."""
     e2e_psk = config is not None and config.e2e.mode is not None and bool(config.e2e.psk)
     rpk = state.e2e_kind == "rpk"
@@ -89,7 +93,7 @@ def classify(exc: BaseException, config: Any, state: RunState) -> tuple[int, str
     return EXIT_OTHER, f"{type(exc).__name__}: {exc}"
 
 
-def _layer1(cause: Any, config: Any, state: RunState) -> tuple[int, str]:
+def _layer1(cause: Any, config: ClientConfig | None, state: RunState) -> tuple[int, str]:
     hop = "the proxy" if config is not None and config.proxy else "the server"
     if isinstance(cause.cause, dtls.NetworkUnreachable):
         return EXIT_TIMEOUT, (f"Layer 1: {cause}; {hop} is not running there, or the port is"
@@ -103,7 +107,8 @@ def _layer1(cause: Any, config: Any, state: RunState) -> tuple[int, str]:
     return EXIT_OTHER, f"Layer 1: {cause}"
 
 
-def _layer0(l0: Any, cause: BaseException, config: Any, state: RunState, e2e_psk: bool
+def _layer0(l0: Any, cause: BaseException, config: ClientConfig | None, state: RunState,
+            e2e_psk: bool
             ) -> tuple[int, str] | None:
     outer = re.match(r"unexpected outer answer ([45])\.(\d\d)", str(cause))
     if isinstance(cause, l0.HandshakeFailed) and outer:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .options import ClientConfig
 
 # asyncio, aiocoap and the DTLS engines are imported where a run needs them: --help and
 # usage errors never load them (start-up time, docs/BENCHMARKS.md).
@@ -168,7 +171,7 @@ def _warn_line(message: Warning | str, category: type[Warning], *_: Any, **__: A
     print(f"coap-client: warning: {message}", file=sys.stderr, flush=True)
 
 
-async def _main_task(config: Any, state: RunState) -> int:
+async def _main_task(config: ClientConfig, state: RunState) -> int:
     import asyncio
     import signal
 
@@ -185,7 +188,7 @@ async def _main_task(config: Any, state: RunState) -> int:
         return 130
 
 
-def classify(exc: BaseException, config: Any = None, state: RunState | None = None
+def classify(exc: BaseException, config: ClientConfig | None = None, state: RunState | None = None
              ) -> tuple[int, str]:
     """Exit status and one line naming what failed and the likely cause."""
     from .failures import classify as _classify

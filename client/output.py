@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import aiocoap
 from aiocoap.numbers.contentformat import ContentFormat
@@ -14,6 +14,9 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption
 
 from coaplayers.dtls import ConfigurationError
+
+if TYPE_CHECKING:
+    from .options import ClientConfig
 
 _NAMES = {
     "text": 0, "text/plain": 0, "link": 40, "application/link-format": 40,
@@ -156,13 +159,13 @@ class Printer:
     """Where and how payloads go: as received on a pipe or into a file (like libcoap),
     rendered for reading on a terminal or with --pretty."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.to_file = config.output is not None and config.output != "-"
         # libcoap ends its stdout output with a newline, unless -o names a file or "-".
         self.final_newline = config.output is None
         self.wrote = False
-        self._file: BinaryIO | None = None
+        self._file: IO[bytes] | None = None
         self.progress = Progress(sys.stderr)
         self.pretty = config.pretty if config.pretty is not None else (
             not self.to_file and sys.stdout.isatty())
@@ -204,10 +207,11 @@ class Printer:
         out.flush()
         self.wrote = True
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> IO[bytes]:
         if not self.to_file:
             return sys.stdout.buffer
         if self._file is None:
+            assert self.config.output is not None  # to_file
             try:
                 self._file = open(Path(self.config.output), "wb")
             except OSError as exc:
