@@ -25,6 +25,7 @@ from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from .. import _aiocoap, dedup, dtls, layer1
 from ..config import certificate_from, psk_store_from, raw_public_key_from
+from ..errors import LocalError
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
@@ -43,7 +44,7 @@ def format_uri(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-class UpstreamNotAllowed(Exception):
+class UpstreamNotAllowed(LocalError):
     """The address an upstream name resolved to is not allowed (see ``allow.py``)."""
 
 
