@@ -28,6 +28,7 @@ answer raises :class:`~coaplayers.layer0.errors.ResponseRejected`, a refused req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -112,6 +113,10 @@ class ChannelConfig:
     """Outer attempts for one inner request (new handshakes and resends included)."""
     max_flight_repeats: int = 4
     """How often one handshake flight is sent again after its outer exchange failed."""
+    request_with_final_flight: bool = True
+    """A resumed handshake's last flight (the client's ChangeCipherSpec and Finished) goes out
+    with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
+    is established once it has sent its Finished, so this saves a round trip."""
     resend_non_idempotent: bool = False
     """Resend POST/PATCH automatically after the server forgot the session (see module doc)."""
     use_proxy_uri: bool = False
@@ -292,6 +297,7 @@ class Layer0Channel:
             )
         self._tickets = tickets if tickets is not None else TicketStore()
         self._session: DtlsSession | None = None
+        self._final_flight = b""  # handshake tag + a resumed handshake's last flight, held
         self._path: tuple[str, ...] = WELL_KNOWN_PATH
         self._acked = -1  # highest record sequence number of the session's pull answers
         self._generation = 0
@@ -324,8 +330,18 @@ class Layer0Channel:
     async def connect(self) -> HandshakeComplete:
         """Handshake now rather than on the first request."""
         await self._ensure()
+        await self._flush_final_flight()
         assert self.last_handshake is not None
         return self.last_handshake
+
+    async def _flush_final_flight(self) -> None:
+        """Send a held final flight on its own (no request came to carry it)."""
+        final, self._final_flight = self._final_flight, b""
+        if final:
+            try:
+                await self._post(Code.POST, self._path, final)
+            except OuterError:
+                pass  # the next request repeats it (the server answers a repeat alike)
 
     @property
     def established(self) -> bool:
@@ -354,6 +370,8 @@ class Layer0Channel:
         self._closed = True
         if self._poller is not None:
             self._poller.cancel()
+        with contextlib.suppress(Layer0Error, TimeoutError):
+            await asyncio.wait_for(self._flush_final_flight(), self.config.close_timeout)
         session, path = self._session, self._path
         datagram = b""
         if session is not None and session.is_established:
@@ -604,6 +622,11 @@ class Layer0Channel:
                 flight = list(new)
             if done is not None and not queue:
                 return dtls, path, done
+            if (done is not None and done.resumed and self.config.request_with_final_flight
+                    and path != WELL_KNOWN_PATH):
+                # Established once our Finished is sent: it goes with the first request.
+                self._final_flight = tag + b"".join(queue)
+                return dtls, path, done
             if queue or (resp.payload and done is None):
                 if not queue and path == WELL_KNOWN_PATH:
                     # Nothing can be pulled before the server names the session (the entry
@@ -631,6 +654,7 @@ class Layer0Channel:
         if generation != self._generation or self._session is None:
             return
         session, self._session = self._session, None
+        self._final_flight = b""
         self._path = WELL_KNOWN_PATH
         session.abort()
         observations = list(self._observations.values())
@@ -794,8 +818,9 @@ class Layer0Channel:
                     raise Layer0Error(f"inner message of {len(plaintext)} bytes is too large")
                 session.send(plaintext)
                 datagram = b"".join(session.datagrams_to_send())
+                final = self._final_flight if generation == self._generation else b""
                 try:
-                    resp = await self._post(Code.POST, path, datagram)
+                    resp = await self._post(Code.POST, path, final + datagram)
                 except OuterError:
                     if may_retry:
                         continue
@@ -803,6 +828,19 @@ class Layer0Channel:
                 code = resp.code
                 if code == Code.CHANGED:
                     delivered = self._receive(bytes(resp.payload), generation)
+                    if final and self._final_flight is final:
+                        if not delivered and not future.done():
+                            # No authentic answer to our Finished and request: the server
+                            # did not take the flight (altered or lost), so its half of the
+                            # session never completed.
+                            self._invalidate(generation, SessionLost(
+                                "the server did not complete the resumed handshake"))
+                            if may_retry:
+                                continue
+                            raise SessionLost(
+                                "the server did not complete the resumed handshake that"
+                                " carried this request (altered in transit); not resent")
+                        self._final_flight = b""  # the server has our Finished
                     if delivered and not future.done():
                         # Authentic, but another request's answer: ours is on its way in
                         # another exchange (answers swapped in transit). Wait for it a little.

@@ -326,7 +326,10 @@ class TunnelCore:
         if s is None:
             return UNKNOWN, []
         if hmac.compare_digest(payload[:HANDSHAKE_TAG_LEN], s.tag) and not delete:
-            return self._handshake_datagram(s, payload[HANDSHAKE_TAG_LEN:], now), []
+            answer, plaintexts = self._handshake_datagram(s, payload[HANDSHAKE_TAG_LEN:], now)
+            if plaintexts:  # requests sent with the client's last flight (3.3)
+                return self._pulls(s, answer.code, answer.payload, plaintexts)
+            return answer, []
         if not s.established:
             return self._unauthenticated(s)
         # The usual protected request, one application-data record, takes the engine's
@@ -465,9 +468,12 @@ class TunnelCore:
         log.debug("session %s: request did not authenticate", s.sid)
         return UNKNOWN, []
 
-    def _handshake_datagram(self, s: TunnelSession, data: bytes, now: float) -> Answer:
+    def _handshake_datagram(self, s: TunnelSession, data: bytes, now: float
+                            ) -> tuple[Answer, list[bytes]]:
         """A request that carried the session's handshake tag: a flight datagram, the repeat
-        of one, a pull of the rest of the server's flight (no records), or an alert."""
+        of one, a pull of the rest of the server's flight (no records), or an alert. The
+        client's last flight may carry protected requests after its Finished (records that
+        authenticate only once the handshake has): they are returned for the shell."""
         sid = s.sid
         self._touch(s, now)
         if not data:  # a handshake pull: the rest of our flight, taken as it is sent
@@ -479,38 +485,41 @@ class TunnelCore:
                    and (not s.established or _handshake_remnant(s.outbox[0]))):
                 size += len(s.outbox[0])
                 batch.append(s.outbox.popleft())
-            return Answer(CHANGED, b"".join(batch))
+            return Answer(CHANGED, b"".join(batch)), []
         try:
             records.split_records(data)
         except DtlsError:
-            return Answer(BAD_REQUEST, b"not DTLS records")
+            return Answer(BAD_REQUEST, b"not DTLS records"), []
         was_established = s.established
         digest = _digest(data)
         if not was_established and digest == s.hs_last_in:
             s.outbox = deque(s.hs_last_out[1:])
-            return Answer(CHANGED, s.hs_last_out[0] if s.hs_last_out else b"")
+            return Answer(CHANGED, s.hs_last_out[0] if s.hs_last_out else b""), []
         s.dtls.receive_datagram(data, now)
         out = s.dtls.datagrams_to_send()
         closed = False
         error: DtlsError | None = None
+        plaintexts: list[bytes] = []
         while (event := s.dtls.next_event()) is not None:
             if isinstance(event, HandshakeComplete):
                 self._established(s, event)
+            elif isinstance(event, ApplicationData) and not was_established and s.established:
+                plaintexts.append(event.data)
             elif isinstance(event, ConnectionClosed):
                 closed, error = True, event.error
         if closed:
             self.remove(sid)
             log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
             code = DELETED if error is None else FORBIDDEN
-            return Answer(code, out[0] if out else b"")
+            return Answer(code, out[0] if out else b""), []
         if was_established:  # the client repeats its final flight: ours was lost
             for extra in out[1:]:
                 self.enqueue(sid, extra)
-            return Answer(CHANGED, out[0] if out else b"")
+            return Answer(CHANGED, out[0] if out else b""), []
         if not s.established:  # once established, repeats go to the engine (final flight)
             s.hs_last_in, s.hs_last_out = digest, list(out)
         s.outbox = deque(out[1:])
-        return Answer(CHANGED, out[0] if out else b"")
+        return Answer(CHANGED, out[0] if out else b""), plaintexts
 
     def _pulls(
         self, s: TunnelSession, code: Code, payload: bytes, plaintexts: list[bytes]

@@ -130,3 +130,65 @@ async def test_flipped_byte_in_the_first_request_is_refused(
         assert executed_times(app, out.nonce) == 1
     await still_works(kept_peer, same_session=False)
     verify([app], [kept_peer])
+
+
+# ------------------------------------------- a resumed Layer 0 handshake's last flight
+
+
+@pytest.fixture
+async def resuming_peer(make_peer: Any) -> Peer:  # noqa: F811
+    """A certificate client whose next request resumes its session: the request travels
+    with the resumed handshake's last flight (tag, ChangeCipherSpec, Finished, then the
+    request's record) in one outer exchange."""
+    peer = await make_peer("cert")
+    assert peer.ch is not None
+    peer.ch.forget_session()
+    return peer
+
+
+def final_flight_with_request(msg: Message) -> bool:
+    """The outer POST that carries the client's ChangeCipherSpec (after the 8-byte tag) and
+    an application-data record."""
+    payload = bytes(msg.payload)
+    return (msg.code == Code.POST and len(payload) > 8 and payload[8] == 0x14
+            and b"\x17\xfe\xfd" in payload[8:])
+
+
+async def test_the_resumed_flight_carries_the_request_and_it_runs_once(
+    resuming_peer: Peer, app: StrictApp  # noqa: F811
+) -> None:
+    seen: list[Message] = []
+
+    def watch(msg: Message) -> None:
+        seen.append(copy_message(msg))
+        return None
+
+    tamper = Tamper(final_flight_with_request, lambda m: (watch(m), m)[1])
+    out = await attack_one_post(resuming_peer, tamper)
+    assert out.answer is not None, out
+    assert resuming_peer.ch is not None and resuming_peer.ch.last_handshake.resumed
+    assert executed_times(app, out.nonce) == 1
+    # Replayed later as a new exchange: the records are not taken again.
+    late = await resuming_peer.evil.inject(seen[0], client=resuming_peer.address)
+    assert late is None or late.code in (Code.CHANGED, Code.NOT_FOUND), late
+    assert executed_times(app, out.nonce) == 1
+    await still_works(resuming_peer)
+    verify([app], [resuming_peer])
+
+
+@pytest.mark.parametrize("where", ["finished", "request-tag"])
+async def test_an_altered_resumed_flight_never_runs_a_wrong_request(
+    where: str, resuming_peer: Peer, app: StrictApp  # noqa: F811
+) -> None:
+    """A byte of the client's Finished (the handshake fails) or of the request record's
+    authentication tag (the record is refused) is flipped: the request does not run, or
+    runs once unaltered after a new handshake; the client goes on."""
+    def position(n: int) -> int:
+        return n - 1 if where == "request-tag" else 8 + 14 + 13 + 20  # inside the Finished
+
+    out = await attack_one_post(resuming_peer, Tamper(final_flight_with_request, flip(position)))
+    assert executed_times(app, out.nonce) <= 1
+    if out.answer is None:
+        assert executed_times(app, out.nonce) == 0, out
+    await still_works(resuming_peer, same_session=False)
+    verify([app], [resuming_peer])

@@ -216,3 +216,51 @@ def test_limits_half_open_lru_and_idle() -> None:
     assert c.established_count == 2 and sids[0] not in c.sessions  # least recently used
     assert c.stats.evicted == 1
     assert set(c.expire(100.0)) == set(sids[1:]) and not c.sessions
+
+
+def test_a_resumed_last_flight_carries_the_first_request() -> None:
+    """docs/PROTOCOL.md 3.3: the client's ChangeCipherSpec and Finished of a resumed
+    handshake, then an application-data record, in one request after the handshake tag; the
+    core completes the session and hands the inner request to the shell in the same call."""
+    from coaplayers.bench.inmem import Peers
+    from coaplayers.bench.inmem import handshake as full_handshake
+    from coaplayers.dtls import HandshakeComplete
+
+    peers = Peers()
+    tunnel = peers.core("cert")
+    first = peers.client("cert")
+    full_handshake(tunnel, first, ("2001:db8::1", 1))
+    state = first.resumption_state
+    first.close()
+    client = peers.client("cert", resume=state)
+    client.connect(0.0)
+    created = tunnel.entry(("2001:db8::1", 2), b"".join(client.datagrams_to_send()), 0.0)
+    assert created.code == Code.CREATED  # answered at once: no cookie exchange
+    sid, tag = created.location[-1], tag_of(created)
+    client.receive_datagram(created.payload, 0.0)
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    assert any(isinstance(e, HandshakeComplete) and e.resumed for e in events)
+    final = b"".join(client.datagrams_to_send())
+    request = inner.encode(b"\x01", Message(code=Code.GET, uri_path=["hello"]))
+    client.send(request)
+    record = b"".join(client.datagrams_to_send())
+    answer, plaintexts = tunnel.datagram(sid, tag + final + record, 0.0)
+    assert answer.code == Code.CHANGED and plaintexts == [request]
+    assert tunnel.sessions[sid].established
+    # The same bytes again (a copy held back in transit): nothing runs twice.
+    _, plaintexts = tunnel.datagram(sid, tag + final + record, 0.0)
+    assert plaintexts == []
+    # Without the Finished the record alone does not authenticate a half-open session.
+    other = peers.client("cert", resume=state)
+    other.connect(0.0)
+    created = tunnel.entry(("2001:db8::1", 3), b"".join(other.datagrams_to_send()), 0.0)
+    other.receive_datagram(created.payload, 0.0)
+    while other.next_event() is not None:
+        pass
+    other.datagrams_to_send()  # the Finished, withheld
+    other.send(request)
+    answer, plaintexts = tunnel.datagram(created.location[-1], tag_of(created)
+                                         + b"".join(other.datagrams_to_send()), 0.0)
+    assert plaintexts == [] and not tunnel.sessions[created.location[-1]].established
