@@ -21,9 +21,11 @@ BENCH = str(Path(sys.executable).with_name("coap-bench"))
 EXPECTED = {
     "plain": (1, 1),
     "l0psk": (3, 3),
-    "l0cert": (4, 2),
+    # A cold certificate handshake on plain hops: coap-proxy holds the server's flight (more
+    # than 3x the client's ClientHello) until the client echoes its Echo value (the 3x rule).
+    "l0cert": (5, 2),
     "l0rpk": (4, 4),
-    "oscore": (6, 1),
+    "oscore": (7, 1),
     "aio_oscore": (1, 1),
 }
 
