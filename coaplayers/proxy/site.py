@@ -658,6 +658,7 @@ class ProxySite:
         """Relay upstream notifications until either side ends the observation."""
         self.observers += 1
         stopping = asyncio.ensure_future(self._stopping.wait())
+        getter: asyncio.Future[Event] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -691,7 +692,11 @@ class ProxySite:
                                  is_last=True)
                 return
         finally:
+            # A client gone (its pipe lost interest) cancels this task: the queue's getter task
+            # must end too, or it is destroyed pending once the queue is collected.
             stopping.cancel()
+            if getter is not None:
+                getter.cancel()
             self.observers -= 1
             self._leave(fanout, queue)
 
