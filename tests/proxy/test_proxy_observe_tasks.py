@@ -24,7 +24,7 @@ async def test_client_leaving_an_observation_leaves_no_pending_task(
     problems: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: problems.append(context))
-    node = ProxyNode(ProxyConfig(listen=("coap://127.0.0.1:0",),
+    node = ProxyNode(ProxyConfig(listen=("coap://127.0.0.1:0",), allow=("127.0.0.1", "::1"),
                                  log_file=str(tmp_path / "proxy.jsonl")))
     try:
         (listen,) = await node.start()
