@@ -159,6 +159,7 @@ class OscoreRequester:
         # out protected at once; every keying replaces it.
         self.kept = kept
         self.restored = False
+        self._closings: set[asyncio.Future[None]] = set()  # keying channels being closed
         if kept is not None:
             sc = kept.load(rekey_threshold=rekey_threshold)
             if sc is not None:
@@ -214,8 +215,9 @@ class OscoreRequester:
             )
             self.last_handshake = channel.last_handshake
         finally:
-            # The session is no longer needed: close it (close_notify) right away.
-            await channel.close()
+            # The session is no longer needed: close it (close_notify) right away, beside the
+            # first request rather than before it (a round trip saved; docs/OSCORE-KEYING.md 2).
+            self._closing_channel(channel)
         peer = self.last_handshake.peer_identity if self.last_handshake else None
         sc = derive_context(secret, params, Role.CLIENT, peer=peer,
                             rekey_threshold=self.rekey_threshold)
@@ -228,6 +230,11 @@ class OscoreRequester:
         self.restored = False
         self.parameters = params
         self.keyings += 1
+
+    def _closing_channel(self, channel: Layer0Channel) -> None:
+        task = asyncio.ensure_future(channel.close())
+        self._closings.add(task)
+        task.add_done_callback(self._closings.discard)
 
     def request(self, message: aiocoap.Message) -> _Pending:
         return _Pending(self, message)
@@ -316,6 +323,8 @@ class OscoreRequester:
 
     async def close(self) -> None:
         self._contexts.remove(self.origin)
+        if self._closings:  # let the keying channels' close_notify go out (bounded by theirs)
+            await asyncio.gather(*self._closings, return_exceptions=True)
         if self.kept is not None:
             self.kept.release()
 
