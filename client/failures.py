@@ -96,6 +96,8 @@ def classify(exc: BaseException, config: ClientConfig | None, state: RunState
 def _layer1(cause: Any, config: ClientConfig | None, state: RunState) -> tuple[int, str]:
     hop = "the proxy" if config is not None and config.proxy else "the server"
     if isinstance(cause.cause, dtls.NetworkUnreachable):
+        if not cause.cause.refused:
+            return EXIT_OTHER, f"Layer 1: {cause}; check the address and this host's routes"
         return EXIT_TIMEOUT, (f"Layer 1: {cause}; {hop} is not running there, or the port is"
                               " wrong")
     if (isinstance(cause.cause, dtls.HandshakeTimeout)

@@ -53,7 +53,15 @@ class IdleTimeout(DtlsError, RemoteError):
 
 
 class NetworkUnreachable(DtlsError, RemoteError):
-    """The local network stack refused to send to the peer (no route, host unreachable)."""
+    """The local network stack refused to send to the peer (no route, host unreachable).
+
+    ``refused`` tells a port where nothing listens (ICMP port unreachable) from a peer that
+    cannot be reached at all: the first is a program not running, the second a network fault.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 ALERT_NAMES = {int(a): a.name for a in AlertDescription}  # the enum's, by number

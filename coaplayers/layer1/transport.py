@@ -602,10 +602,11 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         if peer is None or peer.session is None or peer.session.is_established:
             return  # established: a route may come back; aiocoap's retransmission decides
         self.stats["handshakes_failed"] += 1
-        why = ("nothing listens on that port" if exc.errno in _REFUSED
-               else "no route to that network or host from here")
+        refused = exc.errno == errno.ECONNREFUSED
+        why = "nothing listens on that port" if refused else "no route to that host from here"
         err = dtls.NetworkUnreachable(
-            f"cannot send to {hostportjoin(*address[:2])}: {exc.strerror} ({why})"
+            f"cannot send to {hostportjoin(*address[:2])}: {exc.strerror} ({why})",
+            refused=refused,
         )
         self._emit_event("handshake_failed", peer, error=str(err))
         self._drop_session(peer, err, notify=True)
