@@ -278,3 +278,24 @@ async def test_reverse_routes_to_http_origins(
         assert last["path"] == "/items" and last["method"] == "POST"
     finally:
         await _stop(run.proc)
+
+
+async def test_a_name_allowed_by_prefix_is_checked_at_the_address_it_resolves_to(
+        web: str, tmp_path: Path, ctx: aiocoap.Context) -> None:
+    """A name admitted only through a prefix (or '*') is resolved once, checked, and the
+    connection goes to that address with the name kept as Host."""
+    if not allow("x"):
+        pytest.skip("this coap-proxy has no allow-list")
+    port = web.rsplit(":", 1)[1]
+    by_prefix = await start_proxy(tmp_path, "--allow", "127.0.0.0/8")
+    anywhere = await start_proxy(tmp_path, "--allow", "*")
+    try:
+        ok = await ask(ctx, via(by_prefix, f"http://localhost:{port}/etag"))
+        assert ok.code == Code.CONTENT and ok.payload == b"tagged", ok
+        last = json.loads((await ask(ctx, via(by_prefix, f"{web}/last"))).payload)
+        assert last["headers"]["host"] == f"localhost:{port}"
+        refused = await ask(ctx, via(anywhere, f"http://localhost:{port}/etag"))
+        assert refused.code == Code.FORBIDDEN
+    finally:
+        for run in (by_prefix, anywhere):
+            await _stop(run.proc)
