@@ -42,7 +42,7 @@ from aiocoap import Message
 from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
-from aiocoap.optiontypes import BlockOption
+from aiocoap.optiontypes import BlockOption, OpaqueOption
 from OpenSSL import SSL
 
 from ..dtls import (
@@ -113,6 +113,11 @@ class ChannelConfig:
     """Outer attempts for one inner request (new handshakes and resends included)."""
     max_flight_repeats: int = 4
     """How often one handshake flight is sent again after its outer exchange failed."""
+    pad_hello_to: int = 360
+    """Outer size a certificate client pads its cookie-bearing ClientHello request to
+    (Padding option, docs/PROTOCOL.md 3.1), so that a first server flight of a full datagram
+    (1,024 bytes and the outer header) stays within three times it: no Echo round trip where
+    a proxy or server has not verified our address. 0: no padding."""
     request_with_final_flight: bool = True
     """A resumed handshake's last flight (the client's ChangeCipherSpec and Finished) goes out
     with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
@@ -422,8 +427,15 @@ class Layer0Channel:
                     msg.opt.uri_port = self._port
         return msg
 
-    async def _post(self, code: Code, path: tuple[str, ...], payload: bytes) -> Message:
+    async def _post(self, code: Code, path: tuple[str, ...], payload: bytes,
+                    pad_to: int = 0) -> Message:
         msg = self._outer(code, path, payload)
+        if pad_to:
+            # The largest token the exchange may get (8 bytes) counts in the size.
+            size = len(msg.copy(mtype=aiocoap.CON, mid=0, token=bytes(8)).encode())
+            if size + 4 < pad_to:
+                msg.opt.add_option(OpaqueOption(profile.PADDING_OPTION,
+                                                bytes(pad_to - size - 4)))
         try:
             async with asyncio.timeout(self.config.exchange_timeout):
                 response = await self._send_outer(msg)
@@ -565,8 +577,12 @@ class Layer0Channel:
 
         while True:
             datagram = queue.pop(0) if queue else b""
+            # After the HelloVerifyRequest: the cookie-bearing ClientHello, whose answer is
+            # the certificate flight (3.1, padding).
+            pad = (self.config.pad_hello_to if heard_server and path == WELL_KNOWN_PATH
+                   and isinstance(self._credentials, CertificateCredentials) else 0)
             try:
-                resp = await self._post(Code.POST, path, tag + datagram)
+                resp = await self._post(Code.POST, path, tag + datagram, pad)
                 self._outer_answers += 1
             except OuterError as exc:
                 if done is not None or datagram:

@@ -49,6 +49,11 @@ credential: nothing that does not authenticate changes a session, and an unauthe
 gets the same answer on a live name as on a dead one (docs/PROTOCOL.md 2, 3.3, 3.4)."""
 
 HANDSHAKE_TAG_LEN: Final = 8
+PADDING_OPTION: Final = 65052
+"""Outer Padding option (experimental range; elective, safe to forward, not a cache key):
+its value is ignored. A certificate client pads its cookie-bearing ClientHello with it so
+that the server's first flight fits three times the request (the 3x rule of proxies and
+servers that have not verified its address): docs/PROTOCOL.md 3.1."""
 """Bytes of the handshake tag that starts every request payload to a half-open session."""
 
 UNKNOWN_SESSION: Final = b"unknown session"
