@@ -299,3 +299,28 @@ async def test_a_name_allowed_by_prefix_is_checked_at_the_address_it_resolves_to
     finally:
         for run in (by_prefix, anywhere):
             await _stop(run.proc)
+
+
+async def test_an_unverified_client_gets_at_most_three_times_its_request(
+        files: tuple[str, Path], tmp_path: Path, ctx: aiocoap.Context) -> None:
+    """The 3x rule (RFC 9175 2.4) on the HTTP path: a large HTTP answer goes to a plain
+    client whose address is not verified in blocks that fit three times its request, and the
+    whole body still arrives block by block."""
+    if not allow("x"):
+        pytest.skip("this coap-proxy has no 3x rule")
+    base, folder = files
+    body = os.urandom(3000).hex().encode()
+    (folder / "big.txt").write_bytes(body)
+    run = await start_proxy(tmp_path, amplification=True)
+    try:
+        msg = via(run, f"{base}/big.txt")
+        request = ctx.request(msg, handle_blockwise=False)
+        answer = await asyncio.wait_for(request.response, 15)
+        sent = len(msg.encode())
+        assert answer.code == Code.CONTENT
+        assert answer.opt.block2 is not None and answer.opt.block2.more
+        assert len(answer.payload) + 40 <= 3 * sent, (len(answer.payload), sent)
+        whole = await ask(ctx, via(run, f"{base}/big.txt"))
+        assert whole.payload == body
+    finally:
+        await _stop(run.proc)
