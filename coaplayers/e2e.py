@@ -271,10 +271,11 @@ class OscoreModeRequester:
         if self.requester.restored:
             sc = self.requester.security_context
             return {"layer 0": {
-                "mode": "oscore (context kept from an earlier run)",
+                "mode": f"oscore (keyed by a DTLS {self.kind} handshake)",
                 _identity_label("psk" if self.kind == "PSK" else self.kind):
                     sc.peer if sc is not None else None,
                 "sender id": sc.sender_id.hex() if sc is not None else None,
+                "context": "kept from an earlier run",
             }}
         return {
             "layer 0": {
