@@ -326,9 +326,9 @@ class TunnelCore:
         if s is None:
             return UNKNOWN, []
         if hmac.compare_digest(payload[:HANDSHAKE_TAG_LEN], s.tag) and not delete:
-            answer, plaintexts = self._handshake_datagram(s, payload[HANDSHAKE_TAG_LEN:], now)
-            if plaintexts:  # requests sent with the client's last flight (3.3)
-                return self._pulls(s, answer.code, answer.payload, plaintexts)
+            answer, early = self._handshake_datagram(s, payload[HANDSHAKE_TAG_LEN:], now)
+            if early:  # requests sent with the client's last flight (3.3)
+                return self._pulls(s, answer.code, answer.payload, early)
             return answer, []
         if not s.established:
             return self._unauthenticated(s)
