@@ -135,7 +135,7 @@ async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any
         if e2e is not None and config.keep:
             state_dir = owner_only_folder(
                 Path(config.state_dir) if config.state_dir else state_root(),
-                "what coap-client keeps between runs")
+                "what coap-client keeps between runs", tighten=not config.state_dir)
         return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri,
                               state=state_dir)
     except (StateFolderError, PersistenceError) as e:

@@ -28,11 +28,21 @@ def state_root() -> Path:
     return Path(base) / "coaplayers"
 
 
-def owner_only_folder(folder: Path, what: str) -> Path:
-    """``folder``, created 0700 if missing; refused unless it is ours and owner-only."""
+def owner_only_folder(folder: Path, what: str, *, tighten: bool = False) -> Path:
+    """``folder``, created 0700 if missing; refused unless it is ours and owner-only.
+
+    ``tighten`` is for the default folder only: one of ours that group or others can reach
+    (made by hand, or by ``mkdir -p`` of a folder below it under the usual umask) is made
+    owner-only instead of refused, since nobody chose that mode. A folder the user named
+    keeps its mode and is refused.
+    """
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.stat(folder)
+        if (tighten and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+                and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)):
+            os.chmod(folder, 0o700)
+            info = os.stat(folder)
     except OSError as e:
         raise StateFolderError(f"cannot use {folder} for {what}: {e.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):

@@ -95,6 +95,11 @@ class Demo:
                 proc.wait()
 
     def client(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        # Every scene is a first run (a handshake to show), whatever earlier runs of
+        # coap-client kept in the user's state folder; the one scene about kept state
+        # names a folder of its own.
+        if "--state-dir" not in argv:
+            argv = ("--no-keep", *argv)
         return subprocess.run(
             [_bin("coap-client"), *argv], capture_output=True, text=True, timeout=60
         )
