@@ -42,7 +42,9 @@ async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_laye
     assert "client via A layer 1 hop " in before, loss
     assert "mode oscore (keyed by a DTLS certificate handshake)" in before, loss
     assert "client via B layer 1 hop " in after, loss
-    assert "mode oscore (context kept from an earlier run)" in after, loss
+    assert "mode oscore (keyed by a DTLS certificate handshake)" in after, loss
+    assert "context kept from an earlier run" in after, loss
+    assert "handshake cipher" not in after, loss  # no new end-to-end handshake via B
     assert "it carried on: no new end-to-end handshake" in after, loss
     for title, clear in expected.items():
         scene = scenes[title]
