@@ -127,8 +127,10 @@ LOSS_MODES = ("l0psk", "l0cert", "oscore")
 
 
 async def _one_shot(mode: str, ep: Endpoints, workdir: Path, *, loss: float, seed: int,
-                    state: Path | None, timeout: float) -> float | None:
-    """Seconds from a fresh client's start to its (checked) answer; None if none came."""
+                    state: Path | None, timeout: float,
+                    errors: list[str] | None = None) -> float | None:
+    """Seconds from a fresh client's start to its (checked) answer; None if none came (why
+    goes to ``errors``)."""
     loop = asyncio.get_running_loop()
     relay = FaultRelay(upstream=_addr(ep.proxy_coap), faults=Faults(loss=loss, seed=seed))
     async with relay:
@@ -141,7 +143,9 @@ async def _one_shot(mode: str, ep: Endpoints, workdir: Path, *, loss: float, see
                                            state=state)
                 await client.post()  # raises unless the answer is the right one
             return loop.time() - t0
-        except Exception:  # counted as a failure; the answer was never wrong (post checks)
+        except Exception as exc:  # counted as a failure; never a wrong answer (post checks)
+            if errors is not None:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
             return None
         finally:
             if client is not None:
@@ -159,18 +163,21 @@ async def measure_loss(ep: Endpoints, workdir: Path, *, loss: float, runs: int,
     out: dict[str, Any] = {}
     for mode in modes:
         for run in ("cold", "warm"):
-            async def one(i: int, mode: str = mode, run: str = run) -> float | None:
+            errors: list[str] = []
+
+            async def one(i: int, mode: str = mode, run: str = run,
+                          errors: list[str] = errors) -> float | None:
                 async with sem:
                     state = None
                     if run == "warm":
                         state = workdir / f"loss-state-{mode}-{i}"
                         state.mkdir(mode=0o700, parents=True, exist_ok=True)
                         primed = await _one_shot(mode, ep, workdir, loss=0.0, seed=i,
-                                                 state=state, timeout=30)
+                                                 state=state, timeout=30, errors=errors)
                         if primed is None:
                             return None
                     return await _one_shot(mode, ep, workdir, loss=loss, seed=1000 + i,
-                                           state=state, timeout=timeout)
+                                           state=state, timeout=timeout, errors=errors)
 
             times = await asyncio.gather(*(one(i) for i in range(runs)))
             done = sorted(t for t in times if t is not None)
@@ -180,6 +187,7 @@ async def measure_loss(ep: Endpoints, workdir: Path, *, loss: float, runs: int,
                 "median_s": round(statistics.median(done), 3) if done else None,
                 "max_s": round(done[-1], 3) if done else None,
                 "seconds": [round(t, 3) for t in done],
+                "errors": errors,
             }
     return {
         "modes": out,

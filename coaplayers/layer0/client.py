@@ -101,6 +101,13 @@ ClientCredentials = PskClientCredentials | CertificateCredentials | RawPublicKey
 _RETRYABLE_GATEWAY = (Code.BAD_GATEWAY, Code.GATEWAY_TIMEOUT)
 
 
+FINAL_FLIGHT_WINDOW = 10.0
+"""Seconds after its ClientHello within which a resumed handshake's last flight may wait for
+the first request. Later (answers were lost and retransmitted), the server's half-open session
+may be near its handshake timeout (30 s by default): the flight then goes alone, so that a 4.04
+restarts the handshake instead of failing a request that travelled with it."""
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     """Every bound the channel applies."""
@@ -558,6 +565,7 @@ class Layer0Channel:
         tag = b""  # the handshake tag, from the 2.01: it starts every request to the session
         queue = dtls.datagrams_to_send()
         flight = list(queue)
+        started = loop.time()  # the server cannot have made the session before this
         repeats = 0
         heard_server = False
         done: HandshakeComplete | None = None
@@ -639,7 +647,8 @@ class Layer0Channel:
             if done is not None and not queue:
                 return dtls, path, done
             if (done is not None and done.resumed and self.config.request_with_final_flight
-                    and path != WELL_KNOWN_PATH):
+                    and path != WELL_KNOWN_PATH
+                    and loop.time() - started < FINAL_FLIGHT_WINDOW):
                 # Established once our Finished is sent: it goes with the first request.
                 self._final_flight = tag + b"".join(queue)
                 return dtls, path, done
