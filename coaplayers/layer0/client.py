@@ -120,11 +120,13 @@ class ChannelConfig:
     """Outer attempts for one inner request (new handshakes and resends included)."""
     max_flight_repeats: int = 4
     """How often one handshake flight is sent again after its outer exchange failed."""
-    pad_hello_to: int = 360
+    pad_hello_to: int = 0
     """Outer size a certificate client pads its cookie-bearing ClientHello request to
-    (Padding option, docs/PROTOCOL.md 3.1), so that a first server flight of a full datagram
-    (1,024 bytes and the outer header) stays within three times it: no Echo round trip where
-    a proxy or server has not verified our address. 0: no padding."""
+    (Padding option, docs/PROTOCOL.md 3.1; 360 covers a first server flight of a full
+    datagram), so that the flight stays within three times it: no Echo round trip where a
+    proxy or server has not verified our address. 0 (the default): no padding, because the
+    Echo exchange is what verifies the address for the requests after the handshake, and the
+    OSCORE mode's requests do not yet answer a proxy's Echo by themselves."""
     request_with_final_flight: bool = True
     """A resumed handshake's last flight (the client's ChangeCipherSpec and Finished) goes out
     with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
