@@ -365,10 +365,7 @@ class TunnelCore:
             elif isinstance(event, ConnectionClosed):
                 closed, error = True, event.error
         if closed:
-            self.remove(sid)
-            log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
-            code = DELETED if error is None else FORBIDDEN
-            return Answer(code, out[0] if out else b""), []
+            return self._ended(sid, error, out), []
         if delete or not plaintexts:
             # Ending a session needs its authenticated close_notify: a bare DELETE from
             # anyone who saw the session name must not end it.
@@ -436,6 +433,13 @@ class TunnelCore:
             self.stats.expired += 1
             self.remove(sid)
         return stale
+
+    def _ended(self, sid: str, error: DtlsError | None, out: list[bytes]) -> Answer:
+        """The session closed (close_notify, or a fatal alert): drop it, answer with its last
+        datagram (2.02 for a close, 4.03 for an alert)."""
+        self.remove(sid)
+        log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
+        return Answer(DELETED if error is None else FORBIDDEN, out[0] if out else b"")
 
     def remove(self, sid: str) -> None:
         s = self.sessions.pop(sid, None)
@@ -508,10 +512,7 @@ class TunnelCore:
             elif isinstance(event, ConnectionClosed):
                 closed, error = True, event.error
         if closed:
-            self.remove(sid)
-            log.info("session %s ended (%s)", sid, type(error).__name__ if error else "close")
-            code = DELETED if error is None else FORBIDDEN
-            return Answer(code, out[0] if out else b""), []
+            return self._ended(sid, error, out), []
         if was_established:  # the client repeats its final flight: ours was lost
             for extra in out[1:]:
                 self.enqueue(sid, extra)
