@@ -259,6 +259,7 @@ class ProxySite:
             # The repetition of a challenged request: the answer it got, not a second exchange
             # (a protected request would look like a replay upstream).
             entry["kind"] = "held"
+            self.metrics.requests.inc(kind="held")
             self._done(entry, held, started, upstream=None)
             self._answer(pipe, held, is_last=True)
             return

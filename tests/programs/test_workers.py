@@ -91,13 +91,18 @@ async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, ke
         assert {x["worker"] for x in exchanges} == {0, 1}
         # One scrape counts what both proxy workers did, as their exchange lines do.
         assert len([x for x in lines if x.get("event") == "start"]) == 2
+        # (A repeat that answers the 3x rule's Echo is an exchange line of kind "held".)
+        reverse = [x for x in exchanges if x.get("kind") == "reverse"]
+        held = len(exchanges) - len(reverse)
+        assert {x.get("kind") for x in exchanges} <= {"reverse", "held"}
         for _ in range(30):  # the workers write their gauges every half second
             text = await http_get(metrics_url)
-            if metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(exchanges) and (
+            if metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(reverse) and (
                     metric(text, "coap_proxy_in_flight") == 0):
                 break
             await asyncio.sleep(0.1)
-        assert metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(exchanges)
+        assert metric(text, 'coap_proxy_requests_total{kind="reverse"}') == len(reverse)
+        assert metric(text, 'coap_proxy_requests_total{kind="held"}') == held
         assert metric(text, "coap_proxy_in_flight") == 0
     finally:
         for group in (*channels.values(), *oscores.values()):
