@@ -451,6 +451,42 @@ class GnuTlsSession(DtlsSession):
         self._records = None
         self._free()
 
+    def _try_false_start(self) -> None:
+        """Our Finished is written (an epoch 1 record while handshaking; every handshake here
+        is a full one). GnuTLS has pinned the server's key (the verify callback, on its
+        Certificate) and checked its ServerKeyExchange signature before it wrote ours."""
+        if self._peer_spki is None:
+            self.false_start_refused = "the server's key was not checked"
+            return
+        state = self._state()
+        if state is None:
+            self.false_start_refused = "GnuTLS gave no master secret"
+            return
+        master, client_random, server_random, write_seq = state
+        self._false_start(_SUITE_NAME, master, client_random, server_random,
+                          write_seq & (1 << 48) - 1, [])
+
+    def _state(self) -> tuple[bytes, bytes, bytes, int] | None:
+        """Master secret, client and server random, and the next write sequence number of
+        epoch 1 (with the epoch in its top 16 bits), or ``None`` if not as expected."""
+        lib = _gnutls()
+        s = self._s
+        secret = _ffi.new("gnutls_datum_t *")
+        client = _ffi.new("gnutls_datum_t *")
+        server = _ffi.new("gnutls_datum_t *")
+        lib.gnutls_session_get_master_secret(s, secret)
+        lib.gnutls_session_get_random(s, client, server)
+        seq = _ffi.new("unsigned char[8]")
+        if lib.gnutls_record_get_state(s, 0, _ffi.NULL, _ffi.NULL, _ffi.NULL, seq) < 0:
+            return None
+        if secret.size != 48 or client.size != 32 or server.size != 32:
+            return None
+        write_seq = int.from_bytes(bytes(seq), "big")
+        if write_seq >> 48 != 1:  # epoch 1, as the established session must be in
+            return None
+        return (bytes(_ffi.buffer(secret.data, 48)), bytes(_ffi.buffer(client.data, 32)),
+                bytes(_ffi.buffer(server.data, 32)), write_seq)
+
     def _hand_over(self) -> None:
         """Give epoch 1 to the engine's own record layer and free GnuTLS's session.
 
@@ -461,25 +497,19 @@ class GnuTlsSession(DtlsSession):
         Keeps GnuTLS when anything is not as expected: it then protects the records itself.
         """
         lib = _gnutls()
-        s = self._s
-        secret = _ffi.new("gnutls_datum_t *")
-        client = _ffi.new("gnutls_datum_t *")
-        server = _ffi.new("gnutls_datum_t *")
-        lib.gnutls_session_get_master_secret(s, secret)
-        lib.gnutls_session_get_random(s, client, server)
-        seq = _ffi.new("unsigned char[8]")
-        if lib.gnutls_record_get_state(s, 0, _ffi.NULL, _ffi.NULL, _ffi.NULL, seq) < 0:
-            return
-        if secret.size != 48 or client.size != 32 or server.size != 32:
-            return
-        write_seq = int.from_bytes(bytes(seq), "big")
-        if write_seq >> 48 != 1:  # epoch 1, as the established session must be in
-            return
-        self._records = RecordLayer(
-            _SUITE_NAME, bytes(_ffi.buffer(secret.data, 48)), bytes(_ffi.buffer(client.data, 32)),
-            bytes(_ffi.buffer(server.data, 32)), is_client=self.is_client,
-            next_seq=write_seq & (1 << 48) - 1,
-        )
+        if self._early is not None:
+            # False Start: the same keys, and its sequence numbers go on (GnuTLS, which has
+            # not seen them, must never seal another record under these keys).
+            self._records, self._early = self._early, None
+        else:
+            state = self._state()
+            if state is None:
+                return
+            master, client_random, server_random, write_seq = state
+            self._records = RecordLayer(
+                _SUITE_NAME, master, client_random, server_random, is_client=self.is_client,
+                next_seq=write_seq & (1 << 48) - 1,
+            )
         self._inbox.clear()
         s, self._s = self._s, None
         lib.gnutls_deinit(s)
@@ -539,6 +569,9 @@ class GnuTlsSession(DtlsSession):
                 del self._out[mark:]
             if len(self._out) > mark:
                 self._answered_seq = self._max_in_seq
+                if (self.is_client and self._early is None
+                        and any(records.epoch(r) == 1 for r in self._out[mark:])):
+                    self._try_false_start()
             self._inbox.clear()
             return
         if rc < 0:

@@ -344,6 +344,8 @@ class OpenSslSession(DtlsSession):
             conn.do_handshake()
         except SSL.WantReadError:
             self._pump()
+            if self.is_client and self._early is None and self._epoch1_top >= 0:
+                self._try_false_start(conn)
             return
         except SSL.Error as exc:
             self._pump()  # our fatal alert, if OpenSSL queued one
@@ -371,17 +373,42 @@ class OpenSslSession(DtlsSession):
             else:
                 conn.bio_write(b"".join(held))
 
+    def _try_false_start(self, conn: SSL.Connection) -> None:
+        """Our Finished of a full handshake is written (an epoch 1 record while handshaking:
+        a resumed client is established as it writes its Finished). OpenSSL has checked the
+        server's chain and its ServerKeyExchange signature before it wrote our key exchange;
+        the name and local policy are checked here as after the handshake."""
+        cipher = conn.get_cipher_name() or "unknown"
+        try:
+            self._verify_peer(conn)
+        except DtlsError:
+            self.false_start_refused = "the server's certificate is not accepted yet"
+            return
+        master = conn.master_key()
+        client_random, server_random = conn.client_random(), conn.server_random()
+        if master is None or client_random is None or server_random is None:
+            self.false_start_refused = "OpenSSL gave no master secret"
+            return
+        self._false_start(cipher, master, client_random, server_random,
+                          self._epoch1_top + 1, self._epoch1_nonces)
+
     def _release_openssl(self, conn: SSL.Connection, cipher: str) -> None:
         """Hand epoch 1 to :class:`RecordLayer` and free the SSL object (see module doc)."""
         session = conn.get_session()
         master = conn.master_key()
         client_random, server_random = conn.client_random(), conn.server_random()
-        if (session is None or master is None or len(master) != 48
+        if self._early is not None:
+            # False Start: the same keys, and its sequence numbers go on (OpenSSL, which
+            # has not seen them, must never seal another record under these keys).
+            self._records, self._early = self._early, None
+        elif (session is None or master is None or len(master) != 48
                 or client_random is None or server_random is None):
             return
-        self._records = RecordLayer(cipher, master, client_random, server_random,
-                                    is_client=self.is_client, next_seq=self._epoch1_top + 1,
-                                    spent=self._epoch1_nonces)
+        else:
+            self._records = RecordLayer(cipher, master, client_random, server_random,
+                                        is_client=self.is_client,
+                                        next_seq=self._epoch1_top + 1,
+                                        spent=self._epoch1_nonces)
         self._epoch1_nonces = []
         self._session = session
         # As in _backend_free: an SSL object freed without a two-way shutdown would make the

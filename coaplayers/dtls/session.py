@@ -32,7 +32,6 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import records
 from .alerts import AlertDescription, AlertLevel
@@ -50,9 +49,7 @@ from .events import (
     Event,
     HandshakeComplete,
 )
-
-if TYPE_CHECKING:
-    from .recordlayer import RecordLayer
+from .recordlayer import SUITES, RecordLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +64,12 @@ class DtlsConfig:
     """Cap of the doubling retransmission timeout."""
     handshake_timeout: float = 30.0
     """A handshake not complete after this many seconds fails with :class:`HandshakeTimeout`."""
+    false_start: bool = False
+    """Client: RFC 7918 False Start. Once its Finished is written in a full handshake with a
+    forward-secret (ECDHE) AEAD suite, and the server's certificate or key has been checked,
+    :meth:`DtlsSession.send` seals application data under the new keys before the server's
+    Finished has arrived (see :attr:`DtlsSession.false_started`). Off by default: only an
+    owner that carries that data with its last flight gains a round trip."""
 
     def __post_init__(self) -> None:
         if not 256 <= self.mtu <= 65507:
@@ -90,6 +93,9 @@ class DtlsSession(abc.ABC):
     cipher_suite: str | None = None
     peer_identity: bytes | str | None = None
     resumed: bool = False
+    false_start_refused: str | None = None
+    """Why a client configured for False Start did not false-start (its suite has no
+    forward secrecy, ...); ``None`` when it did or was not asked to."""
 
     def __init__(self, *, is_client: bool, config: DtlsConfig | None = None) -> None:
         self.is_client = is_client
@@ -184,23 +190,29 @@ class DtlsSession(abc.ABC):
         return [plain] if plain else []
 
     def send(self, data: bytes) -> None:
-        """Send application data as one record; only once the handshake is complete.
+        """Send application data as one record; only once the handshake is complete, or
+        once a client has false-started (:attr:`false_started`).
 
         Data larger than :attr:`max_send_size` raises :class:`DtlsError` and leaves the
         session open (it would not fit one datagram of the configured MTU). Empty data sends
         nothing: OpenSSL's SSL_write of zero bytes fails and would end the session.
         """
-        if self.state is not State.ESTABLISHED:
+        early = self._early if self.state is State.HANDSHAKING else None
+        if self.state is not State.ESTABLISHED and early is None:
             raise SessionClosed(f"cannot send application data in state {self.state.value}")
         if not data:
             return
-        limit = self._backend_max_plaintext()
+        limit = (early.max_plaintext(self.config.mtu) if early is not None
+                 else self._backend_max_plaintext())
         if len(data) > limit:
             raise DtlsError(
                 f"{len(data)} bytes do not fit one DTLS record within the MTU of"
                 f" {self.config.mtu} bytes (at most {limit})"
             )
-        self._guard(self._backend_send, data)
+        if early is not None:
+            self._emit(early.protect(records.CONTENT_APPLICATION_DATA, data))
+        else:
+            self._guard(self._backend_send, data)
         self._flush_out(as_flight=False)
 
     def close(self) -> None:
@@ -252,7 +264,11 @@ class DtlsSession(abc.ABC):
 
     @property
     def max_send_size(self) -> int | None:
-        """Most plaintext bytes one :meth:`send` takes (``None`` before the handshake)."""
+        """Most plaintext bytes one :meth:`send` takes (``None`` before the handshake, or
+        before a False Start)."""
+        if self.false_started:
+            assert self._early is not None
+            return self._early.max_plaintext(self.config.mtu)
         if self.state is not State.ESTABLISHED:
             return None
         return self._backend_max_plaintext()
@@ -266,6 +282,13 @@ class DtlsSession(abc.ABC):
     @property
     def is_established(self) -> bool:
         return self.state is State.ESTABLISHED
+
+    @property
+    def false_started(self) -> bool:
+        """A client whose Finished is written may send before the server's Finished arrives
+        (RFC 7918; :attr:`DtlsConfig.false_start`). What it sends authenticates at the server
+        only once our Finished has, and the server's answer only once its Finished has."""
+        return self.state is State.HANDSHAKING and self._early is not None
 
     @property
     def is_closed(self) -> bool:
@@ -301,9 +324,12 @@ class DtlsSession(abc.ABC):
         """Release backend state once the session is over."""
 
     _records: RecordLayer | None = None
-    _raw_public_key = False  # authenticates with a raw public key (wording of alert errors)
     """The engine's own epoch 1 record layer (``protect``/``unprotect``), once a backend has
     handed the established session's records to it."""
+    _early: RecordLayer | None = None
+    """False Start: the epoch 1 keys a client seals with before the server's Finished (the
+    backend hands the same layer over once established, so sequence numbers continue)."""
+    _raw_public_key = False  # authenticates with a raw public key (wording of alert errors)
 
     def _backend_receive_application(self, record: bytes) -> list[bytes] | None:
         """One application-data record of an established session whose backend still
@@ -369,6 +395,26 @@ class DtlsSession(abc.ABC):
                 self._fatal_alert_received()
                 raise alert_error(description, we_are_client=self.is_client,
                                   raw_public_key=self._raw_public_key)
+
+    def _false_start(self, cipher: str, master: bytes, client_random: bytes,
+                     server_random: bytes, next_seq: int, spent: list[bytes]) -> None:
+        """Called by a backend once a client's Finished of a full handshake is written and
+        the server's certificate or key has been checked: seal application data under
+        epoch 1 from now on if RFC 7918's conditions hold (section 3: a forward-secret key
+        exchange, ECDHE here, and an AEAD suite; our suites are all AEAD)."""
+        if not self.is_client or not self.config.false_start or self._early is not None:
+            return
+        if cipher not in SUITES or not cipher.startswith("ECDHE-"):
+            self.false_start_refused = (
+                f"{cipher} has no forward-secret key exchange: no False Start (RFC 7918"
+                " section 3), the first request waits for the server's Finished"
+            )
+            return
+        if len(master) != 48 or len(client_random) != 32 or len(server_random) != 32:
+            self.false_start_refused = "the backend gave no usable master secret"
+            return
+        self._early = RecordLayer(cipher, master, client_random, server_random,
+                                  is_client=True, next_seq=next_seq, spent=spent)
 
     def _fatal_alert_received(self) -> None:  # noqa: B027 - optional hook
         """Called before a fatal alert from the peer ends a session (see _receive_epoch1)."""
@@ -446,6 +492,7 @@ class DtlsSession(abc.ABC):
 
     def _terminate(self, error: DtlsError | None) -> None:
         self.state = State.CLOSED
+        self._early = None
         self.close_error = error
         self._flight = []
         self._final_flight = []
