@@ -9,6 +9,7 @@ with the other, every request answered right.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiocoap
 import pytest
+from coaplayers.programs.server.resources import Temperature
 
 from coaplayers import dtls, layer1
 from coaplayers.e2e import OscoreModeRequester
@@ -203,6 +205,100 @@ async def test_replicas_share_an_oscore_state_folder_one_writer_per_kid(
     finally:
         for o in oscores:
             await o.close()
+        await ctx.shutdown()
+        proxy.stop()
+        for s in servers.values():
+            s.stop()
+
+
+async def test_layer0_observations_are_registered_again_after_a_replica_dies(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Layer 0 clients observe /sensors/temperature through a replica set; the replica that
+    holds some of their sessions is killed. Those clients handshake with the other replica and
+    their observations go on there (registered again, RFC 7641 3.3.1): every notification is a
+    true reading, none is missing beyond the outage, the other clients see no gap at all."""
+    ports = [free_udp_port(), free_udp_port()]
+    servers = {n: start_server(tmp_path, *_server_args(keys, n, ports[i]), name=f"replica{n}")
+               for i, n in enumerate((1, 2))}
+    proxy = _proxy_to(tmp_path, ports)
+    ctx = await layer1.create_context()
+    credentials = _e2e_credentials(keys)
+    origin = proxy.uri("coap")
+    channels: list[Layer0Channel] = []
+    seen: list[list[tuple[float, float, bytes]]] = []  # per channel: (monotonic, wall, payload)
+    readers: list[asyncio.Task[None]] = []
+    errors: list[BaseException] = []
+
+    async def observe(channel: Layer0Channel, got: list[tuple[float, float, bytes]]) -> None:
+        request = channel.request(aiocoap.Message(code=aiocoap.GET, observe=0,
+                                                  uri=origin + "/sensors/temperature"))
+        first = await asyncio.wait_for(request.response, 30)
+        assert first.code == aiocoap.CONTENT and first.opt.observe is not None, first
+        got.append((time.monotonic(), time.time(), first.payload))
+        assert request.observation is not None
+        try:
+            async for note in request.observation:
+                got.append((time.monotonic(), time.time(), note.payload))
+        except BaseException as exc:  # an observation must not end: the test reads this
+            errors.append(exc)
+            raise
+
+    async def notifications(count: int, of: list[int], timeout: float) -> None:
+        start = [len(seen[i]) for i in of]
+        deadline = time.monotonic() + timeout
+        while not all(len(seen[i]) >= s + count for i, s in zip(of, start, strict=True)):
+            assert not errors, errors
+            assert time.monotonic() < deadline, [seen[i][-1:] for i in of]
+            await asyncio.sleep(0.05)
+
+    try:
+        # Sessions spread over the replicas by the ClientHello's random: open channels until
+        # both replicas hold some (the chance that eight all land on one is 1/128).
+        while len(channels) < 8:
+            channel = Layer0Channel(ctx.context, origin, credentials)
+            channels.append(channel)
+            seen.append([])
+            readers.append(asyncio.create_task(observe(channel, seen[-1])))
+            await notifications(1, [len(channels) - 1], timeout=30)
+        at = [replica_of_session(c.session_path[0]) for c in channels]
+        assert set(at) == {1, 2}, at
+        everyone = list(range(len(channels)))
+        await notifications(2, everyone, timeout=10)
+
+        victim = at[0]
+        survivor = 3 - victim
+        servers[victim].proc.send_signal(signal.SIGKILL)
+        servers[victim].proc.wait(10)
+        # The moved clients' observations continue from the survivor within a bounded outage.
+        await notifications(3, everyone, timeout=30)
+        assert not errors, errors
+        assert [replica_of_session(c.session_path[0]) for c in channels] == [survivor] * 8
+        assert [c.handshakes for c in channels] == [1 + (r == victim) for r in at]
+        assert [c.reregistrations for c in channels] == [int(r == victim) for r in at]
+        # The survivor registered each observation once: its own and the moved ones.
+        assert servers[survivor].stderr.count(
+            "GET /sensors/temperature (mode layer0-dtls") == len(channels)
+
+        for i in everyone:
+            times = [t for t, _, _ in seen[i]]
+            gaps = sorted(b - a for a, b in itertools.pairwise(times))
+            # Every notification is a true reading of its second (the resource's formula).
+            for _, wall, payload in seen[i]:
+                value = float(payload.decode().removesuffix(" C"))
+                assert any(f"{Temperature.reading(wall - d):.2f}" == f"{value:.2f}"
+                           for d in (0, 1, 2, 3)), (payload, wall)
+            # One notification a second (3.5: a loaded machine); a moved client's observation
+            # pauses once, for the outage: detection, a handshake, the registration.
+            if at[i] == victim:
+                assert gaps[-1] < 15 and gaps[-2] < 3.5, (i, gaps)
+            else:
+                assert gaps[-1] < 3.5, (i, gaps)
+    finally:
+        for task in readers:
+            task.cancel()
+        for c in channels:
+            await c.close()
         await ctx.shutdown()
         proxy.stop()
         for s in servers.values():
