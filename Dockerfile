@@ -35,6 +35,8 @@ COPY README.md ./
 COPY coaplayers ./coaplayers
 COPY client ./client
 COPY server ./server
+COPY programs ./programs
+COPY tools ./tools
 RUN pip install --no-deps . && rm -rf build
 
 # ---- runtime stage: the base image plus the venv, no compilers -------------------------

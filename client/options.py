@@ -350,7 +350,7 @@ def load(argv: list[str] | None) -> ClientConfig:
 
 
 def _merge_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from coaplayers import config as cfg
+    from coaplayers.programs import config as cfg
 
     e2e_on_command_line = {d: getattr(args, d) for d in _E2E_DESTS}
     layer1_on_command_line = any(getattr(args, d) for d in _LAYER1_DESTS)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from coaplayers import config as cfg
 from coaplayers import dtls, layer1
 from coaplayers.e2e import E2EClientOptions
+from coaplayers.programs import config as cfg
 
 from .main import RunState
 from .options import E2E_KINDS, ClientConfig, Layer1Settings

@@ -1,7 +1,7 @@
 """Small X.509 toolkit: a CA and ECDSA P-256 leaf certificates for demos and tests.
 
 Production deployments bring their own PKI; this exists so that a credential set can be made
-with one command (``coaplayers.keys``) and so that tests need no files checked in.
+with one command (``coaplayers.programs.keys``) and so that tests need no files checked in.
 
 Leaf certificates are kept small, since each handshake carries them (a Layer 0 certificate
 handshake sends two): a 9-byte serial, only the subject alternative names a server is checked

@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        from coaplayers import config as cfg
+        from coaplayers.programs import config as cfg
 
         args._config_dir = str(Path(args.config).parent)
         cfg.merge_config(parser, args, cfg.load_toml(args.config))
@@ -150,12 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
-    from coaplayers import config as cfg
     from coaplayers import layer1
     from coaplayers.amplification import AmplificationGuard, AmplificationLimits
     from coaplayers.asgi import CoapAsgiApp, HttpListener
     from coaplayers.e2e import E2EServerOptions, wrap_site
     from coaplayers.layer0.server import Layer0Site, answer_inline
+    from coaplayers.programs import config as cfg
     from coaplayers.rules import RulesSite
 
     from .resources import build_site
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coap-server: --log-rate: {exc}", file=sys.stderr)
         return 2
     warnings.showwarning = _warn_line
-    from coaplayers import config as cfg
+    from coaplayers.programs import config as cfg
 
     from .speedups import remember_local_multicast
 

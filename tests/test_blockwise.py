@@ -12,7 +12,6 @@ import pytest
 from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
-from coaplayers.programs.server.resources import build_site
 
 from coaplayers.blockwise import (
     Block1Assembler,
@@ -21,6 +20,7 @@ from coaplayers.blockwise import (
     RequestTooLarge,
 )
 from coaplayers.layer1 import create_context
+from coaplayers.programs.server.resources import build_site
 
 
 class Remote:

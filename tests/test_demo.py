@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import sys
 
-from coaplayers.demo import MARKER
+from coaplayers.programs.demo import MARKER
 
 from .conftest import run_program
 
@@ -15,7 +15,8 @@ SENT = f"'{MARKER}: 21.5 C'"
 
 
 async def test_demo_runs_every_mode_and_the_proxy_sees_the_marker_only_with_layer1() -> None:
-    code, out, err = await run_program(sys.executable, "-m", "coaplayers.demo", timeout=180)
+    code, out, err = await run_program(sys.executable, "-m", "coaplayers.programs.demo",
+                                       timeout=180)
     text = out.decode()
     assert code == 0, text + err.decode()
     # The set-up says why hop 2 is plain CoAP here while a deployment uses coaps on it.

@@ -1,6 +1,7 @@
 """Dependencies point one way (docs/ARCHITECTURE.md): the DTLS engine knows no layer, Layer 1
-and the OSCORE mode do not know each other, and no library layer imports the programs'
-configuration. Checked on the import statements (function-level ones included)."""
+and the OSCORE mode do not know each other, the library imports neither the programs nor the
+tooling, and only programs parse command lines. Checked on the import statements
+(function-level ones included)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+ABOVE_THE_LIBRARY = ("coaplayers.programs", "coaplayers_tools")
 FORBIDDEN = {
     "coaplayers.dtls": ("coaplayers.layer0", "coaplayers.layer1", "coaplayers.oscore",
-                        "coaplayers.proxy", "coaplayers.config", "coaplayers.programs"),
+                        "coaplayers.proxy", *ABOVE_THE_LIBRARY),
     "coaplayers.layer1": ("coaplayers.layer0", "coaplayers.oscore", "coaplayers.proxy",
-                          "coaplayers.config", "coaplayers.programs"),
-    "coaplayers.oscore": ("coaplayers.layer1", "coaplayers.proxy", "coaplayers.config",
-                          "coaplayers.programs"),
-    "coaplayers.layer0": ("coaplayers.layer1", "coaplayers.oscore", "coaplayers.config",
-                          "coaplayers.programs"),
+                          *ABOVE_THE_LIBRARY),
+    "coaplayers.oscore": ("coaplayers.layer1", "coaplayers.proxy", *ABOVE_THE_LIBRARY),
+    "coaplayers.layer0": ("coaplayers.layer1", "coaplayers.oscore", *ABOVE_THE_LIBRARY),
+    "coaplayers": ABOVE_THE_LIBRARY,  # the whole library, its top-level modules included
 }
 EXAMPLES = {"coaplayers/layer0/http_examples.py"}  # runs the whole stack to print an example
 
@@ -30,7 +31,7 @@ def _module(path: Path) -> list[str]:
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every coaplayers import in ``path``."""
+    """(line, absolute module) of every import in ``path`` (a module of the library)."""
     here = _module(path)
     package = here if path.name == "__init__.py" else here[:-1]
     found = []
@@ -42,7 +43,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
             module = ".".join([*base, *(node.module.split(".") if node.module else [])])
             found.append((node.lineno, module))
             found += [(node.lineno, f"{module}.{a.name}") for a in node.names]
-    return [(line, m) for line, m in found if m.startswith("coaplayers")]
+    return found
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -54,4 +55,27 @@ def test_imports_point_one_way(package: str) -> None:
         for line, module in imports(path):
             if module.startswith(FORBIDDEN[package]):
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert wrong == []
+
+
+def test_no_program_or_tooling_inside_the_library() -> None:
+    """The library's own folder holds no program and no tooling: they moved to programs/ and
+    tools/, which install as coaplayers.programs and coaplayers_tools."""
+    assert not (ROOT / "coaplayers" / "programs").exists()
+    assert not (ROOT / "coaplayers" / "bench").exists()
+    assert not (ROOT / "coaplayers" / "relay").exists()
+
+
+# Only the programs parse command lines: the library and the tooling take typed settings.
+PARSERS = ("argparse", "getopt", "optparse")
+
+
+@pytest.mark.parametrize("top", ["coaplayers", "tools"])
+def test_only_programs_parse_command_lines(top: str) -> None:
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sorted((ROOT / top).rglob("*.py"))
+        for line, module in imports(path)
+        if module.split(".")[0] in PARSERS
+    ]
     assert wrong == []

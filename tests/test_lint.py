@@ -28,7 +28,7 @@ def test_mypy_clean() -> None:
 
 
 # A measured cost ("~35 us of CPU per request") ages in a docstring; docs/BENCHMARKS.md keeps
-# such figures ("Costs behind the code"). coaplayers/bench measures, so it may name units.
+# such figures ("Costs behind the code"). tools/bench measures, so it may name units.
 _TIMING = re.compile(r"\d\s?(?:us|µs)\b|\d\s?ms (?:of CPU|per (?:request|message))"
                      r"|(?:ms|us) (?:less|more) per")
 
@@ -36,7 +36,7 @@ _TIMING = re.compile(r"\d\s?(?:us|µs)\b|\d\s?ms (?:of CPU|per (?:request|messag
 def test_no_timing_figures_in_the_code() -> None:
     found = [
         f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
-        for top in ("coaplayers", "client", "server")
+        for top in ("coaplayers", "programs", "client", "server", "tools")
         for path in sorted((ROOT / top).rglob("*.py"))
         if "bench" not in path.relative_to(ROOT).parts
         for n, line in enumerate(path.read_text().splitlines(), 1)

@@ -454,7 +454,7 @@ def load_config_file(path: str | Path, base: ProxyConfig | None = None) -> Proxy
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    # The same words as coap-server's and coap-client's (coaplayers.config.load_toml).
+    # The same words as coap-server's and coap-client's (coaplayers.programs.config.load_toml).
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -1,7 +1,7 @@
 """The running proxy: context, site, metrics endpoint and graceful shutdown, without the CLI.
 
-Tests and other programs can run a proxy in-process with ``ProxyNode``; ``cli.py`` only turns
-flags into a ``ProxyConfig`` and calls ``run``.
+Tests and other programs can run a proxy in-process with ``ProxyNode``; coap-proxy
+(``coaplayers.programs.proxy``) only turns flags into a ``ProxyConfig`` and calls ``run``.
 """
 
 from __future__ import annotations

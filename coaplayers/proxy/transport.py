@@ -24,7 +24,7 @@ from aiocoap.protocol import Request
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from .. import _aiocoap, dedup, dtls, layer1
-from ..config import certificate_from, psk_store_from, raw_public_key_from
+from ..credentials import certificate_from, psk_store_from, raw_public_key_from
 from ..errors import LocalError
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coaplayers.bench import costs
-from coaplayers.bench.cli import main
+from coaplayers.programs.bench import main
+from coaplayers_tools.bench import costs
 
 
 def test_costs_run_writes_every_row(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

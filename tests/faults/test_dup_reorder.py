@@ -17,7 +17,7 @@ from aiocoap.numbers.codes import Code
 
 from coaplayers.layer0 import Layer0Error
 from coaplayers.oscore import OscoreError
-from coaplayers.relay import FaultRelay, Faults
+from coaplayers_tools.relay import FaultRelay, Faults
 
 from .conftest import App, Keys, T, layer0_channel, oscore_message, oscore_requester, uri
 

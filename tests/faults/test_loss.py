@@ -20,7 +20,7 @@ import pytest
 from aiocoap import GET, Message
 from aiocoap.numbers.codes import Code
 
-from coaplayers.relay import FaultRelay, Faults
+from coaplayers_tools.relay import FaultRelay, Faults
 
 from .conftest import App, Keys, layer0_channel, oscore_message, oscore_requester, uri
 

@@ -11,7 +11,7 @@ from aiocoap.numbers.codes import Code
 
 from coaplayers.e2e import E2EClientOptions, open_requester
 from coaplayers.layer0 import SessionLost
-from coaplayers.relay import FaultRelay
+from coaplayers_tools.relay import FaultRelay
 
 from .conftest import App, Keys, T, layer0_channel, oscore_message, oscore_requester, uri
 

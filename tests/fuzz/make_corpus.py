@@ -17,9 +17,9 @@ from pathlib import Path
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
-from coaplayers import keys
 from coaplayers.layer0 import inner
 from coaplayers.oscore import ContextFile, OscoreParameters
+from coaplayers.programs import keys
 
 from . import peers
 from .common import CORPUS

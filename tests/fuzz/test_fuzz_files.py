@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from coaplayers.dtls import CertificateCredentials, ConfigurationError, PskClientCredentials
+from coaplayers.layer1.credentials import ClientCredentials
+from coaplayers.programs import config as cfg
 from coaplayers.programs.client import main as client_main
 from coaplayers.programs.client import options as client_options
 from coaplayers.programs.client import run as client_run
 from coaplayers.programs.client import security as client_security
 from coaplayers.programs.server import main as server_main
-from hypothesis import example, given
-from hypothesis import strategies as st
-
-from coaplayers import config as cfg
-from coaplayers.dtls import CertificateCredentials, ConfigurationError, PskClientCredentials
-from coaplayers.layer1.credentials import ClientCredentials
 from coaplayers.proxy.config import ConfigError, load_config_file
 
 from .common import (

@@ -222,9 +222,9 @@ def test_a_resumed_last_flight_carries_the_first_request() -> None:
     """docs/PROTOCOL.md 3.3: the client's ChangeCipherSpec and Finished of a resumed
     handshake, then an application-data record, in one request after the handshake tag; the
     core completes the session and hands the inner request to the shell in the same call."""
-    from coaplayers.bench.inmem import Peers
-    from coaplayers.bench.inmem import handshake as full_handshake
     from coaplayers.dtls import HandshakeComplete
+    from coaplayers_tools.bench.inmem import Peers
+    from coaplayers_tools.bench.inmem import handshake as full_handshake
 
     peers = Peers()
     tunnel = peers.core("cert")

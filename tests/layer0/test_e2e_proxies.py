@@ -16,7 +16,7 @@ from aiocoap import GET, POST, Message
 from aiocoap.numbers.codes import Code
 
 from coaplayers.layer0 import RecordRejected, ResponseRejected
-from coaplayers.relay import FaultRelay, Faults, read_capture
+from coaplayers_tools.relay import FaultRelay, Faults, read_capture
 
 from .apps import ECHO_MARKER, OBS_MARKER, TEXT_MARKER
 from .conftest import FastTuning, LossTuning, channel

@@ -1,4 +1,4 @@
-"""Layer 0 handshake sizes in memory (coaplayers.bench.inmem): guards against regressions.
+"""Layer 0 handshake sizes in memory (coaplayers_tools.bench.inmem): guards against regressions.
 
 The bounds are the sizes measured when they were set, with a little room: the certificate
 handshake was 1,906 bytes with OpenSSL's default hello lists and coap-keys' earlier
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from coaplayers.bench.handshake import profiles
+from coaplayers_tools.bench.handshake import profiles
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ async def test_requests_cost_40_bytes_over_plain_coap_for_ever(
     from aiocoap.numbers.types import Type
 
     from coaplayers.layer0 import inner
-    from coaplayers.relay import FaultRelay, read_capture
+    from coaplayers_tools.relay import FaultRelay, read_capture
 
     origin = await start_origin("psk")
     capture = tmp_path / "wire.capture"

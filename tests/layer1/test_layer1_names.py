@@ -131,7 +131,7 @@ def test_coap_keys_certificates_are_for_the_hosts_it_configures(
     import tomllib
     from urllib.parse import urlsplit
 
-    from coaplayers import keys
+    from coaplayers.programs import keys
 
     keys.create(tmp_path, server_host=server_host, proxy_host=proxy_host)
     proxy_uri = tomllib.loads((tmp_path / "client.toml").read_text())["proxy"]

@@ -35,10 +35,10 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore import FilesystemSecurityContext
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-from coaplayers import config as cfg
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.identity import describe_peer
 from coaplayers.layer0 import Layer0Site, Policy, layer0_peer
+from coaplayers.programs import config as cfg
 
 KEYING_PATH = [".well-known", "atls-oscore"]
 PARAMETERS_CONTENT_FORMAT = 65001

@@ -30,11 +30,11 @@ import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
 
-from coaplayers import config as cfg
 from coaplayers import dtls, layer1
 from coaplayers.e2e import OscoreModeRequester
 from coaplayers.layer0 import Layer0Channel
-from coaplayers.relay import Direction, FaultRelay, read_capture
+from coaplayers.programs import config as cfg
+from coaplayers_tools.relay import Direction, FaultRelay, read_capture
 
 from ..conftest import free_udp_port, stop_process
 from .support import aiocoap_proxy, udp_exchange
@@ -535,9 +535,8 @@ async def test_small_request_with_blockwise_answer_through_coap_proxy(
 ) -> None:
     """A one-block GET takes the requester's direct path; its 64 KiB answer comes back in
     inner Block2 blocks, each block request protected afresh, and is reassembled."""
-    from coaplayers.programs.server.resources import Firmware
-
     from coaplayers.oscore.mode import OscoreRequester
+    from coaplayers.programs.server.resources import Firmware
 
     direct = []
     original = OscoreRequester._exchange_direct

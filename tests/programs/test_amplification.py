@@ -15,8 +15,8 @@ import pytest
 from aiocoap import GET, POST, Message
 from aiocoap.numbers import codes
 from aiocoap.optiontypes import BlockOption
-from coaplayers.programs.server.resources import Firmware
 
+from coaplayers.programs.server.resources import Firmware
 from tests.conftest import need_program, run_program
 
 from .conftest import Keys, Running, client, start_proxy, start_server

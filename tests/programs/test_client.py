@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
+
 from coaplayers.programs.server.resources import Firmware
 
 from .conftest import (
@@ -221,9 +222,8 @@ async def test_timeout_exit_status_and_message() -> None:
 def test_silent_layer0_server_is_exit_6_naming_the_hop() -> None:
     """The 60 s end-to-end case of the test above, classified without waiting: a handshake
     that never got a CoAP answer is "no answer" (6), not a security failure (7)."""
-    from coaplayers.programs.client.main import classify
-
     from coaplayers.layer0 import HandshakeFailed, NoAnswer
+    from coaplayers.programs.client.main import classify
 
     try:
         try:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from coaplayers.programs.server.resources import Firmware
 
+from coaplayers.programs.server.resources import Firmware
 from tests.conftest import free_udp_port
 
 from .conftest import CLIENT, Keys, Running, client, run_on_pty, start_proxy, start_server

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aiocoap
 import pytest
-from coaplayers.programs.server.resources import Firmware
 
+from coaplayers.programs.server.resources import Firmware
 from tests.conftest import free_udp_port, need_program, wait_udp_bound
 
 from .conftest import CLIENT, PSK_TEXT, Keys, Result, Running, client, run

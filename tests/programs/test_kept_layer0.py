@@ -11,8 +11,8 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from coaplayers.dtls import records
-from coaplayers.relay.capture import read_capture
-from coaplayers.relay.faults import Direction
+from coaplayers_tools.relay.capture import read_capture
+from coaplayers_tools.relay.faults import Direction
 
 from .conftest import Keys
 from .test_kept_oscore import Rig, _close, _rig, one_run

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from aiocoap import Message
 
-from coaplayers.relay import FaultRelay
-from coaplayers.relay.capture import read_capture
-from coaplayers.relay.faults import Direction
+from coaplayers_tools.relay import FaultRelay
+from coaplayers_tools.relay.capture import read_capture
+from coaplayers_tools.relay.faults import Direction
 
 from .conftest import CLIENT, Keys, Running, client, start_server
 

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from coaplayers.programs.server.resources import FIRMWARE_SIZE, Firmware
 
 from .conftest import SERVER, Keys, Running, client, run, start_server

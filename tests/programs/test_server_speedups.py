@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 from aiocoap.transports.udp6 import UDP6EndpointAddress, _in6_pktinfo
+
 from coaplayers.programs.server.speedups import remember_local_multicast
 
 

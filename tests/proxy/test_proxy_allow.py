@@ -9,8 +9,8 @@ import pytest
 from aiocoap import GET, Message
 from aiocoap.numbers import codes
 
+from coaplayers.programs.proxy import build_parser, config_from_args
 from coaplayers.proxy.allow import AllowList, AllowRule, Verdict
-from coaplayers.proxy.cli import build_parser, config_from_args
 from coaplayers.proxy.config import ConfigError, ProxyConfig, Route, config_from_mapping
 from coaplayers.proxy.routing import Refusal, Router
 

@@ -17,8 +17,8 @@ from aiocoap import POST, Message
 from aiocoap.message import UndecidedRemote
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
+from coaplayers.programs.proxy import build_parser, config_from_args
 from coaplayers.proxy.accesslog import AccessLog, JsonLinesFormatter
-from coaplayers.proxy.cli import build_parser, config_from_args
 from coaplayers.proxy.config import ConfigError, ProxyConfig
 from coaplayers.proxy.metrics import MetricsRegistry
 from coaplayers.proxy.site import ProxySite

@@ -17,7 +17,7 @@ import aiocoap
 import pytest
 
 from coaplayers.layer0.profile import is_tunnel_path
-from coaplayers.relay import Direction, read_capture
+from coaplayers_tools.relay import Direction, read_capture
 from tests.conftest import run_program
 
 from .conftest import _read_until, _stop, start_proxy

@@ -10,7 +10,7 @@ from aiocoap import GET, Message
 from aiocoap.numbers import OptionNumber, codes
 from aiocoap.optiontypes import OpaqueOption, UintOption
 
-from coaplayers.proxy.cli import build_parser, config_from_args
+from coaplayers.programs.proxy import build_parser, config_from_args
 from coaplayers.proxy.config import (
     ConfigError,
     ProxyConfig,

@@ -11,8 +11,14 @@ from typing import Any, cast
 
 import pytest
 
-from coaplayers.relay import Direction, read_capture
-from coaplayers.relay.cli import build_parser, faults_from_args, format_address, main, parse_address
+from coaplayers.programs.relay import (
+    build_parser,
+    faults_from_args,
+    format_address,
+    main,
+    parse_address,
+)
+from coaplayers_tools.relay import Direction, read_capture
 
 TIMEOUT = 5.0
 
@@ -22,7 +28,7 @@ def relay_command() -> list[str]:
     script = Path(sys.executable).parent / "coap-relay"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "coaplayers.relay"]
+    return [sys.executable, "-m", "coaplayers.programs.relay"]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from coaplayers.relay import Delivery, Direction, Fate, FaultModel, Faults
+from coaplayers_tools.relay import Delivery, Direction, Fate, FaultModel, Faults
 
 UP, DOWN = Direction.UP, Direction.DOWN
 

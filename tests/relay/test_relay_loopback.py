@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from coaplayers.relay import Direction, FaultRelay, Faults, RelayStats, read_capture
+from coaplayers_tools.relay import Direction, FaultRelay, Faults, RelayStats, read_capture
 
 TIMEOUT = 3.0
 

@@ -1,4 +1,4 @@
-"""The asyncio shell around :class:`~coaplayers.relay.faults.FaultModel`: real UDP sockets.
+"""The asyncio shell around :class:`~coaplayers_tools.relay.faults.FaultModel`: real UDP sockets.
 
 The relay listens on one address and forwards to one upstream address. Like a NAT, it gives every
 client (downstream source address) its own upstream socket, so the upstream sees one source port
@@ -139,7 +139,7 @@ class FaultRelay:
 
     ``max_clients`` bounds the mapping table (least recently used mappings are evicted);
     ``idle_timeout`` closes a mapping that has seen no datagram either way for that long.
-    ``record`` is a capture file path (see :mod:`coaplayers.relay.capture`). ``upstream_bind``
+    ``record`` is a capture file path (see :mod:`coaplayers_tools.relay.capture`). ``upstream_bind``
     is the local host the upstream sockets bind to (default: the wildcard address).
     """
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap.numbers.codes import Code
 
-from .. import dtls, layer1
-from ..e2e import E2EClientOptions, open_requester
+from coaplayers import dtls, layer1
+from coaplayers.e2e import E2EClientOptions, open_requester
 
 PAYLOAD_SIZE = 40
 PAYLOAD = (b"coap-bench 40-byte POST payload 0123456789" * 2)[:PAYLOAD_SIZE]
@@ -151,7 +151,7 @@ async def open_client(
     if mode == "aio_oscore":
         from aiocoap.proxy.client import ProxyForwarder
 
-        from ..oscore import ClientContexts, SecurityContext, attach
+        from coaplayers.oscore import ClientContexts, SecurityContext, attach
 
         ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
         target_origin = origin or ep.aio_server

@@ -43,8 +43,8 @@ from typing import Any
 
 import aiocoap
 
-from .httpmap import oscore_option
-from .relay import Direction, read_capture
+from coaplayers.httpmap import oscore_option
+from coaplayers_tools.relay import Direction, read_capture
 
 BIN = Path(sys.executable).parent
 MARKER = "demo-marker-7f3a"
@@ -309,7 +309,7 @@ def _allow(*targets: str) -> list[str]:
     """``--allow`` for each target (coap-proxy's forward proxying is closed by default)."""
     from dataclasses import fields
 
-    from .proxy.config import ProxyConfig
+    from coaplayers.proxy.config import ProxyConfig
 
     if "allow" not in {f.name for f in fields(ProxyConfig)}:
         return []

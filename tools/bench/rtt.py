@@ -3,7 +3,7 @@
 On a constrained link a round trip costs far more than the CPU around it, and many requests
 are one-shot (a ``coap-client`` run, a device that wakes, reports and sleeps): what counts is
 how many times a client waits for the network before its first answer. This phase puts a
-:class:`~coaplayers.relay.FaultRelay` with a fixed one-way delay ``D`` (no loss) in front of
+:class:`~coaplayers_tools.relay.FaultRelay` with a fixed one-way delay ``D`` (no loss) in front of
 the proxy (hop 1, the constrained link), starts a fresh client with nothing but the state a
 client keeps between runs, and sends one 40-byte ``POST /echo``.
 

@@ -88,7 +88,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m coaplayers.bench.startup [RUNS]``: the start-up table alone."""
+    """``python -m coaplayers_tools.bench.startup [RUNS]``: the start-up table alone."""
     args = sys.argv[1:] if argv is None else argv
     print(render(measure(int(args[0]) if args else 7)))
     return 0

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import cannot_listen
-from ..loglimit import LogLimits, install_log_limits
-from ..workers import Supervisor, parse_workers, self_command, serve_supervised, worker_role
-from .accesslog import EXCHANGE_LINE_RATE, AccessLog
-from .config import (
+from coaplayers.loglimit import LogLimits, install_log_limits
+from coaplayers.proxy.accesslog import EXCHANGE_LINE_RATE, AccessLog
+from coaplayers.proxy.config import (
     ConfigError,
     Layer1Settings,
     ProxyConfig,
@@ -27,9 +25,18 @@ from .config import (
     load_config_file,
     parse_hostport,
 )
+from coaplayers.workers import (
+    Supervisor,
+    parse_workers,
+    self_command,
+    serve_supervised,
+    worker_role,
+)
+
+from .config import cannot_listen
 
 if TYPE_CHECKING:
-    from .node import ProxyNode
+    from coaplayers.proxy.node import ProxyNode
 
 EPILOG = """\
 examples:
@@ -220,7 +227,7 @@ def _announce(node: ProxyNode) -> None:
     for uri in node.bound_uris:
         print(f"listening {uri}")
     if node.metrics_address is not None:
-        from .transport import format_uri
+        from coaplayers.proxy.transport import format_uri
 
         print(f"metrics http://{format_uri('x', *node.metrics_address)[4:]}/metrics")
     print("ready", flush=True)
@@ -252,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.addHandler(access_log.handler)
     root.setLevel(logging.WARNING)
     install_log_limits(LogLimits(rate=config.log_rate), handlers=[access_log.handler])
-    from .node import ProxyNode
+    from coaplayers.proxy.node import ProxyNode
 
     node = ProxyNode(config, access_log=access_log)
     try:
@@ -273,13 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _supervise(config: ProxyConfig, argv: list[str]) -> int:
     """``--workers N``: N proxies on the same ports (coaplayers.workers), one scrape."""
-    from .metrics import MULTIPROC_ENV, MetricsServer, MultiProcessMetrics
-    from .transport import format_uri
+    from coaplayers.proxy.metrics import MULTIPROC_ENV, MetricsServer, MultiProcessMetrics
+    from coaplayers.proxy.transport import format_uri
 
     folder = tempfile.mkdtemp(prefix="coap-proxy-metrics-")
     metrics = MultiProcessMetrics(folder)
     supervisor = Supervisor(
-        "coap-proxy", self_command("coaplayers.proxy.cli", argv), config.workers,
+        "coap-proxy", self_command("coaplayers.programs.proxy", argv), config.workers,
         env={**os.environ, MULTIPROC_ENV: folder}, on_exit=metrics.process_gone)
 
     server = MetricsServer(metrics)

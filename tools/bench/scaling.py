@@ -172,8 +172,8 @@ def router_microbench(rounds: int = 20000) -> dict[str, float]:
     noisy on a shared machine to show a few per cent; this is what the set adds per request."""
     import timeit
 
-    from ..proxy.config import ProxyConfig, Route
-    from ..proxy.routing import Router
+    from coaplayers.proxy.config import ProxyConfig, Route
+    from coaplayers.proxy.routing import Router
 
     single = Router(ProxyConfig(routes=(Route.parse("/=coap://127.0.0.1:1"),)))
     routed = Router(ProxyConfig(routes=(

@@ -5,7 +5,7 @@ The project's fault tests put one relay on each hop (``tc netem`` is not availab
 the tests run, and a relay in user space also gives counters, a capture of what crossed the hop,
 and NAT rebinding on demand). :class:`FaultModel` decides the fate of each datagram without
 sockets or a clock of its own; :class:`FaultRelay` is the asyncio shell with real UDP sockets;
-``coap-relay`` (:mod:`coaplayers.relay.cli`) is the command.
+``coap-relay`` (:mod:`coaplayers.programs.relay`) is the command.
 """
 
 from .capture import CapturedDatagram, read_capture

@@ -19,9 +19,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import pki
-from .dtls import spki_fingerprint
-from .errors import LocalError
+from coaplayers import pki
+from coaplayers.dtls import spki_fingerprint
+from coaplayers.errors import LocalError
 
 
 class Refused(LocalError):

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import keys
-from ..dtls import (
+from coaplayers.dtls import (
     CertificateCredentials,
     ConnectionClosed,
     GnuTlsSession,
@@ -31,9 +30,10 @@ from ..dtls import (
     build_context,
     parse_key_text,
 )
-from ..layer0.core import ServerLimits, TunnelCore
-from ..layer0.profile import CHANGED, CREATED, DTLS_CIPHERS, handshake_tag
-from ..layer0.server import layer0_config, make_listener
+from coaplayers.layer0.core import ServerLimits, TunnelCore
+from coaplayers.layer0.profile import CHANGED, CREATED, DTLS_CIPHERS, handshake_tag
+from coaplayers.layer0.server import layer0_config, make_listener
+from coaplayers.programs import keys
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Memory per established Layer 0 session and per OSCORE context, one fresh process per figure.
 
-``python -m coaplayers.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk``,
+``python -m coaplayers_tools.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk``,
 ``cert`` or ``rpk`` (Layer 0 sessions: the server's :class:`TunnelCore` with its real
 listener, clients in memory), ``cert-release-buffers`` (kept for report compatibility: the
 product's context already sets OpenSSL's ``SSL_MODE_RELEASE_BUFFERS``, and an established
@@ -84,7 +84,13 @@ def _layer0(kind: str, count: int, creds: str | None) -> dict[str, Any]:
 
 
 def _oscore(count: int) -> dict[str, Any]:
-    from ..oscore import ContextStore, OscoreParameters, Role, derive_context, exporter_length
+    from coaplayers.oscore import (
+        ContextStore,
+        OscoreParameters,
+        Role,
+        derive_context,
+        exporter_length,
+    )
 
     store = ContextStore(max_contexts=count + WARMUP + 10)
 
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3) or args[0] not in ("psk", "cert", "rpk", "cert-release-buffers",
                                                 "oscore"):
-        print("usage: python -m coaplayers.bench.memory psk|cert|cert-release-buffers|oscore"
+        print("usage: python -m coaplayers_tools.bench.memory psk|cert|cert-release-buffers|oscore"
               " COUNT [CREDS_FOLDER]", file=sys.stderr)
         return 2
     kind, count = args[0], int(args[1])

@@ -36,10 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import handshake, hsload, report, rtt, shield, startup, wire
-from .clients import MODES, WIRE_ONLY, Endpoints, open_client, probe_stock_oscore
-from .load import open_clients, run_load
-from .rig import rig
+from coaplayers_tools.bench import handshake, hsload, report, rtt, shield, startup, wire
+from coaplayers_tools.bench.clients import (
+    MODES,
+    WIRE_ONLY,
+    Endpoints,
+    open_client,
+    probe_stock_oscore,
+)
+from coaplayers_tools.bench.load import open_clients, run_load
+from coaplayers_tools.bench.rig import rig
 
 EPILOG = """\
 examples:
@@ -204,7 +210,7 @@ async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[s
     async def one(kind: str, n: int) -> None:
         async with sem:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "coaplayers.bench.memory", kind, str(n), str(creds),
+                sys.executable, "-m", "coaplayers_tools.bench.memory", kind, str(n), str(creds),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
@@ -283,7 +289,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             {"coap-proxy": ep.proxy_coap, "aiocoap-proxy": ep.aio_proxy}, ep.aio_server,
             ep.pids, clients=args.clients, duration=duration)
         _say("certificate handshakes over the wire")
-        from .clients import _e2e_cert, _e2e_rpk
+        from coaplayers_tools.bench.clients import _e2e_cert, _e2e_rpk
 
         results["handshake"] = {"rate_over_wire": await handshake.rate_over_wire(
             ep.server_coap, _e2e_cert(ep.creds), ep.pids["coap-server"],
@@ -314,7 +320,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..loglimit import install_log_limits
+    from coaplayers.loglimit import install_log_limits
 
     install_log_limits()  # its in-process peers log what the network does to them
     if args.png and not _png_available():
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               " extra (.venv/bin/pip install -e '.[bench]') or leave out --png. The table and"
               " JSON are still written.", file=sys.stderr)
     if args.costs:
-        from . import costs
+        from coaplayers_tools.bench import costs
 
         measured = costs.measure(500 if args.quick else 5000)
         print(costs.render(measured), flush=True)
@@ -345,11 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         cleanup = True
     if args.scaling or args.http:
         if args.scaling:
-            from . import scaling as phase
+            from coaplayers_tools.bench import scaling as phase
 
             key, coro = "scaling", phase.run(workdir, quick=args.quick, clients=args.clients)
         else:
-            from . import http as phase  # type: ignore[no-redef]
+            from coaplayers_tools.bench import http as phase  # type: ignore[no-redef]
 
             key, coro = "http", phase.run(workdir, quick=args.quick)
         return _alone(key, coro, phase.render, args, workdir, cleanup)

@@ -1,6 +1,6 @@
 """The baseline origin server: stock aiocoap, nothing of coaplayers on the request path.
 
-``python -m coaplayers.bench.aioserver HOST PORT [OSCORE_DIR]`` serves ``/echo`` (POST answers
+``python -m coaplayers_tools.bench.aioserver HOST PORT [OSCORE_DIR]`` serves ``/echo`` (POST answers
 2.04 with the request payload) on plain UDP, and for the proxy-shield phase (:mod:`.shield`)
 ``/reading`` (GET: 40 bytes, no Max-Age; observable, a notification every half second)
 and ``/stats`` (JSON: how many GETs and Observe registrations ``/reading`` had, which is how
@@ -105,7 +105,7 @@ async def serve(host: str, port: int, oscore_dir: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
-        print("usage: python -m coaplayers.bench.aioserver HOST PORT [OSCORE_DIR]",
+        print("usage: python -m coaplayers_tools.bench.aioserver HOST PORT [OSCORE_DIR]",
               file=sys.stderr)
         return 2
     asyncio.run(serve(args[0], int(args[1]), args[2] if len(args) == 3 else None))

@@ -1,7 +1,7 @@
 """Bytes on the wire: a recording relay on each hop, a fresh client per mode, N requests.
 
 Hop 1 is client -> proxy, hop 2 is proxy -> server; each has a
-:class:`~coaplayers.relay.FaultRelay` (no faults, ``record=`` a capture file) in front of the
+:class:`~coaplayers_tools.relay.FaultRelay` (no faults, ``record=`` a capture file) in front of the
 next node. The client is told to use relay 1 as its proxy and relay 2's address as the origin,
 so the proxy forwards to relay 2. Sizes are UDP payloads (add 28 bytes of IPv4 + UDP headers
 per datagram for the IP packet size). Handshakes and warm-up requests happen before the

@@ -22,8 +22,9 @@ import aiocoap
 from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 
-from .. import layer1
-from ..e2e import E2EClientOptions, open_requester
+from coaplayers import layer1
+from coaplayers.e2e import E2EClientOptions, open_requester
+
 from .clients import PAYLOAD, _e2e_cert, _e2e_psk, _e2e_rpk
 from .procs import Processes, program
 
@@ -178,7 +179,7 @@ async def run(workdir: Path, *, quick: bool) -> dict[str, Any]:
         http_port = int(server.uris("listening")[0].rsplit(":", 1)[1])
         from dataclasses import fields
 
-        from ..proxy.config import ProxyConfig
+        from coaplayers.proxy.config import ProxyConfig
 
         allow = (["--allow", "127.0.0.1"]
                  if "allow" in {f.name for f in fields(ProxyConfig)} else [])

@@ -19,8 +19,8 @@ from aiocoap import oscore as aiooscore
 from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
 
-from ..message import copy_request
-from ..oscore import SecurityContext
+from coaplayers.message import copy_request
+from coaplayers.oscore import SecurityContext
 
 SECRET = bytes(range(1, 17))
 SALT = bytes.fromhex("9e7ca92223786340")

@@ -7,7 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .. import keys
+from coaplayers.programs import keys
+
 from .clients import Endpoints, write_aiocoap_oscore_settings
 from .procs import (
     Processes,

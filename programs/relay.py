@@ -17,9 +17,9 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from ..loglimit import LogLimits, install_log_limits
-from .faults import Faults
-from .relay import Address, FaultRelay
+from coaplayers.loglimit import LogLimits, install_log_limits
+from coaplayers_tools.relay.faults import Faults
+from coaplayers_tools.relay.relay import Address, FaultRelay
 
 __all__ = ["faults_from_args", "format_address", "main", "parse_address"]
 

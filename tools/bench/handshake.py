@@ -22,7 +22,8 @@ import asyncio
 import statistics
 from typing import Any
 
-from ..dtls import records
+from coaplayers.dtls import records
+
 from .inmem import Exchange, Peers, handshake
 from .procs import cpu_of
 
@@ -153,7 +154,7 @@ async def rate_over_wire(server_coap: str, creds: Any, server_pid: int, *, secon
     """Full certificate handshakes straight to coap-server (plain CoAP, no proxy)."""
     import aiocoap
 
-    from ..layer0 import Layer0Channel
+    from coaplayers.layer0 import Layer0Channel
 
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     loop = asyncio.get_running_loop()

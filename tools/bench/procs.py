@@ -201,7 +201,7 @@ def start_aiocoap_proxy(procs: Processes) -> tuple[Proc, int]:
 def start_aiocoap_server(procs: Processes, oscore_dir: Path | None) -> tuple[Proc, int]:
     for _ in range(5):
         port = free_udp_port()
-        argv = [sys.executable, "-m", "coaplayers.bench.aioserver", "127.0.0.1", str(port)]
+        argv = [sys.executable, "-m", "coaplayers_tools.bench.aioserver", "127.0.0.1", str(port)]
         if oscore_dir is not None:
             argv.append(str(oscore_dir))
         try:

@@ -1,6 +1,6 @@
 """Full Layer 0 handshakes against coap-server as fast as it answers them: the rate it sustains.
 
-:func:`coaplayers.bench.handshake.rate_over_wire` drives handshakes with the product's own
+:func:`coaplayers_tools.bench.handshake.rate_over_wire` drives handshakes with the product's own
 client (:class:`~coaplayers.layer0.Layer0Channel` on an aiocoap context). On two cores that
 client is the bottleneck: it spends about twice the server's CPU per handshake, so the server
 idles most of the time, and a server that idles pays for every wake-up on its own. This load
@@ -24,8 +24,15 @@ from urllib.parse import urlsplit
 
 from aiocoap import CON, POST, Message
 
-from ..dtls import ConnectionClosed, HandshakeComplete
-from ..layer0.profile import CHANGED, CONTENT_FORMAT, CREATED, WELL_KNOWN_PATH, handshake_tag
+from coaplayers.dtls import ConnectionClosed, HandshakeComplete
+from coaplayers.layer0.profile import (
+    CHANGED,
+    CONTENT_FORMAT,
+    CREATED,
+    WELL_KNOWN_PATH,
+    handshake_tag,
+)
+
 from .inmem import Peers
 from .procs import cpu_of
 
@@ -82,7 +89,7 @@ class _Load:
             self.endpoint.waiting.pop(token, None)
 
     async def handshake(self) -> None:
-        """One full handshake, as :func:`coaplayers.bench.inmem.handshake` makes it in memory."""
+        """One full handshake, as :func:`.inmem.handshake` makes it in memory."""
         loop = asyncio.get_running_loop()
         client = self.peers.client(self.kind)
         try:

@@ -1,1 +1,0 @@
-"""The programs people run; client/ and server/ install here (see pyproject.toml)."""
