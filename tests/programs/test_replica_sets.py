@@ -18,11 +18,11 @@ from typing import Any
 
 import aiocoap
 import pytest
-from coaplayers.programs.server.resources import Temperature
 
 from coaplayers import dtls, layer1
 from coaplayers.e2e import OscoreModeRequester
 from coaplayers.layer0 import Layer0Channel
+from coaplayers.programs.server.resources import Temperature
 from coaplayers.replica import replica_of_kid, replica_of_session
 from tests.conftest import free_udp_port
 
