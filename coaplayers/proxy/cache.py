@@ -13,7 +13,11 @@ own ETag matching a fresh entry is answered 2.03 by the proxy.
 Cache key (RFC 7252 5.6 and 5.4.6): method, the upstream target (scheme, host, port, path,
 query, as routing decided) and every other request option except NoCacheKey ones, the ones
 the proxy implements itself (ETag, Observe, No-Response, Hop-Limit, the routing options), and
-the payload and Content-Format for FETCH. Block2 is part of the key: each block is an entry.
+the payload and Content-Format for FETCH. Block2 is part of the key: each block an upstream
+cut is an entry. A whole representation (an answer without Block2) is also found under the key
+without Block2, and any block a request asks for is cut from it here (RFC 7959 2.4: same
+ETag, More set while bytes follow, Size2 when asked), so that the small blocks the 3x rule
+serves unverified readers come from one upstream answer.
 
 Memory is bounded by entries and by bytes (payload plus options), least recently used first.
 A successful POST, PUT, DELETE or iPATCH/PATCH answer drops the entries of that target.
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from aiocoap import Message
 from aiocoap.numbers import OptionNumber, codes
 from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
 
 from .routing import ROUTING_OPTIONS, Decision
 
@@ -60,6 +65,8 @@ class Entry:
     fresh_until: float
     size: int
     target: str
+    #: a block an upstream cut (its Block2 kept), rather than a whole representation
+    block: bool = False
 
     def max_age(self, now: float) -> int:
         return max(0, math.floor(self.fresh_until - now))
@@ -100,11 +107,14 @@ class ResponseCache:
         return self.limits.entries > 0
 
     @staticmethod
-    def key_for(request: Message, d: Decision, *, observing: bool = False) -> Hashable | None:
+    def key_for(request: Message, d: Decision, *, observing: bool = False,
+                whole: bool = False) -> Hashable | None:
         """The cache key of ``request`` going to ``d``; None if it must not be cached.
 
         ``observing``: the key of an Observe registration, under which clients share one
-        upstream observation (:mod:`coaplayers.proxy.observe`)."""
+        upstream observation (:mod:`coaplayers.proxy.observe`). ``whole``: the key of the
+        whole representation the blocks ``request`` asks for are cut from (Block2 left out).
+        """
         if request.code not in _CACHEABLE_METHODS or (
                 request.opt.observe is not None and not observing):
             return None
@@ -114,7 +124,7 @@ class ResponseCache:
             n = int(o.number)
             if n == Opt.OSCORE:
                 return None
-            if n in _NOT_IN_KEY or _no_cache_key(n):
+            if n in _NOT_IN_KEY or _no_cache_key(n) or (whole and n == Opt.BLOCK2):
                 continue
             parts.append((n, o.encode()))
         if request.code == codes.FETCH:
@@ -160,7 +170,7 @@ class ResponseCache:
             return None
         etags = response.opt.etags
         entry = Entry(response.code, response.payload, options, etags[0] if etags else None,
-                      now + max_age, size, target)
+                      now + max_age, size, target, response.opt.block2 is not None)
         self._drop(key)
         self._entries[key] = entry
         self._by_target.setdefault(target, set()).add(key)
@@ -202,13 +212,40 @@ class ResponseCache:
 
 
 def cached_answer(entry: Entry, request: Message, now: float) -> Message:
-    """The answer to send from a fresh ``entry``: 2.03 if the client holds its ETag."""
+    """The answer to send from a fresh ``entry``: 2.03 if the client holds its ETag, else the
+    entry, or the block of it the request asks for when the entry is a whole representation."""
     if entry.etag is not None and entry.etag in request.opt.etags:
         msg = Message(code=codes.VALID)
         msg.opt.etag = entry.etag
     else:
-        msg = Message(code=entry.code, payload=entry.payload)
-        for o in entry.options:
-            msg.opt.add_option(o)
+        block = request.opt.block2
+        if block is not None and not entry.block and block.size_exponent <= 6:
+            msg = cut_block(entry.code, entry.payload, entry.options, block,
+                            size2=request.opt.size2 is not None)
+        else:
+            msg = Message(code=entry.code, payload=entry.payload)
+            for o in entry.options:
+                msg.opt.add_option(o)
     msg.opt.max_age = entry.max_age(now)
+    return msg
+
+
+def cut_block(code: Code, payload: bytes, options: list[object], block: BlockOption.BlockwiseTuple,
+              *, size2: bool = False) -> Message:
+    """Block ``block`` of a whole representation (RFC 7959 2.2-2.4): its options (so its ETag)
+    with Block2 saying whether more follows, and Size2 if ``size2`` (the request had one, 4).
+
+    A block past the end is 4.00, as RFC 7959 2.2 leaves it to the server (block 0 of an empty
+    representation is that empty block).
+    """
+    start = block.block_number * block.size
+    if start >= len(payload) and start:
+        return Message(code=codes.BAD_REQUEST, payload=b"block out of range")
+    msg = Message(code=code, payload=payload[start:start + block.size])
+    for o in options:
+        msg.opt.add_option(o)
+    msg.opt.block2 = BlockOption.BlockwiseTuple(
+        block.block_number, start + block.size < len(payload), block.size_exponent)
+    if size2:
+        msg.opt.size2 = len(payload)
     return msg

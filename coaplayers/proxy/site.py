@@ -3,7 +3,8 @@
 Implements ``render_to_pipe`` directly (not ``resource.Resource``) so that aiocoap neither
 reassembles block-wise transfers nor answers Observe itself: each Block1/Block2 message and each
 notification is relayed as its own exchange, which keeps OSCORE and Layer 0 payloads
-byte-identical end to end. Nothing is cached.
+byte-identical end to end. Unprotected GET and FETCH answers are cached (:mod:`.cache`);
+an unverified reader's small blocks (the 3x rule) are cut from a cached whole answer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..amplification import (
 from ..layer1.transport import Layer1Error
 from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
-from .cache import CacheLimits, ResponseCache, cached_answer
+from .cache import CacheLimits, ResponseCache, cached_answer, cut_block
 from .config import ProxyConfig
 from .http import HTTP_SCHEMES, HttpUpstream
 from .http import forward as http_forward
@@ -397,16 +398,24 @@ class ProxySite:
         cache = self.cache
         key = cache.key_for(request, d) if cache.enabled else None
         validating = None
+        whole = False  # whether the whole representation is fetched, and blocks cut here
         if key is not None:
             now = self.clock()
             found = cache.lookup(key, now)
+            block = request.opt.block2
+            if found.fresh is None and block is not None and block.size_exponent <= 6:
+                # A block of a whole representation held here is cut from it (RFC 7959 2.4).
+                # An unverified reader's first block is fetched that way too: the 3x rule
+                # serves it small blocks, which would otherwise each go upstream.
+                whole_key = cache.key_for(request, d, whole=True)
+                whole_found = cache.lookup(whole_key, now)
+                if whole_found.fresh is not None or (unverified and block.block_number == 0):
+                    key, found = whole_key, whole_found
+            whole = unverified and (block is None or (
+                block.block_number == 0 and block.size_exponent <= 6))
+            # (An unverified client gets the answer within 3x through its guarded pipe: the
+            # whole answer's first block, or a smaller one at the offset asked, cut there.)
             answer = cached_answer(found.fresh, request, now) if found.fresh else None
-            if answer is not None and unverified and self.guard is not None \
-                    and not self.guard.fits(request, answer):
-                # Too large for an unverified client: asked upstream in blocks that fit (a
-                # cut copy would send the client for the next blocks to an upstream that
-                # never cut this answer for it), and not stored under the whole answer's key.
-                answer, key = None, None
             if answer is not None:
                 self.metrics.cache.inc(result="hit")
                 entry["cache"] = "hit"
@@ -453,7 +462,7 @@ class ProxySite:
             miss = self._misses[key] = asyncio.get_running_loop().create_future()
         try:
             await self._exchange(pipe, request, d, entry, started, slot, key, validating,
-                                 fanout, unverified)
+                                 fanout, unverified, whole)
         finally:
             if miss is not None:
                 del self._misses[key]
@@ -466,17 +475,25 @@ class ProxySite:
     async def _exchange(
         self, pipe: Pipe, request: Message, d: Decision, entry: dict[str, Any], started: float,
         slot: _Slot, key: Hashable | None, validating: Any, fanout: Fanout | None,
-        unverified: bool = False,
+        unverified: bool = False, whole: bool = False,
     ) -> None:
-        """One upstream exchange (with its Observe registration when ``fanout`` is given)."""
+        """One upstream exchange (with its Observe registration when ``fanout`` is given).
+
+        ``whole`` (an unverified reader's cacheable GET or FETCH, ``key`` the whole
+        representation's): asked upstream without Block2, kept, and cut here, so that the
+        small blocks of every such reader come from one upstream answer.
+        """
         cache = self.cache
         wants_observe = request.opt.observe == 0
         observe = fanout is not None
         out = self._upstream_request(request, d, observe)
         if validating is not None:
             out.opt.etags = [validating.etag]
-        if unverified and self.guard is not None:
-            # The upstream cuts a GET's answer to the 3x rule itself, and serves the rest.
+        if whole and key is not None:
+            out.opt.block2 = None
+        elif unverified and self.guard is not None:
+            # Not cacheable, or a later block of an answer not held (the upstream cut it, or
+            # it expired): the upstream cuts a GET's answer to the 3x rule itself.
             asked = out.opt.block2
             self.guard.ask_small_blocks(request, out)
             if out.opt.block2 != asked:
@@ -581,6 +598,12 @@ class ProxySite:
                 self.metrics.cache.inc(result="miss")
                 entry["cache"] = "miss"
                 first = self._relay(response, d)
+                asked = request.opt.block2
+                if (whole and asked is not None and first.opt.block2 is None
+                        and first.code == codes.CONTENT):
+                    # The block the client asked for, of the whole answer fetched for it.
+                    first = cut_block(first.code, first.payload, first.opt.option_list(),
+                                      asked, size2=request.opt.size2 is not None)
         else:
             if cache.enabled:
                 cache.invalidate(request, response, d.uri)

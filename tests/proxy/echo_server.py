@@ -6,7 +6,8 @@ serves 3,000 bytes (block-wise), ``/obs`` is observable, ``/slow?S`` answers aft
 ``/critopt?S`` answers after S seconds with the unknown critical option 65001, a POST to
 ``.../create`` answers 2.01 with the Location-Path ``.../made``, ``/etag?MAXAGE`` has the ETag
 "e1" (2.03 to a request holding it), ``/count`` and ``/count0`` (Max-Age 0) answer a new number
-per GET, ``/obscount`` says how many Observe registrations ``/obs`` had,
+per GET, ``/obscount`` says how many Observe registrations ``/obs`` had, ``/doc`` is ``DOC``
+(300 bytes, ETag, Max-Age 60) and ``/docgets`` says how many GETs (each block one) it had,
 and every other path answers with a
 JSON report of the request as it arrived (method, path, query, every option in hex), which is
 how the tests see what the proxy forwarded.
@@ -28,6 +29,8 @@ from aiocoap.numbers import codes
 from aiocoap.optiontypes import OpaqueOption
 
 BIG = bytes(range(256)) * 11 + b"0123456789" * 18 + b"!" * 4  # 3,000 bytes, not text
+DOC = b"".join(b"line %02d of the document, for readers\n" % i for i in range(9))[:300]
+DOC_ETAG = b"doc-v1"
 
 
 class Origin(resource.ObservableResource):
@@ -38,6 +41,7 @@ class Origin(resource.ObservableResource):
         self.counter = 0
         self.gets = 0  # GETs of /count and /count0
         self.registrations = 0  # Observe registrations of /obs
+        self.doc_gets = 0  # GETs of /doc
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         path = list(request.opt.uri_path)
@@ -82,6 +86,13 @@ class Origin(resource.ObservableResource):
             if first == "count0":
                 counted.opt.max_age = 0
             return counted
+        if first == "doc":
+            self.doc_gets += 1
+            doc = aiocoap.Message(code=codes.CONTENT, payload=DOC, max_age=60)
+            doc.opt.etag = DOC_ETAG
+            return doc
+        if first == "docgets":
+            return aiocoap.Message(code=codes.CONTENT, payload=str(self.doc_gets).encode())
         if first == "obscount":
             return aiocoap.Message(code=codes.CONTENT, payload=str(self.registrations).encode())
         if first == "obs":

@@ -81,3 +81,37 @@ def test_not_stored_and_bounds() -> None:
     assert default is not None and default.max_age(0.0) == 60  # RFC 7252 default Max-Age
     dropped = cache.invalidate(req(code=POST), Message(code=codes.CHANGED), D.uri)
     assert dropped == 2 and len(cache) == 0 and cache.bytes_used == 0
+
+
+def test_blocks_are_cut_from_a_whole_answer_with_its_etag() -> None:
+    """RFC 7959 2.4: any block of a cached whole representation, found under the key without
+    Block2; a block an upstream cut stays an entry of its own, served as it is."""
+    cache = ResponseCache()
+    body = bytes(range(100))
+    whole_key = ResponseCache.key_for(req(), D)
+    first = req(block2=(0, False, 1))
+    assert ResponseCache.key_for(first, D) != whole_key  # each block an entry of its own
+    assert ResponseCache.key_for(first, D, whole=True) == whole_key
+    stored = cache.store(whole_key, answer(body, max_age=30, etag=b"t"), D.uri, now=0.0)
+    assert stored is not None and not stored.block
+    seen = b""
+    for number in range(4):
+        block = cached_answer(stored, req(block2=(number, False, 1)), 10.0)
+        b = block.opt.block2
+        assert (block.code, block.opt.etag, block.opt.max_age) == (codes.CONTENT, b"t", 20)
+        assert (b.block_number, b.size, b.more) == (number, 32, number < 3)
+        assert block.opt.size2 is None
+        seen += block.payload
+    assert seen == body
+    sized = cached_answer(stored, req(block2=(1, False, 2), size2=0), 10.0)
+    assert (sized.payload, sized.opt.size2, sized.opt.block2.more) == (body[64:], 100, False)
+    past = cached_answer(stored, req(block2=(2, False, 2)), 10.0)
+    assert past.code == codes.BAD_REQUEST
+    assert cached_answer(stored, req(block2=(0, False, 1), etags=[b"t"]), 10.0).code == (
+        codes.VALID)
+    assert cached_answer(stored, req(), 10.0).opt.block2 is None  # no Block2 asked: whole
+    cut = cache.store(ResponseCache.key_for(first, D),
+                      answer(body[:32], block2=(0, True, 1)), D.uri, now=0.0)
+    assert cut is not None and cut.block
+    again = cached_answer(cut, req(block2=(0, False, 0)), 10.0)  # as the upstream cut it
+    assert again.payload == body[:32] and again.opt.block2.size == 32
