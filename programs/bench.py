@@ -8,7 +8,8 @@ Phases, in order (each bounded in time, every process ended however the run ends
 3. throughput and latency, 1 and 50 concurrent clients per mode, in interleaved rounds so
    that every ratio compares figures taken close together (:mod:`.load`); then how well each
    proxy shields the device: upstream requests per downstream request for 50 clients reading
-   and observing one resource, and cache-hit throughput (:mod:`.shield`);
+   and observing one resource, and cache-hit throughput (:mod:`.shield`; ``--shield`` runs
+   the rig and this phase alone);
 4. full certificate and raw-public-key handshakes against coap-server over the wire: from
    the product's client (:mod:`.handshake`) and, to keep the server busy, from a lean load
    generator (:mod:`.hsload`);
@@ -56,6 +57,7 @@ examples:
   coap-bench --costs                                  # the code's shortcuts, per call
   coap-bench --http --json http.json                  # the CoAP-to-HTTP topology alone
   coap-bench --rtt                                    # round trips to the first answer alone
+  coap-bench --shield                                 # the proxy's cache and aggregation alone
   coap-bench --loss 20                                # one-shot latency at 20% loss, 20 runs
   coap-bench --scaling --json scaling.json            # workers, router, libcoap's proxy
 
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtt", action="store_true",
                    help="only the rig and the round trips to the first protected answer, cold"
                    " and warm, per mode")
+    p.add_argument("--shield", action="store_true",
+                   help="only the rig and the proxy-shield phase: upstream requests per"
+                   " downstream request for clients reading and observing one resource through"
+                   " coap-proxy and aiocoap-proxy, and cache-hit throughput")
     p.add_argument("--loss", type=int, metavar="RUNS",
                    help="only the rig and one-shot latency at 20%% loss each way on hop 1: RUNS"
                    " client runs per mode, cold and warm (a few minutes)")
@@ -270,6 +276,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.loss:
             _say(f"one-shot latency at 20% loss each way on hop 1, {args.loss} runs per point")
             results["loss"] = await rtt.measure_loss(ep, workdir, loss=0.2, runs=args.loss)
+            results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+            results["targets"] = report.evaluate(results)
+            return results
+        if args.shield:
+            _say("proxy shield: reads and observations of one resource through each proxy")
+            results["shield"] = await shield.measure(
+                {"coap-proxy": ep.proxy_coap, "aiocoap-proxy": ep.aio_proxy}, ep.aio_server,
+                ep.pids, clients=args.clients, duration=duration)
             results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
             results["targets"] = report.evaluate(results)
             return results
