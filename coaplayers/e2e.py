@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import aiocoap
 from aiocoap import interfaces
+from aiocoap.numbers.codes import Code
 
 from . import dtls
 from .replica import REPLICA_PATH
@@ -107,7 +108,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     from .layer0.server import Layer0Site
     from .oscore import ContextStore, OscoreSite
     from .oscore.errors import PersistenceError
-    from .oscore.mode import KEYING_PATH, KeyingResource
+    from .oscore.mode import KEYING_ALPN, KEYING_PATH, KeyingResource
 
     try:
         store = ContextStore(state_dir=options.oscore_state, replica=options.replica,
@@ -123,10 +124,13 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     # Whether anything needs protection is RequireEndToEnd's call (it accepts OSCORE too), so
     # the tunnel's own policy protects nothing by itself.
     policy = Policy.build(protected=())
-    return Layer0Site(
+    layer0 = Layer0Site(
         inner, credentials if len(credentials) > 1 else credentials[0], policy=policy,
         eager=eager, replica=options.replica, worker=options.worker,
     )
+    # A handshake that agrees on KEYING_ALPN keys OSCORE with its last flight.
+    layer0.fold(KEYING_ALPN, aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH))
+    return layer0
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,8 @@ class OpenSslSession(DtlsSession):
         connection.set_ciphertext_mtu(self.config.mtu)
         self._rejected: list[AuthenticationFailed] = []
         self._peer_leaf: list[x509.Certificate] = []  # what the peer presented, even if refused
+        self.alpn: bytes | None = None
+        """The ALPN protocol both ends agreed on in the handshake (RFC 7301), or ``None``."""
         # The server name and the local policy are checked inside OpenSSL's verification
         # rather than after the handshake, so that OpenSSL sends the peer a fatal alert:
         # otherwise the peer would consider the session established and keep it until it
@@ -175,9 +177,14 @@ class OpenSslSession(DtlsSession):
         config: DtlsConfig | None = None,
         *,
         resume: SSL.Session | None = None,
+        alpn: bytes | None = None,
     ) -> OpenSslSession:
+        """``alpn``: one ALPN protocol to offer (RFC 7301); the server's choice is ``alpn``
+        on the established session."""
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
+        if alpn:
+            conn.set_alpn_protos([alpn])
         if credentials.server_name and not _is_ip(credentials.server_name):
             conn.set_tlsext_host_name(credentials.server_name.encode())
         if resume is not None:
@@ -358,6 +365,7 @@ class OpenSslSession(DtlsSession):
         self._pump()
         identity = self._verify_peer(conn)
         cipher = conn.get_cipher_name() or "unknown"
+        self.alpn = conn.get_alpn_proto_negotiated() or None  # before the SSL object goes
         self._established(identity, cipher, _openssl.session_reused(conn))
         if self._issued is not None and self._session_id:
             self._issued.pop(self._session_id, None)
@@ -495,6 +503,8 @@ class OpenSslListener:
     def _setup(self, context: SSL.Context, config: DtlsConfig | None) -> None:
         self.config = config or DtlsConfig()
         self.context = context
+        self.alpn: frozenset[bytes] = frozenset()
+        """ALPN protocols (RFC 7301) this listener agrees to: the first a client offers."""
         self._secret = os.urandom(32)
         # IDs of sessions established here, most recent last: only an offer of one of these
         # is tried without a cookie, so that other offers cost no more than the cookie check.
@@ -503,7 +513,14 @@ class OpenSslListener:
         self.context.set_cookie_verify_callback(
             lambda _conn, cookie: hmac.compare_digest(cookie, self._cookie(_conn))
         )
+        self.context.set_alpn_select_callback(self._choose_alpn)
         self._listening = self._new_listener()
+
+    def _choose_alpn(self, _conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        for proto in offered:
+            if proto in self.alpn:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # go on without ALPN, as without the offer
 
     def _cookie(self, conn: SSL.Connection) -> bytes:
         msg = repr(conn.get_app_data()).encode()
@@ -671,11 +688,14 @@ class OpenSslPskClientSession(OpenSslSession):
     @classmethod
     def psk_client(
         cls, context: SSL.Context, credentials: PskClientCredentials,
-        config: DtlsConfig | None = None,
+        config: DtlsConfig | None = None, *, alpn: bytes | None = None,
     ) -> OpenSslPskClientSession:
-        """A session from a context of :func:`build_psk_context` (``server=False``)."""
+        """A session from a context of :func:`build_psk_context` (``server=False``); ``alpn``
+        as in :meth:`OpenSslSession.client`."""
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
+        if alpn:
+            conn.set_alpn_protos([alpn])
         return cls(conn, credentials, config=config)
 
     def _offer(self, _hint: bytes | None) -> tuple[bytes, bytes]:

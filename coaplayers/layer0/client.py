@@ -332,6 +332,14 @@ class Layer0Channel:
         self.last_handshake: HandshakeComplete | None = None
         self.on_handshake: list[Callable[[Layer0Channel, HandshakeComplete], None]] = []
         """Called after every completed handshake: the OSCORE mode's hook (see exporter)."""
+        self.alpn: bytes | None = None
+        """An ALPN protocol (RFC 7301) to offer in the next handshakes (OpenSSL backends). A
+        server that agrees answers the request it stands for with its last flight and ends the
+        session (Layer0Site.fold): the OSCORE mode's keying (docs/OSCORE-KEYING.md 9.1)."""
+        self.folded: Message | None = None
+        """That answer (the server's inner message with the empty token), from the last
+        handshake; ``None`` if it carried none."""
+        self._early: list[bytes] = []  # application data that came with the server's Finished
 
     # ------------------------------------------------------------------ public API
 
@@ -353,9 +361,16 @@ class Layer0Channel:
         final, self._final_flight = self._final_flight, b""
         if final:
             try:
-                await self._post(Code.POST, self._path, final)
+                resp = await self._post(Code.POST, self._path, final)
             except OuterError:
-                pass  # the next request repeats it (the server answers a repeat alike)
+                return  # the next request repeats it (the server answers a repeat alike)
+            if resp.code == Code.CHANGED:  # a folded answer (see alpn) rides it
+                self._receive(bytes(resp.payload), self._generation)
+
+    @property
+    def agreed_alpn(self) -> bytes | None:
+        """The ALPN protocol the current session's handshake agreed on (see :attr:`alpn`)."""
+        return getattr(self._session, "alpn", None)
 
     @property
     def established(self) -> bool:
@@ -475,7 +490,7 @@ class Layer0Channel:
         if isinstance(self._credentials, PskClientCredentials):
             if self._ssl_context is not None:
                 return OpenSslPskClientSession.psk_client(
-                    self._ssl_context, self._credentials, config)
+                    self._ssl_context, self._credentials, config, alpn=self.alpn)
             return TinyDtlsSession.client(self._credentials, config)
         if isinstance(self._credentials, RawPublicKeyCredentials):
             return GnuTlsSession.client(self._rpk_context, config)
@@ -485,6 +500,7 @@ class Layer0Channel:
             self._credentials,
             config,
             resume=self._tickets.get(self.origin),
+            alpn=self.alpn,
         )
 
     async def _ensure(self) -> int:
@@ -496,6 +512,7 @@ class Layer0Channel:
             if self._session is not None and self._session.is_established:
                 return self._generation
             self._outer_answers = 0
+            self.folded, self._early = None, []
             try:
                 session, path, event = await self._handshake_bounded()
             except (NoAnswer, asyncio.CancelledError):
@@ -513,6 +530,9 @@ class Layer0Channel:
             if isinstance(session, OpenSslSession) and session.resumption_state is not None:
                 self._tickets.put(self.origin, session.resumption_state)
             log.info("Layer 0 session established (resumed=%s)", event.resumed)
+            early, self._early = self._early, []
+            for data in early:  # the server's answers that rode its last flight
+                self._route(data)
             for callback in list(self.on_handshake):
                 callback(self, event)
             return self._generation
@@ -550,6 +570,7 @@ class Layer0Channel:
 
     async def _handshake_once(self) -> tuple[DtlsSession, tuple[str, ...], HandshakeComplete]:
         dtls = self._new_engine()
+        self._early = []
         try:
             return await self._drive_handshake(dtls)
         except BaseException:
@@ -637,6 +658,8 @@ class Layer0Channel:
             while (event := dtls.next_event()) is not None:
                 if isinstance(event, HandshakeComplete):
                     done = event
+                elif isinstance(event, ApplicationData) and done is not None:
+                    self._early.append(event.data)  # routed once the session is ours
                 elif isinstance(event, ConnectionClosed):
                     await self._send_alert(dtls, path, tag)
                     raise HandshakeFailed(f"Layer 0 handshake failed: {event.error}") from (
@@ -776,7 +799,9 @@ class Layer0Channel:
             log.warning("dropping an inner message the server sent: %s", exc)
             return False
         future = self._pending.get(msg.token)
-        if future is not None and not future.done():
+        if not msg.token and future is None:
+            self.folded = msg.message  # the answer to the request our ALPN offer stood for
+        elif future is not None and not future.done():
             future.set_result(msg.message)
         elif msg.token in self._observations:
             self._observations[msg.token]._push(msg.message)

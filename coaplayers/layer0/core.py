@@ -190,6 +190,9 @@ class TunnelSession:
     hs_last_out: list[bytes] = field(default_factory=list)
     observations: dict[bytes, Callable[[], None]] = field(default_factory=dict)
     dropped: int = 0
+    one_shot: bool = False
+    """The handshake agreed on a folded request (:attr:`TunnelCore.folded`): the session ends
+    once that request is answered."""
 
     @property
     def established(self) -> bool:
@@ -257,6 +260,12 @@ class TunnelCore:
         self.stats = CoreStats()
         self.on_close: Callable[[TunnelSession], None] | None = None
         self.on_established: Callable[[Layer0Peer], None] | None = None
+        #: ALPN protocol -> the inner request (plaintext, empty token) that a handshake which
+        #: agreed on it stands for: it is handed to the shell with the client's last flight, as
+        #: if it had travelled there, so its answer rides the server's Finished; the session
+        #: then ends (:attr:`TunnelSession.one_shot`). The ALPN choice is part of the
+        #: handshake's transcript, so no middle box can add or remove the request.
+        self.folded: dict[bytes, bytes] = {}
 
     # ------------------------------------------------------------------ entry resource
 
@@ -453,6 +462,14 @@ class TunnelCore:
         if self.on_close is not None:
             self.on_close(s)
 
+    def answered(self, sid: str) -> None:
+        """The shell sealed the answers to a request's inner messages: a one-shot session
+        (a folded request's, :attr:`folded`) ends here, unannounced (its client expects that)."""
+        s = self.sessions.get(sid)
+        if s is not None and s.one_shot:
+            log.debug("session %s: folded request answered, session ends", sid)
+            self.remove(sid)
+
     def close_all(self) -> None:
         for sid in list(self.sessions):
             self.remove(sid)
@@ -513,6 +530,11 @@ class TunnelCore:
                 closed, error = True, event.error
         if closed:
             return self._ended(sid, error, out), []
+        if not was_established and s.established:
+            folded = self.folded.get(getattr(s.dtls, "alpn", None) or b"")
+            if folded is not None:  # the request the agreed ALPN protocol stands for
+                plaintexts.insert(0, folded)
+                s.one_shot = True
         if was_established:  # the client repeats its final flight: ours was lost
             for extra in out[1:]:
                 self.enqueue(sid, extra)

@@ -225,6 +225,19 @@ class Layer0Site(interfaces.Resource):
     async def render(self, request: Message) -> Message:
         raise error.NotFound()
 
+    def fold(self, alpn: bytes, request: Message) -> None:
+        """Answer ``request`` (an inner request; its token is replaced by the empty one) with
+        the server's last handshake flight whenever a full or resumed handshake agrees on the
+        ALPN protocol ``alpn``, and end the session then (:attr:`TunnelCore.folded`). The OSCORE
+        mode folds its keying request this way (docs/OSCORE-KEYING.md 9.1). OpenSSL backends
+        only: a raw-public-key (GnuTLS) handshake never agrees on it, and its client asks
+        explicitly."""
+        self.core.folded[alpn] = inner.encode(b"", request)
+        protocols = frozenset(self.core.folded)
+        for listener in getattr(self.core.listener, "listeners", [self.core.listener]):
+            if isinstance(listener, OpenSslListener):
+                listener.alpn = protocols
+
     def close(self) -> None:
         """Drop every session (ending their observations) and stop the idle sweeper."""
         if self._sweeper is not None:
@@ -352,6 +365,7 @@ class Layer0Site(interfaces.Resource):
         packed = records.pack_datagrams(recs, MAX_DATAGRAM)
         for extra in packed[1:]:
             self.core.enqueue(sid, extra)
+        self.core.answered(sid)
         return _outer(Answer(answer.code, packed[0] if packed else b""))
 
     def _pull_now(self, sid: str) -> Answer | None:

@@ -41,6 +41,11 @@ log = logging.getLogger("coaplayers.oscore.mode")
 
 KEYING_PATH = (".well-known", "atls-oscore")
 """Inner path of the keying exchange; only reachable inside a Layer 0 session."""
+KEYING_ALPN = b"atls-oscore"
+"""ALPN protocol (RFC 7301) of a Layer 0 handshake made only to key OSCORE: agreeing on it
+stands for the keying request (``POST`` :data:`KEYING_PATH`, empty token) sent with the client's
+last flight; the server answers it with its own and ends the session (docs/OSCORE-KEYING.md
+9.1). It is in the handshake's transcript, which both Finished messages authenticate."""
 PARAMETERS_CONTENT_FORMAT = 65001
 """``application/vnd.coaplayers.oscore-params+cbor`` (experimental range)."""
 ALREADY_PROCESSED = b"request already processed"
@@ -188,11 +193,27 @@ class OscoreRequester:
 
     async def _key_locked(self, prior: tuple[bytes, bytes] | None = None) -> None:
         channel = self._new_channel()
+        # The keying request is folded into the handshake (KEYING_ALPN), unless it must carry
+        # prior=, which only an explicit request can.
+        if prior is None:
+            channel.alpn = KEYING_ALPN
+        ended = False  # the server ended the session after its folded answer
         try:
-            msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
-            if prior is not None:
-                msg.opt.uri_query = [f"{PRIOR_QUERY}{prior[0].hex()}.{prior[1].hex()}"]
-            response = await channel.request(msg).response
+            response = None
+            if prior is None:
+                await channel.connect()
+                response = channel.folded
+                ended = channel.agreed_alpn == KEYING_ALPN
+                if ended and response is None:
+                    raise ParameterError(
+                        "the server keyed with its last handshake flight, but its answer was"
+                        " not in it (removed in transit); nothing was keyed here"
+                    )
+            if response is None:  # a server (or backend) that does not fold: ask
+                msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
+                if prior is not None:
+                    msg.opt.uri_query = [f"{PRIOR_QUERY}{prior[0].hex()}.{prior[1].hex()}"]
+                response = await channel.request(msg).response
             if (response.code == Code.CONFLICT and prior is not None
                     and response.payload == ALREADY_PROCESSED):
                 raise AlreadyProcessed(
@@ -215,6 +236,8 @@ class OscoreRequester:
             )
             self.last_handshake = channel.last_handshake
         finally:
+            if ended:  # nothing to close: the server has ended it
+                channel.forget_session()
             # The session is no longer needed: close it (close_notify) right away, beside the
             # first request rather than before it (a round trip saved; docs/OSCORE-KEYING.md 2).
             self._closing_channel(channel)
