@@ -155,8 +155,8 @@ async def phase_wire(ep: Endpoints, workdir: Path, requests: int, modes: list[st
         }
 
     pairs = {"l1": "plain", "l0psk": "plain", "l0cert": "plain", "l0rpk": "plain",
-             "oscore": "plain", "l0psk_l1": "l1", "l0cert_l1": "l1", "l0rpk_l1": "l1",
-             "oscore_l1": "l1", "aio_oscore": "aio_plain"}
+             "oscore": "plain", "oscore_psk": "plain", "l0psk_l1": "l1", "l0cert_l1": "l1",
+             "l0rpk_l1": "l1", "oscore_l1": "l1", "aio_oscore": "aio_plain"}
     out["overhead"] = {m: d for m, b in pairs.items() if (d := diff(m, b)) is not None}
     out["stock_aiocoap_oscore_via_aiocoap_proxy"] = await probe_stock_oscore(
         ep, workdir / "stock-oscore-client")

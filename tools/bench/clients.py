@@ -79,6 +79,7 @@ WIRE_ONLY: dict[str, Mode] = {m.key: m for m in (
     Mode("l0cert", "Layer 0 DTLS (certificates), plain hops", "none", "Layer 0 cert"),
     Mode("l0rpk", "Layer 0 DTLS (raw public keys), plain hops", "none", "Layer 0 RPK"),
     Mode("oscore", "OSCORE mode, plain hops", "none", "OSCORE"),
+    Mode("oscore_psk", "OSCORE mode keyed by PSK, plain hops", "none", "OSCORE"),
 )}
 
 
@@ -164,7 +165,7 @@ async def open_client(
         attach(ctx, contexts)
         return BenchClient(_Ctx(ctx), ProxyForwarder(proxy or ep.aio_proxy, ctx),
                            f"{target_origin}/echo")
-    plain_hops = mode in ("plain", "l0psk", "l0cert", "l0rpk", "oscore")
+    plain_hops = mode in ("plain", "l0psk", "l0cert", "l0rpk", "oscore", "oscore_psk")
     ctx = await layer1.create_context(client_credentials=hop_credentials(ep.creds))
     proxy_uri = proxy or (ep.proxy_coap if plain_hops else ep.proxy_coaps)
     target_origin = origin or (ep.server_coap if plain_hops else ep.server_coaps)
@@ -179,6 +180,8 @@ async def open_client(
         e2e = E2EClientOptions("dtls", raw_public_key=_e2e_rpk(ep.creds))
     elif mode in ("oscore_l1", "oscore"):
         e2e = E2EClientOptions("oscore", certificate=_e2e_cert(ep.creds))
+    elif mode == "oscore_psk":
+        e2e = E2EClientOptions("oscore", psk=_e2e_psk(ep.creds))
     else:
         raise ValueError(f"unknown mode {mode!r}")
     target = f"{target_origin}/echo"
