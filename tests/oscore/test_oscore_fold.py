@@ -20,6 +20,7 @@ import aiocoap
 import aiocoap.resource as resource
 import pytest
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import dtls, pki
 from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore, records
@@ -38,10 +39,17 @@ from coaplayers.oscore.mode import (
 )
 from coaplayers.oscore.params import OscoreParameters
 from tests.conftest import free_udp_port
-from tests.faults.conftest import FastTuning
 from tests.faults.evilproxy import EvilProxy, Send
 
 T = 15.0
+
+
+class FastTuning(TransportTuning):
+    """Short outer CoAP timers: a dropped exchange is repeated within the test's bounds."""
+
+    ACK_TIMEOUT = 0.5
+    MAX_RETRANSMIT = 4
+
 PSK = PskClientCredentials(b"device-1", b"fold-test-key-16")
 
 
