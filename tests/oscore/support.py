@@ -15,6 +15,8 @@ from pathlib import Path
 import aiocoap
 from aiocoap import resource
 
+from coaplayers import pki
+from coaplayers.dtls import CertificateCredentials
 from coaplayers.oscore import ContextStore, OscoreSite, SecurityContext, peer_of
 
 from ..conftest import free_udp_port
@@ -22,6 +24,19 @@ from ..conftest import free_udp_port
 VENV_BIN = Path(sys.executable).parent
 SECRET = bytes(range(1, 17))
 SALT = bytes.fromhex("9e7ca92223786340")
+
+
+def certificate_pair(ca_name: str) -> dict[str, CertificateCredentials]:
+    """Layer 0 certificates of a server ``origin.test`` and a client ``device-1`` under one
+    new CA (the client checks the server's name)."""
+    ca = pki.make_ca(ca_name)
+    srv = pki.issue(ca, "origin.test", names=["origin.test"])
+    cli = pki.issue(ca, "device-1")
+    return {
+        "server": CertificateCredentials([srv.certificate], srv.private_key, [ca.certificate]),
+        "client": CertificateCredentials([cli.certificate], cli.private_key, [ca.certificate],
+                                         server_name="origin.test"),
+    }
 
 
 def static_pair(

@@ -22,7 +22,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
-from coaplayers import dtls, pki
+from coaplayers import dtls
 from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore, records
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0 import ChannelConfig, Layer0Channel, Layer0Site
@@ -40,6 +40,7 @@ from coaplayers.oscore.mode import (
 from coaplayers.oscore.params import OscoreParameters
 from tests.conftest import free_udp_port
 from tests.faults.evilproxy import EvilProxy, Send
+from tests.oscore.support import certificate_pair
 
 T = 15.0
 
@@ -55,14 +56,7 @@ PSK = PskClientCredentials(b"device-1", b"fold-test-key-16")
 
 @pytest.fixture(scope="module")
 def creds() -> dict[str, CertificateCredentials]:
-    ca = pki.make_ca("fold CA")
-    srv = pki.issue(ca, "origin.test", names=["origin.test"])
-    cli = pki.issue(ca, "device-1")
-    return {
-        "server": CertificateCredentials([srv.certificate], srv.private_key, [ca.certificate]),
-        "client": CertificateCredentials([cli.certificate], cli.private_key, [ca.certificate],
-                                         server_name="origin.test"),
-    }
+    return certificate_pair("fold CA")
 
 
 class Echo(resource.Resource):

@@ -17,7 +17,6 @@ import aiocoap.resource as resource
 import pytest
 from aiocoap.numbers.codes import Code
 
-from coaplayers import pki
 from coaplayers.dtls import CertificateCredentials, TicketStore, build_context
 from coaplayers.layer0 import Layer0Channel, Layer0Site, Policy
 from coaplayers.oscore import ContextStore
@@ -30,20 +29,14 @@ from coaplayers.oscore.mode import (
 )
 from coaplayers.oscore.params import OscoreParameters
 from tests.conftest import free_udp_port
+from tests.oscore.support import certificate_pair
 
 T = 15.0
 
 
 @pytest.fixture(scope="module")
 def creds() -> dict[str, CertificateCredentials]:
-    ca = pki.make_ca("keying-once CA")
-    srv = pki.issue(ca, "origin.test", names=["origin.test"])
-    cli = pki.issue(ca, "device-1")
-    return {
-        "server": CertificateCredentials([srv.certificate], srv.private_key, [ca.certificate]),
-        "client": CertificateCredentials([cli.certificate], cli.private_key, [ca.certificate],
-                                         server_name="origin.test"),
-    }
+    return certificate_pair("keying-once CA")
 
 
 @pytest.fixture
