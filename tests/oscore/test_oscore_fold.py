@@ -370,3 +370,24 @@ async def test_explicit_keying_still_served(origin: Origin, client: aiocoap.Cont
     OscoreParameters.from_cbor(answer.payload)
     assert len(origin.store) == 1
     await channel.close()
+
+
+async def test_a_server_that_does_not_fold_is_asked_explicitly(
+    origin: Origin, client: aiocoap.Context
+) -> None:
+    """Against a server that does not agree on the protocol (one without the fold, as before
+    it), the client's offer changes nothing: it keys with the explicit request and closes."""
+    assert origin.layer0 is not None
+    origin.layer0.core.folded.clear()
+    for listener in origin.layer0.core.listener.listeners:  # type: ignore[attr-defined]
+        listener.alpn = frozenset()
+    r = requester(origin, client)
+    answer = await post(r, origin, b"old server")
+    assert answer.payload == b"echo old server" and r.keyings == 1
+    sent = exchanges(origin)
+    keying = [m for m in sent if m.opt.oscore is None and m.code == Code.POST
+              and m.opt.uri_path not in ((".well-known", "atls"),)]
+    # cookie exchange, ClientHello, last flight, keying request; the request; the DELETE.
+    assert len(sent) == 6 and len(keying) == 2, [(m.code, m.opt.uri_path) for m in sent]
+    await r.close()
+    assert any(m.code == Code.DELETE for m in exchanges(origin))

@@ -7,8 +7,8 @@ so the proxy forwards to relay 2. Sizes are UDP payloads (add 28 bytes of IPv4 +
 per datagram for the IP packet size). Handshakes and warm-up requests happen before the
 measured window, which is cut out of the capture by line counts.
 
-For the Layer 0 and OSCORE modes the end-to-end handshake (or the OSCORE keying: Layer 0
-certificate handshake, keying exchange and the session's close) is recorded on its own, and on
+For the Layer 0 and OSCORE modes the end-to-end handshake (or the OSCORE keying: the Layer 0
+handshake whose last two flights carry it, docs/OSCORE-KEYING.md 9.1) is recorded on its own, and on
 plain hops its datagrams are decoded as CoAP to separate CoAP from DTLS bytes.
 """
 
