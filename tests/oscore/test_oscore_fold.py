@@ -262,6 +262,33 @@ async def test_folded_answer_removed_or_altered_keys_nothing_on_the_client(
     await r.close()
 
 
+async def test_dropped_folded_answer_is_repeated_and_keys_once(
+    origin: Origin, client: aiocoap.Context
+) -> None:
+    """The answer to the last flight lost once: CoAP repeats the flight with its message ID,
+    and the server's message layer repeats its answer from its deduplication cache (the
+    session has ended; it is not processed again): one context, one handshake."""
+    dropped: list[int] = []
+
+    def drop_once(msg: aiocoap.Message, _client: Any) -> list[Send] | None:
+        if is_folded_answer(msg) and not dropped:
+            dropped.append(msg.mid)
+            return []
+        return None
+
+    origin.evil.down = drop_once
+    r = requester(origin, client)
+    answer = await post(r, origin, b"lossy")
+    origin.evil.down = None
+    assert answer.payload == b"echo lossy" and dropped
+    assert len(origin.store) == 1 and r.keyings == 1
+    assert origin.layer0 is not None and origin.layer0.core.stats.handshakes == 1
+    finals = [s.message for s in origin.evil.seen
+              if s.direction == "up" and s.message.mid == dropped[0]]
+    assert len(finals) == 2  # the flight, and CoAP's repeat of it
+    await r.close()
+
+
 async def test_replayed_keying_flight_keys_nothing_and_runs_nothing(
     origin: Origin, client: aiocoap.Context
 ) -> None:
