@@ -75,7 +75,22 @@ class AmplificationLimits:
 def wire_size(message: Message, token_length: int) -> int:
     """The datagram size of ``message`` with a token of ``token_length`` bytes."""
     payload = len(message.payload)
-    return 4 + token_length + len(message.opt.encode()) + (1 + payload if payload else 0)
+    return 4 + token_length + options_size(message.opt) + (1 + payload if payload else 0)
+
+
+def options_size(options: Any) -> int:
+    """``len(options.encode())`` without building the bytes (RFC 7252 3.1): it is asked for
+    every request from an address not yet verified."""
+    size = 0
+    last = 0
+    for option in options.option_list():
+        number = option.number
+        length = len(option.encode())
+        delta = number - last
+        size += (1 + length + (0 if delta < 13 else 1 if delta < 269 else 2)
+                 + (0 if length < 13 else 1 if length < 269 else 2))
+        last = number
+    return size
 
 
 class AmplificationGuard:

@@ -138,9 +138,20 @@ class AllowList:
         self.opens_everything = any(r.everything for r in self.rules)
         self._local_address = local_address
         self._verdicts: dict[tuple[IPAddress, int], bool] = {}
+        self._targets: dict[tuple[str, int], Verdict] = {}  # (host, port) -> check_target
 
     def check_target(self, host: str, port: int) -> Verdict:
         """The verdict for a forward-proxy target before its name is resolved."""
+        key = (host, port)
+        verdict = self._targets.get(key)
+        if verdict is None:
+            verdict = self._check_target(host, port)
+            if len(self._targets) >= 4096:  # targets come from the network: bounded
+                self._targets.clear()
+            self._targets[key] = verdict
+        return verdict
+
+    def _check_target(self, host: str, port: int) -> Verdict:
         ip = _address(host)
         if ip is not None:
             return Verdict.ALLOWED if self.address_allowed(ip, port) else Verdict.REFUSED

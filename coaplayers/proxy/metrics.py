@@ -30,20 +30,34 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+_CHILDREN_LIMIT = 1024  # label combinations remembered per metric (then it starts over)
+
+
 class _Wrapped:
     def __init__(self, metric: Any, labelnames: Sequence[str]) -> None:
         self.metric = metric
         self.name = metric._name
         self.labelnames = tuple(labelnames)
+        # Label values -> child: prometheus_client's ``labels()`` checks and formats its
+        # arguments on every call, several times per request on the proxy's path.
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, labels: dict[str, str]) -> Any:
         if not self.labelnames:
             if labels:
                 raise ValueError(f"{self.name}: no labels, got {sorted(labels)}")
             return self.metric
+        key = tuple(labels.items())
+        child = self._children.get(key)
+        if child is not None:
+            return child
         if set(labels) != set(self.labelnames):
             raise ValueError(f"{self.name}: labels must be {self.labelnames}, got {sorted(labels)}")
-        return self.metric.labels(**{k: str(v) for k, v in labels.items()})
+        child = self.metric.labels(**{k: str(v) for k, v in labels.items()})
+        if len(self._children) >= _CHILDREN_LIMIT:
+            self._children.clear()
+        self._children[key] = child
+        return child
 
     def _samples(self, suffix: str = "") -> dict[tuple[tuple[str, str], ...], float]:
         out: dict[tuple[tuple[str, str], ...], float] = {}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from aiocoap import Message
 
+from .._aiocoap import remember_local_multicast
 from .accesslog import AccessLog
 from .config import ProxyConfig
 from .metrics import MetricsRegistry, MetricsServer
@@ -45,6 +46,7 @@ class ProxyNode:
 
     async def start(self) -> list[str]:
         """Bind everything; returns the listen URIs with real ports (port 0 resolved)."""
+        remember_local_multicast()  # one ipaddress parse per answer less (as coap-server)
         self.context = await build_context(self.config, self.site, self.metrics)
         try:
             for scheme, host, port in self.context.bound:

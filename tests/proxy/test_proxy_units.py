@@ -195,6 +195,11 @@ def test_prometheus_text() -> None:
     assert 'lat_seconds_bucket{le="+Inf"} 4.0' in text and "lat_seconds_sum 3.15" in text
     assert "lat_seconds_count 4.0" in text and "\ng 7.0\n" in text
     assert c.get(kind='a"b') == 1
+    c.inc(kind='a"b')  # the remembered child
+    c.inc(2, kind="x")
+    assert c.get(kind='a"b') == 2 and c.get(kind="x") == 2
+    with pytest.raises(ValueError):
+        c.inc(other='a"b')  # the same value under another label is still refused
 
 
 def test_layer1_raw_public_key_settings(tmp_path: Path) -> None:

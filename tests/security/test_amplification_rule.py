@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 from aiocoap import CHANGED, CONTENT, GET, NOT_FOUND, POST, UNAUTHORIZED, Message
-from aiocoap.optiontypes import BlockOption
+from aiocoap.optiontypes import BlockOption, OpaqueOption
 
 from coaplayers.amplification import (
     ECHO_LENGTH,
     AmplificationGuard,
     AmplificationLimits,
+    options_size,
     wire_size,
 )
 
@@ -151,3 +152,17 @@ def test_a_get_asks_for_blocks_that_fit_before_it_is_answered() -> None:
     post = request(POST, b"x")
     guard.ask_small_blocks(post)
     assert post.opt.block2 is None
+
+
+def test_options_size_is_the_encoded_length() -> None:
+    """The size is computed without encoding; it must match the encoding byte for byte
+    (option deltas and lengths at the 13 and 269 boundaries, repeated and empty options)."""
+    for length in (0, 1, 12, 13, 14, 268, 269, 270, 600):
+        for number in (1, 12, 13, 14, 268, 269, 270, 2049, 65000):
+            m = request(GET, b"x", uri_port=5683, observe=0)
+            m.opt.add_option(OpaqueOption(number, b"v" * length))
+            m.opt.add_option(OpaqueOption(number, b""))
+            assert options_size(m.opt) == len(m.opt.encode()), (number, length)
+    m = request(POST, b"p" * 40, proxy_scheme="coap", uri_host="127.0.0.1", uri_port=40000)
+    m.mtype, m.mid = 0, 1
+    assert wire_size(m, len(m.token)) == len(m.encode())
