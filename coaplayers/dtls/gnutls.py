@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import records
 from .alerts import AlertDescription, AlertLevel
+from .cookieless import CookieBudget, budget
 from .credentials import RawPublicKeyCredentials, spki_fingerprint
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, alert_error
 from .recordlayer import RecordLayer
@@ -649,13 +650,15 @@ class GnuTlsListener:
 
     The cookie is GnuTLS's: an HMAC, under a per-listener secret, of the ClientHello's
     parameters and of ``peer_key`` (so a cookie earned from one address opens nothing from
-    another).
+    another). While ``without_cookie`` has room (:mod:`.cookieless`; 0, the default: never),
+    a ClientHello without a cookie is answered at once instead.
     """
 
-    def __init__(self, credentials: RawPublicKeyCredentials, config: DtlsConfig | None = None
-                 ) -> None:
+    def __init__(self, credentials: RawPublicKeyCredentials, config: DtlsConfig | None = None,
+                 *, without_cookie: int | CookieBudget = 0) -> None:
         self.credentials = credentials
         self.config = config or DtlsConfig()
+        self.budget = budget(without_cookie)
         self.context = RawPublicKeyContext(credentials, server=True)
         self._secret = _ffi.new("unsigned char[]", os.urandom(16))  # GNUTLS_COOKIE_KEY_SIZE
         self._key = _ffi.new("gnutls_datum_t *", [self._secret, 16])
@@ -673,7 +676,8 @@ class GnuTlsListener:
         rc = lib.gnutls_dtls_cookie_verify(
             self._key, client, len(client), first, len(first), prestate
         )
-        if rc < 0:
+        at_once = rc < 0 and not records.has_cookie(first) and self.budget.has_room()
+        if rc < 0 and not at_once:
             collector = _Collector()
             handle = _ffi.new_handle(collector)
             rc = lib.gnutls_dtls_cookie_send(self._key, client, len(client), prestate, handle,
@@ -683,7 +687,7 @@ class GnuTlsListener:
             hvr = [r for chunk in collector.out for r in records.split_records(chunk)]
             return records.pack_datagrams(hvr, self.config.mtu), None
         session = GnuTlsSession(self.context, is_client=False, config=self.config,
-                                prestate=prestate)
+                                prestate=None if at_once else prestate)
         session._now = now
         session.state = State.HANDSHAKING
         session._handshake_deadline = now + self.config.handshake_timeout
@@ -692,6 +696,8 @@ class GnuTlsListener:
         session._answered(first)  # its message_seq, so that a repeat of it is known
         session._guard(session._handshake_step)
         session._after_step(progressed=True)
+        if at_once:
+            self.budget.add(session)
         return [], session
 
 

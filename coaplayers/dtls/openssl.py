@@ -22,7 +22,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -34,6 +33,7 @@ from OpenSSL import SSL, crypto
 from .. import _openssl
 from . import records
 from .alerts import AlertDescription, AlertLevel
+from .cookieless import CookieBudget, budget
 from .credentials import CertificateCredentials, PskClientCredentials, PskStore
 from .errors import AuthenticationFailed, ConfigurationError, DtlsError, PeerAlert, alert_error
 from .recordlayer import SUITES, RecordLayer
@@ -486,7 +486,10 @@ class OpenSslSession(DtlsSession):
 
 
 class OpenSslListener:
-    """Accepts certificate-mode handshakes; stateless until a ClientHello returns our cookie."""
+    """Accepts certificate-mode handshakes; stateless until a ClientHello returns our cookie,
+    except for resumptions and, while ``without_cookie`` has room, full handshakes
+    (:mod:`.cookieless`; 0, the default: always the cookie, as Layer 1 needs where nothing
+    else bounds what an unverified address gets back)."""
 
     def __init__(
         self,
@@ -495,9 +498,11 @@ class OpenSslListener:
         *,
         ciphers: str = DEFAULT_CIPHERS,
         resume_without_cookie: bool = True,
+        without_cookie: int | CookieBudget = 0,
     ) -> None:
         self.credentials = credentials
         self.resume_without_cookie = resume_without_cookie
+        self.budget = budget(without_cookie)
         self._setup(build_context(credentials, server=True, ciphers=ciphers), config)
 
     def _setup(self, context: SSL.Context, config: DtlsConfig | None) -> None:
@@ -549,7 +554,26 @@ class OpenSslListener:
             conn = self._resume_at_once(peer_key, datagram)
             if conn is not None:
                 return [], self._session_from(conn, now)
+        # A ClientHello with a cookie answers our HelloVerifyRequest: OpenSSL must check it
+        # (and only the listening object expects its message sequence number, 1).
+        if not records.has_cookie(datagram) and self.budget.has_room():
+            return self._at_once(peer_key, datagram, now)
         return self._cookie_exchange(peer_key, datagram, now)
+
+    def _at_once(self, peer_key: Hashable, datagram: bytes, now: float
+                 ) -> tuple[list[bytes], OpenSslSession | None]:
+        """A session from a ClientHello without the cookie exchange (it counts against the
+        budget while it handshakes); made even when refused (it then ends at once, our alert
+        in its datagrams)."""
+        conn = self._new_listener()
+        conn.set_app_data(peer_key)
+        try:
+            conn.bio_write(datagram)
+        except (SSL.Error, ValueError):
+            return [], None
+        session = self._session_from(conn, now)
+        self.budget.add(session)
+        return [], session
 
     def _cookie_exchange(
         self, peer_key: Hashable, datagram: bytes, now: float
@@ -708,55 +732,24 @@ class OpenSslPskClientSession(OpenSslSession):
 class OpenSslPskListener(OpenSslListener):
     """Accepts PSK handshakes: the server side of Layer 0's PSK mode.
 
-    Why OpenSSL, and a ClientHello answered at once: a DTLS cookie proves the client's address
-    before the server keeps state or sends more than it received (RFC 6347 section 4.2.1). A
-    PSK server's first flight (ServerHello, ServerHelloDone: 99 bytes) is hardly larger than
-    the ClientHello (77 bytes from tinydtls), so there is nothing to amplify; what is left is
-    the state each ClientHello creates. So while fewer than ``without_cookie`` handshakes made
-    here are in progress, a ClientHello without a cookie gets the ServerHello at once (one round
-    trip and 137 bytes fewer per handshake); beyond that, as under a flood from forged
-    addresses, every ClientHello goes through the cookie exchange, so forged ones hold at most
-    ``without_cookie`` slots. ``without_cookie=0`` always asks for the cookie. tinydtls cannot
-    skip its cookie exchange; OpenSSL can.
+    Why OpenSSL: tinydtls cannot skip its cookie exchange; OpenSSL can. A PSK server's first
+    flight (ServerHello, ServerHelloDone: 99 bytes) is hardly larger than the ClientHello (77
+    bytes from tinydtls), so there is nothing to amplify; what is left is the state each
+    ClientHello creates, which ``without_cookie`` bounds (:mod:`.cookieless`; one round trip
+    and 137 bytes fewer per handshake). ``without_cookie=0`` always asks for the cookie.
     """
 
     def __init__(self, store: PskStore, config: DtlsConfig | None = None, *,
-                 ciphers: str = PSK_CIPHERS, without_cookie: int = 8) -> None:
-        if without_cookie < 0:
-            raise ValueError("without_cookie must be at least 0")
+                 ciphers: str = PSK_CIPHERS, without_cookie: int | CookieBudget = 8) -> None:
         self.store = store
-        self.without_cookie = without_cookie
-        self._at_once: weakref.WeakSet[OpenSslSession] = weakref.WeakSet()
+        self.resume_without_cookie = False  # no session cache (build_psk_context)
+        self.budget = budget(without_cookie)
         self._setup(build_psk_context(ciphers), config)
 
     @property
     def in_progress(self) -> int:
         """Handshakes started without a cookie that have not ended yet."""
-        for done in [x for x in self._at_once if x.state is not State.HANDSHAKING]:
-            self._at_once.discard(done)
-        return len(self._at_once)
-
-    def accept(
-        self, peer_key: Hashable, datagram: bytes, now: float
-    ) -> tuple[list[bytes], OpenSslSession | None]:
-        """As :meth:`OpenSslListener.accept`; a ClientHello answered at once makes a session
-        even when it is refused (which then ends at once, our alert in its datagrams)."""
-        if records.client_hello_random(datagram) is None:
-            return [], None
-        # A ClientHello with a cookie answers our HelloVerifyRequest: OpenSSL must check it
-        # (and only the listening object expects its message sequence number, 1).
-        if records.has_cookie(datagram) or self.in_progress >= self.without_cookie:
-            return self._cookie_exchange(peer_key, datagram, now)
-        conn = self._new_listener()
-        conn.set_app_data(peer_key)
-        try:
-            conn.bio_write(datagram)
-        except (SSL.Error, ValueError):
-            return [], None
-        session = self._session_from(conn, now)
-        if session.state is State.HANDSHAKING:
-            self._at_once.add(session)
-        return [], session
+        return self.budget.in_progress
 
     def _new_session(self, conn: SSL.Connection) -> OpenSslSession:
         return OpenSslPskSession(conn, self.store, config=self.config)

@@ -120,13 +120,15 @@ class ChannelConfig:
     """Outer attempts for one inner request (new handshakes and resends included)."""
     max_flight_repeats: int = 4
     """How often one handshake flight is sent again after its outer exchange failed."""
-    pad_hello_to: int = 0
-    """Outer size a certificate client pads its cookie-bearing ClientHello request to
-    (Padding option, docs/PROTOCOL.md 3.1; 360 covers a first server flight of a full
-    datagram), so that the flight stays within three times it: no Echo round trip where a
-    proxy or server has not verified our address. 0 (the default): no padding, because the
-    Echo exchange is what verifies the address for the requests after the handshake, and the
-    OSCORE mode's requests do not yet answer a proxy's Echo by themselves."""
+    pad_hello_to: int = 360
+    """Outer size on the wire a certificate client pads each ClientHello request to (the
+    Padding option, docs/PROTOCOL.md 3.1), so that the server's answer, its certificate
+    flight when it skips the cookie exchange or after it (up to a full datagram), stays
+    within three times the request: no Echo round trip where a proxy or server has not
+    verified our address. A ClientHello that offers a session to resume is not padded (its
+    answer is small unless the server lost the session). 0: no padding."""
+    pad_rpk_hello_to: int = 200
+    """The same for raw public keys, whose first server flight is about 450 bytes."""
     request_with_final_flight: bool = True
     """A resumed handshake's last flight (the client's ChangeCipherSpec and Finished) goes out
     with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
@@ -152,6 +154,8 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.max_flight_repeats < 0:
             raise ValueError("max_attempts must be >= 1 and max_flight_repeats >= 0")
+        if not 0 <= self.pad_hello_to <= 1024 or not 0 <= self.pad_rpk_hello_to <= 1024:
+            raise ValueError("ClientHello padding must be within 0..1024 bytes")
         for name in ("handshake_timeout", "exchange_timeout", "close_timeout", "misrouted_wait"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -592,6 +596,7 @@ class Layer0Channel:
         repeats = 0
         heard_server = False
         done: HandshakeComplete | None = None
+        pad_hello = self._hello_padding(dtls)
 
         def repeat_flight() -> None:
             nonlocal repeats, queue
@@ -608,10 +613,8 @@ class Layer0Channel:
 
         while True:
             datagram = queue.pop(0) if queue else b""
-            # After the HelloVerifyRequest: the cookie-bearing ClientHello, whose answer is
-            # the certificate flight (3.1, padding).
-            pad = (self.config.pad_hello_to if heard_server and path == WELL_KNOWN_PATH
-                   and isinstance(self._credentials, CertificateCredentials) else 0)
+            # A ClientHello may be answered by the server's first flight (3.1, padding).
+            pad = pad_hello if path == WELL_KNOWN_PATH else 0
             try:
                 resp = await self._post(Code.POST, path, tag + datagram, pad)
                 self._outer_answers += 1
@@ -687,6 +690,16 @@ class Layer0Channel:
                 continue  # send the rest of our flight, or pull the rest of the server's
             if not datagram:
                 repeat_flight()  # we pulled and got nothing: our flight or its answer was lost
+
+    def _hello_padding(self, dtls: DtlsSession) -> int:
+        """The outer size our ClientHello requests are padded to (docs/PROTOCOL.md 3.1)."""
+        if isinstance(self._credentials, RawPublicKeyCredentials):
+            return self.config.pad_rpk_hello_to
+        if isinstance(self._credentials, CertificateCredentials):
+            if isinstance(dtls, OpenSslSession) and self._tickets.get(self.origin) is not None:
+                return 0  # a resumption offer: answered in a few bytes
+            return self.config.pad_hello_to
+        return 0  # PSK: the server's first flight is about the ClientHello's size
 
     async def _send_alert(self, dtls: DtlsSession, path: tuple[str, ...], tag: bytes) -> None:
         """Tell the server (best effort) that we abandon the handshake, so it frees the slot."""

@@ -85,11 +85,12 @@ class ServerLimits:
     max_half_open: int = 32
     """Sessions past the cookie exchange but not yet established; a new one beyond it evicts
     the least recently active one (its client gets 4.04 next time and starts over)."""
-    psk_without_cookie: int = 8
-    """PSK handshakes that may be in progress without a cookie exchange: below it a PSK
-    ClientHello is answered at once (its first flight is no larger than the ClientHello), at
-    it every new one needs a cookie, so forged ClientHellos hold at most this many slots.
-    0: always the cookie exchange."""
+    without_cookie: int = 8
+    """Handshakes (every kind together) that may be in progress without a cookie exchange:
+    below it a ClientHello is answered at once (what an unverified address gets back is
+    bounded by the outer 3x rule, and the client pads where its answer needs it,
+    docs/PROTOCOL.md 3.1), at it every new one needs a cookie, so forged ClientHellos hold
+    at most this many slots. 0: always the cookie exchange."""
     idle_timeout: float = 600.0
     """An established session unused for this long is dropped."""
     handshake_timeout: float = 30.0
@@ -108,8 +109,8 @@ class ServerLimits:
         for name in ("max_sessions", "max_half_open", "max_queued", "max_observations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.psk_without_cookie < 0:
-            raise ValueError("psk_without_cookie must be at least 0")
+        if self.without_cookie < 0:
+            raise ValueError("without_cookie must be at least 0")
         for name in ("idle_timeout", "handshake_timeout", "poll_hold", "inner_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -33,6 +33,7 @@ from ..dtls import (
     RawPublicKeyCredentials,
     records,
 )
+from ..dtls.cookieless import CookieBudget, budget
 from ..message import error_to_message
 from . import inner, profile
 from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
@@ -76,32 +77,35 @@ def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> D
 
 
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,
-                  psk_without_cookie: int = 8) -> SessionListener:
+                  without_cookie: int | CookieBudget = 8) -> SessionListener:
     """A PSK store selects OpenSSL's PSK listener, certificate credentials OpenSSL, raw public
-    keys GnuTLS. PSK ClientHellos are answered without a cookie exchange while fewer than
-    ``psk_without_cookie`` such handshakes are in progress (:class:`OpenSslPskListener`).
+    keys GnuTLS. ClientHellos of every kind are answered without a cookie exchange while
+    fewer than ``without_cookie`` such handshakes are in progress, one budget for all kinds
+    (:mod:`coaplayers.dtls.cookieless`; docs/PROTOCOL.md 3.1).
 
     A tuple or list of credentials of different kinds serves them side by side (each
     ClientHello goes to the backend of the kind it asks for: :mod:`.listeners`).
     """
     config = config or layer0_config()
+    shared = budget(without_cookie)
     if isinstance(credentials, tuple | list):  # several kinds side by side
         from .listeners import KindListener
 
         kinds = [type(c) for c in credentials]
         if len(set(kinds)) != len(kinds) or not kinds:
             raise TypeError("Layer 0 server credentials: at most one of each kind, at least one")
-        listeners = {type(c): make_listener(c, config, psk_without_cookie=psk_without_cookie)
+        listeners = {type(c): make_listener(c, config, without_cookie=shared)
                      for c in credentials}
         return KindListener(psk=listeners.get(PskStore),
                             certificate=listeners.get(CertificateCredentials),
                             rpk=listeners.get(RawPublicKeyCredentials))
     if isinstance(credentials, PskStore):
-        return OpenSslPskListener(credentials, config, without_cookie=psk_without_cookie)
+        return OpenSslPskListener(credentials, config, without_cookie=shared)
     if isinstance(credentials, CertificateCredentials):
-        return OpenSslListener(credentials, config, ciphers=profile.DTLS_CIPHERS)
+        return OpenSslListener(credentials, config, ciphers=profile.DTLS_CIPHERS,
+                               without_cookie=shared)
     if isinstance(credentials, RawPublicKeyCredentials):  # raw public keys select GnuTLS
-        return GnuTlsListener(credentials, config)
+        return GnuTlsListener(credentials, config, without_cookie=shared)
     raise TypeError(
         f"Layer 0 server credentials must be PskStore, CertificateCredentials or "
         f"RawPublicKeyCredentials, not {type(credentials).__name__}"
@@ -208,7 +212,7 @@ class Layer0Site(interfaces.Resource):
         self.policy = policy or Policy()
         self.limits = limits or ServerLimits()
         listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout),
-                                 psk_without_cookie=self.limits.psk_without_cookie)
+                                 without_cookie=self.limits.without_cookie)
         self.core = TunnelCore(listener, self.limits)
         self.core.on_close = self._session_closed
         self.core.on_established = on_established

@@ -370,7 +370,13 @@ class _Wire:
     Observe needs neither (1 task, 1 loop iteration and 1 Layer 1 address lookup saved per
     request; the CPU this saves: docs/BENCHMARKS.md). Its answer is still completed by
     aiocoap's block-wise code when it comes in outer Block2 blocks. Everything else goes
-    to ``Context.request`` unchanged.
+    to ``Context.request``.
+
+    Both answer an outer 4.01 + Echo (a proxy or server that has not verified our address
+    holds a large answer behind it: RFC 9175 section 2.4, the 3x rule) by sending the
+    protected request again, once, with that Echo value, as
+    :meth:`OscoreClientTransport.exchange_one` does: aiocoap's OSCORE transport would take
+    the unprotected 4.01 for the server's answer.
     """
 
     def __init__(self, context: aiocoap.Context) -> None:
@@ -385,8 +391,48 @@ class _Wire:
             or message.opt.block2 is not None
             or len(message.payload) > ONE_BLOCK
         ):
-            return self.context.request(message, handle_blockwise=handle_blockwise)
+            return _EchoAnswered(self.context, message, handle_blockwise)
         return _OneBlockRequest(self.context, message)
+
+
+class _EchoAnswered:
+    """``.response`` and ``.observation`` of ``Context.request``, with an outer 4.01 + Echo
+    answered once (see :class:`_Wire`); the observation is the repeated request's then."""
+
+    def __init__(self, context: aiocoap.Context, message: aiocoap.Message,
+                 handle_blockwise: bool) -> None:
+        self._context = context
+        self._message = message
+        self._blockwise = handle_blockwise
+        self._inner = context.request(message, handle_blockwise=handle_blockwise)
+        self.response: asyncio.Future[aiocoap.Message] = context.loop.create_future()
+        self._task = context.loop.create_task(self._run())
+        self.response.add_done_callback(self._given_up)
+
+    @property
+    def observation(self) -> Any:
+        return self._inner.observation
+
+    def _given_up(self, response: asyncio.Future[aiocoap.Message]) -> None:
+        if response.cancelled():
+            self._task.cancel()
+            self._inner.response.cancel()
+
+    async def _run(self) -> None:
+        try:
+            answer = await self._inner.response
+            echo = echo_asked(self._message, answer)
+            if echo is not None:
+                log.info("Answering a proxy's 4.01 / Echo (RFC 9175, the 3x rule)")
+                self._inner = self._context.request(with_echo(self._message, echo),
+                                                    handle_blockwise=self._blockwise)
+                answer = await self._inner.response
+        except Exception as exc:
+            if not self.response.done():
+                self.response.set_exception(exc)
+            return
+        if not self.response.done():
+            self.response.set_result(answer)
 
 
 class _OneBlockRequest:
@@ -402,6 +448,7 @@ class _OneBlockRequest:
         self._inner.response.add_done_callback(self._answered)
         self.response.add_done_callback(self._given_up)
         self._task: asyncio.Task[None] | None = None
+        self._echoed = False
 
     def _given_up(self, response: asyncio.Future[aiocoap.Message]) -> None:
         if response.cancelled():
@@ -420,6 +467,14 @@ class _OneBlockRequest:
             self.response.set_exception(exc)
             return
         answer = inner.result()
+        echo = None if self._echoed else echo_asked(self._message, answer)
+        if echo is not None:  # see _Wire: once
+            log.info("Answering a proxy's 4.01 / Echo (RFC 9175, the 3x rule)")
+            self._echoed = True
+            self._inner = self._context.request(with_echo(self._message, echo),
+                                                handle_blockwise=False)
+            self._inner.response.add_done_callback(self._answered)
+            return
         answer.opt.block1 = None  # as aiocoap's block-wise runner leaves it
         block2 = answer.opt.block2
         if block2 is None or not block2.more:

@@ -6,8 +6,8 @@ certificates (OpenSSL).
 Two attackers:
 
 * ``plain``: ClientHellos without cookie. The listener must answer each with a stateless
-  HelloVerifyRequest and keep nothing; except Layer 0's PSK endpoint, which answers a
-  ClientHello at once while fewer than ``psk_without_cookie`` such handshakes are in progress:
+  HelloVerifyRequest and keep nothing; except Layer 0's endpoints, which answer a
+  ClientHello at once while fewer than ``without_cookie`` such handshakes are in progress:
   there the flood may take that many slots and no more.
 * ``echo``: the attacker returns the cookie of each HelloVerifyRequest (it owns its addresses),
   so every one of its handshakes reaches the half-open state and takes a slot. The half-open
@@ -489,8 +489,8 @@ async def test_layer0_clienthello_flood(
         no_echo=first.no_echo + second.no_echo, at_once=first.at_once + second.at_once,
     )
     evicted = core.stats.half_open_evicted
-    # PSK ClientHellos are answered at once while few PSK handshakes are in progress.
-    at_once_limit = core.limits.psk_without_cookie if mode == "psk" else 0
+    # ClientHellos are answered at once while few handshakes are in progress.
+    at_once_limit = core.limits.without_cookie
     allow_all = DEDUP_ENTRY * (entries_after - entries_before)
     allow_half = DEDUP_ENTRY * (entries_after - entries_middle)
     print(f"aiocoap dedup entries {entries_before} -> {entries_after}")
@@ -505,8 +505,8 @@ async def test_layer0_clienthello_flood(
         assert peak[0] == limit
         assert evicted >= flood.half_open_reached - limit
     else:
-        # A cookieless flood takes no slot (1: a legitimate handshake), or with PSK at most
-        # the slots answered at once; those handshakes end at handshake_timeout and free
+        # A cookieless flood takes at most the slots answered at once (1 more: a legitimate
+        # handshake); those handshakes end at handshake_timeout and free
         # their slots again, the warm-up's included.
         assert peak[0] <= max(1, at_once_limit + 1)
         assert flood.at_once <= at_once_limit * (1 + periods)

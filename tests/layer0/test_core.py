@@ -91,12 +91,12 @@ def tag_of(created: Answer) -> bytes:
 def core(**limits: float) -> TunnelCore:
     bounds = ServerLimits(**limits)  # type: ignore[arg-type]
     listener = make_listener(PskStore({CREDS.identity: CREDS.key}),
-                             psk_without_cookie=bounds.psk_without_cookie)
+                             without_cookie=bounds.without_cookie)
     return TunnelCore(listener, bounds)
 
 
 def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> None:
-    c = core(psk_without_cookie=0)
+    c = core(without_cookie=0)
     client = TinyDtlsSession.client(CREDS, layer0_config())
     client.connect(0.0)
     ch1 = client.datagrams_to_send()[0]
@@ -113,7 +113,7 @@ def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> Non
 
 
 def test_a_psk_hello_is_answered_at_once_until_too_many_handshakes_are_in_progress() -> None:
-    c = core(psk_without_cookie=2)
+    c = core(without_cookie=2)
     clients = [TinyDtlsSession.client(CREDS, layer0_config()) for _ in range(4)]
     hellos = []
     for client in clients:
@@ -194,7 +194,7 @@ def test_outer_answers_of_an_established_session() -> None:
 
 def test_limits_half_open_lru_and_idle() -> None:
     c = core(max_half_open=1, max_sessions=2, idle_timeout=10.0, handshake_timeout=5.0,
-             psk_without_cookie=0)
+             without_cookie=0)
     first = TinyDtlsSession.client(CREDS, layer0_config())
     first.connect(0.0)
     hvr = c.entry(PEER, first.datagrams_to_send()[0], 0.0)
@@ -264,3 +264,56 @@ def test_a_resumed_last_flight_carries_the_first_request() -> None:
     answer, plaintexts = tunnel.datagram(created.location[-1], tag_of(created)
                                          + b"".join(other.datagrams_to_send()), 0.0)
     assert plaintexts == [] and not tunnel.sessions[created.location[-1]].established
+
+
+def test_every_kind_skips_the_cookie_until_the_shared_budget_is_spent() -> None:
+    """Certificates and raw public keys are answered at once like PSK (docs/PROTOCOL.md 3.1):
+    the ClientHello gets a 2.01 with the server's certificate flight, no HelloVerifyRequest,
+    while fewer than ``without_cookie`` handshakes of any kind are in progress."""
+    from coaplayers import pki
+    from coaplayers.dtls import (
+        CertificateCredentials,
+        GnuTlsSession,
+        OpenSslSession,
+        RawPublicKeyCredentials,
+        build_context,
+    )
+    from coaplayers.dtls.openssl import generate_p256_key as generate_key
+    from coaplayers.layer0 import profile
+
+    ca = pki.make_ca("test CA")
+    server = pki.issue(ca, "server.example", names=["server.example"])
+    client = pki.issue(ca, "device-1")
+    rpk_server, rpk_client = generate_key(), generate_key()
+    creds = (
+        PskStore({CREDS.identity: CREDS.key}),
+        CertificateCredentials([server.certificate], server.private_key, [ca.certificate]),
+        RawPublicKeyCredentials(rpk_server, trusted=[rpk_client.public_key()]),
+    )
+    c = TunnelCore(make_listener(creds, without_cookie=2), ServerLimits(without_cookie=2))
+    cert_creds = CertificateCredentials([client.certificate], client.private_key,
+                                        [ca.certificate], server_name="server.example")
+    cert_ctx = build_context(cert_creds, server=False, ciphers=profile.DTLS_CIPHERS)
+
+    def hello(kind: str) -> bytes:
+        engine = (OpenSslSession.client(cert_ctx, cert_creds, layer0_config(client=True))
+                  if kind == "x509" else
+                  GnuTlsSession.client(RawPublicKeyCredentials(
+                      rpk_client, trusted=[rpk_server.public_key()]), layer0_config(client=True))
+                  if kind == "rpk" else TinyDtlsSession.client(CREDS, layer0_config()))
+        engine.connect(0.0)
+        return engine.datagrams_to_send()[0]
+
+    for kind in ("x509", "rpk"):
+        created = c.entry(PEER, hello(kind), 0.0)
+        assert created.code == Code.CREATED and created.location
+        recs = records.split_records(created.payload)
+        assert records.handshake_type(recs[0]) == records.HANDSHAKE_SERVER_HELLO
+        assert any(records.handshake_type(r) == 11 for r in recs)  # its Certificate
+    # Two handshakes in progress, whatever their kinds: the next ClientHello of any kind
+    # needs the cookie, statelessly.
+    for kind in ("x509", "rpk", "psk"):
+        hvr = c.entry(PEER, hello(kind), 0.0)
+        assert hvr.code == Code.CHANGED and hvr.location is None, kind
+        assert records.handshake_type(hvr.payload) == records.HANDSHAKE_HELLO_VERIFY_REQUEST
+    assert len(c.sessions) == 2

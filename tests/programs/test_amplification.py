@@ -207,3 +207,25 @@ async def test_end_to_end_clients_answer_the_proxys_echo(tmp_path: Path, keys: K
     assert proxy.log_file is not None
     log = proxy.log_file.read_text()
     assert '"kind":"held"' in log  # a challenged answer was delivered to its repetition
+
+
+async def test_oscore_answers_the_proxys_echo_after_a_padded_handshake(
+        tmp_path: Path, keys: Keys, app: Running) -> None:
+    """A padded ClientHello lets the certificate flight through coap-proxy's 3x rule without
+    an Echo, so the client's address is still unverified when the first large protected
+    answer comes: the OSCORE mode must answer the proxy's 4.01 + Echo itself, also for
+    requests that aiocoap's own OSCORE path carries (here one with an explicit Block2)."""
+    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0")
+    try:
+        e2e = ["--e2e-ca", str(keys / "e2e-ca.pem"), "--e2e-cert", str(keys / "client-e2e.pem"),
+               "--e2e-key", str(keys / "client-e2e.key")]
+        done = await client("-P", proxy.uri("coap"), "--e2e", "oscore", *e2e, "--no-keep",
+                            "-b", "1024", "-o", str(tmp_path / "o"),
+                            app.uri("coap") + "/firmware",
+                            timeout=60)
+    finally:
+        assert proxy.stop() == 0
+    assert done.rc == 0, done.stderr
+    assert (tmp_path / "o").read_bytes() == Firmware().image
+    assert proxy.log_file is not None
+    assert '"kind":"held"' in proxy.log_file.read_text()  # the proxy did challenge
