@@ -27,10 +27,11 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
-from coaplayers import dtls, keys, layer1
+from coaplayers import dtls, layer1
 from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0 import ChannelConfig, Layer0Channel, Layer0Site
 from coaplayers.oscore.mode import OscoreRequester
+from coaplayers.programs import keys
 from tests.conftest import free_udp_port
 from tests.proxy.conftest import Running, _stop
 from tests.proxy.conftest import start_proxy as start_coap_proxy
