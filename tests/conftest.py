@@ -6,9 +6,12 @@ import asyncio
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +95,45 @@ def fingerprint(key: object) -> str:
     der = public.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
                               serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).digest()[:16].hex()
+
+
+PROXY = str(Path(sys.executable).with_name("coap-proxy"))
+LOOPBACK_ALLOWED = ("--allow", "127.0.0.1", "--allow", "::1")
+
+
+@dataclass(frozen=True)
+class ProxyCommand:
+    """How the tests start coap-proxy, and the files it writes."""
+
+    argv: list[str]
+    log_file: Path  # the JSON access log (one line per exchange)
+    err_file: Path  # its stderr, shown when a test fails
+
+
+def proxy_command(
+    tmp: Path, *args: str, name: str = "proxy", program: Sequence[str] = (PROXY,),
+    listen: str | None = None, allow: tuple[str, ...] = LOOPBACK_ALLOWED,
+    amplification: bool = True,
+) -> ProxyCommand:
+    """coap-proxy (or ``program``, another command running it) with its log in ``tmp``.
+
+    ``listen`` is added unless ``args`` name --listen or --config. The tests' upstreams are
+    on loopback, which forward proxying reaches only when allowed: ``allow`` unless ``args``
+    have --allow (``allow=()`` keeps the default, nothing). ``amplification=False`` turns the
+    3x rule off, for origins whose cut answers would not fit together in blocks. Both ways of
+    starting it (tests/programs, synchronously for session fixtures; tests/proxy and
+    tests/faults, with asyncio) read it up to its ``ready`` line.
+    """
+    tag = os.urandom(3).hex()
+    log = tmp / f"{name}-{tag}.jsonl"
+    argv = [*program, "--log-file", str(log), *args]
+    if listen is not None and "--listen" not in args and "--config" not in args:
+        argv += ["--listen", listen]
+    if "--allow" not in args:
+        argv += allow
+    if not amplification and "--amplification-factor" not in args:
+        argv += ["--amplification-factor", "0"]
+    return ProxyCommand(argv, log, tmp / f"{name}-{tag}.err")
 
 
 def need_program(name: str) -> str:

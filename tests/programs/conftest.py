@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import LOOPBACK_ALLOWED, proxy_command
+
 BIN = Path(sys.executable).parent
 CLIENT = str(BIN / "coap-client")
 SERVER = str(BIN / "coap-server")
@@ -197,15 +199,11 @@ def start_server(tmp: Path, *args: str, name: str = "server") -> Running:
 
 
 def start_proxy(tmp: Path, *args: str, name: str = "proxy", loopback: bool = True) -> Running:
-    """coap-proxy; forward proxying reaches the tests' loopback servers (``loopback``) unless
-    ``args`` say which upstreams it may reach (``--allow``)."""
-    tag = os.urandom(3).hex()
-    log = tmp / f"{name}-{tag}.jsonl"
-    allow = ("--allow", "127.0.0.1", "--allow", "::1") if loopback and "--allow" not in args \
-        else ()
-    run = start([PROXY, "--log-file", str(log), *args, *allow], tmp / f"{name}-{tag}.err",
-                until="ready")
-    run.log_file = log
+    """coap-proxy (tests/conftest.py's command); forward proxying reaches the tests' loopback
+    servers (``loopback``) unless ``args`` say which upstreams it may reach (``--allow``)."""
+    command = proxy_command(tmp, *args, name=name, allow=LOOPBACK_ALLOWED if loopback else ())
+    run = start(command.argv, command.err_file, until="ready")
+    run.log_file = command.log_file
     return run
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import aiocoap
 import pytest
 
+from tests.conftest import LOOPBACK_ALLOWED, PROXY, proxy_command
 from tests.conftest import stop_process as _stop
 
 ROOT = Path(__file__).resolve().parents[2]
-PROXY = str(Path(sys.executable).with_name("coap-proxy"))
 
 
 @dataclass
@@ -80,42 +80,29 @@ async def start_origin(tmp: Path) -> Running:
     return Running(proc, [lines[-1].split()[1]], stderr_file=err)
 
 
-LOOPBACK_ALLOWED = ("--allow", "127.0.0.1", "--allow", "::1")
-
-
 async def start_proxy(
     tmp: Path, *args: str, listen: str = "coap://127.0.0.1:0",
     program: Sequence[str] = (PROXY,), env: Mapping[str, str] | None = None,
     allow: tuple[str, ...] = LOOPBACK_ALLOWED, amplification: bool = False,
 ) -> Running:
-    """coap-proxy (or ``program``, another command running it) with a JSON log in ``tmp``,
-    once it printed ``ready``; ``listen`` unless ``args`` name --listen or --config. The
-    tests' upstreams are on loopback, which forward proxying reaches only when allowed
-    (``allow=()`` keeps the default: nothing).
+    """coap-proxy (tests/conftest.py's command) once it printed ``ready``.
 
     The 3x rule is off unless ``amplification``: the origin here reports each request's
     options in its answer, so the blocks a cut answer is fetched in would not fit together
     (test_amplification.py tests the rule with origins that answer alike).
     """
-    tag = os.urandom(3).hex()
-    log = tmp / f"proxy-{tag}.jsonl"
-    err = tmp / f"proxy-{tag}.err"
-    argv = [*program, "--log-file", str(log), *args]
-    if "--listen" not in args and "--config" not in args:
-        argv += ["--listen", listen]
-    if "--allow" not in args:
-        argv += allow
-    if not amplification and "--amplification-factor" not in args:
-        argv += ["--amplification-factor", "0"]
+    command = proxy_command(tmp, *args, program=program, listen=listen, allow=allow,
+                            amplification=amplification)
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"),
+        *command.argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=open(command.err_file, "wb"),
     )
     try:
         lines = await _read_until(proc, "ready", 20)
     except BaseException:
         await _stop(proc)
         raise
-    run = Running(proc, log_file=log, stderr_file=err)
+    run = Running(proc, log_file=command.log_file, stderr_file=command.err_file)
     for line in lines:
         word, _, value = line.partition(" ")
         if word == "listening":
