@@ -70,10 +70,32 @@ class _Wrapped:
 
 
 class Counter(_Wrapped):
+    """``batched`` (a worker of several): increments add up in the process and reach the
+    shared files on :meth:`flush` (the node flushes every half second, and when it stops),
+    instead of a locked write to a memory-mapped file for each one, several per request."""
+
+    def __init__(self, metric: Any, labelnames: Sequence[str], batched: bool = False) -> None:
+        super().__init__(metric, labelnames)
+        self._pending: dict[Any, float] | None = {} if batched else None
+
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self._child(labels).inc(amount)
+        child = self._child(labels)
+        pending = self._pending
+        if pending is None or amount < 0:  # (prometheus_client refuses a negative amount)
+            child.inc(amount)
+        else:
+            pending[child] = pending.get(child, 0.0) + amount
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            due = list(pending.items())
+            pending.clear()
+            for child, amount in due:
+                child.inc(amount)
 
     def get(self, **labels: str) -> float:
+        self.flush()
         return self._samples().get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
 
 
@@ -113,8 +135,9 @@ class MetricsRegistry:
     """Named metrics rendered together; registering a name twice returns the first metric.
 
     In a worker of a multi-process proxy (``PROMETHEUS_MULTIPROC_DIR`` set), gauges read from
-    a function are written by :meth:`refresh` (the node calls it periodically), since the
-    scraping process cannot call into the workers.
+    a function, and the counters' increments, are written by :meth:`refresh` (the node calls
+    it periodically and when it stops), since the scraping process cannot call into the
+    workers.
     """
 
     def __init__(self) -> None:
@@ -132,7 +155,8 @@ class MetricsRegistry:
         m = self._get(name, Counter)
         if m is None:
             m = self._metrics[name] = Counter(prometheus_client.Counter(
-                name, help, labelnames, registry=self.registry), labelnames)
+                name, help, labelnames, registry=self.registry), labelnames,
+                batched=self.multiprocess)
         return m
 
     def gauge(
@@ -161,10 +185,13 @@ class MetricsRegistry:
         return m
 
     def refresh(self) -> None:
-        """Write the function-read gauges' values (multi-process workers)."""
+        """Write the function-read gauges' values and the counters' increments since the last
+        time (multi-process workers)."""
         for m in self._metrics.values():
             if isinstance(m, Gauge):
                 m.refresh()
+            elif isinstance(m, Counter):
+                m.flush()
 
     def render(self) -> str:
         if self.multiprocess:

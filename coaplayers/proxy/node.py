@@ -103,7 +103,8 @@ class ProxyNode:
                 " Proxy-Scheme requests are refused with 4.03 until --allow names some")
 
     async def _refresh(self) -> None:
-        """A worker of several writes its function-read gauges for the supervisor's scrape."""
+        """A worker of several writes its function-read gauges and its counters' increments
+        for the supervisor's scrape."""
         while True:
             self.metrics.refresh()
             await asyncio.sleep(0.5)
@@ -144,6 +145,7 @@ class ProxyNode:
             await self.health.stop()
         if self._refresher is not None:
             self._refresher.cancel()
+            self.metrics.refresh()  # the last counts reach the supervisor's scrape
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.context is not None:

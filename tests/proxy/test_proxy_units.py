@@ -202,6 +202,42 @@ def test_prometheus_text() -> None:
         c.inc(other='a"b')  # the same value under another label is still refused
 
 
+_WORKER_METRICS = """
+import sys
+from coaplayers.proxy.metrics import MetricsRegistry, MultiProcessMetrics
+reg = MetricsRegistry()
+assert reg.multiprocess
+c = reg.counter("x_total", "help", ["kind"])
+plain = reg.counter("y_total", "help")
+for _ in range(5):
+    c.inc(kind="a")
+plain.inc(3)
+scrape = MultiProcessMetrics(sys.argv[1])
+before = scrape.render()
+reg.refresh()
+after = scrape.render()
+print('x_total{kind="a"} 5.0' in before, 'x_total{kind="a"} 5.0' in after, "y_total 3.0" in after)
+c.inc(kind="a")
+print(c.get(kind="a"), 'x_total{kind="a"} 6.0' in scrape.render())
+"""
+
+
+def test_worker_counters_reach_the_shared_files_in_batches(tmp_path: Path) -> None:
+    """A worker of a multi-process proxy adds its increments up and writes them on refresh
+    (the node's half-second tick, and its stop), not with a locked file write each; reading
+    a counter in the process writes first. (In a subprocess: prometheus_client picks its
+    multi-process value class when imported.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _WORKER_METRICS, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True", "6.0", "True"]
+
+
 def test_layer1_raw_public_key_settings(tmp_path: Path) -> None:
     """rpk-key and the rpk-trust list, at the top level or in [layer1], are file names
     relative to the file; the flags replace them."""
