@@ -57,7 +57,7 @@ def gateway_hint(code: object, config: ClientConfig | None) -> str:
 def classify(exc: BaseException, config: ClientConfig | None, state: RunState
              ) -> tuple[int, str]:
     """Exit status and one line naming what failed and the likely cause."""
-    e2e_psk = config is not None and config.e2e.mode is not None and bool(config.e2e.psk)
+    e2e_psk = config is not None and config.layer0.mode is not None and bool(config.layer0.psk)
     rpk = state.e2e_kind == "rpk"
     layer0 = sys.modules.get("coaplayers.layer0.errors")
     layer1 = sys.modules.get("coaplayers.layer1.transport")

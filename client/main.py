@@ -31,11 +31,11 @@ examples:
   coap-client coap://[::1]/hello
   coap-client -u dev1 -k secret coaps://gateway.example/sensors/temperature -s 10
   coap-client -m post -e 'on' -t text/plain coaps://gateway.example/echo -u dev1 -k 0x736563
-  coap-client -P coaps://proxy.example -u dev1 -k secret --e2e dtls \\
+  coap-client -P coaps://proxy.example -u dev1 -k secret --layer0 dtls \\
               --e2e-psk-identity dev1 --e2e-psk e2e-secret coap://app.example/hello
-  coap-client -P coap://proxy.example --e2e oscore --e2e-ca ca.pem \\
+  coap-client -P coap://proxy.example --layer0 oscore --e2e-ca ca.pem \\
               coap://app.example/firmware -o fw.bin
-  coap-client --e2e dtls --e2e-rpk-key client-rpk.key --e2e-rpk-server-key server-rpk.pub \\
+  coap-client --layer0 dtls --e2e-rpk-key client-rpk.key --e2e-rpk-server-key server-rpk.pub \\
               coap://app.example/hello
   coap-client --rpk-key client-hop-rpk.key --rpk-server-key server-hop-rpk.pub \\
               coaps://gateway.example/hello
@@ -54,7 +54,7 @@ method text file content-format accept output observe timeout proxy verbose iden
 psk-key (-k) block non token option hop-limit address port no-uri-host newline repeat ping
 loss; "key" is --key. A flag on the command line wins over the file; Layer 1
 credentials given as flags replace all of the file's. End-to-end credentials from the file
-are used only when --e2e (flag or file) picks a mode.
+are used only when --layer0 (flag or file) picks a mode.
 
 Layer 1 credentials: -u/-k (PSK), --cert/--key/--ca (certificates) or --rpk-key with
 --rpk-server-key (raw public keys, RFC 7250) for every coaps:// first hop, or --credentials
@@ -64,7 +64,7 @@ are kept apart: the same raw public key at both layers is refused.
 
 end-to-end credentials: a handshake uses one kind. --e2e-auth psk|cert|rpk names it; without
 it, a kind given on the command line wins over the file's, and among several the order is
-rpk (raw public keys, RFC 7250), psk, cert (--e2e oscore keys from any of them: its PSK
+rpk (raw public keys, RFC 7250), psk, cert (--layer0 oscore keys from any of them: its PSK
 handshake runs on OpenSSL, for the TLS exporter).
 
 exit status: {EXIT_OK} for 2.xx; {EXIT_CLIENT_ERROR} for 4.xx; {EXIT_SERVER_ERROR} for 5.xx;

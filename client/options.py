@@ -103,7 +103,7 @@ class Layer1Settings:
 
 
 @dataclass(frozen=True)
-class E2ESettings:
+class Layer0Settings:
     """End-to-end (Layer 0 / OSCORE) mode and credentials, as given."""
 
     mode: str | None = None
@@ -140,7 +140,7 @@ class ClientConfig:
     proxy: str | None = None
     verbosity: int = DEFAULT_VERBOSITY
     layer1: Layer1Settings = field(default_factory=Layer1Settings)
-    e2e: E2ESettings = field(default_factory=E2ESettings)
+    layer0: Layer0Settings = field(default_factory=Layer0Settings)
     block_size_exp: int | None = None
     """-b: SZX of Block2 (and of Block1 when there is a payload)."""
     block_start: int = 0
@@ -181,7 +181,7 @@ class ClientConfig:
         schemes = [urllib.parse.urlsplit(u).scheme.lower() for u in (self.uri, self.proxy) if u]
         if self.proxy:
             schemes = schemes[1:]  # only the first hop is ours to secure
-        return "coaps" in schemes or self.e2e.given or self.layer1.given
+        return "coaps" in schemes or self.layer0.given or self.layer1.given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     l1.add_argument("--rpk-server-key", action="append", default=[], metavar="PEM",
                     help="public key(s) the first hop's server may present (pinned; repeatable)")
     e2e = p.add_argument_group("Layer 0 (end to end, through proxies)")
-    e2e.add_argument("--e2e", choices=["dtls", "oscore"], help="end-to-end protection mode")
+    e2e.add_argument("--layer0", "--e2e", dest="layer0", choices=["dtls", "oscore"],
+                     help="Layer 0 mode: end-to-end DTLS, or OSCORE keyed by a Layer 0"
+                     " handshake (--e2e is the same flag, its earlier name)")
     e2e.add_argument("--e2e-psk-identity", metavar="ID", help="end-to-end PSK identity")
     e2e.add_argument("--e2e-psk", metavar="KEY", help="end-to-end PSK (text, or hex with 0x)")
     e2e.add_argument("--e2e-ca", metavar="PEM", help="CA that authenticates the end server")
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-rpk-server-key", action="append", default=[], metavar="PEM",
                      help="the end server's public key (PEM PUBLIC KEY; repeatable, e.g. for a"
                      " key rollover)")
-    e2e.add_argument("--e2e-auth", choices=sorted(E2E_KINDS),
+    e2e.add_argument("--e2e-auth", choices=sorted(LAYER0_KINDS),
                      help="which end-to-end credentials to use when several are configured")
     e2e.add_argument("--state-dir", metavar="DIR",
                      help="owner-only folder for what end-to-end runs keep between runs:"
@@ -294,13 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-E2E_KINDS = {
+LAYER0_KINDS = {
     "rpk": ("e2e_rpk_key", "e2e_rpk_server_key"),
     "psk": ("e2e_psk_identity", "e2e_psk"),
     "cert": ("e2e_ca", "e2e_cert", "e2e_key"),
 }
 """The end-to-end credential kinds and their options, in the order of preference."""
-_E2E_DESTS = (*(d for dests in E2E_KINDS.values() for d in dests), "e2e_auth")
+_LAYER0_DESTS = (*(d for dests in LAYER0_KINDS.values() for d in dests), "e2e_auth")
 _LAYER1_DESTS = ("identity", "psk_key", "credentials", "ca", "cert", "cert_key", "rpk_key",
                  "rpk_server_key")
 
@@ -352,7 +354,7 @@ def load(argv: list[str] | None) -> ClientConfig:
 def _merge_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from coaplayers.programs import config as cfg
 
-    e2e_on_command_line = {d: getattr(args, d) for d in _E2E_DESTS}
+    e2e_on_command_line = {d: getattr(args, d) for d in _LAYER0_DESTS}
     layer1_on_command_line = any(getattr(args, d) for d in _LAYER1_DESTS)
     config = cfg.load_toml(args.config)
     if layer1_on_command_line:
@@ -365,15 +367,15 @@ def _merge_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     # In the file, "key" is the long flag --key (the certificate's key), as on the command
     # line; the PSK (-k) has no long flag and is spelled "psk-key" there.
     cfg.merge_config(parser, args, config, base=Path(args.config).parent)
-    if args.e2e is None:
+    if args.layer0 is None:
         # A file holding end-to-end credentials (as coap-keys writes them) must not force a
-        # mode: they wait for --e2e, and only flags given without it are a mistake.
+        # mode: they wait for --layer0, and only flags given without it are a mistake.
         for dest, value in e2e_on_command_line.items():
             setattr(args, dest, value)
 
 
 def _kinds_given(args: argparse.Namespace) -> list[str]:
-    return [k for k, dests in E2E_KINDS.items() if any(getattr(args, d) for d in dests)]
+    return [k for k, dests in LAYER0_KINDS.items() if any(getattr(args, d) for d in dests)]
 
 
 def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
@@ -438,8 +440,8 @@ def _build(args: argparse.Namespace, e2e_kinds_on_command_line: tuple[str, ...]
             ca=args.ca, cert=args.cert, cert_key=args.cert_key, rpk_key=args.rpk_key,
             rpk_server_keys=tuple(args.rpk_server_key),
         ),
-        e2e=E2ESettings(
-            mode=args.e2e, psk_identity=args.e2e_psk_identity, psk=args.e2e_psk,
+        layer0=Layer0Settings(
+            mode=args.layer0, psk_identity=args.e2e_psk_identity, psk=args.e2e_psk,
             ca=args.e2e_ca, cert=args.e2e_cert, key=args.e2e_key, rpk_key=args.e2e_rpk_key,
             rpk_server_keys=tuple(args.e2e_rpk_server_key), auth=args.e2e_auth,
             kinds_on_command_line=e2e_kinds_on_command_line,

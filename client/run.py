@@ -106,19 +106,19 @@ class PlainRequester:
         return self._context.context.request(message, handle_blockwise=handle_blockwise)
 
     def describe(self, response: Any) -> dict[str, Any]:
-        from coaplayers.e2e import layer1_details
+        from coaplayers.layer0_modes import layer1_details
 
         return {"layer 1": layer1_details(response)}
 
 
 async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any:
-    if config.e2e.mode is None:
+    if config.layer0.mode is None:
         if config.needs_security:
             from .security import e2e_options
 
-            e2e_options(config, state)  # refuses end-to-end credentials without --e2e
+            e2e_options(config, state)  # refuses end-to-end credentials without --layer0
         return PlainRequester(ctx, config.proxy)
-    from coaplayers.e2e import open_requester as open_e2e
+    from coaplayers.layer0_modes import open_requester as open_e2e
 
     from .security import check_layers_apart, e2e_options
 
@@ -155,7 +155,7 @@ def build_request(config: ClientConfig) -> aiocoap.Message:
         msg.remote = UndecidedRemote(scheme.lower(), msg.remote.hostinfo)
     else:
         msg.set_request_uri(config.uri, set_uri_host=not config.omit_uri_host)
-    if not config.omit_uri_host and config.e2e.mode is None:
+    if not config.omit_uri_host and config.layer0.mode is None:
         # As libcoap: a port that is not the scheme's default goes in Uri-Port too (the
         # end-to-end modes leave the outer options to their own rules).
         port = urllib.parse.urlsplit(config.uri).port
@@ -222,7 +222,7 @@ async def _one(requester: Any, config: ClientConfig, printer: output.Printer, ct
 
 
 async def _close(requester: Any) -> None:
-    """End the Layer 0 session or OSCORE keying channel (frees the DTLS engine's state)."""
+    """End the Layer 0 session or OSCORE keying session (frees the DTLS engine's state)."""
     close = getattr(requester, "close", None)
     if close is None:
         return
@@ -245,7 +245,7 @@ def _first_hop(ctx: Any) -> dict[str, Any] | None:
     # session; the first hop's DTLS session is the one our Layer 1 transport holds as client.
     from types import SimpleNamespace
 
-    from coaplayers.e2e import layer1_details
+    from coaplayers.layer0_modes import layer1_details
 
     for remote in list(getattr(ctx.layer1, "_remotes", {}).values()):
         peer = getattr(remote, "peer", None)

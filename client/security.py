@@ -6,13 +6,13 @@ import urllib.parse
 from typing import Any
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import E2EClientOptions
+from coaplayers.layer0_modes import Layer0ClientOptions
 from coaplayers.programs import config as cfg
 
 from .main import RunState
-from .options import E2E_KINDS, ClientConfig, Layer1Settings
+from .options import LAYER0_KINDS, ClientConfig, Layer1Settings
 
-_E2E_FIELDS = {"e2e_rpk_key": "rpk_key", "e2e_rpk_server_key": "rpk_server_keys",
+_LAYER0_FIELDS = {"e2e_rpk_key": "rpk_key", "e2e_rpk_server_key": "rpk_server_keys",
                "e2e_psk_identity": "psk_identity", "e2e_psk": "psk", "e2e_ca": "ca",
                "e2e_cert": "cert", "e2e_key": "key"}
 
@@ -45,34 +45,35 @@ def layer1_credentials(hop: Layer1Settings) -> layer1.ClientCredentials:
 
 
 def _given(config: ClientConfig) -> list[str]:
-    e2e = config.e2e
-    return [k for k, dests in E2E_KINDS.items()
-            if any(getattr(e2e, _E2E_FIELDS[d]) for d in dests)]
+    e2e = config.layer0
+    return [k for k, dests in LAYER0_KINDS.items()
+            if any(getattr(e2e, _LAYER0_FIELDS[d]) for d in dests)]
 
 
 def choose_e2e_kind(config: ClientConfig) -> str | None:
     """The one credential kind the handshake uses (see --help)."""
-    e2e = config.e2e
+    e2e = config.layer0
     given = _given(config)
     if e2e.auth is not None:
         if e2e.auth not in given:
-            flags = "/".join("--" + d.replace("_", "-") for d in E2E_KINDS[e2e.auth])
+            flags = "/".join("--" + d.replace("_", "-") for d in LAYER0_KINDS[e2e.auth])
             raise dtls.ConfigurationError(f"--e2e-auth {e2e.auth} needs {flags}")
         return e2e.auth
     preferred = [k for k in e2e.kinds_on_command_line if k in given]
     return (preferred or given)[0] if preferred or given else None
 
 
-def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | None:
+def e2e_options(config: ClientConfig, state: RunState) -> Layer0ClientOptions | None:
     """The end-to-end mode and the one credential kind its handshakes use.
 
     Every kind given is built (and so checked) even if another one is used: a mistake in a
     configuration is reported where it is, not when that kind is first picked.
     """
-    e2e = config.e2e
+    e2e = config.layer0
     if e2e.mode is None:
         if _given(config) or e2e.auth:
-            raise dtls.ConfigurationError("end-to-end credentials given without --e2e dtls|oscore")
+            raise dtls.ConfigurationError(
+                "end-to-end credentials given without --layer0 dtls|oscore")
         return None
     kind = choose_e2e_kind(config)
     rpk = cfg.raw_public_key_from(
@@ -96,10 +97,10 @@ def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | Non
         cert = dtls.CertificateCredentials.trust_only(e2e.ca, server_name=server_name)
     if kind is None:
         raise dtls.ConfigurationError(
-            "--e2e needs --e2e-psk-identity/--e2e-psk, --e2e-ca (with --e2e-cert/--e2e-key)"
+            "--layer0 needs --e2e-psk-identity/--e2e-psk, --e2e-ca (with --e2e-cert/--e2e-key)"
             " or --e2e-rpk-key/--e2e-rpk-server-key"
         )
-    return E2EClientOptions(
+    return Layer0ClientOptions(
         mode=e2e.mode,
         psk=psk if kind == "psk" else None,
         certificate=cert if kind == "cert" else None,
@@ -107,7 +108,7 @@ def e2e_options(config: ClientConfig, state: RunState) -> E2EClientOptions | Non
     )
 
 
-def check_layers_apart(creds: Any, e2e: E2EClientOptions | None) -> None:
+def check_layers_apart(creds: Any, e2e: Layer0ClientOptions | None) -> None:
     if e2e is None or e2e.raw_public_key is None or creds is None:
         return
     for hop in creds.raw_public_keys():

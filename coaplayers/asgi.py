@@ -2,8 +2,8 @@
 
 :class:`CoapAsgiApp` is an ASGI application. Each HTTP request is mapped to the CoAP request it
 stands for (RFC 8075; :mod:`coaplayers.httpmap`) and rendered by the same site a CoAP listener
-serves, so the Layer 0 tunnel (``POST /.well-known/atls``, then ``POST /~name``) runs on the
-same :class:`~coaplayers.layer0.core.TunnelCore`, its inner requests reach the same resources,
+serves, so Layer 0 (``POST /.well-known/atls``, then ``POST /~name``) runs on the
+same :class:`~coaplayers.layer0.core.Layer0ServerCore`, its inner requests reach the same resources,
 and an OSCORE request (the ``OSCORE`` header field, an ``application/oscore`` body, RFC 8613
 section 11) is unprotected by the same context store. The CoAP answer goes back as the HTTP
 response (RFC 8075 section 7).

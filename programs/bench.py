@@ -232,7 +232,7 @@ async def phase_memory(counts: list[int], creds: Path, timeout: float) -> dict[s
                 out[f"{kind}@{n}"] = {"error": stderr.decode(errors="replace")[-500:]}
                 return
             entry = json.loads(stdout)
-            entry["where"] = "in-process (TunnelCore / ContextStore), see method"
+            entry["where"] = "in-process (Layer0ServerCore / ContextStore), see method"
             out[f"{kind}@{n}"] = entry
             _say(f"memory {kind} x{n}: {entry['bytes_per_item'] / 1024:.1f} KiB each")
 

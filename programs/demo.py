@@ -166,20 +166,20 @@ class Demo:
             ("Layer 1 only", "hop-by-hop DTLS only: the proxy decrypts and re-encrypts each hop",
              hop1),
             ("Layer 0 DTLS (PSK)", "end-to-end DTLS inside CoAP payloads, with a pre-shared key",
-             [*hop1, "--e2e", "dtls", *e2e_psk]),
+             [*hop1, "--layer0", "dtls", *e2e_psk]),
             ("Layer 0 DTLS (certificates)", "end-to-end DTLS inside CoAP payloads, X.509 on both"
-             " sides", [*hop1, "--e2e", "dtls", *e2e_cert]),
+             " sides", [*hop1, "--layer0", "dtls", *e2e_cert]),
             ("Layer 0 DTLS (raw public keys, RFC 7250)", "end-to-end DTLS inside CoAP payloads,"
-             " each side pinning the other's key", [*hop1, "--e2e", "dtls", *e2e_rpk]),
+             " each side pinning the other's key", [*hop1, "--layer0", "dtls", *e2e_rpk]),
             ("OSCORE mode", "one end-to-end DTLS handshake keys OSCORE (RFC 8613), which then"
-             " protects each request", [*hop1, "--e2e", "oscore", *e2e_cert]),
+             " protects each request", [*hop1, "--layer0", "oscore", *e2e_cert]),
             ("Layer 1 and Layer 0 with raw public keys", "raw public keys at both layers, each"
-             " layer with its own key pairs", [*hop1_rpk, "--e2e", "dtls", *e2e_rpk]),
+             " layer with its own key pairs", [*hop1_rpk, "--layer0", "dtls", *e2e_rpk]),
             ("CoAP to HTTP: Layer 0 DTLS (PSK)", "Figure 2: CoAP to the proxy, HTTP on to the"
              " server; the Layer 0 records cross unread",
-             [*hop1, "--e2e", "dtls", *e2e_psk]),
+             [*hop1, "--layer0", "dtls", *e2e_psk]),
             ("CoAP to HTTP: OSCORE mode", "Figure 2 with OSCORE: its option rides the OSCORE"
-             " header field (RFC 8613 section 11)", [*hop1, "--e2e", "oscore", *e2e_cert]),
+             " header field (RFC 8613 section 11)", [*hop1, "--layer0", "oscore", *e2e_cert]),
         ]
         outcomes = []
         for number, (title, what, argv) in enumerate(modes, 1):
@@ -221,7 +221,7 @@ class Demo:
 
         def request(proxy: str, text: str) -> tuple[bool, dict[str, str]]:
             result = self.client("-v", "-m", "post", "-e", text, "-P", proxy, "--credentials",
-                                 str(creds / "client-hop.json"), "--e2e", "oscore", *e2e,
+                                 str(creds / "client-hop.json"), "--layer0", "oscore", *e2e,
                                  "--state-dir", str(state), uri)
             layers = dict(line.strip().partition(": ")[::2]
                           for line in result.stderr.splitlines()
@@ -481,7 +481,7 @@ def _content(msg: aiocoap.Message, request: aiocoap.Message | None = None) -> st
     if msg.opt.oscore is not None:
         return "OSCORE ciphertext"
     path = (request or msg).opt.uri_path
-    if path and path[0].startswith(("~", ".well-known")):  # the Layer 0 tunnel's paths
+    if path and path[0].startswith(("~", ".well-known")):  # Layer 0's paths
         return _DTLS.get(data[0], "DTLS records")
     text = data.decode(errors="replace")
     return repr(text if len(text) <= 24 else text[:21] + "...")

@@ -153,8 +153,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     from coaplayers import layer1
     from coaplayers.amplification import AmplificationGuard, AmplificationLimits
     from coaplayers.asgi import CoapAsgiApp, HttpListener
-    from coaplayers.e2e import E2EServerOptions, wrap_site
     from coaplayers.layer0.server import Layer0Site, answer_inline
+    from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
     from coaplayers.programs import config as cfg
     from coaplayers.rules import RulesSite
 
@@ -164,7 +164,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     certificate = cfg.certificate_from(args.cert, args.key, args.ca, require_peer=bool(args.ca))
     raw_public_key = cfg.raw_public_key_from(args.rpk_key, args.rpk_trust,
                                              key_flag="--rpk-key", trust_flag="--rpk-trust")
-    e2e = E2EServerOptions(
+    e2e = Layer0ServerOptions(
         psk_store=cfg.psk_store_from(args.e2e_psk),
         certificate=cfg.certificate_from(
             args.e2e_cert, args.e2e_key, args.e2e_ca, require_peer=bool(args.e2e_ca),

@@ -1,6 +1,6 @@
 """One endpoint serving several kinds of credentials: each ClientHello picks its backend.
 
-Used by both layers (Layer 0's tunnel endpoint, Layer 1's ``coaps://`` sockets); the dispatch
+Used by both layers (Layer 0's endpoint, Layer 1's ``coaps://`` sockets); the dispatch
 is written down in :mod:`coaplayers.layer0.listeners`.
 """
 

@@ -1,14 +1,14 @@
 """Layer 0: end-to-end DTLS inside CoAP payloads, through any CoAP proxy (docs/PROTOCOL.md).
 
-Server: wrap an aiocoap Site in :class:`Layer0Site`. Client: :class:`Layer0Channel`.
+Server: wrap an aiocoap Site in :class:`Layer0Site`. Client: :class:`Layer0Client`.
 """
 
-from .client import ChannelConfig, Layer0Channel, Layer0Observation, Layer0Request
-from .core import Answer, Layer0Peer, ServerLimits, TunnelCore
+from .client import Layer0Client, Layer0Config, Layer0Observation, Layer0Request
+from .core import Answer, Layer0Peer, Layer0ServerCore, ServerLimits
 from .errors import (
-    ChannelClosed,
     HandshakeFailed,
     InnerMessageError,
+    Layer0Closed,
     Layer0Error,
     NoAnswer,
     OuterError,
@@ -26,16 +26,17 @@ __all__ = [
     "MAX_DATAGRAM",
     "WELL_KNOWN_PATH",
     "Answer",
-    "ChannelClosed",
-    "ChannelConfig",
     "HandshakeFailed",
     "InnerMessageError",
-    "Layer0Channel",
+    "Layer0Client",
+    "Layer0Closed",
+    "Layer0Config",
     "Layer0Error",
     "Layer0Observation",
     "Layer0Peer",
     "Layer0Remote",
     "Layer0Request",
+    "Layer0ServerCore",
     "Layer0Site",
     "NoAnswer",
     "OuterError",
@@ -45,6 +46,5 @@ __all__ = [
     "ServerBusy",
     "ServerLimits",
     "SessionLost",
-    "TunnelCore",
     "layer0_peer",
 ]

@@ -1,23 +1,23 @@
-"""The client side of Layer 0: a channel to one origin server, used like an aiocoap context.
+"""The client side of Layer 0: a client of one origin server, used like an aiocoap context.
 
-``Layer0Channel(context, "coap://server", credentials, proxy="coap://proxy")`` sends nothing
+``Layer0Client(context, "coap://server", credentials, proxy="coap://proxy")`` sends nothing
 until the first request; then it runs the end-to-end DTLS handshake through whatever outer
 transport and proxies ``context`` reaches, and carries each inner request in one record. Its
-:meth:`Layer0Channel.request` mirrors aiocoap's: it returns an object whose ``response`` is
+:meth:`Layer0Client.request` mirrors aiocoap's: it returns an object whose ``response`` is
 awaited and whose ``observation`` (for Observe requests) is iterated.
 
 What it does by itself, so applications need not:
 
-* block-wise inside the tunnel (512-byte inner blocks), in both directions;
-* Observe inside the tunnel: notifications are fetched with long-polling pulls, each a small
+* block-wise inside Layer 0 (512-byte inner blocks), in both directions;
+* Observe inside Layer 0: notifications are fetched with long-polling pulls, each a small
   record that acknowledges what the previous pulls delivered (the server keeps a notification
   until then), because not every proxy forwards outer observations (aiocoap 0.4.17's forward
   proxy cannot);
 * a new handshake when the server answers 4.04 (it forgot the session), and resending the
   request if its method is idempotent (the server never decrypted it, but a lost answer after
-  a server crash cannot be told apart, so POST is only resent when the channel allows it);
+  a server crash cannot be told apart, so POST is only resent when the client allows it);
 * registering active observations again after such a new handshake (the server lost them
-  with the session), unless ``ChannelConfig.reregister_observations`` is off;
+  with the session), unless ``Layer0Config.reregister_observations`` is off;
 * resumption with the OpenSSL backend (a :class:`~coaplayers.dtls.TicketStore`, shareable).
 
 It never hands the application anything that did not authenticate: an altered or replayed
@@ -68,9 +68,9 @@ from ..dtls.openssl import build_psk_context
 from ..message import copy_request, echo_asked, request_through, with_echo
 from . import inner, profile
 from .errors import (
-    ChannelClosed,
     HandshakeFailed,
     InnerMessageError,
+    Layer0Closed,
     Layer0Error,
     NoAnswer,
     OuterError,
@@ -92,7 +92,7 @@ from .profile import (
 )
 from .server import MAX_INNER, layer0_config
 
-__all__ = ["ChannelConfig", "Layer0Channel", "Layer0Observation", "Layer0Request"]
+__all__ = ["Layer0Client", "Layer0Config", "Layer0Observation", "Layer0Request"]
 
 log = logging.getLogger(__name__)
 _REFUSED_PAUSE = 0.1  # seconds before the first repeat of a flight whose exchange was refused
@@ -109,8 +109,8 @@ restarts the handshake instead of failing a request that travelled with it."""
 
 
 @dataclass(frozen=True)
-class ChannelConfig:
-    """Every bound the channel applies."""
+class Layer0Config:
+    """Every bound the Layer 0 client applies."""
 
     handshake_timeout: float = 60.0
     """A handshake (all its outer exchanges and repeats) not done by then fails."""
@@ -140,7 +140,7 @@ class ChannelConfig:
     poll_pause: float = 0.5
     """Pause after an empty poll answer before the next poll (rate limit, not synchronisation)."""
     close_timeout: float = 5.0
-    """Bound on the DELETE that carries close_notify when the channel closes."""
+    """Bound on the DELETE that carries close_notify when the Layer 0 client closes."""
     misrouted_wait: float = 5.0
     """How long a request waits for its own inner answer when its outer answer carried another
     request's (authentic) one: a middle box swapped answers, ours is in the other exchange."""
@@ -172,7 +172,7 @@ class Layer0Observation:
     the Layer 0 error that ended it otherwise (e.g. :class:`SessionLost`).
     """
 
-    def __init__(self, channel: Layer0Channel) -> None:
+    def __init__(self, channel: Layer0Client) -> None:
         self._channel = channel
         self._queue: asyncio.Queue[Message | BaseException | None] = asyncio.Queue()
         self.token: bytes | None = None
@@ -228,9 +228,9 @@ class Layer0Observation:
 
 
 class Layer0Request:
-    """One application request on a channel: ``await req.response``; ``req.observation``."""
+    """One application request on a Layer 0 client: ``await req.response``; ``req.observation``."""
 
-    def __init__(self, channel: Layer0Channel, message: Message) -> None:
+    def __init__(self, channel: Layer0Client, message: Message) -> None:
         self._channel = channel
         self.observation = Layer0Observation(channel) if message.opt.observe == 0 else None
         self.response: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -255,15 +255,15 @@ class Layer0Request:
                 self.response.set_result(response)
 
 
-class Layer0Channel:
-    """An end-to-end DTLS channel to ``origin`` (``coap://host[:port]`` or ``coaps://...``).
+class Layer0Client:
+    """A Layer 0 (end-to-end DTLS) client of ``origin`` (``coap://host[:port]`` or ``coaps://...``).
 
     ``context`` is any aiocoap client context; it carries the outer messages (plain CoAP, or
     Layer 1 when the origin or proxy URI is ``coaps://``). ``credentials`` are Layer 0's own:
     :class:`PskClientCredentials` (tinydtls), :class:`CertificateCredentials` (OpenSSL) or
     :class:`RawPublicKeyCredentials` (GnuTLS, RFC 7250: its ``trusted`` keys pin the server).
     ``proxy`` is a forward proxy's URI (``coap://proxy:5683``). ``tickets`` keeps resumption
-    state (OpenSSL only); to resume across channels, share one store and one ``ssl_context``
+    state (OpenSSL only); to resume across Layer 0 clients, share one store and one ``ssl_context``
     (from :func:`coaplayers.dtls.build_context`): OpenSSL resumes only within one context.
     ``exporter``: the sessions must offer the TLS exporter (the OSCORE mode keys from it), so
     PSK handshakes run on OpenSSL rather than tinydtls, which has none.
@@ -276,7 +276,7 @@ class Layer0Channel:
         credentials: ClientCredentials,
         *,
         proxy: str | None = None,
-        config: ChannelConfig | None = None,
+        config: Layer0Config | None = None,
         tickets: TicketStore | None = None,
         ssl_context: SSL.Context | None = None,
         exporter: bool = False,
@@ -296,7 +296,7 @@ class Layer0Channel:
         self._proxy = UndecidedRemote.from_pathless_uri(proxy) if proxy else None
         self._proxy_uri = proxy
         self._outer_answers = 0  # CoAP answers in the current handshake attempt
-        self.config = config or ChannelConfig()
+        self.config = config or Layer0Config()
         self._credentials = credentials
         self._ssl_context = ssl_context
         if isinstance(credentials, CertificateCredentials):
@@ -330,11 +330,11 @@ class Layer0Channel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.handshakes = 0
-        """Completed handshakes (full or resumed) over the channel's life."""
+        """Completed handshakes (full or resumed) over the client's life."""
         self.reregistrations = 0
         """Observations registered again after the server lost their session."""
         self.last_handshake: HandshakeComplete | None = None
-        self.on_handshake: list[Callable[[Layer0Channel, HandshakeComplete], None]] = []
+        self.on_handshake: list[Callable[[Layer0Client, HandshakeComplete], None]] = []
         """Called after every completed handshake: the OSCORE mode's hook (see exporter)."""
         self.alpn: bytes | None = None
         """An ALPN protocol (RFC 7301) to offer in the next handshakes (OpenSSL backends). A
@@ -348,9 +348,9 @@ class Layer0Channel:
     # ------------------------------------------------------------------ public API
 
     def request(self, message: Message) -> Layer0Request:
-        """Send ``message`` (code, Uri-Path, options, payload) to the origin inside the tunnel."""
+        """Send ``message`` (code, Uri-Path, options, payload) to the origin inside Layer 0."""
         if self._closed:
-            raise ChannelClosed("the channel is closed")
+            raise Layer0Closed("the Layer 0 client is closed")
         return Layer0Request(self, message)
 
     async def connect(self) -> HandshakeComplete:
@@ -410,7 +410,7 @@ class Layer0Channel:
         if session is not None and session.is_established:
             session.close()
             datagram = b"".join(session.datagrams_to_send())
-        self._invalidate(self._generation, ChannelClosed("the channel was closed"))
+        self._invalidate(self._generation, Layer0Closed("the Layer 0 client was closed"))
         for task in list(self._tasks):
             task.cancel()
         if datagram:
@@ -421,7 +421,7 @@ class Layer0Channel:
             except (Layer0Error, TimeoutError):
                 pass
 
-    async def __aenter__(self) -> Layer0Channel:
+    async def __aenter__(self) -> Layer0Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -509,7 +509,7 @@ class Layer0Channel:
 
     async def _ensure(self) -> int:
         if self._closed:
-            raise ChannelClosed("the channel is closed")
+            raise Layer0Closed("the Layer 0 client is closed")
         if self._session is not None and self._session.is_established:
             return self._generation
         async with self._lock:
@@ -744,9 +744,10 @@ class Layer0Channel:
             assert request is not None
             try:
                 response = await self._exchange(request, obs)
-            except asyncio.CancelledError:  # the channel closed meanwhile
+            except asyncio.CancelledError:  # the client closed meanwhile
                 if not obs.cancelled:
-                    obs._end(ChannelClosed("the channel was closed") if self._closed else lost)
+                    obs._end(Layer0Closed("the Layer 0 client was closed") if self._closed
+                             else lost)
                 raise
             except Exception as exc:
                 if not obs.cancelled:

@@ -1,13 +1,13 @@
-"""The server's tunnel state machine, without sockets, CoAP stack or clock (sans-I/O).
+"""The Layer 0 server's state machine, without sockets, CoAP stack or clock (sans-I/O).
 
-:class:`TunnelCore` is driven by exactly three things, like the DTLS engine under it:
+:class:`Layer0ServerCore` is driven by exactly three things, like the DTLS engine under it:
 
-* outer requests, already reduced to (resource, payload, now): :meth:`TunnelCore.entry` for the
-  entry resource, :meth:`TunnelCore.datagram` for a session resource (:meth:`TunnelCore.queued`
-  is what a held pull waits for);
-* the shell sealing inner responses and notifications: :meth:`TunnelCore.seal`,
-  :meth:`TunnelCore.enqueue`;
-* time: every call takes ``now``, and :meth:`TunnelCore.expire` drops idle and stale sessions.
+* outer requests, already reduced to (resource, payload, now): :meth:`Layer0ServerCore.entry`
+  for the entry resource, :meth:`Layer0ServerCore.datagram` for a session resource
+  (:meth:`Layer0ServerCore.queued` is what a held pull waits for);
+* the shell sealing inner responses and notifications: :meth:`Layer0ServerCore.seal`,
+  :meth:`Layer0ServerCore.enqueue`;
+* time: every call takes ``now``, and :meth:`Layer0ServerCore.expire` drops idle and stale sessions.
 
 Each call returns an :class:`Answer` (the outer CoAP code and payload) that the shell sends back
 unchanged, so every outer answer the profile defines can be tested here without a network.
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Every bound the tunnel server applies; the defaults suit a small gateway."""
+    """Every bound the Layer 0 server applies; the defaults suit a small gateway."""
 
     max_sessions: int = 256
     """Established sessions; beyond it the least recently used one is evicted (its client gets
@@ -134,7 +134,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Layer0Peer:
-    """The authenticated peer of one tunnel, as resources see it (an authenticated claim).
+    """The authenticated peer of one Layer 0 session, as resources see it (an authenticated claim).
 
     ``identity`` is the PSK identity (as text), the certificate's common name, or the raw public
     key's SPKI fingerprint (32 hex digits); ``mode`` says which (``psk``, ``x509``, ``rpk``).
@@ -171,8 +171,9 @@ UNKNOWN = Answer(NOT_FOUND, UNKNOWN_SESSION)
 
 
 @dataclass(eq=False)
-class TunnelSession:
-    """One tunnel: its engine session, name, handshake tag, queue and handshake-repeat cache.
+class Layer0ServerSession:
+    """One Layer 0 session: its engine session, name, handshake tag, queue and handshake-repeat
+    cache.
 
     ``outbox`` holds the rest of a handshake flight (taken by tagged pulls) and, once
     established, notifications and other queued datagrams, each kept until a pull acknowledges
@@ -192,7 +193,7 @@ class TunnelSession:
     observations: dict[bytes, Callable[[], None]] = field(default_factory=dict)
     dropped: int = 0
     one_shot: bool = False
-    """The handshake agreed on a folded request (:attr:`TunnelCore.folded`): the session ends
+    """The handshake agreed on a folded request (:attr:`Layer0ServerCore.folded`): the session ends
     once that request is answered."""
 
     @property
@@ -236,8 +237,8 @@ def _source(peer_key: Hashable) -> Hashable:
     return peer_key
 
 
-class TunnelCore:
-    """Session table and outer-answer logic of the tunnel resources (see module docstring)."""
+class Layer0ServerCore:
+    """Session table and outer-answer logic of the Layer 0 resources (see module docstring)."""
 
     def __init__(
         self,
@@ -253,18 +254,18 @@ class TunnelCore:
         self.replica: int | None = None
         #: coap-server --workers: (index, count); names steer to this worker (steering.py).
         self.worker: tuple[int, int] | None = None
-        self.sessions: OrderedDict[str, TunnelSession] = OrderedDict()  # LRU order
+        self.sessions: OrderedDict[str, Layer0ServerSession] = OrderedDict()  # LRU order
         self._half_open: set[str] = set()
         self._half_open_source: dict[str, Hashable] = {}  # sid -> client host (pruned in entry)
         self._by_entry: dict[bytes, str] = {}
         self._by_engine: dict[int, str] = {}
         self.stats = CoreStats()
-        self.on_close: Callable[[TunnelSession], None] | None = None
+        self.on_close: Callable[[Layer0ServerSession], None] | None = None
         self.on_established: Callable[[Layer0Peer], None] | None = None
         #: ALPN protocol -> the inner request (plaintext, empty token) that a handshake which
         #: agreed on it stands for: it is handed to the shell with the client's last flight, as
         #: if it had travelled there, so its answer rides the server's Finished; the session
-        #: then ends (:attr:`TunnelSession.one_shot`). The ALPN choice is part of the
+        #: then ends (:attr:`Layer0ServerSession.one_shot`). The ALPN choice is part of the
         #: handshake's transcript, so no middle box can add or remove the request.
         self.folded: dict[bytes, bytes] = {}
 
@@ -306,7 +307,7 @@ class TunnelCore:
         if len(self._half_open) >= self.limits.max_half_open:
             self._evict_half_open()
         sid = self._new_sid()
-        s = TunnelSession(sid, dtls, now, now, digest, list(out), deque(out[1:]), tag)
+        s = Layer0ServerSession(sid, dtls, now, now, digest, list(out), deque(out[1:]), tag)
         self.sessions[sid] = s
         self._half_open.add(sid)
         self._half_open_source[sid] = _source(peer_key)
@@ -485,12 +486,12 @@ class TunnelCore:
 
     # ------------------------------------------------------------------------ internals
 
-    def _unauthenticated(self, s: TunnelSession) -> tuple[Answer, list[bytes]]:
+    def _unauthenticated(self, s: Layer0ServerSession) -> tuple[Answer, list[bytes]]:
         self.stats.unauthenticated += 1
         log.debug("session %s: request did not authenticate", s.sid)
         return UNKNOWN, []
 
-    def _handshake_datagram(self, s: TunnelSession, data: bytes, now: float
+    def _handshake_datagram(self, s: Layer0ServerSession, data: bytes, now: float
                             ) -> tuple[Answer, list[bytes]]:
         """A request that carried the session's handshake tag: a flight datagram, the repeat
         of one, a pull of the rest of the server's flight (no records), or an alert. The
@@ -546,7 +547,7 @@ class TunnelCore:
         return Answer(CHANGED, out[0] if out else b""), plaintexts
 
     def _pulls(
-        self, s: TunnelSession, code: Code, payload: bytes, plaintexts: list[bytes]
+        self, s: Layer0ServerSession, code: Code, payload: bytes, plaintexts: list[bytes]
     ) -> tuple[Answer, list[bytes]]:
         """Take the pulls out of authenticated inner messages: apply their acknowledgements,
         and answer a request that was only a pull with what is queued."""
@@ -559,7 +560,7 @@ class TunnelCore:
             return Answer(code, payload), rest
         return self.queued(s.sid) or Answer(code, pull=True), []
 
-    def _acknowledge(self, s: TunnelSession, ack: int) -> None:
+    def _acknowledge(self, s: Layer0ServerSession, ack: int) -> None:
         """Drop the queued datagrams whose records all have sequence numbers up to ``ack``:
         pull answers hand out the queue from its head, so those are what the client has."""
         while s.outbox:
@@ -572,11 +573,11 @@ class TunnelCore:
                 break
             s.outbox.popleft()
 
-    def _touch(self, s: TunnelSession, now: float) -> None:
+    def _touch(self, s: Layer0ServerSession, now: float) -> None:
         s.last_active = now
         self.sessions.move_to_end(s.sid)
 
-    def _established(self, s: TunnelSession, event: HandshakeComplete) -> None:
+    def _established(self, s: Layer0ServerSession, event: HandshakeComplete) -> None:
         self._half_open.discard(s.sid)
         self._by_entry.pop(s.entry_digest, None)
         s.hs_last_in, s.hs_last_out, s.entry_answer = None, [], []  # handshake-only caches

@@ -23,7 +23,7 @@ class SessionLost(Layer0Error, RemoteError):
     """The server does not know the session any more (4.04), e.g. after a restart or eviction.
 
     Raised for a request that was not resent automatically (non-idempotent methods, unless the
-    channel allows it): the server never decrypted it, but the caller decides whether to repeat.
+    client allows it): the server never decrypted it, but the caller decides whether to repeat.
     """
 
 
@@ -51,5 +51,5 @@ class NoAnswer(OuterError):
     nothing listens there, or everything is lost (not a key problem)."""
 
 
-class ChannelClosed(Layer0Error, LocalError):
-    """The channel was closed by the application."""
+class Layer0Closed(Layer0Error, LocalError):
+    """The Layer 0 client was closed by the application."""

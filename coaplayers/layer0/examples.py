@@ -1,8 +1,8 @@
 """Print the byte-exact examples of docs/PROTOCOL.md: ``python -m coaplayers.layer0.examples``.
 
-Inner messages are deterministic. The tunnel exchange is a real PSK handshake, one request and
+Inner messages are deterministic. The Layer 0 exchange is a real PSK handshake, one request and
 one pull that fetches a notification, driven in memory through
-:class:`~coaplayers.layer0.core.TunnelCore` (no sockets); its DTLS bytes differ on every run
+:class:`~coaplayers.layer0.core.Layer0ServerCore` (no sockets); its DTLS bytes differ on every run
 (randoms, keys), the framing around them does not.
 """
 
@@ -15,7 +15,7 @@ from aiocoap.numbers.types import Type
 
 from ..dtls import ApplicationData, PskClientCredentials, PskStore, TinyDtlsSession
 from . import inner
-from .core import Answer, TunnelCore
+from .core import Answer, Layer0ServerCore
 from .profile import CONTENT_FORMAT, WELL_KNOWN_PATH, handshake_tag, pull_message
 from .server import layer0_config, make_listener
 
@@ -75,7 +75,7 @@ def inner_examples() -> list[tuple[str, bytes]]:
 
 def tunnel_example() -> list[tuple[str, bytes]]:
     creds = PskClientCredentials(b"device-1", b"0123456789abcdef")
-    core = TunnelCore(
+    core = Layer0ServerCore(
         make_listener(PskStore({creds.identity: creds.key})), random=lambda n: b"\x01" * n
     )
     client = TinyDtlsSession.client(creds, layer0_config())
@@ -144,7 +144,7 @@ def main() -> None:
     print("## Inner messages\n")
     for title, data in inner_examples():
         print(f"{title}:\n    {_hex(data)}\n")
-    print("## A PSK tunnel: handshake, one protected request, one pull\n")
+    print("## A PSK Layer 0 session: handshake, one protected request, one pull\n")
     for title, data in tunnel_example():
         print(f"{title} ({len(data)} bytes):\n    {_hex(data)}\n")
 

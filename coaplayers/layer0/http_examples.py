@@ -20,7 +20,7 @@ from aiocoap.numbers.codes import Code
 
 from ..asgi import CoapAsgiApp, HttpListener
 from ..dtls import PskClientCredentials, PskStore
-from .client import Layer0Channel
+from .client import Layer0Client
 from .server import Layer0Site
 
 
@@ -63,7 +63,7 @@ async def _capture_run() -> list[tuple[str, bytes]]:
     proxy_uri = (await proxy.start())[0]
     ctx = await aiocoap.Context.create_client_context()
     try:
-        channel = Layer0Channel(ctx, f"http://127.0.0.1:{port}",
+        channel = Layer0Client(ctx, f"http://127.0.0.1:{port}",
                                 PskClientCredentials(b"device-1", b"secret-psk-0123"),
                                 proxy=proxy_uri)
         answer = await asyncio.wait_for(

@@ -3,7 +3,7 @@
 Two questions, kept apart because they are asked at different layers:
 
 * :meth:`Policy.requires_layer0`: a plain (outer) request to this path gets 4.01, so a resource
-  cannot be reached around the tunnel by mistake;
+  cannot be reached around Layer 0 by mistake;
 * :meth:`Policy.allows`: an inner request from this Layer 0 identity to this path gets 4.03 when
   not granted. Identities are the Layer 0 ones only (PSK identity, certificate common name, or
   a raw public key's fingerprint); a Layer 1 identity never appears here, so the two
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path as _FilePath
 from typing import Any, overload
 
-from .profile import is_tunnel_path
+from .profile import is_layer0_path
 
 Path = tuple[str, ...]
 
@@ -46,7 +46,7 @@ def _under(path: Sequence[str], prefix: Path) -> bool:
 class Policy:
     """``protected``: path prefixes that only Layer 0 may reach (``"/"`` = everything, the default).
 
-    ``grants``: identity -> path prefixes it may use inside the tunnel; ``None`` lets every
+    ``grants``: identity -> path prefixes it may use inside Layer 0; ``None`` lets every
     authenticated identity use every path (raw-public-key peers are named by fingerprint: see
     the module docstring). Prefixes are written ``"/a/b"`` or ``("a", "b")`` and match whole
     path segments (``/a`` covers ``/a/x`` but not ``/ab``).
@@ -69,13 +69,13 @@ class Policy:
         return cls(tuple(_prefix(p) for p in protected), g)
 
     def requires_layer0(self, path: Sequence[str]) -> bool:
-        if is_tunnel_path(path):
+        if is_layer0_path(path):
             return False
         return any(_under(path, p) for p in self.protected)
 
     def allows(self, identity: str | None, path: Sequence[str]) -> bool:
-        if is_tunnel_path(path):
-            return False  # no tunnel inside the tunnel
+        if is_layer0_path(path):
+            return False  # no Layer 0 inside Layer 0
         if self.grants is None:
             return True
         if identity is None:

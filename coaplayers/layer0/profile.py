@@ -16,7 +16,7 @@ from ..dtls import records
 from ..dtls.errors import ProtocolViolation
 
 WELL_KNOWN_PATH: Final = (".well-known", "atls")
-"""The tunnel entry resource: a client POSTs its first ClientHello here."""
+"""The Layer 0 entry resource: a client POSTs its first ClientHello here."""
 
 CONTENT_FORMAT: Final = 65000
 """``application/vnd.coaplayers.atls-records`` (experimental range): DTLS 1.2 records."""
@@ -40,7 +40,7 @@ INNER_BLOCK_SIZE: Final = 1 << (INNER_BLOCK_SZX + 4)
 
 SESSION_PREFIX: Final = "~"
 """First character of every session resource's name: ``/~<id>``, one Uri-Path option. One-segment
-paths starting with it belong to the tunnel (an unknown one gets 4.04 "unknown session", never
+paths starting with it belong to Layer 0 (an unknown one gets 4.04 "unknown session", never
 the wrapped site); one segment keeps the session's name at 7 bytes on every request."""
 
 SESSION_ID_CHARS: Final = 5
@@ -68,7 +68,7 @@ MAX_LOCATION_SEGMENTS: Final = 4
 
 MAX_TOKEN_LENGTH: Final = 8
 
-# Outer response codes of the tunnel resources (docs/PROTOCOL.md, "Outer codes").
+# Outer response codes of the Layer 0 resources (docs/PROTOCOL.md, "Outer codes").
 CREATED: Final = Code.CREATED  # session created (entry resource)
 CHANGED: Final = Code.CHANGED  # datagram processed; payload: answering records (maybe none)
 DELETED: Final = Code.DELETED  # session ended in an orderly way (close_notify)
@@ -88,10 +88,10 @@ inside (RFC 8613 treats them as class U for the same reason)."""
 IDEMPOTENT_METHODS: Final = frozenset({Code.GET, Code.FETCH, Code.PUT, Code.DELETE, Code.iPATCH})
 
 
-def is_tunnel_path(path: Sequence[str]) -> bool:
-    """Whether an outer Uri-Path belongs to the tunnel: the entry resource (and anything below
+def is_layer0_path(path: Sequence[str]) -> bool:
+    """Whether an outer Uri-Path belongs to Layer 0: the entry resource (and anything below
     it) or a one-segment session name. Such paths never reach the wrapped site, carry no OSCORE
-    and are refused inside the tunnel."""
+    and are refused inside Layer 0."""
     return tuple(path[:2]) == WELL_KNOWN_PATH or (
         len(path) == 1 and path[0].startswith(SESSION_PREFIX)
     )

@@ -46,7 +46,7 @@ def default_folder() -> Path:
 
 class ResumptionCache:
     """A :class:`~coaplayers.dtls.TicketStore` on disk, for one client's credentials and
-    OpenSSL context (``Layer0Channel(..., tickets=cache, ssl_context=context)``)."""
+    OpenSSL context (``Layer0Client(..., tickets=cache, ssl_context=context)``)."""
 
     def __init__(self, folder: str | os.PathLike[str], credentials: Any, context: SSL.Context,
                  *, max_servers: int = DEFAULT_MAX_SERVERS) -> None:

@@ -1,8 +1,9 @@
 """The server side of Layer 0: an aiocoap resource wrapping an existing aiocoap ``Site``.
 
-:class:`Layer0Site` is the thin asyncio shell around :class:`~coaplayers.layer0.core.TunnelCore`.
+:class:`Layer0Site` is the thin asyncio shell around
+:class:`~coaplayers.layer0.core.Layer0ServerCore`.
 Give it as the ``serversite`` of any aiocoap server context (plain UDP, or the Layer 1 coaps
-transport); it serves the tunnel under ``/.well-known/atls``, hands every decrypted inner request
+transport); it serves Layer 0 under ``/.well-known/atls``, hands every decrypted inner request
 to the wrapped site exactly as aiocoap's own server would (so block-wise and Observe of the
 existing resources work unchanged), and answers plain requests to protected paths with 4.01.
 
@@ -36,7 +37,7 @@ from ..dtls import (
 from ..dtls.cookieless import CookieBudget, budget
 from ..message import error_to_message
 from . import inner, profile
-from .core import Answer, Layer0Peer, ServerLimits, TunnelCore, TunnelSession
+from .core import Answer, Layer0Peer, Layer0ServerCore, Layer0ServerSession, ServerLimits
 from .eager import run_driving_pipe_eagerly
 from .errors import InnerMessageError
 from .policy import Policy
@@ -51,7 +52,7 @@ from .profile import (
     OUTER_ONLY_OPTIONS,
     UNSUPPORTED_CONTENT_FORMAT,
     WELL_KNOWN_PATH,
-    is_tunnel_path,
+    is_layer0_path,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = No
 
 
 class Layer0Remote(interfaces.EndpointAddress):
-    """The ``remote`` of an inner request: one tunnel session, whatever path it took.
+    """The ``remote`` of an inner request: one Layer 0 session, whatever path it took.
 
     Its block-wise key is the session, so inner block-wise transfers continue across proxy
     restarts and address changes, and inner blocks are 512 bytes so each fits one record.
@@ -160,7 +161,7 @@ class Layer0Remote(interfaces.EndpointAddress):
 
 
 def layer0_peer(request: Message) -> Layer0Peer | None:
-    """The Layer 0 peer of a request rendered through the tunnel, ``None`` for plain requests."""
+    """The Layer 0 peer of a request rendered through Layer 0, ``None`` for plain requests."""
     remote = getattr(request, "remote", None)
     for claim in getattr(remote, "authenticated_claims", ()) or ():
         if isinstance(claim, Layer0Peer):
@@ -213,7 +214,7 @@ class Layer0Site(interfaces.Resource):
         self.limits = limits or ServerLimits()
         listener = make_listener(credentials, layer0_config(self.limits.handshake_timeout),
                                  without_cookie=self.limits.without_cookie)
-        self.core = TunnelCore(listener, self.limits)
+        self.core = Layer0ServerCore(listener, self.limits)
         self.core.on_close = self._session_closed
         self.core.on_established = on_established
         self.core.replica = replica
@@ -232,8 +233,8 @@ class Layer0Site(interfaces.Resource):
     def fold(self, alpn: bytes, request: Message) -> None:
         """Answer ``request`` (an inner request; its token is replaced by the empty one) with
         the server's last handshake flight whenever a full or resumed handshake agrees on the
-        ALPN protocol ``alpn``, and end the session then (:attr:`TunnelCore.folded`). The OSCORE
-        mode folds its keying request this way (docs/OSCORE-KEYING.md 9.1). OpenSSL backends
+        ALPN protocol ``alpn``, and end the session then (:attr:`Layer0ServerCore.folded`). The
+        OSCORE mode folds its keying request this way (docs/OSCORE-KEYING.md 9.1). OpenSSL backends
         only: a raw-public-key (GnuTLS) handshake never agrees on it, and its client asks
         explicitly."""
         self.core.folded[alpn] = inner.encode(b"", request)
@@ -252,7 +253,7 @@ class Layer0Site(interfaces.Resource):
     async def render_to_pipe(self, pipe: Pipe) -> None:
         request = pipe.request
         path = tuple(request.opt.uri_path)
-        if is_tunnel_path(path):
+        if is_layer0_path(path):
             answer = self._tunnel_now(request, path)
             if not isinstance(answer, Message):
                 answer = await answer
@@ -267,7 +268,7 @@ class Layer0Site(interfaces.Resource):
         await self.site.render_to_pipe(pipe)
 
     def render_inline(self, pipe: Pipe) -> bool:
-        """Answer a tunnel request before returning, when it needs no waiting; ``False`` for
+        """Answer a Layer 0 request before returning, when it needs no waiting; ``False`` for
         any other request (render it through :meth:`render_to_pipe` as usual).
 
         Handshake flights, entry requests, DELETEs, refusals and pulls with something queued are
@@ -280,9 +281,9 @@ class Layer0Site(interfaces.Resource):
         """
         request = pipe.request
         path = tuple(request.opt.uri_path)
-        if not is_tunnel_path(path):
+        if not is_layer0_path(path):
             # With ``eager``, an inner site that can answer inline (OscoreSite: protected
-            # requests) is asked to, as the tunnel answers its own inner requests.
+            # requests) is asked to, as Layer 0 answers its own inner requests.
             inline = getattr(self.site, "render_inline", None)
             if self.eager and inline is not None and not self.policy.requires_layer0(path):
                 return bool(inline(pipe))
@@ -290,7 +291,7 @@ class Layer0Site(interfaces.Resource):
         try:
             answer = self._tunnel_now(request, path)
         except Exception:  # what error_to_message would do on the usual path
-            log.exception("Layer 0 tunnel request failed")
+            log.exception("Layer 0 request failed")
             answer = Message(code=Code.INTERNAL_SERVER_ERROR)
         if isinstance(answer, Message):
             pipe.add_response(answer, is_last=True)
@@ -299,7 +300,7 @@ class Layer0Site(interfaces.Resource):
             # wait (the usual case): see run_driving_pipe_eagerly.
             self._run_driving_pipe(
                 error_to_message(pipe, log), self._answer_later(pipe, answer),
-                name="Layer 0 tunnel request",
+                name="Layer 0 request",
             )
         return True
 
@@ -309,7 +310,7 @@ class Layer0Site(interfaces.Resource):
     # ------------------------------------------------------------------- outer side
 
     def _tunnel_now(self, request: Message, path: tuple[str, ...]) -> Message | Awaitable[Message]:
-        """The answer to a request on a tunnel path, or an awaitable of it when it must wait
+        """The answer to a request on a Layer 0 path, or an awaitable of it when it must wait
         (inner requests, pulls that wait for a notification)."""
         self._arm_sweeper()
         if path == WELL_KNOWN_PATH:
@@ -504,7 +505,7 @@ class Layer0Site(interfaces.Resource):
         if event is not None:
             event.set()
 
-    def _session_closed(self, s: TunnelSession) -> None:
+    def _session_closed(self, s: Layer0ServerSession) -> None:
         for stop in list(s.observations.values()):
             stop()
         s.observations.clear()
@@ -528,10 +529,10 @@ class Layer0Site(interfaces.Resource):
 
 
 def answer_inline(context: Any, site: Layer0Site) -> None:
-    """Let ``site`` answer tunnel requests as the ``context`` dispatches them.
+    """Let ``site`` answer Layer 0 requests as the ``context`` dispatches them.
 
     aiocoap renders every request in a task of its own, behind a second pipe that turns
-    exceptions into 5.00. The outer exchanges of a handshake need neither, since the tunnel
+    exceptions into 5.00. The outer exchanges of a handshake need neither, since Layer 0
     answers them synchronously: with this, :meth:`Layer0Site.render_inline` answers them at
     once (the response still piggybacks on the ACK, and duplicates are still answered from
     aiocoap's cache), and everything else (inner requests, waiting pulls, other resources) is

@@ -1,9 +1,9 @@
 """OSCORE mode: RFC 8613 end to end, keyed by the Layer 0 DTLS handshake.
 
-The Layer 0 handshake runs once through the tunnel; after it, requests travel as plain RFC
+The Layer 0 handshake runs once through Layer 0; after it, requests travel as plain RFC
 8613 OSCORE messages to the real resource paths, through any proxy. The pieces:
 
-* :mod:`.params` -- the CBOR parameters the server sends inside the tunnel
+* :mod:`.params` -- the CBOR parameters the server sends inside Layer 0
   (:class:`OscoreParameters`, strict :meth:`OscoreParameters.from_cbor`).
 * :mod:`.keying` -- exporter label and length, and :func:`derive_context`, which turns the
   exporter output plus parameters into a :class:`SecurityContext` for either role.

@@ -34,7 +34,7 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.transports.oscore import OSCOREAddress, TransportOSCORE
 
 from .. import _aiocoap
-from ..layer0.profile import is_tunnel_path
+from ..layer0.profile import is_layer0_path
 from ..message import echo_asked, request_through, with_echo
 from .context import SecurityContext
 from .errors import (
@@ -113,9 +113,9 @@ class ClientContexts:
         For a request through a forward proxy (Proxy-Scheme/Uri-Host/Uri-Port set, remote
         is the proxy), that is the origin server's URI, not the proxy's.
 
-        Layer 0 tunnel messages (``/.well-known/atls``, ``/~<session>``) are never protected:
-        they carry the handshake that keys (or re-keys) the context, and the server serves the
-        tunnel outside OSCORE. Protecting them with the context being replaced would make a
+        Layer 0 messages (``/.well-known/atls``, ``/~<session>``) are never protected: they
+        carry the handshake that keys (or re-keys) the context, and the server serves Layer 0
+        outside OSCORE. Protecting them with the context being replaced would make a
         re-keying handshake impossible.
         """
         opt = message.opt
@@ -141,7 +141,7 @@ class ClientContexts:
                 if len(self._origins) >= 256:
                     self._origins.clear()
                 self._origins[key] = origin
-            if is_tunnel_path(opt.uri_path):
+            if is_layer0_path(opt.uri_path):
                 return None
             return self._by_origin.get(origin)
         try:
@@ -149,7 +149,7 @@ class ClientContexts:
         except Exception:  # e.g. no remote and no Uri-Host yet
             return None
         segments = tuple(unquote(s) for s in urlsplit(uri).path.split("/")[1:])
-        if is_tunnel_path(segments):
+        if is_layer0_path(segments):
             return None
         try:
             return self._by_origin.get(origin_of(uri))

@@ -29,7 +29,7 @@ class OscoreError(CoaplayersError, _aiocoap_error.Error):  # type: ignore[misc] 
 
 
 class ParameterError(OscoreError, RemoteError, ValueError):
-    """The OSCORE parameters sent by the server inside the Layer 0 tunnel are malformed.
+    """The OSCORE parameters sent by the server inside Layer 0 are malformed.
 
     Raised by the strict parser for any deviation from docs/OSCORE-KEYING.md (bad CBOR,
     trailing bytes, unknown or missing map keys, wrong types, unsupported algorithms,

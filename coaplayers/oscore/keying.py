@@ -2,10 +2,10 @@
 
 The whole procedure, as Layer 0 runs it (normative text: docs/OSCORE-KEYING.md):
 
-1. The DTLS handshake in the tunnel completes (OpenSSL backend: it has the exporter).
+1. The DTLS handshake in Layer 0 completes (OpenSSL backend: it has the exporter).
 2. The server picks the parameters (:class:`~coaplayers.oscore.params.OscoreParameters`;
    ``client_id`` from :meth:`coaplayers.oscore.server.ContextStore.allocate_client_id`) and
-   sends ``params.to_cbor()`` to the client as DTLS application data inside the tunnel.
+   sends ``params.to_cbor()`` to the client as DTLS application data inside Layer 0.
 3. Both ends call the exporter with :data:`EXPORTER_LABEL`, *no* context value and
    :func:`exporter_length` bytes (:func:`export_keying_material` does this for a pyOpenSSL
    connection), and then :func:`derive_context` with their own :class:`Role`.

@@ -1,12 +1,12 @@
 """The OSCORE mode end to end: one Layer 0 handshake keys RFC 8613 for the requests after it.
 
 How the parameters travel (docs/PROTOCOL.md, "OSCORE mode"): once the Layer 0 session is
-established, the client sends an inner ``POST /.well-known/atls-oscore`` through the tunnel.
+established, the client sends an inner ``POST /.well-known/atls-oscore`` through Layer 0.
 The server picks the parameters, derives its context from the session's exporter and answers
 2.04 with the parameters' CBOR (docs/OSCORE-KEYING.md). The client derives the same context,
 closes the Layer 0 session (it is no longer needed) and sends plain OSCORE requests to the real
 resource paths from then on. Being an inner request, the keying exchange is encrypted and
-authenticated by the Layer 0 session, and it reuses the tunnel's retransmission and
+authenticated by the Layer 0 session, and it reuses Layer 0's retransmission and
 block-wise machinery.
 """
 
@@ -27,7 +27,7 @@ from aiocoap.transports.oscore import OSCOREAddress
 
 from .. import _aiocoap
 from ..dtls.errors import DtlsError
-from ..layer0.client import Layer0Channel
+from ..layer0.client import Layer0Client
 from ..layer0.server import layer0_peer
 from ..message import copy_request, split_hostinfo
 from .client import ClientContexts, Routing, apply_routing, attach, origin_of
@@ -144,12 +144,12 @@ class OscoreRequester:
     """
 
     def __init__(self, context: aiocoap.Context, origin: str,
-                 new_channel: Callable[[], Layer0Channel], *, proxy: str | None = None,
+                 new_channel: Callable[[], Layer0Client], *, proxy: str | None = None,
                  rekey_threshold: int | None = None, kept: KeptSlot | None = None) -> None:
         self.rekey_threshold = rekey_threshold
         self._context = context
         self.origin = origin_of(origin)
-        self._new_channel = new_channel  # a new channel (full handshake) per keying
+        self._new_channel = new_channel  # a new Layer 0 client (full handshake) per keying
         self._contexts = ClientContexts()
         self._transport = attach(context, self._contexts)
         self._proxy = proxy
@@ -164,7 +164,7 @@ class OscoreRequester:
         # out protected at once; every keying replaces it.
         self.kept = kept
         self.restored = False
-        self._closings: set[asyncio.Future[None]] = set()  # keying channels being closed
+        self._closings: set[asyncio.Future[None]] = set()  # keying sessions being closed
         if kept is not None:
             sc = kept.load(rekey_threshold=rekey_threshold)
             if sc is not None:
@@ -254,7 +254,7 @@ class OscoreRequester:
         self.parameters = params
         self.keyings += 1
 
-    def _closing_channel(self, channel: Layer0Channel) -> None:
+    def _closing_channel(self, channel: Layer0Client) -> None:
         task = asyncio.ensure_future(channel.close())
         self._closings.add(task)
         task.add_done_callback(self._closings.discard)
@@ -346,7 +346,7 @@ class OscoreRequester:
 
     async def close(self) -> None:
         self._contexts.remove(self.origin)
-        if self._closings:  # let the keying channels' close_notify go out (bounded by theirs)
+        if self._closings:  # let the keying sessions' close_notify go out (bounded by theirs)
             await asyncio.gather(*self._closings, return_exceptions=True)
         if self.kept is not None:
             self.kept.release()

@@ -1,4 +1,4 @@
-"""The OSCORE parameters the server sends to the client inside the Layer 0 tunnel.
+"""The OSCORE parameters the server sends to the client inside Layer 0.
 
 After the Layer 0 DTLS handshake, the server tells the client which Sender/Recipient IDs,
 algorithms and (optional) ID Context to use. Both ends then derive the same RFC 8613

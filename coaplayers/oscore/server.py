@@ -268,8 +268,8 @@ def peer_of(request: aiocoap.Message) -> str | None:
 class OscoreSite(interfaces.Resource):
     """Serve an aiocoap resource tree to OSCORE clients whose contexts are in a store.
 
-    Unprotected requests go to the inner site unchanged (so ``/.well-known/atls`` and the
-    tunnel keep working next to OSCORE); protected ones are unprotected with the context
+    Unprotected requests go to the inner site unchanged (so ``/.well-known/atls`` and
+    Layer 0 keep working next to OSCORE); protected ones are unprotected with the context
     their kid names, rendered by the inner site, and the responses (including every Observe
     notification) protected again.
 

@@ -19,8 +19,8 @@ from typing import Any
 import aiocoap
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import OscoreModeRequester
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
+from coaplayers.layer0_modes import OscoreModeRequester
 from coaplayers.layer1.credentials import ClientCredentials
 from coaplayers.replica import replica_of_kid, replica_of_session
 
@@ -39,7 +39,7 @@ async def main(origin: str, keys: Path, n: int) -> None:
 
         ctx = await layer1.create_context(client_credentials=hop, on_event=count)
         if i < n:
-            clients.append(("layer0", ctx, Layer0Channel(ctx.context, origin, e2e)))
+            clients.append(("layer0", ctx, Layer0Client(ctx.context, origin, e2e)))
         else:
             clients.append(("oscore", ctx, OscoreModeRequester(ctx, origin, None, e2e)))
 

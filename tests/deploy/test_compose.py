@@ -226,7 +226,7 @@ def test_client_reaches_app_server_only_through_proxy(stack: tuple[Podman, str])
     # A container on the device network, like the client: through the proxy it works ...
     device = _probe(pod, project, "device")
     via = _until_ok(pod, device, "coap-client", "--config", "/keys/client.toml",
-                    "--e2e", "dtls", "-B", "10", "coaps://app-server:5684/hello")
+                    "--layer0", "dtls", "-B", "10", "coaps://app-server:5684/hello")
     assert via.returncode == 0, (via.stderr, _logs(pod, proxy)[-2000:])
     assert "Hello from coap-server (mode layer0-dtls" in via.stdout
 
@@ -266,7 +266,7 @@ def test_three_app_server_replicas(podman: Podman) -> None:
         servers = podman("ps", "-q", "--filter", f"name={project}_app-server_").stdout.split()
         assert len(servers) == 3
         answers = [
-            run(["scripts/compose", "podman", "client", "--e2e", mode, *extra,
+            run(["scripts/compose", "podman", "client", "--layer0", mode, *extra,
                  "coaps://app-server:5684/hello"], timeout=120, env=env, cwd=ROOT)
             for mode, extra in [("dtls", [])] * 6 + [("oscore", ["--no-keep"])] * 2]
         for a in answers:

@@ -128,7 +128,7 @@ def test_client_reaches_server_only_through_proxy(
         # answered by the application server inside the end-to-end DTLS session.
         via_proxy = run(
             topology.exec(topology.client, program("coap-client"), "--config",
-                          str(keys / "client.toml"), "--e2e", "dtls", "-v", "-B", "10",
+                          str(keys / "client.toml"), "--layer0", "dtls", "-v", "-B", "10",
                           f"coaps://{BACKEND_SERVER}:{SERVER_PORT}/hello"),
             timeout=30,
         )

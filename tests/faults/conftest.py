@@ -28,8 +28,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import E2EServerOptions, wrap_site
-from coaplayers.layer0 import ChannelConfig, Layer0Channel, Layer0Site
+from coaplayers.layer0 import Layer0Client, Layer0Config, Layer0Site
+from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
 from coaplayers.oscore.mode import OscoreRequester
 from coaplayers.programs import keys
 from tests.conftest import free_udp_port
@@ -176,7 +176,7 @@ class App:
         site = resource.Site()
         site.add_resource(["count"], Count(self))
         site.add_resource(["nonce"], Nonce(self))
-        options = E2EServerOptions(
+        options = Layer0ServerOptions(
             psk_store=self.creds.e2e_psk_store(), certificate=self.creds.e2e_server_cert(),
             required=self.required,
         )
@@ -314,9 +314,9 @@ def uri(address: tuple[str, int], scheme: str = "coap") -> str:
 
 def layer0_channel(
     ctx: layer1.LayeredContext, origin: str, credentials: Any, proxy: str | None, **kw: Any
-) -> Layer0Channel:
-    config = ChannelConfig(transport_tuning=FastTuning(), **kw)
-    return Layer0Channel(ctx.context, origin, credentials, proxy=proxy, config=config)
+) -> Layer0Client:
+    config = Layer0Config(transport_tuning=FastTuning(), **kw)
+    return Layer0Client(ctx.context, origin, credentials, proxy=proxy, config=config)
 
 
 def oscore_requester(
@@ -329,9 +329,9 @@ def oscore_requester(
     ssl_context = dtls.build_context(cert, server=False)
     return OscoreRequester(
         ctx.context, origin,
-        lambda: Layer0Channel(
+        lambda: Layer0Client(
             ctx.context, origin, cert, proxy=proxy, ssl_context=ssl_context,
-            config=ChannelConfig(transport_tuning=FastTuning()),
+            config=Layer0Config(transport_tuning=FastTuning()),
         ),
         proxy=proxy,
     )

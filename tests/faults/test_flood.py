@@ -73,7 +73,7 @@ Measured: 0-3.5 MB."""
 DEDUP_ENTRY = 1536
 """Layer 0 only: aiocoap remembers every outer request (remote, MID, a timer) for its
 deduplication during EXCHANGE_LIFETIME (247 s), whatever the request. That is aiocoap's memory,
-not the tunnel's, and it grows with the request rate (about 1.1 KB per request measured here), so
+not Layer 0's, and it grows with the request rate (about 1.1 KB per request measured here), so
 the bounds above get this much more per entry added to that table during the flood."""
 ANSWERED = 0.9
 """Share of the attacker's ClientHellos that must be answered within REPLY_WAIT: the rest were

@@ -25,8 +25,8 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 
 from coaplayers.asgi import CoapAsgiApp, HttpListener
-from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.layer0 import Layer0Site
+from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
 from coaplayers.proxy.config import ProxyConfig
 
 from .conftest import App, Count, Keys, T, layer0_channel, oscore_message, oscore_requester
@@ -40,7 +40,7 @@ class HttpApp(App):
     async def start(self) -> None:
         site = resource.Site()
         site.add_resource(["count"], Count(self))
-        wrapped = wrap_site(site, E2EServerOptions(
+        wrapped = wrap_site(site, Layer0ServerOptions(
             psk_store=self.creds.e2e_psk_store(), certificate=self.creds.e2e_server_cert()))
         assert isinstance(wrapped, Layer0Site)
         self.layer0 = wrapped

@@ -14,7 +14,7 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
 from coaplayers import dtls
-from coaplayers.layer0 import ChannelConfig, Layer0Channel
+from coaplayers.layer0 import Layer0Client, Layer0Config
 from coaplayers.oscore import AlreadyProcessed, RehandshakeRequired, UnprotectedErrorResponse
 from coaplayers.oscore.client import origin_of
 from coaplayers.oscore.kept import KeptContexts
@@ -47,9 +47,9 @@ def _requester(peer: Peer, kept: KeptContexts) -> OscoreRequester:
     assert slot is not None
     return OscoreRequester(
         peer.ctx.context, origin,
-        lambda: Layer0Channel(peer.ctx.context, origin, cert, proxy=peer.evil.uri,
+        lambda: Layer0Client(peer.ctx.context, origin, cert, proxy=peer.evil.uri,
                               ssl_context=ssl_context,
-                              config=ChannelConfig(transport_tuning=FastTuning())),
+                              config=Layer0Config(transport_tuning=FastTuning())),
         proxy=peer.evil.uri, kept=slot)
 
 

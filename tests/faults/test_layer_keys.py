@@ -16,7 +16,7 @@ from aiocoap import GET, Message
 from aiocoap.numbers.codes import Code
 
 from coaplayers import dtls, layer1
-from coaplayers.layer0 import ChannelConfig, HandshakeFailed, Layer0Channel
+from coaplayers.layer0 import HandshakeFailed, Layer0Client, Layer0Config
 
 from .conftest import App, FastTuning, Keys
 
@@ -24,8 +24,8 @@ FAIL_BOUND = 30.0
 
 
 async def layer0_get(ctx: layer1.LayeredContext, app: App, credentials: object) -> aiocoap.Message:
-    config = ChannelConfig(transport_tuning=FastTuning(), handshake_timeout=10.0)
-    ch = Layer0Channel(ctx.context, app.uri, credentials, config=config)  # type: ignore[arg-type]
+    config = Layer0Config(transport_tuning=FastTuning(), handshake_timeout=10.0)
+    ch = Layer0Client(ctx.context, app.uri, credentials, config=config)  # type: ignore[arg-type]
     try:
         req = ch.request(Message(code=GET, uri_path=["nonce"], uri_query=["k"]))
         return await asyncio.wait_for(req.response, FAIL_BOUND)

@@ -4,7 +4,7 @@ server execute a wrong request or one request twice.
 
 Topology: client --> EvilProxy (tests/faults/evilproxy.py, a real UDP forward proxy that parses
 and re-encodes every CoAP message) --> application server. The server requires end-to-end
-protection (``E2EServerOptions(required=True)``): a server that also serves plain CoAP executes
+protection (``Layer0ServerOptions(required=True)``): a server that also serves plain CoAP executes
 whatever anybody sends it in plain, which is no property of the layers.
 
 POST /count executes (count += 1) and answers ``nonce count``. For every case, the checks of
@@ -31,16 +31,16 @@ from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import layer1
 from coaplayers.layer0 import (
-    ChannelConfig,
     HandshakeFailed,
-    Layer0Channel,
+    Layer0Client,
+    Layer0Config,
     Layer0Error,
     OuterError,
     RecordRejected,
     ResponseRejected,
     SessionLost,
 )
-from coaplayers.layer0.profile import is_tunnel_path
+from coaplayers.layer0.profile import is_layer0_path
 from coaplayers.oscore import (
     AlreadyProcessed,
     OscoreError,
@@ -135,18 +135,18 @@ class Peer:
 
     def __post_init__(self) -> None:
         origin = self.app.uri
-        self.ch: Layer0Channel | None = None
+        self.ch: Layer0Client | None = None
         self.osc: Any = None
         if self.mode == "oscore":
             self.osc = oscore_requester(self.ctx, origin, self.creds, self.evil.uri)
         else:
             cred = (self.creds.e2e_psk_client() if self.mode == "psk"
                     else self.creds.e2e_client_cert())
-            config = ChannelConfig(
+            config = Layer0Config(
                 transport_tuning=ShortTuning(), exchange_timeout=self.exchange_timeout,
                 handshake_timeout=10.0,
             )
-            self.ch = Layer0Channel(self.ctx.context, origin, cred, proxy=self.evil.uri,
+            self.ch = Layer0Client(self.ctx.context, origin, cred, proxy=self.evil.uri,
                                     config=config)
 
     def request(self, code: Code, path: str, payload: bytes = b"",
@@ -212,7 +212,7 @@ class Peer:
         if self.mode == "oscore":
             return msg.opt.oscore is not None
         return (msg.code == POST and len(msg.opt.uri_path) == 1
-                and is_tunnel_path(msg.opt.uri_path) and msg.payload[:1] == b"\x17")
+                and is_layer0_path(msg.opt.uri_path) and msg.payload[:1] == b"\x17")
 
     def is_protected_answer(self, msg: Message) -> bool:
         if not msg.code.is_response():
@@ -859,7 +859,7 @@ async def test_answer_bodies_swapped_between_two_requests_are_never_misattribute
 ) -> None:
     """Each outer exchange gets the other's protected answer. Layer 0 routes records by inner
     token, so each request gets its own answer from the other exchange (a request whose outer
-    answer carried another's waits for its own: ChannelConfig.misrouted_wait); OSCORE binds
+    answer carried another's waits for its own: Layer0Config.misrouted_wait); OSCORE binds
     each answer to its request's Partial IV, so both are rejected. Never is one request's
     answer taken for the other's (settle checks the nonce of every accepted answer)."""
     peer = await make_peer(mode)

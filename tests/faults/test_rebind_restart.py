@@ -9,8 +9,8 @@ import pytest
 from aiocoap import GET, POST, Message
 from aiocoap.numbers.codes import Code
 
-from coaplayers.e2e import E2EClientOptions, open_requester
 from coaplayers.layer0 import SessionLost
+from coaplayers.layer0_modes import Layer0ClientOptions, open_requester
 from coaplayers_tools.relay import FaultRelay
 
 from .conftest import App, Keys, T, layer0_channel, oscore_message, oscore_requester, uri
@@ -129,13 +129,14 @@ async def test_server_restart_leads_to_new_handshakes_and_no_wrong_answer(
 async def test_coap_client_oscore_mode_rekeys_after_server_restart(
     app: App, creds: Keys, start_proxy, client_contexts
 ) -> None:
-    """The OSCORE requester exactly as coap-client builds it (coaplayers.e2e.open_requester):
-    it re-keys by itself after each server restart (it crashed in resumption until 3332ce1)."""
+    """The OSCORE requester exactly as coap-client builds it
+    (coaplayers.layer0_modes.open_requester): it re-keys by itself after each server restart
+    (it crashed in resumption until 3332ce1)."""
     proxy = await start_proxy()
     (ctx,) = await client_contexts(1)
     requester = await open_requester(
         ctx, proxy=proxy.uri, target=app.uri + "/count",
-        e2e=E2EClientOptions(mode="oscore", certificate=creds.e2e_client_cert()),
+        e2e=Layer0ClientOptions(mode="oscore", certificate=creds.e2e_client_cert()),
     )
     try:
         for n in range(2):

@@ -1,5 +1,5 @@
 """Real peers for the fuzz suite and its corpus: DTLS clients and listeners of both backends,
-a sans-I/O drive of the Layer 0 tunnel core, and a pair of OSCORE contexts with fixed keys."""
+a sans-I/O drive of Layer 0 core, and a pair of OSCORE contexts with fixed keys."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from coaplayers.dtls import (
     TinyDtlsSession,
     build_context,
 )
-from coaplayers.layer0.core import TunnelCore
+from coaplayers.layer0.core import Layer0ServerCore
 from coaplayers.layer0.profile import CHANGED, CREATED, MAX_DATAGRAM, handshake_tag
 from coaplayers.oscore import OscoreParameters, Role, derive_context
 
@@ -101,7 +101,7 @@ def drain(session: DtlsSession) -> list[object]:
     return events
 
 
-def tunnel_handshake(core: TunnelCore, client: DtlsSession, peer_key=("coap", "p")) -> str:  # type: ignore[no-untyped-def]
+def tunnel_handshake(core: Layer0ServerCore, client: DtlsSession, peer_key=("coap", "p")) -> str:  # type: ignore[no-untyped-def]
     """Run a Layer 0 handshake through the sans-I/O core, as the client shell would."""
     client.connect(0.0)
     sid: str | None = None

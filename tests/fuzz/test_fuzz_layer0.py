@@ -1,11 +1,11 @@
-"""Fuzzing Layer 0: the inner message codec, the sans-I/O tunnel core, and the tunnel resource
-(:class:`Layer0Site`) driven through aiocoap's pipe without sockets.
+"""Fuzzing Layer 0: the inner message codec, the sans-I/O Layer 0 server core, and the Layer 0
+resource (:class:`Layer0Site`) driven through aiocoap's pipe without sockets.
 
 Contracts:
 
 * :func:`inner.decode` rejects with :class:`InnerMessageError` only; what it accepts encodes
   back to the same message; :func:`inner.peek_token` never raises.
-* :class:`TunnelCore` never raises on received payloads or session names; every answer is one
+* :class:`Layer0ServerCore` never raises on received payloads or session names; every answer is one
   of the outer codes docs/PROTOCOL.md defines for its resource, and limits hold.
 * The tunnel resource answers every outer request (any code, path, Content-Format, payload)
   with a defined code, and every decrypted inner message (any bytes a peer holding the session
@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from coaplayers.dtls import ApplicationData, DtlsSession
 from coaplayers.layer0 import inner
-from coaplayers.layer0.core import Answer, ServerLimits, TunnelCore
+from coaplayers.layer0.core import Answer, Layer0ServerCore, ServerLimits
 from coaplayers.layer0.errors import InnerMessageError
 from coaplayers.layer0.profile import (
     BAD_REQUEST,
@@ -49,7 +49,7 @@ from coaplayers.layer0.profile import (
     UNAUTHORIZED,
     UNSUPPORTED_CONTENT_FORMAT,
     WELL_KNOWN_PATH,
-    is_tunnel_path,
+    is_layer0_path,
 )
 from coaplayers.layer0.server import Layer0Site
 
@@ -101,16 +101,16 @@ def test_inner_decode_rejects_only_with_inner_message_error(data: bytes) -> None
 # --------------------------------------------------------------------- tunnel core
 
 
-def new_core(backend: str, **limits: Any) -> TunnelCore:
+def new_core(backend: str, **limits: Any) -> Layer0ServerCore:
     _, new_listener = peers.BACKENDS[backend]
-    return TunnelCore(new_listener(peers.L0_CONFIG), ServerLimits(**limits))
+    return Layer0ServerCore(new_listener(peers.L0_CONFIG), ServerLimits(**limits))
 
 
 def check_answer(answer: Answer, allowed: set[Code]) -> None:
     assert answer.code in allowed, answer.code
     assert isinstance(answer.payload, bytes) and len(answer.payload) <= MAX_DATAGRAM
     if answer.code == CREATED:
-        assert answer.location is not None and is_tunnel_path(answer.location)
+        assert answer.location is not None and is_layer0_path(answer.location)
         assert answer.location != WELL_KNOWN_PATH
     if answer.carries_records and answer.code in (CREATED, CHANGED):
         records_ok(answer.payload)
@@ -270,7 +270,7 @@ def test_tunnel_resource_answers_any_outer_request(backend: str, loop: Any) -> N
         if cf is not None:
             request.opt.content_format = cf
         response = render(loop, site, request)
-        tunnel = is_tunnel_path(path)
+        tunnel = is_layer0_path(path)
         if tunnel:
             assert response.code in OUTER_CODES, (path, response.code)
         else:

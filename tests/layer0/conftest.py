@@ -21,7 +21,7 @@ from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import pki
 from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore
-from coaplayers.layer0 import Layer0Channel, Layer0Site, Policy, ServerLimits
+from coaplayers.layer0 import Layer0Client, Layer0Site, Policy, ServerLimits
 from coaplayers.layer0.server import answer_inline
 
 from ..conftest import free_udp_port
@@ -240,9 +240,9 @@ def channel(
     creds: Credentials,
     proxy: str | None = None,
     **kw: object,
-) -> Layer0Channel:
-    from coaplayers.layer0 import ChannelConfig
+) -> Layer0Client:
+    from coaplayers.layer0 import Layer0Config
 
     kw.setdefault("transport_tuning", FastTuning())
-    config = ChannelConfig(**kw)  # type: ignore[arg-type]
-    return Layer0Channel(ctx, origin_uri, creds.client, proxy=proxy, config=config)
+    config = Layer0Config(**kw)  # type: ignore[arg-type]
+    return Layer0Client(ctx, origin_uri, creds.client, proxy=proxy, config=config)

@@ -19,7 +19,7 @@ from coaplayers.dtls import (
     TinyDtlsSession,
     records,
 )
-from coaplayers.layer0 import InnerMessageError, Policy, ServerLimits, TunnelCore, inner
+from coaplayers.layer0 import InnerMessageError, Layer0ServerCore, Policy, ServerLimits, inner
 from coaplayers.layer0.core import Answer
 from coaplayers.layer0.examples import inner_examples
 from coaplayers.layer0.profile import WELL_KNOWN_PATH, handshake_tag
@@ -57,7 +57,7 @@ def test_policy_prefixes_and_grants() -> None:
     assert not p.allows("other", (*WELL_KNOWN_PATH, "x"))
 
 
-def handshake(core: TunnelCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]:
+def handshake(core: Layer0ServerCore, now: float = 0.0) -> tuple[TinyDtlsSession, str]:
     client = TinyDtlsSession.client(CREDS, layer0_config())
     client.connect(now)
     sid = None
@@ -88,11 +88,11 @@ def tag_of(created: Answer) -> bytes:
     return tag
 
 
-def core(**limits: float) -> TunnelCore:
+def core(**limits: float) -> Layer0ServerCore:
     bounds = ServerLimits(**limits)  # type: ignore[arg-type]
     listener = make_listener(PskStore({CREDS.identity: CREDS.key}),
                              without_cookie=bounds.without_cookie)
-    return TunnelCore(listener, bounds)
+    return Layer0ServerCore(listener, bounds)
 
 
 def test_cookie_exchange_is_stateless_and_a_repeat_gets_the_same_answer() -> None:
@@ -290,7 +290,7 @@ def test_every_kind_skips_the_cookie_until_the_shared_budget_is_spent() -> None:
         CertificateCredentials([server.certificate], server.private_key, [ca.certificate]),
         RawPublicKeyCredentials(rpk_server, trusted=[rpk_client.public_key()]),
     )
-    c = TunnelCore(make_listener(creds, without_cookie=2), ServerLimits(without_cookie=2))
+    c = Layer0ServerCore(make_listener(creds, without_cookie=2), ServerLimits(without_cookie=2))
     cert_creds = CertificateCredentials([client.certificate], client.private_key,
                                         [ca.certificate], server_name="server.example")
     cert_ctx = build_context(cert_creds, server=False, ciphers=profile.DTLS_CIPHERS)

@@ -1,6 +1,6 @@
 """Layer 0 end to end through real, independent proxies (aiocoap-proxy and libcoap's proxy).
 
-Topology: Layer0Channel -> [proxy subprocess] -> [relay] -> in-process origin (Layer0Site).
+Topology: Layer0Client -> [proxy subprocess] -> [relay] -> in-process origin (Layer0Site).
 The relay between proxy and origin is where the proxy's view of the traffic is recorded or
 tampered with.
 """
@@ -27,7 +27,7 @@ T = 30.0  # bound of any single step
 
 
 async def observe_three(ch, counter) -> list[bytes]:  # type: ignore[no-untyped-def]
-    """Observe /counter inside the tunnel; the test bumps it after each notification arrives."""
+    """Observe /counter inside Layer 0; the test bumps it after each notification arrives."""
     req = ch.request(Message(code=GET, uri_path=["counter"], observe=0))
     first = await asyncio.wait_for(req.response, T)
     assert first.opt.observe is not None, "the inner observation was not established"

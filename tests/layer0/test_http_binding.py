@@ -1,6 +1,6 @@
 """Layer 0 over ATLS's HTTP binding, through coap-proxy as a CoAP-to-HTTP cross-proxy.
 
-Topology (the Layered DTLS draft's Figure 2): Layer0Channel -> coap-proxy (CoAP to HTTP) ->
+Topology (the Layered DTLS draft's Figure 2): Layer0Client -> coap-proxy (CoAP to HTTP) ->
 [TCP capture] -> the origin's Layer0Site served by uvicorn (coaplayers.asgi). The capture
 records the HTTP hop byte for byte: it must hold the outer exchanges and no inner plaintext.
 """

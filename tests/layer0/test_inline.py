@@ -1,4 +1,4 @@
-"""Layer0Site.render_inline: tunnel requests answered while the context dispatches them."""
+"""Layer0Site.render_inline: Layer 0 requests answered while the context dispatches them."""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ from aiocoap.numbers.codes import Code
 
 from coaplayers.dtls import PskClientCredentials, TicketStore, TinyDtlsSession, build_context
 from coaplayers.layer0 import (
-    ChannelConfig,
     HandshakeFailed,
-    Layer0Channel,
+    Layer0Client,
+    Layer0Config,
     NoAnswer,
     OuterError,
     Policy,
@@ -67,15 +67,15 @@ async def test_certificate_mode_resumes_across_channels(start_origin, client_con
     tickets = TicketStore()
     shared = build_context(origin.creds.client, server=False)
     uri = f"coap://127.0.0.1:{origin.port}"
-    config = ChannelConfig(transport_tuning=FastTuning())
-    first = Layer0Channel(
+    config = Layer0Config(transport_tuning=FastTuning())
+    first = Layer0Client(
         client_context, uri, origin.creds.client, config=config, tickets=tickets, ssl_context=shared
     )
     assert (await asyncio.wait_for(first.connect(), T)).resumed is False
     assert first.last_handshake.peer_identity == "origin.test"
     key = first.export_keying_material(b"EXPORTER-test", 16)
     await first.close()
-    second = Layer0Channel(
+    second = Layer0Client(
         client_context, uri, origin.creds.client, config=config, tickets=tickets, ssl_context=shared
     )
     r = await asyncio.wait_for(second.request(Message(code=GET, uri_path=["whoami"])).response, T)
@@ -108,8 +108,8 @@ async def test_evicted_session_non_idempotent_is_not_resent(start_origin, client
 async def test_wrong_psk_fails_with_a_useful_error(start_origin, client_context):
     origin = await start_origin("psk")
     wrong = PskClientCredentials(b"device-psk-1", b"not-the-right-k!")
-    config = ChannelConfig(transport_tuning=FastTuning(), handshake_timeout=5.0)
-    ch = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
+    config = Layer0Config(transport_tuning=FastTuning(), handshake_timeout=5.0)
+    ch = Layer0Client(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
     with pytest.raises(HandshakeFailed) as info:
         await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
     assert "wrong key" in str(info.value)
@@ -121,14 +121,14 @@ async def test_silent_server_is_no_answer_not_a_key_problem(start_origin, client
     """A bound socket that never answers (a wrong port, a stopped server): after the handshake
     timeout the error says nobody answered, naming the first hop, instead of blaming loss or
     the key. A server that answered our ClientHello still gets the handshake failure."""
-    config = ChannelConfig(transport_tuning=FastTuning(), handshake_timeout=2.0)
+    config = Layer0Config(transport_tuning=FastTuning(), handshake_timeout=2.0)
     origin = await start_origin("psk")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
-        direct = Layer0Channel(client_context, f"coap://127.0.0.1:{port}", origin.creds.client,
+        direct = Layer0Client(client_context, f"coap://127.0.0.1:{port}", origin.creds.client,
                                config=config)
-        via = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}",
+        via = Layer0Client(client_context, f"coap://127.0.0.1:{origin.port}",
                             origin.creds.client, proxy=f"coap://127.0.0.1:{port}",
                             config=config)
         for ch, hop in ((direct, f"coap://127.0.0.1:{port}"), (via, "the proxy coap://")):
@@ -140,7 +140,7 @@ async def test_silent_server_is_no_answer_not_a_key_problem(start_origin, client
             assert isinstance(info.value.__cause__, TimeoutError)
             await ch.close()
     wrong = PskClientCredentials(b"device-psk-1", b"not-the-right-k!")
-    ch = Layer0Channel(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
+    ch = Layer0Client(client_context, f"coap://127.0.0.1:{origin.port}", wrong, config=config)
     with pytest.raises(HandshakeFailed):
         await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
     await ch.close()

@@ -2,7 +2,7 @@
 
 Whoever knows ``/~<sid>`` (every proxy does) may send anything to it from any address: nothing
 that does not authenticate changes the session, and it is answered as a dead name is. Engine
-level tests drive :class:`TunnelCore` by hand; the loopback ones use real UDP sockets, a real
+level tests drive :class:`Layer0ServerCore` by hand; the loopback ones use real UDP sockets, a real
 client channel and a second socket as the attacker.
 """
 
@@ -19,7 +19,7 @@ from aiocoap import CON, GET, POST, Message
 from aiocoap.numbers.codes import Code
 
 from coaplayers.dtls import PskClientCredentials, PskStore, TinyDtlsSession, records
-from coaplayers.layer0 import ServerLimits, TunnelCore, inner
+from coaplayers.layer0 import Layer0ServerCore, ServerLimits, inner
 from coaplayers.layer0.profile import handshake_tag, pull_message
 from coaplayers.layer0.server import layer0_config, make_listener
 
@@ -58,11 +58,12 @@ def forgeries(client_hello: bytes) -> list[bytes]:
     ]
 
 
-def core(**limits: Any) -> TunnelCore:
-    return TunnelCore(make_listener(PskStore({CREDS.identity: CREDS.key})), ServerLimits(**limits))
+def core(**limits: Any) -> Layer0ServerCore:
+    return Layer0ServerCore(make_listener(PskStore({CREDS.identity: CREDS.key})),
+                            ServerLimits(**limits))
 
 
-def snapshot(c: TunnelCore, sid: str) -> tuple[object, ...]:
+def snapshot(c: Layer0ServerCore, sid: str) -> tuple[object, ...]:
     s = c.sessions[sid]
     return (list(c.sessions), s.last_active, list(s.outbox), s.hs_last_in, list(s.hs_last_out),
             c.half_open_count, s.dtls.state, s.established)
@@ -103,7 +104,7 @@ def test_nothing_without_the_tag_changes_a_half_open_session_and_the_handshake_c
     assert list(c.sessions)[-1] == sid
 
 
-def established(c: TunnelCore) -> tuple[TinyDtlsSession, str]:
+def established(c: Layer0ServerCore) -> tuple[TinyDtlsSession, str]:
     client = TinyDtlsSession.client(CREDS, layer0_config(client=True))
     client.connect(0.0)
     created = c.entry(PEER, client.datagrams_to_send()[0], 0.0)

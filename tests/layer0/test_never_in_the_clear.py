@@ -11,7 +11,7 @@ from typing import Any
 import aiocoap
 import pytest
 
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
 
 from .tamper import TamperRelay
 
@@ -37,7 +37,7 @@ async def test_inner_messages_never_in_the_clear(
     host, port = await relay.start()
     if order == "reversed":  # another interface choice: ask the transports the other way round
         client_context.request_interfaces.reverse()
-    channel = Layer0Channel(client_context, f"coap://{host}:{port}", origin.creds.client)
+    channel = Layer0Client(client_context, f"coap://{host}:{port}", origin.creds.client)
     try:
         response = await asyncio.wait_for(channel.request(aiocoap.Message(
             code=aiocoap.POST, uri_path=["echo"], payload=SECRET)).response, 20)

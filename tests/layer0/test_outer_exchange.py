@@ -10,7 +10,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
 from coaplayers.dtls import PskClientCredentials
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
 from coaplayers.layer0.errors import OuterError
 
 CREDS = PskClientCredentials(b"outer-1", b"outer-secret-016")
@@ -19,7 +19,7 @@ CREDS = PskClientCredentials(b"outer-1", b"outer-secret-016")
 async def test_an_outer_answer_in_blocks_is_an_outer_error() -> None:
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
-        channel = Layer0Channel(ctx, "coap://192.0.2.1", CREDS)
+        channel = Layer0Client(ctx, "coap://192.0.2.1", CREDS)
 
         async def split_answer(msg: Message) -> Message:
             answer = Message(code=Code.CHANGED, payload=b"\x17" * 16)

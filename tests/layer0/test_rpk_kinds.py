@@ -23,7 +23,7 @@ from coaplayers.dtls import (
     build_context,
     spki_fingerprint,
 )
-from coaplayers.layer0 import Policy, ServerLimits, TunnelCore
+from coaplayers.layer0 import Layer0ServerCore, Policy, ServerLimits
 from coaplayers.layer0.listeners import KindListener, offers_raw_public_key
 from coaplayers.layer0.policy import rpk_identity
 from coaplayers.layer0.profile import DTLS_CIPHERS, handshake_tag
@@ -63,8 +63,8 @@ def new_client(kind: str, k: dict[str, object]) -> DtlsSession:
     return OpenSslSession.client(ctx, creds, config)  # type: ignore[arg-type]
 
 
-def handshake(core: TunnelCore, client: DtlsSession) -> str:
-    """Drive a client through the tunnel core in memory; returns the session id."""
+def handshake(core: Layer0ServerCore, client: DtlsSession) -> str:
+    """Drive a client through Layer 0 core in memory; returns the session id."""
     client.connect(0.0)
     sid = None
     tag = b""
@@ -104,7 +104,7 @@ def test_client_hellos_are_told_apart(kinds: dict[str, object]) -> None:
 def test_one_endpoint_serves_every_kind_and_names_each_peer(kinds: dict[str, object]) -> None:
     listener = make_listener([kinds["server_psk"], kinds["server_cert"], kinds["server_rpk"]])
     assert isinstance(listener, KindListener)
-    core = TunnelCore(listener, ServerLimits())
+    core = Layer0ServerCore(listener, ServerLimits())
     peers = {}
     for kind in ("psk", "cert", "rpk"):
         sid = handshake(core, new_client(kind, kinds))
@@ -120,7 +120,7 @@ def test_one_endpoint_serves_every_kind_and_names_each_peer(kinds: dict[str, obj
 
 
 def test_raw_public_key_only_endpoint_and_wrong_kinds(kinds: dict[str, object]) -> None:
-    core = TunnelCore(make_listener(kinds["server_rpk"]), ServerLimits())  # type: ignore[arg-type]
+    core = Layer0ServerCore(make_listener(kinds["server_rpk"]), ServerLimits())  # type: ignore[arg-type]
     sid = handshake(core, new_client("rpk", kinds))
     assert core.sessions[sid].peer.mode == "rpk"
     with pytest.raises(TypeError, match="RawPublicKeyCredentials"):

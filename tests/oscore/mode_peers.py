@@ -3,8 +3,8 @@
 ``python -m tests.oscore.mode_peers ours|stock --cert PEM --key PEM --ca PEM [--port N]``
 prints ``listening coap://127.0.0.1:PORT`` once it serves, and runs until SIGTERM.
 
-* ``ours``: the product's server stack, :func:`coaplayers.e2e.wrap_site` around a small tree:
-  ``/hello`` (names the peer and mode), ``/echo`` (POST), ``/count`` (POST adds one and
+* ``ours``: the product's server stack, :func:`coaplayers.layer0_modes.wrap_site` around a small
+  tree: ``/hello`` (names the peer and mode), ``/echo`` (POST), ``/count`` (POST adds one and
   answers the new value, GET answers it), so a test can tell whether a request was executed
   once or twice.
 * ``stock``: an independently built OSCORE server. Only the keying comes from coaplayers'
@@ -35,9 +35,9 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore import FilesystemSecurityContext
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-from coaplayers.e2e import E2EServerOptions, wrap_site
 from coaplayers.identity import describe_peer
 from coaplayers.layer0 import Layer0Site, Policy, layer0_peer
+from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
 from coaplayers.programs import config as cfg
 
 KEYING_PATH = [".well-known", "atls-oscore"]
@@ -114,7 +114,7 @@ def build(kind: str, certificate: Any, folder: Path) -> tuple[Any, Count]:
     if kind == "ours":
         site.add_resource(["hello"], Hello())
         site.add_resource(["count"], count)
-        return wrap_site(site, E2EServerOptions(certificate=certificate)), count
+        return wrap_site(site, Layer0ServerOptions(certificate=certificate)), count
     contexts = CredentialsMap()
     site.add_resource(["hello"], StockHello())
     site.add_resource(KEYING_PATH, StockKeying(contexts, folder))
@@ -132,7 +132,7 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=0)
     args = p.parse_args()
     certificate = cfg.certificate_from(args.cert, args.key, args.ca, require_peer=True,
-                                       what="--e2e")
+                                       what="--layer0")
     with tempfile.TemporaryDirectory(prefix="stock-oscore-") as folder:
         site, _ = build(args.kind, certificate, Path(folder))
         ctx = await aiocoap.Context.create_server_context(

@@ -2,7 +2,7 @@
 interface aiocoap hands it to.
 
 The capture is a real UDP socket standing in for the origin server. After the refused
-request the client sends a plain Layer 0 tunnel request (never OSCORE-protected) to the same
+request the client sends a plain Layer 0 request (never OSCORE-protected) to the same
 socket: datagrams from one socket over loopback arrive in order, so the first datagram the
 capture sees says whether the refused request went out, without waiting for a silence.
 """

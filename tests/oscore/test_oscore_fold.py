@@ -24,9 +24,9 @@ from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import dtls
 from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore, records
-from coaplayers.e2e import E2EServerOptions, wrap_site
-from coaplayers.layer0 import ChannelConfig, Layer0Channel, Layer0Site
+from coaplayers.layer0 import Layer0Client, Layer0Config, Layer0Site
 from coaplayers.layer0.errors import Layer0Error
+from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
 from coaplayers.oscore import OscoreError
 from coaplayers.oscore.client import origin_of
 from coaplayers.oscore.kept import KeptContexts
@@ -92,7 +92,7 @@ class Origin:
     async def start(self) -> None:
         site = resource.Site()
         site.add_resource(["echo"], self.echo)
-        options = E2EServerOptions(psk_store=PskStore({PSK.identity: PSK.key}),
+        options = Layer0ServerOptions(psk_store=PskStore({PSK.identity: PSK.key}),
                                    certificate=self.creds["server"])
         wrapped = wrap_site(site, options)
         assert isinstance(wrapped, Layer0Site)
@@ -130,11 +130,11 @@ async def client() -> AsyncIterator[aiocoap.Context]:
 def requester(o: Origin, ctx: aiocoap.Context, kind: str = "certificate",
               kept: KeptContexts | None = None) -> OscoreRequester:
     cred: Any = o.creds["client"] if kind == "certificate" else PSK
-    config = ChannelConfig(transport_tuning=FastTuning())
+    config = Layer0Config(transport_tuning=FastTuning())
     slot = kept.slot(origin_of(o.uri), cred) if kept is not None else None
     return OscoreRequester(
         ctx, o.uri,
-        lambda: Layer0Channel(ctx, o.uri, cred, proxy=o.evil.uri, config=config, exporter=True),
+        lambda: Layer0Client(ctx, o.uri, cred, proxy=o.evil.uri, config=config, exporter=True),
         proxy=o.evil.uri, kept=slot)
 
 
@@ -210,7 +210,7 @@ async def test_cold_keying_costs_no_exchange_of_its_own(
 async def test_channel_sees_the_folded_parameters_and_both_ends_derive_one_context(
     origin: Origin, client: aiocoap.Context
 ) -> None:
-    channel = Layer0Channel(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
+    channel = Layer0Client(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
     channel.alpn = KEYING_ALPN
     await asyncio.wait_for(channel.connect(), T)
     assert channel.agreed_alpn == KEYING_ALPN
@@ -223,7 +223,7 @@ async def test_channel_sees_the_folded_parameters_and_both_ends_derive_one_conte
     channel.forget_session()
     await channel.close()
     # A channel that offers nothing gets no folded answer and keys nothing.
-    plain = Layer0Channel(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
+    plain = Layer0Client(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
     await asyncio.wait_for(plain.connect(), T)
     assert plain.agreed_alpn is None and plain.folded is None and len(origin.store) == 1
     assert len(origin.layer0.core.sessions) == 1  # type: ignore[union-attr]
@@ -339,10 +339,10 @@ async def test_a_resumed_handshake_that_asks_for_keying_keys_nothing(
     cert = origin.creds["client"]
     tickets = dtls.TicketStore()
     shared = dtls.build_context(cert, server=False)
-    full = Layer0Channel(client, origin.uri, cert, tickets=tickets, ssl_context=shared)
+    full = Layer0Client(client, origin.uri, cert, tickets=tickets, ssl_context=shared)
     await asyncio.wait_for(full.connect(), T)
     await full.close()
-    resumed = Layer0Channel(client, origin.uri, cert, tickets=tickets, ssl_context=shared)
+    resumed = Layer0Client(client, origin.uri, cert, tickets=tickets, ssl_context=shared)
     resumed.alpn = KEYING_ALPN
     assert (await asyncio.wait_for(resumed.connect(), T)).resumed is True
     folded = resumed.folded
@@ -390,7 +390,7 @@ async def test_server_restart_between_two_runs_rekeys_by_itself(
 async def test_explicit_keying_still_served(origin: Origin, client: aiocoap.Context) -> None:
     """A client that does not offer the protocol (an older one, or raw public keys, whose
     backend has no ALPN here) keys with the explicit request, as before."""
-    channel = Layer0Channel(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
+    channel = Layer0Client(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
     msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
     answer = await asyncio.wait_for(channel.request(msg).response, T)
     assert answer.code == Code.CHANGED and channel.folded is None

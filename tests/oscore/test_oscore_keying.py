@@ -220,7 +220,7 @@ def _dtls12_pair() -> tuple[SSL.Connection, SSL.Connection]:
 def test_openssl_dtls12_exporter_keys_both_ends() -> None:
     client_conn, server_conn = _dtls12_pair()
     params = OscoreParameters(client_id=b"\x07", server_id=b"")
-    # The server sends its parameters through the tunnel; the client parses them strictly.
+    # The server sends its parameters through Layer 0; the client parses them strictly.
     received = OscoreParameters.from_cbor(params.to_cbor())
     client_exp = export_keying_material(client_conn, received)
     server_exp = export_keying_material(server_conn, params)

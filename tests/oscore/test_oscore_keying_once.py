@@ -18,7 +18,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from coaplayers.dtls import CertificateCredentials, TicketStore, build_context
-from coaplayers.layer0 import Layer0Channel, Layer0Site, Policy
+from coaplayers.layer0 import Layer0Client, Layer0Site, Policy
 from coaplayers.oscore import ContextStore
 from coaplayers.oscore.mode import (
     ALREADY_KEYED,
@@ -61,14 +61,14 @@ async def client() -> AsyncIterator[aiocoap.Context]:
     await ctx.shutdown()
 
 
-async def _key(channel: Layer0Channel) -> aiocoap.Message:
+async def _key(channel: Layer0Client) -> aiocoap.Message:
     msg = aiocoap.Message(code=aiocoap.POST, uri_path=KEYING_PATH)
     return await asyncio.wait_for(channel.request(msg).response, T)
 
 
 async def test_a_session_keys_one_context_only(origin, client, creds) -> None:  # type: ignore[no-untyped-def]
     uri, store = origin
-    channel = Layer0Channel(client, uri, creds["client"])
+    channel = Layer0Client(client, uri, creds["client"])
     first = await _key(channel)
     assert first.code == Code.CHANGED
     assert first.opt.content_format == PARAMETERS_CONTENT_FORMAT
@@ -80,7 +80,7 @@ async def test_a_session_keys_one_context_only(origin, client, creds) -> None:  
     assert channel.handshakes == 1  # the same session both times
     await channel.close()
     # a new session keys again, a context of its own
-    other = Layer0Channel(client, uri, creds["client"])
+    other = Layer0Client(client, uri, creds["client"])
     again = await _key(other)
     assert again.code == Code.CHANGED
     assert OscoreParameters.from_cbor(again.payload).client_id != params.client_id
@@ -92,10 +92,10 @@ async def test_a_resumed_session_keys_nothing(origin, client, creds) -> None:  #
     uri, store = origin
     tickets = TicketStore()
     shared = build_context(creds["client"], server=False)
-    full = Layer0Channel(client, uri, creds["client"], tickets=tickets, ssl_context=shared)
+    full = Layer0Client(client, uri, creds["client"], tickets=tickets, ssl_context=shared)
     assert (await asyncio.wait_for(full.connect(), T)).resumed is False
     await full.close()
-    resumed = Layer0Channel(client, uri, creds["client"], tickets=tickets, ssl_context=shared)
+    resumed = Layer0Client(client, uri, creds["client"], tickets=tickets, ssl_context=shared)
     assert (await asyncio.wait_for(resumed.connect(), T)).resumed is True
     answer = await _key(resumed)
     assert (answer.code, answer.payload) == (Code.FORBIDDEN, NEEDS_FULL_HANDSHAKE)

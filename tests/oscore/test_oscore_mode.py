@@ -31,8 +31,8 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import OscoreModeRequester
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
+from coaplayers.layer0_modes import OscoreModeRequester
 from coaplayers.programs import config as cfg
 from coaplayers_tools.relay import Direction, FaultRelay, read_capture
 
@@ -133,20 +133,20 @@ def coap_proxy(*args: str | Path) -> contextlib.AbstractAsyncContextManager[list
 
 
 def e2e_cert_flags(keys: Path, cert: str = "client-e2e") -> list[str | Path]:
-    return ["--e2e", "oscore", "--e2e-ca", keys / "e2e-ca.pem",
+    return ["--layer0", "oscore", "--e2e-ca", keys / "e2e-ca.pem",
             "--e2e-cert", keys / f"{cert}.pem", "--e2e-key", keys / f"{cert}.key"]
 
 
 def client_certificate(keys: Path) -> dtls.CertificateCredentials:
     cert = cfg.certificate_from(str(keys / "client-e2e.pem"), str(keys / "client-e2e.key"),
-                                str(keys / "e2e-ca.pem"), what="--e2e")
+                                str(keys / "e2e-ca.pem"), what="--layer0")
     assert cert is not None
     return cert
 
 
 def requester(ctx: layer1.LayeredContext, keys: Path, origin: str,
               proxy: str) -> OscoreModeRequester:
-    """What coap-client --e2e oscore -P PROXY uses, kept across requests."""
+    """What coap-client --layer0 oscore -P PROXY uses, kept across requests."""
     return OscoreModeRequester(ctx, f"{origin}/", proxy, client_certificate(keys))
 
 
@@ -174,7 +174,7 @@ async def test_stock_aiocoap_client_with_exported_keys_talks_to_coap_server(
     build aiocoap's own FilesystemSecurityContext from the result, and let the unmodified
     ``aiocoap-client`` program talk to coap-server with it."""
     async with coap_server(keys) as (origin,):
-        channel = Layer0Channel(client_context.context, origin, client_certificate(keys))
+        channel = Layer0Client(client_context.context, origin, client_certificate(keys))
         try:
             answer = await asyncio.wait_for(
                 channel.request(aiocoap.Message(code=Code.POST,
@@ -323,7 +323,7 @@ async def test_get_post_observe_through_coap_proxy_with_layer1_psk_hides_plainte
     oscore = [m for m in up if m.opt.oscore is not None]
     assert len(oscore) >= 3 + 2  # GET, POST (3 blocks), Observe registration
     assert all(m.opt.uri_path == () and m.code in (Code.POST, Code.FETCH) for m in oscore)
-    # The keys were agreed through the same proxy, inside the Layer 0 tunnel.
+    # The keys were agreed through the same proxy, inside Layer 0.
     assert any(m.opt.uri_path[:2] == (".well-known", "atls") for m in up)
 
 
@@ -400,7 +400,7 @@ async def test_sequence_number_threshold_leads_to_new_handshake_in_time(
 
     async with coap_server(keys) as (origin,):
         ctx = client_context.context
-        r = OscoreRequester(ctx, origin, lambda: Layer0Channel(ctx, origin,
+        r = OscoreRequester(ctx, origin, lambda: Layer0Client(ctx, origin,
                                                                client_certificate(keys)),
                             rekey_threshold=2)
         contexts = []
@@ -434,7 +434,7 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
         via = ["-P", proxy, "--credentials", keys / "hop.json", "-B", "20"]
 
         def dtls_psk(key: str) -> list[str | Path]:
-            return ["--e2e", "dtls", "--e2e-psk-identity", hop["identity"], "--e2e-psk", key]
+            return ["--layer0", "dtls", "--e2e-psk-identity", hop["identity"], "--e2e-psk", key]
 
         hop_as_e2e, e2e_ok, hop_cert = await asyncio.gather(
             run(BIN / "coap-client", *via, *dtls_psk(hop["key"]), f"{origin}/hello"),
@@ -443,7 +443,7 @@ async def test_layer1_credentials_do_not_authenticate_at_layer0(
         )
         plain = await asyncio.wait_for(client_context.context.request(aiocoap.Message(
             code=Code.POST, uri=f"{origin}/.well-known/atls-oscore")).response, T)
-        channel = Layer0Channel(client_context.context, origin, dtls.PskClientCredentials(
+        channel = Layer0Client(client_context.context, origin, dtls.PskClientCredentials(
             psk["e2e"]["identity"].encode(), dtls.parse_key_text(psk["e2e"]["key"])))
         try:
             keying = await asyncio.wait_for(channel.request(aiocoap.Message(

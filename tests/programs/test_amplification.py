@@ -192,9 +192,9 @@ async def test_end_to_end_clients_answer_the_proxys_echo(tmp_path: Path, keys: K
         e2e = ["--e2e-ca", str(keys / "e2e-ca.pem"), "--e2e-cert", str(keys / "client-e2e.pem"),
                "--e2e-key", str(keys / "client-e2e.key")]
         dtls, oscore = await asyncio.gather(
-            client("-P", proxy.uri("coap"), "--e2e", "dtls", *e2e, "-o", str(tmp_path / "d"),
+            client("-P", proxy.uri("coap"), "--layer0", "dtls", *e2e, "-o", str(tmp_path / "d"),
                    target, timeout=120),
-            client("-P", proxy.uri("coap"), "--e2e", "oscore", *e2e, "-o", str(tmp_path / "o"),
+            client("-P", proxy.uri("coap"), "--layer0", "oscore", *e2e, "-o", str(tmp_path / "o"),
                    target, timeout=120),
         )
     finally:
@@ -219,7 +219,7 @@ async def test_oscore_answers_the_proxys_echo_after_a_padded_handshake(
     try:
         e2e = ["--e2e-ca", str(keys / "e2e-ca.pem"), "--e2e-cert", str(keys / "client-e2e.pem"),
                "--e2e-key", str(keys / "client-e2e.key")]
-        done = await client("-P", proxy.uri("coap"), "--e2e", "oscore", *e2e, "--no-keep",
+        done = await client("-P", proxy.uri("coap"), "--layer0", "oscore", *e2e, "--no-keep",
                             "-b", "1024", "-o", str(tmp_path / "o"),
                             app.uri("coap") + "/firmware",
                             timeout=60)

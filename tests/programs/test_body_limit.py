@@ -26,7 +26,7 @@ async def test_max_body_in_every_mode(keys: Keys, tmp_path: Path) -> None:
     small.write_bytes(os.urandom(2000))
     big.write_bytes(os.urandom(3000))
     uri = server.uri("coap") + "/echo"
-    modes = [[], ["--e2e", "dtls", *keys.e2e_psk], ["--e2e", "oscore", *keys.e2e_cert]]
+    modes = [[], ["--layer0", "dtls", *keys.e2e_psk], ["--layer0", "oscore", *keys.e2e_cert]]
     try:
         fits = await asyncio.gather(*(client(*m, "-m", "post", "-o", "-", "-f", str(small), uri)
                                       for m in modes))

@@ -38,7 +38,7 @@ async def test_help_lists_every_flag_examples_and_exit_statuses() -> None:
     r = await client("--help")
     assert r.rc == 0
     for flag in ("-m", "-e", "-f", "-t", "-A", "-o", "-s", "-B", "-P", "-u", "-k", "-v",
-                 "--credentials", "--ca", "--cert", "--key", "--e2e", "--e2e-psk-identity",
+                 "--credentials", "--ca", "--cert", "--key", "--layer0", "--e2e-psk-identity",
                  "--e2e-psk", "--e2e-ca", "--e2e-cert", "--e2e-key", "--config"):
         assert re.search(rf"(^|[\s\[,]){re.escape(flag)}[\s\],]", r.stdout), flag
     assert "{delete,fetch,get,ipatch,patch,post,put}" in r.stdout
@@ -205,7 +205,7 @@ async def test_timeout_exit_status_and_message() -> None:
         coap, coaps, e2e, icmp = await asyncio.gather(
             client("-B", "1.5", f"coap://127.0.0.1:{port}/hello"),
             client("-B", "1.5", "-u", "dev", "-k", "x", f"coaps://127.0.0.1:{port}/hello"),
-            client("-B", "1.5", "--e2e", "dtls", "--e2e-psk-identity", "a", "--e2e-psk", "b",
+            client("-B", "1.5", "--layer0", "dtls", "--e2e-psk-identity", "a", "--e2e-psk", "b",
                    f"coap://127.0.0.1:{port}/hello"),
             client("-B", "5", f"coap://127.0.0.1:{closed}/hello"),
         )
@@ -329,10 +329,10 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
     uri = app.uri("coap") + "/echo"
     post = ["-m", "post", "-e", "inner secret", "-v"]
     psk, cert, oscore, via_proxy = await asyncio.gather(
-        client(*post, "--e2e", "dtls", *keys.e2e_psk, uri),
-        client(*post, "--e2e", "dtls", *keys.e2e_cert, uri),
-        client(*post, "--e2e", "oscore", *keys.e2e_cert, uri),
-        client(*post, "--e2e", "oscore", *keys.e2e_cert, "-P", proxy.uri("coaps"),
+        client(*post, "--layer0", "dtls", *keys.e2e_psk, uri),
+        client(*post, "--layer0", "dtls", *keys.e2e_cert, uri),
+        client(*post, "--layer0", "oscore", *keys.e2e_cert, uri),
+        client(*post, "--layer0", "oscore", *keys.e2e_cert, "-P", proxy.uri("coaps"),
                "--credentials", str(keys / "client-hop.json"), uri),
     )
     for r in (psk, cert, oscore, via_proxy):
@@ -348,10 +348,10 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
     # Observe and block-wise inside Layer 0 as well (coap-server renders inner requests
     # eagerly: an observation keeps its rendering going in a task).
     fw, obs, obs_dtls = await asyncio.gather(
-        client("--e2e", "dtls", *keys.e2e_psk, "-o", "-", app.uri("coap") + "/firmware"),
-        client("--e2e", "oscore", *keys.e2e_cert, "-s", "1.6", "-w", "-o", "-",
+        client("--layer0", "dtls", *keys.e2e_psk, "-o", "-", app.uri("coap") + "/firmware"),
+        client("--layer0", "oscore", *keys.e2e_cert, "-s", "1.6", "-w", "-o", "-",
                app.uri("coap") + "/sensors/temperature"),
-        client("--e2e", "dtls", *keys.e2e_psk, "-s", "1.6", "-w", "-o", "-",
+        client("--layer0", "dtls", *keys.e2e_psk, "-s", "1.6", "-w", "-o", "-",
                app.uri("coap") + "/sensors/temperature"),
     )
     assert fw.rc == 0 and fw.out == IMAGE
@@ -363,19 +363,19 @@ async def test_end_to_end_failures_name_the_cause(app: Running, keys: Keys) -> N
     uri = app.uri("coap") + "/hello"
     e2e = keys.psk["e2e"]
     wrong_psk, untrusted, no_client_cert, no_mode, oscore_psk = await asyncio.gather(
-        client("--e2e", "dtls", "--e2e-psk-identity", e2e["identity"], "--e2e-psk", "wrong",
+        client("--layer0", "dtls", "--e2e-psk-identity", e2e["identity"], "--e2e-psk", "wrong",
                "-B", "8", uri),
-        client("--e2e", "dtls", "--e2e-ca", str(keys / "hop-ca.pem"), "-B", "8", uri),
-        client("--e2e", "oscore", "--e2e-ca", str(keys / "e2e-ca.pem"), "-B", "8", uri),
+        client("--layer0", "dtls", "--e2e-ca", str(keys / "hop-ca.pem"), "-B", "8", uri),
+        client("--layer0", "oscore", "--e2e-ca", str(keys / "e2e-ca.pem"), "-B", "8", uri),
         client(*keys.e2e_psk, uri),
-        client("--e2e", "oscore", "--e2e-psk-identity", e2e["identity"], "--e2e-psk", "wrong",
+        client("--layer0", "oscore", "--e2e-psk-identity", e2e["identity"], "--e2e-psk", "wrong",
                "--no-keep", "-B", "8", uri),
     )
     assert wrong_psk.rc == 7
     assert "wrong" in wrong_psk.one_line_error() and "key" in wrong_psk.stderr
     assert untrusted.rc == 7 and "not trusted" in untrusted.one_line_error()
     assert no_client_cert.rc == 7 and "client certificate" in no_client_cert.one_line_error()
-    assert no_mode.rc == 2 and "--e2e" in no_mode.one_line_error()
+    assert no_mode.rc == 2 and "--layer0" in no_mode.one_line_error()
     # The OSCORE mode keys from a PSK too: a wrong one is named as in the DTLS mode.
     assert oscore_psk.rc == 7, oscore_psk.stderr
     assert "wrong" in oscore_psk.one_line_error() and "key" in oscore_psk.stderr
@@ -424,7 +424,7 @@ async def test_config_file_and_flags_win(app: Running, proxy: Running, keys: Key
     from_file, flag_wins, e2e_flag_wins = await asyncio.gather(
         client("--config", str(cfg), "-v", uri, cwd="/"),
         client("--config", str(cfg), "-e", "from the flag", "-m", "put", uri, cwd="/"),
-        client("--config", str(cfg), "--e2e", "dtls", "-v", uri, cwd="/"),
+        client("--config", str(cfg), "--layer0", "dtls", "-v", uri, cwd="/"),
     )
     assert from_file.rc == 0, from_file.stderr
     assert from_file.stdout == "from the file\n"
@@ -452,7 +452,7 @@ async def test_key_file_readable_by_others_warns(app: Running, keys: Keys, tmp_p
     key = tmp_path / "client-e2e.key"
     key.write_bytes((keys / "client-e2e.key").read_bytes())
     key.chmod(key_mode)
-    r = await client("--e2e", "dtls", "--e2e-ca", str(keys / "e2e-ca.pem"),
+    r = await client("--layer0", "dtls", "--e2e-ca", str(keys / "e2e-ca.pem"),
                      "--e2e-cert", str(keys / "client-e2e.pem"), "--e2e-key", str(key),
                      app.uri("coap") + "/hello")
     assert r.rc == 0

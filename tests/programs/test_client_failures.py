@@ -42,7 +42,7 @@ async def test_proxy_not_running_fails_at_once_naming_the_proxy(app: Running) ->
     plain, dtls_hop, e2e = await asyncio.gather(
         client("-P", f"coap://127.0.0.1:{port}", uri),
         client("-P", f"coaps://127.0.0.1:{port}", "-u", "dev", "-k", "secret", uri),
-        client("-P", f"coap://127.0.0.1:{port}", "--e2e", "dtls", "--e2e-psk-identity", "a",
+        client("-P", f"coap://127.0.0.1:{port}", "--layer0", "dtls", "--e2e-psk-identity", "a",
                "--e2e-psk", "b", uri),
     )
     for r in (plain, dtls_hop, e2e):

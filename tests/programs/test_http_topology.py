@@ -52,10 +52,10 @@ async def test_coap_client_reaches_an_http_server_through_the_cross_proxy(
     via = ["-P", proxy.uri("coap")]
     plain, psk, cert, rpk, oscore = await asyncio.gather(
         client(*via, target),
-        client(*via, "--e2e", "dtls", *keys.e2e_psk, target),
-        client(*via, "--e2e", "dtls", *keys.e2e_cert, target),
-        client(*via, "--e2e", "dtls", *keys.e2e_rpk, target),
-        client(*via, "--e2e", "oscore", *keys.e2e_cert, target),
+        client(*via, "--layer0", "dtls", *keys.e2e_psk, target),
+        client(*via, "--layer0", "dtls", *keys.e2e_cert, target),
+        client(*via, "--layer0", "dtls", *keys.e2e_rpk, target),
+        client(*via, "--layer0", "oscore", *keys.e2e_cert, target),
     )
     assert plain.rc == 0 and plain.stdout.strip() == f"{MARKER} (mode plain)", plain
     for result, mode in ((psk, "layer0-dtls"), (cert, "layer0-dtls"), (rpk, "layer0-dtls"),
@@ -120,7 +120,7 @@ async def test_deploy_md_web_application_serves_layer0_under_uvicorn(tmp_path: P
             assert line, "uvicorn ended"
             if match := re.search(r"running on (http://\S+)", line):
                 url = match[1]
-        result = await client("-P", proxy.uri("coap"), "--e2e", "dtls",
+        result = await client("-P", proxy.uri("coap"), "--layer0", "dtls",
                               "--e2e-psk-identity", "dev1", "--e2e-psk", "secret-psk-0123",
                               f"{url}/temperature")
         assert result.rc == 0 and result.stdout.strip() == "21.5 C", result

@@ -1,4 +1,4 @@
-"""coap-client --e2e dtls with certificates keeps its Layer 0 session between runs: the next
+"""coap-client --layer0 dtls with certificates keeps its Layer 0 session between runs: the next
 run resumes (no cookie exchange, no certificates), and a server that forgot the session
 (restart) gets a full handshake, with the right answer every time. Counted on the wire."""
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 async def l0_run(r: Rig, *more: str) -> tuple[int, str, bool]:
     """(CoAP requests sent, stderr, whether a Certificate crossed the hop) of one run."""
     start = r.lines()
-    requests, err = await one_run(r, "--e2e", "dtls", *more)
+    requests, err = await one_run(r, "--layer0", "dtls", *more)
     certificate = False
     for g in read_capture(r.capture)[start:]:
         if g.direction is Direction.DOWN and b"\x0b\x00" in g.data:

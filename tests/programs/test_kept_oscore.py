@@ -1,4 +1,4 @@
-"""coap-client --e2e oscore keeps its context between runs: the next run's first request is
+"""coap-client --layer0 oscore keeps its context between runs: the next run's first request is
 one round trip, server restarts are recovered by themselves, and no nonce is ever reused,
 also when a run is killed.
 
@@ -59,7 +59,7 @@ class Rig:
         return f"coap://127.0.0.1:{self.relay.address[1]}/echo"
 
     def argv(self, *more: str) -> list[str]:
-        return ["-m", "post", "-e", PAYLOAD, "--e2e", "oscore", *self.keys.e2e_cert,
+        return ["-m", "post", "-e", PAYLOAD, "--layer0", "oscore", *self.keys.e2e_cert,
                 "--state-dir", str(self.state), "-v", "5", "-B", "30", *more, self.uri]
 
     def restart(self) -> None:

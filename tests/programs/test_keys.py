@@ -122,15 +122,15 @@ async def test_generated_configurations_work_through_the_proxy_in_each_mode(
             # Run from another folder: the file's relative paths are the file's folder's.
             hop_only, dtls, oscore, wrong_scheme, psk, cert, oscore_cert = await asyncio.gather(
                 client(*cfg, "-e", "layer 1 only", uri, cwd="/"),
-                client(*cfg, "-e", "layer 0", "--e2e", "dtls", uri, cwd="/"),
-                client(*cfg, "-e", "oscore", "--e2e", "oscore", uri, cwd="/"),
+                client(*cfg, "-e", "layer 0", "--layer0", "dtls", uri, cwd="/"),
+                client(*cfg, "-e", "oscore", "--layer0", "oscore", uri, cwd="/"),
                 # coap:// to the server's coaps port: the proxy times out upstream (5.04).
-                client(*cfg, "-e", "x", "--e2e", "dtls", uri.replace("coaps:", "coap:"),
+                client(*cfg, "-e", "x", "--layer0", "dtls", uri.replace("coaps:", "coap:"),
                        cwd="/"),
                 # The file holds every kind: --e2e-auth picks the others.
-                client(*cfg, "-e", "psk", "--e2e", "dtls", "--e2e-auth", "psk", uri, cwd="/"),
-                client(*cfg, "-e", "cert", "--e2e", "dtls", "--e2e-auth", "cert", uri, cwd="/"),
-                client(*cfg, "-e", "oscore cert", "--e2e", "oscore", "--e2e-auth", "cert", uri,
+                client(*cfg, "-e", "psk", "--layer0", "dtls", "--e2e-auth", "psk", uri, cwd="/"),
+                client(*cfg, "-e", "cert", "--layer0", "dtls", "--e2e-auth", "cert", uri, cwd="/"),
+                client(*cfg, "-e", "oscore cert", "--layer0", "oscore", "--e2e-auth", "cert", uri,
                        cwd="/"),
             )
             direct = await client("--config", str(creds / "client.toml"), "-P", "",

@@ -16,7 +16,7 @@ async def test_oscore_keyed_by_psk_through_coap_proxy(
     app: Running, proxy: Running, keys: Keys,
 ) -> None:
     uri = app.uri("coap") + "/echo"
-    r = await client("-m", "post", "-e", "inner secret", "-v", "--e2e", "oscore", "--no-keep",
+    r = await client("-m", "post", "-e", "inner secret", "-v", "--layer0", "oscore", "--no-keep",
                      *keys.e2e_psk, "-P", proxy.uri("coaps"),
                      "--credentials", str(keys / "client-hop.json"), uri)
     assert r.rc == 0, r.stderr

@@ -20,8 +20,8 @@ import aiocoap
 import pytest
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import OscoreModeRequester
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
+from coaplayers.layer0_modes import OscoreModeRequester
 from coaplayers.programs.server.resources import Temperature
 from coaplayers.replica import replica_of_kid, replica_of_session
 from tests.conftest import free_udp_port
@@ -80,7 +80,7 @@ async def test_sessions_and_kids_stay_on_their_replica_and_fail_over(
     ctx = await layer1.create_context()
     credentials = _e2e_credentials(keys)
     origin = proxy.uri("coap")
-    channels = [Layer0Channel(ctx.context, origin, credentials) for _ in range(10)]
+    channels = [Layer0Client(ctx.context, origin, credentials) for _ in range(10)]
     oscores = [OscoreModeRequester(ctx, origin, None, credentials) for _ in range(6)]
 
     async def post(requester: Any, text: bytes) -> None:
@@ -225,12 +225,12 @@ async def test_layer0_observations_are_registered_again_after_a_replica_dies(
     ctx = await layer1.create_context()
     credentials = _e2e_credentials(keys)
     origin = proxy.uri("coap")
-    channels: list[Layer0Channel] = []
+    channels: list[Layer0Client] = []
     seen: list[list[tuple[float, float, bytes]]] = []  # per channel: (monotonic, wall, payload)
     readers: list[asyncio.Task[None]] = []
     errors: list[BaseException] = []
 
-    async def observe(channel: Layer0Channel, got: list[tuple[float, float, bytes]]) -> None:
+    async def observe(channel: Layer0Client, got: list[tuple[float, float, bytes]]) -> None:
         request = channel.request(aiocoap.Message(code=aiocoap.GET, observe=0,
                                                   uri=origin + "/sensors/temperature"))
         first = await asyncio.wait_for(request.response, 30)
@@ -256,7 +256,7 @@ async def test_layer0_observations_are_registered_again_after_a_replica_dies(
         # Sessions spread over the replicas by the ClientHello's random: open channels until
         # both replicas hold some (the chance that eight all land on one is 1/128).
         while len(channels) < 8:
-            channel = Layer0Channel(ctx.context, origin, credentials)
+            channel = Layer0Client(ctx.context, origin, credentials)
             channels.append(channel)
             seen.append([])
             readers.append(asyncio.create_task(observe(channel, seen[-1])))

@@ -39,11 +39,11 @@ async def test_rpk_end_to_end_directly_and_through_the_proxy(
     post = ["-m", "post", "-v"]
     via = ["-P", proxy.uri("coaps"), "--credentials", str(keys / "client-hop.json")]
     direct, proxied, oscore, oscore_proxied, hello = await asyncio.gather(
-        client(*post, "-e", "direct", "--e2e", "dtls", *keys.e2e_rpk, uri),
-        client(*post, "-e", "via proxy", "--e2e", "dtls", *keys.e2e_rpk, *via, uri),
-        client(*post, "-e", "oscore", "--e2e", "oscore", *keys.e2e_rpk, uri),
-        client(*post, "-e", "oscore via proxy", "--e2e", "oscore", *keys.e2e_rpk, *via, uri),
-        client("--e2e", "dtls", *keys.e2e_rpk, *via, app.uri("coap") + "/hello"),
+        client(*post, "-e", "direct", "--layer0", "dtls", *keys.e2e_rpk, uri),
+        client(*post, "-e", "via proxy", "--layer0", "dtls", *keys.e2e_rpk, *via, uri),
+        client(*post, "-e", "oscore", "--layer0", "oscore", *keys.e2e_rpk, uri),
+        client(*post, "-e", "oscore via proxy", "--layer0", "oscore", *keys.e2e_rpk, *via, uri),
+        client("--layer0", "dtls", *keys.e2e_rpk, *via, app.uri("coap") + "/hello"),
     )
     server_fp = fingerprint(keys / "server-rpk.pub")
     client_fp = fingerprint(keys / "client-rpk.pub")
@@ -73,11 +73,11 @@ async def test_wrong_server_key_and_untrusted_client_key_fail_clearly(
     uri = app.uri("coap") + "/hello"
     other_key, other_pub = new_pair(tmp_path, "other")
     wrong_server, untrusted, untrusted_oscore = await asyncio.gather(
-        client("--e2e", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key"),
+        client("--layer0", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key"),
                "--e2e-rpk-server-key", str(other_pub), "-B", "10", uri),
-        client("--e2e", "dtls", "--e2e-rpk-key", str(other_key),
+        client("--layer0", "dtls", "--e2e-rpk-key", str(other_key),
                "--e2e-rpk-server-key", str(keys / "server-rpk.pub"), "-B", "10", uri),
-        client("--e2e", "oscore", "--e2e-rpk-key", str(other_key),
+        client("--layer0", "oscore", "--e2e-rpk-key", str(other_key),
                "--e2e-rpk-server-key", str(keys / "server-rpk.pub"), "-B", "10", uri),
     )
     server_fp = fingerprint(keys / "server-rpk.pub")
@@ -104,7 +104,8 @@ async def test_rpk_client_against_a_server_without_raw_public_keys(
         "--e2e-ca", str(keys / "e2e-ca.pem"),
     )
     try:
-        r = await client("--e2e", "dtls", *keys.e2e_rpk, "-B", "10", server.uri("coap") + "/hello")
+        r = await client("--layer0", "dtls", *keys.e2e_rpk, "-B", "10",
+                         server.uri("coap") + "/hello")
     finally:
         assert server.stop() == 0
     assert r.rc == 7
@@ -131,11 +132,11 @@ async def test_server_accepts_several_client_keys_and_rpk_alone(
     pin = ["--e2e-rpk-server-key", str(keys / "server-rpk.pub")]
     try:
         first, second, third, plain, psk = await asyncio.gather(
-            client("--e2e", "dtls", *keys.e2e_rpk, uri),
-            client("--e2e", "dtls", "--e2e-rpk-key", str(second_key), *pin, uri),
-            client("--e2e", "oscore", "--e2e-rpk-key", str(third_key), *pin, uri),
+            client("--layer0", "dtls", *keys.e2e_rpk, uri),
+            client("--layer0", "dtls", "--e2e-rpk-key", str(second_key), *pin, uri),
+            client("--layer0", "oscore", "--e2e-rpk-key", str(third_key), *pin, uri),
             client(uri),
-            client("--e2e", "dtls", *keys.e2e_psk, "-B", "10", uri),
+            client("--layer0", "dtls", *keys.e2e_psk, "-B", "10", uri),
         )
     finally:
         assert server.stop() == 0
@@ -165,12 +166,12 @@ async def test_client_picks_one_kind(app: Running, keys: Keys, tmp_path: Path) -
     uri = app.uri("coap") + "/hello"
     base = ["--config", str(cfg), "-v"]
     default, auth_psk, auth_cert, flag_wins, no_rpk, oscore_psk = await asyncio.gather(
-        client(*base, "--e2e", "dtls", uri),
-        client(*base, "--e2e", "dtls", "--e2e-auth", "psk", uri),
-        client(*base, "--e2e", "dtls", "--e2e-auth", "cert", uri),
-        client(*base, "--e2e", "dtls", *keys.e2e_cert, uri),
-        client("--e2e", "dtls", "--e2e-auth", "rpk", *keys.e2e_psk, uri),
-        client(*base, "--e2e", "oscore", "--e2e-auth", "psk", "--no-keep", uri),
+        client(*base, "--layer0", "dtls", uri),
+        client(*base, "--layer0", "dtls", "--e2e-auth", "psk", uri),
+        client(*base, "--layer0", "dtls", "--e2e-auth", "cert", uri),
+        client(*base, "--layer0", "dtls", *keys.e2e_cert, uri),
+        client("--layer0", "dtls", "--e2e-auth", "rpk", *keys.e2e_psk, uri),
+        client(*base, "--layer0", "oscore", "--e2e-auth", "psk", "--no-keep", uri),
     )
     assert default.rc == 0 and "layer 0: mode dtls rpk" in default.stderr, default.stderr
     assert auth_psk.rc == 0 and "layer 0: mode dtls psk" in auth_psk.stderr
@@ -211,14 +212,14 @@ async def test_bad_rpk_configuration_exits_2_with_one_clear_line(
         (["--config", str(file_cfg)], str(tmp_path / "nothere.key")),
     ]
     client_cases = [
-        (["--e2e", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key")],
+        (["--layer0", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key")],
          "--e2e-rpk-key needs --e2e-rpk-server-key"),
-        (["--e2e", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key"),
+        (["--layer0", "dtls", "--e2e-rpk-key", str(keys / "client-rpk.key"),
           "--e2e-rpk-server-key", str(keys / "client-rpk.pub")], "lists our own public key"),
-        (["--e2e", "dtls", "--e2e-rpk-server-key", str(keys / "server-rpk.pub")],
+        (["--layer0", "dtls", "--e2e-rpk-server-key", str(keys / "server-rpk.pub")],
          "--e2e-rpk-server-key needs --e2e-rpk-key"),
-        (["--e2e-rpk-key", str(keys / "client-rpk.key")], "without --e2e dtls|oscore"),
-        (["--e2e", "dtls", "--e2e-rpk-key", str(p384_key), "--e2e-rpk-server-key",
+        (["--e2e-rpk-key", str(keys / "client-rpk.key")], "without --layer0 dtls|oscore"),
+        (["--layer0", "dtls", "--e2e-rpk-key", str(p384_key), "--e2e-rpk-server-key",
           str(keys / "server-rpk.pub")], "is not an ECDSA P-256 private key"),
     ]
     results = await asyncio.gather(

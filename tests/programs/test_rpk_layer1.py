@@ -58,8 +58,8 @@ async def test_rpk_hops_directly_through_the_proxy_and_next_to_psk(
         client("-v", "--rpk-key", str(keys / "proxy-rpk.key"),
                "--rpk-server-key", str(keys / "server-hop-rpk.pub"), hello),
         client("-v", *via_rpk, hello),
-        client(*via_rpk, "--e2e", "dtls", hello),
-        client(*via_rpk, "--e2e", "oscore", hello),
+        client(*via_rpk, "--layer0", "dtls", hello),
+        client(*via_rpk, "--layer0", "oscore", hello),
         client("-u", hop2["identity"], "-k", hop2["key"], hello),
     )
     server_fp = fingerprint(keys / "server-hop-rpk.pub")
@@ -96,7 +96,7 @@ async def test_wrong_keys_fail_clearly_and_layers_keep_their_keys(
                "--rpk-server-key", str(keys / "server-hop-rpk.pub"), hello),
         # ... and a hop key no end-to-end session (the hop itself is fine: a PSK).
         client("-u", keys.psk["hop2"]["identity"], "-k", keys.psk["hop2"]["key"],
-               "--e2e", "dtls", "--e2e-rpk-key", str(keys / "proxy-rpk.key"),
+               "--layer0", "dtls", "--e2e-rpk-key", str(keys / "proxy-rpk.key"),
                "--e2e-rpk-server-key", str(keys / "server-rpk.pub"), hello),
     )
     for r in (wrong_server, e2e_key_at_hop, hop_key_end_to_end):
@@ -124,7 +124,7 @@ async def test_one_key_at_both_layers_is_refused(keys: Keys, tmp_path: Path) -> 
             "--rpk-trust", str(keys / "proxy-rpk.pub"),
             "--e2e-rpk-key", server_key, "--e2e-rpk-trust", trust),
         run(CLIENT, "--rpk-key", client_key, "--rpk-server-key", str(keys / "server-hop-rpk.pub"),
-            "--e2e", "dtls", "--e2e-rpk-key", client_key,
+            "--layer0", "dtls", "--e2e-rpk-key", client_key,
             "--e2e-rpk-server-key", str(keys / "server-rpk.pub"), "coaps://127.0.0.1:9/"),
         run(PROXY, "--listen", "coaps://127.0.0.1:0", "--rpk-key", str(keys / "proxy-rpk.key"),
             "--rpk-trust", trust, "--psk", f"{fingerprint(keys / 'client-rpk.pub')}:secret"),

@@ -113,9 +113,9 @@ async def test_e2e_required(tmp_path: Path, keys: Keys) -> None:
         post = ["-m", "post", "-e", "protected"]
         plain, psk, cert, oscore = await asyncio.gather(
             client(*post, uri),
-            client(*post, "--e2e", "dtls", *keys.e2e_psk, uri),
-            client(*post, "--e2e", "dtls", *keys.e2e_cert, uri),
-            client(*post, "--e2e", "oscore", *keys.e2e_cert, uri),
+            client(*post, "--layer0", "dtls", *keys.e2e_psk, uri),
+            client(*post, "--layer0", "dtls", *keys.e2e_cert, uri),
+            client(*post, "--layer0", "oscore", *keys.e2e_cert, uri),
         )
     finally:
         assert server.stop() == 0
@@ -131,8 +131,8 @@ async def test_e2e_credentials_each_authenticate(app: Running, keys: Keys) -> No
     uri = app.uri("coap") + "/hello"
     plain, psk, cert = await asyncio.gather(
         client(uri),
-        client("--e2e", "dtls", *keys.e2e_psk, uri),
-        client("--e2e", "dtls", *keys.e2e_cert, "-v", uri),
+        client("--layer0", "dtls", *keys.e2e_psk, uri),
+        client("--layer0", "dtls", *keys.e2e_cert, "-v", uri),
     )
     assert plain.rc == 0 and "(mode plain)" in plain.stdout
     assert psk.rc == 0 and "mode layer0-dtls, layer 0 peer device-1" in psk.stdout
@@ -142,7 +142,7 @@ async def test_e2e_credentials_each_authenticate(app: Running, keys: Keys) -> No
 
 async def test_verbose_logs_what_the_application_received(app: Running, keys: Keys) -> None:
     marker = "log-marker-" + "x" * 426  # 437 bytes: one block, a size no other test sends
-    r = await client("-m", "post", "-e", marker, "--e2e", "dtls", *keys.e2e_psk,
+    r = await client("-m", "post", "-e", marker, "--layer0", "dtls", *keys.e2e_psk,
                      app.uri("coap") + "/echo")
     assert r.rc == 0
     lines = [line for line in app.stderr.splitlines() if f" {len(marker)} bytes" in line]
@@ -221,7 +221,7 @@ async def test_config_file_with_relative_paths_and_flags_winning(
             client("-u", "dev", "-k", "from-flag", uri),
             client("-u", "file-dev", "-k", "file-key", uri),
             client("-u", "dev", "-k", "from-file", "-B", "3", uri),
-            client("-u", "dev", "-k", "from-flag", "--e2e", "dtls", *keys.e2e_psk, uri),
+            client("-u", "dev", "-k", "from-flag", "--layer0", "dtls", *keys.e2e_psk, uri),
         )
     finally:
         assert server.stop() == 0
@@ -271,7 +271,7 @@ async def test_oscore_state_keeps_clients_across_a_restart(tmp_path: Path, keys:
     import aiocoap
 
     from coaplayers import dtls, layer1
-    from coaplayers.e2e import OscoreModeRequester
+    from coaplayers.layer0_modes import OscoreModeRequester
     from tests.conftest import free_udp_port
 
     state = tmp_path / "oscore-state"

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import OscoreModeRequester
-from coaplayers.layer0 import Layer0Channel
+from coaplayers.layer0 import Layer0Client
+from coaplayers.layer0_modes import OscoreModeRequester
 from tests.proxy.conftest import http_get, metric
 
 from .conftest import Keys, client, run, start_proxy, start_server
@@ -46,7 +46,7 @@ async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, ke
     credentials = dtls.CertificateCredentials.from_files(
         keys / "client-e2e.pem", keys / "client-e2e.key", keys / "e2e-ca.pem")
     origins = {"direct": server.uri("coap"), "proxy": proxy.uri("coap")}
-    channels = {k: [Layer0Channel(ctx.context, o, credentials) for _ in range(12)]
+    channels = {k: [Layer0Client(ctx.context, o, credentials) for _ in range(12)]
                 for k, o in origins.items()}
     oscores = {k: [OscoreModeRequester(ctx, o, None, credentials) for _ in range(12)]
                for k, o in origins.items()}

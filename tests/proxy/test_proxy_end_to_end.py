@@ -16,7 +16,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from coaplayers.layer0.profile import is_tunnel_path
+from coaplayers.layer0.profile import is_layer0_path
 from coaplayers_tools.relay import Direction, read_capture
 from tests.conftest import run_program
 
@@ -68,10 +68,10 @@ async def test_end_to_end_modes_through_coap_proxy_hide_the_plaintext(
         cert = ["--e2e-ca", str(creds / "e2e-ca.pem"), "--e2e-cert",
                 str(creds / "client-e2e.pem"), "--e2e-key", str(creds / "client-e2e.key")]
         e2e = {
-            "dtls-psk": ["--e2e", "dtls", "--e2e-psk-identity", psk["e2e"]["identity"],
+            "dtls-psk": ["--layer0", "dtls", "--e2e-psk-identity", psk["e2e"]["identity"],
                          "--e2e-psk", psk["e2e"]["key"]],
-            "dtls-cert": ["--e2e", "dtls", *cert],
-            "oscore": ["--e2e", "oscore", *cert],
+            "dtls-cert": ["--layer0", "dtls", *cert],
+            "oscore": ["--layer0", "oscore", *cert],
         }[mode]
         rc, out, err = await run_program(
             str(BIN / "coap-client"), "-m", "post", "-e", marker, "-B", "30",
@@ -92,7 +92,7 @@ async def test_end_to_end_modes_through_coap_proxy_hide_the_plaintext(
     if mode == "oscore":
         assert any(m.opt.oscore is not None and not m.opt.uri_path for m in outer)
     else:
-        assert all(is_tunnel_path(m.opt.uri_path) for m in outer)
+        assert all(is_layer0_path(m.opt.uri_path) for m in outer)
     log = proxy.log_file.read_text() if proxy.log_file else ""
     exchanges = [json.loads(line) for line in log.splitlines() if '"exchange"' in line]
     assert exchanges and all(e["identity"] == hop1_identity(hop1) for e in exchanges)

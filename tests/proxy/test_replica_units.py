@@ -7,7 +7,7 @@ import pytest
 from aiocoap.numbers.optionnumbers import OptionNumber
 
 from coaplayers import replica
-from coaplayers.layer0.core import TunnelCore
+from coaplayers.layer0.core import Layer0ServerCore
 from coaplayers.oscore import ContextStore
 from coaplayers.proxy.config import ConfigError, ProxyConfig, Route, config_from_mapping
 from coaplayers.proxy.replicas import Member, ReplicaSet, parse_probe_answer
@@ -15,7 +15,7 @@ from coaplayers.proxy.routing import Refusal, Router
 
 
 def test_session_names_carry_the_replica_without_growing() -> None:
-    core = TunnelCore(listener=None)  # type: ignore[arg-type]
+    core = Layer0ServerCore(listener=None)  # type: ignore[arg-type]
     plain = core._new_sid()
     for n in range(replica.MAX_REPLICA + 1):
         core.replica = n

@@ -144,11 +144,11 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         client(run, "layer1", *via, "--credentials", str(keys / "client-hop.json"))
         client(run, "layer1-rpk", *via, "--credentials", str(keys / "client-hop-rpk.json"))
         # client.toml holds every end-to-end kind; --e2e-auth picks one per run.
-        client(run, "layer0-dtls", "--config", str(keys / "client.toml"), "--e2e", "dtls",
+        client(run, "layer0-dtls", "--config", str(keys / "client.toml"), "--layer0", "dtls",
                "--e2e-auth", "psk")
-        client(run, "layer0-rpk", "--config", str(keys / "client.toml"), "--e2e", "dtls",
+        client(run, "layer0-rpk", "--config", str(keys / "client.toml"), "--layer0", "dtls",
                "--e2e-auth", "rpk")
-        client(run, "oscore", "--config", str(keys / "client.toml"), "--e2e", "oscore",
+        client(run, "oscore", "--config", str(keys / "client.toml"), "--layer0", "oscore",
                "--e2e-auth", "cert")
     finally:
         s_out, s_err = stop(server)
@@ -173,7 +173,7 @@ def test_every_mode_carried_the_payload_and_was_logged(full_run: Run) -> None:
                  if b'"exchange"' in line]
     paths = {e["routing"].get("uri_path") for e in exchanges}
     assert "/echo" in paths  # Layer 1 only: the proxy sees the path
-    assert any(p and p.startswith("/.well-known/atls") for p in paths)  # the Layer 0 tunnel
+    assert any(p and p.startswith("/.well-known/atls") for p in paths)  # Layer 0
     assert None in paths  # OSCORE: Uri-Path travels encrypted, the proxy never sees it
     for mode in MODES:
         assert b"response: 2.04" in full_run.logs[f"coap-client {mode} stderr"]

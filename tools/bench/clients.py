@@ -5,7 +5,7 @@ session, its own Layer 0 session or OSCORE context): "50 concurrent clients" are
 each sending its next request when the previous one was answered.
 
 The coaplayers modes use the same stack as ``coap-client`` (:func:`coaplayers.layer1.create_context`
-and :func:`coaplayers.e2e.open_requester`); the baselines use stock aiocoap.
+and :func:`coaplayers.layer0_modes.open_requester`); the baselines use stock aiocoap.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 
 from coaplayers import dtls, layer1
-from coaplayers.e2e import E2EClientOptions, open_requester
+from coaplayers.layer0_modes import Layer0ClientOptions, open_requester
 
 PAYLOAD_SIZE = 40
 PAYLOAD = (b"coap-bench 40-byte POST payload 0123456789" * 2)[:PAYLOAD_SIZE]
@@ -169,19 +169,19 @@ async def open_client(
     ctx = await layer1.create_context(client_credentials=hop_credentials(ep.creds))
     proxy_uri = proxy or (ep.proxy_coap if plain_hops else ep.proxy_coaps)
     target_origin = origin or (ep.server_coap if plain_hops else ep.server_coaps)
-    e2e: E2EClientOptions | None
+    e2e: Layer0ClientOptions | None
     if mode in ("plain", "l1"):
         e2e = None
     elif mode in ("l0psk_l1", "l0psk"):
-        e2e = E2EClientOptions("dtls", psk=_e2e_psk(ep.creds))
+        e2e = Layer0ClientOptions("dtls", psk=_e2e_psk(ep.creds))
     elif mode in ("l0cert_l1", "l0cert"):
-        e2e = E2EClientOptions("dtls", certificate=_e2e_cert(ep.creds))
+        e2e = Layer0ClientOptions("dtls", certificate=_e2e_cert(ep.creds))
     elif mode in ("l0rpk_l1", "l0rpk"):
-        e2e = E2EClientOptions("dtls", raw_public_key=_e2e_rpk(ep.creds))
+        e2e = Layer0ClientOptions("dtls", raw_public_key=_e2e_rpk(ep.creds))
     elif mode in ("oscore_l1", "oscore"):
-        e2e = E2EClientOptions("oscore", certificate=_e2e_cert(ep.creds))
+        e2e = Layer0ClientOptions("oscore", certificate=_e2e_cert(ep.creds))
     elif mode == "oscore_psk":
-        e2e = E2EClientOptions("oscore", psk=_e2e_psk(ep.creds))
+        e2e = Layer0ClientOptions("oscore", psk=_e2e_psk(ep.creds))
     else:
         raise ValueError(f"unknown mode {mode!r}")
     target = f"{target_origin}/echo"

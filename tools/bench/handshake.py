@@ -1,16 +1,16 @@
 """The Layer 0 handshake: bytes per flight and in total, round trips, and how many per second.
 
 Sizes and round trips come from the in-memory driver (:mod:`.inmem`), which makes the same
-outer exchanges as :class:`~coaplayers.layer0.Layer0Channel`; they are DTLS bytes (the outer
+outer exchanges as :class:`~coaplayers.layer0.Layer0Client`; they are DTLS bytes (the outer
 CoAP payloads). The CoAP and UDP bytes around them, through a real proxy, are in the wire
 section (``e2e_handshake``).
 
 Handshakes per second at the server are measured two ways:
 
 * in process: the CPU time (of this thread, so other processes on the machine do not count)
-  spent inside :class:`TunnelCore` (entry, datagram, pull: the server's CoAP-independent work,
+  spent inside :class:`Layer0ServerCore` (entry, datagram, pull: the server's CoAP-independent work,
   DTLS included) for full certificate handshakes, in batches;
-* over the wire: concurrent :class:`Layer0Channel` handshakes straight to coap-server, with
+* over the wire: concurrent :class:`Layer0Client` handshakes straight to coap-server, with
   the server process's CPU time per handshake read from /proc. The client runs on the same
   two cores, so the wall-clock rate is the client's limit as much as the server's; the
   server's CPU per handshake says what one core of server sustains.
@@ -117,14 +117,14 @@ def profiles(creds: Any = None) -> dict[str, Any]:
     core = peers.core("rpk")
     r = handshake(core, peers.client("rpk"), ("2001:db8::1", 4))
     out["rpk"] = profile(r.exchanges, r.resumed)
-    out["method"] = ("in-process TunnelCore and client engine; bytes are the DTLS records "
+    out["method"] = ("in-process Layer0ServerCore and client engine; bytes are the DTLS records "
                      "(outer CoAP payloads); round trips are outer CoAP exchanges")
     return out
 
 
 def rate_in_process(batches: int, per_batch: int, creds: Any = None,
                     kind: str = "cert") -> dict[str, Any]:
-    """Full handshakes per second of server time (TunnelCore calls only); ``kind`` is
+    """Full handshakes per second of server time (Layer0ServerCore calls only); ``kind`` is
     ``cert`` (X.509, OpenSSL) or ``rpk`` (raw public keys, GnuTLS)."""
     peers = Peers(creds)
     rates: list[float] = []
@@ -144,7 +144,8 @@ def rate_in_process(batches: int, per_batch: int, creds: Any = None,
         "batch_rates": rates,
         "per_second": statistics.median(rates),
         "server_ms_per_handshake": 1000 / statistics.median(rates),
-        "method": "in-process: thread CPU time inside TunnelCore (DTLS included, CoAP excluded), "
+        "method": "in-process: thread CPU time inside Layer0ServerCore (DTLS included, CoAP"
+                  " excluded), "
                   f"median of {batches} batches of {per_batch}, sessions up to {per_batch}",
     }
 
@@ -154,7 +155,7 @@ async def rate_over_wire(server_coap: str, creds: Any, server_pid: int, *, secon
     """Full certificate handshakes straight to coap-server (plain CoAP, no proxy)."""
     import aiocoap
 
-    from coaplayers.layer0 import Layer0Channel
+    from coaplayers.layer0 import Layer0Client
 
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     loop = asyncio.get_running_loop()
@@ -165,7 +166,7 @@ async def rate_over_wire(server_coap: str, creds: Any, server_pid: int, *, secon
     async def worker() -> None:
         nonlocal done, errors
         while loop.time() < stop_at:
-            channel = Layer0Channel(ctx, server_coap, creds)  # fresh: no resumption
+            channel = Layer0Client(ctx, server_coap, creds)  # fresh: no resumption
             try:
                 async with asyncio.timeout(30):
                     await channel.connect()
@@ -196,6 +197,6 @@ async def rate_over_wire(server_coap: str, creds: Any, server_pid: int, *, secon
         "server_cpu_ms_per_handshake": 1000 * cpu / done if done else None,
         "server_cpu_bound_per_second": done / cpu if cpu else None,
         "concurrency": concurrency,
-        "method": "over the wire: Layer0Channel certificate handshakes straight to coap-server "
+        "method": "over the wire: Layer0Client certificate handshakes straight to coap-server "
                   "(coap://, no proxy); the server's CPU seconds from /proc",
     }

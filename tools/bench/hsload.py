@@ -1,7 +1,7 @@
 """Full Layer 0 handshakes against coap-server as fast as it answers them: the rate it sustains.
 
 :func:`coaplayers_tools.bench.handshake.rate_over_wire` drives handshakes with the product's own
-client (:class:`~coaplayers.layer0.Layer0Channel` on an aiocoap context). On two cores that
+client (:class:`~coaplayers.layer0.Layer0Client` on an aiocoap context). On two cores that
 client is the bottleneck: it spends about twice the server's CPU per handshake, so the server
 idles most of the time, and a server that idles pays for every wake-up on its own. This load
 generator spends on each handshake little more than the client's DTLS engine: it encodes the
@@ -9,7 +9,7 @@ three outer requests itself (aiocoap's :class:`~aiocoap.Message` codec, no messa
 token manager) on one UDP socket, with as many handshakes in flight as asked. With coap-server
 busy for most of the run, its CPU time per handshake is what it sustains.
 
-Written here rather than borrowed because no CoAP load tool speaks the Layer 0 tunnel; it
+Written here rather than borrowed because no CoAP load tool speaks Layer 0; it
 sends each request once and counts a handshake that gets no answer within the timeout as an
 error (there is no loss on loopback).
 """

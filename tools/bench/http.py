@@ -23,7 +23,7 @@ from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 
 from coaplayers import layer1
-from coaplayers.e2e import E2EClientOptions, open_requester
+from coaplayers.layer0_modes import Layer0ClientOptions, open_requester
 
 from .clients import PAYLOAD, _e2e_cert, _e2e_psk, _e2e_rpk
 from .procs import Processes, program
@@ -104,10 +104,10 @@ async def open_http_client(mode: str, creds: Path, proxy: str, origin: str) -> H
     ctx = await layer1.create_context(client_credentials=layer1.ClientCredentials())
     e2e = {
         "http_plain": None,
-        "http_l0psk": E2EClientOptions("dtls", psk=_e2e_psk(creds)),
-        "http_l0cert": E2EClientOptions("dtls", certificate=_e2e_cert(creds)),
-        "http_l0rpk": E2EClientOptions("dtls", raw_public_key=_e2e_rpk(creds)),
-        "http_oscore": E2EClientOptions("oscore", certificate=_e2e_cert(creds)),
+        "http_l0psk": Layer0ClientOptions("dtls", psk=_e2e_psk(creds)),
+        "http_l0cert": Layer0ClientOptions("dtls", certificate=_e2e_cert(creds)),
+        "http_l0rpk": Layer0ClientOptions("dtls", raw_public_key=_e2e_rpk(creds)),
+        "http_oscore": Layer0ClientOptions("oscore", certificate=_e2e_cert(creds)),
     }[mode]
     requester = await open_requester(ctx, proxy=proxy, e2e=e2e, target=f"{origin}/echo")
     return HttpClient(ctx, requester, origin)

@@ -1,6 +1,6 @@
-"""Layer 0 handshakes in memory: a client engine against the server's :class:`TunnelCore`.
+"""Layer 0 handshakes in memory: a client engine against the server's :class:`Layer0ServerCore`.
 
-The driver below makes the same outer exchanges a :class:`~coaplayers.layer0.Layer0Channel`
+The driver below makes the same outer exchanges a :class:`~coaplayers.layer0.Layer0Client`
 makes (POST the first flight to the entry resource, POST later flights to the session's
 Location-Path, pull queued server datagrams with empty POSTs), without CoAP or sockets, so the
 server's own work can be timed alone and its memory measured without a network in the way.
@@ -30,7 +30,7 @@ from coaplayers.dtls import (
     build_context,
     parse_key_text,
 )
-from coaplayers.layer0.core import ServerLimits, TunnelCore
+from coaplayers.layer0.core import Layer0ServerCore, ServerLimits
 from coaplayers.layer0.profile import CHANGED, CREATED, DTLS_CIPHERS, handshake_tag
 from coaplayers.layer0.server import layer0_config, make_listener
 from coaplayers.programs import keys
@@ -51,7 +51,7 @@ class Exchange:
 class HandshakeResult:
     exchanges: list[Exchange] = field(default_factory=list)
     server_seconds: float = 0.0
-    """CPU time of this thread inside the TunnelCore calls (other processes do not count)."""
+    """CPU time of this thread inside the Layer0ServerCore calls (other processes do not count)."""
     resumed: bool = False
     sid: str = ""
 
@@ -92,8 +92,8 @@ class Peers:
         self._client_rpk_context: Any = None
 
     def core(self, kind: str, max_sessions: int = 256, *,
-             release_buffers: bool = False, core_class: type[TunnelCore] = TunnelCore
-             ) -> TunnelCore:
+             release_buffers: bool = False, core_class: type[Layer0ServerCore] = Layer0ServerCore
+             ) -> Layer0ServerCore:
         limits = ServerLimits(max_sessions=max(1, max_sessions), max_half_open=64)
         if kind == "psk":
             listener: Any = make_listener(self.psk_store, self.config)
@@ -132,7 +132,9 @@ class _ReleaseBuffersListener(OpenSslListener):
         return super()._new_listener()
 
 
-def handshake(core: TunnelCore, client: Any, peer_key: Any, now: float = 0.0) -> HandshakeResult:
+def handshake(
+    core: Layer0ServerCore, client: Any, peer_key: Any, now: float = 0.0
+) -> HandshakeResult:
     """Run one handshake to completion; raises if it fails or stalls."""
     result = HandshakeResult()
     client.connect(now)

@@ -1,7 +1,7 @@
 """Memory per established Layer 0 session and per OSCORE context, one fresh process per figure.
 
 ``python -m coaplayers_tools.bench.memory KIND COUNT`` prints one JSON object. KIND is ``psk``,
-``cert`` or ``rpk`` (Layer 0 sessions: the server's :class:`TunnelCore` with its real
+``cert`` or ``rpk`` (Layer 0 sessions: the server's :class:`Layer0ServerCore` with its real
 listener, clients in memory), ``cert-release-buffers`` (kept for report compatibility: the
 product's context already sets OpenSSL's ``SSL_MODE_RELEASE_BUFFERS``, and an established
 certificate session no longer holds an SSL object at all, so it measures the same as
@@ -10,11 +10,11 @@ derives them, in a :class:`ContextStore`).
 
 Why in memory and not over the wire: coap-server bounds its sessions (256 by default), and
 10,000 certificate handshakes through CoAP take longer than this benchmark's budget. The
-server's state per session is the same: the TunnelCore session table, the engine session and
+server's state per session is the same: the Layer0ServerCore session table, the engine session and
 its backend object. Each client session is dropped right after its handshake, so the memory it
 used is reused by the next one and the growth is the server's.
 
-The core is the product's, idle-session scan included (:meth:`TunnelCore.entry` runs it on
+The core is the product's, idle-session scan included (:meth:`Layer0ServerCore.entry` runs it on
 every ClientHello; it stops at the first session that is not idle). What one scan costs at the
 final count is also reported (``expire_scan_ms``).
 
@@ -78,7 +78,7 @@ def _layer0(kind: str, count: int, creds: str | None) -> dict[str, Any]:
         "seconds": elapsed,
         "server_ms_per_handshake_at_end": 1000 * server_time_tail / tail,
         "expire_scan_ms": 1000 * scan,
-        "method": "in-process: coaplayers.layer0.core.TunnelCore with its real listener,"
+        "method": "in-process: coaplayers.layer0.core.Layer0ServerCore with its real listener,"
                   " client engines in memory, RSS growth / count",
     }
 

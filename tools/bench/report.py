@@ -153,13 +153,13 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                              note=f"{hs[kind]['round_trips']} outer exchanges in all"))
     rate = results.get("handshake", {})
     if "rate_in_process" in rate:
-        t.append(_target("full certificate handshakes/s, server engine + tunnel (in-process)",
+        t.append(_target("full certificate handshakes/s, server engine + Layer 0 (in-process)",
                          rate["rate_in_process"]["per_second"], 300, at_least=True, unit="/s",
-                         note="TunnelCore time only, one core"))
+                         note="Layer0ServerCore time only, one core"))
     if "rate_in_process_rpk" in rate:
-        t.append(_target("full raw-public-key handshakes/s, server engine + tunnel (in-process)",
+        t.append(_target("full raw-public-key handshakes/s, server engine + Layer 0 (in-process)",
                          rate["rate_in_process_rpk"]["per_second"], 300, at_least=True,
-                         unit="/s", note="TunnelCore time only, one core"))
+                         unit="/s", note="Layer0ServerCore time only, one core"))
     for key, what in (("rate_sustained", "certificate"), ("rate_sustained_rpk", "raw-public-key")):
         busy = rate.get(key)
         if busy and busy.get("server_cpu_bound_per_second"):
@@ -378,7 +378,7 @@ def render(results: dict[str, Any]) -> str:
                      f" in-process ({r['server_ms_per_handshake']:.2f} ms server time each)")
             w = hs.get(wire_key)
             if w and w.get("server_cpu_bound_per_second"):
-                line += (f"; over the wire from coap-client's engine (Layer0Channel) coap-server"
+                line += (f"; over the wire from coap-client's engine (Layer0Client) coap-server"
                          f" used {w['server_cpu_ms_per_handshake']:.2f} ms CPU per handshake ="
                          f" {w['server_cpu_bound_per_second']:.0f}/s per core"
                          f" (wall {w['wall_per_second']:.0f}/s, server mostly idle: the client"

@@ -1,7 +1,7 @@
 """End-to-end protection for programs: Layer 0 DTLS and the OSCORE mode, wired together.
 
 The programs call :func:`wrap_site` (server) to put an application resource tree behind the
-Layer 0 tunnel (and OSCORE, whose keys come from a Layer 0 handshake).
+Layer 0 (and OSCORE, whose keys come from a Layer 0 handshake).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class E2EServerOptions:
+class Layer0ServerOptions:
     """Layer 0 credentials of a server; separate objects from its Layer 1 credentials."""
 
     psk_store: dtls.PskStore | None = None
@@ -55,7 +55,7 @@ class E2EServerOptions:
 class RequireEndToEnd(interfaces.Resource):
     """Answers 4.01 unless a request arrived inside Layer 0 or under OSCORE.
 
-    It sits innermost, in front of the application resources, so it sees tunnel requests
+    It sits innermost, in front of the application resources, so it sees Layer 0 requests
     (their remote is the Layer 0 session) and OSCORE requests (already unprotected) alike.
     """
 
@@ -88,10 +88,10 @@ class RequireEndToEnd(interfaces.Resource):
         await self.site.render_to_pipe(pipe)
 
 
-def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> Any:
-    """The site as served: behind the Layer 0 tunnel and OSCORE when credentials are given.
+def wrap_site(site: Any, options: Layer0ServerOptions, *, eager: bool = False) -> Any:
+    """The site as served: behind Layer 0 and OSCORE when credentials are given.
 
-    Layering, outermost first: the Layer 0 tunnel (``/.well-known/atls``), OSCORE (requests
+    Layering, outermost first: Layer 0 (``/.well-known/atls``), OSCORE (requests
     with the OSCORE option), then the application resources, which gain the inner keying
     resource of the OSCORE mode (``/.well-known/atls-oscore``, Layer 0 only) and, with
     ``required``, a 4.01 for anything that arrived unprotected. ``eager`` is
@@ -122,7 +122,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
     inner = OscoreSite(inner, store)
     credentials = options.credentials
     # Whether anything needs protection is RequireEndToEnd's call (it accepts OSCORE too), so
-    # the tunnel's own policy protects nothing by itself.
+    # Layer 0's own policy protects nothing by itself.
     policy = Policy.build(protected=())
     layer0 = Layer0Site(
         inner, credentials if len(credentials) > 1 else credentials[0], policy=policy,
@@ -134,7 +134,7 @@ def wrap_site(site: Any, options: E2EServerOptions, *, eager: bool = False) -> A
 
 
 @dataclass(frozen=True)
-class E2EClientOptions:
+class Layer0ClientOptions:
     """A client's end-to-end mode and credentials (separate from its Layer 1 credentials)."""
 
     mode: str  # "dtls" or "oscore"
@@ -197,11 +197,11 @@ def _identity_label(kind: str) -> str:
 
 
 class DtlsRequester:
-    """Requests inside a Layer 0 DTLS channel to the target's origin."""
+    """Requests inside a Layer 0 DTLS session to the target's origin."""
 
     def __init__(self, context: LayeredContext, target: str, proxy: str | None,
                  credentials: ClientCredentials, state: Path | None = None) -> None:
-        from .layer0 import Layer0Channel
+        from .layer0 import Layer0Client
 
         kept: dict[str, Any] = {}
         if state is not None and isinstance(credentials, dtls.CertificateCredentials):
@@ -213,7 +213,7 @@ class DtlsRequester:
             ssl_context = dtls.build_context(credentials, server=False, ciphers=DTLS_CIPHERS)
             kept = {"ssl_context": ssl_context,
                     "tickets": ResumptionCache(state / "layer0", credentials, ssl_context)}
-        self.channel = Layer0Channel(context.context, _origin(target), credentials, proxy=proxy,
+        self.channel = Layer0Client(context.context, _origin(target), credentials, proxy=proxy,
                                      **kept)
 
     def request(self, message: aiocoap.Message) -> Any:
@@ -244,7 +244,7 @@ class OscoreModeRequester:
         self.kind = ("raw-public-key" if isinstance(credentials, dtls.RawPublicKeyCredentials)
                      else "PSK" if isinstance(credentials, dtls.PskClientCredentials)
                      else "certificate")
-        from .layer0 import Layer0Channel
+        from .layer0 import Layer0Client
         from .oscore.client import origin_of
         from .oscore.mode import OscoreRequester
 
@@ -256,12 +256,12 @@ class OscoreModeRequester:
             from .oscore.kept import KeptContexts
 
             slot = KeptContexts(state / "oscore").slot(origin_of(origin), credentials)
-        # Every keying is a full handshake on a new channel (docs/OSCORE-KEYING.md, section 1).
-        # No shared TicketStore: each channel has its own SSL context, and OpenSSL refuses a
+        # Every keying is a full handshake on a new Layer 0 client (docs/OSCORE-KEYING.md 1).
+        # No shared TicketStore: each Layer 0 client has its own SSL context, and OpenSSL refuses a
         # session from another context, so a second keying (re-keying) would raise.
         self.requester = OscoreRequester(
             context.context, origin,
-            lambda: Layer0Channel(context.context, origin, credentials, proxy=proxy,
+            lambda: Layer0Client(context.context, origin, credentials, proxy=proxy,
                                   exporter=True),
             proxy=proxy, kept=slot,
         )
@@ -315,7 +315,7 @@ def _text(value: object) -> object:
 
 
 async def open_requester(
-    context: LayeredContext, *, proxy: str | None, e2e: E2EClientOptions | None, target: str,
+    context: LayeredContext, *, proxy: str | None, e2e: Layer0ClientOptions | None, target: str,
     state: Path | None = None,
 ) -> Any:
     """Something with ``request(message)`` and ``describe(response)`` for the chosen mode.
