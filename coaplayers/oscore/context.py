@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import cbor2
 from aiocoap import Message
@@ -50,6 +50,7 @@ from .errors import KeyingError, SequenceNumbersExhausted
 from .params import (
     DEFAULT_AEAD,
     DEFAULT_HKDF,
+    AeadAlgorithm,
     aead_algorithm,
     hkdf_hash,
     max_id_length,
@@ -57,6 +58,8 @@ from .params import (
 
 if TYPE_CHECKING:
     from .persistence import ContextFile
+
+_Aead = _crypto_aead.AESCCM | _crypto_aead.AESGCM
 
 #: Highest sender sequence number RFC 8613 allows (Partial IV is at most 5 bytes).
 MAX_SEQUENCE_NUMBER = _aiooscore.MAX_SEQNO
@@ -112,7 +115,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
     """
 
     @property
-    def alg_signature(self) -> Any:
+    def alg_signature(self) -> None:
         """Not a group context: there is no signature algorithm.
 
         aiocoap 0.4.17's ``unprotect`` reads this for a message whose OSCORE option carries
@@ -223,7 +226,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         self.sequence_limit: int = min(sequence_limit, MAX_SEQUENCE_NUMBER)
         # Per-context constants of protecting and unprotecting, computed on first use:
         # AEAD objects by key, nonce bases by Partial IV generator, AAD heads by kid.
-        self._aeads: dict[bytes, Any] = {}
+        self._aeads: dict[bytes, _Aead | Literal[False]] = {}
         self._nonce_bases: dict[bytes, tuple[bytes, int]] = {}
         self._aad_heads: dict[bytes, bytes] = {}
         self.rekey_threshold = rekey_threshold
@@ -363,7 +366,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         return outer, request_id
 
     def _construct_nonce(
-        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any
+        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: AeadAlgorithm
     ) -> bytes:
         """aiocoap's nonce (RFC 8613 Section 5.2), XORed as one integer and without its
         debug line, whose three hex strings were built even with debug logging off (two
@@ -386,7 +389,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         return self._construct_nonce_slowly(partial_iv_short, piv_generator_id, alg)
 
     def _construct_nonce_slowly(
-        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any
+        self, partial_iv_short: bytes, piv_generator_id: bytes, alg: AeadAlgorithm
     ) -> bytes:
         components = (
             bytes((len(piv_generator_id),))
@@ -402,7 +405,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
         value = int.from_bytes(common, "big") ^ int.from_bytes(components, "big")
         return value.to_bytes(size, "big")
 
-    def _exchange_aad(self, alg: Any, request_id: Any) -> bytes:
+    def _exchange_aad(self, alg: AeadAlgorithm, request_id: Any) -> bytes:
         """The AAD of a request and of every response to it: it names the request's kid and
         Partial IV (RFC 8613 Section 5.4), so it is computed once per exchange and kept on
         the request's identifiers (aiocoap's ``RequestIdentifiers``, a plain object)."""
@@ -413,7 +416,7 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
                                                         request_id.partial_iv)
         return aad  # type: ignore[no-any-return]
 
-    def _aad(self, alg: Any, kid: bytes, partial_iv: bytes) -> bytes:
+    def _aad(self, alg: AeadAlgorithm, kid: bytes, partial_iv: bytes) -> bytes:
         """The AAD (RFC 8613 Section 5.4; no Class I options, one algorithm, non-group):
         ``Enc_structure ["Encrypt0", h'', external_aad]`` with ``external_aad = [1,
         [alg], kid, piv, h'']``, each a definite-length CBOR array, so its encoding is the
@@ -428,10 +431,10 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
             self._aad_heads[kid] = head
         return _ENC0_HEAD + cbor2.dumps(head + cbor2.dumps(partial_iv) + _EMPTY_BSTR)
 
-    def _aead(self, alg: Any, key: bytes) -> Any:
+    def _aead(self, alg: AeadAlgorithm, key: bytes) -> _Aead | None:
         """A reusable ``cryptography`` AEAD object for ``key`` (aiocoap's AES-CCM and
         AES-GCM build one per message), or None for the algorithms left to aiocoap."""
-        aead = self._aeads.get(key)
+        aead: _Aead | Literal[False] | None = self._aeads.get(key)
         if aead is None:
             if isinstance(alg, _aiooscore.AES_CCM):
                 aead = _crypto_aead.AESCCM(key, alg.tag_bytes)
@@ -444,18 +447,22 @@ class SecurityContext(  # aiocoap's OSCORE classes carry no types
             self._aeads[key] = aead
         return aead or None
 
-    def _seal(self, alg: Any, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def _seal(
+        self, alg: AeadAlgorithm, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes
+    ) -> bytes:
         aead = self._aead(alg, key)
         if aead is None:
-            return alg.encrypt(plaintext, aad, key, nonce)  # type: ignore[no-any-return]
-        return aead.encrypt(nonce, plaintext, aad)  # type: ignore[no-any-return]
+            return alg.encrypt(plaintext, aad, key, nonce)
+        return aead.encrypt(nonce, plaintext, aad)
 
-    def _open(self, alg: Any, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    def _open(
+        self, alg: AeadAlgorithm, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes
+    ) -> bytes:
         aead = self._aead(alg, key)
         if aead is None:
-            return alg.decrypt(ciphertext, aad, key, nonce)  # type: ignore[no-any-return]
+            return alg.decrypt(ciphertext, aad, key, nonce)
         try:
-            return aead.decrypt(nonce, ciphertext, aad)  # type: ignore[no-any-return]
+            return aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
             raise _aiooscore.ProtectionInvalid("Tag invalid") from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import cbor2
 from aiocoap import oscore as _aiooscore
@@ -40,8 +40,24 @@ DEFAULT_AEAD = 10
 #: 8613's default.
 DEFAULT_HKDF = -10
 
+class AeadAlgorithm(Protocol):
+    """What this package uses of an aiocoap AEAD algorithm object (aiocoap has no types)."""
+
+    @property
+    def value(self) -> int: ...  # the COSE algorithm value
+    @property
+    def key_bytes(self) -> int: ...
+    @property
+    def iv_bytes(self) -> int: ...
+    @property
+    def tag_bytes(self) -> int: ...
+
+    def encrypt(self, plaintext: bytes, aad: bytes, key: bytes, iv: bytes) -> bytes: ...
+    def decrypt(self, ciphertext_and_tag: bytes, aad: bytes, key: bytes, iv: bytes) -> bytes: ...
+
+
 #: COSE AEAD algorithm value -> aiocoap algorithm object. AES-CBC (not an AEAD) is excluded.
-AEAD_ALGORITHMS: dict[int, Any] = {
+AEAD_ALGORITHMS: dict[int, AeadAlgorithm] = {
     alg.value: alg
     for alg in _aiooscore.algorithms.values()
     if isinstance(alg, _aiooscore.AeadAlgorithm)
@@ -58,7 +74,7 @@ HKDF_ALGORITHMS: dict[int, hashes.HashAlgorithm] = {
 MAX_ID_CONTEXT_LENGTH = 32
 
 
-def aead_algorithm(value: int) -> Any:
+def aead_algorithm(value: int) -> AeadAlgorithm:
     """The aiocoap AEAD object for a COSE algorithm value (ParameterError if unsupported)."""
     try:
         return AEAD_ALGORITHMS[value]
@@ -127,7 +143,7 @@ class OscoreParameters:
 
     def to_cbor(self) -> bytes:
         """Deterministically encoded CBOR map; fields at their default value are left out."""
-        items: dict[int, Any] = {}
+        items: dict[int, int | bytes] = {}
         if self.hkdf != DEFAULT_HKDF:
             items[KEY_HKDF] = self.hkdf
         if self.aead != DEFAULT_AEAD:
@@ -185,7 +201,7 @@ class OscoreParameters:
         )
 
 
-def _deterministic(items: dict[int, Any]) -> bytes:
+def _deterministic(items: dict[int, int | bytes]) -> bytes:
     """RFC 8949 core deterministic encoding of a map with integer keys and simple values.
 
     Keys are sorted by their encoded bytes (Section 4.2.1); cbor2 already emits shortest
