@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path as _FilePath
-from typing import Any, overload
+from typing import overload
 
 from .profile import is_layer0_path
 
@@ -97,7 +97,7 @@ def identity_text(identity: bytes | str | None) -> str | None:
 _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 
 
-def rpk_identity(key: Any) -> str:
+def rpk_identity(key: object) -> str:
     """The Layer 0 identity of a raw-public-key peer: its SPKI fingerprint (32 hex digits).
 
     ``key``: a ``cryptography`` public (or private) key, DER SubjectPublicKeyInfo bytes, a
@@ -114,6 +114,7 @@ def rpk_identity(key: Any) -> str:
         if len(keys) != 1:
             raise ConfigurationError(f"{key} holds {len(keys)} public keys; name one")
         return spki_fingerprint(keys[0])
-    if hasattr(key, "private_bytes"):
-        key = key.public_key()  # a private key: its public half
+    public_key = getattr(key, "public_key", None)
+    if hasattr(key, "private_bytes") and callable(public_key):
+        key = public_key()  # a private key: its public half
     return spki_fingerprint(spki_der(key))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .context import SecurityContext
 from .errors import KeyingError
@@ -103,7 +103,15 @@ def derive_context(
     )
 
 
-def export_keying_material(connection: Any, params: OscoreParameters) -> bytes:
+class Exporter(Protocol):
+    """Anything with an RFC 5705 exporter: a pyOpenSSL ``Connection``, a DTLS engine session."""
+
+    def export_keying_material(
+        self, label: bytes, length: int, context: bytes | None = None, /
+    ) -> bytes: ...
+
+
+def export_keying_material(connection: Exporter, params: OscoreParameters) -> bytes:
     """Run the exporter on an established pyOpenSSL ``OpenSSL.SSL.Connection``.
 
     Passes no context value, which for (D)TLS 1.2 is *not* the same as an empty one (RFC
