@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,11 +268,11 @@ class BoundedSite(resource.Site):  # type: ignore[misc]
         self.block1 = Block1Assembler(limits)
         self.responses = _Responses(self.block1.limits, self.block1.clock)
 
-    def add_resource(self, path: Any, resource_: Any) -> None:
+    def add_resource(self, path: Sequence[str], resource_: object) -> None:
         self._bound(resource_)
         super().add_resource(path, resource_)
 
-    def _bound(self, resource_: Any) -> None:
+    def _bound(self, resource_: object) -> None:
         limit = getattr(resource_, "max_body", None)
         _aiocoap.replace_block_state(
             resource_,

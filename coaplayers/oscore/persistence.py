@@ -52,7 +52,7 @@ class ContextFile:
         self.ahead = ahead
         #: Every sequence number below this value may have been used.
         self.stored_mark: int | None = None
-        self._record: dict[str, Any] | None = None
+        self._record: dict[str, object] | None = None
         self.writes = 0
 
     # -- creating and restoring --------------------------------------------------------
