@@ -179,10 +179,10 @@ def on_folded_answer(action: Callable[[list[bytes]], list[bytes]]) -> Any:
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
-    # cookie exchange, ClientHello -> the server's flight, the client's last flight -> the
-    # server's Finished with the OSCORE parameters, the request.
-    ("certificate", 4),
-    # PSK: no cookie exchange while the server is not under handshake load.
+    # ClientHello -> the server's flight (no cookie exchange while the server is not under
+    # handshake load), the client's last flight -> the server's Finished with the OSCORE
+    # parameters, the request.
+    ("certificate", 3),
     ("psk", 3),
 ])
 async def test_cold_keying_costs_no_exchange_of_its_own(
@@ -414,7 +414,7 @@ async def test_a_server_that_does_not_fold_is_asked_explicitly(
     sent = exchanges(origin)
     keying = [m for m in sent if m.opt.oscore is None and m.code == Code.POST
               and m.opt.uri_path not in ((".well-known", "atls"),)]
-    # cookie exchange, ClientHello, last flight, keying request; the request; the DELETE.
-    assert len(sent) == 6 and len(keying) == 2, [(m.code, m.opt.uri_path) for m in sent]
+    # ClientHello (no cookie exchange), last flight, keying request; the request; the DELETE.
+    assert len(sent) == 5 and len(keying) == 2, [(m.code, m.opt.uri_path) for m in sent]
     await r.close()
     assert any(m.code == Code.DELETE for m in exchanges(origin))
