@@ -74,7 +74,8 @@ def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> D
     """The engine settings of a Layer 0 session: datagrams fit one outer payload (a client's
     leave room for the handshake tag, docs/PROTOCOL.md 3.3)."""
     mtu = MAX_DATAGRAM - HANDSHAKE_TAG_LEN if client else MAX_DATAGRAM
-    return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout)
+    # A client may send its first request with its last flight (False Start, 3.3).
+    return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout, false_start=client)
 
 
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,
