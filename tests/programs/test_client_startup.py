@@ -21,7 +21,7 @@ import sys
 from coaplayers.programs.client.main import main
 code = main(sys.argv[1:])
 heavy = sorted({m.split(".")[0] if not m.startswith("coaplayers") else ".".join(m.split(".")[:3])
-                for m in sys.modules if m.startswith(%r)})
+                for m in sys.modules if any(m == h or m.startswith(h + ".") for h in %r)})
 print("LOADED", code, " ".join(heavy), file=sys.stderr)
 """
 
