@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import aiocoap
 from aiocoap.numbers.codes import Code
@@ -20,6 +20,12 @@ from . import output
 from .failures import ObservationSilent, classify, exit_code, gateway_hint
 from .main import RunState
 from .options import ClientConfig
+
+if TYPE_CHECKING:
+    from coaplayers.layer0_modes import Requester
+    from coaplayers.layer1 import LayeredContext
+
+ClientContext: TypeAlias = "PlainContext | LayeredContext"
 
 METHODS = {
     "get": Code.GET, "post": Code.POST, "put": Code.PUT, "delete": Code.DELETE,
@@ -43,7 +49,7 @@ class PlainContext:
         await self.context.shutdown()
 
 
-async def open_context(config: ClientConfig, state: RunState) -> Any:
+async def open_context(config: ClientConfig, state: RunState) -> ClientContext:
     bind = None
     if config.local_address is not None or config.local_port is not None:
         bind = (config.local_address or "::", config.local_port or 0)
@@ -88,7 +94,7 @@ class PlainRequester:
     a proxy was re-assembled by aiocoap under our feet).
     """
 
-    def __init__(self, context: Any, proxy: str | None) -> None:
+    def __init__(self, context: ClientContext, proxy: str | None) -> None:
         from aiocoap.message import UndecidedRemote
 
         self._context = context
@@ -105,13 +111,14 @@ class PlainRequester:
             message.remote = self._proxy
         return self._context.context.request(message, handle_blockwise=handle_blockwise)
 
-    def describe(self, response: Any) -> dict[str, Any]:
+    def describe(self, response: aiocoap.Message) -> dict[str, Any]:
         from coaplayers.layer0_modes import layer1_details
 
         return {"layer 1": layer1_details(response)}
 
 
-async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any:
+async def open_requester(ctx: ClientContext, config: ClientConfig, state: RunState
+                         ) -> Requester:
     if config.layer0.mode is None:
         if config.needs_security:
             from .security import e2e_options
@@ -136,6 +143,8 @@ async def open_requester(ctx: Any, config: ClientConfig, state: RunState) -> Any
             state_dir = owner_only_folder(
                 Path(config.state_dir) if config.state_dir else state_root(),
                 "what coap-client keeps between runs", tighten=not config.state_dir)
+        # A Layer 0 mode needs security (ClientConfig.needs_security): the context has Layer 1.
+        assert not isinstance(ctx, PlainContext)
         return await open_e2e(ctx, proxy=config.proxy, e2e=e2e, target=config.uri,
                               state=state_dir)
     except (StateFolderError, PersistenceError) as e:
@@ -186,7 +195,7 @@ async def run(config: ClientConfig, state: RunState) -> int:
 
         install(ctx.context, config)
     printer = output.Printer(config)
-    requester: Any = None
+    requester: Requester | None = None
     try:
         requester = await open_requester(ctx, config, state)
         code = 0
@@ -208,11 +217,12 @@ async def run(config: ClientConfig, state: RunState) -> int:
         await ctx.shutdown()
 
 
-async def _one(requester: Any, config: ClientConfig, printer: output.Printer, ctx: Any
-               ) -> aiocoap.Message:
+async def _one(requester: Requester, config: ClientConfig, printer: output.Printer,
+               ctx: ClientContext) -> aiocoap.Message:
     request = build_request(config)
     plain = isinstance(requester, PlainRequester)
-    if config.block_start > 0 and request.opt.block2 is not None and plain:
+    if config.block_start > 0 and request.opt.block2 is not None and isinstance(
+            requester, PlainRequester):
         # libcoap's -b NUM,SIZE: that one block.
         return await requester.request(request, handle_blockwise=False).response
     if printer.progress_wanted() and plain and request.code in (Code.GET, Code.FETCH):
@@ -221,7 +231,7 @@ async def _one(requester: Any, config: ClientConfig, printer: output.Printer, ct
     return await requester.request(request).response
 
 
-async def _close(requester: Any) -> None:
+async def _close(requester: Requester | None) -> None:
     """End the Layer 0 session or OSCORE keying session (frees the DTLS engine's state)."""
     close = getattr(requester, "close", None)
     if close is None:
@@ -232,7 +242,8 @@ async def _close(requester: Any) -> None:
         pass
 
 
-def describe(requester: Any, response: aiocoap.Message, ctx: Any) -> dict[str, Any]:
+def describe(requester: Requester, response: aiocoap.Message, ctx: ClientContext
+             ) -> dict[str, Any]:
     """Per-layer details for -v; the first hop's Layer 1 session also in end-to-end modes."""
     layers: dict[str, Any] = dict(requester.describe(response))
     if "layer 1" not in layers:
@@ -240,7 +251,7 @@ def describe(requester: Any, response: aiocoap.Message, ctx: Any) -> dict[str, A
     return layers
 
 
-def _first_hop(ctx: Any) -> dict[str, Any] | None:
+def _first_hop(ctx: ClientContext) -> dict[str, Any] | None:
     # The end-to-end requesters answer with the inner response, whose remote is the Layer 0
     # session; the first hop's DTLS session is the one our Layer 1 transport holds as client.
     from types import SimpleNamespace
@@ -261,8 +272,8 @@ def _max_age(message: aiocoap.Message) -> float:
     return float(value) if value is not None else 60.0
 
 
-async def _observe(requester: Any, config: ClientConfig, printer: output.Printer, ctx: Any,
-                   state: RunState) -> int:
+async def _observe(requester: Requester, config: ClientConfig, printer: output.Printer,
+                   ctx: ClientContext, state: RunState) -> int:
     """Observe for -s seconds. A notification is due within the last one's Max-Age (RFC 7641
     section 3.3.1); when none comes (plus a margin, or -K), the path may have died without a
     word (a proxy stopped, a NAT forgot us): register again, and fail if that finds nobody."""

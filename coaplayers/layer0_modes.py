@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import aiocoap
 from aiocoap import interfaces
@@ -154,6 +154,13 @@ class Layer0ClientOptions:
 ClientCredentials: TypeAlias = (
     "dtls.PskClientCredentials | dtls.CertificateCredentials | dtls.RawPublicKeyCredentials"
 )
+
+
+class Requester(Protocol):
+    """What a program uses of a requester, whichever the mode (plain, Layer 0 DTLS, OSCORE)."""
+
+    def request(self, message: aiocoap.Message) -> Any: ...  # aiocoap's request (untyped)
+    def describe(self, response: aiocoap.Message) -> dict[str, Any]: ...
 
 
 class PlainRequester:
@@ -317,8 +324,8 @@ def _text(value: object) -> object:
 async def open_requester(
     context: LayeredContext, *, proxy: str | None, e2e: Layer0ClientOptions | None, target: str,
     state: Path | None = None,
-) -> Any:
-    """Something with ``request(message)`` and ``describe(response)`` for the chosen mode.
+) -> Requester:
+    """The requester for the chosen mode.
 
     ``state``: an owner-only folder (:func:`coaplayers.clientstate.owner_only_folder`) where
     the OSCORE mode keeps its context (``oscore/``) and Layer 0 its resumption state
