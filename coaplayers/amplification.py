@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -296,9 +297,10 @@ def _digest(request: Message) -> bytes:
 def plain_address(remote: Any) -> Hashable | None:
     """The address of a plain UDP remote (None for Layer 1, Layer 0 and OSCORE remotes,
     whose addresses a handshake or a key verified)."""
-    from aiocoap.transports.udp6 import UDP6EndpointAddress
-
-    if isinstance(remote, UDP6EndpointAddress):
+    # Not imported here: a process without aiocoap's UDP transport has no such remote (and
+    # an import statement on every request costs more than the rest of this function).
+    udp6 = sys.modules.get("aiocoap.transports.udp6")
+    if udp6 is not None and isinstance(remote, udp6.UDP6EndpointAddress):
         return tuple(remote.sockaddr[:2])
     return None
 
