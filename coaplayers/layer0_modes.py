@@ -228,7 +228,7 @@ class DtlsRequester:
 
     def describe(self, response: aiocoap.Message) -> dict[str, Any]:
         hs = self.channel.last_handshake
-        kind = _kind(getattr(self.channel, "_session", None))
+        kind = self.channel.kind
         return {
             "layer 0": {
                 "mode": "dtls " + kind,

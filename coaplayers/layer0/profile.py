@@ -14,6 +14,7 @@ from aiocoap.numbers.codes import Code
 
 from ..dtls import records
 from ..dtls.errors import ProtocolViolation
+from ..dtls.session import DtlsConfig
 
 WELL_KNOWN_PATH: Final = (".well-known", "atls")
 """The Layer 0 entry resource: a client POSTs its first ClientHello here."""
@@ -136,3 +137,16 @@ def parse_pull(plaintext: bytes) -> int | None:
     if plaintext[-1] != PULL_CODE:
         return None
     return int.from_bytes(plaintext[1:-1], "big") if plaintext[0] else -1
+
+
+MAX_INNER: Final = MAX_DATAGRAM - 64
+"""Largest inner message a record may carry: MAX_DATAGRAM minus the worst record overhead
+(13 header + 8 explicit nonce + 16 GCM tag) with margin."""
+
+
+def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> DtlsConfig:
+    """The engine settings of a Layer 0 session: datagrams fit one outer payload (a client's
+    leave room for the handshake tag, docs/PROTOCOL.md 3.3)."""
+    mtu = MAX_DATAGRAM - HANDSHAKE_TAG_LEN if client else MAX_DATAGRAM
+    # A client may send its first request with its last flight (False Start, 3.3).
+    return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout, false_start=client)

@@ -43,16 +43,17 @@ from .errors import InnerMessageError
 from .policy import Policy
 from .profile import (
     CONTENT_FORMAT,
-    HANDSHAKE_TAG_LEN,
     INNER_BLOCK_SIZE,
     INNER_BLOCK_SZX,
     MAX_DATAGRAM,
+    MAX_INNER,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     OUTER_ONLY_OPTIONS,
     UNSUPPORTED_CONTENT_FORMAT,
     WELL_KNOWN_PATH,
     is_layer0_path,
+    layer0_config,
 )
 
 if TYPE_CHECKING:
@@ -65,17 +66,6 @@ log = logging.getLogger(__name__)
 _OneKind = PskStore | CertificateCredentials | RawPublicKeyCredentials
 # One kind, or several kinds side by side (make_listener).
 ServerCredentials = _OneKind | tuple[_OneKind, ...] | list[_OneKind]
-# Largest inner message a record may carry: MAX_DATAGRAM minus the worst record overhead
-# (13 header + 8 explicit nonce + 16 GCM tag) with margin.
-MAX_INNER = MAX_DATAGRAM - 64
-
-
-def layer0_config(handshake_timeout: float = 30.0, *, client: bool = False) -> DtlsConfig:
-    """The engine settings of a Layer 0 session: datagrams fit one outer payload (a client's
-    leave room for the handshake tag, docs/PROTOCOL.md 3.3)."""
-    mtu = MAX_DATAGRAM - HANDSHAKE_TAG_LEN if client else MAX_DATAGRAM
-    # A client may send its first request with its last flight (False Start, 3.3).
-    return DtlsConfig(mtu=mtu, handshake_timeout=handshake_timeout, false_start=client)
 
 
 def make_listener(credentials: ServerCredentials, config: DtlsConfig | None = None, *,
