@@ -79,3 +79,16 @@ def test_only_programs_parse_command_lines(top: str) -> None:
         if module.split(".")[0] in PARSERS
     ]
     assert wrong == []
+
+
+SANS_IO = ("coaplayers/dtls/session.py", "coaplayers/layer0/core.py",
+           "coaplayers/layer0/clientcore.py")
+IO_MODULES = ("asyncio", "socket", "selectors", "threading", "time")
+
+
+@pytest.mark.parametrize("path", SANS_IO)
+def test_sans_io_cores_have_no_loop_socket_or_clock(path: str) -> None:
+    """Time reaches these only as ``now`` arguments, bytes only through their methods."""
+    wrong = [f"{path}:{line} imports {module}" for line, module in imports(ROOT / path)
+             if module.split(".")[0] in IO_MODULES]
+    assert wrong == []

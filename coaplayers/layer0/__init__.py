@@ -1,9 +1,12 @@
 """Layer 0: end-to-end DTLS inside CoAP payloads, through any CoAP proxy (docs/PROTOCOL.md).
 
-Server: wrap an aiocoap Site in :class:`Layer0Site`. Client: :class:`Layer0Client`.
+Server: wrap an aiocoap Site in :class:`Layer0Site`. Client: :class:`Layer0Client`. Both are
+asyncio shells around a sans-I/O core: :class:`Layer0ServerCore` (core.py) and
+:class:`Layer0ClientCore` (clientcore.py), each testable without a network or a clock.
 """
 
 from .client import Layer0Client, Layer0Config, Layer0Observation, Layer0Request
+from .clientcore import Layer0ClientCore
 from .core import Answer, Layer0Peer, Layer0ServerCore, ServerLimits
 from .errors import (
     HandshakeFailed,
@@ -29,6 +32,7 @@ __all__ = [
     "HandshakeFailed",
     "InnerMessageError",
     "Layer0Client",
+    "Layer0ClientCore",
     "Layer0Closed",
     "Layer0Config",
     "Layer0Error",
