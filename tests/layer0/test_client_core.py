@@ -51,9 +51,9 @@ BIG = bytes(range(256)) * 6  # three inner blocks
 class MemoryServer:
     """A Layer 0 server in memory: Layer0ServerCore plus a few resources rendered on the spot."""
 
-    def __init__(self, *, psk_without_cookie: int = 8) -> None:
+    def __init__(self, *, without_cookie: int = 8) -> None:
         listener = make_listener(PskStore({CREDS.identity: CREDS.key}),
-                                 psk_without_cookie=psk_without_cookie)
+                                 without_cookie=without_cookie)
         self.core = Layer0ServerCore(listener)
         self.observers: dict[str, bytes] = {}  # session -> token of its observation
         self.value = 0
