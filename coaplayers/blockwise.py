@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import aiocoap.resource as resource
 from aiocoap import Message, error
@@ -95,7 +95,14 @@ class _Assembly:
     limit: int
 
 
-def _peer_and_host(remote: Any) -> tuple[Hashable, Hashable]:
+class _Remote(Protocol):
+    """What block-wise assembly needs of an aiocoap remote (aiocoap has no types)."""
+
+    @property
+    def blockwise_key(self) -> Hashable: ...
+
+
+def _peer_and_host(remote: _Remote) -> tuple[Hashable, Hashable]:
     """The remote's block-wise key (aiocoap's), and its host without the port where known."""
     peer = remote.blockwise_key
     address = getattr(remote, "sockaddr", None) or getattr(remote, "address", None)

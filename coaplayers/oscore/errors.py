@@ -9,7 +9,7 @@ means our own security context cannot go on and Layer 0 should run a new handsha
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiocoap import error as _aiocoap_error
 
@@ -17,6 +17,8 @@ from ..errors import CoaplayersError, LocalError, RemoteError
 
 if TYPE_CHECKING:
     from aiocoap import Message
+
+    from .context import SecurityContext
 
 
 class OscoreError(CoaplayersError, _aiocoap_error.Error):  # type: ignore[misc]  # untyped base
@@ -81,7 +83,7 @@ class RehandshakeRequired(OscoreError):
     def __init__(
         self,
         reason: RehandshakeReason,
-        security_context: Any = None,
+        security_context: SecurityContext | None = None,
         response: Message | None = None,
         request_piv: bytes | None = None,
     ) -> None:
@@ -103,7 +105,7 @@ class AlreadyProcessed(OscoreError, RemoteError):
 class SequenceNumbersExhausted(RehandshakeRequired, LocalError):
     """The context's sender sequence numbers are used up (hard limit reached)."""
 
-    def __init__(self, security_context: Any = None) -> None:
+    def __init__(self, security_context: SecurityContext | None = None) -> None:
         super().__init__(RehandshakeReason.SEQUENCE_NUMBERS_EXHAUSTED, security_context)
 
 
