@@ -331,7 +331,10 @@ class Layer0Client:
                 observation._queue.put_nowait(event.error)
         elif isinstance(event, HandshakeDone):
             for callback in list(self.on_handshake):
-                callback(self, event.handshake)
+                try:
+                    callback(self, event.handshake)
+                except Exception:
+                    log.exception("Layer 0 client: an on_handshake callback failed")
         elif isinstance(event, Closed) and self._closing is not None:
             if not self._closing.done():
                 self._closing.set_result(None)

@@ -703,16 +703,21 @@ class Layer0ClientCore:
 
     def _finish(self, op: _Op, result: object, error: Exception | None) -> None:
         self._ops.discard(op)
-        op.done(result, error)
+        try:
+            op.done(result, error)
+        except Exception:  # a bug here must not leave the other operations waiting forever
+            log.exception("Layer 0 client: reporting the end of %s failed", op.name)
 
     def _cancel(self, op: _Op) -> None:
         """End ``op`` where it waits (its ``finally`` blocks run); it reports Layer0Closed."""
         if op not in self._ops:
             return
         self._unpark(op)
-        self._ops.discard(op)
-        op.gen.close()
-        op.done(None, Layer0Closed("the Layer 0 client was closed"))
+        try:
+            op.gen.close()  # runs its finally blocks (frees a half-done engine)
+        except Exception:
+            log.exception("Layer 0 client: ending %s failed", op.name)
+        self._finish(op, None, Layer0Closed("the Layer 0 client was closed"))
 
     # ------------------------------------------------------------ steps operations use
 

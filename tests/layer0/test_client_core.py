@@ -38,6 +38,7 @@ from coaplayers.layer0.errors import (
     Layer0Closed,
     NoAnswer,
     OuterError,
+    ResponseRejected,
     SessionLost,
 )
 from coaplayers.layer0.profile import INNER_BLOCK_SIZE, WELL_KNOWN_PATH
@@ -134,17 +135,18 @@ class Net:
     events: list[Event] = field(default_factory=list)
     sent: list[OuterRequest] = field(default_factory=list)
     lost: list[OuterRequest] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)  # exchanges the core stopped waiting for
     fate: Fate = lambda request: "answer"
 
     def collect(self) -> None:
         while (event := self.client.next_event()) is not None:
             self.events.append(event)
+        self.cancelled += self.client.exchanges_to_cancel()
 
     def step(self) -> bool:
         """Deliver what is waiting to be sent; without any, move time to the next timer."""
         self.collect()
         requests = self.client.outer_requests_to_send()
-        self.client.exchanges_to_cancel()
         if not requests:
             timer = self.client.get_timer()
             if timer is None:
@@ -281,7 +283,7 @@ def test_silence_fails_the_handshake_with_no_answer_at_its_deadline() -> None:
     outcome = net.result(rid)
     assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, NoAnswer)
     assert net.now == 20.0 and net.client.get_timer() is None
-    assert net.client.exchanges_to_cancel() == [net.lost[-1].xid]  # nobody waits for it now
+    assert net.cancelled == [r.xid for r in net.lost]  # nobody waits for them now
     assert not net.client.established
 
 
@@ -441,3 +443,59 @@ def test_a_refused_handshake_is_a_handshake_failure() -> None:
     net.server.answer = busy  # type: ignore[method-assign]
     outcome = net.result(net.client.request(get("hello"), net.now))
     assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, HandshakeFailed)
+
+
+def test_a_get_whose_exchange_times_out_is_sent_again() -> None:
+    net = network(Layer0Config(exchange_timeout=4.0))
+    net.response(net.client.request(get("hello"), net.now))
+    sid = net.client.session_path
+    lose = [True]
+
+    def lose_once(request: OuterRequest) -> str:
+        if request.path == sid and lose[0]:
+            lose[0] = False
+            return "lose"
+        return "answer"
+
+    net.fate = lose_once
+    start = net.now
+    rid = net.client.request(get("hello"), net.now)
+    assert net.response(rid).payload == b"hi"
+    assert net.now == start + 4.0 and net.client.handshakes == 1
+    assert net.cancelled == [net.lost[0].xid]
+
+
+def test_an_answer_swapped_into_another_exchange_still_reaches_its_request() -> None:
+    """A middle box swaps two outer answers: each request finds its own inner answer in the
+    other's exchange (authentic, routed by token) instead of failing."""
+    net = network()
+    net.response(net.client.request(get("hello"), net.now))
+    first = net.client.request(get("hello"), net.now)
+    second = net.client.request(Message(code=Code.POST, uri_path=["echo"], payload=b"2"),
+                                net.now)
+    a, b = net.client.outer_requests_to_send()
+    answer_a, answer_b = net.server.answer(a, net.now), net.server.answer(b, net.now)
+    net.client.outer_answer(a.xid, answer_b, net.now)  # swapped
+    net.collect()
+    assert net.outcome(first) is None  # it waits for its own answer a little
+    assert net.client.get_timer() == net.now + net.client.config.misrouted_wait
+    net.client.outer_answer(b.xid, answer_a, net.now)
+    net.collect()
+    assert net.response(first).payload == b"hi"
+    assert net.response(second).payload == b"2"
+
+
+def test_a_swapped_answer_that_never_comes_is_rejected_after_the_wait() -> None:
+    net = network(Layer0Config(misrouted_wait=2.0))
+    net.response(net.client.request(get("hello"), net.now))
+    first = net.client.request(get("hello"), net.now)
+    second = net.client.request(get("hello"), net.now)
+    a, b = net.client.outer_requests_to_send()
+    net.server.answer(a, net.now)  # the server answered both; a middle box kept a's answer
+    net.client.outer_answer(a.xid, net.server.answer(b, net.now), net.now)
+    net.collect()
+    assert net.client.get_timer() == net.now + 2.0
+    net.client.handle_timer(net.now + 2.0)
+    net.collect()
+    outcome = net.outcome(first)
+    assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, ResponseRejected)
