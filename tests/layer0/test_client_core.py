@@ -489,7 +489,7 @@ def test_a_swapped_answer_that_never_comes_is_rejected_after_the_wait() -> None:
     net = network(Layer0Config(misrouted_wait=2.0))
     net.response(net.client.request(get("hello"), net.now))
     first = net.client.request(get("hello"), net.now)
-    second = net.client.request(get("hello"), net.now)
+    net.client.request(get("hello"), net.now)
     a, b = net.client.outer_requests_to_send()
     net.server.answer(a, net.now)  # the server answered both; a middle box kept a's answer
     net.client.outer_answer(a.xid, net.server.answer(b, net.now), net.now)
