@@ -359,14 +359,16 @@ class Layer0Client:
         self._pump()
 
     def _arm_timer(self) -> None:
+        """Wake the core at its next deadline. An armed timer that is due no later stays: its
+        early call finds nothing due, costs less than moving it on every answer (each outer
+        exchange's bound is a deadline), and arms the next one."""
         when = self._core.get_timer()
-        if when == self._timer_at:
+        if when is None or (self._timer_at is not None and self._timer_at <= when):
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = (None if when is None
-                       else asyncio.get_running_loop().call_at(when, self._on_timer))
+        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         at, self._timer, self._timer_at = self._timer_at, None, None

@@ -607,8 +607,12 @@ class Layer0ClientCore:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must run next, or ``None``."""
-        times = [t for op in self._ops for t in (op.wait_until, op.deadline) if t is not None]
-        return min(times) if times else None
+        soonest: float | None = None
+        for op in self._ops:
+            for t in (op.wait_until, op.deadline):
+                if t is not None and (soonest is None or t < soonest):
+                    soonest = t
+        return soonest
 
     def handle_timer(self, now: float) -> None:
         self._now = now
