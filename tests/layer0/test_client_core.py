@@ -15,7 +15,8 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
-from coaplayers.dtls import PskClientCredentials, PskStore
+from coaplayers import pki
+from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore
 from coaplayers.layer0 import inner
 from coaplayers.layer0.clientcore import (
     REFUSED_PAUSE,
@@ -52,8 +53,9 @@ BIG = bytes(range(256)) * 6  # three inner blocks
 class MemoryServer:
     """A Layer 0 server in memory: Layer0ServerCore plus a few resources rendered on the spot."""
 
-    def __init__(self, *, without_cookie: int = 8) -> None:
-        listener = make_listener(PskStore({CREDS.identity: CREDS.key}),
+    def __init__(self, *, without_cookie: int = 8,
+                 credentials: PskStore | CertificateCredentials | None = None) -> None:
+        listener = make_listener(credentials or PskStore({CREDS.identity: CREDS.key}),
                                  without_cookie=without_cookie)
         self.core = Layer0ServerCore(listener)
         self.observers: dict[str, bytes] = {}  # session -> token of its observation
@@ -499,3 +501,23 @@ def test_a_swapped_answer_that_never_comes_is_rejected_after_the_wait() -> None:
     net.collect()
     outcome = net.outcome(first)
     assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, ResponseRejected)
+
+
+def test_a_resumed_handshake_carries_the_first_request_with_its_last_flight() -> None:
+    ca = pki.make_ca("client core test CA")
+    server, device = pki.issue(ca, "origin.test", names=["origin.test"]), pki.issue(ca, "dev")
+    client = Layer0ClientCore("coap://origin.test", CertificateCredentials(
+        [device.certificate], device.private_key, [ca.certificate], server_name="origin.test"))
+    net = Net(client, MemoryServer(credentials=CertificateCredentials(
+        [server.certificate], server.private_key, [ca.certificate])))
+    assert net.response(client.request(get("hello"), net.now)).payload == b"hi"
+    assert client.last_handshake is not None and not client.last_handshake.resumed
+    assert net.sent[0].pad_to == client.config.pad_hello_to  # its answer: the certificates
+    client.forget_session()  # locally: the next request resumes with the kept session
+    before = len(net.sent)
+    assert net.response(client.request(get("hello"), net.now)).payload == b"hi"
+    assert client.last_handshake.resumed and client.handshakes == 2
+    # ClientHello -> ServerHello..Finished; then our Finished and the request in one exchange
+    hello, final = net.sent[before:]
+    assert hello.path == WELL_KNOWN_PATH and final.path == client.session_path
+    assert hello.pad_to == 0  # a resumption offer is not padded
