@@ -154,7 +154,8 @@ class Layer0Config:
     with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
     is established once it has sent its Finished, so this saves a round trip."""
     resend_non_idempotent: bool = False
-    """Resend POST/PATCH automatically after the server forgot the session (see module doc)."""
+    """Resend POST/PATCH automatically after the server forgot the session (:mod:`.client`
+    says why)."""
     use_proxy_uri: bool = False
     """Name the origin with Proxy-Uri instead of Proxy-Scheme + Uri-Host + Uri-Port."""
     poll_pause: float = 0.5
@@ -1296,7 +1297,7 @@ class Layer0ClientCore:
             self._poller = self._start(self._poll_loop(), _ignore, "poller")
 
     def _poll_loop(self) -> _Gen[None]:
-        """Long-poll with pulls while observations are active (see module doc of client)."""
+        """Long-poll with pulls while observations are active (:mod:`.client` says why)."""
         failures = 0
         while self._observations and not self._closed:
             generation, session = self._generation, self._session
