@@ -30,6 +30,11 @@ _ffi: Any = SSL._ffi  # type: ignore[attr-defined]
 NAME_MISMATCH = (_lib.X509_V_ERR_HOSTNAME_MISMATCH, 64)  # 64: X509_V_ERR_IP_ADDRESS_MISMATCH
 """Verify results that mean "chain fine, wrong name" (:func:`require_peer_name`)."""
 
+NoOverlappingProtocols = SSL._NoOverlappingProtocols  # type: ignore[attr-defined]
+"""The type of ``SSL.NO_OVERLAPPING_PROTOCOLS``, which an ALPN select callback returns to go
+on without ALPN. pyOpenSSL exports the value but not its type, which a typed callback needs.
+Upstream: export the type (or type the callback's return as ``bytes | object``)."""
+
 
 def set_sigalgs_and_groups(ctx: SSL.Context, sigalgs: str, groups: str) -> str | None:
     """Restrict the signature algorithms and ECDHE groups offered; the refused list, if any.

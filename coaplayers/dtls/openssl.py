@@ -521,7 +521,9 @@ class OpenSslListener:
         self.context.set_alpn_select_callback(self._choose_alpn)
         self._listening = self._new_listener()
 
-    def _choose_alpn(self, _conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    def _choose_alpn(
+        self, _conn: SSL.Connection, offered: list[bytes]
+    ) -> bytes | _openssl.NoOverlappingProtocols:
         for proto in offered:
             if proto in self.alpn:
                 return proto
