@@ -15,6 +15,7 @@ A worker knows it is one from ``COAPLAYERS_WORKER`` (``i/N``) in its environment
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -41,6 +42,19 @@ def parse_workers(text: str | int) -> int:
     if not 1 <= n <= MAX_WORKERS:
         raise ValueError(f"workers must be 1 to {MAX_WORKERS}")
     return n
+
+
+def worker_cpus() -> list[int]:
+    """The CPUs this process may run on, in order; empty where affinity is not supported.
+
+    Pinning each worker to one of them (``--pin-workers``) keeps it on one core's caches: on
+    a machine the workers share with others, the scheduler otherwise moves busy processes
+    between cores, which costs every worker CPU per request that one process does not pay
+    (docs/BENCHMARKS.md, "2 workers against 1")."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +97,11 @@ class Supervisor:
     def __init__(
         self, program: str, command: Sequence[str], count: int, *,
         env: dict[str, str] | None = None, ready_word: str = "ready",
-        on_exit: Callable[[int], None] | None = None,
+        on_exit: Callable[[int], None] | None = None, pin: bool = False,
     ) -> None:
         self.program = program
+        # --pin-workers: worker i runs on the i-th CPU this process may use (round robin).
+        self.cpus = worker_cpus() if pin else []
         self.command = list(command)
         self.count = count
         self.env = dict(os.environ if env is None else env)
@@ -101,6 +117,10 @@ class Supervisor:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             env=env)
         self.procs.append(proc)
+        if self.cpus:
+            # Set before the interpreter has started a thread: every thread inherits it.
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(proc.pid, {self.cpus[index % len(self.cpus)]})
         assert proc.stdout is not None
         lines: list[str] = []
         async with asyncio.timeout(timeout):

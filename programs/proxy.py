@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="N|auto",
                    help="processes sharing the listen ports, one scrape for all (default 1;"
                    " auto: one per core)")
+    p.add_argument("--pin-workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="run worker i on the i-th CPU the proxy may use (default: off)")
     p.add_argument("--amplification-factor", metavar="F", type=float,
                    help="answers to plain clients not yet verified (no Layer 1 session, no"
                    " echoed Echo value) stay within F times the request's size (default 3;"
@@ -173,6 +175,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["forward"] = args.forward
     if args.aggregate_observations is not None:
         changes["aggregate_observations"] = args.aggregate_observations
+    if args.pin_workers is not None:
+        changes["pin_workers"] = args.pin_workers
     if args.log_exchanges is not None:
         changes["log_exchanges"] = args.log_exchanges
     if args.name:
@@ -287,7 +291,8 @@ def _supervise(config: ProxyConfig, argv: list[str]) -> int:
     metrics = MultiProcessMetrics(folder)
     supervisor = Supervisor(
         "coap-proxy", self_command("coaplayers.programs.proxy", argv), config.workers,
-        env={**os.environ, MULTIPROC_ENV: folder}, on_exit=metrics.process_gone)
+        env={**os.environ, MULTIPROC_ENV: folder}, on_exit=metrics.process_gone,
+        pin=config.pin_workers)
 
     server = MetricsServer(metrics)
 

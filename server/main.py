@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes sharing the listen ports (1-16; auto: one per core, at most"
                    " 16); Layer 0 sessions and OSCORE contexts reach their worker by the"
                    " kernel's choice (default 1)")
+    p.add_argument("--pin-workers", action="store_true",
+                   help="run worker i on the i-th CPU the server may use (default: off)")
     p.add_argument("--amplification-factor", metavar="F", type=float, default=None,
                    help="answers to plain requests from addresses not yet verified (no Layer 1"
                    " session, no echoed Echo value) stay within F times the request's size:"
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coap-server: {exc}", file=sys.stderr)
         return 2
     if workers > 1 and worker_role() is None:
-        return _supervise(argv, workers)
+        return _supervise(argv, workers, pin=args.pin_workers)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -312,10 +314,11 @@ def _workers(value: Any) -> int:
     return n
 
 
-def _supervise(argv: list[str], workers: int) -> int:
+def _supervise(argv: list[str], workers: int, *, pin: bool = False) -> int:
     """--workers N: N servers on the same ports (coaplayers.workers, coaplayers.steering)."""
     supervisor = Supervisor(
-        "coap-server", self_command("coaplayers.programs.server.main", argv), workers)
+        "coap-server", self_command("coaplayers.programs.server.main", argv), workers,
+        pin=pin)
 
     return asyncio.run(serve_supervised(supervisor))
 

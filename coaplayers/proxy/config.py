@@ -246,6 +246,8 @@ class ProxyConfig:
     # Processes sharing the listen ports (coaplayers.workers); "auto" in TOML and on the
     # command line means one per core.
     workers: int = 1
+    # Worker i runs on the i-th CPU the proxy may use (coaplayers.workers.worker_cpus).
+    pin_workers: bool = False
     # The response cache (docs/PROXY.md, Caching): entries (0: off) and bytes it may hold.
     cache_entries: int = 1024
     cache_bytes: int = 1 << 20
@@ -307,6 +309,7 @@ class ProxyConfig:
 _SCALARS: dict[str, type] = {
     "forward": bool,
     "aggregate_observations": bool,
+    "pin_workers": bool,
     "upstream_timeout": float,
     "no_response_wait": float,
     "ack_timeout": float,

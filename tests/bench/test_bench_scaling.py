@@ -23,6 +23,7 @@ def test_scaling_quick(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["scaling"]
     configs = results["configs"]
     want = {"coap-proxy x1 / coap-server x1", "coap-proxy x2 / coap-server x2",
+            "coap-proxy x2 / coap-server x2, pinned",
             "coap-proxy reverse", "coap-proxy replica set", "aiocoap-proxy",
             "coap-proxy x1 (same server)"}
     if shutil.which("coap-server-notls"):
@@ -36,4 +37,5 @@ def test_scaling_quick(tmp_path: Path) -> None:
     summary = results["summary"]
     assert summary["router_cost"] < 0.05  # (may come out slightly negative: noise)
     assert summary["capacity_per_core"]["proxy"] > 0
+    assert summary["sharding_cost_pinned"] is not None and "with --pin-workers" in done.stdout
     assert "router's cost at the proxy" in done.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, ke
     server_workers = [c.pid for c in psutil.Process(server.proc.pid).children()]
     proxy_workers = [c.pid for c in psutil.Process(proxy.proc.pid).children()]
     assert len(server_workers) == 2 and len(proxy_workers) == 2
+    mine = psutil.Process().cpu_affinity()  # not pinned unless asked (--pin-workers)
+    assert all(psutil.Process(p).cpu_affinity() == mine for p in server_workers + proxy_workers)
     cpu_before = {pid: _cpu(pid) for pid in server_workers}
     ctx = await layer1.create_context()  # one socket for every client below
     credentials = dtls.CertificateCredentials.from_files(
@@ -113,6 +116,34 @@ async def test_two_workers_each_serve_layer0_oscore_and_plain(tmp_path: Path, ke
         assert server.stop() == 0
     for pid in (*server_workers, *proxy_workers):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_pinned_workers_run_each_on_a_cpu_of_their_own(tmp_path: Path) -> None:
+    """--pin-workers: worker i on the i-th CPU the program may use (round robin when there
+    are more workers than CPUs), set from the start; requests are served as before."""
+    cpus = sorted(psutil.Process().cpu_affinity())
+    server = start_server(tmp_path, "--workers", "2", "--pin-workers",
+                          "--listen", "coap://127.0.0.1:0")
+    proxy = start_proxy(tmp_path, "--workers", "3", "--pin-workers", "--listen",
+                        "coap://127.0.0.1:0", "--no-forward", "--route",
+                        f"/={server.uri('coap')}")
+    try:
+        for program, count in ((server, 2), (proxy, 3)):
+            workers = psutil.Process(program.proc.pid).children()
+            assert len(workers) == count
+            # In start order (worker i is started i-th, after worker i-1 said ready).
+            workers.sort(key=lambda w: w.create_time())
+            assert [w.cpu_affinity() for w in workers] == [
+                [cpus[i % len(cpus)]] for i in range(count)]
+            for i, w in enumerate(workers):  # every thread, also those started later
+                for thread in w.threads():
+                    assert os.sched_getaffinity(thread.id) == {cpus[i % len(cpus)]}
+        answers = await asyncio.gather(*(client(proxy.uri("coap") + "/hello")
+                                         for _ in range(4)))
+        assert all(r.rc == 0 and r.stdout.startswith("Hello from coap-server") for r in answers)
+    finally:
+        assert proxy.stop() == 0
+        assert server.stop() == 0
 
 
 def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Configurations, each measured with 1 and ``clients`` closed-loop clients (each o
 its own, 40-byte POST /echo through the proxy, forward proxying with Proxy-Scheme as aiocoap
 sends it):
 
-- ``coap-proxy x1 / coap-server x1`` and ``x2 / x2`` (``--workers``);
+- ``coap-proxy x1 / coap-server x1`` and ``x2 / x2`` (``--workers``), and ``x2 / x2`` with
+  ``--pin-workers`` (worker i on CPU i);
 - ``coap-proxy replica set``: a reverse route to a replica set of two coap-server (one worker
   each) against ``coap-proxy reverse``, the same route to one of them: the difference in the
   proxy's CPU per request is the router's cost;
@@ -128,11 +129,11 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
                 await _measure(roles, proxy, origin, clients=n, duration=duration)
                 for n in points]
 
-        for workers in (1, 2):
-            spid, saddr = server(f"server-x{workers}", workers)
-            ppid, paddr = coap_proxy(f"proxy-x{workers}", workers)
-            await config(f"coap-proxy x{workers} / coap-server x{workers}", ppid, paddr,
-                         [spid], saddr)
+        for workers, pin in ((1, ()), (2, ()), (2, ("--pin-workers",))):
+            spid, saddr = server(f"server-x{workers}{'p' * bool(pin)}", workers, *pin)
+            ppid, paddr = coap_proxy(f"proxy-x{workers}{'p' * bool(pin)}", workers, *pin)
+            await config(f"coap-proxy x{workers} / coap-server x{workers}"
+                         + (", pinned" if pin else ""), ppid, paddr, [spid], saddr)
             for p in list(procs.procs):
                 procs.stop(p)
         # The router's cost: a replica set of two against one route.
@@ -212,6 +213,11 @@ def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
         s["sharding_cost"] = t2 / t1 - 1 if t1 else None
         s["capacity_per_core"] = {
             role: 1e6 / us for role, us in one["cpu_us_per_request"].items() if us}
+        pinned = at("coap-proxy x2 / coap-server x2, pinned", clients)
+        if pinned:
+            t3 = sum(pinned["cpu_us_per_request"].values())
+            s["total_cpu_us_x2_pinned"] = t3
+            s["sharding_cost_pinned"] = t3 / t1 - 1 if t1 else None
     single, routed = at("coap-proxy reverse", clients), at("coap-proxy replica set", clients)
     if single and routed:
         a, b = single["cpu_us_per_request"]["proxy"], routed["cpu_us_per_request"]["proxy"]
@@ -248,6 +254,8 @@ def render(results: dict[str, Any]) -> str:
     if s.get("sharding_cost") is not None:
         lines.append(f"total CPU per request, 2 workers vs 1: {100 * s['sharding_cost']:+.1f} %"
                      " (target within 10 %)")
+    if s.get("sharding_cost_pinned") is not None:
+        lines.append(f"  with --pin-workers: {100 * s['sharding_cost_pinned']:+.1f} %")
     if s.get("router_cost") is not None:
         lines.append(f"router's cost at the proxy: {s['router_us']:.2f} us per request ="
                      f" {100 * s['router_cost']:.1f} % of the proxy's CPU per request (target at"
