@@ -6,7 +6,8 @@ its own, 40-byte POST /echo through the proxy, forward proxying with Proxy-Schem
 sends it):
 
 - ``coap-proxy x1 / coap-server x1`` and ``x2 / x2`` (``--workers``), and ``x2 / x2`` with
-  ``--pin-workers`` (worker i on CPU i);
+  ``--pin-workers`` (worker i on CPU i): started together and measured in alternating rounds,
+  each figure the median of its rounds;
 - ``coap-proxy replica set``: a reverse route to a replica set of two coap-server (one worker
   each) against ``coap-proxy reverse``, the same route to one of them: the difference in the
   proxy's CPU per request is the router's cost;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +105,10 @@ async def _measure(procs_of: dict[str, list[int]], proxy: str, origin: str | Non
 
 async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[str, Any]:
     duration = 1.0 if quick else 2.5
+    rounds = 1 if quick else 3
     points = (1, clients)
-    out: dict[str, Any] = {"duration": duration, "cpus": os.cpu_count(), "configs": {}}
+    out: dict[str, Any] = {"duration": duration, "cpus": os.cpu_count(), "configs": {},
+                           "worker_rounds": rounds}
     with Processes(workdir) as procs:
 
         def server(name: str, workers: int, *extra: str) -> tuple[int, str]:
@@ -129,13 +133,28 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
                 await _measure(roles, proxy, origin, clients=n, duration=duration)
                 for n in points]
 
+        # The worker configurations run side by side and are measured in alternating rounds
+        # (medians): measured one after the other, the machine's load changes between them
+        # by more than the difference sought.
+        groups: dict[str, tuple[dict[str, list[int]], str, str]] = {}
         for workers, pin in ((1, ()), (2, ()), (2, ("--pin-workers",))):
             spid, saddr = server(f"server-x{workers}{'p' * bool(pin)}", workers, *pin)
             ppid, paddr = coap_proxy(f"proxy-x{workers}{'p' * bool(pin)}", workers, *pin)
-            await config(f"coap-proxy x{workers} / coap-server x{workers}"
-                         + (", pinned" if pin else ""), ppid, paddr, [spid], saddr)
-            for p in list(procs.procs):
-                procs.stop(p)
+            label = f"coap-proxy x{workers} / coap-server x{workers}" + (", pinned" * bool(pin))
+            groups[label] = ({"proxy": _tree(ppid), "server": _tree(spid)}, paddr, saddr)
+        measured: dict[str, dict[int, list[dict[str, Any]]]] = {
+            label: {n: [] for n in points} for label in groups}
+        labels = list(groups)
+        for r in range(rounds):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                roles, paddr, saddr = groups[label]
+                for n in points:
+                    measured[label][n].append(
+                        await _measure(roles, paddr, saddr, clients=n, duration=duration))
+        for label in labels:
+            out["configs"][label] = [_median(measured[label][n]) for n in points]
+        for p in list(procs.procs):
+            procs.stop(p)
         # The router's cost: a replica set of two against one route.
         s1, a1 = server("replica-0", 1, "--replica", "0")
         s2, a2 = server("replica-1", 1, "--replica", "1")
@@ -165,6 +184,24 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
     out["router_us"] = router_microbench(5000 if quick else 20000)
     out["summary"] = summarise(out["configs"], clients, out["router_us"])
     return out
+
+
+def _median(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point from the same point's rounds: the median of each figure, errors summed."""
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    first = points[0]
+    return {
+        "clients": first["clients"],
+        "rps": med([p["rps"] for p in points]),
+        "errors": sum(p["errors"] for p in points),
+        "p50_ms": med([p["p50_ms"] for p in points]),
+        "cpu_us_per_request": {role: med([p["cpu_us_per_request"][role] for p in points])
+                               for role in first["cpu_us_per_request"]},
+        "client_cpu_us_per_request": med([p["client_cpu_us_per_request"] for p in points]),
+        "rounds": len(points),
+    }
 
 
 def router_microbench(rounds: int = 20000) -> dict[str, float]:
@@ -237,7 +274,9 @@ def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
 
 def render(results: dict[str, Any]) -> str:
     lines = [f"scaling: plain 40-byte POST /echo through a proxy, {results['duration']} s per"
-             f" point, {results['cpus']} CPUs (the client shares them)"]
+             f" point, {results['cpus']} CPUs (the client shares them); the worker"
+             f" configurations run side by side, medians of {results.get('worker_rounds', 1)}"
+             " alternating rounds"]
     header = (f"{'configuration':42} {'clients':>7} {'req/s':>8} {'p50 ms':>7}"
               f" {'proxy us/req':>12} {'server us/req':>13} {'client us/req':>13}")
     lines.append(header)
