@@ -260,7 +260,9 @@ async def test_an_observer_loses_no_notification_while_another_address_pulls_its
             task.cancel()
         results = await asyncio.gather(*loops, return_exceptions=True)
         attacker.transport.close()  # type: ignore[union-attr]
-    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    # A loop ends by cancellation or, when its answer and the cancellation meet (Python
+    # 3.11's wait_for then returns the answer), by seeing stop set: never by an error.
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results), results
     assert delivered >= 50 and len(answers) > 100
     assert {(a.code, a.payload) for a in answers} == {UNKNOWN}
     assert ch.handshakes == 1
