@@ -369,8 +369,10 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             )
         dtls.check_identities(self.psk_store, self.raw_public_key)
         config = self.limits.dtls_config()
+        # PSK on OpenSSL, not tinydtls: tinydtls' listener keeps every session in one
+        # context, whose peer table a client's close_notify corrupts (docs/SECURITY.md).
         kinds = dtls.KindListener(
-            psk=dtls.TinyDtlsListener(self.psk_store, config)
+            psk=dtls.OpenSslPskListener(self.psk_store, config)
             if self.psk_store is not None else None,
             certificate=dtls.OpenSslListener(self.certificate, config)
             if self.certificate is not None else None,
