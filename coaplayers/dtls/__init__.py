@@ -2,16 +2,18 @@
 
 One interface (:class:`DtlsSession`), three backends:
 
-* :mod:`~coaplayers.dtls.tinydtls`: PSK, TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK profile);
+* :mod:`~coaplayers.dtls.tinydtls`: PSK clients, TLS_PSK_WITH_AES_128_CCM_8 (RFC 7925's PSK
+  profile);
 * :mod:`~coaplayers.dtls.openssl`: X.509 (ECDSA P-256, ECDHE, CCM-8/GCM), cookies, resumption
-  and the TLS exporter; also the server side of PSK handshakes without a cookie exchange
-  (:class:`OpenSslPskListener`, Layer 0's PSK endpoint);
+  and the TLS exporter; also the server side of PSK handshakes on both layers
+  (:class:`OpenSslPskListener`: tinydtls' shared server context is not safe, docs/SECURITY.md);
 * :mod:`~coaplayers.dtls.gnutls`: raw public keys (RFC 7250, RFC 7925's certificate profile
   without certificates) with pinning, cookies and the TLS exporter.
 
 Servers accept sessions through a listener (:class:`TinyDtlsListener`,
 :class:`OpenSslListener`, :class:`GnuTlsListener`) that stays stateless until a ClientHello
-returns a valid cookie; :class:`OpenSslPskListener` answers PSK ClientHellos at once.
+returns a valid cookie; :class:`OpenSslPskListener` can answer PSK ClientHellos at once
+(Layer 0). :class:`TinyDtlsListener` serves the engine's tests only.
 """
 
 from typing import TYPE_CHECKING, Any, TypeAlias

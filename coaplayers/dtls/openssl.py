@@ -1,5 +1,5 @@
 """OpenSSL backend (through pyOpenSSL): X.509 with ECDSA P-256, ECDHE, AES-CCM-8 and AES-GCM;
-and the server side of PSK handshakes for Layer 0 (:class:`OpenSslPskListener`).
+and the server side of PSK handshakes on both layers (:class:`OpenSslPskListener`).
 
 The only backend with a TLS exporter (RFC 5705), so the one that keys OSCORE. It runs over
 memory BIOs: OpenSSL's memory BIO joins the datagrams it writes, so the output is split on
@@ -732,7 +732,8 @@ class OpenSslPskClientSession(OpenSslSession):
 
 
 class OpenSslPskListener(OpenSslListener):
-    """Accepts PSK handshakes: the server side of Layer 0's PSK mode.
+    """Accepts PSK handshakes: the server side of PSK on both layers (Layer 1 with
+    ``without_cookie=0``).
 
     Why OpenSSL: tinydtls cannot skip its cookie exchange; OpenSSL can. A PSK server's first
     flight (ServerHello, ServerHelloDone: 99 bytes) is hardly larger than the ClientHello (77

@@ -278,7 +278,13 @@ class TinyDtlsSession(DtlsSession):
 
 
 class TinyDtlsListener:
-    """Accepts PSK handshakes for a server: stateless until the client returns our cookie."""
+    """Accepts PSK handshakes for a server: stateless until the client returns our cookie.
+
+    Not for untrusted clients: tinydtls removes a peer from its context's table twice when the
+    peer sends close_notify or a fatal alert, which with other sessions in the shared context
+    corrupts the table until it divides by zero (docs/SECURITY.md 6). Servers use
+    :class:`~coaplayers.dtls.openssl.OpenSslPskListener`.
+    """
 
     # What tinydtls negotiates (TLS_PSK_WITH_AES_128_CCM_8); KindListener answers a hello
     # offering none of these with an alert, as tinydtls drops it silently.

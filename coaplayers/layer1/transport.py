@@ -372,7 +372,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         # PSK on OpenSSL, not tinydtls: tinydtls' listener keeps every session in one
         # context, whose peer table a client's close_notify corrupts (docs/SECURITY.md).
         kinds = dtls.KindListener(
-            psk=dtls.OpenSslPskListener(self.psk_store, config)
+            psk=dtls.OpenSslPskListener(self.psk_store, config, without_cookie=0)
             if self.psk_store is not None else None,
             certificate=dtls.OpenSslListener(self.certificate, config)
             if self.certificate is not None else None,

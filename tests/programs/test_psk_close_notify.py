@@ -112,6 +112,7 @@ class _Client:
         assert self.random is not None
         self.sock = self._bind(fits)
         self.port = self.sock.getsockname()[1]
+        self.first_reply: bytes | None = None
 
     def _bind(self, fits: Callable[[int], bool]) -> socket.socket:
         start = 20000 + int.from_bytes(os.urandom(2)) % 30000
@@ -158,6 +159,8 @@ class _Client:
             except TimeoutError:
                 self.session.handle_timer(time.monotonic())
                 continue
+            if self.first_reply is None:
+                self.first_reply = data
             self.session.receive_datagram(data, time.monotonic())
 
     def handshake(self) -> None:
@@ -193,6 +196,9 @@ def test_sessions_ended_by_close_notify_leave_the_psk_listener_serving(tmp_path:
         address = server
         kept = _Client(address, lambda b: True)
         kept.handshake()
+        # Layer 1 listeners keep the stateless cookie exchange.
+        assert kept.first_reply is not None
+        assert records.handshake_type(kept.first_reply) == records.HANDSHAKE_HELLO_VERIFY_REQUEST
         first = _Client(address, lambda b: b != kept.bucket)
         target = first.bucket
         clients = [first, _Client(address, lambda b: b == target),
