@@ -150,9 +150,12 @@ class Layer0Config:
     pad_rpk_hello_to: int = 200
     """The same for raw public keys, whose first server flight is about 450 bytes."""
     request_with_final_flight: bool = True
-    """A resumed handshake's last flight (the client's ChangeCipherSpec and Finished) goes out
-    with the first protected request, in one outer exchange (docs/PROTOCOL.md 3.3): the client
-    is established once it has sent its Finished, so this saves a round trip."""
+    """The client's last handshake flight goes out with the first protected request, in one
+    outer exchange (docs/PROTOCOL.md 3.3), saving a round trip: after a resumed handshake (the
+    client is established once it has sent its Finished), and after a full one with
+    certificates or raw public keys (RFC 7918 False Start: ECDHE and an AEAD suite, the
+    server's certificate or key checked first; a PSK handshake has no forward secrecy and
+    sends its flight alone)."""
     resend_non_idempotent: bool = False
     """Resend POST/PATCH automatically after the server forgot the session (:mod:`.client`
     says why)."""
@@ -292,7 +295,14 @@ class _Sleep:
 
 @dataclass(frozen=True)
 class _AwaitSession:
-    pass
+    carry: bool = True  # a request waits to travel with our last flight (False Start)
+
+
+@dataclass(frozen=True)
+class _AwaitFinal:
+    """Another request carries our held last flight: wait for its answer."""
+
+    until: float
 
 
 @dataclass(eq=False)
@@ -309,7 +319,7 @@ class _AwaitAnswer:
     until: float
 
 
-_Need: TypeAlias = _Post | _Sleep | _AwaitSession | _AwaitAnswer
+_Need: TypeAlias = _Post | _Sleep | _AwaitSession | _AwaitAnswer | _AwaitFinal
 T = TypeVar("T")
 _Gen: TypeAlias = Generator[_Need, object, T]
 
@@ -395,7 +405,9 @@ class Layer0ClientCore:
         self._now = 0.0
         # session state
         self._session: DtlsSession | None = None
-        self._final_flight = b""  # handshake tag + a resumed handshake's last flight, held
+        self._final_flight = b""  # handshake tag + our last flight, held for the first request
+        self._carrying = False  # a request's exchange carries it now
+        self._final_waiters: list[_Op] = []  # requests waiting for that exchange to end
         self._path: tuple[str, ...] = WELL_KNOWN_PATH
         self._acked = -1  # highest record sequence number of the session's pull answers
         self._generation = 0
@@ -470,9 +482,12 @@ class Layer0ClientCore:
         rid = next(self._rids)
 
         def run() -> _Gen[HandshakeComplete]:
-            yield from self._ensure()
+            yield from self._ensure(carry=False)
             yield from self._flush_final_flight()
-            assert self.last_handshake is not None
+            if self._carrying:  # a request carries our last flight (False Start): its answer
+                yield _AwaitFinal(self._now + self.config.exchange_timeout)
+            if not self.established or self.last_handshake is None:
+                raise HandshakeFailed("the server did not complete the handshake")
             return self.last_handshake
 
         def done(result: object, error: Exception | None) -> None:
@@ -658,14 +673,20 @@ class Layer0ClientCore:
         elif isinstance(need, _AwaitSession):
             if self._closed:
                 self._resume(op, error=Layer0Closed("the Layer 0 client is closed"))
-            elif self._session is not None and self._session.is_established:
+            elif self._usable():
                 self._resume(op, self._generation)
             else:
                 self._session_waiters.append(op)
                 if self._handshake_op is None:
                     self._handshake_op = self._start(
-                        self._handshake(), self._handshake_done, "handshake",
+                        self._handshake(need.carry), self._handshake_done, "handshake",
                         deadline=self._now + self.config.handshake_timeout)
+        elif isinstance(need, _AwaitFinal):
+            if not self._carrying:
+                self._resume(op, None)
+            else:
+                self._final_waiters.append(op)
+                op.wait_until = need.until
         else:
             if need.slot.message is not None:
                 self._resume(op, None)
@@ -682,6 +703,8 @@ class Layer0ClientCore:
                 self._cancelled.append(xid)
         if isinstance(need, _AwaitSession) and op in self._session_waiters:
             self._session_waiters.remove(op)
+        if isinstance(need, _AwaitFinal) and op in self._final_waiters:
+            self._final_waiters.remove(op)
         if isinstance(need, _AwaitAnswer) and need.slot.waiter is op:
             need.slot.waiter = None
 
@@ -735,14 +758,21 @@ class Layer0ClientCore:
     def _sleep(self, seconds: float) -> _Gen[None]:
         yield _Sleep(self._now + seconds)
 
-    def _ensure(self) -> _Gen[int]:
-        """The generation of an established session, after a handshake if needed (one at a
-        time: every operation that needs the session waits for the same one)."""
+    def _usable(self) -> bool:
+        """Our session may carry requests: established, or false-started (RFC 7918)."""
+        session = self._session
+        return session is not None and (session.is_established or session.false_started)
+
+    def _ensure(self, *, carry: bool = True) -> _Gen[int]:
+        """The generation of a session to send on, after a handshake if needed (one at a
+        time: every operation that needs the session waits for the same one). ``carry``: a
+        request waits to travel with our last flight, so the handshake may false-start (it is
+        then completed by the answer to that request, :meth:`_completed`)."""
         if self._closed:
             raise Layer0Closed("the Layer 0 client is closed")
-        if self._session is not None and self._session.is_established:
+        if self._usable():
             return self._generation
-        generation = yield _AwaitSession()
+        generation = yield _AwaitSession(carry)
         assert isinstance(generation, int)
         return generation
 
@@ -751,9 +781,26 @@ class Layer0ClientCore:
         the next request repeats it (the server answers a repeat alike)."""
         final, self._final_flight = self._final_flight, b""
         if final:
+            generation = self._generation
             result = yield from self._post(Code.POST, self._path, final, until=until)
-            if isinstance(result, OuterAnswer) and result.code == Code.CHANGED:
-                self._receive(result.payload, self._generation)  # a folded answer rides it
+            if isinstance(result, _Failed):
+                if generation == self._generation and self._session is not None:
+                    self._final_flight = final
+                return
+            if result.code == Code.CHANGED:  # a folded answer (see alpn), or after a False
+                self._receive(result.payload, generation)  # Start the server's Finished
+            session = self._session
+            if generation == self._generation and session is not None and session.false_started:
+                # The server's Finished did not come: without it nothing can be trusted.
+                self._invalidate(generation, SessionLost(
+                    "the server did not complete the handshake"))
+
+    def _final_ended(self) -> None:
+        """The exchange that carried our last flight ended: who waited for it looks again."""
+        self._carrying = False
+        waiters, self._final_waiters = self._final_waiters, []
+        for op in waiters:
+            self._resume(op, None)
 
     # ------------------------------------------------------------------ handshake
 
@@ -794,6 +841,17 @@ class Layer0ClientCore:
         self._session, self._path = session, path
         self._acked = -1
         self._generation += 1
+        if event is None:
+            log.info("Layer 0 handshake: our first request goes with our Finished"
+                     " (False Start, RFC 7918)")
+        else:
+            self._completed(session, event)
+        for op in waiters:
+            self._resume(op, self._generation)
+
+    def _completed(self, session: DtlsSession, event: HandshakeComplete) -> None:
+        """The handshake of the current session completed (at once, or with the answer to
+        the request that carried our Finished after a False Start)."""
         self.handshakes += 1
         self.last_handshake = event
         if isinstance(session, OpenSslSession) and session.resumption_state is not None:
@@ -803,18 +861,18 @@ class Layer0ClientCore:
         for data in early:  # the server's answers that rode its last flight
             self._route(data)
         self._events.append(HandshakeDone(event))
-        for op in waiters:
-            self._resume(op, self._generation)
 
-    def _handshake(self) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete]]:
+    def _handshake(self, carry: bool = False
+                   ) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete | None]]:
         """One handshake (up to three attempts if the server drops it) within the timeout
-        (the operation's deadline throws TimeoutError in)."""
+        (the operation's deadline throws TimeoutError in); ``None``: false-started (see
+        :meth:`_ensure`)."""
         self._outer_answers = 0
         self.folded, self._early = None, []
         try:
             for _ in range(3):
                 try:
-                    return (yield from self._handshake_once())
+                    return (yield from self._handshake_once(carry))
                 except _Restart:
                     continue
             raise HandshakeFailed("the server kept dropping our handshake")
@@ -831,11 +889,12 @@ class Layer0ClientCore:
                 " loses too much, or (with PSK) the key is wrong, which looks the same"
             ) from exc
 
-    def _handshake_once(self) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete]]:
+    def _handshake_once(self, carry: bool = False
+                        ) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete | None]]:
         dtls = self._new_engine()
         self._early = []
         try:
-            return (yield from self._drive_handshake(dtls))
+            return (yield from self._drive_handshake(dtls, carry))
         except BaseException:
             # Free the engine now, also when cancelled (timeout): a tinydtls session left to
             # the garbage collector in mid-handshake has crashed DTLSSocket at exit.
@@ -843,8 +902,8 @@ class Layer0ClientCore:
             raise
 
     def _drive_handshake(
-        self, dtls: DtlsSession
-    ) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete]]:
+        self, dtls: DtlsSession, carry: bool = False
+    ) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete | None]]:
         dtls.connect(self._now)
         path: tuple[str, ...] = WELL_KNOWN_PATH
         tag = b""  # the handshake tag, from the 2.01: it starts every request to the session
@@ -937,6 +996,16 @@ class Layer0ClientCore:
                 # Established once our Finished is sent: it goes with the first request.
                 self._final_flight = tag + b"".join(queue)
                 return dtls, path, done
+            if (done is None and carry and dtls.false_started and len(queue) == 1
+                    and self.config.request_with_final_flight and path != WELL_KNOWN_PATH
+                    and self._now - started < FINAL_FLIGHT_WINDOW):
+                # False Start (RFC 7918; the engine checked its conditions): the last datagram
+                # of our last flight goes with the first request, whose answer brings the
+                # server's Finished (3.3).
+                self._final_flight = tag + queue[0]
+                return dtls, path, None
+            if done is None and carry and dtls.false_start_refused and len(queue) == 1:
+                log.info("Layer 0: no False Start: %s", dtls.false_start_refused)
             if queue or (result.payload and done is None):
                 if not queue and path == WELL_KNOWN_PATH:
                     # Nothing can be pulled before the server names the session (the entry
@@ -973,6 +1042,8 @@ class Layer0ClientCore:
         session, self._session = self._session, None
         self._final_flight = b""
         self._path = WELL_KNOWN_PATH
+        if self._carrying:
+            self._final_ended()
         session.abort()
         observations = list(self._observations.values())
         self._observations.clear()
@@ -1053,6 +1124,8 @@ class Layer0ClientCore:
         while (event := session.next_event()) is not None:
             if isinstance(event, ApplicationData):
                 delivered += self._route(event.data)
+            elif isinstance(event, HandshakeComplete):  # the server's Finished, after a False
+                self._completed(session, event)  # Start: only now is its answer handed over
             elif isinstance(event, ConnectionClosed):
                 closed = event
             elif isinstance(event, AlertReceived):
@@ -1144,6 +1217,12 @@ class Layer0ClientCore:
             attempt += 1
             may_retry = idempotent and attempt < self.config.max_attempts
             generation = yield from self._ensure()
+            if self._carrying and self._final_flight and generation == self._generation:
+                # Another request carries our last flight: the server would take the flight
+                # once and drop a second request beside it. Its answer decides the session.
+                yield _AwaitFinal(self._now + self.config.exchange_timeout)
+                attempt -= 1
+                continue
             session, path = self._session, self._path
             assert session is not None
             this_token = token or self._new_token()
@@ -1152,6 +1231,7 @@ class Layer0ClientCore:
             if observation is not None:
                 observation.token = this_token
                 self._observations[this_token] = observation
+            final = b""
             try:
                 plaintext = inner.encode(this_token, message)
                 if len(plaintext) > MAX_INNER:
@@ -1159,6 +1239,13 @@ class Layer0ClientCore:
                 session.send(plaintext)
                 datagram = b"".join(session.datagrams_to_send())
                 final = self._final_flight if generation == self._generation else b""
+                if final and len(final) + len(datagram) > profile.MAX_DATAGRAM:
+                    final = b""
+                    yield from self._flush_final_flight()  # too large together: flight first
+                    if not self._usable() or generation != self._generation:
+                        continue
+                if final:
+                    self._carrying = True
                 resp = yield from self._post(Code.POST, path, final + datagram)
                 if isinstance(resp, _Failed):
                     if may_retry:
@@ -1168,17 +1255,19 @@ class Layer0ClientCore:
                 if code == Code.CHANGED:
                     delivered = self._receive(resp.payload, generation)
                     if final and self._final_flight is final:
-                        if not delivered and slot.message is None:
-                            # No authentic answer to our Finished and request: the server
+                        if not session.is_established or (not delivered
+                                                          and slot.message is None):
+                            # No authentic answer to our Finished and request (or, after a
+                            # False Start, no authentic Finished of the server's): the server
                             # did not take the flight (altered or lost), so its half of the
-                            # session never completed.
+                            # session never completed. Nothing of the answer was handed over.
                             self._invalidate(generation, SessionLost(
-                                "the server did not complete the resumed handshake"))
+                                "the server did not complete the handshake"))
                             if may_retry:
                                 continue
                             raise SessionLost(
-                                "the server did not complete the resumed handshake that"
-                                " carried this request (altered in transit); not resent")
+                                "the server did not complete the handshake that carried this"
+                                " request (altered in transit); not resent")
                         self._final_flight = b""  # the server has our Finished
                     if delivered and slot.message is None:
                         # Authentic, but another request's answer: ours is on its way in
@@ -1228,6 +1317,8 @@ class Layer0ClientCore:
                 raise
             finally:
                 self._pending.pop(this_token, None)
+                if final and self._carrying:
+                    self._final_ended()
 
     def _blockwise(self, message: Message, observation: _Observation | None) -> _Gen[Message]:
         for number in OUTER_ONLY_OPTIONS:

@@ -48,8 +48,11 @@ async def test_identity_policy_and_plain_access(start_origin, client_context):
     assert origin.layer0.core.sessions == {}  # close_notify ended it on the server
 
 
-async def test_concurrent_requests_share_one_session(start_origin, client_context):
-    origin = await start_origin("psk")
+@pytest.mark.parametrize("mode", ["psk", "cert"])
+async def test_concurrent_requests_share_one_session(start_origin, client_context, mode):
+    """Certificates false-start: one request carries the client's last flight, the others
+    wait for its answer instead of sending the flight beside it (docs/PROTOCOL.md 3.3)."""
+    origin = await start_origin(mode)
     ch = channel(client_context, f"coap://127.0.0.1:{origin.port}", origin.creds)
     reqs = [ch.request(Message(code=GET, uri_path=["text"])) for _ in range(20)]
     posts = [
