@@ -41,26 +41,18 @@ _BUCKETS = 32  # uthash's initial table
 _WAIT = 10.0
 
 
+# HASH_JEN_MIX: a, b, c in turn, each less the other two, then xor the last one shifted.
+_MIX_SHIFTS = (13, -8, 13, 12, -16, 5, 3, -10, 15)  # negative: shift left
+
+
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - b - c) & _M
-    a ^= c >> 13
-    b = (b - c - a) & _M
-    b ^= (a << 8) & _M
-    c = (c - a - b) & _M
-    c ^= b >> 13
-    a = (a - b - c) & _M
-    a ^= c >> 12
-    b = (b - c - a) & _M
-    b ^= (a << 16) & _M
-    c = (c - a - b) & _M
-    c ^= b >> 5
-    a = (a - b - c) & _M
-    a ^= c >> 3
-    b = (b - c - a) & _M
-    b ^= (a << 10) & _M
-    c = (c - a - b) & _M
-    c ^= b >> 15
-    return a, b, c
+    v = [a, b, c]
+    for n, shift in enumerate(_MIX_SHIFTS):
+        i = n % 3
+        y, z = v[(i + 1) % 3], v[(i + 2) % 3]
+        x = (v[i] - y - z) & _M
+        v[i] = x ^ ((z << -shift) & _M if shift < 0 else z >> shift)
+    return v[0], v[1], v[2]
 
 
 def _jenkins(key: bytes) -> int:
