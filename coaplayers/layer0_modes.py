@@ -235,6 +235,7 @@ class DtlsRequester:
                 _identity_label(kind): _text(hs.peer_identity) if hs else None,
                 "cipher": hs.cipher_suite if hs else None,
                 "resumed": hs.resumed if hs else None,
+                "false start": self.channel.false_start,
             },
         }
 

@@ -212,6 +212,12 @@ class Layer0Client:
         return self._core.kind
 
     @property
+    def false_start(self) -> str | None:
+        """``yes`` if the last full handshake carried our first request with our Finished
+        (RFC 7918), else why not; ``None`` after a resumption."""
+        return self._core.false_start
+
+    @property
     def handshakes(self) -> int:
         """Completed handshakes (full or resumed) over the client's life."""
         return self._core.handshakes

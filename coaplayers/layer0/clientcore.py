@@ -445,6 +445,10 @@ class Layer0ClientCore:
         """That answer (the server's inner message with the empty token), from the last
         handshake; ``None`` if it carried none."""
         self._early: list[bytes] = []  # application data that came with the server's Finished
+        self.false_start: str | None = None
+        """How the last full handshake ended: ``yes`` (our first request went with our
+        Finished, RFC 7918), or why not (the engine's reason, e.g. a suite without forward
+        secrecy); ``None`` after a resumption or before any handshake."""
 
     # ------------------------------------------------------------------ application
 
@@ -854,6 +858,10 @@ class Layer0ClientCore:
         the request that carried our Finished after a False Start)."""
         self.handshakes += 1
         self.last_handshake = event
+        if not event.resumed and self.false_start is None:
+            self.false_start = session.false_start_refused or (
+                f"{event.cipher_suite} has no forward-secret key exchange (RFC 7918 section 3)"
+                if isinstance(session, TinyDtlsSession) else "no request waited for it")
         if isinstance(session, OpenSslSession) and session.resumption_state is not None:
             self._tickets.put(self.origin, session.resumption_state)
         log.info("Layer 0 session established (resumed=%s)", event.resumed)
@@ -869,6 +877,7 @@ class Layer0ClientCore:
         :meth:`_ensure`)."""
         self._outer_answers = 0
         self.folded, self._early = None, []
+        self.false_start = None
         try:
             for _ in range(3):
                 try:
@@ -1003,8 +1012,10 @@ class Layer0ClientCore:
                 # of our last flight goes with the first request, whose answer brings the
                 # server's Finished (3.3).
                 self._final_flight = tag + queue[0]
+                self.false_start = "yes"
                 return dtls, path, None
-            if done is None and carry and dtls.false_start_refused and len(queue) == 1:
+            if done is None and dtls.false_start_refused and len(queue) == 1:
+                self.false_start = dtls.false_start_refused
                 log.info("Layer 0: no False Start: %s", dtls.false_start_refused)
             if queue or (result.payload and done is None):
                 if not queue and path == WELL_KNOWN_PATH:

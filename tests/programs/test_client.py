@@ -340,6 +340,11 @@ async def test_end_to_end_modes(app: Running, proxy: Running, keys: Keys) -> Non
         assert r.stdout == "inner secret\n"
     assert re.search(r"layer 0: mode dtls psk, psk identity device-1, cipher TLS_PSK", psk.stderr)
     assert re.search(r"layer 0: mode dtls certificate, peer app-server, cipher ECDHE", cert.stderr)
+    # RFC 7918 False Start: the certificate run's request went with its Finished; the PSK
+    # suite has no forward secrecy, and -v says so.
+    assert "false start yes" in cert.stderr, cert.stderr
+    assert "false start TLS_PSK_WITH_AES_128_CCM_8 has no forward-secret key exchange" in (
+        psk.stderr), psk.stderr
     assert re.search(r"layer 0: mode oscore .*peer app-server", oscore.stderr)
     # Through the proxy, -v shows both layers: the first hop's PSK session too.
     assert re.search(r"layer 0: mode oscore", via_proxy.stderr)
