@@ -456,8 +456,8 @@ class GnuTlsSession(DtlsSession):
         """Our Finished is written (an epoch 1 record while handshaking; every handshake here
         is a full one). GnuTLS has pinned the server's key (the verify callback, on its
         Certificate) and checked its ServerKeyExchange signature before it wrote ours."""
-        if self._peer_spki is None:
-            self.false_start_refused = "the server's key was not checked"
+        if self._peer_spki is None or not self._credentials.trusted:
+            self.false_start_refused = "the server's key was not checked against pinned keys"
             return
         state = self._state()
         if state is None:

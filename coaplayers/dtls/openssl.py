@@ -387,6 +387,9 @@ class OpenSslSession(DtlsSession):
         server's chain and its ServerKeyExchange signature before it wrote our key exchange;
         the name and local policy are checked here as after the handshake."""
         cipher = conn.get_cipher_name() or "unknown"
+        if self._credentials is not None and not self._credentials.trusted:
+            self.false_start_refused = "no trusted CA: the server's certificate is not checked"
+            return
         try:
             self._verify_peer(conn)
         except DtlsError:

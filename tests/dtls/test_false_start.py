@@ -223,3 +223,21 @@ def test_psk_without_forward_secrecy_does_not_false_start() -> None:
     flight.client.receive_datagram(b"".join(flight.server.datagrams_to_send()), 1.0)
     assert flight.client.is_established
     assert not any(isinstance(e, ConnectionClosed) for e in events(flight.client))
+
+
+def test_no_false_start_to_a_server_that_was_not_checked() -> None:
+    """A raw-public-key client that pins no key (``require_peer`` off) accepts any server:
+    RFC 7918 asks that the server be authenticated before application data goes out, so it
+    does not false-start. (An OpenSSL client without a trusted CA fails the handshake.)"""
+    from coaplayers.dtls import RawPublicKeyCredentials
+
+    from .test_gnutls_rpk import CLIENT_KEY
+
+    rpk = GnuTlsSession.client(RawPublicKeyCredentials(CLIENT_KEY, require_peer=False),
+                               FALSE_START)
+    flight = to_client_last_flight(rpk, GnuTlsListener(server_credentials(), DtlsConfig()))
+    assert not flight.client.false_started
+    assert flight.client.false_start_refused is not None
+    assert "not checked" in flight.client.false_start_refused
+    with pytest.raises(SessionClosed):
+        flight.client.send(b"early request")
