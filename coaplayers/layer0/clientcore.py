@@ -1315,6 +1315,13 @@ class Layer0ClientCore:
                     raise RecordRejected(
                         f"the server refused our record ({code}): altered or replayed in transit"
                     )
+                if code == Code.FORBIDDEN and final and not session.is_established:
+                    # The server refused our last flight (after a False Start): a handshake
+                    # failure, with the reason its alert gives (e.g. our key not trusted).
+                    session.receive_datagram(resp.payload, self._now)
+                    error = _closing_error(session)
+                    self._invalidate(generation, SessionLost("the server refused the handshake"))
+                    raise HandshakeFailed("the server refused the handshake") from error
                 if code == Code.FORBIDDEN:
                     self._receive(resp.payload, generation)
                     self._invalidate(generation, SessionLost("the server ended the session"))
