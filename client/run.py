@@ -286,6 +286,11 @@ async def _observe(requester: Requester, config: ClientConfig, printer: output.P
     printer.response(first, describe(requester, first, ctx), gateway_hint(first.code, config))
     if not first.code.is_successful() or pr.observation is None:
         return exit_code(first)
+    if first.opt.observe is None:
+        # Not added to the observers (RFC 7641 3.1: the resource cannot be observed): the
+        # answer printed is all there is, as for a plain GET.
+        _stop(pr.observation)
+        return exit_code(first)
     last = first
     try:
         it = pr.observation.__aiter__()
@@ -307,7 +312,7 @@ async def _observe(requester: Requester, config: ClientConfig, printer: output.P
                 printer.response(note, None, gateway_hint(note.code, config))
                 last = note
                 continue
-            pr.observation.cancel()
+            _stop(pr.observation)
             pr = requester.request(build_request(config))
             try:
                 again = await asyncio.wait_for(
@@ -323,7 +328,14 @@ async def _observe(requester: Requester, config: ClientConfig, printer: output.P
             it = pr.observation.__aiter__()
     finally:
         if pr.observation is not None:
-            pr.observation.cancel()
+            _stop(pr.observation)
     return 0
+
+
+def _stop(observation: Any) -> None:
+    """Cancel an observation once: aiocoap's ends itself when the server ends it (or never
+    started it) and asserts on a second cancel."""
+    if not getattr(observation, "cancelled", False):
+        observation.cancel()
 
 

@@ -464,3 +464,21 @@ async def test_key_file_readable_by_others_warns(app: Running, keys: Keys, tmp_p
     assert r.rc == 0
     assert f"warning: key file {key} is accessible by other users (mode 644)" in r.stderr
     assert len(r.stderr.splitlines()) == 1
+
+
+async def test_observing_a_resource_that_cannot_be_observed_prints_its_answer_and_ends(
+    app: Running, keys: Keys
+) -> None:
+    """RFC 7641 3.1: an answer without Observe means we are not on the list: -s prints it
+    and ends (it once failed with aiocoap's "ClientObservation cancelled twice" in the OSCORE
+    mode, and re-registered for the whole -s duration in the others)."""
+    uri = app.uri("coap") + "/hello"
+    runs = await asyncio.gather(
+        client("-s", "120", "-w", "-o", "-", uri, timeout=30),
+        client("--layer0", "dtls", *keys.e2e_psk, "-s", "120", "-w", "-o", "-", uri, timeout=30),
+        client("--layer0", "oscore", *keys.e2e_cert, "--no-keep", "-s", "120", "-w", "-o", "-",
+               uri, timeout=30),
+    )
+    for r in runs:
+        assert r.rc == 0, r.stderr
+        assert r.stdout.startswith("Hello") and "Traceback" not in r.stderr, r.stderr
