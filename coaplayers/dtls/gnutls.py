@@ -25,7 +25,7 @@ import errno
 import hmac
 import os
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any
 
 from cffi import FFI
@@ -113,6 +113,9 @@ void gnutls_session_get_random(gnutls_session_t session, gnutls_datum_t *client,
 void gnutls_session_get_master_secret(gnutls_session_t session, gnutls_datum_t *secret);
 int gnutls_record_get_state(gnutls_session_t session, unsigned read, gnutls_datum_t *mac_key,
     gnutls_datum_t *IV, gnutls_datum_t *cipher_key, unsigned char seq_number[8]);
+int gnutls_alpn_set_protocols(gnutls_session_t session, const gnutls_datum_t *protocols,
+                              unsigned protocols_size, unsigned int flags);
+int gnutls_alpn_get_selected_protocol(gnutls_session_t session, gnutls_datum_t *protocol);
 """)
 
 # gnutls.h
@@ -141,6 +144,8 @@ _E_UNKNOWN_CIPHER_SUITE = -21
 _E_UNSUPPORTED_CERTIFICATE_TYPE = -61
 _E_NO_COMMON_KEY_SHARE = -423
 _E_PREMATURE_TERMINATION = -110
+MAX_ALPN_PROTOCOLS = 8  # GnuTLS keeps at most 8 protocols (MAX_ALPN_PROTOCOLS in its alpn.h)
+MAX_ALPN_NAME = 32  # ... of at most 32 bytes each (MAX_ALPN_PROTOCOL_NAME); longer are refused
 # GnuTLS must never retransmit on its own (the base class does, with hand-driven time), nor
 # give up before the base class's handshake_timeout: both far beyond any handshake.
 _NEVER_MS = 24 * 3600 * 1000
@@ -281,9 +286,13 @@ class GnuTlsSession(DtlsSession):
         is_client: bool,
         config: DtlsConfig | None,
         prestate: Any = None,
+        alpn: Collection[bytes] = (),
     ) -> None:
+        """``alpn``: the ALPN protocols (RFC 7301) a client offers, or a server agrees to."""
         super().__init__(is_client=is_client, config=config)
         lib = _gnutls()
+        self.alpn: bytes | None = None
+        """The ALPN protocol both ends agreed on in the handshake (RFC 7301), or ``None``."""
         self._context = context  # keeps the GnuTLS credentials alive as long as we are
         self._credentials = context.credentials
         self._inbox: deque[bytes] = deque()
@@ -324,6 +333,8 @@ class GnuTlsSession(DtlsSession):
             lib.gnutls_dtls_set_mtu(self._s, self.config.mtu)
             if prestate is not None:
                 lib.gnutls_dtls_prestate_set(self._s, prestate)
+            if alpn:
+                _set_alpn(lib, self._s, alpn)
         except DtlsError:
             self._free()
             raise
@@ -333,12 +344,16 @@ class GnuTlsSession(DtlsSession):
         cls,
         credentials: RawPublicKeyCredentials | RawPublicKeyContext,
         config: DtlsConfig | None = None,
+        *,
+        alpn: bytes | None = None,
     ) -> GnuTlsSession:
-        """A client session; pass a :class:`RawPublicKeyContext` to share one between many."""
+        """A client session; pass a :class:`RawPublicKeyContext` to share one between many.
+        ``alpn``: one ALPN protocol to offer (RFC 7301); the server's choice is ``alpn`` on the
+        established session."""
         context = credentials if isinstance(credentials, RawPublicKeyContext) else (
             RawPublicKeyContext(credentials, server=False)
         )
-        return cls(context, is_client=True, config=config)
+        return cls(context, is_client=True, config=config, alpn=[alpn] if alpn else ())
 
     @property
     def peer_public_key(self) -> bytes | None:
@@ -582,6 +597,7 @@ class GnuTlsSession(DtlsSession):
         identity = spki_fingerprint(self._peer_spki) if self._peer_spki is not None else None
         if self._peer_spki is None and self._credentials.require_peer:
             raise AuthenticationFailed("the peer presented no public key")
+        self.alpn = _selected_alpn(lib, s)  # before GnuTLS's session goes (_hand_over)
         self._established(identity, CIPHER_SUITE, False)
         self._hand_over()
         held, self._held = self._held, []
@@ -660,6 +676,8 @@ class GnuTlsListener:
         self.config = config or DtlsConfig()
         self.budget = budget(without_cookie)
         self.context = RawPublicKeyContext(credentials, server=True)
+        self.alpn: frozenset[bytes] = frozenset()
+        """ALPN protocols (RFC 7301) this listener agrees to: the first a client offers."""
         self._secret = _ffi.new("unsigned char[]", os.urandom(16))  # GNUTLS_COOKIE_KEY_SIZE
         self._key = _ffi.new("gnutls_datum_t *", [self._secret, 16])
 
@@ -687,7 +705,8 @@ class GnuTlsListener:
             hvr = [r for chunk in collector.out for r in records.split_records(chunk)]
             return records.pack_datagrams(hvr, self.config.mtu), None
         session = GnuTlsSession(self.context, is_client=False, config=self.config,
-                                prestate=None if at_once else prestate)
+                                prestate=None if at_once else prestate,
+                                alpn=sorted(self.alpn))
         session._now = now
         session.state = State.HANDSHAKING
         session._handshake_deadline = now + self.config.handshake_timeout
@@ -699,6 +718,30 @@ class GnuTlsListener:
         if at_once:
             self.budget.add(session)
         return [], session
+
+
+def _set_alpn(lib: Any, s: Any, protocols: Collection[bytes]) -> None:
+    """Offer (client) or agree to (server) ``protocols``. Without GNUTLS_ALPN_MANDATORY: a
+    server with none of the client's protocols goes on without ALPN, as OpenSSL's listener
+    does; the client's first offered protocol the server has wins (GnuTLS's default order)."""
+    names = list(protocols)
+    if len(names) > MAX_ALPN_PROTOCOLS or any(
+            not 0 < len(n) <= MAX_ALPN_NAME for n in names):
+        raise ConfigurationError(
+            f"ALPN: at most {MAX_ALPN_PROTOCOLS} protocols of 1 to {MAX_ALPN_NAME} bytes")
+    bufs = [_ffi.new("unsigned char[]", n) for n in names]  # GnuTLS copies them
+    datums = _ffi.new("gnutls_datum_t[]", [[b, len(n)] for b, n in zip(bufs, names, strict=True)])
+    rc = lib.gnutls_alpn_set_protocols(s, datums, len(names), 0)
+    if rc < 0:
+        raise ConfigurationError(f"GnuTLS refused the ALPN protocols: {_strerror(rc)}")
+
+
+def _selected_alpn(lib: Any, s: Any) -> bytes | None:
+    """The protocol the handshake agreed on; ``None`` without one (GnuTLS's error code)."""
+    out = _ffi.new("gnutls_datum_t *")
+    if lib.gnutls_alpn_get_selected_protocol(s, out) < 0 or out.size == 0:
+        return None
+    return bytes(_ffi.buffer(out.data, out.size))
 
 
 def _client_data(peer_key: Hashable) -> bytes:

@@ -233,9 +233,9 @@ class Layer0Client:
 
     @property
     def alpn(self) -> bytes | None:
-        """An ALPN protocol (RFC 7301) to offer in the next handshakes (OpenSSL backends). A
-        server that agrees answers the request it stands for with its last flight and ends the
-        session (Layer0Site.fold): the OSCORE mode's keying (docs/OSCORE-KEYING.md 9.1)."""
+        """An ALPN protocol (RFC 7301) to offer in the next handshakes (every backend but
+        tinydtls). A server that agrees answers the request it stands for with its last flight and
+        ends the session (Layer0Site.fold): the OSCORE mode's keying (docs/OSCORE-KEYING.md 9.1)."""
         return self._core.alpn
 
     @alpn.setter

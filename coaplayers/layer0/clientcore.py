@@ -438,9 +438,9 @@ class Layer0ClientCore:
         """Observations registered again after the server lost their session."""
         self.last_handshake: HandshakeComplete | None = None
         self.alpn: bytes | None = None
-        """An ALPN protocol (RFC 7301) to offer in the next handshakes (OpenSSL backends). A
-        server that agrees answers the request it stands for with its last flight and ends the
-        session (Layer0Site.fold): the OSCORE mode's keying (docs/OSCORE-KEYING.md 9.1)."""
+        """An ALPN protocol (RFC 7301) to offer in the next handshakes (every backend but
+        tinydtls). A server that agrees answers the request it stands for with its last flight and
+        ends the session (Layer0Site.fold): the OSCORE mode's keying (docs/OSCORE-KEYING.md 9.1)."""
         self.folded: Message | None = None
         """That answer (the server's inner message with the empty token), from the last
         handshake; ``None`` if it carried none."""
@@ -819,7 +819,7 @@ class Layer0ClientCore:
             return TinyDtlsSession.client(self._credentials, config)
         if isinstance(self._credentials, RawPublicKeyCredentials):
             assert self._rpk_context is not None
-            return GnuTlsSession.client(self._rpk_context, config)
+            return GnuTlsSession.client(self._rpk_context, config, alpn=self.alpn)
         assert self._ssl_context is not None
         return OpenSslSession.client(
             self._ssl_context,

@@ -225,13 +225,13 @@ class Layer0Site(interfaces.Resource):
         """Answer ``request`` (an inner request; its token is replaced by the empty one) with
         the server's last handshake flight whenever a full or resumed handshake agrees on the
         ALPN protocol ``alpn``, and end the session then (:attr:`Layer0ServerCore.folded`). The
-        OSCORE mode folds its keying request this way (docs/OSCORE-KEYING.md 9.1). OpenSSL backends
-        only: a raw-public-key (GnuTLS) handshake never agrees on it, and its client asks
-        explicitly."""
+        OSCORE mode folds its keying request this way (docs/OSCORE-KEYING.md 9.1). Certificates,
+        PSK on OpenSSL and raw public keys (GnuTLS) agree on it; tinydtls has no ALPN, and its
+        client asks explicitly."""
         self.core.folded[alpn] = inner.encode(b"", request)
         protocols = frozenset(self.core.folded)
         for listener in getattr(self.core.listener, "listeners", [self.core.listener]):
-            if isinstance(listener, OpenSslListener):
+            if isinstance(listener, OpenSslListener | GnuTlsListener):
                 listener.alpn = protocols
 
     def close(self) -> None:

@@ -23,7 +23,14 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
 from coaplayers import dtls
-from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore, records
+from coaplayers.dtls import (
+    CertificateCredentials,
+    PskClientCredentials,
+    PskStore,
+    RawPublicKeyCredentials,
+    records,
+)
+from coaplayers.dtls.openssl import generate_p256_key
 from coaplayers.layer0 import Layer0Client, Layer0Config, Layer0Site
 from coaplayers.layer0.errors import Layer0Error
 from coaplayers.layer0_modes import Layer0ServerOptions, wrap_site
@@ -52,6 +59,8 @@ class FastTuning(TransportTuning):
     MAX_RETRANSMIT = 4
 
 PSK = PskClientCredentials(b"device-1", b"fold-test-key-16")
+RPK_SERVER, RPK_CLIENT = generate_p256_key(), generate_p256_key()
+RPK = RawPublicKeyCredentials(RPK_CLIENT, trusted=[RPK_SERVER.public_key()])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +102,9 @@ class Origin:
         site = resource.Site()
         site.add_resource(["echo"], self.echo)
         options = Layer0ServerOptions(psk_store=PskStore({PSK.identity: PSK.key}),
-                                   certificate=self.creds["server"])
+                                   certificate=self.creds["server"],
+                                   raw_public_key=RawPublicKeyCredentials(
+                                       RPK_SERVER, trusted=[RPK_CLIENT.public_key()]))
         wrapped = wrap_site(site, options)
         assert isinstance(wrapped, Layer0Site)
         self.layer0 = wrapped
@@ -129,7 +140,7 @@ async def client() -> AsyncIterator[aiocoap.Context]:
 
 def requester(o: Origin, ctx: aiocoap.Context, kind: str = "certificate",
               kept: KeptContexts | None = None) -> OscoreRequester:
-    cred: Any = o.creds["client"] if kind == "certificate" else PSK
+    cred: Any = {"certificate": o.creds["client"], "psk": PSK, "rpk": RPK}[kind]
     config = Layer0Config(transport_tuning=FastTuning())
     slot = kept.slot(origin_of(o.uri), cred) if kept is not None else None
     return OscoreRequester(
@@ -184,6 +195,7 @@ def on_folded_answer(action: Callable[[list[bytes]], list[bytes]]) -> Any:
     # parameters, the request.
     ("certificate", 3),
     ("psk", 3),
+    ("rpk", 3),  # raw public keys (GnuTLS) too: its ALPN offer and choice fold the keying
 ])
 async def test_cold_keying_costs_no_exchange_of_its_own(
     origin: Origin, client: aiocoap.Context, kind: str, expected: int
@@ -307,26 +319,29 @@ async def test_replayed_keying_flight_keys_nothing_and_runs_nothing(
     await r.close()
 
 
+@pytest.mark.parametrize("kind", ["certificate", "rpk"])
 async def test_altered_alpn_offer_fails_the_handshake_and_keys_nothing(
-    origin: Origin, client: aiocoap.Context
+    origin: Origin, client: aiocoap.Context, kind: str
 ) -> None:
     """The ALPN offer is in the transcript: changing it (here to a protocol the server does not
     fold) makes the Finished messages disagree, so no middle box can turn a keying handshake
     into a plain session or back."""
+    edited: list[int] = []
 
     def edit(msg: aiocoap.Message, _client: Any) -> list[Send] | None:
         payload = bytes(msg.payload)
         if KEYING_ALPN in payload:
+            edited.append(msg.mid)
             msg.payload = payload.replace(KEYING_ALPN, b"atls-oscorf")
             return [Send(msg)]
         return None
 
     origin.evil.up = edit
-    r = requester(origin, client)
+    r = requester(origin, client, kind)
     with pytest.raises((Layer0Error, OscoreError)):
         await post(r, origin, b"attacked")
     origin.evil.up = None
-    assert len(origin.store) == 0 and origin.echo.executed == []
+    assert edited and len(origin.store) == 0 and origin.echo.executed == []
     assert (await post(r, origin, b"after")).payload == b"echo after"
     await r.close()
 
@@ -388,8 +403,8 @@ async def test_server_restart_between_two_runs_rekeys_by_itself(
 
 
 async def test_explicit_keying_still_served(origin: Origin, client: aiocoap.Context) -> None:
-    """A client that does not offer the protocol (an older one, or raw public keys, whose
-    backend has no ALPN here) keys with the explicit request, as before."""
+    """A client that does not offer the protocol (an older one, or tinydtls, which has no
+    ALPN) keys with the explicit request, as before."""
     channel = Layer0Client(client, origin.uri, origin.creds["client"], proxy=origin.evil.uri)
     msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
     answer = await asyncio.wait_for(channel.request(msg).response, T)
