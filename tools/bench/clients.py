@@ -80,6 +80,7 @@ WIRE_ONLY: dict[str, Mode] = {m.key: m for m in (
     Mode("l0rpk", "Layer 0 DTLS (raw public keys), plain hops", "none", "Layer 0 RPK"),
     Mode("oscore", "OSCORE mode, plain hops", "none", "OSCORE"),
     Mode("oscore_psk", "OSCORE mode keyed by PSK, plain hops", "none", "OSCORE"),
+    Mode("oscore_rpk", "OSCORE mode keyed by raw public keys, plain hops", "none", "OSCORE"),
 )}
 
 
@@ -165,7 +166,8 @@ async def open_client(
         attach(ctx, contexts)
         return BenchClient(_Ctx(ctx), ProxyForwarder(proxy or ep.aio_proxy, ctx),
                            f"{target_origin}/echo")
-    plain_hops = mode in ("plain", "l0psk", "l0cert", "l0rpk", "oscore", "oscore_psk")
+    plain_hops = mode in ("plain", "l0psk", "l0cert", "l0rpk", "oscore", "oscore_psk",
+                          "oscore_rpk")
     ctx = await layer1.create_context(client_credentials=hop_credentials(ep.creds))
     proxy_uri = proxy or (ep.proxy_coap if plain_hops else ep.proxy_coaps)
     target_origin = origin or (ep.server_coap if plain_hops else ep.server_coaps)
@@ -182,6 +184,8 @@ async def open_client(
         e2e = Layer0ClientOptions("oscore", certificate=_e2e_cert(ep.creds))
     elif mode == "oscore_psk":
         e2e = Layer0ClientOptions("oscore", psk=_e2e_psk(ep.creds))
+    elif mode == "oscore_rpk":
+        e2e = Layer0ClientOptions("oscore", raw_public_key=_e2e_rpk(ep.creds))
     else:
         raise ValueError(f"unknown mode {mode!r}")
     target = f"{target_origin}/echo"

@@ -190,7 +190,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 #: Issue 23's limits on round trips to the first protected answer (cold, warm). PSK: 3, as
 #: the issue allows for a suite without forward secrecy (no False Start, RFC 7918 section 3).
 RTT_LIMITS = {"l0psk": (3, 3), "l0cert": (2, 2), "l0rpk": (2, 2), "oscore": (3, 1),
-              "oscore_psk": (3, 1)}
+              "oscore_psk": (3, 1), "oscore_rpk": (3, 1)}
 
 
 def _rtt_targets(rtt: dict[str, Any]) -> list[dict[str, Any]]:

@@ -36,8 +36,8 @@ from .clients import MODES, WIRE_ONLY, Endpoints, open_client
 #: Modes of this phase: end-to-end over plain hops (one relay delay per round trip to the
 #: server), Layer 1 alone and the OSCORE mode over Layer 1 (whose hop handshake crosses the
 #: same link), and the static-key OSCORE baseline.
-RTT_MODES = ("plain", "l0psk", "l0cert", "l0rpk", "oscore", "oscore_psk", "l1", "oscore_l1",
-             "aio_oscore")
+RTT_MODES = ("plain", "l0psk", "l0cert", "l0rpk", "oscore", "oscore_psk", "oscore_rpk", "l1",
+             "oscore_l1", "aio_oscore")
 
 #: EDHOC + OSCORE (RFC 9668, the EDHOC + OSCORE combined request): the first protected answer
 #: two round trips after a cold start, one with an OSCORE context kept.
