@@ -88,6 +88,7 @@ class Origin:
     evil: EvilProxy
     layer0: Layer0Site | None = None
     ctx: aiocoap.Context | None = None
+    rpk_only: bool = False  # one GnuTLS listener, not one listener per kind
 
     @property
     def uri(self) -> str:
@@ -101,10 +102,10 @@ class Origin:
     async def start(self) -> None:
         site = resource.Site()
         site.add_resource(["echo"], self.echo)
-        options = Layer0ServerOptions(psk_store=PskStore({PSK.identity: PSK.key}),
-                                   certificate=self.creds["server"],
-                                   raw_public_key=RawPublicKeyCredentials(
-                                       RPK_SERVER, trusted=[RPK_CLIENT.public_key()]))
+        rpk = RawPublicKeyCredentials(RPK_SERVER, trusted=[RPK_CLIENT.public_key()])
+        options = (Layer0ServerOptions(raw_public_key=rpk) if self.rpk_only else
+                   Layer0ServerOptions(psk_store=PskStore({PSK.identity: PSK.key}),
+                                       certificate=self.creds["server"], raw_public_key=rpk))
         wrapped = wrap_site(site, options)
         assert isinstance(wrapped, Layer0Site)
         self.layer0 = wrapped
@@ -118,11 +119,12 @@ class Origin:
         self.layer0 = self.ctx = None
 
 
-@pytest.fixture
-async def origin(creds: dict[str, CertificateCredentials]) -> AsyncIterator[Origin]:
+@pytest.fixture(params=[False], ids=["every kind"])
+async def origin(creds: dict[str, CertificateCredentials],
+                 request: pytest.FixtureRequest) -> AsyncIterator[Origin]:
     port = free_udp_port()
     async with EvilProxy(default=("127.0.0.1", port)) as evil:
-        o = Origin(creds, port, Echo(), evil)
+        o = Origin(creds, port, Echo(), evil, rpk_only=request.param)
         await o.start()
         try:
             yield o
@@ -414,8 +416,9 @@ async def test_explicit_keying_still_served(origin: Origin, client: aiocoap.Cont
     await channel.close()
 
 
+@pytest.mark.parametrize("kind", ["certificate", "rpk"])
 async def test_a_server_that_does_not_fold_is_asked_explicitly(
-    origin: Origin, client: aiocoap.Context
+    origin: Origin, client: aiocoap.Context, kind: str
 ) -> None:
     """Against a server that does not agree on the protocol (one without the fold, as before
     it), the client's offer changes nothing: it keys with the explicit request and closes."""
@@ -423,7 +426,7 @@ async def test_a_server_that_does_not_fold_is_asked_explicitly(
     origin.layer0.core.folded.clear()
     for listener in origin.layer0.core.listener.listeners:  # type: ignore[attr-defined]
         listener.alpn = frozenset()
-    r = requester(origin, client)
+    r = requester(origin, client, kind)
     answer = await post(r, origin, b"old server")
     assert answer.payload == b"echo old server" and r.keyings == 1
     sent = exchanges(origin)
@@ -433,3 +436,46 @@ async def test_a_server_that_does_not_fold_is_asked_explicitly(
     assert len(sent) == 5 and len(keying) == 2, [(m.code, m.opt.uri_path) for m in sent]
     await r.close()
     assert any(m.code == Code.DELETE for m in exchanges(origin))
+
+
+# ------------------------------------------------------------------ raw public keys (GnuTLS)
+
+
+@pytest.mark.parametrize("origin", [False, True], ids=["every kind", "rpk only"],
+                         indirect=True)
+async def test_rpk_keying_folds_on_a_gnutls_listener_alone_or_beside_others(
+    origin: Origin, client: aiocoap.Context
+) -> None:
+    """GnuTLS on both ends: the server's GnuTLS listener (alone, or behind the listener that
+    hands each ClientHello to its kind's backend) agrees on the protocol and folds."""
+    r = requester(origin, client, "rpk")
+    assert (await post(r, origin, b"rpk")).payload == b"echo rpk"
+    sent = exchanges(origin)
+    assert len(sent) == 3 and r.keyings == 1, [(m.code, m.opt.uri_path) for m in sent]
+    assert origin.layer0 is not None and not origin.layer0.core.sessions
+    await r.close()
+
+
+@pytest.mark.parametrize("offer", [True, False], ids=["offers", "does not offer"])
+async def test_rpk_channel_agrees_only_when_it_offers(
+    origin: Origin, client: aiocoap.Context, offer: bool
+) -> None:
+    """The agreed protocol is on the GnuTLS session as on OpenSSL's; a client that does not
+    offer it gets a plain session and can still key with the explicit request."""
+    channel = Layer0Client(client, origin.uri, RPK, proxy=origin.evil.uri)
+    if offer:
+        channel.alpn = KEYING_ALPN
+    await asyncio.wait_for(channel.connect(), T)
+    if offer:
+        assert channel.agreed_alpn == KEYING_ALPN and channel.folded is not None
+        params = OscoreParameters.from_cbor(channel.folded.payload)
+        assert origin.store.get(params.client_id) is not None
+        channel.forget_session()
+    else:
+        assert channel.agreed_alpn is None and channel.folded is None
+        msg = aiocoap.Message(code=Code.POST, uri_path=KEYING_PATH)
+        answer = await asyncio.wait_for(channel.request(msg).response, T)
+        assert answer.code == Code.CHANGED
+        OscoreParameters.from_cbor(answer.payload)
+    assert len(origin.store) == 1
+    await channel.close()
