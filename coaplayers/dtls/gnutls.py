@@ -676,10 +676,20 @@ class GnuTlsListener:
         self.config = config or DtlsConfig()
         self.budget = budget(without_cookie)
         self.context = RawPublicKeyContext(credentials, server=True)
-        self.alpn: frozenset[bytes] = frozenset()
-        """ALPN protocols (RFC 7301) this listener agrees to: the first a client offers."""
+        self._alpn: tuple[bytes, ...] = ()
         self._secret = _ffi.new("unsigned char[]", os.urandom(16))  # GNUTLS_COOKIE_KEY_SIZE
         self._key = _ffi.new("gnutls_datum_t *", [self._secret, 16])
+
+    @property
+    def alpn(self) -> frozenset[bytes]:
+        """ALPN protocols (RFC 7301) this listener agrees to: the first a client offers. At
+        most :data:`MAX_ALPN_PROTOCOLS` of at most :data:`MAX_ALPN_NAME` bytes, checked here
+        (a ConfigurationError), not at each handshake."""
+        return frozenset(self._alpn)
+
+    @alpn.setter
+    def alpn(self, protocols: Collection[bytes]) -> None:
+        self._alpn = _checked_alpn(protocols)
 
     def accept(
         self, peer_key: Hashable, datagram: bytes, now: float
@@ -706,7 +716,7 @@ class GnuTlsListener:
             return records.pack_datagrams(hvr, self.config.mtu), None
         session = GnuTlsSession(self.context, is_client=False, config=self.config,
                                 prestate=None if at_once else prestate,
-                                alpn=sorted(self.alpn))
+                                alpn=self._alpn)
         session._now = now
         session.state = State.HANDSHAKING
         session._handshake_deadline = now + self.config.handshake_timeout
@@ -724,16 +734,21 @@ def _set_alpn(lib: Any, s: Any, protocols: Collection[bytes]) -> None:
     """Offer (client) or agree to (server) ``protocols``. Without GNUTLS_ALPN_MANDATORY: a
     server with none of the client's protocols goes on without ALPN, as OpenSSL's listener
     does; the client's first offered protocol the server has wins (GnuTLS's default order)."""
-    names = list(protocols)
-    if len(names) > MAX_ALPN_PROTOCOLS or any(
-            not 0 < len(n) <= MAX_ALPN_NAME for n in names):
-        raise ConfigurationError(
-            f"ALPN: at most {MAX_ALPN_PROTOCOLS} protocols of 1 to {MAX_ALPN_NAME} bytes")
+    names = _checked_alpn(protocols)
     bufs = [_ffi.new("unsigned char[]", n) for n in names]  # GnuTLS copies them
     datums = _ffi.new("gnutls_datum_t[]", [[b, len(n)] for b, n in zip(bufs, names, strict=True)])
     rc = lib.gnutls_alpn_set_protocols(s, datums, len(names), 0)
     if rc < 0:
         raise ConfigurationError(f"GnuTLS refused the ALPN protocols: {_strerror(rc)}")
+
+
+def _checked_alpn(protocols: Collection[bytes]) -> tuple[bytes, ...]:
+    names = tuple(sorted(protocols)) if isinstance(protocols, set | frozenset) else tuple(
+        protocols)
+    if len(names) > MAX_ALPN_PROTOCOLS or any(not 0 < len(n) <= MAX_ALPN_NAME for n in names):
+        raise ConfigurationError(
+            f"ALPN: at most {MAX_ALPN_PROTOCOLS} protocols of 1 to {MAX_ALPN_NAME} bytes")
+    return names
 
 
 def _selected_alpn(lib: Any, s: Any) -> bytes | None:

@@ -30,7 +30,12 @@ from coaplayers.dtls import (
     records,
 )
 from coaplayers.dtls.credentials import RawPublicKeyCredentials, spki_der
-from coaplayers.dtls.gnutls import CIPHER_SUITE, GnuTlsListener, GnuTlsSession
+from coaplayers.dtls.gnutls import (
+    CIPHER_SUITE,
+    GnuTlsListener,
+    GnuTlsSession,
+    RawPublicKeyContext,
+)
 from coaplayers.dtls.gnutls import _ffi as gnutls_ffi
 
 from ..conftest import fingerprint
@@ -523,3 +528,36 @@ def test_engine_record_layer_and_gnutls_records_interoperate(
     net.settle()
     assert AlertReceived(1, 0) in net.events_of(SERVER, AlertReceived)  # close_notify
     assert net.closed_event(SERVER) == ConnectionClosed(None)
+
+
+# ---------------------------------------------------------------------- ALPN (RFC 7301)
+
+
+@pytest.mark.parametrize(("offer", "agrees", "agreed"), [
+    (b"atls-oscore", {b"other", b"atls-oscore"}, b"atls-oscore"),
+    (b"atls-oscore", {b"other"}, None),  # no overlap: the handshake goes on without ALPN
+    (None, {b"atls-oscore"}, None),
+    (b"atls-oscore", set(), None),  # a listener that agrees to nothing ignores the offer
+])
+def test_alpn_offer_and_choice_are_recorded_on_both_sessions(
+    offer: bytes | None, agrees: set[bytes], agreed: bytes | None
+) -> None:
+    listener = GnuTlsListener(server_credentials())
+    listener.alpn = frozenset(agrees)
+    net = Network(GnuTlsSession.client(client_credentials(), alpn=offer), listener)
+    net.handshake()
+    assert net.both_established()
+    assert net.server is not None
+    assert net.client.alpn == net.server.alpn == agreed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("protocols", [[b""], [b"x" * 33], [b"p%d" % i for i in range(9)]])
+def test_alpn_protocols_beyond_gnutls_limits_are_refused(protocols: list[bytes]) -> None:
+    creds = client_credentials()
+    with pytest.raises(ConfigurationError, match="ALPN"):
+        GnuTlsSession(RawPublicKeyContext(creds, server=False), is_client=True, config=None,
+                      alpn=protocols)
+    listener = GnuTlsListener(server_credentials())
+    with pytest.raises(ConfigurationError, match="ALPN"):  # when set, not at each handshake
+        listener.alpn = frozenset(protocols)
+    assert listener.alpn == frozenset()
