@@ -60,6 +60,7 @@ from ..dtls import (
     HandshakeComplete,
     OpenSslPskClientSession,
     OpenSslSession,
+    ProtocolViolation,
     PskClientCredentials,
     RawPublicKeyContext,
     RawPublicKeyCredentials,
@@ -976,6 +977,8 @@ class Layer0ClientCore:
             elif code == Code.NOT_FOUND and path != WELL_KNOWN_PATH:
                 raise _Restart()
             elif code == Code.FORBIDDEN:
+                if not _holds_alert(result.payload):
+                    raise HandshakeFailed(_refused_on_the_way(result.payload))
                 dtls.receive_datagram(result.payload, self._now)
                 raise HandshakeFailed("the server refused the handshake") from _closing_error(dtls)
             elif code != Code.CHANGED:
@@ -1445,6 +1448,24 @@ class Layer0ClientCore:
 def _ignore(result: object, error: Exception | None) -> None:
     if error is not None and not isinstance(error, Layer0Closed):
         log.debug("Layer 0 background operation ended: %s", error)
+
+
+def _holds_alert(payload: bytes) -> bool:
+    """Whether a 4.03 carries DTLS records with an alert (the server's refusal), as opposed
+    to an intermediary's own 4.03 (a proxy's diagnostic text, or nothing)."""
+    try:
+        found = records.split_records(payload)
+    except ProtocolViolation:
+        return False
+    return any(records.content_type(r) == records.CONTENT_ALERT for r in found)
+
+
+def _refused_on_the_way(payload: bytes) -> str:
+    """A 4.03 without the server's alert: an intermediary refused to forward (coap-client's
+    failure report reads "unexpected outer answer" as the path answering, not the server)."""
+    text = payload[:120].decode("utf-8", "replace")
+    said = f" {text!r}" if text.isprintable() and text else ""
+    return f"unexpected outer answer 4.03{said}, without a DTLS alert: a proxy refused"
 
 
 def _closing_error(dtls: DtlsSession) -> DtlsError | None:

@@ -28,6 +28,7 @@ from .conftest import (
     Running,
     client,
     run_on_pty,
+    start_proxy,
     start_server,
 )
 
@@ -482,3 +483,19 @@ async def test_observing_a_resource_that_cannot_be_observed_prints_its_answer_an
     for r in runs:
         assert r.rc == 0, r.stderr
         assert r.stdout.startswith("Hello") and "Traceback" not in r.stderr, r.stderr
+
+
+async def test_a_proxy_refusing_the_destination_is_not_reported_as_the_server(
+    app: Running, keys: Keys, tmp_path: Path
+) -> None:
+    """coap-proxy's own 4.03 (the destination is not on its allow-list) carries no DTLS
+    alert: the Layer 0 handshake says the proxy refused, not the server."""
+    proxy = start_proxy(tmp_path, "--listen", "coap://127.0.0.1:0", loopback=False)
+    try:
+        r = await client("--layer0", "dtls", *keys.e2e_psk, "-P", proxy.uri("coap"),
+                         "-B", "8", app.uri("coap") + "/hello")
+    finally:
+        proxy.stop()
+    error = r.one_line_error()
+    assert r.rc == 4 and "4.03" in error and "a proxy refused" in error, r.stderr
+    assert "server refused" not in error and "--e2e-psk" not in error, r.stderr
