@@ -1,0 +1,817 @@
+"""coap-proxy's forwarding as seen on the wire (RFC 7252, 8768, 9175 and the 3x rule).
+
+The client is a raw UDP socket and the datagrams are built and parsed here, byte by byte, not
+by the library under test; the main upstream is a scripted raw UDP origin in this process
+(``RawOrigin``), which records every datagram the proxy sends it and can misbehave on demand
+(answer late, separately, with RST, with unknown options, or never). coap-proxy runs as a real
+process; the interop group adds libcoap's coap-client and the aiocoap and coap-server origins.
+
+The processes are shared by the whole module (one event loop for it); each test uses its own
+paths and tokens, so tests do not see each other's exchanges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import UdpCollector, free_udp_port, need_program, run_program
+from tests.conftest import stop_process as _stop
+
+from .conftest import ROOT, Running, _read_until, start_origin, start_proxy
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CON, NON, ACK, RST = 0, 1, 2, 3
+EMPTY, GET, POST, PUT = 0x00, 0x01, 0x02, 0x03
+
+
+def code(text: str) -> int:
+    """``"2.05"`` -> 0x45."""
+    cls, detail = text.split(".")
+    return int(cls) << 5 | int(detail)
+
+
+# Option numbers (RFC 7252 5.10, 7959, 8613, 8768, 9175)
+IF_MATCH, URI_HOST, ETAG, URI_PORT, LOCATION_PATH = 1, 3, 4, 7, 8
+OSCORE, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY = 9, 11, 12, 14, 15
+HOP_LIMIT, ACCEPT, LOCATION_QUERY, SIZE2, PROXY_URI = 16, 17, 20, 28, 35
+PROXY_SCHEME, SIZE1, ECHO = 39, 60, 252
+ROUTING = {URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME}
+
+UPSTREAM_TIMEOUT = 2.0  # the shared proxy's --upstream-timeout
+WAIT = 5.0  # the longest any single datagram is waited for
+
+
+# -- the wire format, independent of aiocoap ---------------------------------------------------
+
+
+def _nibble(n: int) -> tuple[int, bytes]:
+    if n < 13:
+        return n, b""
+    if n < 269:
+        return 13, bytes([n - 13])
+    return 14, (n - 269).to_bytes(2, "big")
+
+
+@dataclass
+class Datagram:
+    """One CoAP message as it is on the wire; options in wire order, values as sent."""
+
+    mtype: int
+    code: int
+    mid: int
+    token: bytes = b""
+    options: list[tuple[int, bytes]] = field(default_factory=list)
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        out = bytearray([0x40 | self.mtype << 4 | len(self.token), self.code,
+                         self.mid >> 8, self.mid & 0xFF])
+        out += self.token
+        last = 0
+        for number, value in sorted(self.options, key=lambda o: o[0]):  # stable: repeats kept
+            d, dx = _nibble(number - last)
+            n, nx = _nibble(len(value))
+            out += bytes([d << 4 | n]) + dx + nx + value
+            last = number
+        if self.payload:
+            out += b"\xff" + self.payload
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Datagram:
+        assert data[0] >> 6 == 1, data
+        tkl = data[0] & 0x0F
+        msg = cls((data[0] >> 4) & 3, data[1], int.from_bytes(data[2:4], "big"), data[4:4 + tkl])
+        i, number = 4 + tkl, 0
+        while i < len(data):
+            if data[i] == 0xFF:
+                msg.payload = data[i + 1:]
+                assert msg.payload, "payload marker without a payload"
+                break
+            head = data[i]
+            i += 1
+            parts = []
+            for nib in (head >> 4, head & 0x0F):
+                assert nib != 15, data
+                if nib == 13:
+                    parts.append(data[i] + 13)
+                    i += 1
+                elif nib == 14:
+                    parts.append(int.from_bytes(data[i:i + 2], "big") + 269)
+                    i += 2
+                else:
+                    parts.append(nib)
+            number += parts[0]
+            msg.options.append((number, data[i:i + parts[1]]))
+            i += parts[1]
+        return msg
+
+    def opt(self, number: int) -> list[bytes]:
+        return [v for n, v in self.options if n == number]
+
+    def one(self, number: int) -> bytes | None:
+        values = self.opt(number)
+        assert len(values) <= 1, (number, values)
+        return values[0] if values else None
+
+    @property
+    def path(self) -> list[str]:
+        return [v.decode() for v in self.opt(URI_PATH)]
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(v.decode().partition("=")[::2] for v in self.opt(URI_QUERY))
+
+
+def uint(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+_mids = iter(range(0x1000, 0x10000))
+
+
+def request(mtype: int, method: int, target: str | None = None, *, path: str | None = None,
+            token: bytes = b"tk", options: Iterable[tuple[int, bytes]] = (),
+            payload: bytes = b"") -> Datagram:
+    """A request to the proxy: forward (``target``, a Proxy-Uri) or reverse (``path``)."""
+    opts = list(options)
+    if target is not None:
+        opts.append((PROXY_URI, target.encode()))
+    if path is not None:
+        path, _, query = path.partition("?")
+        opts += [(URI_PATH, s.encode()) for s in path.strip("/").split("/") if s]
+        opts += [(URI_QUERY, q.encode()) for q in query.split("&") if q]
+    return Datagram(mtype, method, next(_mids), token, opts, payload)
+
+
+# -- the raw client ----------------------------------------------------------------------------
+
+
+class Client:
+    """A raw UDP socket talking to the proxy; every datagram it receives is kept in order."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, proto: UdpCollector,
+                 proxy: tuple[str, int]):
+        self.transport, self.proto, self.proxy = transport, proto, proxy
+        self.sent: list[bytes] = []
+
+    def send(self, msg: Datagram | bytes) -> bytes:
+        data = msg if isinstance(msg, bytes) else msg.encode()
+        self.sent.append(data)
+        self.transport.sendto(data, self.proxy)
+        return data
+
+    async def recv_raw(self, timeout: float = WAIT) -> bytes:
+        return await asyncio.wait_for(self.proto.queue.get(), timeout)
+
+    async def recv(self, timeout: float = WAIT) -> Datagram:
+        return Datagram.decode(await self.recv_raw(timeout))
+
+    def ack(self, msg: Datagram) -> None:
+        self.send(Datagram(ACK, EMPTY, msg.mid))
+
+    async def answer(self, req: Datagram, timeout: float = WAIT) -> tuple[Datagram, list[Datagram]]:
+        """The response to ``req`` (a separate CON one acknowledged), and every datagram seen
+        on the way (the empty ACK of a separate response, repetitions)."""
+        seen: list[Datagram] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await self.recv(max(0.0, deadline - loop.time()))
+            seen.append(msg)
+            if msg.mtype == ACK and msg.code == EMPTY:
+                assert msg.mid == req.mid and req.mtype == CON, msg
+                continue
+            if msg.token != req.token:
+                continue  # a late answer to an earlier request
+            if msg.mtype == CON:
+                self.ack(msg)
+            return msg, seen
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(proxy: Running) -> AsyncIterator[Client]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        UdpCollector, local_addr=("127.0.0.1", 0))
+    try:
+        yield Client(transport, proto, ("127.0.0.1", proxy.port))
+    finally:
+        transport.close()
+
+
+# -- the scripted raw origin -------------------------------------------------------------------
+
+
+class RawOrigin:
+    """A CoAP origin in raw datagrams whose behaviour the first Uri-Path segment picks:
+
+    ``ok`` 2.05 "ok"; ``slow?d=S`` the same after S seconds; ``sep?d=S`` an empty ACK at once,
+    then a CON 2.05 after S seconds; ``silent`` nothing; ``rst`` RST; ``opts?cf=N`` a 2.05
+    carrying ``ANSWER_OPTIONS``; ``unsafe?n=N`` a 2.05 with option N; ``create/X`` 2.01 with
+    Location-Path ``.../create/made``; ``loc?p=A/B`` 2.01 with that Location-Path; ``hop508`` a 5.08
+    "origin-trace"; ``big`` 2.04 with 900 bytes. Answers to CON requests are piggybacked, to NON
+    ones NON. Every datagram received is kept in ``received``.
+    """
+
+    def __init__(self) -> None:
+        self.transports: list[asyncio.DatagramTransport] = []
+        self.received: list[Datagram] = []
+        self.acks: dict[int, asyncio.Future[None]] = {}  # MID of our CON -> its ACK came
+        self.separate: dict[bytes, int] = {}  # token -> MID of our separate CON answer
+        self._mid = 0x7000
+
+    def requests(self, first: str) -> list[Datagram]:
+        """Requests whose path is ``first`` (the whole path, joined), one per MID: a CON the
+        proxy retransmitted is one request."""
+        mids, out = set(), []
+        for m in self.received:
+            if 1 <= m.code < 32 and "/".join(m.path) == first and m.mid not in mids:
+                mids.add(m.mid)
+                out.append(m)
+        return out
+
+    def handle(self, data: bytes, addr: tuple[str, int],
+               transport: asyncio.DatagramTransport) -> None:
+        msg = Datagram.decode(data)
+        self.received.append(msg)
+        if msg.code == EMPTY:
+            if msg.mtype == ACK and msg.mid in self.acks and not self.acks[msg.mid].done():
+                self.acks[msg.mid].set_result(None)
+            return
+        if not 1 <= msg.code < 32:
+            return
+        if any(m.mid == msg.mid and m is not msg and m.code == msg.code
+               for m in self.received[:-1]):
+            return  # a retransmission: the answer (if any) is on its way
+        path, query = msg.path, msg.query
+        kind = (path[1:] if path[:1] == ["inner"] else path or [""])[0]  # /inner: mounted
+        loop = asyncio.get_running_loop()
+
+        def send(answer: Datagram) -> None:
+            transport.sendto(answer.encode(), addr)
+
+        def reply(rcode: int, options: list[tuple[int, bytes]] | None = None,
+                  payload: bytes = b"") -> None:
+            if msg.mtype == CON:
+                send(Datagram(ACK, rcode, msg.mid, msg.token, options or [], payload))
+            else:
+                send(Datagram(NON, rcode, self.next_mid(), msg.token, options or [], payload))
+
+        if kind == "ok":
+            reply(code("2.05"), payload=b"ok")
+        elif kind == "slow":
+            loop.call_later(float(query.get("d", "1")), reply, code("2.05"), None, b"slow ok")
+        elif kind == "sep":
+            send(Datagram(ACK, EMPTY, msg.mid))
+            mid = self.next_mid()
+            self.acks[mid] = loop.create_future()
+            self.separate[msg.token] = mid
+            loop.call_later(float(query.get("d", "0.3")), send,
+                            Datagram(CON, code("2.05"), mid, msg.token, [], b"separate ok"))
+        elif kind == "silent":
+            pass
+        elif kind == "rst":
+            send(Datagram(RST, EMPTY, msg.mid))
+        elif kind == "opts":
+            reply(code("2.05"), answer_options(int(query.get("cf", "60"))), b"opts body")
+        elif kind == "unsafe":
+            reply(code("2.05"), [(int(query["n"]), b"u")], b"x")
+        elif kind == "create":
+            reply(code("2.01"), [(LOCATION_PATH, s.encode()) for s in [*path[:-1], "made"]])
+        elif kind == "loc":
+            reply(code("2.01"), [(LOCATION_PATH, s.encode()) for s in query["p"].split("/")]
+                  + [(LOCATION_QUERY, b"q=1")])
+        elif kind == "hop508":
+            reply(code("5.08"), payload=b"origin-trace")
+        elif kind == "big":
+            reply(code("2.04"), payload=b"z" * 900)
+        else:
+            reply(code("4.04"))
+
+    def next_mid(self) -> int:
+        self._mid = (self._mid + 1) & 0xFFFF
+        return self._mid
+
+
+class _Socket(asyncio.DatagramProtocol):
+    """One of the raw origin's sockets."""
+
+    def __init__(self, origin: RawOrigin) -> None:
+        self.origin = origin
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.origin.transports.append(self.transport)  # type: ignore[arg-type]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.origin.handle(data, addr, self.transport)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+
+def answer_options(content_format: int) -> list[tuple[int, bytes]]:
+    """What ``opts`` answers with: ETag, Location-Path, Content-Format, Max-Age, Size2 and
+    unknown safe-to-forward options, elective (65000) and critical (65001)."""
+    return [(ETAG, b"\x01\x02\x03\x04"), (LOCATION_PATH, b"l1"), (LOCATION_PATH, b"l2"),
+            (CONTENT_FORMAT, uint(content_format)), (MAX_AGE, uint(120)), (SIZE2, uint(9)),
+            (65000, b"elective-safe"), (65001, b"\x00critical-safe")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def upstream() -> AsyncIterator[tuple[RawOrigin, int]]:
+    """The raw origin on 127.0.0.1 and, where it can, on [::1] with the same port (the name
+    ``localhost`` may resolve to either)."""
+    loop = asyncio.get_running_loop()
+    origin = RawOrigin()
+    await loop.create_datagram_endpoint(lambda: _Socket(origin), local_addr=("127.0.0.1", 0))
+    port = origin.transports[0].get_extra_info("sockname")[1]
+    try:
+        await loop.create_datagram_endpoint(lambda: _Socket(origin), local_addr=("::1", port))
+    except OSError:
+        pass
+    try:
+        yield origin, port
+    finally:
+        for t in origin.transports:
+            t.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def echo_origin(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    run = await start_origin(tmp_path_factory.mktemp("origin"))
+    try:
+        yield run
+    finally:
+        await _stop(run.proc)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def coap_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """coaplayers' coap-server on a plain listener; its host:port."""
+    err = tmp_path_factory.mktemp("server") / "server.err"
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("coap-server")), "--listen", "coap://127.0.0.1:0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=open(err, "wb"))
+    try:
+        line = (await _read_until(proc, "listening", 20))[-1]
+        yield line.split()[-1].split("://", 1)[1]
+    finally:
+        await _stop(proc)
+
+
+PROXY_ARGS = (
+    "--upstream-timeout", str(UPSTREAM_TIMEOUT), "--downstream-ack-timeout", "0.2",
+    "--cache-entries", "0", "--allow", "127.0.0.1", "--allow", "::1", "--allow", "localhost",
+)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[RawOrigin, int],
+                echo_origin: Running, coap_server: str) -> AsyncIterator[Running]:
+    """Forwarding (no cache, no 3x rule), with prefix routes: ``/mnt`` mounts the raw
+    origin's ``/inner``, ``/ao`` the aiocoap origin's root, ``/cs`` coap-server's."""
+    port = upstream[1]
+    run = await start_proxy(
+        tmp_path_factory.mktemp("proxy"), *PROXY_ARGS,
+        "--route", f"/mnt=coap://127.0.0.1:{port}/inner",
+        "--route", f"/ao=coap://{echo_origin.hostport}/",
+        "--route", f"/cs=coap://{coap_server}/")
+    try:
+        yield run
+    finally:
+        await _stop(run.proc)
+
+
+def up(port: int, rest: str) -> str:
+    return f"coap://127.0.0.1:{port}/{rest}"
+
+
+def tag() -> str:
+    return os.urandom(4).hex()
+
+
+# -- message layer: types, MIDs, tokens --------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [b"", b"\x01", b"\xaa\xbb\xcc\xdd", bytes(range(1, 9))])
+async def test_con_request_answered_by_piggybacked_ack_with_its_mid_and_token(
+    client: Client, upstream: tuple[RawOrigin, int], echo_origin: Running, token: bytes
+) -> None:
+    origin, port = upstream
+    t = tag()
+    req = client.send(get := request(CON, GET, up(port, f"ok/{t}"), token=token))
+    answer = await client.recv()
+    assert (answer.mtype, answer.mid, answer.token) == (ACK, get.mid, token), (req, answer)
+    assert (answer.code, answer.payload) == (code("2.05"), b"ok")
+    assert len(origin.requests(f"ok/{t}")) == 1
+    # A POST to the aiocoap origin, too: its echo comes back in the ACK.
+    body = os.urandom(40)
+    client.send(post := request(CON, POST, f"coap://{echo_origin.hostport}/echo", token=token,
+                                payload=body))
+    answer = await client.recv()
+    assert (answer.mtype, answer.mid, answer.token) == (ACK, post.mid, token)
+    assert (answer.code, answer.payload) == (code("2.04"), body)
+
+
+@pytest.mark.parametrize("token", [b"", b"\x02", bytes(range(11, 19))])
+async def test_non_request_answered_non_with_its_token(
+    client: Client, upstream: tuple[RawOrigin, int], echo_origin: Running, token: bytes
+) -> None:
+    origin, port = upstream
+    t = tag()
+    client.send(request(NON, GET, up(port, f"ok/{t}"), token=token))
+    answer = await client.recv()
+    assert (answer.mtype, answer.token, answer.code, answer.payload) == (
+        NON, token, code("2.05"), b"ok")
+    (seen,) = origin.requests(f"ok/{t}")
+    assert seen.mtype == NON  # forwarded as NON too
+    body = os.urandom(40)
+    client.send(request(NON, POST, f"coap://{echo_origin.hostport}/echo", token=token,
+                        payload=body))
+    answer = await client.recv()
+    assert (answer.mtype, answer.token, answer.code, answer.payload) == (
+        NON, token, code("2.04"), body)
+
+
+async def test_duplicate_con_is_executed_once_and_answered_again(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """RFC 7252 4.5: the same CON again (same MID) gets the same answer, and the upstream is
+    asked once."""
+    origin, port = upstream
+    t = tag()
+    data = client.send(req := request(CON, POST, up(port, f"ok/{t}"), token=b"dup1",
+                                      payload=b"once"))
+    first = await client.recv_raw()
+    client.send(data)
+    again = await client.recv_raw()
+    assert again == first, (Datagram.decode(first), Datagram.decode(again))
+    assert Datagram.decode(first).mid == req.mid
+    assert len(origin.requests(f"ok/{t}")) == 1
+
+
+async def test_duplicate_con_while_upstream_works_is_not_forwarded_again(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """The same CON again while the upstream still works on it: acknowledged (empty) or
+    ignored, never a second upstream request; the one answer comes as a separate CON."""
+    origin, port = upstream
+    t = tag()
+    data = client.send(req := request(CON, POST, up(port, f"slow/{t}?d=0.6"), token=b"dup2"))
+    client.send(data)  # at once: before the proxy could have acknowledged it
+    ack = await client.recv()
+    assert (ack.mtype, ack.code, ack.mid, ack.token) == (ACK, EMPTY, req.mid, b"")
+    client.send(data)  # after the empty ACK, before the answer
+    answer, seen = await client.answer(req)
+    assert (answer.mtype, answer.code, answer.payload) == (CON, code("2.05"), b"slow ok")
+    assert all(m.mid == req.mid and m.code == EMPTY for m in seen[:-1]), seen
+    assert len(origin.requests(f"slow/{t}")) == 1
+    # Once more after the answer: the empty ACK again, or the answer's repetition, no more.
+    client.send(data)
+    later = await client.recv()
+    assert later.mid in (req.mid, answer.mid) and later.code in (EMPTY, answer.code), later
+    assert len(origin.requests(f"slow/{t}")) == 1
+
+
+async def test_duplicate_non_is_not_executed_twice(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    origin, port = upstream
+    t = tag()
+    data = client.send(req := request(NON, POST, up(port, f"ok/{t}"), token=b"dup3",
+                                      payload=b"first"))
+    first = await client.recv()
+    assert (first.mtype, first.token, first.code) == (NON, req.token, code("2.05"))
+    client.send(data)
+    # A request after it, on the same path through the same proxy: once its answer is here,
+    # the duplicate would have reached the origin before it.
+    client.send(marker := request(NON, POST, up(port, f"ok/{t}"), token=b"mark",
+                                  payload=b"marker"))
+    answer, seen = await client.answer(marker)
+    assert answer.code == code("2.05")
+    for m in seen[:-1]:  # whatever came for the duplicate is the first answer again
+        assert (m.token, m.code, m.payload) == (first.token, first.code, first.payload), m
+    assert [m.payload for m in origin.requests(f"ok/{t}")] == [b"first", b"marker"]
+
+
+# -- slow and separate answers -----------------------------------------------------------------
+
+
+async def test_slow_upstream_gives_empty_ack_then_con_answer_repeated_until_acknowledged(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """RFC 7252 5.2.2: an empty ACK first, then the answer as a CON the client acknowledges;
+    unacknowledged, it comes again (the same datagram) on --downstream-ack-timeout."""
+    origin, port = upstream
+    t = tag()
+    client.send(req := request(CON, GET, up(port, f"slow/{t}?d=0.5"), token=b"slow1"))
+    ack = await client.recv_raw()
+    assert ack == Datagram(ACK, EMPTY, req.mid).encode()  # 4 bytes: no token, no options
+    first = await client.recv_raw()
+    sent_at = time.monotonic()
+    answer = Datagram.decode(first)
+    assert (answer.mtype, answer.token, answer.code, answer.payload) == (
+        CON, b"slow1", code("2.05"), b"slow ok")
+    assert answer.mid != req.mid
+    again = await client.recv_raw(timeout=2.0)  # not acknowledged: sent again, within 0.2-0.3 s
+    assert again == first
+    assert time.monotonic() - sent_at < 1.5
+    client.ack(answer)
+    # Acknowledged: no more of it (a request after it is answered, and nothing else came).
+    client.send(after := request(CON, GET, up(port, f"ok/{t}"), token=b"after"))
+    while (msg := await client.recv(timeout=2.0)).mid == answer.mid:
+        pass  # a repetition already on its way when the ACK arrived
+    assert (msg.mtype, msg.mid, msg.token) == (ACK, after.mid, b"after")
+    assert len(origin.requests(f"slow/{t}")) == 1
+
+
+async def test_separate_answer_from_upstream_is_acknowledged_upstream(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    origin, port = upstream
+    t = tag()
+    client.send(req := request(CON, GET, up(port, f"sep/{t}?d=0.3"), token=b"sep1"))
+    answer, _ = await client.answer(req)
+    assert (answer.code, answer.payload, answer.token) == (code("2.05"), b"separate ok", b"sep1")
+    (forwarded,) = origin.requests(f"sep/{t}")
+    assert forwarded.mtype == CON
+    # The origin's CON answer was acknowledged with an empty ACK of its MID.
+    mid = origin.separate[forwarded.token]
+    await asyncio.wait_for(origin.acks[mid], WAIT)
+    acks = [m for m in origin.received if m.mtype == ACK and m.mid == mid]
+    assert acks and all(a.code == EMPTY and a.token == b"" and not a.options for a in acks)
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+
+async def test_closed_upstream_port_is_504_at_once(client: Client) -> None:
+    t0 = time.monotonic()
+    client.send(req := request(CON, GET, up(free_udp_port(), "x"), token=b"gone"))
+    answer, _ = await client.answer(req)
+    elapsed = time.monotonic() - t0
+    assert answer.code == code("5.04") and b"unreachable" in answer.payload, answer
+    assert elapsed < UPSTREAM_TIMEOUT / 2, elapsed
+
+
+async def test_silent_upstream_is_504_after_the_upstream_timeout(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    origin, port = upstream
+    t = tag()
+    t0 = time.monotonic()
+    client.send(req := request(CON, GET, up(port, f"silent/{t}"), token=b"hush"))
+    answer, seen = await client.answer(req, timeout=UPSTREAM_TIMEOUT + WAIT)
+    elapsed = time.monotonic() - t0
+    assert answer.code == code("5.04") and b"timeout" in answer.payload, answer
+    assert UPSTREAM_TIMEOUT - 0.1 <= elapsed < UPSTREAM_TIMEOUT + 1.5, elapsed
+    assert seen[0] == Datagram(ACK, EMPTY, req.mid)  # acknowledged long before
+    assert answer.mtype == CON
+    assert len(origin.requests(f"silent/{t}")) == 1
+
+
+async def test_upstream_rst_is_502(client: Client, upstream: tuple[RawOrigin, int]) -> None:
+    origin, port = upstream
+    t = tag()
+    t0 = time.monotonic()
+    client.send(req := request(CON, GET, up(port, f"rst/{t}"), token=b"rst"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("5.02"), answer
+    assert time.monotonic() - t0 < UPSTREAM_TIMEOUT / 2
+    assert len(origin.requests(f"rst/{t}")) == 1
+
+
+@pytest.mark.parametrize("number", [65002, 65003])  # elective and critical, both unsafe
+async def test_upstream_answer_with_unknown_unsafe_option_is_502(
+    client: Client, upstream: tuple[RawOrigin, int], number: int
+) -> None:
+    _, port = upstream
+    client.send(req := request(CON, GET, up(port, f"unsafe/{tag()}?n={number}"), token=b"uo"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("5.02") and str(number).encode() in answer.payload, answer
+    assert answer.one(number) is None
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_format", [0, 60, 11542])
+async def test_safe_answer_options_pass_byte_exact(
+    client: Client, upstream: tuple[RawOrigin, int], content_format: int
+) -> None:
+    """ETag, Location-Path, Content-Format (0 is an empty value), Max-Age, Size2 and unknown
+    safe-to-forward options, elective and critical, reach the client as the origin sent them."""
+    _, port = upstream
+    client.send(req := request(CON, GET, up(port, f"opts/{tag()}?cf={content_format}"),
+                               token=b"op"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("2.05") and answer.payload == b"opts body"
+    assert answer.options == answer_options(content_format)
+
+
+async def test_request_options_and_payload_pass_byte_exact_and_routing_ones_are_consumed(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """Options the proxy must not touch (If-Match, ETag, Content-Format, Accept, Size1, the
+    OSCORE option, unknown safe ones) and a ciphertext-like payload arrive as sent; Proxy-Uri
+    becomes Uri-Path and Uri-Query, with no Uri-Host for an IP literal; Hop-Limit is added."""
+    origin, port = upstream
+    t = tag()
+    untouched = [(IF_MATCH, b"\x01\x02\x03"), (IF_MATCH, b""), (ETAG, b"e1"), (ETAG, b"e2"),
+                 (OSCORE, b"\x09\x07\x01\x42"), (CONTENT_FORMAT, b""), (ACCEPT, uint(60)),
+                 (SIZE1, uint(1000)), (65000, b"\x00\xff"), (65001, b"crit-safe")]
+    body = bytes(range(256)) + os.urandom(100)
+    client.send(req := request(CON, POST, up(port, f"ok/{t}/b?x=1&y"), token=b"opts",
+                               options=untouched, payload=body))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("2.05")
+    (got,) = origin.requests(f"ok/{t}/b")
+    assert got.code == POST and got.payload == body
+    assert [o for o in got.options if o[0] not in (URI_PATH, URI_QUERY, HOP_LIMIT)] == untouched
+    assert got.opt(URI_QUERY) == [b"x=1", b"y"]
+    assert got.opt(HOP_LIMIT) == [b"\x10"]  # RFC 8768: inserted with 16
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_proxy_scheme_and_uri_host_are_consumed_and_uri_host_kept_for_names(
+    client: Client, upstream: tuple[RawOrigin, int], host: str
+) -> None:
+    """The other forward form (Proxy-Scheme, Uri-Host, Uri-Port, Uri-Path): none of the three
+    goes upstream, except Uri-Host when the upstream is named (RFC 7252 6.4)."""
+    origin, port = upstream
+    if host == "localhost" and len(origin.transports) < 2 and socket.getaddrinfo(
+            "localhost", port, type=socket.SOCK_DGRAM)[0][0] == socket.AF_INET6:
+        pytest.skip("localhost resolves to ::1 first and [::1] is not available here")
+    t = tag()
+    options = [(PROXY_SCHEME, b"coap"), (URI_HOST, host.encode()), (URI_PORT, uint(port)),
+               (URI_PATH, b"ok"), (URI_PATH, t.encode())]
+    client.send(req := Datagram(CON, GET, next(_mids), b"ps", options))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("2.05"), answer
+    (got,) = origin.requests(f"ok/{t}")
+    assert got.opt(URI_HOST) == ([] if host == "127.0.0.1" else [b"localhost"])
+    assert not got.opt(URI_PORT) and not got.opt(PROXY_SCHEME) and not got.opt(PROXY_URI)
+    # And by Proxy-Uri, a name is kept as Uri-Host too.
+    client.send(req := request(CON, GET, f"coap://{host}:{port}/ok/{t}/u", token=b"pu"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("2.05"), answer
+    (got,) = origin.requests(f"ok/{t}/u")
+    assert got.opt(URI_HOST) == ([] if host == "127.0.0.1" else [b"localhost"])
+    assert not got.opt(URI_PORT) and not got.opt(PROXY_URI)
+
+
+async def test_mounted_route_maps_location_path_back(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """/mnt mounts the origin's /inner: a Location-Path under /inner comes back under /mnt
+    (the query untouched), one elsewhere unchanged."""
+    origin, _ = upstream
+    t = tag()
+    client.send(req := request(CON, POST, path=f"mnt/create/{t}", token=b"mk"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("2.01")
+    assert answer.opt(LOCATION_PATH) == [b"mnt", b"create", b"made"]
+    assert len(origin.requests(f"inner/create/{t}")) == 1
+    client.send(req := request(CON, POST, path=f"mnt/loc?p=elsewhere/{t}", token=b"mk2"))
+    answer, _ = await client.answer(req)
+    assert answer.options == [(LOCATION_PATH, b"elsewhere"), (LOCATION_PATH, t.encode()),
+                              (LOCATION_QUERY, b"q=1")]
+
+
+# -- RFC 8768 Hop-Limit ------------------------------------------------------------------------
+
+
+async def test_hop_limit_inserted_decremented_and_exhausted(
+    client: Client, upstream: tuple[RawOrigin, int], proxy: Running
+) -> None:
+    origin, port = upstream
+    t = tag()
+    for given, forwarded in ((None, b"\x10"), (5, b"\x04"), (2, b"\x01"), (255, b"\xfe")):
+        options = [] if given is None else [(HOP_LIMIT, uint(given))]
+        client.send(req := request(CON, GET, up(port, f"ok/{t}/{given}"), token=b"hl",
+                                   options=options))
+        answer, _ = await client.answer(req)
+        assert answer.code == code("2.05")
+        (got,) = origin.requests(f"ok/{t}/{given}")
+        assert got.opt(HOP_LIMIT) == [forwarded], given
+    # At 1 the proxy answers itself with its name, and the origin sees nothing.
+    client.send(req := request(CON, GET, up(port, f"ok/{t}/last"), token=b"hl1",
+                               options=[(HOP_LIMIT, b"\x01")]))
+    answer, _ = await client.answer(req)
+    assert (answer.code, answer.payload) == (code("5.08"), proxy.hostport.encode())
+    assert not origin.requests(f"ok/{t}/last")
+    # A 5.08 from further on gets this proxy's name in front (the RFC 8768 trace).
+    client.send(req := request(CON, GET, up(port, f"hop508/{t}"), token=b"hl2"))
+    answer, _ = await client.answer(req)
+    assert (answer.code, answer.payload) == (
+        code("5.08"), proxy.hostport.encode() + b" origin-trace")
+
+
+# -- the 3x rule -------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def guarded_proxy(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    """Forwarding with the 3x rule on (the default factor) and no cache."""
+    run = await start_proxy(tmp_path_factory.mktemp("guarded"), *PROXY_ARGS,
+                            amplification=True)
+    try:
+        yield run
+    finally:
+        await _stop(run.proc)
+
+
+async def test_unverified_client_gets_an_echo_challenge_and_the_held_answer_once(
+    guarded_proxy: Running, upstream: tuple[RawOrigin, int]
+) -> None:
+    """A POST whose 900-byte answer is far more than 3x the request: the client gets 4.01 with
+    an Echo value (RFC 9175) within 3x, and the repetition with that Echo the answer the
+    origin gave, which executed the POST once; the verified address then gets whole answers."""
+    origin, port = upstream
+    t = tag()
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        UdpCollector, local_addr=("127.0.0.1", 0))
+    client = Client(transport, proto, ("127.0.0.1", guarded_proxy.port))
+    try:
+        first_sent = client.send(req := request(CON, POST, up(port, f"big/{t}"), token=b"3x",
+                                                payload=b"go"))
+        raw = await client.recv_raw()
+        challenge = Datagram.decode(raw)
+        assert len(raw) <= 3 * len(first_sent), (len(raw), len(first_sent))
+        assert (challenge.mtype, challenge.mid, challenge.token, challenge.code) == (
+            ACK, req.mid, b"3x", code("4.01")), challenge
+        echo = challenge.one(ECHO)
+        assert echo
+        again = request(CON, POST, up(port, f"big/{t}"), token=b"3x", payload=b"go",
+                        options=[(ECHO, echo)])
+        client.send(again)
+        answer, _ = await client.answer(again)
+        assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
+        assert len(origin.requests(f"big/{t}")) == 1
+        assert all(m.one(ECHO) is None for m in origin.requests(f"big/{t}"))  # ours, not sent on
+        client.send(later := request(CON, POST, up(port, f"big/{t}/2"), token=b"3y",
+                                     payload=b"go"))
+        answer, _ = await client.answer(later)
+        assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
+    finally:
+        transport.close()
+
+
+# -- interop: libcoap's client through the proxy to aiocoap and coap-server origins -----------
+
+
+@pytest.mark.interop
+async def test_libcoap_client_through_the_proxy_con_and_non_forward_and_reverse(
+    tmp_path: Path, proxy: Running, echo_origin: Running, coap_server: str
+) -> None:
+    """coap-client-notls POSTs 0, 40 and 1000 bytes to /echo of the aiocoap origin and of
+    coap-server, CON and NON, with -P (Proxy-Uri) and through a reverse route; each answer is
+    the payload it sent."""
+    libcoap = need_program("coap-client-notls")
+    runs = []
+    for size in (0, 40, 1000):
+        body = os.urandom(size // 2).hex().encode()
+        for origin_name, target in (("aiocoap", echo_origin.hostport), ("server", coap_server)):
+            forward = ["-P", f"coap://{proxy.hostport}", f"coap://{target}/echo"]
+            mount = "ao" if origin_name == "aiocoap" else "cs"
+            reverse = [f"coap://{proxy.hostport}/{mount}/echo"]
+            for how, where in (("fwd", forward), ("rev", reverse)):
+                for mtype in ("CON", "NON"):
+                    runs.append((f"{origin_name}-{how}-{mtype}-{size}", body, where, mtype))
+    limit = asyncio.Semaphore(4)
+
+    async def one(name: str, body: bytes, where: list[str], mtype: str) -> tuple[str, str]:
+        src, out = tmp_path / f"{name}.in", tmp_path / f"{name}.out"
+        src.write_bytes(body)
+        async with limit:
+            _, stdout, stderr = await run_program(
+                libcoap, "-m", "post", "-f", str(src), "-o", str(out), "-B", "5", "-v", "6",
+                *(["-N"] if mtype == "NON" else []), *where, timeout=20)
+        got = out.read_bytes() if out.exists() else b""
+        log = (stdout + stderr).decode(errors="replace")
+        # -v 6 shows each message: the answer to a CON came in an ACK (or a separate CON),
+        # to a NON in a NON; an empty echo has no output file, so this line is its proof.
+        answers = [line.split()[1] for line in log.splitlines()
+                   if line.startswith("v:1 t:") and " c:2.04 " in line]
+        types = {"CON": {"t:ACK", "t:CON"}, "NON": {"t:NON"}}[mtype]
+        ok = got == body and len(answers) == 1 and answers[0] in types
+        return name, ("ok" if ok else f"got {got[:40]!r}: {log[-300:]}")
+
+    results = dict(await asyncio.gather(*(one(*r) for r in runs)))
+    assert results == {name: "ok" for name in results}, results
