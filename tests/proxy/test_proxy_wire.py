@@ -15,19 +15,27 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from tests.conftest import UdpCollector, free_udp_port, need_program, run_program
+from tests.conftest import (
+    PROXY,
+    UdpCollector,
+    free_udp_port,
+    need_program,
+    run_program,
+    until,
+)
 from tests.conftest import stop_process as _stop
 
-from .conftest import ROOT, Running, _read_until, start_origin, start_proxy
+from .conftest import ROOT, Running, _read_until, http_get, metric, start_origin, start_proxy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -42,13 +50,14 @@ def code(text: str) -> int:
 
 
 # Option numbers (RFC 7252 5.10, 7959, 8613, 8768, 9175)
-IF_MATCH, URI_HOST, ETAG, URI_PORT, LOCATION_PATH = 1, 3, 4, 7, 8
+IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, URI_PORT, LOCATION_PATH = 1, 3, 4, 5, 7, 8
 OSCORE, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY = 9, 11, 12, 14, 15
 HOP_LIMIT, ACCEPT, LOCATION_QUERY, SIZE2, PROXY_URI = 16, 17, 20, 28, 35
 PROXY_SCHEME, SIZE1, ECHO = 39, 60, 252
 ROUTING = {URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME}
 
 UPSTREAM_TIMEOUT = 2.0  # the shared proxy's --upstream-timeout
+UPSTREAM_ACK_TIMEOUT = 0.3  # its --ack-timeout (first retransmission of a CON upstream)
 WAIT = 5.0  # the longest any single datagram is waited for
 
 
@@ -73,6 +82,7 @@ class Datagram:
     token: bytes = b""
     options: list[tuple[int, bytes]] = field(default_factory=list)
     payload: bytes = b""
+    source: tuple[str, int] | None = field(default=None, compare=False)  # who sent it
 
     def encode(self) -> bytes:
         tkl, extra = _nibble(len(self.token))  # RFC 8974: 13 and 14 take extra length bytes
@@ -227,6 +237,7 @@ class RawOrigin:
       after S seconds;
     - ``sep?d=S`` an empty ACK at once, then a CON 2.05 after S seconds (``acks`` tells when
       it was acknowledged);
+    - ``sepdup`` the same, its CON answer sent twice;
     - ``silent`` nothing; ``rst`` RST; ``forged`` a 2.05 "forged" from another socket, then
       the real 2.05 "real";
     - ``opts?cf=N`` a 2.05 carrying ``answer_options(N)``; ``unsafe?n=N`` a 2.05 with option
@@ -247,18 +258,19 @@ class RawOrigin:
         self._mid = 0x7000
 
     def requests(self, first: str) -> list[Datagram]:
-        """Requests whose path is ``first`` (the whole path, joined), one per MID: a CON the
-        proxy retransmitted is one request."""
+        """Requests whose path is ``first`` (the whole path, joined), one per sender and MID:
+        a CON the proxy retransmitted is one request."""
         mids, out = set(), []
         for m in self.received:
-            if 1 <= m.code < 32 and "/".join(m.path) == first and m.mid not in mids:
-                mids.add(m.mid)
+            if 1 <= m.code < 32 and "/".join(m.path) == first and (m.source, m.mid) not in mids:
+                mids.add((m.source, m.mid))
                 out.append(m)
         return out
 
     def handle(self, data: bytes, addr: tuple[str, int],
                transport: asyncio.DatagramTransport) -> None:
         msg = Datagram.decode(data)
+        msg.source = addr[:2]
         self.received.append(msg)
         if msg.code == EMPTY:
             if msg.mtype == ACK and msg.mid in self.acks and not self.acks[msg.mid].done():
@@ -266,7 +278,7 @@ class RawOrigin:
             return
         if not 1 <= msg.code < 32:
             return
-        if any(m.mid == msg.mid and m is not msg and m.code == msg.code
+        if any(m.mid == msg.mid and m.source == msg.source and m.code == msg.code
                for m in self.received[:-1]):
             return  # a retransmission: the answer (if any) is on its way
         path, query = msg.path, msg.query
@@ -305,6 +317,13 @@ class RawOrigin:
             self.separate[msg.token] = mid
             loop.call_later(float(query.get("d", "0.3")), send,
                             Datagram(CON, code("2.05"), mid, msg.token, [], b"separate ok"))
+        elif kind == "sepdup":  # the separate answer twice, as if our first ACK was lost
+            send(Datagram(ACK, EMPTY, msg.mid))
+            mid = self.next_mid()
+            self.separate[msg.token] = mid
+            answer = Datagram(CON, code("2.05"), mid, msg.token, [], b"separate once")
+            loop.call_later(0.2, send, answer)
+            loop.call_later(0.35, send, answer)
         elif kind == "silent":
             pass
         elif kind == "rst":
@@ -402,18 +421,52 @@ async def coap_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 PROXY_ARGS = (
     "--upstream-timeout", str(UPSTREAM_TIMEOUT), "--downstream-ack-timeout", "0.2",
+    "--ack-timeout", str(UPSTREAM_ACK_TIMEOUT),
     "--cache-entries", "0", "--allow", "127.0.0.1", "--allow", "::1", "--allow", "localhost",
+    "--metrics", "127.0.0.1:0",
 )
+
+
+def _has_flag(flag: str) -> bool:
+    help_text = subprocess.run([PROXY, "--help"], capture_output=True, text=True, timeout=30,
+                               check=False).stdout
+    return flag in help_text
+
+
+@pytest.fixture
+def aiocoap_gap(request: pytest.FixtureRequest,
+                path_args: tuple[str, ...]) -> Callable[[str], None]:
+    """Marks a test as a known failure (strict) where the proxy forwards through aiocoap:
+    ``aiocoap_gap(reason)``, for what the fast path does as RFC 7252 asks and aiocoap not."""
+
+    def mark(reason: str) -> None:
+        if path_args or not _has_flag("--no-fast-path"):
+            request.node.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+    return mark
+
+
+@pytest.fixture(scope="module", params=["default", "no-fast-path"])
+def path_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """Every proxy test runs twice: as coap-proxy starts by default (plain requests take the
+    fast path) and with --no-fast-path (everything through aiocoap), so that both ways of
+    forwarding are held to the same wire behaviour."""
+    if request.param == "default":
+        return ()
+    if not _has_flag("--no-fast-path"):
+        pytest.skip("this coap-proxy has no --no-fast-path")
+    return ("--no-fast-path",)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[RawOrigin, int],
-                echo_origin: Running, coap_server: str) -> AsyncIterator[Running]:
+                echo_origin: Running, coap_server: str,
+                path_args: tuple[str, ...]) -> AsyncIterator[Running]:
     """Forwarding (no cache, no 3x rule), with prefix routes: ``/mnt`` mounts the raw
     origin's ``/inner``, ``/ao`` the aiocoap origin's root, ``/cs`` coap-server's."""
     port = upstream[1]
     run = await start_proxy(
-        tmp_path_factory.mktemp("proxy"), *PROXY_ARGS,
+        tmp_path_factory.mktemp("proxy"), *PROXY_ARGS, *path_args,
         "--route", f"/mnt=coap://127.0.0.1:{port}/inner",
         "--route", f"/ao=coap://{echo_origin.hostport}/",
         "--route", f"/cs=coap://{coap_server}/")
@@ -432,6 +485,28 @@ def tag() -> str:
 
 
 # -- message layer: types, MIDs, tokens --------------------------------------------------------
+
+
+async def test_plain_requests_take_the_fast_path_unless_it_is_off(
+    client: Client, proxy: Running, upstream: tuple[RawOrigin, int], path_args: tuple[str, ...]
+) -> None:
+    """What the two runs of this module compare: by default a plain GET and POST are
+    forwarded on the fast path (its counter), with --no-fast-path through aiocoap."""
+    _, port = upstream
+    assert proxy.metrics is not None
+    name = "coap_proxy_fast_path_total"
+    text = await http_get(proxy.metrics)
+    if not path_args and name not in text:
+        pytest.skip("this coap-proxy has no fast path")
+    before = metric(text, name)
+    t = tag()
+    for req in (request(CON, GET, up(port, f"ok/{t}"), token=b"f1"),
+                request(NON, POST, up(port, f"ok/{t}/2"), token=b"f2")):
+        client.send(req)
+        answer, _ = await client.answer(req)
+        assert answer.code == code("2.05")
+    forwarded = metric(await http_get(proxy.metrics), name) - before
+    assert forwarded == (0 if path_args else 2)
 
 
 @pytest.mark.parametrize("token", [b"", b"\x01", b"\xaa\xbb\xcc\xdd", bytes(range(1, 9))])
@@ -738,6 +813,54 @@ async def test_silent_upstream_is_504_after_the_upstream_timeout(
     assert seen[0] == Datagram(ACK, EMPTY, req.mid)  # acknowledged long before
     assert answer.mtype == CON
     assert len(origin.requests(f"silent/{t}")) == 1
+    # Meanwhile the CON went upstream again on --ack-timeout (RFC 7252 4.2), unchanged: at
+    # about 0.3-0.45 s and twice that later, within the 2 s.
+    sent = [m for m in origin.received if m.path == ["silent", t]]
+    assert len(sent) >= 2 and all(m == sent[0] for m in sent), sent
+    assert sent[0].mtype == CON
+
+
+async def test_separate_answer_sent_twice_upstream_is_acknowledged_twice_and_relayed_once(
+    client: Client, upstream: tuple[RawOrigin, int], aiocoap_gap: Callable[[str], None]
+) -> None:
+    """The origin sends its separate CON answer again (its ACK lost): the proxy acknowledges
+    that copy too (RFC 7252 4.5: each duplicate CON SHOULD be acknowledged), and the client
+    gets the answer once (a repetition of the proxy's own CON is the same message, same MID).
+    """
+    aiocoap_gap("aiocoap acknowledges an incoming CON response once and ignores its"
+                " duplicates (the empty ACK is not kept in its duplicate table)")
+    origin, port = upstream
+    t = tag()
+    client.send(req := request(CON, GET, up(port, f"sepdup/{t}"), token=b"sd"))
+    answer, _ = await client.answer(req)
+    assert (answer.code, answer.payload) == (code("2.05"), b"separate once")
+    (forwarded,) = origin.requests(f"sepdup/{t}")
+    mid = origin.separate[forwarded.token]
+    await until(lambda: len([m for m in origin.received if m.mtype == ACK and m.mid == mid])
+                >= 2, timeout=WAIT)
+    client.send(after := request(CON, GET, up(port, f"ok/{t}"), token=b"after"))
+    marker, seen = await client.answer(after)
+    assert marker.code == code("2.05")
+    assert all(m.mid == answer.mid and m.payload == answer.payload for m in seen[:-1]), seen
+
+
+async def test_client_reset_ends_the_separate_answers_retransmission(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """RFC 7252 4.2: an RST to the proxy's separate CON answer ends its retransmission."""
+    _, port = upstream
+    t = tag()
+    client.send(req := request(CON, GET, up(port, f"say/{t}?d=0.3"), token=b"rs"))
+    ack = await client.recv()
+    assert (ack.mtype, ack.code, ack.mid) == (ACK, EMPTY, req.mid)
+    answer = await client.recv()
+    assert (answer.mtype, answer.token, answer.payload) == (CON, b"rs", t.encode())
+    client.send(Datagram(RST, EMPTY, answer.mid))
+    # Unanswered, it would come again after 0.2-0.3 s (--downstream-ack-timeout).
+    with pytest.raises(TimeoutError):
+        while True:
+            again = await client.recv(timeout=1.0)
+            assert again.mid == answer.mid, again  # at most one already on its way
 
 
 async def test_upstream_rst_is_502(client: Client, upstream: tuple[RawOrigin, int]) -> None:
@@ -907,17 +1030,23 @@ async def test_safe_answer_options_pass_byte_exact(
     assert answer.options == answer_options(content_format)
 
 
+KNOWN_UNTOUCHED = [(IF_MATCH, b"\x01\x02\x03"), (IF_MATCH, b""), (ETAG, b"e1"), (ETAG, b"e2"),
+                   (IF_NONE_MATCH, b""), (OSCORE, b"\x09\x07\x01\x42"), (CONTENT_FORMAT, b""),
+                   (ACCEPT, uint(60)), (SIZE1, uint(1000))]
+
+
+@pytest.mark.parametrize("untouched", [
+    KNOWN_UNTOUCHED, [*KNOWN_UNTOUCHED, (65000, b"\x00\xff"), (65001, b"crit-safe")],
+], ids=["known", "and-unknown-safe"])
 async def test_request_options_and_payload_pass_byte_exact_and_routing_ones_are_consumed(
-    client: Client, upstream: tuple[RawOrigin, int]
+    client: Client, upstream: tuple[RawOrigin, int], untouched: list[tuple[int, bytes]]
 ) -> None:
-    """Options the proxy must not touch (If-Match, ETag, Content-Format, Accept, Size1, the
-    OSCORE option, unknown safe ones) and a ciphertext-like payload arrive as sent; Proxy-Uri
-    becomes Uri-Path and Uri-Query, with no Uri-Host for an IP literal; Hop-Limit is added."""
+    """Options the proxy must not touch (If-Match, ETag, If-None-Match, Content-Format,
+    Accept, Size1, the OSCORE option; unknown safe-to-forward ones) and a ciphertext-like
+    payload arrive as sent; Proxy-Uri becomes Uri-Path and Uri-Query, with no Uri-Host for an
+    IP literal; Hop-Limit is added."""
     origin, port = upstream
     t = tag()
-    untouched = [(IF_MATCH, b"\x01\x02\x03"), (IF_MATCH, b""), (ETAG, b"e1"), (ETAG, b"e2"),
-                 (OSCORE, b"\x09\x07\x01\x42"), (CONTENT_FORMAT, b""), (ACCEPT, uint(60)),
-                 (SIZE1, uint(1000)), (65000, b"\x00\xff"), (65001, b"crit-safe")]
     body = bytes(range(256)) + os.urandom(100)
     client.send(req := request(CON, POST, up(port, f"ok/{t}/b?x=1&y"), token=b"opts",
                                options=untouched, payload=body))
@@ -1009,9 +1138,10 @@ async def test_hop_limit_inserted_decremented_and_exhausted(
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def guarded_proxy(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+async def guarded_proxy(tmp_path_factory: pytest.TempPathFactory,
+                        path_args: tuple[str, ...]) -> AsyncIterator[Running]:
     """Forwarding with the 3x rule on (the default factor) and no cache."""
-    run = await start_proxy(tmp_path_factory.mktemp("guarded"), *PROXY_ARGS,
+    run = await start_proxy(tmp_path_factory.mktemp("guarded"), *PROXY_ARGS, *path_args,
                             amplification=True)
     try:
         yield run
