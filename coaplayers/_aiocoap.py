@@ -18,7 +18,9 @@ What is here, each with why and the upstream change that would retire it:
 * options as aiocoap stores them (:func:`option_lists`), for copies without deep copies;
 * resources: :func:`site_children`, :func:`replace_block_state` (bounded block-wise state);
 * the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
-  :func:`wrap_sending`, :func:`message_manager_of`;
+  :func:`wrap_sending`, :func:`message_manager_of`, :func:`next_message_id`;
+* datagrams below the message layer (coap-proxy's fast path): :func:`intercept_datagrams`,
+  :func:`datagram_sender`, :func:`udp6_message_manager`;
 * the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
 * credentials: :func:`credentials_entry_base`, :func:`credentials_map_base`;
 * copies of aiocoap functions, changed (:func:`error_to_message`, :func:`error_answer`);
@@ -28,6 +30,7 @@ What is here, each with why and the upstream change that would retire it:
 from __future__ import annotations
 
 import logging
+import socket
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
@@ -282,6 +285,103 @@ def replace_duplicate_table(mman: Any, deduplicate: Callable[..., Any],
 def send_datagram(mman: Any, message: Any) -> None:
     """Send ``message`` through ``mman``'s transport as is (no retransmission state)."""
     mman._send_via_transport(message)
+
+
+def intercept_datagrams(interface: Any, hook: Callable[[bytes, Any, Any], bool], *,
+                        batch: int = 32) -> None:
+    """Offer every datagram that aiocoap's udp6 ``interface`` receives to ``hook(data,
+    pktinfo, address)`` first; aiocoap decodes and handles it only when ``hook`` returns
+    False. For coap-proxy's fast path (``proxy/fastpath.py``), which forwards plain requests
+    below aiocoap's message layer.
+
+    The socket is read here, up to ``batch`` datagrams per wakeup of the event loop (aiocoap
+    reads one, after a read of the socket's error queue that is nearly always empty). An
+    error on the socket (an ICMP error queued by ``IP_RECVERR``) is left to aiocoap's own
+    reader, which reads the error queue. A socket bound to one address is read without
+    ancillary data (``pktinfo`` is None; aiocoap gets that address as its pktinfo).
+    Upstream: a receive hook on ``MessageInterfaceUDP6`` and batched reads in its transport.
+    """
+    transport = interface.transport
+    sock = transport.get_extra_info("socket")
+    fileno = sock.fileno()
+    size = transport.max_size
+    received = interface.datagram_msg_received
+    ipv6 = socket.IPPROTO_IPV6
+    pktinfo_type = socket.IPV6_PKTINFO
+    aiocoap_reader = transport._read_ready
+    bound = sock.getsockname()[0]
+    if bound not in ("::", "::ffff:0.0.0.0"):
+        # One local address: every answer leaves from it without ancillary data.
+        recvfrom = sock.recvfrom
+        local = [(ipv6, pktinfo_type, socket.inet_pton(socket.AF_INET6, bound.split("%")[0])
+                  + b"\0\0\0\0")]
+
+        def readable() -> None:
+            for _ in range(batch):
+                try:
+                    data, address = recvfrom(size)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    aiocoap_reader()
+                    return
+                if not hook(data, None, address):
+                    received(data, local, 0, address)
+    else:
+        recvmsg = sock.recvmsg
+
+        def readable() -> None:
+            for _ in range(batch):
+                try:
+                    data, ancdata, flags, address = recvmsg(size, 1024)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    aiocoap_reader()
+                    return
+                pktinfo = None
+                for level, kind, value in ancdata:
+                    if level == ipv6 and kind == pktinfo_type:
+                        pktinfo = value
+                if not hook(data, pktinfo, address):
+                    received(data, ancdata, flags, address)
+
+    loop = transport._loop
+    loop.remove_reader(fileno)
+    loop.add_reader(fileno, readable)
+
+
+def datagram_sender(interface: Any) -> Callable[[bytes, Any, Any], None]:
+    """``send(data, pktinfo, address)`` on aiocoap's udp6 ``interface``'s socket, answering
+    from the address a request came to (``pktinfo`` as :func:`intercept_datagrams` gave it)."""
+    sock = interface.transport.get_extra_info("socket")
+    sendmsg, sendto = sock.sendmsg, sock.sendto
+    ipv6 = socket.IPPROTO_IPV6
+    pktinfo_type = socket.IPV6_PKTINFO
+
+    def send(data: bytes, pktinfo: Any, address: Any) -> None:
+        try:
+            if pktinfo is None:
+                sendto(data, address)
+            else:
+                sendmsg(data, [(ipv6, pktinfo_type, pktinfo)], 0, address)
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket's buffer is full: lost, as on the wire
+        except OSError as exc:  # (as aiocoap's transport does: the error is the peer's)
+            logging.getLogger("coaplayers.proxy").debug("send to %s failed: %s", address, exc)
+
+    return send
+
+
+def udp6_message_manager(interface: Any) -> Any:
+    """The aiocoap ``MessageManager`` that aiocoap's udp6 ``interface`` delivers to."""
+    return interface._ctx
+
+
+def next_message_id(mman: Any) -> int:
+    """A message ID from ``mman``'s own sequence, so that messages sent past aiocoap on its
+    socket never take an ID aiocoap uses for a message it is waiting on."""
+    return int(mman._next_message_id())
 
 
 def wrap_sending(mman: Any, wrap: Callable[[Callable[[Any], None]], Callable[[Any], None]]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 from aiocoap import CON, Message
 from aiocoap.message import Direction
+from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from . import _aiocoap
 
@@ -36,8 +38,8 @@ class CompactDuplicates:
         # (peer number, message ID) -> (expiry time, encoded response or None), oldest
         # first; all numbers and bytes, so the collector stops looking at them
         self._entries: OrderedDict[tuple[int, int], tuple[float, bytes | None]] = OrderedDict()
-        self._peers: dict[Any, list[int]] = {}  # remote -> [peer number, entries]
-        self._remotes: dict[int, Any] = {}  # peer number -> remote
+        self._peers: dict[Hashable, list[int]] = {}  # peer_key -> [peer number, entries]
+        self._remotes: dict[int, Hashable] = {}  # peer number -> peer_key
         self._next_peer = 0
         self._sweep: Any = None
 
@@ -47,7 +49,8 @@ class CompactDuplicates:
     def deduplicate(self, message: Message) -> bool:
         """aiocoap's duplicate check: True (and the stored answer sent again) for a
         request seen within its exchange lifetime."""
-        peer = self._peers.get(message.remote)
+        remote = message.remote
+        peer = self._peers.get(peer_key(remote))
         entry = self._entries.get((peer[0], message.mid)) if peer is not None else None
         if entry is not None:
             if message.mtype is CON:
@@ -61,16 +64,38 @@ class CompactDuplicates:
             else:
                 self._log.info("Duplicate NON, ACK or RST received")
             return True
+        self.remember(peer_key(remote), message.mid,
+                      message.transport_tuning.EXCHANGE_LIFETIME)
+        return False
+
+    # -- the same table for datagrams answered below aiocoap (coap-proxy's fast path) -----
+
+    def seen(self, key: Hashable, mid: int) -> tuple[float, bytes | None] | None:
+        """The entry of a request from ``key`` (see :func:`peer_key`) with message ID ``mid``
+        if it is remembered: (expiry, the encoded answer or None while there is none)."""
+        peer = self._peers.get(key)
+        return self._entries.get((peer[0], mid)) if peer is not None else None
+
+    def remember(self, key: Hashable, mid: int, lifetime: float) -> None:
+        """Remember a request (not yet answered) for ``lifetime`` seconds."""
+        peer = self._peers.get(key)
         if peer is None:
-            peer = self._peers[message.remote] = [self._next_peer, 0]
-            self._remotes[self._next_peer] = message.remote
+            peer = self._peers[key] = [self._next_peer, 0]
+            self._remotes[self._next_peer] = key
             self._next_peer += 1
         peer[1] += 1
-        expires = self._loop.time() + message.transport_tuning.EXCHANGE_LIFETIME
-        self._entries[(peer[0], message.mid)] = (expires, None)
+        self._entries[(peer[0], mid)] = (self._loop.time() + lifetime, None)
         if self._sweep is None:
             self._sweep = self._loop.call_later(SWEEP_INTERVAL, self._expire)
-        return False
+
+    def answered(self, key: Hashable, mid: int, datagram: bytes) -> None:
+        """Keep ``datagram`` (its answer, encoded) for a remembered request's duplicates."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return
+        entry = self._entries.get((peer[0], mid))
+        if entry is not None:
+            self._entries[(peer[0], mid)] = (entry[0], datagram)
 
     def store(self, message: Message) -> None:
         """aiocoap's response store for duplicates: keep the answer to a remembered
@@ -79,7 +104,7 @@ class CompactDuplicates:
         The transport encodes the same message right after this; encoding it here too
         (a small cost) is what keeps the table out of the collector's walk, and aiocoap's
         message interface hands back no encoded bytes to keep instead."""
-        peer = self._peers.get(message.remote)
+        peer = self._peers.get(peer_key(message.remote))
         if peer is None:
             return
         key = (peer[0], message.mid)
@@ -113,6 +138,15 @@ class CompactDuplicates:
         self._remotes.clear()
 
 
+def peer_key(remote: Any) -> Hashable:
+    """What the table keys a peer on: a plain UDP remote by its address (as aiocoap compares
+    them), so that datagrams answered below aiocoap (``("udp", sockaddr[:-1])``) and
+    through it share entries; any other remote by itself."""
+    if type(remote) is UDP6EndpointAddress:
+        return ("udp", remote.sockaddr[:-1])
+    return remote  # type: ignore[no-any-return]
+
+
 def install(mman: Any) -> CompactDuplicates:
     """Replace ``mman``'s duplicate table (an aiocoap ``MessageManager``, before it has seen
     a message) with a :class:`CompactDuplicates`."""
@@ -137,4 +171,4 @@ def install_all(context: Any) -> None:
             install(mman)
 
 
-__all__ = ["SWEEP_INTERVAL", "CompactDuplicates", "install", "install_all"]
+__all__ = ["SWEEP_INTERVAL", "CompactDuplicates", "install", "install_all", "peer_key"]

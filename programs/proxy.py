@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate-observations", action=argparse.BooleanOptionalAction,
                    default=None, help="clients observing the same unprotected resource share"
                    " one upstream observation (default on)")
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=None,
+                   help="forward plain requests that need no block-wise transfer, Observe,"
+                   " Echo, No-Response or cache as datagrams, below aiocoap (default on)")
     p.add_argument("--cache-entries", metavar="N", type=int,
                    help="answers the response cache may hold (default 1024; 0: no cache)")
     p.add_argument("--cache-bytes", metavar="N", type=int,
@@ -177,6 +180,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         changes["aggregate_observations"] = args.aggregate_observations
     if args.pin_workers is not None:
         changes["pin_workers"] = args.pin_workers
+    if args.fast_path is not None:
+        changes["fast_path"] = args.fast_path
     if args.log_exchanges is not None:
         changes["log_exchanges"] = args.log_exchanges
     if args.name:

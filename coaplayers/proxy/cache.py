@@ -192,7 +192,11 @@ class ResponseCache:
 
     def invalidate(self, request: Message, response: Message, target: str) -> int:
         """After a successful unsafe request to ``target``: drop what is cached for it."""
-        if request.code not in _INVALIDATING_METHODS or not response.code.is_successful():
+        return self.invalidate_codes(int(request.code), int(response.code), target)
+
+    def invalidate_codes(self, method: int, code: int, target: str) -> int:
+        """:meth:`invalidate` from the method's and the answer's code numbers."""
+        if method not in _INVALIDATING_METHODS or code >> 5 != 2 or not self._by_target:
             return 0
         keys = self._by_target.pop(target, set())
         for key in keys:

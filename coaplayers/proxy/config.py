@@ -243,6 +243,9 @@ class ProxyConfig:
     health_timeout: float = 3.0
     # Clients observing the same unprotected resource share one upstream observation.
     aggregate_observations: bool = True
+    # Plain requests that need nothing of aiocoap's (no block-wise, Observe, Echo,
+    # No-Response, cache, Layer 1 or replica set) are forwarded as datagrams (fastpath.py).
+    fast_path: bool = True
     # Processes sharing the listen ports (coaplayers.workers); "auto" in TOML and on the
     # command line means one per core.
     workers: int = 1
@@ -309,6 +312,7 @@ class ProxyConfig:
 _SCALARS: dict[str, type] = {
     "forward": bool,
     "aggregate_observations": bool,
+    "fast_path": bool,
     "pin_workers": bool,
     "upstream_timeout": float,
     "no_response_wait": float,

@@ -74,9 +74,11 @@ class Counter(_Wrapped):
     shared files on :meth:`flush` (the node flushes every half second, and when it stops),
     instead of a locked write to a memory-mapped file for each one, several per request."""
 
-    def __init__(self, metric: Any, labelnames: Sequence[str], batched: bool = False) -> None:
+    def __init__(self, metric: Any, labelnames: Sequence[str], batched: bool = False,
+                 flushes: Sequence[Callable[[], None]] = ()) -> None:
         super().__init__(metric, labelnames)
         self._pending: dict[Any, float] | None = {} if batched else None
+        self._flushes = flushes  # the registry's (MetricsRegistry.flushes)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         child = self._child(labels)
@@ -95,6 +97,8 @@ class Counter(_Wrapped):
                 child.inc(amount)
 
     def get(self, **labels: str) -> float:
+        for flush in self._flushes:
+            flush()
         self.flush()
         return self._samples().get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
 
@@ -144,6 +148,9 @@ class MetricsRegistry:
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, Any] = {}
         self.multiprocess = multiprocess_dir() is not None
+        # Called before every scrape and refresh: code that counts in plain integers on a
+        # hot path (the proxy's fast path) adds them to the metrics there.
+        self.flushes: list[Callable[[], None]] = []
 
     def _get(self, name: str, kind: type) -> Any:
         existing = self._metrics.get(name)
@@ -156,7 +163,7 @@ class MetricsRegistry:
         if m is None:
             m = self._metrics[name] = Counter(prometheus_client.Counter(
                 name, help, labelnames, registry=self.registry), labelnames,
-                batched=self.multiprocess)
+                batched=self.multiprocess, flushes=self.flushes)
         return m
 
     def gauge(
@@ -187,6 +194,8 @@ class MetricsRegistry:
     def refresh(self) -> None:
         """Write the function-read gauges' values and the counters' increments since the last
         time (multi-process workers)."""
+        for flush in self.flushes:
+            flush()
         for m in self._metrics.values():
             if isinstance(m, Gauge):
                 m.refresh()
@@ -196,6 +205,9 @@ class MetricsRegistry:
     def render(self) -> str:
         if self.multiprocess:
             self.refresh()
+        else:
+            for flush in self.flushes:
+                flush()
         return generate_latest(self.registry).decode()
 
 

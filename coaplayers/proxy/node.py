@@ -19,7 +19,7 @@ from .config import ProxyConfig
 from .metrics import MetricsRegistry, MetricsServer
 from .replicas import HealthMonitor
 from .site import ProxySite
-from .transport import ProxyContext, build_context, format_uri
+from .transport import FastPathShell, ProxyContext, attach_fast_path, build_context, format_uri
 
 
 class ProxyNode:
@@ -38,6 +38,7 @@ class ProxyNode:
         self.metrics_address: tuple[str, int] | None = None
         self.health: HealthMonitor | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self.fast_paths: list[FastPathShell] = []
         self._stopped = asyncio.Event()
 
     @property
@@ -66,6 +67,8 @@ class ProxyNode:
                         "on it end with 5.08 Hop Limit Reached")
                     break
             self._warn_about_forwarding()
+            if self.config.fast_path:
+                self.fast_paths = attach_fast_path(self.context, self.site)
             if self.site.router.sets:
                 await self._start_health(self.context)
             if self.metrics.multiprocess:
@@ -148,6 +151,8 @@ class ProxyNode:
             self.metrics.refresh()  # the last counts reach the supervisor's scrape
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        for fast in self.fast_paths:
+            fast.close()
         if self.context is not None:
             await self.context.shutdown()
         if self.site.http_upstream is not None:

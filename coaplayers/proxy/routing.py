@@ -103,6 +103,12 @@ def _is_unknown_unsafe(number: int) -> bool:
     return verdict
 
 
+def is_unknown_unsafe(number: int) -> bool:
+    """Whether an option number is proxy-unsafe and not understood here (answered 4.02)."""
+    verdict = _UNKNOWN_UNSAFE.get(number)
+    return _is_unknown_unsafe(number) if verdict is None else verdict
+
+
 def unknown_unsafe(options: Iterable[object]) -> list[int]:
     """Numbers of proxy-unsafe options this proxy does not understand (answered with 4.02)."""
     bad: set[int] = set()

@@ -326,6 +326,18 @@ class ProxySite:
         slot.held = True
         self._idle.clear()
 
+    def acquire_slot(self) -> bool:
+        """Claim one exchange's place in the in-flight bound (the fast path's exchanges)."""
+        if not self.in_flight.try_acquire():
+            return False
+        self._idle.clear()
+        return True
+
+    def release_slot(self) -> None:
+        self.in_flight.release()
+        if self.in_flight.count == 0:
+            self._idle.set()
+
     def _refuse(self, pipe: Pipe, refusal: Refusal, entry: dict[str, Any], started: float) -> None:
         msg = refusal.to_message()
         if refusal.code == codes.HOP_LIMIT_REACHED:
@@ -367,7 +379,7 @@ class ProxySite:
             self.metrics.suppressed.inc()
         pipe.add_response(message, is_last=is_last)
 
-    def _relay(self, response: Message, d: Decision) -> Message:
+    def relay(self, response: Message, d: Decision) -> Message:
         """A fresh downstream message carrying the upstream answer's code, options and payload
         (Location-Path mapped back through a mounted prefix route)."""
         out = Message(code=response.code, payload=response.payload)
@@ -597,7 +609,7 @@ class ProxySite:
                     cache.store(key, response, d.uri, now)
                 self.metrics.cache.inc(result="miss")
                 entry["cache"] = "miss"
-                first = self._relay(response, d)
+                first = self.relay(response, d)
                 asked = request.opt.block2
                 if (whole and asked is not None and first.opt.block2 is None
                         and first.code == codes.CONTENT):
@@ -607,7 +619,7 @@ class ProxySite:
         else:
             if cache.enabled:
                 cache.invalidate(request, response, d.uri)
-            first = self._relay(response, d)
+            first = self.relay(response, d)
         relaying = (
             observe and upstream.observation is not None and response.opt.observe is not None
             and response.code.is_successful()
@@ -648,7 +660,7 @@ class ProxySite:
         if first is None or current is None or shared.ended:
             return False
         latest, max_age = current
-        answer = self._relay(latest, d)
+        answer = self.relay(latest, d)
         answer.opt.max_age = max_age  # RFC 7252 5.6.1: what is left of its freshness
         queue = shared.subscribe()
         entry["observe"] = "shared"
@@ -700,7 +712,7 @@ class ProxySite:
                 if msg is not None:
                     last = msg.opt.observe is None or not msg.code.is_successful()
                     self.metrics.bytes.inc(len(msg.payload), direction="downstream")
-                    self._answer(pipe, self._relay(msg, d), is_last=last)
+                    self._answer(pipe, self.relay(msg, d), is_last=last)
                     if last:
                         return
                     continue

@@ -9,6 +9,7 @@ about transports (the site only asks ``ProxyContext.upstream_schemes``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import socket
@@ -183,14 +184,14 @@ class ProxyContext:
         await self.upstream.shutdown()
 
 
-async def _udp_server(ctx: aiocoap.Context, host: str, port: int) -> tuple[str, int]:
+async def _udp_server(ctx: aiocoap.Context, host: str, port: int) -> tuple[str, int, Any]:
     udp = await _aiocoap.append_udp6(ctx, (host, port))
     sock: socket.socket = udp.transport.get_extra_info("socket")
     real_host, real_port = sock.getsockname()[:2]
     if real_host.startswith("::ffff:"):
         real_host = real_host[7:]
     # Report the configured address (e.g. "::" or a name) with the real port.
-    return (host if host else real_host), int(real_port)
+    return (host if host else real_host), int(real_port), udp
 
 
 async def build_context(
@@ -221,8 +222,9 @@ async def build_context(
         listens = [parse_listen(u) for u in config.listen]
         for scheme, host, port in listens:
             if scheme == "coap":
-                h, p = await _udp_server(ctx, host, port)
+                h, p, udp = await _udp_server(ctx, host, port)
                 bound.append(("coap", h, p))
+                extra.setdefault("udp", []).append(udp)
 
         # ---- Layer 1 (coaps://) ------------------------------------------------------------
         # Downstream (listener) and upstream credentials are separate policies: the PSK store,
@@ -305,3 +307,146 @@ def _layer1_metrics(metrics: MetricsRegistry) -> Callable[[str, dict[str, Any]],
             )
 
     return on_event
+
+
+# ---------------------------------------------------------------------------------- fast path
+
+
+class FastPathShell:
+    """The sockets and timers of one listener's :class:`~.fastpath.FastPath`.
+
+    Upstream sockets are connected UDP sockets (an ICMP error then reaches the exchanges
+    waiting there), one in use per upstream address: its answers come in together, read in
+    one wakeup. A socket's message IDs may not repeat towards its upstream within
+    EXCHANGE_LIFETIME (RFC 7252 4.4), so once it has sent 65,536 requests the next socket of
+    that upstream takes over (up to ``upstream_sockets`` per upstream; the first to have
+    rested a lifetime is reused). At most ``max_sockets`` in all, an idle one closed for a
+    new one. Upstream names are resolved off the path (``resolve_ttl``). Whatever finds no
+    socket or no address yet goes through aiocoap.
+    """
+
+    def __init__(self, site: Any, interface: Any, *, max_sockets: int = 256,
+                 max_lookups: int = 16) -> None:
+        from aiocoap.transports.udp6 import UDP6EndpointAddress
+
+        from .fastpath import FastPath
+
+        self.loop = asyncio.get_running_loop()
+        self.site = site
+        self.config = site.config
+        self.per_upstream = self.config.upstream_sockets
+        self.max_sockets = max_sockets
+        self.max_lookups = max_lookups
+        self._active: dict[Any, Any] = {}  # upstream address -> the Upstream in use
+        self._sockets: OrderedDict[tuple[Any, int], tuple[Any, socket.socket]] = OrderedDict()
+        self._names: dict[tuple[str, int], tuple[tuple[Any, int] | None, float]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
+        mman = _aiocoap.udp6_message_manager(interface)
+
+        def hostinfo(address: Any) -> str:
+            return str(site.client_hostinfo(UDP6EndpointAddress(address, interface)))
+
+        self.core = FastPath(
+            site, send_down=_aiocoap.datagram_sender(interface),
+            duplicates=mman.compact_duplicates,
+            next_mid=lambda: _aiocoap.next_message_id(mman),
+            upstream_for=self.upstream_for, resolve=self.resolve,
+            call_later=self.loop.call_later, hostinfo=hostinfo,
+        )
+        _aiocoap.intercept_datagrams(interface, self.core.from_client)
+
+    def upstream_for(self, sockaddr: Any, family: int, client: Any) -> Any:
+        up = self._active.get(sockaddr)
+        if up is not None and up.sent < 0x10000:
+            up.sent += 1
+            return up
+        return self._next_socket(sockaddr, family)
+
+    def _next_socket(self, sockaddr: Any, family: int) -> Any:
+        from .fastpath import EXCHANGE_LIFETIME, Upstream
+
+        now = self.loop.time()
+        for index in range(self.per_upstream):
+            key = (sockaddr, index)
+            found = self._sockets.get(key)
+            if found is None:
+                break
+            if found[0].since + EXCHANGE_LIFETIME <= now:  # its message IDs are free again
+                up = found[0]
+                up.sent, up.since = 1, now
+                self._active[sockaddr] = up
+                return up
+        else:
+            return None  # every socket of this upstream used its IDs within a lifetime
+        if len(self._sockets) >= self.max_sockets:
+            idle = next((k for k, (u, _) in self._sockets.items()
+                         if not u.by_token and self._active.get(k[0]) is not u), None)
+            if idle is None:
+                return None
+            self._close(idle)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(sockaddr)
+        except OSError:
+            return None
+        up = Upstream(key, sock.send)
+        up.sent, up.since = 1, now
+        self._sockets[key] = (up, sock)
+        self._active[sockaddr] = up
+        self.loop.add_reader(sock.fileno(), self._readable, up, sock)
+        return up
+
+    def _readable(self, up: Any, sock: socket.socket) -> None:
+        core = self.core
+        for _ in range(64):  # what is there, in one wakeup (bounded: others' turn)
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error (connection refused, unreachable)
+                core.upstream_failed(up, exc)
+                continue
+            core.from_upstream(up, data)
+
+    def resolve(self, host: str, port: int) -> tuple[Any, int] | None:
+        key = (host, port)
+        now = self.loop.time()
+        found = self._names.get(key)
+        if found is not None and found[1] > now:
+            return found[0]
+        if len(self._lookups) < self.max_lookups and not any(
+                t.get_name() == f"resolve {host}:{port}" for t in self._lookups):
+            task = self.loop.create_task(self._lookup(host, port), name=f"resolve {host}:{port}")
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+        return None
+
+    async def _lookup(self, host: str, port: int) -> None:
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:
+            infos = []
+        result = (infos[0][4], infos[0][0]) if infos else None
+        if len(self._names) >= 4096:
+            self._names.clear()
+        self._names[(host, port)] = (result, self.loop.time() + self.config.resolve_ttl)
+
+    def _close(self, key: tuple[Any, int]) -> None:
+        up, sock = self._sockets.pop(key)
+        if self._active.get(key[0]) is up:
+            del self._active[key[0]]
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def close(self) -> None:
+        self.core.close()
+        for key in list(self._sockets):
+            self._close(key)
+        for task in self._lookups:
+            task.cancel()
+
+
+def attach_fast_path(context: ProxyContext, site: Any) -> list[FastPathShell]:
+    """A fast path on every coap:// listener of ``context`` (``ProxyConfig.fast_path``)."""
+    return [FastPathShell(site, udp) for udp in context.extra.get("udp", [])]

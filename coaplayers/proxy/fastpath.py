@@ -1,0 +1,737 @@
+"""coap-proxy's fast path: plain requests forwarded as datagrams, below aiocoap.
+
+aiocoap's machinery for one request (a message decoded and encoded twice, a pipe, a task, a
+request object and its timers, on both sides) is most of what a proxied request costs. A
+request that needs none of what that machinery adds (block-wise transfer, Observe, Echo,
+No-Response, the response cache, Layer 1, replica sets) is forwarded here as bytes: header and
+token swapped, the routing options regenerated from the same :class:`Router` decision, every
+other option and the payload copied as they came. The answer comes back the same way.
+
+The choice is made per datagram before any state changes, and from what the datagram and the
+configuration say (not from load), so that all of an exchange, its duplicates included, stays
+on one path: what this module does not take, aiocoap's path (``site.py``) gets unchanged. Both
+share the duplicate table (``dedup.py``), the message IDs of the listening socket, the in-flight
+bound, the rate limiter, the 3x rule, metrics and the exchange log.
+
+Written here because no CoAP library forwards encoded messages; the option codec is RFC 7252
+section 3.1. ``tests/proxy/test_fastpath.py`` runs this core without sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiocoap import Message
+from aiocoap.numbers import codes
+from aiocoap.numbers.codes import Code
+
+from ..dedup import CompactDuplicates
+from .routing import Decision, is_unknown_unsafe
+
+if TYPE_CHECKING:
+    from .site import ProxySite
+
+CON, NON, ACK, RST = 0, 1, 2, 3
+GET, FETCH = 1, 5
+OPT_LOCATION_PATH, OPT_URI_HOST, OPT_URI_PATH, OPT_URI_QUERY, OPT_HOP_LIMIT = 8, 3, 11, 15, 16
+HOP_LIMIT_REACHED = 0xA8  # 5.08
+
+# Request options this path forwards (RFC 7252, 8613, 8768): If-Match, Uri-Host, ETag,
+# If-None-Match, Uri-Port, OSCORE, Uri-Path, Content-Format, Uri-Query, Hop-Limit, Accept,
+# Proxy-Uri, Proxy-Scheme, Size1. A request with any other goes through aiocoap.
+REQUEST_OPTIONS = frozenset({1, 3, 4, 5, 7, 9, 11, 12, 15, 16, 17, 35, 39, 60})
+ROUTING = frozenset({3, 7, 11, 15, 16, 35, 39})  # consumed, and regenerated from the decision
+
+EMPTY_ACK_DELAY = 0.1  # as aiocoap's: a request not answered by then gets an empty ACK
+ACK_TIMEOUT = 2.0
+ACK_RANDOM_FACTOR = 1.5
+MAX_RETRANSMIT = 4
+EXCHANGE_LIFETIME = 247.0
+TICK = 0.05  # seconds between looks at exchanges older than EMPTY_ACK_DELAY
+DECISIONS = 4096  # routing decisions remembered (by the routing options' bytes)
+RECENTLY_DONE = 1024  # upstream tokens of finished exchanges whose CON answers are ACKed again
+
+log = logging.getLogger("coaplayers.proxy")
+
+
+class Malformed(ValueError):
+    """The datagram is not a well-formed CoAP message (aiocoap's path then decides)."""
+
+
+def parse_options(data: bytes, offset: int) -> tuple[list[tuple[int, bytes]], int]:
+    """The options from ``offset`` on as (number, value) pairs, and where the payload marker
+    (or the end) is; :class:`Malformed` for what RFC 7252 3.1 does not allow."""
+    options: list[tuple[int, bytes]] = []
+    number = 0
+    end = len(data)
+    while offset < end:
+        byte = data[offset]
+        if byte == 0xFF:
+            if offset + 1 == end:
+                raise Malformed("payload marker without payload")
+            return options, offset
+        offset += 1
+        delta, length = byte >> 4, byte & 0x0F
+        if delta >= 13:
+            if delta == 13:
+                delta = data[offset] + 13
+                offset += 1
+            elif delta == 14:
+                delta = ((data[offset] << 8) | data[offset + 1]) + 269
+                offset += 2
+            else:
+                raise Malformed("option delta 15")
+        if length >= 13:
+            if length == 13:
+                length = data[offset] + 13
+                offset += 1
+            elif length == 14:
+                length = ((data[offset] << 8) | data[offset + 1]) + 269
+                offset += 2
+            else:
+                raise Malformed("option length 15")
+        number += delta
+        value = data[offset:offset + length]
+        offset += length
+        if offset > end:
+            raise Malformed("option runs past the end")
+        options.append((number, value))
+    return options, end
+
+
+def _extended(value: int) -> tuple[int, bytes]:
+    if value < 13:
+        return value, b""
+    if value < 269:
+        return 13, bytes((value - 13,))
+    return 14, struct.pack("!H", value - 269)
+
+
+def encode_options(options: list[tuple[int, bytes]]) -> bytes:
+    """RFC 7252 3.1 encoding of (number, value) pairs sorted by number."""
+    out = bytearray()
+    last = 0
+    for number, value in options:
+        delta, length = number - last, len(value)
+        if delta < 13 and length < 13:
+            out.append(delta << 4 | length)
+        else:
+            d, dx = _extended(delta)
+            n, nx = _extended(length)
+            out.append(d << 4 | n)
+            out += dx
+            out += nx
+        out += value
+        last = number
+    return bytes(out)
+
+
+def _uint(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+_CODE_TEXT = [f"{c >> 5}.{c & 0x1F:02d}" for c in range(256)]
+
+
+def _code_text(code: int) -> str:
+    return _CODE_TEXT[code]
+
+
+def _is_multicast(pktinfo: bytes) -> bool:
+    """Whether a datagram came to a multicast address (its answer may not come from there)."""
+    return pktinfo[0] == 0xFF or (pktinfo[:12] == b"\0" * 10 + b"\xff\xff"
+                                  and 224 <= pktinfo[12] < 240)
+
+
+@dataclass(slots=True)
+class _Route:
+    """A routing decision and what it puts in the upstream request's routing options."""
+
+    decision: Decision
+    options: list[tuple[int, bytes]]
+    log_kind: str
+
+
+class _Exchange:
+    """One forwarded request, from its arrival to the answer's departure."""
+
+    __slots__ = (
+        "address", "code", "con", "empty_acked", "entry", "mid", "peer", "pktinfo", "request",
+        "request_payload", "retries", "route", "started", "timer", "token", "up", "up_acked",
+        "up_datagram", "up_mid", "up_token", "verified", "young",
+    )
+    peer: Hashable  # ("udp", the client's address)
+    pktinfo: Any  # where the request came to (the answer leaves from there)
+    address: Any
+    mid: int
+    token: bytes
+    con: bool
+    code: int
+    request: bytes  # the datagram as it came
+    request_payload: int
+    route: _Route
+    started: float
+    up: Upstream
+    up_token: bytes
+    up_mid: int
+    up_datagram: bytes
+    verified: bool  # the client's address is verified (no 3x rule)
+
+    def __init__(self) -> None:
+        self.timer: Any = None
+        self.up_acked = False
+        self.empty_acked = False
+        self.retries = 0
+        self.young = True
+        self.entry: dict[str, Any] | None = None
+
+
+class Upstream:
+    """One upstream socket (connected to one upstream address): its exchanges by token and
+    message ID, and its message ID sequence (RFC 7252 4.4: per endpoint pair)."""
+
+    __slots__ = ("by_mid", "by_token", "done", "key", "next_mid", "send", "sent", "since")
+
+    def __init__(self, key: Hashable, send: Callable[[bytes], object]) -> None:
+        self.key = key
+        self.send = send
+        self.by_token: dict[bytes, _Exchange] = {}
+        self.by_mid: dict[int, _Exchange] = {}
+        self.next_mid = random.getrandbits(16)
+        self.sent = 0  # requests sent in this message ID window (the shell's count)
+        self.since = 0.0  # when the window began
+        # tokens of finished exchanges -> their message ID: a CON answer repeated (our ACK
+        # lost) is ACKed again, not reset
+        self.done: OrderedDict[bytes, int] = OrderedDict()
+
+    def mid(self) -> int:
+        mid = self.next_mid
+        self.next_mid = (mid + 1) & 0xFFFF
+        return mid
+
+
+class FastPath:
+    """The forwarding core: datagrams in, datagrams out; sockets and timers are the shell's.
+
+    ``send_down(data, pktinfo, address)`` answers a client on the listening socket;
+    ``upstream_for(sockaddr, family, client)`` gives the :class:`Upstream` a client's
+    requests to ``sockaddr`` use (``None``: none free; the request then goes through aiocoap);
+    ``resolve(host, port)`` gives an upstream name's address if it is known (and looks it up
+    for next time if not); ``call_later(delay, fn)`` returns a handle with ``cancel()``.
+    """
+
+    def __init__(
+        self, site: ProxySite, *, send_down: Callable[[bytes, Any, Any], None],
+        duplicates: CompactDuplicates, next_mid: Callable[[], int],
+        upstream_for: Callable[[Any, int, Hashable], Upstream | None],
+        resolve: Callable[[str, int], tuple[Any, int] | None],
+        call_later: Callable[[float, Callable[[], None]], Any],
+        hostinfo: Callable[[Any], str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.site = site
+        self.config = site.config
+        self.send_down = send_down
+        self.duplicates = duplicates
+        self.next_mid = next_mid
+        self.upstream_for = upstream_for
+        self.resolve = resolve
+        self.call_later = call_later
+        self.hostinfo = hostinfo
+        self.clock = clock
+        self.ack_timeout = self.config.ack_timeout or ACK_TIMEOUT
+        self.down_ack_timeout = self.config.downstream_ack_timeout or ACK_TIMEOUT
+        self._routes: dict[tuple[tuple[int, bytes], ...], _Route | None] = {}
+        self._addresses: dict[tuple[str, int], tuple[Any, int] | None] = {}
+        self._pending: dict[tuple[Hashable, int], _Exchange] = {}  # (peer, MID) in progress
+        self._young: OrderedDict[int, _Exchange] = OrderedDict()  # by arrival, < 0.1 s old
+        self._awaiting: dict[tuple[Hashable, int], list[Any]] = {}  # separate CON answers
+        self._tick: Any = None
+        self._forwarded = site.metrics.registry.counter(
+            "coap_proxy_fast_path_total",
+            "Requests forwarded as datagrams, below aiocoap (the fast path)")
+        # Counted here in plain numbers, added to the metrics on every tick and scrape
+        # (:meth:`flush_metrics`): a metric's increment costs more than the rest of a step.
+        self.forwarded = 0
+        self._random, self._random_at = b"", 0
+        self._kinds: dict[str, int] = {}
+        self._codes: dict[int, int] = {}
+        self._bytes_up = self._bytes_down = 0
+        self._observe = site.metrics.latency.observe
+        site.metrics.registry.flushes.append(self.flush_metrics)
+
+    # -- from clients ----------------------------------------------------------------------
+
+    def from_client(self, data: bytes, pktinfo: Any, address: Any) -> bool:
+        """Take a datagram from the listening socket; False: aiocoap's path handles it."""
+        if len(data) < 4:
+            return False
+        b0 = data[0]
+        if b0 >> 6 != 1:
+            return False
+        mtype = (b0 >> 4) & 3
+        code = data[1]
+        mid = data[2] << 8 | data[3]
+        peer = ("udp", address[:-1])
+        if mtype >= ACK:
+            if code != 0:
+                return False
+            waiting = self._awaiting.pop((peer, mid), None)
+            if waiting is None:
+                return False
+            if waiting[0] is not None:
+                waiting[0].cancel()
+            return True
+        tkl = b0 & 0x0F
+        if not 1 <= code <= 7 or tkl > 8:
+            return False
+        seen = self.duplicates.seen(peer, mid)
+        if seen is not None:
+            if seen[1] is not None:
+                if mtype == CON:
+                    self.send_down(seen[1], pktinfo, address)
+                return True
+            return (peer, mid) in self._pending
+        return self._forward(data, pktinfo, address, peer, mtype, code, mid, tkl)
+
+    def _forward(self, data: bytes, pktinfo: Any, address: Any, peer: Hashable, mtype: int,
+                 code: int, mid: int, tkl: int) -> bool:
+        site = self.site
+        if site.draining or (pktinfo is not None and _is_multicast(pktinfo)):
+            return False
+        try:
+            options, payload_at = parse_options(data, 4 + tkl)
+        except (Malformed, IndexError):
+            return False
+        routing: list[tuple[int, bytes]] = []
+        others: list[tuple[int, bytes]] = []
+        for option in options:
+            number = option[0]
+            if number not in REQUEST_OPTIONS:
+                return False
+            (routing if number in ROUTING else others).append(option)
+        cuttable = code == GET or code == FETCH
+        if cuttable and site.cache.enabled:
+            return False
+        verified = True
+        guard = site.guard
+        if guard is not None and not guard.is_verified((address[0], address[1])):
+            if cuttable:
+                return False  # its answer may need small blocks: aiocoap's path asks for them
+            verified = False
+        route = self._route(tuple(routing), data)
+        if route is None:
+            return False
+        d = route.decision
+        target = self._address(d.upstream.host, d.upstream.port, d.check_address)
+        if target is None:
+            return False
+        client = self.hostinfo(address) if site.limiter is not None or site.log_exchanges \
+            else None
+        if site.limiter is not None:
+            if site.limiter.admit(client, self.clock()) is not None:
+                return False  # refused: aiocoap's path answers 4.29 (and counts it)
+        up = self.upstream_for(target[0], target[1], address)
+        if up is None or not site.acquire_slot():
+            return False
+
+        ex = _Exchange()
+        ex.peer, ex.pktinfo, ex.address, ex.mid = peer, pktinfo, address, mid
+        ex.token = data[4:4 + tkl]
+        ex.con = mtype == CON
+        ex.code = code
+        ex.request = data
+        ex.route = route
+        ex.verified = verified
+        ex.started = self.clock()
+        ex.request_payload = len(data) - payload_at - 1 if payload_at < len(data) else 0
+        ex.up = up
+        token = self._token()
+        while token in up.by_token:
+            token = self._token()
+        ex.up_token = token
+        ex.up_mid = up_mid = up.mid()
+        opts = others + route.options
+        opts.sort(key=_number)
+        ex.up_datagram = (
+            bytes((0x48 | mtype << 4, code)) + up_mid.to_bytes(2, "big") + token
+            + encode_options(opts) + data[payload_at:]
+        )
+        up.by_token[token] = ex
+        if ex.con:
+            up.by_mid[up_mid] = ex
+        self._pending[(peer, mid)] = ex
+        self._young[id(ex)] = ex
+        self.duplicates.remember(peer, mid, EXCHANGE_LIFETIME)
+        kinds = self._kinds
+        kinds[d.kind] = kinds.get(d.kind, 0) + 1
+        if site.log_exchanges:
+            ex.entry = self._entry(ex, client, data, payload_at)
+        if self._tick is None:
+            self._tick = self.call_later(TICK, self._on_tick)
+        self.forwarded += 1
+        self._send_up(ex)
+        return True
+
+    def _send_up(self, ex: _Exchange) -> bool:
+        try:
+            ex.up.send(ex.up_datagram)
+        except BlockingIOError:
+            pass  # the socket's buffer is full: lost, as on the wire (a CON is sent again)
+        except OSError as exc:
+            log.debug("upstream send failed: %s", exc)
+            self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable")
+            return False
+        return True
+
+    def _token(self) -> bytes:
+        """8 random bytes (read from the OS 4 KiB at a time: a system call per request is a
+        noticeable share of one)."""
+        at = self._random_at
+        if at >= len(self._random):
+            self._random, at = os.urandom(4096), 0
+        self._random_at = at + 8
+        return self._random[at:at + 8]
+
+    def _route(self, key: tuple[tuple[int, bytes], ...], data: bytes) -> _Route | None:
+        """The decision for requests with these routing options (remembered: it depends on
+        them and the configuration only, replica sets aside, which this path leaves out)."""
+        try:
+            return self._routes[key]
+        except KeyError:
+            pass
+        site = self.site
+        route: _Route | None = None
+        try:
+            d = site.router.decide(Message.decode(data))
+        except Exception:  # (Refusal, or what aiocoap's decoder rejects)
+            d = None  # aiocoap's path answers it, and counts it
+        if (d is not None and d.upstream.scheme == "coap" and "coap" in site.upstream_schemes
+                and site.upstream is not None
+                and (d.route is None or d.route not in site.router.sets)
+                and "%" not in d.upstream.host):
+            options: list[tuple[int, bytes]] = []
+            if d.uri_host is not None:
+                options.append((OPT_URI_HOST, d.uri_host.encode()))
+            options += [(OPT_URI_PATH, s.encode()) for s in d.path]
+            options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
+            options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
+            route = _Route(d, options, d.kind)
+        if len(self._routes) >= DECISIONS:
+            self._routes.clear()
+        self._routes[key] = route
+        return route
+
+    def _address(self, host: str, port: int, check: bool) -> tuple[Any, int] | None:
+        """(sockaddr, family) of an upstream, or None (not known yet, or not allowed: aiocoap's
+        path resolves it, or refuses it)."""
+        key = (host, port)
+        try:
+            return self._addresses[key]
+        except KeyError:
+            pass
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            found = self.resolve(host, port)  # a name: known only for a while
+            if found is None:
+                return None
+            if check and not self.site.router.allow.address_allowed(
+                    _ip_of(found[0]), port):
+                return None
+            return found
+        if ip.version == 4:
+            result: tuple[Any, int] | None = ((str(ip), port), socket.AF_INET)
+        else:
+            result = ((str(ip), port, 0, 0), socket.AF_INET6)
+        if check and not self.site.router.allow.address_allowed(str(ip), port):
+            result = None
+        if len(self._addresses) >= DECISIONS:
+            self._addresses.clear()
+        self._addresses[key] = result
+        return result
+
+    # -- from upstreams --------------------------------------------------------------------
+
+    def from_upstream(self, up: Upstream, data: bytes) -> None:
+        """A datagram from an upstream's socket."""
+        if len(data) < 4:
+            return
+        b0 = data[0]
+        if b0 >> 6 != 1:
+            return
+        mtype = (b0 >> 4) & 3
+        tkl = b0 & 0x0F
+        code = data[1]
+        mid = data[2] << 8 | data[3]
+        if code == 0:
+            if mtype == ACK:
+                ex = up.by_mid.pop(mid, None)
+                if ex is not None:
+                    ex.up_acked = True  # the answer follows separately
+            elif mtype == RST:
+                ex = up.by_mid.get(mid)
+                if ex is not None:
+                    self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
+            elif mtype == CON:
+                up.send(bytes((0x70, 0)) + data[2:4])  # a ping: RST (RFC 7252 4.3)
+            return
+        if code < 0x40 or tkl > 8:
+            return
+        token = data[4:4 + tkl]
+        ex = up.by_token.get(token)
+        if mtype == CON:
+            if ex is None and token not in up.done:
+                up.send(bytes((0x70, 0)) + data[2:4])
+                return
+            up.send(bytes((0x60, 0)) + data[2:4])
+        if ex is None or (mtype == ACK and ex.up_mid != mid):
+            return
+        self._answer(ex, data, tkl, code)
+
+    def upstream_failed(self, up: Upstream, exc: OSError) -> None:
+        """The socket to an upstream reported an error (ICMP: nothing listens there): every
+        exchange waiting on it ends as aiocoap's path ends it (5.04, unreachable)."""
+        log.debug("upstream %s: %s", up.key, exc)
+        for ex in list(up.by_token.values()):
+            self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable")
+
+    def _answer(self, ex: _Exchange, data: bytes, tkl: int, code: int) -> None:
+        try:
+            options, payload_at = parse_options(data, 4 + tkl)
+        except (Malformed, IndexError):
+            self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
+            return
+        d = ex.route.decision
+        bad = sorted({n for n, _ in options if is_unknown_unsafe(n)})
+        if bad:
+            self._fail(ex, codes.BAD_GATEWAY, "upstream answer has unknown unsafe option "
+                       + ",".join(map(str, bad)), "bad_gateway")
+            return
+        site = self.site
+        self._observe(self.clock() - ex.started)
+        if site.cache.enabled:
+            site.cache.invalidate_codes(ex.code, code, d.uri)
+        body = data[4 + tkl:]
+        payload = len(data) - payload_at - 1 if payload_at < len(data) else 0
+        if code == HOP_LIMIT_REACHED or (
+                d.mount is not None and any(n == OPT_LOCATION_PATH for n, _ in options)):
+            # What aiocoap's path adds to such an answer (the 5.08 trace, the Location-Path
+            # mapped through a mount), from its own code.
+            relayed = self.site.relay(Message.decode(data), d)
+            code, body, payload = _encoded(relayed)
+        self._send_answer(ex, code, body, payload)
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _fail(self, ex: _Exchange, code: Code, diagnostic: str, kind: str) -> None:
+        self.site.metrics.errors.inc(kind=kind)
+        if ex.entry is not None:
+            ex.entry["reason"] = kind
+        text = diagnostic.encode()
+        self._send_answer(ex, int(code), b"\xff" + text, len(text))
+
+    def _send_answer(self, ex: _Exchange, code: int, body: bytes, payload: int) -> None:
+        if not self._end(ex):
+            return
+        token = ex.token
+        if not ex.verified:
+            guard = self.site.guard
+            assert guard is not None
+            budget = int(guard.limits.factor * len(ex.request))
+            if 4 + len(token) + len(body) > budget:
+                # Beyond 3x for an address not yet verified: a piece of it, or 4.01 + Echo
+                # with the answer held for the repetition, as aiocoap's path does.
+                request = Message.decode(ex.request)
+                answer = Message.decode(bytes((0x40, code, 0, 0)) + body)
+                fresh = Message(code=answer.code, payload=answer.payload)
+                for option in answer.opt.option_list():
+                    fresh.opt.add_option(option)
+                fitted = guard.fit((ex.address[0], ex.address[1]), request, fresh,
+                                   budget=budget)
+                code, body, payload = _encoded(fitted)
+        if ex.con and not ex.empty_acked:
+            mtype, mid = ACK, ex.mid
+        else:
+            mtype, mid = (CON if ex.con else NON), self.next_mid()
+        datagram = bytes((0x40 | mtype << 4 | len(token), code)) + mid.to_bytes(2, "big") \
+            + token + body
+        self.send_down(datagram, ex.pktinfo, ex.address)
+        if mtype != CON:
+            self.duplicates.answered(ex.peer, ex.mid, datagram)
+        else:
+            self._await_ack(ex, datagram, mid)
+        codes_ = self._codes
+        codes_[code] = codes_.get(code, 0) + 1
+        self._bytes_up += ex.request_payload
+        self._bytes_down += payload
+        entry = ex.entry
+        if entry is not None:
+            entry["code"] = _code_text(code)
+            entry["response_bytes"] = payload
+            entry["latency_ms"] = round((self.clock() - ex.started) * 1000, 3)
+            self.site.access_log.exchange(entry)
+
+    def _end(self, ex: _Exchange) -> bool:
+        """Forget ``ex`` everywhere (once; False if it had ended already)."""
+        if self._pending.pop((ex.peer, ex.mid), None) is None:
+            return False
+        up = ex.up
+        up.by_token.pop(ex.up_token, None)
+        if up.by_mid.get(ex.up_mid) is ex:
+            del up.by_mid[ex.up_mid]
+        if ex.con:
+            up.done[ex.up_token] = ex.up_mid
+            if len(up.done) > RECENTLY_DONE:
+                up.done.popitem(last=False)
+        self._young.pop(id(ex), None)
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        self.site.release_slot()
+        return True
+
+    def _await_ack(self, ex: _Exchange, datagram: bytes, mid: int) -> None:
+        """A separate answer sent as CON: retransmitted until the client ACKs or resets it
+        (RFC 7252 4.2); its request's duplicates get the empty ACK again."""
+        key = (ex.peer, mid)
+        state: list[Any] = [None, 0, self.down_ack_timeout * random.uniform(1.0, 1.5)]
+        if len(self._awaiting) >= self.config.max_in_flight:
+            self._awaiting.pop(next(iter(self._awaiting)))  # bounded: the oldest gives up
+
+        def again() -> None:
+            if self._awaiting.get(key) is not state:
+                return
+            if state[1] >= MAX_RETRANSMIT:
+                del self._awaiting[key]
+                return
+            state[1] += 1
+            state[2] *= 2
+            self.send_down(datagram, ex.pktinfo, ex.address)
+            state[0] = self.call_later(state[2], again)
+
+        self._awaiting[key] = state
+        state[0] = self.call_later(state[2], again)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def flush_metrics(self) -> None:
+        """Add what was counted since the last time to the metrics."""
+        m = self.site.metrics
+        if self.forwarded:
+            self._forwarded.inc(self.forwarded)
+            self.forwarded = 0
+        for kind, n in self._kinds.items():
+            m.requests.inc(n, kind=kind)
+        self._kinds.clear()
+        for code, n in self._codes.items():
+            m.responses.inc(n, code=_code_text(code))
+        self._codes.clear()
+        if self._bytes_up:
+            m.bytes.inc(self._bytes_up, direction="upstream")
+        if self._bytes_down:
+            m.bytes.inc(self._bytes_down, direction="downstream")
+        self._bytes_up = self._bytes_down = 0
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self.flush_metrics()
+        now = self.clock()
+        young = self._young
+        while young:
+            ex = next(iter(young.values()))
+            if now - ex.started < EMPTY_ACK_DELAY:
+                break
+            del young[id(ex)]
+            ex.young = False
+            if ex.con:
+                # RFC 7252 5.2.2: acknowledge now, answer separately when the upstream does.
+                ack = bytes((0x60, 0)) + ex.mid.to_bytes(2, "big")
+                ex.empty_acked = True
+                self.send_down(ack, ex.pktinfo, ex.address)
+                self.duplicates.answered(ex.peer, ex.mid, ack)
+            self._schedule(ex, now)
+        if young:
+            self._tick = self.call_later(TICK, self._on_tick)
+
+    def _schedule(self, ex: _Exchange, now: float) -> None:
+        deadline = ex.started + self.config.upstream_timeout
+        when = deadline
+        if ex.con and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
+            when = min(when, ex.started + self.ack_timeout * random.uniform(1.0, 1.5)
+                       * ((2 ** (ex.retries + 1)) - 1))
+        ex.timer = self.call_later(max(0.0, when - now), lambda: self._on_timer(ex))
+
+    def _on_timer(self, ex: _Exchange) -> None:
+        ex.timer = None
+        if (ex.peer, ex.mid) not in self._pending:
+            return
+        now = self.clock()
+        if now >= ex.started + self.config.upstream_timeout:
+            self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout")
+            return
+        if ex.con and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
+            ex.retries += 1
+            if not self._send_up(ex):
+                return
+        self._schedule(ex, now)
+
+    # -- the exchange log ------------------------------------------------------------------
+
+    def _entry(self, ex: _Exchange, client: str | None, data: bytes,
+               payload_at: int) -> dict[str, Any]:
+        from .site import routing_fields  # (site imports this module)
+
+        d = ex.route.decision
+        entry: dict[str, Any] = {
+            "event": "exchange", "client": client, "identity": None,
+            "method": str(Code(ex.code)), "type": "CON" if ex.con else "NON",
+            "routing": routing_fields(Message.decode(data)),
+            "request_bytes": ex.request_payload,
+            "kind": d.kind, "upstream": d.uri,
+        }
+        if d.route is not None:
+            entry["route"] = d.route
+        return entry
+
+    def close(self) -> None:
+        """End what is waiting (the listening socket is closing)."""
+        self.flush_metrics()
+        flushes = self.site.metrics.registry.flushes
+        if self.flush_metrics in flushes:
+            flushes.remove(self.flush_metrics)
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for ex in list(self._pending.values()):
+            self._end(ex)
+        for state in self._awaiting.values():
+            if state[0] is not None:
+                state[0].cancel()
+        self._awaiting.clear()
+
+
+def _number(option: tuple[int, bytes]) -> int:
+    return option[0]
+
+
+def _encoded(message: Message) -> tuple[int, bytes, int]:
+    """An aiocoap answer as (code, options and payload encoded, payload length)."""
+    body = encode_options([(int(o.number), o.encode()) for o in message.opt.option_list()])
+    if message.payload:
+        body += b"\xff" + message.payload
+    return int(message.code), body, len(message.payload)
+
+
+def _ip_of(sockaddr: Any) -> str:
+    return str(sockaddr[0])
