@@ -53,7 +53,7 @@ def code(text: str) -> int:
 IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, URI_PORT, LOCATION_PATH = 1, 3, 4, 5, 7, 8
 OSCORE, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY = 9, 11, 12, 14, 15
 HOP_LIMIT, ACCEPT, LOCATION_QUERY, SIZE2, PROXY_URI = 16, 17, 20, 28, 35
-PROXY_SCHEME, SIZE1, ECHO = 39, 60, 252
+PROXY_SCHEME, SIZE1, ECHO, OBSERVE, BLOCK2 = 39, 60, 252, 6, 23
 ROUTING = {URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME}
 
 UPSTREAM_TIMEOUT = 2.0  # the shared proxy's --upstream-timeout
@@ -240,6 +240,9 @@ class RawOrigin:
     - ``sepdup`` the same, its CON answer sent twice;
     - ``silent`` nothing; ``rst`` RST; ``forged`` a 2.05 "forged" from another socket, then
       the real 2.05 "real";
+    - ``blocky`` 100 bytes in 64-byte blocks (Block2 whether asked for or not);
+      ``challenge`` 4.01 with an Echo value, 2.04 "echoed" to a request carrying it;
+      ``observed`` a 2.05 with an Observe option to a plain GET;
     - ``opts?cf=N`` a 2.05 carrying ``answer_options(N)``; ``unsafe?n=N`` a 2.05 with option
       N; ``create/X`` 2.01 with Location-Path ``.../create/made``; ``loc?p=A/B`` 2.01 with
       that Location-Path; ``hop508`` a 5.08 "origin-trace"; ``big`` 2.04 with 900 bytes.
@@ -326,6 +329,19 @@ class RawOrigin:
             loop.call_later(0.35, send, answer)
         elif kind == "silent":
             pass
+        elif kind == "blocky":  # a 100-byte answer in 64-byte blocks, asked for or not
+            body = bytes(range(100))
+            num = int.from_bytes(msg.one(BLOCK2) or b"", "big") >> 4
+            piece = body[num * 64:num * 64 + 64]
+            more = int(num * 64 + 64 < len(body))
+            reply(code("2.05"), [(BLOCK2, uint(num << 4 | more << 3 | 2) or b"")], piece)
+        elif kind == "challenge":  # RFC 9175: 4.01 + Echo, then the answer to the repetition
+            if msg.one(ECHO) == b"\x0e\x0c\x80":
+                reply(code("2.04"), payload=b"echoed")
+            else:
+                reply(code("4.01"), [(ECHO, b"\x0e\x0c\x80")])
+        elif kind == "observed":  # an Observe option in the answer to a plain GET
+            reply(code("2.05"), [(OBSERVE, uint(7))], b"seen")
         elif kind == "rst":
             send(Datagram(RST, EMPTY, msg.mid))
         elif kind == "opts":
@@ -1105,6 +1121,44 @@ async def test_mounted_route_maps_location_path_back(
                               (LOCATION_QUERY, b"q=1")]
 
 
+@pytest.mark.parametrize(("kind", "rcode", "options", "payload"), [
+    ("blocky", "2.05", [(BLOCK2, b"\x0a")], bytes(range(64))),  # block 0 of 2, more
+    ("challenge", "4.01", [(ECHO, b"\x0e\x0c\x80")], b""),
+    ("observed", "2.05", [(OBSERVE, b"\x07")], b"seen"),
+])
+async def test_answers_options_for_the_client_are_relayed_as_they_are(
+    client: Client, upstream: tuple[RawOrigin, int], kind: str, rcode: str,
+    options: list[tuple[int, bytes]], payload: bytes
+) -> None:
+    """What the origin says to the client passes unchanged: a block the request did not ask
+    for (the client fetches the rest), the origin's own RFC 9175 challenge (the client answers
+    it), an Observe option the request did not ask for."""
+    _, port = upstream
+    t = tag()
+    for mtype in (CON, NON):
+        client.send(req := request(mtype, GET, up(port, f"{kind}/{t}/{mtype}"), token=b"as"))
+        answer, _ = await client.answer(req)
+        assert (answer.code, answer.options, answer.payload) == (
+            code(rcode), options, payload), answer
+
+
+async def test_the_origins_echo_challenge_is_answered_by_the_client_through_the_proxy(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    origin, port = upstream
+    t = tag()
+    client.send(req := request(CON, POST, up(port, f"challenge/{t}"), token=b"e1"))
+    answer, _ = await client.answer(req)
+    assert answer.code == code("4.01")
+    echo = answer.one(ECHO)
+    assert echo is not None
+    client.send(again := request(CON, POST, up(port, f"challenge/{t}"), token=b"e2",
+                                 options=[(ECHO, echo)]))
+    answer, _ = await client.answer(again)
+    assert (answer.code, answer.payload) == (code("2.04"), b"echoed")
+    assert [m.one(ECHO) for m in origin.requests(f"challenge/{t}")] == [None, echo]
+
+
 # -- RFC 8768 Hop-Limit ------------------------------------------------------------------------
 
 
@@ -1121,6 +1175,13 @@ async def test_hop_limit_inserted_decremented_and_exhausted(
         assert answer.code == code("2.05")
         (got,) = origin.requests(f"ok/{t}/{given}")
         assert got.opt(HOP_LIMIT) == [forwarded], given
+    # 0 is no Hop-Limit value (RFC 8768 3): 4.00, whether encoded empty or as a zero byte.
+    for zero in (b"", b"\x00"):
+        client.send(req := request(CON, GET, up(port, f"ok/{t}/zero"), token=b"hl0",
+                                   options=[(HOP_LIMIT, zero)]))
+        answer, _ = await client.answer(req)
+        assert answer.code == code("4.00"), answer
+    assert not origin.requests(f"ok/{t}/zero")
     # At 1 the proxy answers itself with its name, and the origin sees nothing.
     client.send(req := request(CON, GET, up(port, f"ok/{t}/last"), token=b"hl1",
                                options=[(HOP_LIMIT, b"\x01")]))
@@ -1228,3 +1289,4 @@ async def test_libcoap_client_through_the_proxy_con_and_non_forward_and_reverse(
 
     results = dict(await asyncio.gather(*(one(*r) for r in runs)))
     assert results == {name: "ok" for name in results}, results
+
