@@ -24,11 +24,13 @@ What is here, each with why and the upstream change that would retire it:
 * the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
 * credentials: :func:`credentials_entry_base`, :func:`credentials_map_base`;
 * copies of aiocoap functions, changed (:func:`error_to_message`, :func:`error_answer`);
-* process-wide patches: :func:`install_pipe_fix`, :func:`remember_local_multicast`.
+* process-wide patches: :func:`install_pipe_fix`, :func:`install_send_error_fix`,
+  :func:`remember_local_multicast`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import weakref
@@ -444,6 +446,53 @@ def install_pipe_fix() -> None:
 
     _add_event._coaplayers = True  # type: ignore[attr-defined]
     Pipe._add_event = _add_event  # type: ignore[method-assign]
+
+
+ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         errno.EHOSTDOWN})
+
+
+def install_send_error_fix() -> None:
+    """Keep one peer's ICMP error from failing a datagram to another (aiocoap's udp6, once).
+
+    aiocoap sets ``IP(V6)_RECVERR`` and reads ICMP errors from the error queue, where each
+    names its peer. Linux also keeps the latest one as the socket's pending error and fails
+    the next ``sendmsg`` with it, whoever that datagram is for: the datagram is not sent,
+    and aiocoap blames the peer it was being sent to (a forward proxy answered a live
+    upstream "5.04 unreachable" because another one's port was closed). Such a send is
+    tried once more; an error on that try is the peer's own. Retire once aiocoap's udp6
+    retries it (or reads the error queue before blaming the current peer).
+    """
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+    send, error_received = MessageInterfaceUDP6.send, MessageInterfaceUDP6.error_received
+    if getattr(send, "_coaplayers", False):
+        return
+
+    def patched_send(self: Any, message: Any) -> None:
+        self._coaplayers_sending = message
+        try:
+            send(self, message)
+        finally:
+            self._coaplayers_sending = None
+
+    def patched_error_received(self: Any, exc: Exception) -> None:
+        message = getattr(self, "_coaplayers_sending", None)
+        if message is None or getattr(exc, "errno", None) not in ICMP_ERRNOS:
+            error_received(self, exc)
+            return
+        self._coaplayers_sending = None  # once: a second failure is this peer's
+        being_sent_to = self._remote_being_sent_to
+        remote = being_sent_to.get(None)
+        being_sent_to.set(None)  # (aiocoap's send asserts it is not re-entered)
+        try:
+            send(self, message)
+        finally:
+            being_sent_to.set(remote)
+
+    patched_send._coaplayers = True  # type: ignore[attr-defined]
+    MessageInterfaceUDP6.send = patched_send  # type: ignore[method-assign]
+    MessageInterfaceUDP6.error_received = patched_error_received  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------- copies of aiocoap functions

@@ -97,6 +97,7 @@ def _unlink(request: Request, response: Any) -> None:
 error_answer = _aiocoap.error_answer
 error_to_message = _aiocoap.error_to_message
 _aiocoap.install_pipe_fix()
+_aiocoap.install_send_error_fix()
 
 __all__ = ["copy_request", "echo_asked", "error_answer", "error_to_message", "request_through",
            "split_hostinfo", "with_echo"]

@@ -1004,8 +1004,6 @@ async def test_requests_the_proxy_refuses_itself_get_their_mid_and_token(
     assert len(origin.received) == before
 
 
-@pytest.mark.xfail(reason="aiocoap's udp6 hands the socket's pending ICMP error from one"
-                   " upstream to the next datagram sent, to another upstream", strict=False)
 async def test_a_closed_port_does_not_fail_other_upstreams(
     client: Client, upstream: tuple[RawOrigin, int]
 ) -> None:
