@@ -82,7 +82,7 @@ def test_only_programs_parse_command_lines(top: str) -> None:
 
 
 SANS_IO = ("coaplayers/dtls/session.py", "coaplayers/layer0/core.py",
-           "coaplayers/layer0/clientcore.py")
+           "coaplayers/layer0/clientcore.py", "coaplayers/proxy/fastpath.py")
 IO_MODULES = ("asyncio", "socket", "selectors", "threading", "time")
 
 

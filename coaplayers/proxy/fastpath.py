@@ -23,9 +23,7 @@ import ipaddress
 import logging
 import os
 import random
-import socket
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -159,7 +157,7 @@ class _Route:
 
     decision: Decision
     options: list[tuple[int, bytes]]
-    log_kind: str
+    encoded: bytes  # ``options`` encoded: the upstream request's when it has no others
 
 
 class _Exchange:
@@ -224,10 +222,11 @@ class FastPath:
     """The forwarding core: datagrams in, datagrams out; sockets and timers are the shell's.
 
     ``send_down(data, pktinfo, address)`` answers a client on the listening socket;
-    ``upstream_for(sockaddr, family, client)`` gives the :class:`Upstream` a client's
-    requests to ``sockaddr`` use (``None``: none free; the request then goes through aiocoap);
-    ``resolve(host, port)`` gives an upstream name's address if it is known (and looks it up
-    for next time if not); ``call_later(delay, fn)`` returns a handle with ``cancel()``.
+    ``upstream_for(sockaddr, version, client)`` (IP version 4 or 6) gives the
+    :class:`Upstream` a client's requests to ``sockaddr`` use (``None``: none free; the
+    request then goes through aiocoap); ``resolve(host, port)`` gives an upstream name's
+    (sockaddr, version) if it is known (and looks it up for next time if not);
+    ``call_later(delay, fn)`` returns a handle with ``cancel()``; ``clock`` is the loop's.
     """
 
     def __init__(
@@ -237,7 +236,7 @@ class FastPath:
         resolve: Callable[[str, int], tuple[Any, int] | None],
         call_later: Callable[[float, Callable[[], None]], Any],
         hostinfo: Callable[[Any], str],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float],
     ) -> None:
         self.site = site
         self.config = site.config
@@ -361,11 +360,15 @@ class FastPath:
             token = self._token()
         ex.up_token = token
         ex.up_mid = up_mid = up.mid()
-        opts = others + route.options
-        opts.sort(key=_number)
+        if others:
+            opts = others + route.options
+            opts.sort(key=_number)
+            encoded = encode_options(opts)
+        else:
+            encoded = route.encoded
         ex.up_datagram = (
-            bytes((0x48 | mtype << 4, code)) + up_mid.to_bytes(2, "big") + token
-            + encode_options(opts) + data[payload_at:]
+            bytes((0x48 | mtype << 4, code)) + up_mid.to_bytes(2, "big") + token + encoded
+            + data[payload_at:]
         )
         up.by_token[token] = ex
         if ex.con:
@@ -426,14 +429,14 @@ class FastPath:
             options += [(OPT_URI_PATH, s.encode()) for s in d.path]
             options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
             options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
-            route = _Route(d, options, d.kind)
+            route = _Route(d, options, encode_options(options))
         if len(self._routes) >= DECISIONS:
             self._routes.clear()
         self._routes[key] = route
         return route
 
     def _address(self, host: str, port: int, check: bool) -> tuple[Any, int] | None:
-        """(sockaddr, family) of an upstream, or None (not known yet, or not allowed: aiocoap's
+        """(sockaddr, IP version) of an upstream, or None (not known yet, or not allowed: aiocoap's
         path resolves it, or refuses it)."""
         key = (host, port)
         try:
@@ -451,9 +454,9 @@ class FastPath:
                 return None
             return found
         if ip.version == 4:
-            result: tuple[Any, int] | None = ((str(ip), port), socket.AF_INET)
+            result: tuple[Any, int] | None = ((str(ip), port), 4)
         else:
-            result = ((str(ip), port, 0, 0), socket.AF_INET6)
+            result = ((str(ip), port, 0, 0), 6)
         if check and not self.site.router.allow.address_allowed(str(ip), port):
             result = None
         if len(self._addresses) >= DECISIONS:

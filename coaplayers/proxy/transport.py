@@ -351,16 +351,16 @@ class FastPathShell:
             duplicates=mman.compact_duplicates,
             next_mid=lambda: _aiocoap.next_message_id(mman),
             upstream_for=self.upstream_for, resolve=self.resolve,
-            call_later=self.loop.call_later, hostinfo=hostinfo,
+            call_later=self.loop.call_later, hostinfo=hostinfo, clock=self.loop.time,
         )
         _aiocoap.intercept_datagrams(interface, self.core.from_client)
 
-    def upstream_for(self, sockaddr: Any, family: int, client: Any) -> Any:
+    def upstream_for(self, sockaddr: Any, version: int, client: Any) -> Any:
         up = self._active.get(sockaddr)
         if up is not None and up.sent < 0x10000:
             up.sent += 1
             return up
-        return self._next_socket(sockaddr, family)
+        return self._next_socket(sockaddr, socket.AF_INET if version == 4 else socket.AF_INET6)
 
     def _next_socket(self, sockaddr: Any, family: int) -> Any:
         from .fastpath import EXCHANGE_LIFETIME, Upstream
@@ -427,7 +427,8 @@ class FastPathShell:
             infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError:
             infos = []
-        result = (infos[0][4], infos[0][0]) if infos else None
+        result = ((infos[0][4], 4 if infos[0][0] == socket.AF_INET else 6) if infos
+                  else None)
         if len(self._names) >= 4096:
             self._names.clear()
         self._names[(host, port)] = (result, self.loop.time() + self.config.resolve_ttl)
