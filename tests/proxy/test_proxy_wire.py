@@ -843,8 +843,8 @@ async def test_separate_answer_sent_twice_upstream_is_acknowledged_twice_and_rel
     that copy too (RFC 7252 4.5: each duplicate CON SHOULD be acknowledged), and the client
     gets the answer once (a repetition of the proxy's own CON is the same message, same MID).
     """
-    aiocoap_gap("aiocoap acknowledges an incoming CON response once and ignores its"
-                " duplicates (the empty ACK is not kept in its duplicate table)")
+    aiocoap_gap("aiocoap does not deduplicate responses: the repeated CON answer finds its"
+                " exchange ended and gets an RST, not the ACK the first copy got")
     origin, port = upstream
     t = tag()
     client.send(req := request(CON, GET, up(port, f"sepdup/{t}"), token=b"sd"))
