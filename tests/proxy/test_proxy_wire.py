@@ -56,7 +56,7 @@ HOP_LIMIT, ACCEPT, LOCATION_QUERY, SIZE2, PROXY_URI = 16, 17, 20, 28, 35
 PROXY_SCHEME, SIZE1, ECHO, OBSERVE, BLOCK2 = 39, 60, 252, 6, 23
 ROUTING = {URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME}
 
-UPSTREAM_TIMEOUT = 2.0  # the shared proxy's --upstream-timeout
+UPSTREAM_TIMEOUT = 1.5  # the shared proxy's --upstream-timeout
 UPSTREAM_ACK_TIMEOUT = 0.3  # its --ack-timeout (first retransmission of a CON upstream)
 WAIT = 5.0  # the longest any single datagram is waited for
 
@@ -238,8 +238,8 @@ class RawOrigin:
     - ``sep?d=S`` an empty ACK at once, then a CON 2.05 after S seconds (``acks`` tells when
       it was acknowledged);
     - ``sepdup`` the same, its CON answer sent twice;
-    - ``silent`` nothing; ``rst`` RST; ``forged`` a 2.05 "forged" from another socket, then
-      the real 2.05 "real";
+    - ``late?d=S`` silence, then 2.05 "too late" after S seconds; ``rst`` RST;
+      ``forged`` a 2.05 "forged" from another socket, then the real 2.05 "real";
     - ``blocky`` 100 bytes in 64-byte blocks (Block2 whether asked for or not);
       ``challenge`` 4.01 with an Echo value, 2.04 "echoed" to a request carrying it;
       ``observed`` a 2.05 with an Observe option to a plain GET;
@@ -256,6 +256,7 @@ class RawOrigin:
         self.received: list[Datagram] = []
         self.acks: dict[int, asyncio.Future[None]] = {}  # MID of our CON -> its ACK came
         self.separate: dict[bytes, int] = {}  # token -> MID of our separate CON answer
+        self.late: set[str] = set()  # paths of "late" requests answered
         self.spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.spoofer.bind(("127.0.0.1", 0))
         self._mid = 0x7000
@@ -327,8 +328,12 @@ class RawOrigin:
             answer = Datagram(CON, code("2.05"), mid, msg.token, [], b"separate once")
             loop.call_later(0.2, send, answer)
             loop.call_later(0.35, send, answer)
-        elif kind == "silent":
-            pass
+        elif kind == "late":  # answers after S seconds, when the proxy has given up
+            def late() -> None:
+                reply(code("2.05"), None, b"too late")
+                self.late.add("/".join(path))
+
+            loop.call_later(float(query["d"]), late)
         elif kind == "blocky":  # a 100-byte answer in 64-byte blocks, asked for or not
             body = bytes(range(100))
             num = int.from_bytes(msg.one(BLOCK2) or b"", "big") >> 4
@@ -815,25 +820,36 @@ async def test_closed_upstream_port_is_504_at_once(client: Client) -> None:
     assert elapsed < UPSTREAM_TIMEOUT / 2, elapsed
 
 
-async def test_silent_upstream_is_504_after_the_upstream_timeout(
-    client: Client, upstream: tuple[RawOrigin, int]
+@pytest.mark.parametrize("mtype", [CON, NON])
+async def test_silent_upstream_is_504_after_the_upstream_timeout_and_a_late_answer_dropped(
+    client: Client, upstream: tuple[RawOrigin, int], mtype: int
 ) -> None:
+    """The origin is silent for --upstream-timeout: 5.04 (after an empty ACK for a CON). Its
+    answer after that reaches nobody."""
     origin, port = upstream
     t = tag()
     t0 = time.monotonic()
-    client.send(req := request(CON, GET, up(port, f"silent/{t}"), token=b"hush"))
+    client.send(req := request(mtype, GET, up(port, f"late/{t}?d={UPSTREAM_TIMEOUT + 0.3}"),
+                               token=b"hush"))
     answer, seen = await client.answer(req, timeout=UPSTREAM_TIMEOUT + WAIT)
     elapsed = time.monotonic() - t0
     assert answer.code == code("5.04") and b"timeout" in answer.payload, answer
     assert UPSTREAM_TIMEOUT - 0.1 <= elapsed < UPSTREAM_TIMEOUT + 1.5, elapsed
-    assert seen[0] == Datagram(ACK, EMPTY, req.mid)  # acknowledged long before
-    assert answer.mtype == CON
-    assert len(origin.requests(f"silent/{t}")) == 1
-    # Meanwhile the CON went upstream again on --ack-timeout (RFC 7252 4.2), unchanged: at
-    # about 0.3-0.45 s and twice that later, within the 2 s.
-    sent = [m for m in origin.received if m.path == ["silent", t]]
-    assert len(sent) >= 2 and all(m == sent[0] for m in sent), sent
-    assert sent[0].mtype == CON
+    if mtype == CON:
+        assert seen[0] == Datagram(ACK, EMPTY, req.mid)  # acknowledged long before
+    assert answer.mtype == mtype
+    assert len(origin.requests(f"late/{t}")) == 1
+    sent = [m for m in origin.received if m.path == ["late", t]]
+    assert sent[0].mtype == mtype
+    if mtype == CON:
+        # Meanwhile the CON went upstream again on --ack-timeout (RFC 7252 4.2), unchanged:
+        # at about 0.3-0.45 s and twice that later, within the 1.5 s.
+        assert len(sent) >= 2 and all(m == sent[0] for m in sent), sent
+    await until(lambda: f"late/{t}" in origin.late, timeout=WAIT)
+    client.send(after := request(CON, GET, up(port, f"ok/{t}"), token=b"after"))
+    marker, seen = await client.answer(after)
+    assert marker.code == code("2.05")
+    assert all(m.mid == answer.mid and m.code == answer.code for m in seen[:-1]), seen
 
 
 async def test_separate_answer_sent_twice_upstream_is_acknowledged_twice_and_relayed_once(
@@ -853,7 +869,7 @@ async def test_separate_answer_sent_twice_upstream_is_acknowledged_twice_and_rel
     (forwarded,) = origin.requests(f"sepdup/{t}")
     mid = origin.separate[forwarded.token]
     await until(lambda: len([m for m in origin.received if m.mtype == ACK and m.mid == mid])
-                >= 2, timeout=WAIT)
+                >= 2, timeout=2.0)  # the second copy goes 0.15 s after the first
     client.send(after := request(CON, GET, up(port, f"ok/{t}"), token=b"after"))
     marker, seen = await client.answer(after)
     assert marker.code == code("2.05")
@@ -875,7 +891,7 @@ async def test_client_reset_ends_the_separate_answers_retransmission(
     # Unanswered, it would come again after 0.2-0.3 s (--downstream-ack-timeout).
     with pytest.raises(TimeoutError):
         while True:
-            again = await client.recv(timeout=1.0)
+            again = await client.recv(timeout=0.7)
             assert again.mid == answer.mid, again  # at most one already on its way
 
 
@@ -1237,12 +1253,31 @@ async def test_unverified_client_gets_an_echo_challenge_and_the_held_answer_once
         assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
         assert len(origin.requests(f"big/{t}")) == 1
         assert all(m.one(ECHO) is None for m in origin.requests(f"big/{t}"))  # ours, not sent on
-        client.send(later := request(CON, POST, up(port, f"big/{t}/2"), token=b"3y",
-                                     payload=b"go"))
-        answer, _ = await client.answer(later)
-        assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
+        for method in (POST, GET):
+            client.send(later := request(CON, method, up(port, f"big/{t}/{method}"),
+                                         token=b"3y", payload=b"go"))
+            answer, _ = await client.answer(later)
+            assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
     finally:
         transport.close()
+    # A NON request from another (unverified) address: the challenge comes as NON.
+    other = await new_client(guarded_proxy.port)
+    try:
+        sent = other.send(req := request(NON, POST, up(port, f"big/{t}/non"), token=b"3n",
+                                         payload=b"go"))
+        raw = await other.recv_raw()
+        challenge = Datagram.decode(raw)
+        assert len(raw) <= 3 * len(sent)
+        assert (challenge.mtype, challenge.token, challenge.code) == (NON, b"3n", code("4.01"))
+        echo = challenge.one(ECHO)
+        assert echo
+        other.send(again := request(NON, POST, up(port, f"big/{t}/non"), token=b"3n",
+                                    payload=b"go", options=[(ECHO, echo)]))
+        answer, _ = await other.answer(again)
+        assert (answer.mtype, answer.code, answer.payload) == (NON, code("2.04"), b"z" * 900)
+        assert len(origin.requests(f"big/{t}/non")) == 1
+    finally:
+        other.transport.close()
 
 
 # -- interop: libcoap's client through the proxy to aiocoap and coap-server origins -----------
