@@ -215,15 +215,20 @@ class Client:
             return msg, seen
 
 
+async def new_client(port: int) -> Client:
+    """A client of the proxy on ``port``, from a port of its own (close its transport)."""
+    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+        UdpCollector, local_addr=("127.0.0.1", 0))
+    return Client(transport, proto, ("127.0.0.1", port))
+
+
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(proxy: Running) -> AsyncIterator[Client]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        UdpCollector, local_addr=("127.0.0.1", 0))
+    made = await new_client(proxy.port)
     try:
-        yield Client(transport, proto, ("127.0.0.1", proxy.port))
+        yield made
     finally:
-        transport.close()
+        made.transport.close()
 
 
 # -- the scripted raw origin -------------------------------------------------------------------
@@ -632,12 +637,6 @@ async def test_duplicate_non_is_not_executed_twice(
 
 
 # -- more of the message layer -----------------------------------------------------------------
-
-
-async def new_client(port: int) -> Client:
-    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-        UdpCollector, local_addr=("127.0.0.1", 0))
-    return Client(transport, proto, ("127.0.0.1", port))
 
 
 async def test_concurrent_requests_are_answered_by_token(
@@ -1232,10 +1231,7 @@ async def test_unverified_client_gets_an_echo_challenge_and_the_held_answer_once
     origin gave, which executed the POST once; the verified address then gets whole answers."""
     origin, port = upstream
     t = tag()
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        UdpCollector, local_addr=("127.0.0.1", 0))
-    client = Client(transport, proto, ("127.0.0.1", guarded_proxy.port))
+    client = await new_client(guarded_proxy.port)
     try:
         first_sent = client.send(req := request(CON, POST, up(port, f"big/{t}"), token=b"3x",
                                                 payload=b"go"))
@@ -1259,7 +1255,7 @@ async def test_unverified_client_gets_an_echo_challenge_and_the_held_answer_once
             answer, _ = await client.answer(later)
             assert (answer.code, answer.payload) == (code("2.04"), b"z" * 900)
     finally:
-        transport.close()
+        client.transport.close()
     # A NON request from another (unverified) address: the challenge comes as NON.
     other = await new_client(guarded_proxy.port)
     try:
