@@ -3,7 +3,7 @@
 aiocoap's machinery for one request (a message decoded and encoded twice, a pipe, a task, a
 request object and its timers, on both sides) is most of what a proxied request costs. A
 request that needs none of what that machinery adds (block-wise transfer, Observe, Echo,
-No-Response, the response cache, Layer 1, replica sets) is forwarded here as bytes: header and
+No-Response, the response cache, Layer 1) is forwarded here as bytes: header and
 token swapped, the routing options regenerated from the same :class:`Router` decision, every
 other option and the payload copied as they came. The answer comes back the same way.
 
@@ -19,6 +19,7 @@ section 3.1. ``tests/proxy/test_fastpath.py`` runs this core without sockets.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -60,6 +61,10 @@ DECISIONS = 4096  # routing decisions remembered (by the routing options' bytes)
 RECENTLY_DONE = 1024  # upstream tokens of finished exchanges whose CON answers are ACKed again
 
 log = logging.getLogger("coaplayers.proxy")
+
+_UNKNOWN, _SET = object(), object()  # routing decisions not made yet; a replica set's route
+_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.EHOSTDOWN})
 
 
 class Malformed(ValueError):
@@ -165,7 +170,8 @@ class _Exchange:
 
     __slots__ = (
         "address", "code", "con", "empty_acked", "entry", "mid", "peer", "pktinfo", "request",
-        "request_payload", "retries", "route", "started", "timer", "token", "up", "up_acked",
+        "request_payload", "retried", "retries", "route", "started", "timer", "token", "up",
+        "up_acked",
         "up_datagram", "up_mid", "up_token", "verified", "young",
     )
     peer: Hashable  # ("udp", the client's address)
@@ -190,6 +196,7 @@ class _Exchange:
         self.up_acked = False
         self.empty_acked = False
         self.retries = 0
+        self.retried = False
         self.young = True
         self.entry: dict[str, Any] | None = None
 
@@ -250,7 +257,7 @@ class FastPath:
         self.clock = clock
         self.ack_timeout = self.config.ack_timeout or ACK_TIMEOUT
         self.down_ack_timeout = self.config.downstream_ack_timeout or ACK_TIMEOUT
-        self._routes: dict[tuple[tuple[int, bytes], ...], _Route | None] = {}
+        self._routes: dict[tuple[tuple[int, bytes], ...], object] = {}
         self._addresses: dict[tuple[str, int], tuple[Any, int] | None] = {}
         self._pending: dict[tuple[Hashable, int], _Exchange] = {}  # (peer, MID) in progress
         self._young: OrderedDict[int, _Exchange] = OrderedDict()  # by arrival, < 0.1 s old
@@ -328,7 +335,7 @@ class FastPath:
             if cuttable:
                 return False  # its answer may need small blocks: aiocoap's path asks for them
             verified = False
-        route = self._route(tuple(routing), data)
+        route = self._route(tuple(routing), data, address)
         if route is None:
             return False
         d = route.decision
@@ -406,34 +413,43 @@ class FastPath:
         self._random_at = at + 8
         return self._random[at:at + 8]
 
-    def _route(self, key: tuple[tuple[int, bytes], ...], data: bytes) -> _Route | None:
-        """The decision for requests with these routing options (remembered: it depends on
-        them and the configuration only, replica sets aside, which this path leaves out)."""
-        try:
-            return self._routes[key]
-        except KeyError:
-            pass
-        site = self.site
-        route: _Route | None = None
-        try:
-            d = site.router.decide(Message.decode(data))
-        except Exception:  # (Refusal, or what aiocoap's decoder rejects)
-            d = None  # aiocoap's path answers it, and counts it
-        if (d is not None and d.upstream.scheme == "coap" and "coap" in site.upstream_schemes
-                and site.upstream is not None
-                and (d.route is None or d.route not in site.router.sets)
-                and "%" not in d.upstream.host):
-            options: list[tuple[int, bytes]] = []
-            if d.uri_host is not None:
-                options.append((OPT_URI_HOST, d.uri_host.encode()))
-            options += [(OPT_URI_PATH, s.encode()) for s in d.path]
-            options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
-            options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
-            route = _Route(d, options, encode_options(options))
+    def _route(self, key: tuple[tuple[int, bytes], ...], data: bytes,
+               address: Any) -> _Route | None:
+        """The decision for a request with these routing options: remembered, as it depends
+        on them and the configuration only, except for a replica set's route, whose member
+        depends on the request's OSCORE kid or session name, the client and the members'
+        health: decided again for every request, as aiocoap's path does."""
+        known = self._routes.get(key, _UNKNOWN)
+        if known is _SET:
+            return self._decide(data, self.hostinfo(address))
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        route = self._decide(data, "")
+        remembered: object = route
+        if route is not None and route.decision.route in self.site.router.sets:
+            remembered = _SET
+            route = self._decide(data, self.hostinfo(address))
         if len(self._routes) >= DECISIONS:
             self._routes.clear()
-        self._routes[key] = route
+        self._routes[key] = remembered
         return route
+
+    def _decide(self, data: bytes, client: str) -> _Route | None:
+        site = self.site
+        try:
+            d = site.router.decide(Message.decode(data), client)
+        except Exception:  # (Refusal, or what aiocoap's decoder rejects)
+            return None  # aiocoap's path answers it, and counts it
+        if (d.upstream.scheme != "coap" or "coap" not in site.upstream_schemes
+                or site.upstream is None or "%" in d.upstream.host):
+            return None
+        options: list[tuple[int, bytes]] = []
+        if d.uri_host is not None:
+            options.append((OPT_URI_HOST, d.uri_host.encode()))
+        options += [(OPT_URI_PATH, s.encode()) for s in d.path]
+        options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
+        options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
+        return _Route(d, options, encode_options(options))
 
     def _address(self, host: str, port: int, check: bool) -> tuple[Any, int] | None:
         """(sockaddr, IP version) of an upstream, or None (not known yet, or not allowed: aiocoap's
@@ -503,11 +519,63 @@ class FastPath:
         self._answer(ex, data, tkl, code)
 
     def upstream_failed(self, up: Upstream, exc: OSError) -> None:
-        """The socket to an upstream reported an error (ICMP: nothing listens there): every
-        exchange waiting on it ends as aiocoap's path ends it (5.04, unreachable)."""
+        """The socket to an upstream reported an error: every exchange waiting on it ends as
+        aiocoap's path ends it. Nothing listens there (ICMP): 5.04 "upstream unreachable",
+        except that a replica set's member is marked down and the request goes once to
+        another member (nothing ran at this one); any other error: 5.02."""
         log.debug("upstream %s: %s", up.key, exc)
+        unreachable = exc.errno in _UNREACHABLE
+        sets = self.site.router.sets
         for ex in list(up.by_token.values()):
+            if not unreachable:
+                self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
+                continue
+            d = ex.route.decision
+            if d.route is not None and d.route in sets and not ex.retried:
+                ex.retried = True
+                again = self.site.router.upstream_unreachable(
+                    d, Message.decode(ex.request), self.hostinfo(ex.address))
+                if again is not None and self._move(ex, again):
+                    continue
             self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable")
+
+    def _move(self, ex: _Exchange, d: Decision) -> bool:
+        """Send ``ex`` to another upstream (``d``, a set's other member) instead."""
+        if d.upstream.scheme != "coap":
+            return False
+        target = self._address(d.upstream.host, d.upstream.port, d.check_address)
+        up = self.upstream_for(target[0], target[1], ex.address) if target else None
+        if up is None:
+            return False
+        old = ex.up
+        old.by_token.pop(ex.up_token, None)
+        old.by_mid.pop(ex.up_mid, None)
+        options: list[tuple[int, bytes]] = []
+        if d.uri_host is not None:
+            options.append((OPT_URI_HOST, d.uri_host.encode()))
+        options += [(OPT_URI_PATH, s.encode()) for s in d.path]
+        options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
+        options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
+        ex.route = _Route(d, options, encode_options(options))
+        tkl = ex.request[0] & 0x0F
+        request_options, payload_at = parse_options(ex.request, 4 + tkl)
+        opts = [o for o in request_options if o[0] not in ROUTING] + options
+        opts.sort(key=_number)
+        token = self._token()
+        while token in up.by_token:
+            token = self._token()
+        ex.up, ex.up_token, ex.up_mid = up, token, up.mid()
+        ex.up_acked, ex.retries = False, 0
+        ex.up_datagram = (bytes((0x48 | (CON if ex.con else NON) << 4, ex.code))
+                          + ex.up_mid.to_bytes(2, "big") + token + encode_options(opts)
+                          + ex.request[payload_at:])
+        up.by_token[token] = ex
+        if ex.con:
+            up.by_mid[ex.up_mid] = ex
+        if ex.entry is not None:
+            ex.entry["retried"] = ex.entry["upstream"]
+            ex.entry["upstream"] = d.uri
+        return self._send_up(ex)
 
     def _answer(self, ex: _Exchange, data: bytes, tkl: int, code: int) -> None:
         try:

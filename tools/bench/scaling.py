@@ -11,8 +11,9 @@ sends it):
 - ``coap-proxy replica set``: a reverse route to a replica set of two coap-server (one worker
   each) against ``coap-proxy reverse``, the same route to one of them: the difference in the
   proxy's CPU per request is the router's cost;
-- ``libcoap proxy`` (``coap-server-notls -P``) and ``aiocoap-proxy`` in front of one
-  coap-server.
+- ``libcoap proxy`` (``coap-server-notls -P``), ``aiocoap-proxy``, coap-proxy and coap-proxy
+  ``--no-fast-path`` (every request through aiocoap) in front of one coap-server, in
+  alternating rounds too.
 
 On a machine with few cores the client competes for CPU with the roles, so wall rates mostly
 show the client; CPU per request per role (from /proc, every worker and the supervisor
@@ -142,17 +143,20 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
             ppid, paddr = coap_proxy(f"proxy-x{workers}{'p' * bool(pin)}", workers, *pin)
             label = f"coap-proxy x{workers} / coap-server x{workers}" + (", pinned" * bool(pin))
             groups[label] = ({"proxy": _tree(ppid), "server": _tree(spid)}, paddr, saddr)
-        measured: dict[str, dict[int, list[dict[str, Any]]]] = {
-            label: {n: [] for n in points} for label in groups}
-        labels = list(groups)
-        for r in range(rounds):
-            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-                roles, paddr, saddr = groups[label]
-                for n in points:
-                    measured[label][n].append(
-                        await _measure(roles, paddr, saddr, clients=n, duration=duration))
-        for label in labels:
-            out["configs"][label] = [_median(measured[label][n]) for n in points]
+        async def alternate(groups: dict[str, tuple[dict[str, list[int]], str, str]]) -> None:
+            measured: dict[str, dict[int, list[dict[str, Any]]]] = {
+                label: {n: [] for n in points} for label in groups}
+            labels = list(groups)
+            for r in range(rounds):
+                for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                    roles, paddr, saddr = groups[label]
+                    for n in points:
+                        measured[label][n].append(
+                            await _measure(roles, paddr, saddr, clients=n, duration=duration))
+            for label in labels:
+                out["configs"][label] = [_median(measured[label][n]) for n in points]
+
+        await alternate(groups)
         for p in list(procs.procs):
             procs.stop(p)
         # The router's cost: a replica set of two against one route.
@@ -165,22 +169,31 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
         await config("coap-proxy replica set", ppid, paddr, [s1, s2], None)
         for p in list(procs.procs):
             procs.stop(p)
-        # The baselines, in front of one coap-server.
+        # The baselines, in front of one coap-server, side by side in alternating rounds too.
         spid, saddr = server("server-baselines", 1)
+        baselines: dict[str, tuple[dict[str, list[int]], str, str]] = {}
+        server_tree = _tree(spid)
         libcoap = shutil.which("coap-server-notls")
         if libcoap:
             port = free_udp_port()
             p = procs.start("libcoap-proxy", [libcoap, "-A", "127.0.0.1", "-p", str(port),
                                               "-P", ",bench-proxy"], until=None)
             await asyncio.to_thread(coap_ping, port)
-            await config("libcoap proxy (C)", p.pid, f"127.0.0.1:{port}", [spid], saddr)
+            baselines["libcoap proxy (C)"] = (
+                {"proxy": [p.pid], "server": server_tree}, f"127.0.0.1:{port}", saddr)
         port = free_udp_port()
         p = procs.start("aiocoap-proxy", [program("aiocoap-proxy"), "--forward", "--bind",
                                           f"127.0.0.1:{port}"], until=None)
         await asyncio.to_thread(coap_ping, port)
-        await config("aiocoap-proxy", p.pid, f"127.0.0.1:{port}", [spid], saddr)
+        baselines["aiocoap-proxy"] = (
+            {"proxy": [p.pid], "server": server_tree}, f"127.0.0.1:{port}", saddr)
         ppid, paddr = coap_proxy("proxy-baseline", 1)
-        await config("coap-proxy x1 (same server)", ppid, paddr, [spid], saddr)
+        baselines["coap-proxy x1 (same server)"] = (
+            {"proxy": _tree(ppid), "server": server_tree}, paddr, saddr)
+        ppid, paddr = coap_proxy("proxy-no-fast-path", 1, "--no-fast-path")
+        baselines["coap-proxy x1 --no-fast-path (same server)"] = (
+            {"proxy": _tree(ppid), "server": server_tree}, paddr, saddr)
+        await alternate(baselines)
     out["router_us"] = router_microbench(5000 if quick else 20000)
     out["summary"] = summarise(out["configs"], clients, out["router_us"])
     return out
