@@ -637,21 +637,21 @@ class FastPath:
             mtype, mid = (CON if ex.con else NON), self.next_mid()
         datagram = bytes((0x40 | mtype << 4 | len(token), code)) + mid.to_bytes(2, "big") \
             + token + body
-        self.send_down(datagram, ex.pktinfo, ex.address)
-        if mtype != CON:
-            self.duplicates.answered(ex.peer, ex.mid, datagram)
-        else:
-            self._await_ack(ex, datagram, mid)
         codes_ = self._codes
         codes_[code] = codes_.get(code, 0) + 1
         self._bytes_up += ex.request_payload
         self._bytes_down += payload
         entry = ex.entry
-        if entry is not None:
+        if entry is not None:  # (written before the answer leaves, as on aiocoap's path)
             entry["code"] = _code_text(code)
             entry["response_bytes"] = payload
             entry["latency_ms"] = round((self.clock() - ex.started) * 1000, 3)
             self.site.access_log.exchange(entry)
+        self.send_down(datagram, ex.pktinfo, ex.address)
+        if mtype != CON:
+            self.duplicates.answered(ex.peer, ex.mid, datagram)
+        else:
+            self._await_ack(ex, datagram, mid)
 
     def _end(self, ex: _Exchange) -> bool:
         """Forget ``ex`` everywhere (once; False if it had ended already)."""
