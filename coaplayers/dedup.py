@@ -140,10 +140,10 @@ class CompactDuplicates:
 
 def peer_key(remote: Any) -> Hashable:
     """What the table keys a peer on: a plain UDP remote by its address (as aiocoap compares
-    them), so that datagrams answered below aiocoap (``("udp", sockaddr[:-1])``) and
+    them), so that datagrams answered below aiocoap (keyed by the address they came from) and
     through it share entries; any other remote by itself."""
     if type(remote) is UDP6EndpointAddress:
-        return ("udp", remote.sockaddr[:-1])
+        return remote.sockaddr  # type: ignore[no-any-return]
     return remote  # type: ignore[no-any-return]
 
 

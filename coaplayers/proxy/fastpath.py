@@ -174,7 +174,7 @@ class _Exchange:
         "up_acked",
         "up_datagram", "up_mid", "up_token", "verified", "young",
     )
-    peer: Hashable  # ("udp", the client's address)
+    peer: Hashable  # the client's address (the duplicate table's key, dedup.peer_key)
     pktinfo: Any  # where the request came to (the answer leaves from there)
     address: Any
     mid: int
@@ -288,7 +288,7 @@ class FastPath:
         mtype = (b0 >> 4) & 3
         code = data[1]
         mid = data[2] << 8 | data[3]
-        peer = ("udp", address[:-1])
+        peer = address
         if mtype >= ACK:
             if code != 0:
                 return False
