@@ -217,11 +217,12 @@ class Client:
             return msg, seen
 
 
-async def new_client(port: int) -> Client:
-    """A client of the proxy on ``port``, from a port of its own (close its transport)."""
+async def new_client(port: int, host: str = "127.0.0.1") -> Client:
+    """A client of the proxy on ``host``:``port``, from a port of its own (close its
+    transport)."""
     transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-        UdpCollector, local_addr=("127.0.0.1", 0))
-    return Client(transport, proto, ("127.0.0.1", port))
+        UdpCollector, local_addr=(host, 0))
+    return Client(transport, proto, (host, port))
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -408,11 +409,12 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 def answer_options(content_format: int) -> list[tuple[int, bytes]]:
-    """What ``opts`` answers with: ETag, Location-Path, Content-Format, Max-Age, Size2 and
-    unknown safe-to-forward options, elective (65000) and critical (65001)."""
+    """What ``opts`` answers with: ETag, Location-Path, an (empty) OSCORE option,
+    Content-Format, Max-Age, Size2 and unknown safe-to-forward options, elective (65000) and
+    critical (65001)."""
     return [(ETAG, b"\x01\x02\x03\x04"), (LOCATION_PATH, b"l1"), (LOCATION_PATH, b"l2"),
-            (CONTENT_FORMAT, uint(content_format)), (MAX_AGE, uint(120)), (SIZE2, uint(9)),
-            (65000, b"elective-safe"), (65001, b"\x00critical-safe")]
+            (OSCORE, b""), (CONTENT_FORMAT, uint(content_format)), (MAX_AGE, uint(120)),
+            (SIZE2, uint(9)), (65000, b"elective-safe"), (65001, b"\x00critical-safe")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -515,10 +517,13 @@ async def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[RawOri
                 echo_origin: Running, coap_server: str,
                 path_args: tuple[str, ...]) -> AsyncIterator[Running]:
     """Forwarding (no cache, no 3x rule), with prefix routes: ``/mnt`` mounts the raw
-    origin's ``/inner``, ``/ao`` the aiocoap origin's root, ``/cs`` coap-server's."""
+    origin's ``/inner``, ``/ao`` the aiocoap origin's root, ``/cs`` coap-server's; on
+    127.0.0.1 and, where the host has it, [::1]."""
     port = upstream[1]
+    v6 = ("--listen", "coap://[::1]:0") if len(upstream[0].transports) > 1 else ()
     run = await start_proxy(
         tmp_path_factory.mktemp("proxy"), *PROXY_ARGS, *path_args,
+        "--listen", "coap://127.0.0.1:0", *v6,
         "--route", f"/mnt=coap://127.0.0.1:{port}/inner",
         "--route", f"/ao=coap://{echo_origin.hostport}/",
         "--route", f"/cs=coap://{coap_server}/")
@@ -811,6 +816,38 @@ async def test_a_clients_second_con_to_an_upstream_waits_for_the_first(
     (b,) = origin.requests(f"ok/{t}/b")
     assert b.at - a.at >= 0.4 - 0.05, (a.at, b.at)  # once the answer to the first went out
     assert first.mid != second.mid
+
+
+async def test_an_ipv6_client_is_served_alike(
+    proxy: Running, upstream: tuple[RawOrigin, int]
+) -> None:
+    """The same message layer for a client on [::1]: a piggybacked answer with its MID and
+    token, the same answer to a duplicate, a NON answer, an empty ACK and a separate CON
+    answer, to an IPv6 upstream and an IPv4 one."""
+    origin, port = upstream
+    v6 = [u for u in proxy.listen if u.startswith("coap://[::1]:")]
+    if not v6:
+        pytest.skip("no [::1] here")
+    client = await new_client(int(v6[0].rsplit(":", 1)[1]), "::1")
+    t = tag()
+    try:
+        for host in ("[::1]", "127.0.0.1"):
+            target = f"coap://{host}:{port}"
+            data = client.send(req := request(CON, POST, f"{target}/ok/{t}/{host}", token=b"6"))
+            raw = await client.recv_raw()
+            assert Datagram.decode(raw) == Datagram(ACK, code("2.05"), req.mid, b"6", [], b"ok")
+            client.send(data)
+            assert await client.recv_raw() == raw
+            assert len(origin.requests(f"ok/{t}/{host}")) == 1
+            client.send(req := request(NON, GET, f"{target}/ok/{t}/n{host}", token=b"6n"))
+            answer = await client.recv()
+            assert (answer.mtype, answer.token, answer.payload) == (NON, b"6n", b"ok")
+            client.send(req := request(CON, GET, f"{target}/say/{t}?d=0.3", token=b"6s"))
+            answer, seen = await client.answer(req)
+            assert seen[0] == Datagram(ACK, EMPTY, req.mid)
+            assert (answer.mtype, answer.payload) == (CON, t.encode())
+    finally:
+        client.transport.close()
 
 
 # -- slow and separate answers -----------------------------------------------------------------
@@ -1207,6 +1244,12 @@ async def test_answers_options_for_the_client_are_relayed_as_they_are(
         answer, _ = await client.answer(req)
         assert (answer.code, answer.options, answer.payload) == (
             code(rcode), options, payload), answer
+    if kind == "blocky":  # the rest, asked for (through aiocoap's path: Block2 is not plain)
+        client.send(req := request(CON, GET, up(port, f"{kind}/{t}/last"), token=b"b1",
+                                   options=[(BLOCK2, b"\x12")]))
+        answer, _ = await client.answer(req)
+        assert (answer.code, answer.options, answer.payload) == (
+            code("2.05"), [(BLOCK2, b"\x12")], bytes(range(64, 100))), answer
 
 
 async def test_the_origins_echo_challenge_is_answered_by_the_client_through_the_proxy(
