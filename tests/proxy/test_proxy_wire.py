@@ -1516,6 +1516,38 @@ async def test_every_way_an_exchange_ends_frees_its_in_flight_slot(
         client.transport.close()
 
 
+async def test_each_request_costs_one_rate_limit_token_however_it_ends(
+    tmp_path: Path, upstream: tuple[RawOrigin, int], path_args: tuple[str, ...],
+    fast_path_gap: Callable[[str], None]
+) -> None:
+    """--rate-limit 0.01/3 (a burst of 3, nearly no refill) and one exchange in flight: a
+    request refused 5.03 while another waits costs its one token like any other, so the
+    third is still served and only the fourth gets 4.29 with Max-Age."""
+    fast_path_gap("the fast path takes a token from the rate limit, then finds no in-flight"
+                  " slot and hands the request to aiocoap's path, which takes another")
+    _, port = upstream
+    t = tag()
+    proxy = await start_limited(tmp_path, path_args, "--rate-limit", "0.01/3",
+                                "--max-in-flight", "1", "--cache-entries", "0")
+    client = await new_client(proxy.port)
+    try:
+        client.send(slow := request(CON, POST, up(port, f"say/{t}?d=0.4"), token=b"s"))
+        assert await client.recv() == Datagram(ACK, EMPTY, slow.mid)  # it waits upstream
+        client.send(busy := request(CON, POST, up(port, f"ok/{t}/busy"), token=b"b"))
+        refused, _ = await client.answer(busy)
+        assert refused.code == code("5.03"), refused
+        assert (await client.answer(slow))[0].payload == t.encode()
+        client.send(third := request(CON, POST, up(port, f"ok/{t}/3"), token=b"3"))
+        answer, _ = await client.answer(third)
+        assert answer.code == code("2.05"), answer
+        client.send(fourth := request(CON, POST, up(port, f"ok/{t}/4"), token=b"4"))
+        answer, _ = await client.answer(fourth)
+        assert answer.code == code("4.29") and answer.one(MAX_AGE), answer
+    finally:
+        client.transport.close()
+        await _stop(proxy.proc)
+
+
 async def test_shutdown_finishes_exchanges_in_flight_and_refuses_new_ones(
     tmp_path: Path, upstream: tuple[RawOrigin, int], echo_origin: Running,
     path_args: tuple[str, ...]
