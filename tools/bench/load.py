@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .clients import BenchClient
-from .procs import cpu_of
+from .procs import TaskStats, cpu_of, task_stats
 
 REQUEST_TIMEOUT = 30.0
 
@@ -27,6 +27,8 @@ class LoadResult:
     errors: int
     latencies: list[float]
     cpu: dict[str, float]  # process name -> CPU seconds used during the window
+    # With precise=True: process name -> (voluntary, involuntary) context switches.
+    switches: dict[str, tuple[int, int]] | None = None
 
     @property
     def rps(self) -> float:
@@ -57,8 +59,13 @@ class LoadResult:
 
 
 async def run_load(
-    clients: list[BenchClient], *, duration: float, warmup: float, pids: dict[str, int]
+    clients: list[BenchClient], *, duration: float, warmup: float, pids: dict[str, int],
+    rate: float | None = None, precise: bool = False,
 ) -> LoadResult:
+    """``rate``: the clients together send at most this many requests per second (each paced
+    on a fixed schedule), to compare configurations at the same load rather than each at the
+    most it does. ``precise``: CPU from the per-thread schedstat (nanoseconds), and context
+    switches counted."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     measure_from = start + warmup
@@ -68,11 +75,18 @@ async def run_load(
     errors = 0
     cpu_start: dict[str, float] = {}
     cpu_end: dict[str, float] = {}
+    stats_start: dict[str, TaskStats] = {}
+    stats_end: dict[str, TaskStats] = {}
 
     def read_cpu(into: dict[str, float]) -> None:
+        stats = stats_start if into is cpu_start else stats_end
         for name, pid in pids.items():
             try:
-                into[name] = cpu_of(pid)
+                if precise:
+                    stats[name] = task_stats(pid)
+                    into[name] = stats[name].cpu
+                else:
+                    into[name] = cpu_of(pid)
             except OSError:
                 pass
         into["client (coap-bench)"] = time.process_time()
@@ -83,9 +97,14 @@ async def run_load(
         await asyncio.sleep(max(0.0, measure_to - loop.time()))
         read_cpu(cpu_end)
 
-    async def one(client: BenchClient) -> None:
+    async def one(client: BenchClient, index: int) -> None:
         nonlocal completed, errors
+        period = len(clients) / rate if rate else 0.0
+        due = start + period * index / len(clients)  # spread over one period
         while True:
+            if period:
+                await asyncio.sleep(max(0.0, due - loop.time()))  # pacing, not a wait
+                due += period
             t0 = loop.time()
             if t0 >= measure_to:
                 return
@@ -102,7 +121,7 @@ async def run_load(
                 if t0 >= measure_from:
                     latencies.append(t1 - t0)
 
-    tasks = [asyncio.create_task(one(c)) for c in clients]
+    tasks = [asyncio.create_task(one(c, i)) for i, c in enumerate(clients)]
     marker = asyncio.create_task(marks())
     try:
         await asyncio.wait(
@@ -113,7 +132,10 @@ async def run_load(
             t.cancel()
         await asyncio.gather(*tasks, marker, return_exceptions=True)
     cpu = {k: cpu_end[k] - cpu_start[k] for k in cpu_end if k in cpu_start}
-    return LoadResult(len(clients), duration, completed, errors, latencies, cpu)
+    switches = {k: (stats_end[k].voluntary - stats_start[k].voluntary,
+                    stats_end[k].involuntary - stats_start[k].involuntary)
+                for k in stats_end if k in stats_start} if precise else None
+    return LoadResult(len(clients), duration, completed, errors, latencies, cpu, switches)
 
 
 async def open_clients(factory: Any, count: int, parallel: int = 10) -> list[BenchClient]:

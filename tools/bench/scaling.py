@@ -37,6 +37,9 @@ from .load import run_load
 from .procs import Processes, coap_ping, free_udp_port, program
 
 PAYLOAD = b"x" * 40
+PACED_RATE = 1000.0
+"""Requests/s of the paced point: a load every worker configuration carries on two cores
+shared with the client, so that they are compared at the same load, not each at its most."""
 
 
 class _Client:
@@ -77,7 +80,7 @@ def _tree(pid: int) -> list[int]:
 
 
 async def _measure(procs_of: dict[str, list[int]], proxy: str, origin: str | None, *,
-                   clients: int, duration: float) -> dict[str, Any]:
+                   clients: int, duration: float, rate: float | None = None) -> dict[str, Any]:
     made = [_Client(await aiocoap.Context.create_client_context(), proxy, origin)
             for _ in range(clients)]
     try:
@@ -87,29 +90,39 @@ async def _measure(procs_of: dict[str, list[int]], proxy: str, origin: str | Non
         pids = {f"{role}#{i}": pid for role, group in procs_of.items()
                 for i, pid in enumerate(group)}
         result = await run_load(made, duration=duration, warmup=0.5,  # type: ignore[arg-type]
-                                pids=pids)
+                                pids=pids, rate=rate, precise=True)
     finally:
         for c in made:
             await c.close()
     done = max(1, result.completed)
     cpu = {role: sum(v for k, v in result.cpu.items() if k.split("#")[0] == role)
            for role in procs_of}
-    return {
+    switches = result.switches or {}
+    point: dict[str, Any] = {
         "clients": clients,
         "rps": result.rps,
         "errors": result.errors,
         "p50_ms": 1000 * result.percentile(50),
         "cpu_us_per_request": {k: 1e6 * v / done for k, v in cpu.items()},
         "client_cpu_us_per_request": 1e6 * result.cpu.get("client (coap-bench)", 0.0) / done,
+        # Sleeps (voluntary) and preemptions (involuntary) of every process of a role: each
+        # costs a process its caches; a role in more processes, less busy each, has more.
+        "switches_per_request": {
+            role: {kind: sum(v[i] for k, v in switches.items() if k.split("#")[0] == role)
+                   / done for i, kind in enumerate(("voluntary", "involuntary"))}
+            for role in procs_of},
     }
+    if rate:
+        point["rate"] = rate
+    return point
 
 
 async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[str, Any]:
     duration = 1.0 if quick else 2.5
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     points = (1, clients)
     out: dict[str, Any] = {"duration": duration, "cpus": os.cpu_count(), "configs": {},
-                           "worker_rounds": rounds}
+                           "worker_rounds": rounds, "paced_rate": PACED_RATE}
     with Processes(workdir) as procs:
 
         def server(name: str, workers: int, *extra: str) -> tuple[int, str]:
@@ -143,9 +156,11 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
             ppid, paddr = coap_proxy(f"proxy-x{workers}{'p' * bool(pin)}", workers, *pin)
             label = f"coap-proxy x{workers} / coap-server x{workers}" + (", pinned" * bool(pin))
             groups[label] = ({"proxy": _tree(ppid), "server": _tree(spid)}, paddr, saddr)
-        async def alternate(groups: dict[str, tuple[dict[str, list[int]], str, str]]) -> None:
+        async def alternate(groups: dict[str, tuple[dict[str, list[int]], str, str]], *,
+                            pace: bool = False) -> None:
             measured: dict[str, dict[int, list[dict[str, Any]]]] = {
                 label: {n: [] for n in points} for label in groups}
+            paced: dict[str, list[dict[str, Any]]] = {label: [] for label in groups}
             labels = list(groups)
             for r in range(rounds):
                 for label in labels[r % len(labels):] + labels[:r % len(labels)]:
@@ -153,10 +168,18 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
                     for n in points:
                         measured[label][n].append(
                             await _measure(roles, paddr, saddr, clients=n, duration=duration))
+                    if pace:
+                        paced[label].append(await _measure(
+                            roles, paddr, saddr, clients=clients, duration=duration,
+                            rate=PACED_RATE))
             for label in labels:
                 out["configs"][label] = [_median(measured[label][n]) for n in points]
+            if pace:
+                out["paced"] = {label: _median(paced[label]) for label in labels}
+                out["rounds"] = paired_rounds(
+                    {label: measured[label][clients] for label in labels}, paced)
 
-        await alternate(groups)
+        await alternate(groups, pace=True)
         for p in list(procs.procs):
             procs.stop(p)
         # The router's cost: a replica set of two against one route.
@@ -195,7 +218,7 @@ async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[
             {"proxy": _tree(ppid), "server": server_tree}, paddr, saddr)
         await alternate(baselines)
     out["router_us"] = router_microbench(5000 if quick else 20000)
-    out["summary"] = summarise(out["configs"], clients, out["router_us"])
+    out["summary"] = summarise(out["configs"], clients, out["router_us"], out["rounds"])
     return out
 
 
@@ -213,8 +236,42 @@ def _median(points: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_us_per_request": {role: med([p["cpu_us_per_request"][role] for p in points])
                                for role in first["cpu_us_per_request"]},
         "client_cpu_us_per_request": med([p["client_cpu_us_per_request"] for p in points]),
+        "switches_per_request": {
+            role: {kind: med([p["switches_per_request"][role][kind] for p in points])
+                   for kind in ("voluntary", "involuntary")}
+            for role in first["switches_per_request"]},
         "rounds": len(points),
+        **({"rate": first["rate"]} if "rate" in first else {}),
     }
+
+
+X1 = "coap-proxy x1 / coap-server x1"
+X2 = "coap-proxy x2 / coap-server x2"
+X2_PINNED = X2 + ", pinned"
+
+
+def paired_rounds(closed: dict[str, list[dict[str, Any]]],
+                  paced: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Round by round, each 2-worker configuration's total CPU per request against the
+    1-worker one measured in the same round (a ratio - 1): the machine's load drifts between
+    rounds by more than the difference sought, much less within one. ``client`` is the same
+    ratio for the bench's own client, whose code is the same in every configuration: what it
+    shows is the machine's share (caches and scheduling), not the workers'."""
+    def total(p: dict[str, Any]) -> float:
+        return float(sum(p["cpu_us_per_request"].values()))
+
+    def ratios(points: dict[str, list[dict[str, Any]]], label: str,
+               of: Any = total) -> list[float]:
+        pairs = zip(points.get(X1, []), points.get(label, []), strict=False)
+        return [of(b) / of(a) - 1 for a, b in pairs if of(a)]
+
+    def client(p: dict[str, Any]) -> float:
+        return float(p["client_cpu_us_per_request"])
+
+    return {"x2": ratios(closed, X2), "x2_pinned": ratios(closed, X2_PINNED),
+            "x2_client": ratios(closed, X2, client), "x2_paced": ratios(paced, X2),
+            "x2_pinned_paced": ratios(paced, X2_PINNED),
+            "x2_paced_client": ratios(paced, X2, client)}
 
 
 def router_microbench(rounds: int = 20000) -> dict[str, float]:
@@ -245,7 +302,8 @@ def router_microbench(rounds: int = 20000) -> dict[str, float]:
 
 
 def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
-              router: dict[str, float] | None = None) -> dict[str, Any]:
+              router: dict[str, float] | None = None,
+              rounds: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """The figures the targets read (docs/BENCHMARKS.md, "Scaling")."""
     def at(label: str, n: int) -> dict[str, Any] | None:
         for point in configs.get(label, []):
@@ -268,6 +326,10 @@ def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
             t3 = sum(pinned["cpu_us_per_request"].values())
             s["total_cpu_us_x2_pinned"] = t3
             s["sharding_cost_pinned"] = t3 / t1 - 1 if t1 else None
+    for key, values in (rounds or {}).items():
+        if values:  # the median of the paired rounds, and their spread
+            s[f"paired_{key}"] = {"median": statistics.median(values), "min": min(values),
+                                  "max": max(values), "rounds": len(values)}
     single, routed = at("coap-proxy reverse", clients), at("coap-proxy replica set", clients)
     if single and routed:
         a, b = single["cpu_us_per_request"]["proxy"], routed["cpu_us_per_request"]["proxy"]
@@ -285,18 +347,25 @@ def summarise(configs: dict[str, list[dict[str, Any]]], clients: int,
     return s
 
 
+def at_clients(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point with the most clients (the closed-loop load the targets read)."""
+    return max(points, key=lambda p: p["clients"]) if points else None
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [f"scaling: plain 40-byte POST /echo through a proxy, {results['duration']} s per"
              f" point, {results['cpus']} CPUs (the client shares them); the worker"
              f" configurations run side by side, medians of {results.get('worker_rounds', 1)}"
              " alternating rounds"]
-    header = (f"{'configuration':42} {'clients':>7} {'req/s':>8} {'p50 ms':>7}"
+    paced = {f"{label}, {results.get('paced_rate', 0):.0f} req/s paced": [p]
+             for label, p in results.get("paced", {}).items()}
+    header = (f"{'configuration':56} {'clients':>7} {'req/s':>8} {'p50 ms':>7}"
               f" {'proxy us/req':>12} {'server us/req':>13} {'client us/req':>13}")
     lines.append(header)
-    for label, points in results["configs"].items():
+    for label, points in {**results["configs"], **paced}.items():
         for p in points:
             cpu = p["cpu_us_per_request"]
-            lines.append(f"{label:42} {p['clients']:>7} {p['rps']:>8.0f} {p['p50_ms']:>7.2f}"
+            lines.append(f"{label:56} {p['clients']:>7} {p['rps']:>8.0f} {p['p50_ms']:>7.2f}"
                          f" {cpu.get('proxy', 0):>12.0f} {cpu.get('server', 0):>13.0f}"
                          f" {p['client_cpu_us_per_request']:>13.0f}")
     s = results.get("summary", {})
@@ -305,9 +374,31 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"capacity per core (1 worker, from CPU per request): {cap}")
     if s.get("sharding_cost") is not None:
         lines.append(f"total CPU per request, 2 workers vs 1: {100 * s['sharding_cost']:+.1f} %"
-                     " (target within 10 %)")
+                     " (medians; target within 10 %)")
+
+    def spread(key: str) -> str:
+        p = s[f"paired_{key}"]
+        return (f"{100 * p['median']:+.1f} % (round by round, {p['rounds']} rounds:"
+                f" {100 * p['min']:+.1f} to {100 * p['max']:+.1f} %)")
+
+    if "paired_x2" in s:
+        lines.append(f"  paired with x1 in each round: {spread('x2')}")
+    if "paired_x2_client" in s:
+        lines.append(f"  the bench's client, the same code in both: {spread('x2_client')}")
     if s.get("sharding_cost_pinned") is not None:
-        lines.append(f"  with --pin-workers: {100 * s['sharding_cost_pinned']:+.1f} %")
+        lines.append(f"  with --pin-workers: {100 * s['sharding_cost_pinned']:+.1f} %"
+                     + (f", paired {spread('x2_pinned')}" if "paired_x2_pinned" in s else ""))
+    if "paired_x2_paced" in s:
+        lines.append(f"  at the same load ({results.get('paced_rate', 0):.0f} req/s paced, not"
+                     f" each at its most): {spread('x2_paced')}; the client"
+                     f" {spread('x2_paced_client')}")
+    for label in (X1, X2):
+        point = at_clients(results["configs"].get(label, []))
+        if point and "switches_per_request" in point:
+            sw = point["switches_per_request"]
+            lines.append(f"  context switches per request, {label} (sleeps + preemptions): "
+                         + ", ".join(f"{role} {v['voluntary']:.2f} + {v['involuntary']:.2f}"
+                                     for role, v in sw.items()))
     if s.get("router_cost") is not None:
         lines.append(f"router's cost at the proxy: {s['router_us']:.2f} us per request ="
                      f" {100 * s['router_cost']:.1f} % of the proxy's CPU per request (target at"
