@@ -71,9 +71,9 @@ def cpu_of(pid: int | str = "self") -> float:
 
 @dataclass(frozen=True)
 class TaskStats:
-    """A process's scheduler counters summed over its threads (Linux /proc)."""
+    """A process's CPU time and context switches (Linux)."""
 
-    cpu: float  # seconds on a CPU, from schedstat (nanoseconds, not clock ticks)
+    cpu: float  # seconds on a CPU, every thread, also those that ended (nanoseconds)
     voluntary: int  # context switches because it waited (a sleep in epoll, say)
     involuntary: int  # context switches because the scheduler preempted it
 
@@ -81,12 +81,13 @@ class TaskStats:
 def task_stats(pid: int) -> TaskStats:
     """:class:`TaskStats` of ``pid``. /proc/PID/stat counts CPU in clock ticks (10 ms), which
     over a window of a few seconds and several processes is off by a per cent or more; the
-    per-thread schedstat counts nanoseconds."""
-    cpu_ns = voluntary = involuntary = 0
+    process's CPU clock counts nanoseconds. Context switches are summed over the threads that
+    are alive (those of an ended thread are lost: a bench's processes keep theirs)."""
+    # clock_getcpuclockid(pid): the process-wide scheduler clock (linux/posix-timers.h).
+    cpu = time.clock_gettime(((~pid) << 3) | 2)
+    voluntary = involuntary = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                cpu_ns += int(f.read().split()[0])
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
@@ -95,7 +96,7 @@ def task_stats(pid: int) -> TaskStats:
                         involuntary += int(line.split()[1])
         except (OSError, IndexError, ValueError):  # a thread that just ended
             continue
-    return TaskStats(cpu_ns / 1e9, voluntary, involuntary)
+    return TaskStats(cpu, voluntary, involuntary)
 
 
 class Processes:
