@@ -47,9 +47,9 @@ def parse_workers(text: str | int) -> int:
 def worker_cpus() -> list[int]:
     """The CPUs this process may run on, in order; empty where affinity is not supported.
 
-    Pinning each worker to one of them (``--pin-workers``) keeps it on one core's caches: on
-    a machine the workers share with others, the scheduler otherwise moves busy processes
-    between cores, which costs every worker CPU per request that one process does not pay
+    Pinning each worker to one of them (``--pin-workers``) keeps it on one core's caches
+    where the workers have the cores to themselves; where they share them with other busy
+    processes, each still finds its caches cold after another ran, pinned or not
     (docs/BENCHMARKS.md, "2 workers against 1")."""
     try:
         return sorted(os.sched_getaffinity(0))
