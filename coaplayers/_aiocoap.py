@@ -19,8 +19,9 @@ What is here, each with why and the upstream change that would retire it:
 * resources: :func:`site_children`, :func:`replace_block_state` (bounded block-wise state);
 * the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
   :func:`wrap_sending`, :func:`message_manager_of`, :func:`next_message_id`;
-* datagrams below the message layer (coap-proxy's fast path): :func:`intercept_datagrams`,
-  :func:`datagram_sender`, :func:`udp6_message_manager`;
+* datagrams below the message layer (coap-proxy's fast path; and coap-server's listeners,
+  read in batches): :func:`intercept_datagrams`, :func:`datagram_sender`,
+  :func:`udp6_message_manager`;
 * the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
 * credentials: :func:`credentials_entry_base`, :func:`credentials_map_base`;
 * copies of aiocoap functions, changed (:func:`error_to_message`, :func:`error_answer`);

@@ -252,6 +252,7 @@ async def create_context(
     ctx = ServerContext(serversite=site, loggername=loggername)
     bound: list[str] = []
     plain_sockets: list[socket.socket] = []
+    listeners: list[Any] = []
     try:
         layer1 = await attach_layer1(
             ctx, psk_store=psk_store, certificate=certificate,
@@ -272,6 +273,7 @@ async def create_context(
                     h = h[7:]
                 bound.append(_uri("coap", host if host not in ("::", "0.0.0.0") else h, p))
                 plain_sockets.append(sock)
+                listeners.append(udp)
                 plain_bound = True
         if not plain_bound:
             await _aiocoap.append_udp6(ctx)
@@ -279,6 +281,17 @@ async def create_context(
         await ctx.shutdown()
         raise
     dedup.install_all(ctx)
+    for udp in listeners:
+        # Every datagram queued is read in one wakeup of the event loop, without a read of
+        # the error queue before each: aiocoap's reader takes one datagram per wakeup, so a
+        # busy listener ran the loop (epoll_wait, its callbacks) once per datagram
+        # (docs/BENCHMARKS.md, "2 workers against 1").
+        _aiocoap.intercept_datagrams(udp, _to_aiocoap)
     layered = LayeredContext(ctx, layer1, bound)
     layered.plain_sockets = plain_sockets
     return layered
+
+
+def _to_aiocoap(data: bytes, pktinfo: Any, address: Any) -> bool:
+    """Every datagram goes on to aiocoap (the hook of :func:`_aiocoap.intercept_datagrams`)."""
+    return False

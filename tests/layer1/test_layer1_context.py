@@ -298,3 +298,37 @@ async def test_a_request_that_fails_on_the_network_forgets_the_address() -> None
         silent.close()
         await client.shutdown()
         await server.shutdown()
+
+
+@pytest.mark.parametrize("listen", ["coap://127.0.0.1:0", "coap://[::]:0"])
+async def test_a_listener_reads_every_queued_datagram_in_one_wakeup(listen: str) -> None:
+    """A busy coap:// listener reads what is queued at once: aiocoap's own reader took one
+    datagram per wakeup of the event loop, after a read of the socket's error queue."""
+    import fcntl
+    import socket
+    import struct
+    import termios
+
+    server = await create_context(resource.Site(), listen=[listen])
+    try:
+        sock = server.plain_sockets[0]
+        port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.settimeout(5)
+            for mid in range(16):  # CoAP pings (empty CON): each is answered with a RST
+                raw.sendto(struct.pack("!BBH", 0x40, 0, 0x1000 + mid), ("127.0.0.1", port))
+            # One readiness event: the loop's reader for the listener's socket, run once (the
+            # selector's key is asyncio's; its data is the (reader, writer) handles).
+            reader = loop._selector.get_key(sock.fileno()).data[0]  # type: ignore[attr-defined]
+            reader._run()
+            queued = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+            assert queued == 0  # nothing left for another wakeup
+            answers = set()
+            for _ in range(16):
+                data, source = raw.recvfrom(64)
+                assert data[0] >> 4 == 0x7 and source[0] == "127.0.0.1"  # RST, from the address
+                answers.add(struct.unpack("!H", data[2:4])[0])
+            assert answers == {0x1000 + mid for mid in range(16)}
+    finally:
+        await server.shutdown()
