@@ -29,10 +29,12 @@ import pytest_asyncio
 from tests.conftest import (
     PROXY,
     UdpCollector,
+    background,
     free_udp_port,
     need_program,
     run_program,
     until,
+    wait_udp_bound,
 )
 from tests.conftest import stop_process as _stop
 
@@ -1626,3 +1628,25 @@ async def test_libcoap_client_through_the_proxy_con_and_non_forward_and_reverse(
 
 
 
+
+
+@pytest.mark.interop
+async def test_raw_requests_through_the_proxy_to_libcoaps_server(client: Client) -> None:
+    """libcoap's coap-server-notls as the upstream: its root resource to a CON GET (in the
+    ACK) and a NON GET (as NON), with the client's token; a PUT to it is refused 4.05 and
+    the refusal relayed as it came."""
+    server = need_program("coap-server-notls")
+    port = free_udp_port()
+    async with background(server, "-A", "127.0.0.1", "-p", str(port)):
+        await wait_udp_bound("127.0.0.1", port)
+        for mtype, token in ((CON, b"lc1"), (NON, b"lc2")):
+            client.send(req := request(mtype, GET, f"coap://127.0.0.1:{port}/", token=token))
+            answer, _ = await client.answer(req)
+            assert (answer.mtype, answer.token, answer.code) == (
+                ACK if mtype == CON else NON, token, code("2.05")), answer
+            assert answer.mtype == NON or answer.mid == req.mid
+            assert b"libcoap" in answer.payload or b"CoAP" in answer.payload, answer
+        client.send(req := request(CON, PUT, f"coap://127.0.0.1:{port}/", token=b"lc3",
+                                   payload=b"x"))
+        answer, _ = await client.answer(req)
+        assert (answer.code, answer.token) == (code("4.05"), b"lc3"), answer
