@@ -169,10 +169,9 @@ class _Exchange:
     """One forwarded request, from its arrival to the answer's departure."""
 
     __slots__ = (
-        "address", "code", "con", "empty_acked", "entry", "mid", "peer", "pktinfo", "request",
-        "request_payload", "retried", "retries", "route", "started", "timer", "token", "up",
-        "up_acked",
-        "up_datagram", "up_mid", "up_token", "verified", "young",
+        "address", "code", "con", "empty_acked", "entry", "mid", "nstart", "peer", "pktinfo",
+        "request", "request_payload", "retried", "retries", "route", "sent", "started", "timer",
+        "token", "up", "up_acked", "up_datagram", "up_mid", "up_token", "verified", "young",
     )
     peer: Hashable  # the client's address (the duplicate table's key, dedup.peer_key)
     pktinfo: Any  # where the request came to (the answer leaves from there)
@@ -198,6 +197,8 @@ class _Exchange:
         self.retries = 0
         self.retried = False
         self.young = True
+        self.sent = False  # (a CON waits while its client has another outstanding upstream)
+        self.nstart: tuple[Any, Any] | None = None
         self.entry: dict[str, Any] | None = None
 
 
@@ -262,6 +263,8 @@ class FastPath:
         self._pending: dict[tuple[Hashable, int], _Exchange] = {}  # (peer, MID) in progress
         self._young: OrderedDict[int, _Exchange] = OrderedDict()  # by arrival, < 0.1 s old
         self._awaiting: dict[tuple[Hashable, int], list[Any]] = {}  # separate CON answers
+        # (client, upstream) -> CON requests waiting behind the outstanding one (NSTART)
+        self._outstanding: dict[tuple[Any, Any], list[_Exchange]] = {}
         self._tick: Any = None
         self._forwarded = site.metrics.registry.counter(
             "coap_proxy_fast_path_total",
@@ -344,12 +347,12 @@ class FastPath:
             return False
         client = self.hostinfo(address) if site.limiter is not None or site.log_exchanges \
             else None
-        if site.limiter is not None:
-            if site.limiter.admit(client, self.clock()) is not None:
-                return False  # refused: aiocoap's path answers 4.29 (and counts it)
         up = self.upstream_for(target[0], target[1], address)
         if up is None or not site.acquire_slot():
-            return False
+            return False  # (aiocoap's path answers 5.03 and takes the rate limit's token)
+        if site.limiter is not None and site.limiter.admit(client, self.clock()) is not None:
+            site.release_slot()
+            return False  # refused: aiocoap's path answers 4.29 (and counts it)
 
         ex = _Exchange()
         ex.peer, ex.pktinfo, ex.address, ex.mid = peer, pktinfo, address, mid
@@ -390,8 +393,37 @@ class FastPath:
         if self._tick is None:
             self._tick = self.call_later(TICK, self._on_tick)
         self.forwarded += 1
+        if ex.con:
+            # RFC 7252 4.7 (NSTART 1): one outstanding CON request of a client to an
+            # upstream at a time; a second waits until the first is acknowledged or ends.
+            ex.nstart = nkey = (address, target[0])
+            waiting = self._outstanding.get(nkey)
+            if waiting is not None:
+                waiting.append(ex)
+                return True
+            self._outstanding[nkey] = []
+        ex.sent = True
         self._send_up(ex)
         return True
+
+    def _next_of(self, ex: _Exchange) -> None:
+        """``ex`` is no longer outstanding upstream: its client's next CON to there goes."""
+        nkey = ex.nstart
+        if nkey is None:
+            return
+        ex.nstart = None
+        waiting = self._outstanding.get(nkey)
+        if waiting is None:
+            return
+        if ex in waiting:  # it ended before it was sent
+            waiting.remove(ex)
+            return
+        while waiting:
+            following = waiting.pop(0)
+            following.sent = True
+            if self._send_up(following):
+                return
+        del self._outstanding[nkey]
 
     def _send_up(self, ex: _Exchange) -> bool:
         try:
@@ -498,6 +530,7 @@ class FastPath:
                 ex = up.by_mid.pop(mid, None)
                 if ex is not None:
                     ex.up_acked = True  # the answer follows separately
+                    self._next_of(ex)
             elif mtype == RST:
                 ex = up.by_mid.get(mid)
                 if ex is not None:
@@ -509,6 +542,12 @@ class FastPath:
             return
         token = data[4:4 + tkl]
         ex = up.by_token.get(token)
+        if code >= 0xC0:  # 6.xx and 7.xx: no response codes over UDP (RFC 8323's signals)
+            if mtype == CON:
+                up.send(bytes((0x70, 0)) + data[2:4])
+            if ex is not None and (mtype != ACK or ex.up_mid == mid):
+                self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
+            return
         if mtype == CON:
             if ex is None and token not in up.done:
                 up.send(bytes((0x70, 0)) + data[2:4])
@@ -550,6 +589,8 @@ class FastPath:
         old = ex.up
         old.by_token.pop(ex.up_token, None)
         old.by_mid.pop(ex.up_mid, None)
+        self._next_of(ex)  # (the client's next request to the old member goes on its way)
+        ex.sent = True
         options: list[tuple[int, bytes]] = []
         if d.uri_host is not None:
             options.append((OPT_URI_HOST, d.uri_host.encode()))
@@ -669,6 +710,7 @@ class FastPath:
         if ex.timer is not None:
             ex.timer.cancel()
             ex.timer = None
+        self._next_of(ex)
         self.site.release_slot()
         return True
 
@@ -738,7 +780,7 @@ class FastPath:
     def _schedule(self, ex: _Exchange, now: float) -> None:
         deadline = ex.started + self.config.upstream_timeout
         when = deadline
-        if ex.con and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
+        if ex.con and ex.sent and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
             when = min(when, ex.started + self.ack_timeout * random.uniform(1.0, 1.5)
                        * ((2 ** (ex.retries + 1)) - 1))
         ex.timer = self.call_later(max(0.0, when - now), lambda: self._on_timer(ex))
@@ -751,7 +793,7 @@ class FastPath:
         if now >= ex.started + self.config.upstream_timeout:
             self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout")
             return
-        if ex.con and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
+        if ex.con and ex.sent and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
             ex.retries += 1
             if not self._send_up(ex):
                 return

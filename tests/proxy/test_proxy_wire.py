@@ -800,14 +800,11 @@ async def test_long_tokens_come_back_as_sent_or_are_refused(
 
 
 async def test_a_clients_second_con_to_an_upstream_waits_for_the_first(
-    client: Client, upstream: tuple[RawOrigin, int], fast_path_gap: Callable[[str], None]
-) -> None:
+    client: Client, upstream: tuple[RawOrigin, int]) -> None:
     """RFC 7252 4.7 (NSTART = 1): a client, proxies included, MUST limit its outstanding
     interactions with a server. aiocoap's path sends a client's second CON request to an
     upstream once the first is acknowledged (per upstream socket, so other clients' are not
     held); both answers still come."""
-    fast_path_gap("the fast path sends a client's second CON to an upstream while the first"
-                  " is outstanding (no NSTART)")
     origin, port = upstream
     t = tag()
     client.send(first := request(CON, POST, up(port, f"say/{t}/a?d=0.4"), token=b"a"))
@@ -1161,13 +1158,11 @@ async def non_answers(client: Client, port: int, cases: list[tuple[str, str]]) -
 
 
 async def test_an_answer_whose_code_is_no_response_code_is_not_relayed(
-    client: Client, upstream: tuple[RawOrigin, int], fast_path_gap: Callable[[str], None]
+    client: Client, upstream: tuple[RawOrigin, int]
 ) -> None:
     """Codes 6.xx and 7.xx are no response codes over UDP (7.xx are RFC 8323's signals, for
     reliable transports only): such an "answer" is not passed on as one. aiocoap's path
     ignores it (5.04 after the upstream timeout); 5.02 at once would do too."""
-    fast_path_gap("the fast path relays an upstream datagram with code 6.xx or 7.xx to the"
-                  " client as if it were an answer")
     assert set(await non_answers(client, upstream[1], [("c0", ""), ("e1", "ff41")])) <= {
         code("5.02"), code("5.04")}
 
@@ -1519,14 +1514,11 @@ async def test_every_way_an_exchange_ends_frees_its_in_flight_slot(
 
 
 async def test_each_request_costs_one_rate_limit_token_however_it_ends(
-    tmp_path: Path, upstream: tuple[RawOrigin, int], path_args: tuple[str, ...],
-    fast_path_gap: Callable[[str], None]
+    tmp_path: Path, upstream: tuple[RawOrigin, int], path_args: tuple[str, ...]
 ) -> None:
     """--rate-limit 0.01/3 (a burst of 3, nearly no refill) and one exchange in flight: a
     request refused 5.03 while another waits costs its one token like any other, so the
     third is still served and only the fourth gets 4.29 with Max-Age."""
-    fast_path_gap("the fast path takes a token from the rate limit, then finds no in-flight"
-                  " slot and hands the request to aiocoap's path, which takes another")
     _, port = upstream
     t = tag()
     proxy = await start_limited(tmp_path, path_args, "--rate-limit", "0.01/3",
