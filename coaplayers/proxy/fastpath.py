@@ -283,6 +283,20 @@ class FastPath:
 
     def from_client(self, data: bytes, pktinfo: Any, address: Any) -> bool:
         """Take a datagram from the listening socket; False: aiocoap's path handles it."""
+        try:
+            return self._from_client(data, pktinfo, address)
+        except Exception:  # a fault here must not stop the listener: the datagram is dropped
+            log.exception("fast path: datagram from %s dropped", address)
+            return True
+
+    def from_upstream(self, up: Upstream, data: bytes) -> None:
+        """A datagram from an upstream's socket."""
+        try:
+            self._from_upstream(up, data)
+        except Exception:
+            log.exception("fast path: datagram from upstream %s dropped", up.key)
+
+    def _from_client(self, data: bytes, pktinfo: Any, address: Any) -> bool:
         if len(data) < 4:
             return False
         b0 = data[0]
@@ -514,8 +528,7 @@ class FastPath:
 
     # -- from upstreams --------------------------------------------------------------------
 
-    def from_upstream(self, up: Upstream, data: bytes) -> None:
-        """A datagram from an upstream's socket."""
+    def _from_upstream(self, up: Upstream, data: bytes) -> None:
         if len(data) < 4:
             return
         b0 = data[0]
