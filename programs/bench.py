@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: short windows, small counts")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--png", metavar="FILE", help="write a chart (needs matplotlib)")
-    p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 5, quick 1)")
+    p.add_argument("--rounds", type=int, help="interleaved throughput rounds, and --scaling's"
+                   " rounds of the worker configurations (default 5, quick 1)")
     p.add_argument("--duration", type=float,
                    help="seconds measured per point (default 2.5, quick 1)")
     p.add_argument("--clients", type=int, default=50, help="the concurrent-clients point (50)")
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scaling:
             from coaplayers_tools.bench import scaling as phase
 
-            key, coro = "scaling", phase.run(workdir, quick=args.quick, clients=args.clients)
+            key, coro = "scaling", phase.run(workdir, quick=args.quick, clients=args.clients,
+                                             rounds=args.rounds, duration=args.duration)
         else:
             from coaplayers_tools.bench import http as phase  # type: ignore[no-redef]
 

@@ -7,7 +7,9 @@ sends it):
 
 - ``coap-proxy x1 / coap-server x1`` and ``x2 / x2`` (``--workers``), and ``x2 / x2`` with
   ``--pin-workers`` (worker i on CPU i): started together and measured in alternating rounds,
-  each figure the median of its rounds;
+  each figure the median of its rounds, each round also at one paced load for all
+  (``PACED_RATE``); the 2-worker totals are compared with x1 round by round
+  (:func:`paired_rounds`), the bench's client alike as the control;
 - ``coap-proxy replica set``: a reverse route to a replica set of two coap-server (one worker
   each) against ``coap-proxy reverse``, the same route to one of them: the difference in the
   proxy's CPU per request is the router's cost;
@@ -16,8 +18,9 @@ sends it):
   alternating rounds too.
 
 On a machine with few cores the client competes for CPU with the roles, so wall rates mostly
-show the client; CPU per request per role (from /proc, every worker and the supervisor
-counted) does not, and predicts each role's capacity per core (1 s / CPU per request).
+show the client; CPU per request per role (from each process's CPU clock, every worker and
+the supervisor counted) does not, and predicts each role's capacity per core (1 s / CPU per
+request).
 """
 
 from __future__ import annotations
@@ -117,9 +120,12 @@ async def _measure(procs_of: dict[str, list[int]], proxy: str, origin: str | Non
     return point
 
 
-async def run(workdir: Path, *, quick: bool = False, clients: int = 50) -> dict[str, Any]:
-    duration = 1.0 if quick else 2.5
-    rounds = 1 if quick else 5
+async def run(workdir: Path, *, quick: bool = False, clients: int = 50,
+              rounds: int | None = None, duration: float | None = None) -> dict[str, Any]:
+    """``rounds`` (default 5, quick 1): more rounds narrow the paired figures' spread on a
+    noisy machine; each costs the worker configurations 3 x 3 windows of ``duration``."""
+    duration = duration or (1.0 if quick else 2.5)
+    rounds = rounds or (1 if quick else 5)
     points = (1, clients)
     out: dict[str, Any] = {"duration": duration, "cpus": os.cpu_count(), "configs": {},
                            "worker_rounds": rounds, "paced_rate": PACED_RATE}
