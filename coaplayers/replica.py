@@ -130,11 +130,27 @@ def balance_key(request: object, client: str) -> str:
     ClientHello random (clients behind one proxy or NAT share an address), else the
     client's address (a plain block-wise transfer stays on one replica)."""
     payload = request.payload  # type: ignore[attr-defined]
-    if payload[:1] == b"\x16" and tuple(request.opt.uri_path) == _ENTRY_PATH:  # type: ignore[attr-defined]
-        random = client_hello_random(bytes(payload))
+    if payload[:1] == b"\x16":
+        return balance_key_of(bytes(payload), tuple(request.opt.uri_path), client)  # type: ignore[attr-defined]
+    return client
+
+
+def balance_key_of(payload: bytes, path: Sequence[str], client: str) -> str:
+    """:func:`balance_key` from a request's payload and Uri-Path."""
+    if payload[:1] == b"\x16" and tuple(path) == _ENTRY_PATH:
+        random = client_hello_random(payload)
         if random is not None:
             return random.hex()
     return client
+
+
+def replica_of(oscore: bytes | None, path: Sequence[str]) -> int | None:
+    """:func:`replica_of_request` from a request's OSCORE option value (None: none) and its
+    Uri-Path (or the path its Proxy-Uri named)."""
+    if oscore is not None:
+        kid = kid_of_option(oscore)
+        return None if kid is None else replica_of_kid(kid)
+    return replica_of_session(path[0]) if len(path) == 1 else None
 
 
 def replica_of_request(options: object, path: Sequence[str] | None = None) -> int | None:
@@ -143,11 +159,8 @@ def replica_of_request(options: object, path: Sequence[str] | None = None) -> in
     (a new handshake or a plain request)."""
     oscore = options.get_option(_OSCORE_OPTION)  # type: ignore[attr-defined]
     if oscore:
-        kid = kid_of_option(bytes(oscore[0].value))
-        return None if kid is None else replica_of_kid(kid)
+        return replica_of(bytes(oscore[0].value), ())
     if path is not None:  # the path a Proxy-Uri named
-        return replica_of_session(path[0]) if len(path) == 1 else None
+        return replica_of(None, path)
     segments = options.get_option(_URI_PATH)  # type: ignore[attr-defined]
-    if len(segments) == 1:
-        return replica_of_session(segments[0].value)
-    return None
+    return replica_of(None, [s.value for s in segments])

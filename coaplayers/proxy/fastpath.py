@@ -27,14 +27,17 @@ import random
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiocoap import Message
 from aiocoap.numbers import codes
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
 
 from ..dedup import CompactDuplicates
+from ..errors import RemoteError
+from ..replica import balance_key_of, replica_of
 from .routing import Decision, is_unknown_unsafe
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 CON, NON, ACK, RST = 0, 1, 2, 3
 GET, FETCH = 1, 5
 OPT_LOCATION_PATH, OPT_URI_HOST, OPT_URI_PATH, OPT_URI_QUERY, OPT_HOP_LIMIT = 8, 3, 11, 15, 16
+OPT_OSCORE, OPT_PROXY_URI = 9, 35
 HOP_LIMIT_REACHED = 0xA8  # 5.08
 
 # Request options this path forwards (RFC 7252, 8613, 8768): If-Match, Uri-Host, ETag,
@@ -51,23 +55,34 @@ HOP_LIMIT_REACHED = 0xA8  # 5.08
 REQUEST_OPTIONS = frozenset({1, 3, 4, 5, 7, 9, 11, 12, 15, 16, 17, 35, 39, 60})
 ROUTING = frozenset({3, 7, 11, 15, 16, 35, 39})  # consumed, and regenerated from the decision
 
-EMPTY_ACK_DELAY = 0.1  # as aiocoap's: a request not answered by then gets an empty ACK
-ACK_TIMEOUT = 2.0
-ACK_RANDOM_FACTOR = 1.5
-MAX_RETRANSMIT = 4
-EXCHANGE_LIFETIME = 247.0
+EXCHANGE_LIFETIME = 247.0  # RFC 7252 4.8.2 with the default parameters
 TICK = 0.05  # seconds between looks at exchanges older than EMPTY_ACK_DELAY
-DECISIONS = 4096  # routing decisions remembered (by the routing options' bytes)
+DECISIONS = 16384  # routing decisions remembered (by the routing options' bytes; per set too)
 RECENTLY_DONE = 1024  # upstream tokens of finished exchanges whose CON answers are ACKed again
 
 log = logging.getLogger("coaplayers.proxy")
 
-_UNKNOWN, _SET = object(), object()  # routing decisions not made yet; a replica set's route
+_UNKNOWN, _SET = object(), object()  # a decision not made yet; one made for every request
+
+
+@dataclass(slots=True)
+class _SetRoute:
+    """A replica set's route: decisions remembered per member (health picks the member)."""
+
+    match: str
+    # (routing options, member) -> the decision: a session's requests reuse theirs
+    members: dict[Any, _Route] = field(default_factory=dict)
+
+    def remember(self, key: Any, member: str, route: _Route) -> None:
+        if len(self.members) >= DECISIONS:
+            self.members.clear()
+        self.members[(key, member)] = route
+
 _UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                           errno.EHOSTDOWN})
 
 
-class Malformed(ValueError):
+class Malformed(RemoteError, ValueError):
     """The datagram is not a well-formed CoAP message (aiocoap's path then decides)."""
 
 
@@ -170,8 +185,9 @@ class _Exchange:
 
     __slots__ = (
         "address", "code", "con", "empty_acked", "entry", "mid", "nstart", "peer", "pktinfo",
-        "request", "request_payload", "retried", "retries", "route", "sent", "started", "timer",
-        "token", "up", "up_acked", "up_datagram", "up_mid", "up_token", "verified", "young",
+        "request", "request_payload", "retried", "retries", "route", "rto", "sent", "sent_at",
+        "started", "timer", "token", "up", "up_acked", "up_datagram", "up_mid", "up_token",
+        "verified", "young",
     )
     peer: Hashable  # the client's address (the duplicate table's key, dedup.peer_key)
     pktinfo: Any  # where the request came to (the answer leaves from there)
@@ -198,6 +214,8 @@ class _Exchange:
         self.retried = False
         self.young = True
         self.sent = False  # (a CON waits while its client has another outstanding upstream)
+        self.sent_at = 0.0
+        self.rto = 0.0  # the first retransmission timeout, once chosen
         self.nstart: tuple[Any, Any] | None = None
         self.entry: dict[str, Any] | None = None
 
@@ -256,9 +274,17 @@ class FastPath:
         self.call_later = call_later
         self.hostinfo = hostinfo
         self.clock = clock
-        self.ack_timeout = self.config.ack_timeout or ACK_TIMEOUT
-        self.down_ack_timeout = self.config.downstream_ack_timeout or ACK_TIMEOUT
+        # RFC 7252 4.8's parameters as aiocoap's path uses them: its defaults (which a program
+        # may set), the ACK_TIMEOUTs of the configuration
+        tuning = TransportTuning()
+        self.empty_ack_delay = float(tuning.EMPTY_ACK_DELAY)
+        self.random_factor = float(tuning.ACK_RANDOM_FACTOR)
+        self.max_retransmit = int(tuning.MAX_RETRANSMIT)
+        self.exchange_lifetime = float(tuning.EXCHANGE_LIFETIME)
+        self.ack_timeout = self.config.ack_timeout or float(tuning.ACK_TIMEOUT)
+        self.down_ack_timeout = self.config.downstream_ack_timeout or float(tuning.ACK_TIMEOUT)
         self._routes: dict[tuple[tuple[int, bytes], ...], object] = {}
+        self._sets: dict[str, _SetRoute] = {}  # route -> its remembered member decisions
         self._addresses: dict[tuple[str, int], tuple[Any, int] | None] = {}
         self._pending: dict[tuple[Hashable, int], _Exchange] = {}  # (peer, MID) in progress
         self._young: OrderedDict[int, _Exchange] = OrderedDict()  # by arrival, < 0.1 s old
@@ -399,7 +425,7 @@ class FastPath:
             up.by_mid[up_mid] = ex
         self._pending[(peer, mid)] = ex
         self._young[id(ex)] = ex
-        self.duplicates.remember(peer, mid, EXCHANGE_LIFETIME)
+        self.duplicates.remember(peer, mid, self.exchange_lifetime)
         kinds = self._kinds
         kinds[d.kind] = kinds.get(d.kind, 0) + 1
         if site.log_exchanges:
@@ -416,7 +442,7 @@ class FastPath:
                 waiting.append(ex)
                 return True
             self._outstanding[nkey] = []
-        ex.sent = True
+        ex.sent, ex.sent_at = True, ex.started
         self._send_up(ex)
         return True
 
@@ -434,8 +460,9 @@ class FastPath:
             return
         while waiting:
             following = waiting.pop(0)
-            following.sent = True
+            following.sent, following.sent_at = True, self.clock()
             if self._send_up(following):
+                self._reschedule(following)
                 return
         del self._outstanding[nkey]
 
@@ -466,18 +493,56 @@ class FastPath:
         depends on the request's OSCORE kid or session name, the client and the members'
         health: decided again for every request, as aiocoap's path does."""
         known = self._routes.get(key, _UNKNOWN)
+        if type(known) is _SetRoute:
+            return self._member_route(known, key, data, address)
         if known is _SET:
             return self._decide(data, self.hostinfo(address))
         if known is not _UNKNOWN:
             return known  # type: ignore[return-value]
-        route = self._decide(data, "")
+        route = self._decide(data, self.hostinfo(address))
         remembered: object = route
-        if route is not None and route.decision.route in self.site.router.sets:
-            remembered = _SET
-            route = self._decide(data, self.hostinfo(address))
+        match = route.decision.route if route is not None else None
+        if match is not None and match in self.site.router.sets:
+            if any(n == OPT_PROXY_URI for n, _ in key):
+                remembered = _SET  # (its path comes from the URI: decided every time)
+            else:
+                remembered = self._sets.get(match)
+                if remembered is None:
+                    remembered = self._sets[match] = _SetRoute(match)
+                assert route is not None
+                d = route.decision
+                remembered.remember(key, f"{d.upstream.scheme}://{d.upstream.hostinfo}", route)
         if len(self._routes) >= DECISIONS:
             self._routes.clear()
         self._routes[key] = remembered
+        return route
+
+    def _member_route(self, known: _SetRoute, key: tuple[tuple[int, bytes], ...],
+                      data: bytes, address: Any) -> _Route | None:
+        """A replica set's route: the member from the request's raw OSCORE option or session
+        path and the client (``replica.replica_of``, ``balance_key_of``, the set's ``pick``,
+        as ``Router.decide`` does), and the decision for that member remembered."""
+        try:
+            tkl = data[0] & 0x0F
+            options, payload_at = parse_options(data, 4 + tkl)
+            path = tuple(v.decode() for n, v in options if n == OPT_URI_PATH)
+        except (Malformed, IndexError, UnicodeDecodeError):
+            return None
+        oscore = next((v for n, v in options if n == OPT_OSCORE), None)
+        client = self.hostinfo(address)
+        member = self.site.router.sets[known.match].pick(
+            replica_of(oscore, path), balance_key_of(data[payload_at + 1:], path, client))
+        if member is None:
+            return None  # no member up: aiocoap's path answers 5.03
+        cached = known.members.get((key, member.key))
+        if cached is not None:
+            return cached
+        route = self._decide(data, client)
+        if route is None:
+            return None
+        d = route.decision
+        if f"{d.upstream.scheme}://{d.upstream.hostinfo}" == member.key:
+            known.remember(key, member.key, route)
         return route
 
     def _decide(self, data: bytes, client: str) -> _Route | None:
@@ -603,7 +668,7 @@ class FastPath:
         old.by_token.pop(ex.up_token, None)
         old.by_mid.pop(ex.up_mid, None)
         self._next_of(ex)  # (the client's next request to the old member goes on its way)
-        ex.sent = True
+        ex.sent, ex.sent_at = True, self.clock()
         options: list[tuple[int, bytes]] = []
         if d.uri_host is not None:
             options.append((OPT_URI_HOST, d.uri_host.encode()))
@@ -629,7 +694,18 @@ class FastPath:
         if ex.entry is not None:
             ex.entry["retried"] = ex.entry["upstream"]
             ex.entry["upstream"] = d.uri
-        return self._send_up(ex)
+        if not self._send_up(ex):
+            return False
+        self._reschedule(ex)
+        return True
+
+    def _reschedule(self, ex: _Exchange) -> None:
+        """Timers for an exchange sent now (the tick sets them for one still young)."""
+        if ex.young:
+            return
+        if ex.timer is not None:
+            ex.timer.cancel()
+        self._schedule(ex, self.clock())
 
     def _answer(self, ex: _Exchange, data: bytes, tkl: int, code: int) -> None:
         try:
@@ -731,14 +807,15 @@ class FastPath:
         """A separate answer sent as CON: retransmitted until the client ACKs or resets it
         (RFC 7252 4.2); its request's duplicates get the empty ACK again."""
         key = (ex.peer, mid)
-        state: list[Any] = [None, 0, self.down_ack_timeout * random.uniform(1.0, 1.5)]
+        state: list[Any] = [None, 0,
+                            self.down_ack_timeout * random.uniform(1.0, self.random_factor)]
         if len(self._awaiting) >= self.config.max_in_flight:
             self._awaiting.pop(next(iter(self._awaiting)))  # bounded: the oldest gives up
 
         def again() -> None:
             if self._awaiting.get(key) is not state:
                 return
-            if state[1] >= MAX_RETRANSMIT:
+            if state[1] >= self.max_retransmit:
                 del self._awaiting[key]
                 return
             state[1] += 1
@@ -776,7 +853,7 @@ class FastPath:
         young = self._young
         while young:
             ex = next(iter(young.values()))
-            if now - ex.started < EMPTY_ACK_DELAY:
+            if now - ex.started < self.empty_ack_delay:
                 break
             del young[id(ex)]
             ex.young = False
@@ -793,9 +870,11 @@ class FastPath:
     def _schedule(self, ex: _Exchange, now: float) -> None:
         deadline = ex.started + self.config.upstream_timeout
         when = deadline
-        if ex.con and ex.sent and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
-            when = min(when, ex.started + self.ack_timeout * random.uniform(1.0, 1.5)
-                       * ((2 ** (ex.retries + 1)) - 1))
+        if ex.con and ex.sent and not ex.up_acked and ex.retries < self.max_retransmit:
+            if ex.rto == 0.0:
+                ex.rto = self.ack_timeout * random.uniform(1.0, self.random_factor)
+            # RFC 7252 4.2: the timeout doubles with each retransmission
+            when = min(when, ex.sent_at + ex.rto * ((2 ** (ex.retries + 1)) - 1))
         ex.timer = self.call_later(max(0.0, when - now), lambda: self._on_timer(ex))
 
     def _on_timer(self, ex: _Exchange) -> None:
@@ -806,7 +885,8 @@ class FastPath:
         if now >= ex.started + self.config.upstream_timeout:
             self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream timeout", "timeout")
             return
-        if ex.con and ex.sent and not ex.up_acked and ex.retries < MAX_RETRANSMIT:
+        if (ex.con and ex.sent and not ex.up_acked and ex.retries < self.max_retransmit
+                and now >= ex.sent_at + ex.rto * ((2 ** (ex.retries + 1)) - 1)):
             ex.retries += 1
             if not self._send_up(ex):
                 return

@@ -330,3 +330,56 @@ def test_metrics_are_counted_in_numbers_and_reach_the_registry() -> None:
     assert m.requests.get(kind="forward") == 5
     assert m.responses.get(code="2.04") == 5
     assert m.bytes.get(direction="upstream") == 200 and m.bytes.get(direction="downstream") == 5
+
+
+# -- replica sets --------------------------------------------------------------------------
+
+
+def test_replica_set_requests_go_to_the_member_their_session_names() -> None:
+    from coaplayers import replica
+    from coaplayers.proxy.config import Route
+
+    rig = Rig(routes=(Route.parse("/=replicas:coap://127.0.0.1:1,coap://127.0.0.1:2"),),
+              forward=False)
+    chosen: list[Any] = []
+    rig.core.upstream_for = lambda sockaddr, version, client: (  # type: ignore[method-assign]
+        chosen.append(sockaddr) or rig.up)
+    s = rig.site.router.sets["/"]
+    for i, m in enumerate(sorted(s.members.values(), key=lambda m: m.key)):
+        s.answered(m, i, now=0.0)
+    decisions: list[object] = []
+    decide = rig.site.router.decide
+    rig.site.router.decide = lambda *a: decisions.append(a) or decide(*a)  # type: ignore[method-assign]
+
+    def session(n: int, mid: int) -> bytes:
+        m = Message(code=Code.POST, payload=b"record",
+                    uri="coap://proxy/~" + replica.session_name(n, "AAAAA")[0] + "bcd")
+        m.mtype, m.mid, m.token = Type.CON, mid, b"s"
+        return m.encode()
+
+    for mid in range(6):
+        assert rig.core.from_client(session(mid % 2, mid), None, CLIENT)
+        rig.answer_up(ACK, 0x44)
+    assert [a[1] for a in chosen] == [1, 2, 1, 2, 1, 2]
+    assert len(decisions) == 2  # once per routing options (a session), then remembered
+    # Replica 0 is down: its sessions' requests go to replica 1 (which answers 4.04 there).
+    s.fail("coap://127.0.0.1:1", "unreachable")
+    assert rig.core.from_client(session(0, 10), None, CLIENT)
+    assert chosen[-1][1] == 2
+    # No member up: aiocoap's path answers (5.03).
+    s.fail("coap://127.0.0.1:2", "unreachable")
+    assert not rig.core.from_client(session(1, 11), None, CLIENT)
+
+
+def test_a_clients_second_con_waits_for_the_first_and_is_then_retransmitted() -> None:
+    rig = Rig(ack_timeout=1.0, upstream_timeout=30.0)
+    rig.core.from_client(request(mid=1, token=b"a"), None, CLIENT)
+    rig.core.from_client(request(mid=2, token=b"b"), None, CLIENT)
+    assert len(rig.up_sent) == 1  # RFC 7252 4.7: one outstanding CON per client and upstream
+    rig.clock.advance(0.5)  # both acknowledged empty towards the client meanwhile
+    rig.answer_up(ACK, 0x44, b"1")  # the first answered: the second goes
+    assert len(rig.up_sent) == 2 and decoded(rig.up_sent[1]).opt.uri_path == ("echo",)
+    rig.clock.advance(1.6)  # not acknowledged: sent again, timed from when it went out
+    assert len(rig.up_sent) == 3 and rig.up_sent[2] == rig.up_sent[1]
+    rig.answer_up(ACK, 0x44, b"2", request=rig.up_sent[1])
+    assert [decoded(d).payload for d in rig.down if decoded(d).code] == [b"1", b"2"]

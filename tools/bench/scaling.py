@@ -411,7 +411,7 @@ def render(results: dict[str, Any]) -> str:
                      " most 5 %)")
     if s.get("router_cost_end_to_end") is not None:
         lines.append(f"  (end to end, replica set vs one route: proxy CPU per request"
-                     f" {100 * s['router_cost_end_to_end']:+.1f} %, within this machine's noise)")
+                     f" {100 * s['router_cost_end_to_end']:+.1f} %)")
     if s.get("proxy_cpu_vs_libcoap") is not None:
         lines.append(f"coap-proxy CPU per request vs libcoap's proxy: libcoap/ours ="
                      f" {s['proxy_cpu_vs_libcoap']:.2f}x (target at least 1.0x)")
