@@ -101,23 +101,9 @@ def parse_options(data: bytes, offset: int) -> tuple[list[tuple[int, bytes]], in
         offset += 1
         delta, length = byte >> 4, byte & 0x0F
         if delta >= 13:
-            if delta == 13:
-                delta = data[offset] + 13
-                offset += 1
-            elif delta == 14:
-                delta = ((data[offset] << 8) | data[offset + 1]) + 269
-                offset += 2
-            else:
-                raise Malformed("option delta 15")
+            delta, offset = _extended_nibble(delta, data, offset, "delta")
         if length >= 13:
-            if length == 13:
-                length = data[offset] + 13
-                offset += 1
-            elif length == 14:
-                length = ((data[offset] << 8) | data[offset + 1]) + 269
-                offset += 2
-            else:
-                raise Malformed("option length 15")
+            length, offset = _extended_nibble(length, data, offset, "length")
         number += delta
         value = data[offset:offset + length]
         offset += length
@@ -125,6 +111,15 @@ def parse_options(data: bytes, offset: int) -> tuple[list[tuple[int, bytes]], in
             raise Malformed("option runs past the end")
         options.append((number, value))
     return options, end
+
+
+def _extended_nibble(nibble: int, data: bytes, offset: int, what: str) -> tuple[int, int]:
+    """An option delta or length of 13 or 14 and its extension bytes: (value, next offset)."""
+    if nibble == 13:
+        return data[offset] + 13, offset + 1
+    if nibble == 14:
+        return ((data[offset] << 8) | data[offset + 1]) + 269, offset + 2
+    raise Malformed(f"option {what} 15")
 
 
 def _extended(value: int) -> tuple[int, bytes]:
@@ -554,13 +549,7 @@ class FastPath:
         if (d.upstream.scheme != "coap" or "coap" not in site.upstream_schemes
                 or site.upstream is None or "%" in d.upstream.host):
             return None
-        options: list[tuple[int, bytes]] = []
-        if d.uri_host is not None:
-            options.append((OPT_URI_HOST, d.uri_host.encode()))
-        options += [(OPT_URI_PATH, s.encode()) for s in d.path]
-        options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
-        options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
-        return _Route(d, options, encode_options(options))
+        return _route_of(d)
 
     def _address(self, host: str, port: int, check: bool) -> tuple[Any, int] | None:
         """(sockaddr, IP version) of an upstream, or None (not known yet, or not allowed: aiocoap's
@@ -669,16 +658,10 @@ class FastPath:
         old.by_mid.pop(ex.up_mid, None)
         self._next_of(ex)  # (the client's next request to the old member goes on its way)
         ex.sent, ex.sent_at = True, self.clock()
-        options: list[tuple[int, bytes]] = []
-        if d.uri_host is not None:
-            options.append((OPT_URI_HOST, d.uri_host.encode()))
-        options += [(OPT_URI_PATH, s.encode()) for s in d.path]
-        options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
-        options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
-        ex.route = _Route(d, options, encode_options(options))
+        ex.route = _route_of(d)
         tkl = ex.request[0] & 0x0F
         request_options, payload_at = parse_options(ex.request, 4 + tkl)
-        opts = [o for o in request_options if o[0] not in ROUTING] + options
+        opts = [o for o in request_options if o[0] not in ROUTING] + ex.route.options
         opts.sort(key=_number)
         token = self._token()
         while token in up.by_token:
@@ -925,6 +908,17 @@ class FastPath:
             if state[0] is not None:
                 state[0].cancel()
         self._awaiting.clear()
+
+
+def _route_of(d: Decision) -> _Route:
+    """A decision and the routing options it puts in the upstream request."""
+    options: list[tuple[int, bytes]] = []
+    if d.uri_host is not None:
+        options.append((OPT_URI_HOST, d.uri_host.encode()))
+    options += [(OPT_URI_PATH, s.encode()) for s in d.path]
+    options += [(OPT_URI_QUERY, q.encode()) for q in d.query]
+    options.append((OPT_HOP_LIMIT, _uint(d.hop_limit)))
+    return _Route(d, options, encode_options(options))
 
 
 def _number(option: tuple[int, bytes]) -> int:
