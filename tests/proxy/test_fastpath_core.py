@@ -342,14 +342,23 @@ def test_replica_set_requests_go_to_the_member_their_session_names() -> None:
     rig = Rig(routes=(Route.parse("/=replicas:coap://127.0.0.1:1,coap://127.0.0.1:2"),),
               forward=False)
     chosen: list[Any] = []
-    rig.core.upstream_for = lambda sockaddr, version, client: (  # type: ignore[method-assign]
-        chosen.append(sockaddr) or rig.up)
+
+    def upstream_for(sockaddr: Any, version: int, client: Any) -> Upstream:
+        chosen.append(sockaddr)
+        return rig.up
+
+    rig.core.upstream_for = upstream_for  # type: ignore[method-assign]
     s = rig.site.router.sets["/"]
     for i, m in enumerate(sorted(s.members.values(), key=lambda m: m.key)):
         s.answered(m, i, now=0.0)
     decisions: list[object] = []
     decide = rig.site.router.decide
-    rig.site.router.decide = lambda *a: decisions.append(a) or decide(*a)  # type: ignore[method-assign]
+
+    def counted(*args: Any) -> Any:
+        decisions.append(args)
+        return decide(*args)
+
+    rig.site.router.decide = counted  # type: ignore[method-assign]
 
     def session(n: int, mid: int) -> bytes:
         m = Message(code=Code.POST, payload=b"record",
