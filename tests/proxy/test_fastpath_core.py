@@ -358,7 +358,7 @@ def test_replica_set_requests_go_to_the_member_their_session_names() -> None:
         decisions.append(args)
         return decide(*args)
 
-    rig.site.router.decide = counted  # type: ignore[method-assign]
+    rig.site.router.decide = counted  # type: ignore[method-assign, assignment]
 
     def session(n: int, mid: int) -> bytes:
         m = Message(code=Code.POST, payload=b"record",
