@@ -57,6 +57,7 @@ ROUTING = frozenset({3, 7, 11, 15, 16, 35, 39})  # consumed, and regenerated fro
 
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 4.8.2 with the default parameters
 TICK = 0.05  # seconds between looks at exchanges older than EMPTY_ACK_DELAY
+TOKEN = 4  # upstream token bytes, random: RFC 7252 5.3.1's 32 bits for Internet clients
 DECISIONS = 16384  # routing decisions remembered (by the routing options' bytes; per set too)
 RECENTLY_DONE = 1024  # upstream tokens of finished exchanges whose CON answers are ACKed again
 
@@ -412,7 +413,7 @@ class FastPath:
         else:
             encoded = route.encoded
         ex.up_datagram = (
-            bytes((0x48 | mtype << 4, code)) + up_mid.to_bytes(2, "big") + token + encoded
+            bytes((0x40 | mtype << 4 | TOKEN, code)) + up_mid.to_bytes(2, "big") + token + encoded
             + data[payload_at:]
         )
         up.by_token[token] = ex
@@ -473,13 +474,13 @@ class FastPath:
         return True
 
     def _token(self) -> bytes:
-        """8 random bytes (read from the OS 4 KiB at a time: a system call per request is a
-        noticeable share of one)."""
+        """A random upstream token (read from the OS 4 KiB at a time: a system call per
+        request is a noticeable share of one)."""
         at = self._random_at
         if at >= len(self._random):
             self._random, at = os.urandom(4096), 0
-        self._random_at = at + 8
-        return self._random[at:at + 8]
+        self._random_at = at + TOKEN
+        return self._random[at:at + TOKEN]
 
     def _route(self, key: tuple[tuple[int, bytes], ...], data: bytes,
                address: Any) -> _Route | None:
@@ -668,7 +669,7 @@ class FastPath:
             token = self._token()
         ex.up, ex.up_token, ex.up_mid = up, token, up.mid()
         ex.up_acked, ex.retries = False, 0
-        ex.up_datagram = (bytes((0x48 | (CON if ex.con else NON) << 4, ex.code))
+        ex.up_datagram = (bytes((0x40 | (CON if ex.con else NON) << 4 | TOKEN, ex.code))
                           + ex.up_mid.to_bytes(2, "big") + token + encode_options(opts)
                           + ex.request[payload_at:])
         up.by_token[token] = ex

@@ -170,7 +170,7 @@ def test_plain_post_is_forwarded_with_routing_options_regenerated() -> None:
     rig = Rig()
     assert rig.core.from_client(request(o1=b"\x01", content_format=0), None, CLIENT)
     up = decoded(rig.up_sent[-1])
-    assert up.mtype == Type.CON and up.code == Code.POST and len(up.token) == 8
+    assert up.mtype == Type.CON and up.code == Code.POST and len(up.token) == 4
     assert up.opt.proxy_scheme is None and up.opt.uri_host is None and up.opt.uri_port is None
     assert list(up.opt.uri_path) == ["echo"] and up.opt.content_format == 0
     assert up.opt.get_option(1)[0].value == b"\x01"
