@@ -146,15 +146,17 @@ async def test_cache_is_bounded_by_entries_and_can_be_turned_off(
 async def test_concurrent_misses_go_upstream_once(
     tmp_path: Path, origin: Running, proxies: list[Running]
 ) -> None:
-    """Twenty clients asking at once for what is not cached yet cost the origin one GET."""
+    """Twenty clients asking at once for what is not cached yet cost the origin one GET (the
+    origin takes 0.3 s to answer, so the others arrive while the first is upstream however the
+    machine schedules them)."""
     proxies.append(proxy := await start_proxy(tmp_path))
     ctxs = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(20)]
     try:
-        answers = await asyncio.gather(*(ask(c, proxy, f"coap://{origin.hostport}/count")
+        answers = await asyncio.gather(*(ask(c, proxy, f"coap://{origin.hostport}/slow?0.3")
                                          for c in ctxs))
     finally:
         for c in ctxs:
             await c.shutdown()
-    assert {(a.code, a.payload) for a in answers} == {(codes.CONTENT, answers[0].payload)}
-    assert upstream_count(proxy, "/count") == 1
+    assert {(a.code, a.payload) for a in answers} == {(codes.CONTENT, b"slow done")}
+    assert upstream_count(proxy, "/slow?0.3") == 1
     assert sum(1 for e in exchanges(proxy) if e.get("coalesced")) >= 1
