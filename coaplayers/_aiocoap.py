@@ -31,7 +31,6 @@ What is here, each with why and the upstream change that would retire it:
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import weakref
@@ -43,6 +42,8 @@ from aiocoap.blockwise import _extract_block_key
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe
 from aiocoap.protocol import BlockwiseRequest, ClientObservation
+
+from .errors import ICMP_ERRNOS
 
 CHECKED_AGAINST = {"aiocoap": "0.4.17"}
 """Distribution -> the version these workarounds were checked against (tests/test_seams.py
@@ -449,8 +450,6 @@ def install_pipe_fix() -> None:
     Pipe._add_event = _add_event  # type: ignore[method-assign]
 
 
-ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                         errno.EHOSTDOWN})
 
 
 def install_send_error_fix() -> None:

@@ -139,9 +139,9 @@ class CompactDuplicates:
 
 
 def peer_key(remote: Any) -> Hashable:
-    """What the table keys a peer on: a plain UDP remote by its address (as aiocoap compares
-    them), so that datagrams answered below aiocoap (keyed by the address they came from) and
-    through it share entries; any other remote by itself."""
+    """What the table keys a peer on: a plain UDP remote by its address tuple as received, so
+    that datagrams answered below aiocoap (keyed by the same tuple) and through it share
+    entries; any other remote by itself."""
     if type(remote) is UDP6EndpointAddress:
         return remote.sockaddr  # type: ignore[no-any-return]
     return remote  # type: ignore[no-any-return]

@@ -13,6 +13,8 @@ from their layer's base only.
 
 from __future__ import annotations
 
+import errno
+
 
 class CoaplayersError(Exception):
     """Base class of every error coaplayers raises on purpose."""
@@ -27,3 +29,9 @@ class RemoteError(CoaplayersError):
 
 
 __all__ = ["CoaplayersError", "LocalError", "RemoteError"]
+
+
+ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         errno.EHOSTDOWN})
+"""The errors a UDP socket reports for an ICMP error from its peer: nothing listens there, or
+the peer cannot be reached (a request sent there ran nowhere)."""

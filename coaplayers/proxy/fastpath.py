@@ -19,7 +19,6 @@ section 3.1. ``tests/proxy/test_fastpath.py`` runs this core without sockets.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import os
@@ -36,7 +35,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 
 from ..dedup import CompactDuplicates
-from ..errors import RemoteError
+from ..errors import ICMP_ERRNOS, RemoteError
 from ..replica import balance_key_of, replica_of
 from .routing import Decision, is_unknown_unsafe
 
@@ -79,8 +78,6 @@ class _SetRoute:
             self.members.clear()
         self.members[(key, member)] = route
 
-_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                          errno.EHOSTDOWN})
 
 
 class Malformed(RemoteError, ValueError):
@@ -244,8 +241,8 @@ class FastPath:
     """The forwarding core: datagrams in, datagrams out; sockets and timers are the shell's.
 
     ``send_down(data, pktinfo, address)`` answers a client on the listening socket;
-    ``upstream_for(sockaddr, version, client)`` (IP version 4 or 6) gives the
-    :class:`Upstream` a client's requests to ``sockaddr`` use (``None``: none free; the
+    ``upstream_for(sockaddr, version)`` (IP version 4 or 6) gives the
+    :class:`Upstream` that requests to ``sockaddr`` use (``None``: none free; the
     request then goes through aiocoap); ``resolve(host, port)`` gives an upstream name's
     (sockaddr, version) if it is known (and looks it up for next time if not);
     ``call_later(delay, fn)`` returns a handle with ``cancel()``; ``clock`` is the loop's.
@@ -254,7 +251,7 @@ class FastPath:
     def __init__(
         self, site: ProxySite, *, send_down: Callable[[bytes, Any, Any], None],
         duplicates: CompactDuplicates, next_mid: Callable[[], int],
-        upstream_for: Callable[[Any, int, Hashable], Upstream | None],
+        upstream_for: Callable[[Any, int], Upstream | None],
         resolve: Callable[[str, int], tuple[Any, int] | None],
         call_later: Callable[[float, Callable[[], None]], Any],
         hostinfo: Callable[[Any], str],
@@ -383,7 +380,7 @@ class FastPath:
             return False
         client = self.hostinfo(address) if site.limiter is not None or site.log_exchanges \
             else None
-        up = self.upstream_for(target[0], target[1], address)
+        up = self.upstream_for(target[0], target[1])
         if up is None or not site.acquire_slot():
             return False  # (aiocoap's path answers 5.03 and takes the rate limit's token)
         if site.limiter is not None and site.limiter.admit(client, self.clock()) is not None:
@@ -631,7 +628,7 @@ class FastPath:
         except that a replica set's member is marked down and the request goes once to
         another member (nothing ran at this one); any other error: 5.02."""
         log.debug("upstream %s: %s", up.key, exc)
-        unreachable = exc.errno in _UNREACHABLE
+        unreachable = exc.errno in ICMP_ERRNOS
         sets = self.site.router.sets
         for ex in list(up.by_token.values()):
             if not unreachable:
@@ -651,7 +648,7 @@ class FastPath:
         if d.upstream.scheme != "coap":
             return False
         target = self._address(d.upstream.host, d.upstream.port, d.check_address)
-        up = self.upstream_for(target[0], target[1], ex.address) if target else None
+        up = self.upstream_for(target[0], target[1]) if target else None
         if up is None:
             return False
         old = ex.up

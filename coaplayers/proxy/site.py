@@ -10,7 +10,6 @@ an unverified reader's small blocks (the 3x rule) are cut from a cached whole an
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -34,6 +33,7 @@ from ..amplification import (
     guard_pipe,
     plain_address,
 )
+from ..errors import ICMP_ERRNOS
 from ..layer1.transport import Layer1Error
 from ..rules import NO_RESPONSE_ALL, suppressed
 from .accesslog import AccessLog
@@ -213,14 +213,17 @@ class ProxySite:
         """
         if type(remote) is not UDP6EndpointAddress:
             return str(remote.hostinfo)
+        return self.hostinfo_of(remote.sockaddr, lambda: str(remote.hostinfo))
+
+    def hostinfo_of(self, sockaddr: Any, compute: Callable[[], str]) -> str:
+        """The "host:port" of a plain UDP client at ``sockaddr`` (``compute`` on a miss)."""
         cache = self._hostinfo
-        key = remote.sockaddr
-        hostinfo = cache.get(key)
+        hostinfo = cache.get(sockaddr)
         if hostinfo is None:
-            hostinfo = remote.hostinfo
+            hostinfo = compute()
             if len(cache) >= 8192:
                 cache.clear()
-            cache[key] = hostinfo
+            cache[sockaddr] = hostinfo
         return hostinfo
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -797,9 +800,7 @@ class _Slot:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.site.in_flight.release()
-            if self.site.in_flight.count == 0:
-                self.site._idle.set()
+            self.site.release_slot()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -812,9 +813,7 @@ def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, Layer1Error):  # coaps://: the transport saw the ICMP error
         return isinstance(exc.cause, dtls.NetworkUnreachable)
     cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno in (
-        errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
-    )
+    return isinstance(cause, OSError) and cause.errno in ICMP_ERRNOS
 
 
 def _tuning(ack_timeout: float | None) -> TransportTuning | None:

@@ -344,7 +344,8 @@ class FastPathShell:
         mman = _aiocoap.udp6_message_manager(interface)
 
         def hostinfo(address: Any) -> str:
-            return str(site.client_hostinfo(UDP6EndpointAddress(address, interface)))
+            return str(site.hostinfo_of(
+                address, lambda: UDP6EndpointAddress(address, interface).hostinfo))
 
         self.core = FastPath(
             site, send_down=_aiocoap.datagram_sender(interface),
@@ -355,7 +356,7 @@ class FastPathShell:
         )
         _aiocoap.intercept_datagrams(interface, self.core.from_client)
 
-    def upstream_for(self, sockaddr: Any, version: int, client: Any) -> Any:
+    def upstream_for(self, sockaddr: Any, version: int) -> Any:
         up = self._active.get(sockaddr)
         if up is not None and up.sent < 0x10000:
             up.sent += 1
