@@ -320,6 +320,8 @@ def test_tunnel_resource_answers_any_inner_message_as_the_profile_says(
         except InnerMessageError:
             token = inner.peek_token(plaintext)
             return token, (None if token is None else Code.BAD_REQUEST)
+        if decoded.message.code == Code.PING:  # the session's liveness check: PONG
+            return decoded.token, Code.PONG
         return (decoded.token, None) if decoded.message.code.is_request() else (None, None)
 
     @FUZZ
@@ -328,6 +330,7 @@ def test_tunnel_resource_answers_any_inner_message_as_the_profile_says(
     @example(plaintext=b"\x01\x07\x02\xb4echo")
     @example(plaintext=b"\x09" + b"\x00" * 12)
     @example(plaintext=b"\x00\x01\x31\x00")
+    @example(plaintext=b"\x01\x01\xe2\xb5hello")  # PING (7.02) with a token: PONG
     def feed(plaintext: bytes) -> None:
         with only():
             answers = exchange(plaintext)
