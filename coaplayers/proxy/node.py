@@ -48,6 +48,7 @@ class ProxyNode:
     async def start(self) -> list[str]:
         """Bind everything; returns the listen URIs with real ports (port 0 resolved)."""
         remember_local_multicast()  # one ipaddress parse per answer less (as coap-server)
+        self.site.hold_until_ready()  # the listeners answer before the rest exists
         self.context = await build_context(self.config, self.site, self.metrics)
         try:
             for scheme, host, port in self.context.bound:
@@ -81,6 +82,7 @@ class ProxyNode:
                 await self.health.stop()
             await self.context.shutdown()
             raise
+        self.site.ready()
         self.access_log.event(
             "start", listen=self.bound_uris, routes=[str(r) for r in self.config.routes],
             forward=self.config.forward, allow=list(self.config.allow),

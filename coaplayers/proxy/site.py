@@ -187,6 +187,9 @@ class ProxySite:
         # cache key -> done when the one upstream request for it is answered (or failed)
         self._misses: dict[Hashable, asyncio.Future[None]] = {}
         self.draining = False
+        # Set while requests are served; ProxyNode clears it while it starts (hold_until_ready)
+        self._ready = asyncio.Event()
+        self._ready.set()
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -228,6 +231,28 @@ class ProxySite:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def hold_until_ready(self) -> None:
+        """Hold requests until :meth:`ready`. The listeners are bound (and answer pings) before
+        the upstream contexts, the own addresses and the replica sets' first health round
+        exist; a request arriving in between (a client retransmitting through a restart, or
+        one that took the first answered ping for readiness) would otherwise be refused, 5.05
+        for want of an upstream transport, for what is only a moment."""
+        self._ready.clear()
+
+    def ready(self) -> None:
+        """Serve the held requests and every later one (the node has started)."""
+        self._ready.set()
+
+    async def _until_ready(self) -> bool:
+        """Wait for :meth:`ready`, at most ``upstream_timeout`` (what a client waits for an
+        upstream anyway); False if the node did not get there."""
+        try:
+            async with asyncio.timeout(self.config.upstream_timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def begin_drain(self) -> None:
         """Refuse new requests with 5.03; end relayed observations with a final 5.03."""
         self.draining = True
@@ -246,6 +271,7 @@ class ProxySite:
     async def render_to_pipe(self, pipe: Pipe) -> None:
         request: Message = pipe.request
         started = self.clock()
+        starting = not self._ready.is_set() and not await self._until_ready()
         entry: dict[str, Any] = {
             "event": "exchange",
             "client": self.client_hostinfo(request.remote),
@@ -272,6 +298,9 @@ class ProxySite:
             pipe = guard_pipe(pipe, self.guard, unverified, self.log)  # type: ignore[arg-type]
         try:
             try:
+                if starting:
+                    raise Refusal(codes.SERVICE_UNAVAILABLE, "proxy starting", "starting",
+                                  max_age=1)
                 self._admit(request, entry, slot)
                 decision = self.router.decide(request, entry["client"])
                 if (decision.kind == "forward" and decision.route is None
