@@ -48,14 +48,20 @@ class LossTuning(TransportTuning):
     MAX_RETRANSMIT = 11
 
 
-async def coap_ping(host: str, port: int, timeout: float = 10.0) -> None:
-    """Send CoAP pings (empty CON) until an RST comes back: the endpoint is serving."""
+async def coap_ping(
+    host: str, port: int, timeout: float = 10.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Send CoAP pings (empty CON) until an RST comes back: the endpoint is serving.
+
+    With ``process`` (the endpoint's), its exit ends the wait at once (``RuntimeError``)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setblocking(False)
         mid = 0x4C00
         while loop.time() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"exited ({process.returncode}) before answering a ping")
             mid += 1
             s.sendto(bytes([0x40, 0x00]) + mid.to_bytes(2, "big"), (host, port))
             try:
@@ -151,6 +157,17 @@ class ProxyProcess:
     def uri(self) -> str:
         return f"coap://127.0.0.1:{self.port}"
 
+    def env(self) -> dict[str, str] | None:
+        if self.kind == "aiocoap":
+            # UDP only. By default aiocoap-proxy also listens on TCP on the same port number
+            # (and sets up TLS and DTLS), which free_udp_port() did not check: a loopback TCP
+            # connection of anyone on this machine that used that number as its local port
+            # (even one in TIME_WAIT, for a minute) makes that bind fail, and aiocoap-proxy
+            # exits before it binds UDP (libcoap's proxy logs the TCP failure and serves UDP).
+            return dict(os.environ, AIOCOAP_SERVER_TRANSPORT="udp6",
+                        AIOCOAP_CLIENT_TRANSPORT="udp6")
+        return None
+
     def argv(self) -> list[str]:
         if self.kind == "aiocoap":
             exe = shutil.which("aiocoap-proxy", path=os.path.dirname(sys.executable))
@@ -172,10 +189,16 @@ class ProxyProcess:
 
     async def start(self) -> None:
         self.starts += 1
-        log = open(self.log_dir / f"{self.kind}-proxy-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
+        path = self.log_dir / f"{self.kind}-proxy-{self.starts}.log"
+        log = open(path, "wb")
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env())
         log.close()
-        await coap_ping("127.0.0.1", self.port, timeout=15.0)
+        try:
+            await coap_ping("127.0.0.1", self.port, timeout=15.0, process=self.proc)
+        except RuntimeError as exc:
+            tail = path.read_bytes()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"{self.kind} proxy on port {self.port}: {exc}:\n{tail}") from None
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

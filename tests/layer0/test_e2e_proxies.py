@@ -8,6 +8,7 @@ tampered with.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import aiocoap
@@ -184,6 +185,36 @@ async def test_proxy_restart_keeps_the_layer0_session(
     assert ch.handshakes == 1 and ch.session_path == path
     assert origin.layer0 is not None and origin.layer0.core.stats.handshakes == 1
     await ch.close()
+
+
+def leave_tcp_time_wait(port: int) -> None:
+    """A loopback TCP connection whose local port is ``port``, closed first by that side: it
+    keeps the port in TIME_WAIT for a minute, as any outgoing loopback connection on this
+    machine does with its ephemeral port (which may be the number of a UDP port in use)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.socket()
+        client.bind(("127.0.0.1", port))
+        client.connect(server.getsockname())
+        accepted, _ = server.accept()
+        client.close()
+        accepted.close()
+
+
+async def test_proxy_restarts_on_its_udp_port_whatever_holds_tcp_on_that_number(
+    proxy_kind, start_proxy
+):
+    """The restart above on a port whose TCP twin was taken while the proxy was down (an
+    aiocoap-proxy listening on TCP too exited at the bind; the ping then waited 15 s)."""
+    proxy = await start_proxy(proxy_kind)
+    await proxy.stop()
+    leave_tcp_time_wait(proxy.port)
+    with socket.socket() as listener, pytest.raises(OSError):  # the port's TCP twin is taken
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", proxy.port))
+    await asyncio.wait_for(proxy.start(), T)
+    assert proxy.starts == 2
 
 
 async def test_server_restart_leads_to_a_new_handshake(start_origin, start_proxy, client_context):
