@@ -4,6 +4,7 @@ libcoap's client, aiocoap's client, and the aiocoap origin of these tests."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,10 @@ async def test_fileserver_is_asked_once_for_many_reads(
     root.mkdir()
     (root / "hello.txt").write_text("hello\n")
     port = free_udp_port()
-    async with background(fileserver, "--bind", f"127.0.0.1:{port}", str(root)):
+    # UDP only: its default TCP listener on the same port number (not checked free) can fail
+    # to bind, and the fileserver then exits (tests/layer0/conftest.py, ProxyProcess.env).
+    env = dict(os.environ, AIOCOAP_SERVER_TRANSPORT="udp6", AIOCOAP_CLIENT_TRANSPORT="udp6")
+    async with background(fileserver, "--bind", f"127.0.0.1:{port}", str(root), env=env):
         await wait_udp_bound("127.0.0.1", port)
         proxies.append(proxy := await start_proxy(tmp_path, "--metrics", "127.0.0.1:0"))
         target = f"coap://127.0.0.1:{port}/hello.txt"
