@@ -331,6 +331,11 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self.raw_public_key = raw_public_key
         self.client_credentials = client_credentials or ClientCredentials()
         self._on_event = on_event
+        # coap-proxy's fast path (``proxy/transport.py``): ``plaintext_hook(data, remote)`` sees
+        # every CoAP message a session delivers before aiocoap does (True: taken), and
+        # ``error_hook(remote, exc)`` every session failure aiocoap's requests get.
+        self.plaintext_hook: Callable[[bytes, Layer1Remote], bool] | None = None
+        self.error_hook: Callable[[Layer1Remote, dtls.DtlsError], None] | None = None
         self._endpoints: list[_Endpoint] = []
         self._client_endpoints: dict[int, _Endpoint] = {}
         self._peers: OrderedDict[tuple[int, tuple[Any, ...]], _Peer] = OrderedDict()
@@ -420,14 +425,23 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         remote = message.remote
         if not isinstance(remote, Layer1Remote):
             raise ValueError("not a coaps remote")
-        key = (id(remote._endpoint), remote.address)
-        peer = self._peers.get(key)
-        data = message.encode()
+        self.send_encoded(remote, message.encode())
+
+    def send_encoded(self, remote: Layer1Remote, data: bytes) -> None:
+        """Send an encoded CoAP message over ``remote``'s session, as :meth:`send` does (a
+        client session is opened, or watched for a server that lost it)."""
+        peer = self._peers.get((id(remote._endpoint), remote.address))
         if peer is None:
             peer = self._new_peer(remote)
-        if message.mtype == 0 and peer.is_client and self._watch_con(peer, message.mid, data):
+        if data[0] & 0x30 == 0 and peer.is_client and self._watch_con(
+                peer, data[2] << 8 | data[3], data):
             return  # the message already waits for the new session
         self._send_plaintext(peer, data)
+
+    @property
+    def message_manager(self) -> interfaces.MessageManager | None:
+        """aiocoap's message manager above this transport (None once shut down)."""
+        return self._mman
 
     def _watch_con(self, peer: _Peer, mid: int, data: bytes) -> bool:
         """Notice a server that lost our session: it silently drops what we send.
@@ -858,6 +872,12 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
     def _deliver(self, peer: _Peer, data: bytes) -> None:
         if self._mman is None:
             return
+        hook = self.plaintext_hook
+        if hook is not None and hook(data, peer.remote):
+            peer.last_received = time.monotonic()
+            if peer.is_client and len(data) >= 4 and (data[1] >= 0x40 or data[0] & 0x20):
+                peer.sent_cons.pop(data[2] << 8 | data[3], None)  # (a response, ACK or RST)
+            return
         try:
             message = Message.decode(data, remote=peer.remote)
         except (error.UnparsableMessage, UnicodeDecodeError):  # aiocoap: non-UTF-8 text option
@@ -869,6 +889,8 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
         self._mman.dispatch_message(message)
 
     def _dispatch_error(self, peer: _Peer, exc: dtls.DtlsError) -> None:
+        if self.error_hook is not None:
+            self.error_hook(peer.remote, exc)
         if self._mman is not None:
             self._mman.dispatch_error(Layer1Error(exc, peer.remote.hostinfo), peer.remote)
 

@@ -240,22 +240,28 @@ class Upstream:
 class FastPath:
     """The forwarding core: datagrams in, datagrams out; sockets and timers are the shell's.
 
-    ``send_down(data, pktinfo, address)`` answers a client on the listening socket;
-    ``upstream_for(sockaddr, version)`` (IP version 4 or 6) gives the
-    :class:`Upstream` that requests to ``sockaddr`` use (``None``: none free; the
+    ``send_down(data, pktinfo, address)`` answers a client on the listening socket (or
+    over its Layer 1 session); ``upstream_for(sockaddr, version, decision)`` (IP version 4 or
+    6) gives the :class:`Upstream` that requests to ``sockaddr`` use (``None``: none free; the
     request then goes through aiocoap); ``resolve(host, port)`` gives an upstream name's
     (sockaddr, version) if it is known (and looks it up for next time if not);
     ``call_later(delay, fn)`` returns a handle with ``cancel()``; ``clock`` is the loop's.
+
+    ``schemes`` are the upstream schemes the shell has sockets or sessions for. A Layer 1
+    listener's core (``identity`` given) serves clients that the DTLS handshake verified
+    and authenticated: no 3x rule, and the rate limit and the exchange log by identity.
     """
 
     def __init__(
         self, site: ProxySite, *, send_down: Callable[[bytes, Any, Any], None],
         duplicates: CompactDuplicates, next_mid: Callable[[], int],
-        upstream_for: Callable[[Any, int], Upstream | None],
+        upstream_for: Callable[[Any, int, Decision], Upstream | None],
         resolve: Callable[[str, int], tuple[Any, int] | None],
         call_later: Callable[[float, Callable[[], None]], Any],
         hostinfo: Callable[[Any], str],
         clock: Callable[[], float],
+        schemes: frozenset[str] = frozenset({"coap"}),
+        identity: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.site = site
         self.config = site.config
@@ -267,6 +273,8 @@ class FastPath:
         self.call_later = call_later
         self.hostinfo = hostinfo
         self.clock = clock
+        self.schemes = schemes & site.upstream_schemes
+        self.identity = identity
         # RFC 7252 4.8's parameters as aiocoap's path uses them: its defaults (which a program
         # may set), the ACK_TIMEOUTs of the configuration
         tuning = TransportTuning()
@@ -367,7 +375,12 @@ class FastPath:
             return False
         verified = True
         guard = site.guard
-        if guard is not None and not guard.is_verified((address[0], address[1])):
+        identity = None
+        if self.identity is not None:
+            identity = self.identity(address)
+            if identity is None:
+                return False  # (a session not yet complete: aiocoap's path decides)
+        elif guard is not None and not guard.is_verified((address[0], address[1])):
             if cuttable:
                 return False  # its answer may need small blocks: aiocoap's path asks for them
             verified = False
@@ -375,15 +388,18 @@ class FastPath:
         if route is None:
             return False
         d = route.decision
+        if d.upstream.scheme == "coaps" and identity is None and d.route is None:
+            return False  # aiocoap's path refuses it: the hop's credentials are not lent
         target = self._address(d.upstream.host, d.upstream.port, d.check_address)
         if target is None:
             return False
         client = self.hostinfo(address) if site.limiter is not None or site.log_exchanges \
             else None
-        up = self.upstream_for(target[0], target[1])
+        up = self.upstream_for(target[0], target[1], d)
         if up is None or not site.acquire_slot():
             return False  # (aiocoap's path answers 5.03 and takes the rate limit's token)
-        if site.limiter is not None and site.limiter.admit(client, self.clock()) is not None:
+        if site.limiter is not None and site.limiter.admit(
+                identity or client, self.clock()) is not None:
             site.release_slot()
             return False  # refused: aiocoap's path answers 4.29 (and counts it)
 
@@ -422,7 +438,7 @@ class FastPath:
         kinds = self._kinds
         kinds[d.kind] = kinds.get(d.kind, 0) + 1
         if site.log_exchanges:
-            ex.entry = self._entry(ex, client, data, payload_at)
+            ex.entry = self._entry(ex, client, identity, data, payload_at)
         if self._tick is None:
             self._tick = self.call_later(TICK, self._on_tick)
         self.forwarded += 1
@@ -544,8 +560,8 @@ class FastPath:
             d = site.router.decide(Message.decode(data), client)
         except Exception:  # (Refusal, or what aiocoap's decoder rejects)
             return None  # aiocoap's path answers it, and counts it
-        if (d.upstream.scheme != "coap" or "coap" not in site.upstream_schemes
-                or site.upstream is None or "%" in d.upstream.host):
+        if (d.upstream.scheme not in self.schemes or site.upstream is None
+                or "%" in d.upstream.host):
             return None
         return _route_of(d)
 
@@ -623,12 +639,15 @@ class FastPath:
         self._answer(ex, data, tkl, code)
 
     def upstream_failed(self, up: Upstream, exc: OSError) -> None:
-        """The socket to an upstream reported an error: every exchange waiting on it ends as
-        aiocoap's path ends it. Nothing listens there (ICMP): 5.04 "upstream unreachable",
-        except that a replica set's member is marked down and the request goes once to
-        another member (nothing ran at this one); any other error: 5.02."""
+        """The socket to an upstream reported an error (see :meth:`upstream_lost`)."""
         log.debug("upstream %s: %s", up.key, exc)
-        unreachable = exc.errno in ICMP_ERRNOS
+        self.upstream_lost(up, exc.errno in ICMP_ERRNOS)
+
+    def upstream_lost(self, up: Upstream, unreachable: bool) -> None:
+        """Every exchange waiting on ``up`` ends as aiocoap's path ends it. Nothing listens
+        there (ICMP): 5.04 "upstream unreachable", except that a replica set's member is
+        marked down and the request goes once to another member (nothing ran at this one);
+        any other error (a Layer 1 handshake that failed, ...): 5.02."""
         sets = self.site.router.sets
         for ex in list(up.by_token.values()):
             if not unreachable:
@@ -645,10 +664,10 @@ class FastPath:
 
     def _move(self, ex: _Exchange, d: Decision) -> bool:
         """Send ``ex`` to another upstream (``d``, a set's other member) instead."""
-        if d.upstream.scheme != "coap":
+        if d.upstream.scheme not in self.schemes:
             return False
         target = self._address(d.upstream.host, d.upstream.port, d.check_address)
-        up = self.upstream_for(target[0], target[1]) if target else None
+        up = self.upstream_for(target[0], target[1], d) if target else None
         if up is None:
             return False
         old = ex.up
@@ -875,13 +894,13 @@ class FastPath:
 
     # -- the exchange log ------------------------------------------------------------------
 
-    def _entry(self, ex: _Exchange, client: str | None, data: bytes,
+    def _entry(self, ex: _Exchange, client: str | None, identity: str | None, data: bytes,
                payload_at: int) -> dict[str, Any]:
         from .site import routing_fields  # (site imports this module)
 
         d = ex.route.decision
         entry: dict[str, Any] = {
-            "event": "exchange", "client": client, "identity": None,
+            "event": "exchange", "client": client, "identity": identity,
             "method": str(Code(ex.code)), "type": "CON" if ex.con else "NON",
             "routing": routing_fields(Message.decode(data)),
             "request_bytes": ex.request_payload,

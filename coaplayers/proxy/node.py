@@ -154,7 +154,7 @@ class ProxyNode:
         if self.metrics_server is not None:
             await self.metrics_server.close()
         for fast in self.fast_paths:
-            fast.close()
+            await fast.shutdown()
         if self.context is not None:
             await self.context.shutdown()
         if self.site.http_upstream is not None:

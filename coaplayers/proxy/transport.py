@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,8 @@ from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
+
+log = logging.getLogger("coaplayers.proxy")
 
 
 def parse_listen(uri: str) -> tuple[str, str, int]:
@@ -271,6 +275,14 @@ async def build_context(
             await layer1.attach_layer1(up, client_credentials=client_creds, on_event=on_event)
             return up
 
+        async def layer1_upstream() -> tuple[aiocoap.Context, Any]:
+            """A client context of Layer 1 alone: the fast path's coaps:// sessions."""
+            up = aiocoap.Context(loggername="coaplayers.proxy.upstream")
+            t = await layer1.attach_layer1(up, client_credentials=client_creds,
+                                           on_event=on_event)
+            return up, t
+
+        extra["layer1_upstream"] = layer1_upstream
         make_upstream = upstream_context_l1
         for _ in range(config.upstream_sockets):
             pool.append(await make_upstream())
@@ -313,7 +325,11 @@ def _layer1_metrics(metrics: MetricsRegistry) -> Callable[[str, dict[str, Any]],
 
 
 class FastPathShell:
-    """The sockets and timers of one listener's :class:`~.fastpath.FastPath`.
+    """The sockets, sessions and timers of one listener's :class:`~.fastpath.FastPath`.
+
+    A ``coap://`` listener's core reads the listening socket (:meth:`on_udp`); a ``coaps://``
+    listener's core gets the plaintext of the Layer 1 transport's sessions and answers
+    through them (:meth:`on_layer1`).
 
     Upstream sockets are connected UDP sockets (an ICMP error then reaches the exchanges
     waiting there), one in use per upstream address: its answers come in together, read in
@@ -323,12 +339,18 @@ class FastPathShell:
     rested a lifetime is reused). At most ``max_sockets`` in all, an idle one closed for a
     new one. Upstream names are resolved off the path (``resolve_ttl``). Whatever finds no
     socket or no address yet goes through aiocoap.
+
+    ``coaps://`` upstreams (a Layer 1 listener's core only: a plain client is not lent the
+    hop's credentials) get Layer 1 client sessions of the fast path's own, one per upstream
+    on each of up to ``upstream_sockets`` client contexts made for it, rotated like the
+    sockets; a session is opened off the path, its first requests going through aiocoap.
     """
 
-    def __init__(self, site: Any, interface: Any, *, max_sockets: int = 256,
-                 max_lookups: int = 16) -> None:
-        from aiocoap.transports.udp6 import UDP6EndpointAddress
-
+    def __init__(self, site: Any, *, send_down: Callable[[bytes, Any, Any], None],
+                 duplicates: Any, next_mid: Callable[[], int], hostinfo: Callable[[Any], str],
+                 identity: Callable[[Any], str | None] | None = None,
+                 layer1_upstream: Callable[[], Awaitable[tuple[aiocoap.Context, Any]]] | None
+                 = None, max_sockets: int = 256, max_lookups: int = 16) -> None:
         from .fastpath import FastPath
 
         self.loop = asyncio.get_running_loop()
@@ -341,22 +363,64 @@ class FastPathShell:
         self._sockets: OrderedDict[tuple[Any, int], tuple[Any, socket.socket]] = OrderedDict()
         self._names: dict[tuple[str, int], tuple[tuple[Any, int] | None, float]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
+        # Layer 1 upstreams: the client contexts made so far (index -> context, transport),
+        # (sockaddr, host, index) -> its Upstream (None: being opened, or cannot be)
+        self._make_layer1 = layer1_upstream
+        self._l1_contexts: list[tuple[aiocoap.Context, Any]] = []
+        self._l1: dict[tuple[Any, str, int], Any] = {}
+        self._l1_by_remote: dict[tuple[int, Any], Any] = {}
+        schemes = {"coap"} if layer1_upstream is None else {"coap", "coaps"}
+        self.core = FastPath(
+            site, send_down=send_down, duplicates=duplicates, next_mid=next_mid,
+            upstream_for=self.upstream_for, resolve=self.resolve,
+            call_later=self.loop.call_later, hostinfo=hostinfo, clock=self.loop.time,
+            schemes=frozenset(schemes), identity=identity,
+        )
+
+    @classmethod
+    def on_udp(cls, site: Any, interface: Any) -> FastPathShell:
+        """The fast path of a ``coap://`` listener (aiocoap's udp6 ``interface``)."""
         mman = _aiocoap.udp6_message_manager(interface)
 
         def hostinfo(address: Any) -> str:
             return str(site.hostinfo_of(
                 address, lambda: UDP6EndpointAddress(address, interface).hostinfo))
 
-        self.core = FastPath(
-            site, send_down=_aiocoap.datagram_sender(interface),
-            duplicates=mman.compact_duplicates,
-            next_mid=lambda: _aiocoap.next_message_id(mman),
-            upstream_for=self.upstream_for, resolve=self.resolve,
-            call_later=self.loop.call_later, hostinfo=hostinfo, clock=self.loop.time,
-        )
-        _aiocoap.intercept_datagrams(interface, self.core.from_client)
+        shell = cls(site, send_down=_aiocoap.datagram_sender(interface),
+                    duplicates=mman.compact_duplicates,
+                    next_mid=lambda: _aiocoap.next_message_id(mman), hostinfo=hostinfo)
+        _aiocoap.intercept_datagrams(interface, shell.core.from_client)
+        return shell
 
-    def upstream_for(self, sockaddr: Any, version: int) -> Any:
+    @classmethod
+    def on_layer1(cls, site: Any, transport: Any,
+                  layer1_upstream: Callable[[], Awaitable[tuple[aiocoap.Context, Any]]] | None
+                  ) -> FastPathShell:
+        """The fast path of the ``coaps://`` listeners (the Layer 1 ``transport``): the
+        plaintext its sessions deliver, answered through them."""
+        from .site import client_identity
+
+        mman = transport.message_manager
+
+        def identity(remote: Any) -> str | None:
+            if remote.peer_identity is None:
+                return None
+            return client_identity(_Carrier(remote))
+
+        def send_down(data: bytes, pktinfo: Any, remote: Any) -> None:
+            transport.send_encoded(remote, data)
+
+        shell = cls(site, send_down=send_down, duplicates=mman.compact_duplicates,
+                    next_mid=lambda: _aiocoap.next_message_id(mman),
+                    hostinfo=lambda remote: str(remote.hostinfo), identity=identity,
+                    layer1_upstream=layer1_upstream)
+        core = shell.core
+        transport.plaintext_hook = lambda data, remote: core.from_client(data, None, remote)
+        return shell
+
+    def upstream_for(self, sockaddr: Any, version: int, decision: Any) -> Any:
+        if decision.upstream.scheme == "coaps":
+            return self._layer1_upstream(sockaddr, decision)
         up = self._active.get(sockaddr)
         if up is not None and up.sent < 0x10000:
             up.sent += 1
@@ -410,18 +474,98 @@ class FastPathShell:
                 continue
             core.from_upstream(up, data)
 
+    # -- Layer 1 upstreams -----------------------------------------------------------------
+
+    def _layer1_upstream(self, sockaddr: Any, d: Any) -> Any:
+        """The Upstream (a Layer 1 session) for ``d``'s coaps:// upstream, rotated as the
+        sockets are; None while it is being opened (aiocoap's path meanwhile)."""
+        from .fastpath import EXCHANGE_LIFETIME
+
+        host = d.upstream.host
+        active = (sockaddr, host)
+        up = self._active.get(active)
+        if up is not None and up.sent < 0x10000:
+            up.sent += 1
+            return up
+        now = self.loop.time()
+        for index in range(self.per_upstream):
+            key = (sockaddr, host, index)
+            if key not in self._l1:
+                if len(self._l1) < self.max_sockets:
+                    self._l1[key] = None  # (being opened)
+                    self._spawn(self._open_layer1(key, d.uri), f"layer1 {d.uri} {index}")
+                return None
+            session = self._l1[key]
+            if session is None:
+                return None
+            if session is up:
+                continue  # (it sent its 65,536 message IDs)
+            if session.sent == 0 or session.since + EXCHANGE_LIFETIME <= now:
+                session.sent, session.since = 1, now  # (new, or its IDs are free again)
+                self._active[active] = session
+                return session
+        return None
+
+    async def _open_layer1(self, key: tuple[Any, str, int], uri: str) -> None:
+        from .fastpath import Upstream
+
+        assert self._make_layer1 is not None
+        index = key[2]
+        try:
+            while len(self._l1_contexts) <= index:
+                context, transport = await self._make_layer1()
+                transport.plaintext_hook = functools.partial(
+                    self._from_layer1, len(self._l1_contexts))
+                transport.error_hook = functools.partial(
+                    self._layer1_failed, len(self._l1_contexts))
+                self._l1_contexts.append((context, transport))
+            transport = self._l1_contexts[index][1]
+            remote = await transport.determine_remote(Message(code=aiocoap.POST, uri=uri))
+        except Exception as exc:  # (no credentials, a name that does not resolve, ...)
+            log.debug("fast path: no Layer 1 session to %s: %s", uri, exc)
+            return  # (the key stays None: aiocoap's path takes these requests)
+        if remote is None or not getattr(remote, "reusable", False):
+            return
+
+        def send(data: bytes) -> None:
+            transport.send_encoded(remote, data)
+
+        up = Upstream(key, send)
+        up.since = self.loop.time()
+        self._l1[key] = up
+        self._l1_by_remote[(index, remote)] = up
+
+    def _from_layer1(self, index: int, data: bytes, remote: Any) -> bool:
+        up = self._l1_by_remote.get((index, remote))
+        if up is None:
+            return False
+        self.core.from_upstream(up, data)
+        return True
+
+    def _layer1_failed(self, index: int, remote: Any, exc: dtls.DtlsError) -> None:
+        up = self._l1_by_remote.get((index, remote))
+        if up is not None:
+            log.debug("fast path: Layer 1 upstream %s: %s", remote, exc)
+            self.core.upstream_lost(up, isinstance(exc, dtls.NetworkUnreachable))
+
+    # -- names -----------------------------------------------------------------------------
+
     def resolve(self, host: str, port: int) -> tuple[Any, int] | None:
         key = (host, port)
         now = self.loop.time()
         found = self._names.get(key)
         if found is not None and found[1] > now:
             return found[0]
+        name = f"resolve {host}:{port}"
         if len(self._lookups) < self.max_lookups and not any(
-                t.get_name() == f"resolve {host}:{port}" for t in self._lookups):
-            task = self.loop.create_task(self._lookup(host, port), name=f"resolve {host}:{port}")
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
+                t.get_name() == name for t in self._lookups):
+            self._spawn(self._lookup(host, port), name)
         return None
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = self.loop.create_task(work, name=name)
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
 
     async def _lookup(self, host: str, port: int) -> None:
         try:
@@ -448,7 +592,28 @@ class FastPathShell:
         for task in self._lookups:
             task.cancel()
 
+    async def shutdown(self) -> None:
+        """:meth:`close`, and the Layer 1 client contexts ended (close_notify sent)."""
+        self.close()
+        for context, _ in self._l1_contexts:
+            await context.shutdown()
+        self._l1_contexts.clear()
+
+
+class _Carrier:
+    """What :func:`~.site.client_identity` reads of a request: its remote."""
+
+    __slots__ = ("remote",)
+
+    def __init__(self, remote: Any) -> None:
+        self.remote = remote
+
 
 def attach_fast_path(context: ProxyContext, site: Any) -> list[FastPathShell]:
-    """A fast path on every coap:// listener of ``context`` (``ProxyConfig.fast_path``)."""
-    return [FastPathShell(site, udp) for udp in context.extra.get("udp", [])]
+    """A fast path on every listener of ``context`` (``ProxyConfig.fast_path``)."""
+    shells = [FastPathShell.on_udp(site, udp) for udp in context.extra.get("udp", [])]
+    listener = context.extra.get("layer1")
+    if listener is not None:
+        shells.append(FastPathShell.on_layer1(site, listener,
+                                              context.extra.get("layer1_upstream")))
+    return shells

@@ -94,7 +94,7 @@ class Rig:
         self.core = FastPath(
             self.site, send_down=lambda data, pktinfo, address: self.down.append(data),
             duplicates=self.duplicates, next_mid=lambda: next(self.mids) & 0xFFFF,
-            upstream_for=lambda sockaddr, version: self.up,
+            upstream_for=lambda sockaddr, version, decision: self.up,
             resolve=lambda host, port: None, call_later=self.clock.call_later,
             hostinfo=lambda address: f"{address[0]}:{address[1]}", clock=self.clock,
         )
@@ -343,7 +343,7 @@ def test_replica_set_requests_go_to_the_member_their_session_names() -> None:
               forward=False)
     chosen: list[Any] = []
 
-    def upstream_for(sockaddr: Any, version: int) -> Upstream:
+    def upstream_for(sockaddr: Any, version: int, decision: Any) -> Upstream:
         chosen.append(sockaddr)
         return rig.up
 

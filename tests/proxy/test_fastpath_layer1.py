@@ -1,0 +1,163 @@
+"""coap-proxy's fast path on Layer 1 hops: a ``coaps://`` client's requests to a ``coaps://``
+upstream forwarded as plaintext between the two DTLS sessions, below aiocoap, with what
+aiocoap's path does on the wire (every test runs on both paths)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiocoap
+import pytest
+
+from coaplayers import layer1
+from coaplayers.layer1 import ClientCredentials
+from tests.conftest import free_udp_port
+
+from .conftest import Running, _read_until, _stop, http_get, metric, start_proxy
+
+HOP1 = ("dev1", "hop1-secret")  # client <-> proxy
+HOP2 = ("proxy", "hop2-secret")  # proxy <-> upstream server
+SERVER = str(Path(sys.executable).with_name("coap-server"))
+FAST = "coap_proxy_fast_path_total"
+
+PATHS = [pytest.param((), id="fast"), pytest.param(("--no-fast-path",), id="aiocoap")]
+
+
+def upstream_credentials(tmp: Path, port: int) -> Path:
+    path = tmp / "upstream.json"
+    path.write_text(json.dumps({
+        f"coaps://127.0.0.1:{port}*": {"dtls": {
+            "psk": {"ascii": HOP2[1]}, "client-identity": {"ascii": HOP2[0]},
+        }},
+    }))
+    path.chmod(0o600)
+    return path
+
+
+async def start_server(port: int = 0) -> tuple[asyncio.subprocess.Process, str]:
+    """coap-server on coaps:// with the proxy's hop-2 PSK; (process, its coaps:// URI)."""
+    proc = await asyncio.create_subprocess_exec(
+        SERVER, "--listen", f"coaps://127.0.0.1:{port}", "--psk", f"{HOP2[0]}:{HOP2[1]}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        line = (await _read_until(proc, "listening", 20))[-1]
+    except BaseException:
+        await _stop(proc)
+        raise
+    return proc, line.split()[-1]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiocoap.Context]:
+    creds = ClientCredentials()
+    creds.load_from_dict({"coaps://*": {"dtls": {
+        "psk": {"ascii": HOP1[1]}, "client-identity": {"ascii": HOP1[0]}}}})
+    ctx = await layer1.create_context(client_credentials=creds)
+    try:
+        yield ctx.context
+    finally:
+        await ctx.shutdown()
+
+
+async def through(ctx: aiocoap.Context, proxy: Running, target: str, payload: bytes = b"",
+                  code: aiocoap.Code = aiocoap.POST, timeout: float = 20.0) -> aiocoap.Message:
+    """A request for ``target`` forwarded by ``proxy`` (Proxy-Uri), over the client's Layer 1
+    session with the proxy."""
+    message = aiocoap.Message(code=code, uri=f"coaps://127.0.0.1:{proxy.port}",
+                              payload=payload)
+    message.opt.proxy_uri = target
+    return await asyncio.wait_for(ctx.request(message).response, timeout)
+
+
+async def proxy_for(tmp: Path, server_uri: str, extra: tuple[str, ...]) -> Running:
+    port = int(server_uri.rsplit(":", 1)[1])
+    return await start_proxy(
+        tmp, "--psk", f"{HOP1[0]}:{HOP1[1]}", "--metrics", "127.0.0.1:0",
+        "--upstream-credentials", str(upstream_credentials(tmp, port)), *extra,
+        listen="coaps://127.0.0.1:0",
+    )
+
+
+@pytest.mark.parametrize("extra", PATHS)
+async def test_layer1_requests_go_between_the_sessions(
+    tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
+) -> None:
+    server, server_uri = await start_server()
+    try:
+        proxy = await proxy_for(tmp_path, server_uri, extra)
+        try:
+            hello = await through(client, proxy, server_uri + "/hello", code=aiocoap.GET)
+            answers = [await through(client, proxy, server_uri + "/echo", b"%d" % i * 10)
+                       for i in range(30)]
+            # Concurrently too: each answer is its own request's.
+            many = await asyncio.gather(*(
+                through(client, proxy, server_uri + "/echo", b"c%d" % i * 8) for i in range(20)))
+            assert proxy.metrics is not None
+            fast = metric(await http_get(proxy.metrics), FAST)
+        finally:
+            await _stop(proxy.proc)
+    finally:
+        await _stop(server)
+    # Hop by hop: the server saw the proxy's Layer 1 identity.
+    assert hello.payload == b"Hello from coap-server (mode plain, layer 1 peer proxy)"
+    assert [(a.code, a.payload) for a in answers] == [
+        (aiocoap.CHANGED, b"%d" % i * 10) for i in range(30)]
+    assert [a.payload for a in many] == [b"c%d" % i * 8 for i in range(20)]
+    if extra:
+        assert fast == 0
+    else:
+        # The first requests go through aiocoap while the fast path opens its own session.
+        assert fast >= 40
+    exchanges = [e for e in proxy.log_lines() if e["event"] == "exchange"]
+    assert len(exchanges) == 51
+    assert {e["identity"] for e in exchanges} == {HOP1[0]}
+    assert {e["code"] for e in exchanges} == {"2.05", "2.04"}
+
+
+@pytest.mark.parametrize("extra", PATHS)
+async def test_layer1_upstream_that_lost_the_session_is_handshaken_again(
+    tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
+) -> None:
+    server, server_uri = await start_server()
+    port = int(server_uri.rsplit(":", 1)[1])
+    try:
+        proxy = await proxy_for(tmp_path, server_uri, extra)
+        try:
+            before = [await through(client, proxy, server_uri + "/echo", b"a%d" % i)
+                      for i in range(10)]
+            await _stop(server)  # its sessions are gone with it
+            server, _ = await start_server(port)
+            after = [await through(client, proxy, server_uri + "/echo", b"b%d" % i)
+                     for i in range(10)]
+        finally:
+            await _stop(proxy.proc)
+    finally:
+        await _stop(server)
+    assert [a.payload for a in before] == [b"a%d" % i for i in range(10)]
+    assert [(a.code, a.payload) for a in after] == [
+        (aiocoap.CHANGED, b"b%d" % i) for i in range(10)]
+
+
+@pytest.mark.parametrize("extra", PATHS)
+async def test_layer1_upstream_where_nothing_listens_is_504_at_once(
+    tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
+) -> None:
+    # Nothing listens upstream: 5.04 at once (the ICMP error), on both paths.
+    nobody = f"coaps://127.0.0.1:{free_udp_port()}"
+    proxy = await proxy_for(tmp_path, nobody, extra)
+    try:
+        started = asyncio.get_running_loop().time()
+        gone = [await through(client, proxy, nobody + "/echo", b"x") for _ in range(3)]
+        took = asyncio.get_running_loop().time() - started
+        assert proxy.metrics is not None
+        fast = metric(await http_get(proxy.metrics), FAST)
+    finally:
+        await _stop(proxy.proc)
+    assert [str(a.code) for a in gone] == ["5.04 Gateway Timeout"] * 3
+    assert took < 10  # (each would take the 10 s upstream timeout)
+    assert fast == (0 if extra else 2)  # (the first while the fast path opens its session)
