@@ -71,6 +71,11 @@ def client_identity(request: Message) -> str | None:
         ident = None
     if ident is None:
         ident = getattr(remote, "peer_identity", None)
+    return identity_text(ident)
+
+
+def identity_text(ident: Any) -> str | None:
+    """A Layer 1 identity as the exchange log and the rate limiter name it."""
     if ident is None:
         return None
     if isinstance(ident, bytes):

@@ -398,14 +398,12 @@ class FastPathShell:
                   ) -> FastPathShell:
         """The fast path of the ``coaps://`` listeners (the Layer 1 ``transport``): the
         plaintext its sessions deliver, answered through them."""
-        from .site import client_identity
+        from .site import identity_text
 
         mman = transport.message_manager
 
         def identity(remote: Any) -> str | None:
-            if remote.peer_identity is None:
-                return None
-            return client_identity(_Carrier(remote))
+            return identity_text(remote.peer_identity)
 
         def send_down(data: bytes, pktinfo: Any, remote: Any) -> None:
             transport.send_encoded(remote, data)
@@ -598,15 +596,6 @@ class FastPathShell:
         for context, _ in self._l1_contexts:
             await context.shutdown()
         self._l1_contexts.clear()
-
-
-class _Carrier:
-    """What :func:`~.site.client_identity` reads of a request: its remote."""
-
-    __slots__ = ("remote",)
-
-    def __init__(self, remote: Any) -> None:
-        self.remote = remote
 
 
 def attach_fast_path(context: ProxyContext, site: Any) -> list[FastPathShell]:
