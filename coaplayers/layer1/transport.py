@@ -135,6 +135,7 @@ class Layer1Remote(interfaces.EndpointAddress):
     #: to us.
     reusable = False
     is_multicast_locally = False
+    next_attempt = 0.0  # (see MessageInterfaceLayer1.ready)
     maximum_block_size_exp = constants.MAX_REGULAR_BLOCK_SIZE_EXP
 
     def __init__(self, endpoint: _Endpoint, address: tuple[Any, ...], hostname: str | None):
@@ -437,6 +438,26 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
                 peer, data[2] << 8 | data[3], data):
             return  # the message already waits for the new session
         self._send_plaintext(peer, data)
+
+    def ready(self, remote: Layer1Remote, retry_after: float = 1.0) -> bool:
+        """Whether ``remote``'s client session is established; if there is none, a handshake
+        is started (at most one per ``retry_after`` seconds: a server that is down is not
+        sent one per call). coap-proxy's fast path sends only over established sessions: its
+        requests would otherwise queue behind a handshake, beyond ``max_queued_per_session``
+        when many come at once."""
+        peer = remote.peer
+        if peer is not None:
+            session = peer.session
+            if session is not None and not session.is_closed:
+                return session.is_established
+        now = time.monotonic()
+        if now < remote.next_attempt:
+            return False
+        remote.next_attempt = now + retry_after
+        if peer is None:
+            peer = self._new_peer(remote)
+        self._start_client(peer)
+        return False
 
     @property
     def message_manager(self) -> interfaces.MessageManager | None:

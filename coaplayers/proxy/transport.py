@@ -369,6 +369,7 @@ class FastPathShell:
         self._l1_contexts: list[tuple[aiocoap.Context, Any]] = []
         self._l1: dict[tuple[Any, str, int], Any] = {}
         self._l1_by_remote: dict[tuple[int, Any], Any] = {}
+        self._l1_sessions: dict[tuple[Any, str, int], tuple[Any, Any]] = {}
         schemes = {"coap"} if layer1_upstream is None else {"coap", "coaps"}
         self.core = FastPath(
             site, send_down=send_down, duplicates=duplicates, next_mid=next_mid,
@@ -483,6 +484,8 @@ class FastPathShell:
         active = (sockaddr, host)
         up = self._active.get(active)
         if up is not None and up.sent < 0x10000:
+            if not self._established(up):
+                return None
             up.sent += 1
             return up
         now = self.loop.time()
@@ -499,10 +502,16 @@ class FastPathShell:
             if session is up:
                 continue  # (it sent its 65,536 message IDs)
             if session.sent == 0 or session.since + EXCHANGE_LIFETIME <= now:
+                if not self._established(session):
+                    return None
                 session.sent, session.since = 1, now  # (new, or its IDs are free again)
                 self._active[active] = session
                 return session
         return None
+
+    def _established(self, up: Any) -> bool:
+        transport, remote = self._l1_sessions[up.key]
+        return bool(transport.ready(remote))
 
     async def _open_layer1(self, key: tuple[Any, str, int], uri: str) -> None:
         from .fastpath import Upstream
@@ -530,6 +539,8 @@ class FastPathShell:
 
         up = Upstream(key, send)
         up.since = self.loop.time()
+        self._l1_sessions[key] = (transport, remote)
+        transport.ready(remote)  # (the handshake starts now)
         self._l1[key] = up
         self._l1_by_remote[(index, remote)] = up
 
