@@ -33,6 +33,7 @@ from aiocoap import Message
 from aiocoap.numbers import codes
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
+from aiocoap.numbers.optionnumbers import OptionNumber
 
 from ..dedup import CompactDuplicates
 from ..errors import ICMP_ERRNOS, RemoteError
@@ -50,8 +51,11 @@ HOP_LIMIT_REACHED = 0xA8  # 5.08
 
 # Request options this path forwards (RFC 7252, 8613, 8768): If-Match, Uri-Host, ETag,
 # If-None-Match, Uri-Port, OSCORE, Uri-Path, Content-Format, Uri-Query, Hop-Limit, Accept,
-# Proxy-Uri, Proxy-Scheme, Size1. A request with any other goes through aiocoap.
+# Proxy-Uri, Proxy-Scheme, Size1; and every safe-to-forward option aiocoap does not know (as
+# aiocoap's path does, RFC 7252 5.7.1: Layer 0's Padding, for one). A request with any other
+# goes through aiocoap.
 REQUEST_OPTIONS = frozenset({1, 3, 4, 5, 7, 9, 11, 12, 15, 16, 17, 35, 39, 60})
+_KNOWN = frozenset(int(v) for v in vars(OptionNumber).values() if isinstance(v, OptionNumber))
 ROUTING = frozenset({3, 7, 11, 15, 16, 35, 39})  # consumed, and regenerated from the decision
 
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 4.8.2 with the default parameters
@@ -367,7 +371,7 @@ class FastPath:
         others: list[tuple[int, bytes]] = []
         for option in options:
             number = option[0]
-            if number not in REQUEST_OPTIONS:
+            if number not in REQUEST_OPTIONS and (number & 2 or number in _KNOWN):
                 return False
             (routing if number in ROUTING else others).append(option)
         cuttable = code == GET or code == FETCH

@@ -18,9 +18,17 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers.constants import TransportTuning
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coaplayers import pki
-from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore
+from coaplayers.dtls import (
+    CertificateCredentials,
+    PskClientCredentials,
+    PskStore,
+    RawPublicKeyCredentials,
+    spki_fingerprint,
+)
+from coaplayers.dtls.credentials import spki_der
 from coaplayers.layer0 import Layer0Client, Layer0Site, Policy, ServerLimits
 from coaplayers.layer0.server import answer_inline
 
@@ -78,12 +86,18 @@ class Credentials:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.server: PskStore | CertificateCredentials | RawPublicKeyCredentials
+        self.client: PskClientCredentials | CertificateCredentials | RawPublicKeyCredentials
         if mode == "psk":
-            self.server: PskStore | CertificateCredentials = PskStore({PSK_IDENTITY: PSK_KEY})
-            self.client: PskClientCredentials | CertificateCredentials = PskClientCredentials(
-                PSK_IDENTITY, PSK_KEY
-            )
+            self.server = PskStore({PSK_IDENTITY: PSK_KEY})
+            self.client = PskClientCredentials(PSK_IDENTITY, PSK_KEY)
             self.identity = PSK_IDENTITY.decode()
+        elif mode == "rpk":
+            server_key = ec.generate_private_key(ec.SECP256R1())
+            client_key = ec.generate_private_key(ec.SECP256R1())
+            self.server = RawPublicKeyCredentials(server_key, [client_key.public_key()])
+            self.client = RawPublicKeyCredentials(client_key, [server_key.public_key()])
+            self.identity = spki_fingerprint(spki_der(client_key.public_key()))
         else:
             ca = pki.make_ca("layer0 test CA")
             srv = pki.issue(ca, "origin.test", names=["origin.test"])

@@ -261,3 +261,26 @@ async def test_fifty_requests_with_20_percent_loss_on_each_hop(
             assert hop1.stats.up.lost + hop1.stats.down.lost > 0
             assert hop2.stats.up.lost + hop2.stats.down.lost > 0
             await ch.close()
+
+
+@pytest.mark.parametrize("mode", ["rpk", "cert", "psk"])
+async def test_handshake_with_a_cookie_exchange_through_coap_proxy(
+    mode, start_origin, start_proxy, client_context
+):
+    """The origin asks every ClientHello for a cookie, which binds to the address the request
+    came from: coap-proxy must send a client's ClientHellos upstream from one place. (A raw
+    public key client pads its first ClientHello with the outer Padding option only; coap-proxy
+    sent that one through aiocoap's path and the second, unpadded, on its fast path, from
+    another socket: the cookie never matched.)"""
+    from coaplayers.layer0 import ServerLimits
+
+    origin = await start_origin(mode, limits=ServerLimits(poll_hold=5.0, without_cookie=0))
+    proxy = await start_proxy("coaplayers")
+    host, port = origin.address
+    ch = channel(client_context, f"coap://{host}:{port}", origin.creds, proxy=proxy.uri)
+    try:
+        text = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    finally:
+        await ch.close()
+    assert text.code == Code.CONTENT and text.payload == b"hello " + TEXT_MARKER
+    assert ch.handshakes == 1

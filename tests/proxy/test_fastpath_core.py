@@ -186,13 +186,25 @@ def test_plain_post_is_forwarded_with_routing_options_regenerated() -> None:
 
 @pytest.mark.parametrize("options", [
     {"observe": 0}, {"block2": (0, False, 6)}, {"echo": b"e" * 8}, {"no_response": 2},
-    {"o2048": b"x"},  # an option it does not know
+    {"o2050": b"x"},  # an unsafe option it does not know (aiocoap's path answers 4.02)
+    {"o21": b"x"},  # a safe option aiocoap knows and this path does not (EDHOC)
 ])
 def test_requests_needing_aiocoap_are_left_to_it(options: dict[str, Any]) -> None:
     rig = Rig()
     data = request(**options)
     assert not rig.core.from_client(data, None, CLIENT)
     assert rig.up_sent == [] and rig.duplicates.seen(CLIENT, 7) is None
+
+
+def test_unknown_safe_to_forward_options_are_forwarded_as_they_came() -> None:
+    """Such as Layer 0's outer Padding: a ClientHello that carries it must leave from where
+    the next (unpadded) one does, or the origin's cookie, bound to that address, fails."""
+    rig = Rig()
+    assert rig.core.from_client(request(o65052=b"\0" * 30, o2048=b"x"), None, CLIENT)
+    (sent,) = rig.up_sent
+    got = decoded(sent)
+    assert [(int(o.number), o.value) for o in got.opt.option_list()
+            if int(o.number) in (2048, 65052)] == [(2048, b"x"), (65052, b"\0" * 30)]
 
 
 def test_get_is_left_to_aiocoap_with_the_cache_on_or_from_an_unverified_address() -> None:

@@ -15,7 +15,6 @@ import pytest
 
 from coaplayers import layer1
 from coaplayers.layer1 import ClientCredentials
-from tests.conftest import free_udp_port
 
 from .conftest import Running, _read_until, _stop, http_get, metric, start_proxy
 
