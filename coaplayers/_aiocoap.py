@@ -18,6 +18,7 @@ What is here, each with why and the upstream change that would retire it:
 * options as aiocoap stores them (:func:`option_lists`), for copies without deep copies;
 * resources: :func:`site_children`, :func:`replace_block_state` (bounded block-wise state);
 * the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
+  :func:`acknowledge_repeated_responses`,
   :func:`wrap_sending`, :func:`message_manager_of`, :func:`next_message_id`;
 * datagrams below the message layer (coap-proxy's fast path; and coap-server's listeners,
   read in batches): :func:`intercept_datagrams`, :func:`datagram_sender`,
@@ -34,12 +35,14 @@ from __future__ import annotations
 import logging
 import socket
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
 
 from aiocoap import Message, error
 from aiocoap.blockwise import _extract_block_key
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
 from aiocoap.pipe import Pipe
 from aiocoap.protocol import BlockwiseRequest, ClientObservation
 
@@ -284,6 +287,42 @@ def replace_duplicate_table(mman: Any, deduplicate: Callable[..., Any],
     compact) duplicate table in ``MessageManager``."""
     mman._deduplicate_message = deduplicate
     mman._store_response_for_duplicates = store
+
+
+REPEATED_RESPONSES = 1024
+"""Separate CON responses remembered per message manager, so that a repetition is ACKed."""
+
+
+def acknowledge_repeated_responses(mman: Any, remember: int = REPEATED_RESPONSES) -> None:
+    """Have ``mman`` acknowledge a separate CON response again when it comes again (the
+    upstream's copy after our ACK was lost), instead of resetting it.
+
+    aiocoap does not deduplicate responses (its ``dispatch_message`` says why): once a
+    separate response has been taken, the token's exchange is gone, and a repetition is
+    "not recognized" and gets an RST, which tells the upstream that the answer it sent was
+    rejected. RFC 7252 4.5 asks for the same ACK again. The last ``remember`` acknowledged
+    (remote, message ID) pairs are kept (bounded; a repetition comes within
+    MAX_TRANSMIT_SPAN, long before that many others). Upstream: response deduplication
+    in ``MessageManager``, or a hook for unmatched responses.
+    """
+    process = mman._process_response
+    if getattr(process, "_coaplayers", False):
+        return
+    acked: OrderedDict[tuple[Any, int], None] = OrderedDict()
+    con = Type.CON
+
+    def process_response(response: Any) -> bool:
+        if process(response):
+            if response.mtype is con:
+                acked[(response.remote, response.mid)] = None
+                if len(acked) > remember:
+                    acked.popitem(last=False)
+            return True
+        # a repetition: "expected", so aiocoap ACKs it again (and delivers nothing)
+        return response.mtype is con and (response.remote, response.mid) in acked
+
+    process_response._coaplayers = True  # type: ignore[attr-defined]
+    mman._process_response = process_response
 
 
 def send_datagram(mman: Any, message: Any) -> None:

@@ -221,6 +221,13 @@ async def build_context(
         upstream_sockets.append(interface.transport.get_extra_info("socket"))
         return up
 
+    def acknowledge_repetitions(up: aiocoap.Context) -> None:
+        """An upstream's separate CON answer sent again is ACKed again (RFC 7252 4.5)."""
+        for interface in up.request_interfaces:
+            mman = _aiocoap.message_manager_of(interface)
+            if mman is not None:
+                _aiocoap.acknowledge_repeated_responses(mman)
+
     make_upstream: Callable[[], Awaitable[aiocoap.Context]] = upstream_context
     try:
         listens = [parse_listen(u) for u in config.listen]
@@ -286,6 +293,7 @@ async def build_context(
         make_upstream = upstream_context_l1
         for _ in range(config.upstream_sockets):
             pool.append(await make_upstream())
+            acknowledge_repetitions(pool[-1])
     except BaseException:
         for c in (ctx, *pool):
             if c.request_interfaces:  # aiocoap cannot shut down a context without transports
