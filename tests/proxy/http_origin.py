@@ -75,7 +75,10 @@ def main() -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                          socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", **tls)
+    # A test stops it with SIGTERM while /slow may still be pending (or a refused TLS client
+    # still connected): waiting for those would only delay the test's teardown.
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=0.1, **tls)
     server = uvicorn.Server(config)
     scheme = "https" if tls else "http"
     print(f"listen {scheme}://{host}:{sock.getsockname()[1]}", flush=True)
