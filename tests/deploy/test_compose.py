@@ -103,6 +103,12 @@ def _pin_bridge_macs(pod: Podman, project: str) -> None:
 
 
 def _cleanup(pod: Podman, project: str, env: dict[str, str]) -> None:
+    # The test's own probes first: `down` removes the stack's networks with `network rm -f`,
+    # which would stop a probe still attached with SIGTERM, ignored by `sleep` as PID 1, and
+    # wait out podman's 10 s stop timeout for each.
+    probes = pod("ps", "-aq", "--filter", f"name={project}_probe_").stdout.split()
+    if probes:
+        pod("rm", "-f", "-t", "0", *probes)
     run(["scripts/compose", "podman", "down"], timeout=180, env=env, cwd=ROOT)
     label = f"label=io.podman.compose.project={project}"
     for ids in (pod("ps", "-aq", "--filter", label).stdout.split(),
