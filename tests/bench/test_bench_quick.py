@@ -6,17 +6,14 @@ every section the issue asks for is there, with numbers, ratios and a PASS/FAIL 
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from .conftest import QuickRun
+
 pytestmark = pytest.mark.slow
 
-BENCH = str(Path(sys.executable).with_name("coap-bench"))
 THROUGHPUT_MODES = ("plain", "l1", "l0psk_l1", "l0cert_l1", "l0rpk_l1", "oscore_l1",
                     "aio_plain", "aio_oscore", "aio_via_coap_proxy")
 WIRE_MODES = (*THROUGHPUT_MODES, "l0psk", "l0cert", "l0rpk", "oscore")
@@ -27,21 +24,15 @@ def number(x: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("bench")
-    json_file = out / "bench.json"
-    proc = subprocess.run(
-        [BENCH, "--quick", "--json", str(json_file)],
-        capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, f"coap-bench failed: {proc.stderr[-3000:]}"
-    assert "Targets (issues 7 and 23)" in proc.stdout
-    return json.loads(json_file.read_text())
+def results(quick_run: QuickRun) -> dict:
+    assert "Targets (issues 7 and 23)" in quick_run.stdout
+    return quick_run.results
 
 
 @pytest.mark.timeout(450)
 def test_every_section_is_there(results: dict) -> None:
-    for section in ("meta", "throughput", "wire", "shield", "handshake", "memory", "targets"):
+    for section in ("meta", "rtt", "throughput", "wire", "shield", "handshake", "memory",
+                    "targets"):
         assert section in results, section
     assert results["meta"]["quick"] is True
 

@@ -1,4 +1,4 @@
-"""coap-bench --rtt: round trips to the first protected answer, counted through a delaying relay.
+"""coap-bench's round trips to the first protected answer, counted through a delaying relay.
 
 The counts are exact (the relay's delay dwarfs the processing; the JSON says how much was left
 over), so this test pins what each mode costs today, cold and warm, and the reference line.
@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import QuickRun
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +43,14 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def rtt(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("rtt")
-    json_file = out / "rtt.json"
-    proc = subprocess.run(
-        [BENCH, "--rtt", "--rtt-delay", "150", "--json", str(json_file)],
-        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, f"coap-bench --rtt failed: {proc.stderr[-3000:]}"
-    assert "Round trips to the first protected answer" in proc.stdout
-    return json.loads(json_file.read_text())["rtt"]
+def rtt(quick_run: QuickRun) -> dict:
+    """The round-trip section of the session's ``coap-bench --quick`` run: the phase ``--rtt``
+    runs alone, at the same 150 ms each way."""
+    assert "Round trips to the first protected answer" in quick_run.stdout
+    return quick_run.results["rtt"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_round_trips_per_mode_cold_and_warm(rtt: dict) -> None:
     assert rtt["delay_ms"] == 150
     assert rtt["reference"] == {"label": "EDHOC + OSCORE (RFC 9668)", "cold": 2, "warm": 1}
