@@ -140,6 +140,20 @@ def session_id_and_cookie(hello: bytes) -> tuple[bytes, int] | None:
     return hello[at + 1 : cookie_at], hello[cookie_at]
 
 
+def client_hello_cookie(datagram: bytes) -> bytes | None:
+    """The cookie of the whole ClientHello that starts ``datagram`` (empty: none), or ``None``
+    if it does not start with one."""
+    if client_hello_random(datagram) is None:
+        return None
+    parsed = session_id_and_cookie(datagram)
+    if parsed is None:
+        return None
+    session_id, length = parsed
+    start = HEADER_LEN + 12 + 2 + 32 + 1 + len(session_id) + 1
+    cookie = datagram[start : start + length]
+    return cookie if len(cookie) == length else None
+
+
 def has_cookie(hello: bytes) -> bool:
     parsed = session_id_and_cookie(hello)
     return parsed is not None and parsed[1] != 0

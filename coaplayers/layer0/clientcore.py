@@ -141,6 +141,11 @@ class Layer0Config:
     """Outer attempts for one inner request (new handshakes and resends included)."""
     max_flight_repeats: int = 4
     """How often one handshake flight is sent again after its outer exchange failed."""
+    handshake_attempts: int = 3
+    """How often one handshake may start from the beginning with a fresh ClientHello: after
+    the server dropped its half-open session (4.04), or answered our cookie-bearing
+    ClientHello with a new HelloVerifyRequest (our requests reached it from another address,
+    docs/PROTOCOL.md 3.1). All within ``handshake_timeout``."""
     pad_hello_to: int = 360
     """Outer size on the wire a certificate client pads each ClientHello request to (the
     Padding option, docs/PROTOCOL.md 3.1), so that the server's answer, its certificate
@@ -177,8 +182,9 @@ class Layer0Config:
     them with :class:`~coaplayers.layer0.errors.SessionLost`."""
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.max_flight_repeats < 0:
-            raise ValueError("max_attempts must be >= 1 and max_flight_repeats >= 0")
+        if self.max_attempts < 1 or self.handshake_attempts < 1 or self.max_flight_repeats < 0:
+            raise ValueError("max_attempts and handshake_attempts must be >= 1 and"
+                             " max_flight_repeats >= 0")
         if not 0 <= self.pad_hello_to <= 1024 or not 0 <= self.pad_rpk_hello_to <= 1024:
             raise ValueError("ClientHello padding must be within 0..1024 bytes")
         for name in ("handshake_timeout", "exchange_timeout", "close_timeout", "misrouted_wait"):
@@ -326,7 +332,8 @@ _Gen: TypeAlias = Generator[_Need, object, T]
 
 
 class _Restart(Exception):
-    """The server dropped our half-open session: start the handshake from the beginning."""
+    """Start the handshake from the beginning with a fresh engine; the message is the error
+    should every attempt end so."""
 
 
 @dataclass(eq=False)
@@ -873,19 +880,21 @@ class Layer0ClientCore:
 
     def _handshake(self, carry: bool = False
                    ) -> _Gen[tuple[DtlsSession, tuple[str, ...], HandshakeComplete | None]]:
-        """One handshake (up to three attempts if the server drops it) within the timeout
-        (the operation's deadline throws TimeoutError in); ``None``: false-started (see
-        :meth:`_ensure`)."""
+        """One handshake (up to ``handshake_attempts`` if the server drops it or asks for a
+        new cookie) within the timeout (the operation's deadline throws TimeoutError in);
+        ``None``: false-started (see :meth:`_ensure`)."""
         self._outer_answers = 0
         self.folded, self._early = None, []
         self.false_start = None
         try:
-            for _ in range(3):
+            reason = ""
+            for _ in range(self.config.handshake_attempts):
                 try:
                     return (yield from self._handshake_once(carry))
-                except _Restart:
-                    continue
-            raise HandshakeFailed("the server kept dropping our handshake")
+                except _Restart as restart:
+                    reason = str(restart)
+                    log.info("Layer 0 handshake starts over: %s", reason)
+            raise HandshakeFailed(reason)
         except TimeoutError as exc:
             if not self._outer_answers:
                 # Not one CoAP answer (a CON's ACK alone does not count): nothing is
@@ -975,7 +984,7 @@ class Layer0ClientCore:
             elif code == Code.SERVICE_UNAVAILABLE:
                 raise ServerBusy("the server has too many handshakes in progress (5.03)")
             elif code == Code.NOT_FOUND and path != WELL_KNOWN_PATH:
-                raise _Restart()
+                raise _Restart("the server kept dropping our handshake")
             elif code == Code.FORBIDDEN:
                 if not _holds_alert(result.payload):
                     raise HandshakeFailed(_refused_on_the_way(result.payload))
@@ -997,6 +1006,16 @@ class Layer0ClientCore:
                         event.error
                     )
             new = dtls.datagrams_to_send()
+            if path == WELL_KNOWN_PATH and _new_cookie_asked(datagram, result.payload, new):
+                # Our cookie no longer matched (the request came from another outer address
+                # than the first ClientHello: a middle box sending from several sockets, a NAT
+                # rebinding; or the server changed its secret). No engine takes a second
+                # HelloVerifyRequest (its message_seq is that of the first), and the cookie is
+                # bound to this ClientHello's random: start over with a fresh one (3.1).
+                raise _Restart(
+                    "the server asked for a new cookie on every attempt: our requests reach it"
+                    " from changing addresses (a middle box that sends from several sockets or"
+                    " rebinds), or it keeps changing its cookie secret")
             if new:
                 queue.extend(new)
                 flight = list(new)
@@ -1448,6 +1467,18 @@ class Layer0ClientCore:
 def _ignore(result: object, error: Exception | None) -> None:
     if error is not None and not isinstance(error, Layer0Closed):
         log.debug("Layer 0 background operation ended: %s", error)
+
+
+def _new_cookie_asked(sent: bytes, answer: bytes, produced: list[bytes]) -> bool:
+    """Whether ``answer`` to our cookie-bearing ClientHello ``sent`` is a HelloVerifyRequest
+    that the engine did not answer with a ClientHello carrying another cookie."""
+    cookie = records.client_hello_cookie(sent)
+    if not cookie or len(answer) <= records.HEADER_LEN:
+        return False
+    if records.handshake_type(answer) != records.HANDSHAKE_HELLO_VERIFY_REQUEST:
+        return False
+    again = records.client_hello_cookie(produced[0]) if produced else None
+    return again is None or again == cookie
 
 
 def _holds_alert(payload: bytes) -> bool:

@@ -1,6 +1,9 @@
 """A malicious middle box for the tests: a UDP relay that can flip one payload byte of the next
 CoAP message in either direction. (The project's FaultRelay models an unreliable network, not
-an attacker, so it has no such knob.)"""
+an attacker, so it has no such knob.) It can also move a client to a new source port right
+after an answer, before the client's next request, as a NAT rebinding or a middle box that
+sends from several sockets does (FaultRelay rebinds from the test's task, too late to come
+between an answer and the request it triggers)."""
 
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class TamperRelay(asyncio.DatagramProtocol):
         self._armed = {"up": 0, "down": 0}
         self.flipped = {"up": 0, "down": 0}
         self.flip_done = asyncio.Event()
+        self._rebind_armed = 0
+        self.sources: list[tuple[Any, ...]] = []
+        """Every upstream-side address the relay has sent from, in order."""
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -52,6 +58,11 @@ class TamperRelay(asyncio.DatagramProtocol):
         self.flip_done.clear()
         self._armed[direction] = min_payload
 
+    def rebind_after_answers(self, count: int) -> None:
+        """Each of the next ``count`` answers, once passed on, moves its client to a new
+        upstream socket: the upstream sees the client's next request from a new port."""
+        self._rebind_armed = count
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
@@ -66,12 +77,19 @@ class TamperRelay(asyncio.DatagramProtocol):
                 lambda: _Upstream(self, client), remote_addr=self.upstream
             )
             up = self._clients.setdefault(client, cast(_Upstream, proto))
+            assert up.transport is not None
+            self.sources.append(up.transport.get_extra_info("sockname"))
         assert up.transport is not None
         up.transport.sendto(self._maybe_flip("up", data))
 
     def _from_upstream(self, client: tuple[Any, ...], data: bytes) -> None:
         assert self.transport is not None
         self.transport.sendto(self._maybe_flip("down", data), client)
+        if self._rebind_armed:
+            self._rebind_armed -= 1
+            up = self._clients.pop(client)
+            if up.transport is not None:
+                up.transport.close()
 
     def _maybe_flip(self, direction: str, data: bytes) -> bytes:
         need = self._armed[direction]

@@ -14,12 +14,20 @@ import pytest
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coaplayers import pki
-from coaplayers.dtls import CertificateCredentials, PskClientCredentials, PskStore
+from coaplayers.dtls import (
+    CertificateCredentials,
+    PskClientCredentials,
+    PskStore,
+    RawPublicKeyCredentials,
+    records,
+)
 from coaplayers.layer0 import inner
 from coaplayers.layer0.clientcore import (
     REFUSED_PAUSE,
+    ClientCredentials,
     Closed,
     Connected,
     Event,
@@ -53,8 +61,10 @@ BIG = bytes(range(256)) * 6  # three inner blocks
 class MemoryServer:
     """A Layer 0 server in memory: Layer0ServerCore plus a few resources rendered on the spot."""
 
-    def __init__(self, *, without_cookie: int = 8,
-                 credentials: PskStore | CertificateCredentials | None = None) -> None:
+    def __init__(
+        self, *, without_cookie: int = 8,
+        credentials: PskStore | CertificateCredentials | RawPublicKeyCredentials | None = None,
+    ) -> None:
         listener = make_listener(credentials or PskStore({CREDS.identity: CREDS.key}),
                                  without_cookie=without_cookie)
         self.core = Layer0ServerCore(listener)
@@ -62,10 +72,12 @@ class MemoryServer:
         self.value = 0
         self.received: list[Message] = []
         self.uploaded = bytearray()
+        self.peer = PEER
+        """The outer address entry requests come from (the cookie binds to it)."""
 
     def answer(self, request: OuterRequest, now: float) -> OuterAnswer:
         if request.path == WELL_KNOWN_PATH:
-            a = self.core.entry(PEER, request.payload, now)
+            a = self.core.entry(self.peer, request.payload, now)
             return OuterAnswer(a.code, a.payload, a.location or ())
         sid = request.path[-1]
         delete = request.code == Code.DELETE
@@ -521,3 +533,75 @@ def test_a_resumed_handshake_carries_the_first_request_with_its_last_flight() ->
     hello, final = net.sent[before:]
     assert hello.path == WELL_KNOWN_PATH and final.path == client.session_path
     assert hello.pad_to == 0  # a resumption offer is not padded
+
+
+@pytest.fixture(scope="module")
+def kinds() -> dict[str, tuple[ClientCredentials, PskStore | CertificateCredentials
+                                | RawPublicKeyCredentials]]:
+    """Client and server credentials of each kind (PSK: tinydtls; certificates: OpenSSL; raw
+    public keys: GnuTLS)."""
+    ca = pki.make_ca("client core test CA")
+    server, device = pki.issue(ca, "origin.test", names=["origin.test"]), pki.issue(ca, "dev")
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    return {
+        "psk": (CREDS, PskStore({CREDS.identity: CREDS.key})),
+        "cert": (CertificateCredentials([device.certificate], device.private_key,
+                                        [ca.certificate], server_name="origin.test"),
+                 CertificateCredentials([server.certificate], server.private_key,
+                                        [ca.certificate])),
+        "rpk": (RawPublicKeyCredentials(client_key, [server_key.public_key()]),
+                RawPublicKeyCredentials(server_key, [client_key.public_key()])),
+    }
+
+
+def moving_client(kind: str, kinds: dict, config: Layer0Config | None = None, *,
+                  every: bool) -> Net:
+    """A client whose requests reach an origin that always asks for a cookie from a new outer
+    address after the first entry request (``every``: after each one), as through a NAT that
+    rebinds or a middle box that sends from several sockets."""
+    client_creds, server_creds = kinds[kind]
+    net = Net(Layer0ClientCore("coap://origin.test", client_creds, config or Layer0Config()),
+              MemoryServer(without_cookie=0, credentials=server_creds))
+    real = net.server.answer
+    ports = iter(range(40000, 40100))
+
+    def answer(request: OuterRequest, now: float) -> OuterAnswer:
+        answer = real(request, now)
+        if request.path == WELL_KNOWN_PATH and (every or net.server.peer == PEER):
+            net.server.peer = ("coap", f"192.0.2.7:{next(ports)}")
+        return answer
+
+    net.server.answer = answer  # type: ignore[method-assign]
+    return net
+
+
+@pytest.mark.parametrize("kind", ["psk", "cert", "rpk"])
+def test_a_new_cookie_asked_for_starts_the_handshake_over_at_once(kind: str, kinds: dict) -> None:
+    """Our cookie-bearing ClientHello reaches the origin from another address than the first
+    one, so it gets another HelloVerifyRequest. No engine (tinydtls, OpenSSL, GnuTLS) answers
+    a second one, and the cookie is bound to the ClientHello's random: the client starts over
+    with a fresh ClientHello at once, instead of repeating the stale one until it gives up."""
+    net = moving_client(kind, kinds, every=False)
+    rid = net.client.request(get("hello"), net.now)
+    assert net.response(rid).payload == b"hi"
+    assert net.client.handshakes == 1 and net.server.core.stats.handshakes == 1
+    assert net.now == 0.0  # nothing waited for a timer
+    hellos = [r.payload for r in net.sent if r.path == WELL_KNOWN_PATH]
+    assert len(hellos) == 4  # hello, with the stale cookie, a fresh hello, with its cookie
+    randoms = [records.client_hello_random(h) for h in hellos]
+    cookies = [records.client_hello_cookie(h) for h in hellos]
+    assert randoms[0] == randoms[1] != randoms[2] == randoms[3]
+    assert cookies[0] == cookies[2] == b"" and cookies[1] and cookies[3]
+    assert cookies[1] != cookies[3]
+
+
+def test_a_server_that_asks_for_a_new_cookie_every_time_fails_after_the_attempts(
+        kinds: dict) -> None:
+    """Bounded: each fresh ClientHello counts as one of ``handshake_attempts``."""
+    net = moving_client("psk", kinds, Layer0Config(handshake_attempts=2), every=True)
+    outcome = net.result(net.client.request(get("hello"), net.now))
+    assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, HandshakeFailed)
+    assert "new cookie" in str(outcome.error)
+    assert [r.path for r in net.sent] == [WELL_KNOWN_PATH] * 4  # two attempts of two hellos
+    assert net.now == 0.0 and net.client.get_timer() is None

@@ -25,6 +25,7 @@ from coaplayers.layer0.server import layer0_config
 
 from .apps import OBS_MARKER, TEXT_MARKER
 from .conftest import FastTuning, channel
+from .tamper import TamperRelay
 
 T = 20.0
 
@@ -238,3 +239,26 @@ async def test_observation_after_a_server_restart(start_origin, client_context, 
     await asyncio.wait_for(counter.observers_changed.wait(), T)
     assert counter.observers == 0
     await ch.close()
+
+
+@pytest.mark.parametrize("mode", ["psk", "cert", "rpk"])
+async def test_a_new_source_port_within_the_cookie_exchange_costs_one_fresh_hello(
+    start_origin, client_context, mode
+):
+    """The origin asks every ClientHello for a cookie bound to the address it came from; the
+    relay in front of it sends the cookie-bearing ClientHello from another port than the first
+    (a NAT rebinding, a middle box's socket pool). The client starts over with a fresh
+    ClientHello, which the new port's cookie exchange then admits (docs/PROTOCOL.md 3.1)."""
+    origin = await start_origin(mode, limits=ServerLimits(poll_hold=5.0, without_cookie=0))
+    relay = TamperRelay(origin.address)
+    host, port = await relay.start()
+    relay.rebind_after_answers(1)
+    ch = channel(client_context, f"coap://{host}:{port}", origin.creds)
+    try:
+        text = await asyncio.wait_for(ch.request(Message(code=GET, uri_path=["text"])).response, T)
+    finally:
+        await ch.close()
+        relay.close()
+    assert text.code == Code.CONTENT and text.payload == b"hello " + TEXT_MARKER
+    assert ch.handshakes == 1 and origin.layer0.core.stats.handshakes == 1
+    assert len(set(relay.sources)) == 2
