@@ -284,3 +284,31 @@ async def test_handshake_with_a_cookie_exchange_through_coap_proxy(
         await ch.close()
     assert text.code == Code.CONTENT and text.payload == b"hello " + TEXT_MARKER
     assert ch.handshakes == 1
+
+
+@pytest.mark.parametrize("proxy_name", ["aiocoap", "libcoap", "coaplayers"])
+async def test_a_new_upstream_port_within_the_cookie_exchange_through_each_proxy(
+    proxy_name, start_origin, start_proxy, client_context
+):
+    """Between the proxy and an origin that always asks for a cookie, the path moves to a new
+    source port right after the HelloVerifyRequest (a NAT rebinding behind the proxy): the
+    cookie-bearing ClientHello gets a new HelloVerifyRequest, and the client starts over with
+    a fresh ClientHello through the same, independent proxy (docs/PROTOCOL.md 3.1)."""
+    from coaplayers.layer0 import ServerLimits
+
+    origin = await start_origin("psk", limits=ServerLimits(poll_hold=5.0, without_cookie=0))
+    nat = TamperRelay(origin.address)
+    host, port = await nat.start()
+    nat.rebind_after_answers(1)
+    try:
+        proxy = await start_proxy(proxy_name)
+        ch = channel(client_context, f"coap://{host}:{port}", origin.creds, proxy=proxy.uri)
+        try:
+            text = await asyncio.wait_for(
+                ch.request(Message(code=GET, uri_path=["text"])).response, T)
+        finally:
+            await ch.close()
+    finally:
+        nat.close()
+    assert text.code == Code.CONTENT and text.payload == b"hello " + TEXT_MARKER
+    assert ch.handshakes == 1 and len(set(nat.sources)) == 2
