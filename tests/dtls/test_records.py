@@ -77,3 +77,20 @@ def test_broken_framing_is_refused(data: bytes) -> None:
 def test_empty_input_has_no_records() -> None:
     assert records.split_records(b"") == []
     assert records.pack_datagrams([], 600) == []
+
+
+def _client_hello(session_id: bytes, cookie: bytes) -> bytes:
+    body = (b"\xfe\xfd" + bytes(range(32)) + bytes([len(session_id)]) + session_id
+            + bytes([len(cookie)]) + cookie + b"\x00\x02\xc0\xa8\x01\x00")
+    n = len(body).to_bytes(3, "big")
+    handshake = b"\x01" + n + b"\x00\x01" + b"\x00\x00\x00" + n + body
+    return b"\x16\xfe\xfd" + bytes(8) + len(handshake).to_bytes(2, "big") + handshake
+
+
+@pytest.mark.parametrize("session_id", [b"", b"s" * 32])
+def test_client_hello_cookie(session_id: bytes) -> None:
+    assert records.client_hello_cookie(_client_hello(session_id, b"")) == b""
+    assert records.client_hello_cookie(_client_hello(session_id, b"c" * 20)) == b"c" * 20
+    hello = _client_hello(session_id, b"c" * 20)
+    assert records.client_hello_cookie(hello[:-1]) is None  # not a whole ClientHello
+    assert records.client_hello_cookie(b"\x16\xfe\xfd" + bytes(10)) is None

@@ -538,14 +538,15 @@ def test_a_resumed_handshake_carries_the_first_request_with_its_last_flight() ->
 @pytest.fixture(scope="module")
 def kinds() -> dict[str, tuple[ClientCredentials, PskStore | CertificateCredentials
                                 | RawPublicKeyCredentials]]:
-    """Client and server credentials of each kind (PSK: tinydtls; certificates: OpenSSL; raw
-    public keys: GnuTLS)."""
+    """Client and server credentials of each kind (PSK: tinydtls, or OpenSSL where the OSCORE
+    mode needs the exporter; certificates: OpenSSL; raw public keys: GnuTLS)."""
     ca = pki.make_ca("client core test CA")
     server, device = pki.issue(ca, "origin.test", names=["origin.test"]), pki.issue(ca, "dev")
     server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
         ec.SECP256R1())
     return {
         "psk": (CREDS, PskStore({CREDS.identity: CREDS.key})),
+        "psk-exporter": (CREDS, PskStore({CREDS.identity: CREDS.key})),
         "cert": (CertificateCredentials([device.certificate], device.private_key,
                                         [ca.certificate], server_name="origin.test"),
                  CertificateCredentials([server.certificate], server.private_key,
@@ -561,8 +562,9 @@ def moving_client(kind: str, kinds: dict, config: Layer0Config | None = None, *,
     address after the first entry request (``every``: after each one), as through a NAT that
     rebinds or a middle box that sends from several sockets."""
     client_creds, server_creds = kinds[kind]
-    net = Net(Layer0ClientCore("coap://origin.test", client_creds, config or Layer0Config()),
-              MemoryServer(without_cookie=0, credentials=server_creds))
+    client = Layer0ClientCore("coap://origin.test", client_creds, config or Layer0Config(),
+                              exporter=kind == "psk-exporter")
+    net = Net(client, MemoryServer(without_cookie=0, credentials=server_creds))
     real = net.server.answer
     ports = iter(range(40000, 40100))
 
@@ -576,7 +578,7 @@ def moving_client(kind: str, kinds: dict, config: Layer0Config | None = None, *,
     return net
 
 
-@pytest.mark.parametrize("kind", ["psk", "cert", "rpk"])
+@pytest.mark.parametrize("kind", ["psk", "psk-exporter", "cert", "rpk"])
 def test_a_new_cookie_asked_for_starts_the_handshake_over_at_once(kind: str, kinds: dict) -> None:
     """Our cookie-bearing ClientHello reaches the origin from another address than the first
     one, so it gets another HelloVerifyRequest. No engine (tinydtls, OpenSSL, GnuTLS) answers
