@@ -512,6 +512,8 @@ class FastPath:
             return self._decide(data, self.hostinfo(address))
         if known is not _UNKNOWN:
             return known  # type: ignore[return-value]
+        if any(n == OPT_HOP_LIMIT and len(v) > 1 for n, v in key):
+            return None  # (not one byte: refused before aiocoap decodes it, screen.py)
         route = self._decide(data, self.hostinfo(address))
         remembered: object = route
         match = route.decision.route if route is not None else None

@@ -19,7 +19,14 @@ from .config import ProxyConfig
 from .metrics import MetricsRegistry, MetricsServer
 from .replicas import HealthMonitor
 from .site import ProxySite
-from .transport import FastPathShell, ProxyContext, attach_fast_path, build_context, format_uri
+from .transport import (
+    FastPathShell,
+    ProxyContext,
+    attach_fast_path,
+    attach_screens,
+    build_context,
+    format_uri,
+)
 
 
 class ProxyNode:
@@ -70,6 +77,8 @@ class ProxyNode:
             self._warn_about_forwarding()
             if self.config.fast_path:
                 self.fast_paths = attach_fast_path(self.context, self.site)
+            else:
+                attach_screens(self.context, self.site)
             if self.site.router.sets:
                 await self._start_health(self.context)
             if self.metrics.multiprocess:

@@ -326,12 +326,14 @@ class Router:
         )
 
     def _next_hop_limit(self, request: Message) -> int:
-        """RFC 8768: insert the initial value if absent, else decrement; 5.08 at zero."""
+        """RFC 8768: insert the initial value if absent, else decrement; 5.08 at zero; 4.00
+        for 0 and above 255 (a value longer than one byte is refused before decoding,
+        ``screen.py``)."""
         raw = request.opt.get_option(Opt.HOP_LIMIT)
         if not raw:
             return self.config.hop_limit
         value = raw[0].value
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or not 1 <= value <= 255:
             raise Refusal(codes.BAD_REQUEST, "Hop-Limit must be 1..255", "bad_request")
         if value - 1 < 1:
             raise Refusal(codes.HOP_LIMIT_REACHED, "", "hop_limit")

@@ -33,6 +33,7 @@ from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
+from .screen import screen_request
 
 log = logging.getLogger("coaplayers.proxy")
 
@@ -395,10 +396,11 @@ class FastPathShell:
             return str(site.hostinfo_of(
                 address, lambda: UDP6EndpointAddress(address, interface).hostinfo))
 
-        shell = cls(site, send_down=_aiocoap.datagram_sender(interface),
-                    duplicates=mman.compact_duplicates,
+        send_down = _aiocoap.datagram_sender(interface)
+        shell = cls(site, send_down=send_down, duplicates=mman.compact_duplicates,
                     next_mid=lambda: _aiocoap.next_message_id(mman), hostinfo=hostinfo)
-        _aiocoap.intercept_datagrams(interface, shell.core.from_client)
+        _aiocoap.intercept_datagrams(interface, screened(
+            site, send_down, shell.core.next_mid, shell.core.from_client))
         return shell
 
     @classmethod
@@ -421,8 +423,8 @@ class FastPathShell:
                     next_mid=lambda: _aiocoap.next_message_id(mman),
                     hostinfo=lambda remote: str(remote.hostinfo), identity=identity,
                     layer1_upstream=layer1_upstream)
-        core = shell.core
-        transport.plaintext_hook = lambda data, remote: core.from_client(data, None, remote)
+        hook = screened(site, send_down, shell.core.next_mid, shell.core.from_client)
+        transport.plaintext_hook = lambda data, remote: hook(data, None, remote)
         return shell
 
     def upstream_for(self, sockaddr: Any, version: int, decision: Any) -> Any:
@@ -615,6 +617,46 @@ class FastPathShell:
         for context, _ in self._l1_contexts:
             await context.shutdown()
         self._l1_contexts.clear()
+
+
+def screened(site: Any, send_down: Callable[[bytes, Any, Any], None],
+             next_mid: Callable[[], int],
+             fast: Callable[[bytes, Any, Any], bool] | None = None
+             ) -> Callable[[bytes, Any, Any], bool]:
+    """A listener's hook below aiocoap: the fast path's (if any), then, for what it declines,
+    the wire-format rules of ``screen.py`` (True: answered or dropped here)."""
+    errors = site.metrics.errors
+
+    def hook(data: bytes, pktinfo: Any, address: Any) -> bool:
+        if fast is not None and fast(data, pktinfo, address):
+            return True
+        verdict = screen_request(data, next_mid)
+        if verdict is None:
+            return False
+        errors.inc(kind=verdict.kind)
+        if verdict.answer:
+            send_down(verdict.answer, pktinfo, address)
+        return True
+
+    return hook
+
+
+def attach_screens(context: ProxyContext, site: Any) -> None:
+    """The wire-format rules on every listener of ``context``, without a fast path."""
+    for udp in context.extra.get("udp", []):
+        mman = _aiocoap.udp6_message_manager(udp)
+        _aiocoap.intercept_datagrams(udp, screened(
+            site, _aiocoap.datagram_sender(udp),
+            functools.partial(_aiocoap.next_message_id, mman)))
+    listener = context.extra.get("layer1")
+    if listener is not None:
+        mman = listener.message_manager
+
+        def send_down(data: bytes, pktinfo: Any, remote: Any) -> None:
+            listener.send_encoded(remote, data)
+
+        hook = screened(site, send_down, functools.partial(_aiocoap.next_message_id, mman))
+        listener.plaintext_hook = lambda data, remote: hook(data, None, remote)
 
 
 def attach_fast_path(context: ProxyContext, site: Any) -> list[FastPathShell]:

@@ -66,6 +66,7 @@ def test_hop_limit_rules() -> None:
     assert r.decide(proxy_uri("coap://h/", hop=7)).hop_limit == 6
     assert refusal(r, proxy_uri("coap://h/", hop=1)).code == codes.HOP_LIMIT_REACHED
     assert refusal(r, proxy_uri("coap://h/", hop=0)).code == codes.BAD_REQUEST
+    assert refusal(r, proxy_uri("coap://h/", hop=256)).code == codes.BAD_REQUEST  # RFC 8768 3
     assert router(hop_limit=3).decide(proxy_uri("coap://h/")).hop_limit == 3
 
 
