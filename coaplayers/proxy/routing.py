@@ -131,6 +131,32 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+_DOTS = {".": ".", "%2e": ".", "..": "..", ".%2e": "..", "%2e.": "..", "%2e%2e": ".."}
+
+
+def remove_dot_segments(path: str) -> list[str]:
+    """A URI's path as its segments (still percent-encoded) after RFC 3986 5.2.4, which
+    RFC 7252 6.4 applies to a Proxy-Uri (step 2, reference resolution): "." goes, ".."
+    takes its parent with it, and either one last leaves an empty last segment (a trailing
+    slash); other empty segments stay. A percent-encoded dot counts as a dot (RFC 3986
+    6.2.2.2: it is unreserved). The path "" or "/" has no segments (no Uri-Path)."""
+    if not path.startswith("/"):
+        return []  # (an absolute URI's path is empty or begins with "/")
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        dots = _DOTS.get(seg.lower()) if len(seg) <= 6 else None
+        if dots is None:
+            out.append(seg)
+            continue
+        if dots == ".." and out:
+            out.pop()
+        if i == last:
+            out.append("")
+    return [] if out == [""] else out
+
+
 _WILDCARDS = frozenset({"::", "0.0.0.0", ""})
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
@@ -228,8 +254,7 @@ class Router:
         scheme = parts.scheme.lower()
         if not parts.hostname or parts.fragment or parts.username is not None:
             raise Refusal(codes.BAD_REQUEST, "malformed Proxy-Uri", "bad_request")
-        path = tuple(unquote(s) for s in parts.path.split("/")[1:]) if parts.path not in (
-            "", "/") else ()
+        path = tuple(unquote(s) for s in remove_dot_segments(parts.path))
         query = tuple(unquote(q) for q in parts.query.split("&")) if parts.query else ()
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 0)

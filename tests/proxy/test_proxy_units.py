@@ -21,7 +21,7 @@ from coaplayers.proxy.config import (
 )
 from coaplayers.proxy.limits import RateLimiter
 from coaplayers.proxy.metrics import MetricsRegistry
-from coaplayers.proxy.routing import Refusal, Router
+from coaplayers.proxy.routing import Refusal, Router, remove_dot_segments
 
 
 def router(**kw: object) -> Router:
@@ -68,6 +68,19 @@ def test_hop_limit_rules() -> None:
     assert refusal(r, proxy_uri("coap://h/", hop=0)).code == codes.BAD_REQUEST
     assert refusal(r, proxy_uri("coap://h/", hop=256)).code == codes.BAD_REQUEST  # RFC 8768 3
     assert router(hop_limit=3).decide(proxy_uri("coap://h/")).hop_limit == 3
+
+
+@pytest.mark.parametrize(("path", "segments"), [
+    ("", []), ("/", []), ("/..", []), ("/a/b/../c", ["a", "c"]), ("/a/b/..", ["a", ""]),
+    ("/a/.", ["a", ""]), ("/a//b", ["a", "", "b"]), ("/../a", ["a"]), ("/a/%2e%2E/b", ["b"]),
+    ("/a/.../.b", ["a", "...", ".b"]),
+])
+def test_proxy_uri_dot_segments_are_removed(path: str, segments: list[str]) -> None:
+    """RFC 3986 5.2.4, as RFC 7252 6.4 resolves a Proxy-Uri before decomposing it."""
+    assert remove_dot_segments(path) == segments
+    if segments:
+        d = router().decide(proxy_uri("coap://h" + path))
+        assert list(d.path) == segments
 
 
 def test_option_safety() -> None:

@@ -1061,13 +1061,16 @@ async def test_an_answer_from_another_address_is_not_relayed(
 @pytest.mark.parametrize(("uri_rest", "path", "query"), [
     ("ok/{t}/a%2Fb/c%20d/%C3%A9", ["ok", "{t}", "a/b", "c d", "é"], []),
     ("ok/{t}/?q=a%26b&r=%3D&s", ["ok", "{t}", ""], ["q=a&b", "r==", "s"]),
+    # RFC 3986 5.2.4 (reference resolution, RFC 7252 6.4 step 2): dot segments removed
+    ("x/../ok/./{t}/a/%2E%2E/b/./c/..?q=.", ["ok", "{t}", "b", ""], ["q=."]),
+    ("../ok/{t}//d/.", ["ok", "{t}", "", "d", ""], []),
 ])
 async def test_proxy_uri_is_decoded_into_uri_path_and_uri_query(
     client: Client, upstream: tuple[RawOrigin, int], uri_rest: str, path: list[str],
     query: list[str]
 ) -> None:
-    """RFC 7252 6.4: percent-encoding decoded, an empty last segment kept, each query
-    argument one Uri-Query."""
+    """RFC 7252 6.4: dot segments removed, percent-encoding decoded, empty segments kept,
+    each query argument one Uri-Query."""
     origin, port = upstream
     t = tag()
     client.send(req := request(CON, GET, up(port, uri_rest.replace("{t}", t)), token=b"pe"))
