@@ -90,6 +90,20 @@ def screen_request(data: bytes, next_mid: Callable[[], int],
     return None
 
 
+def malformed_answer(data: bytes) -> bool:
+    """Whether an upstream's datagram has a message format error in its options or payload
+    marker (RFC 7252 3), for aiocoap's path (``_aiocoap.reject_malformed_responses``); the
+    fast path finds the same with its own parse and answers 5.02."""
+    tkl = data[0] & 0x0F
+    if tkl > 8:
+        return False  # (not an answer to any token of ours)
+    try:
+        parse_options(data, 4 + tkl)
+    except (Malformed, IndexError):
+        return True
+    return False
+
+
 def _reject(data: bytes, mtype: int) -> Verdict:
     if mtype == CON:
         return Verdict(bytes((0x70, 0)) + data[2:4], "malformed")  # RST, its message ID
@@ -108,4 +122,4 @@ def _bad_request(data: bytes, mtype: int, token_field: bytes, diagnostic: bytes,
     return Verdict(answer, kind)
 
 
-__all__ = ["DROP", "MAX_TOKEN", "Verdict", "screen_request"]
+__all__ = ["DROP", "MAX_TOKEN", "Verdict", "malformed_answer", "screen_request"]

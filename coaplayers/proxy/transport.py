@@ -33,7 +33,7 @@ from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
 from .metrics import MetricsRegistry
-from .screen import screen_request
+from .screen import malformed_answer, screen_request
 
 log = logging.getLogger("coaplayers.proxy")
 
@@ -220,6 +220,9 @@ async def build_context(
         up = aiocoap.Context(loggername="coaplayers.proxy.upstream")
         interface = await _aiocoap.append_udp6(up)
         upstream_sockets.append(interface.transport.get_extra_info("socket"))
+        # an answer with a format error aiocoap's decoder lets pass is 5.02, as on the
+        # fast path (RFC 7252 3)
+        _aiocoap.reject_malformed_responses(interface, malformed_answer)
         return up
 
     def acknowledge_repetitions(up: aiocoap.Context) -> None:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from coaplayers.proxy.screen import DROP, screen_request
+from coaplayers.proxy.screen import DROP, malformed_answer, screen_request
 
 MIDS = itertools.count(0x500)
 
@@ -58,3 +58,11 @@ def test_a_hop_limit_longer_than_a_byte_gets_400(value: bytes) -> None:
     assert answer is not None and answer[:5] == b"\x61\x80\x12\x34\xaa", answer
     # the diagnostic only where it keeps the answer within 3x of the request
     assert len(answer) <= 3 * len(data)
+
+
+def test_an_answer_whose_payload_marker_has_no_payload_is_malformed() -> None:
+    assert malformed_answer(bytes([0x50, 0x45, 0x00, 0x01, 0xFF]))
+    assert malformed_answer(bytes([0x61, 0x45, 0x00, 0x01, 0xAA, 0xC1, 0x00, 0xFF]))
+    assert not malformed_answer(bytes([0x50, 0x45, 0x00, 0x01, 0xFF, 0x01]))
+    assert not malformed_answer(bytes([0x51, 0x45, 0x00, 0x01, 0xFF]))  # the token is 0xFF
+    assert not malformed_answer(bytes([0x50, 0x45, 0x00, 0x01, 0xC1, 0xFF]))  # a value 0xFF
