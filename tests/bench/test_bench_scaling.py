@@ -20,7 +20,8 @@ BENCH = str(Path(sys.executable).parent / "coap-bench")
 @pytest.mark.slow
 def test_scaling_quick(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    done = subprocess.run([BENCH, "--scaling", "--quick", "--clients", "10", "--json", str(out)],
+    done = subprocess.run([BENCH, "--scaling", "--quick", "--clients", "10", "--duration", "0.5",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())["scaling"]
