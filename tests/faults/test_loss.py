@@ -5,9 +5,10 @@ client --[relay: 20 % loss both ways]--> coap-proxy --[relay: 20 % loss both way
 200 Layer 0 requests (end-to-end DTLS, PSK) and 200 OSCORE-mode requests, each bounded. The
 clients' and the proxy's CoAP timers are set for loopback (conftest: first retransmission
 after 0.1-0.15 s, ten retransmissions); Layer 0 handshake flights ride on CoAP exchanges, so
-those timers govern the handshakes too. Four clients (each with its own Layer 0 session or
+those timers govern the handshakes too. Eight clients (each with its own Layer 0 session or
 OSCORE context) share the work, which keeps the run short without putting one session's
-records out of order.
+records out of order: the run lasts as long as its unluckiest client, whose few requests that
+lost many tries in a row wait out CoAP's exponential back-off.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .conftest import App, Keys, layer0_channel, oscore_message, oscore_requeste
 
 pytestmark = pytest.mark.slow
 N = 200
-CLIENTS = 4
+CLIENTS = 8
 EACH = 120.0  # bound of one request: only nine losses in a row on one hop come near it
 LOSS = 0.2
 SEED = int(os.environ.get("COAPLAYERS_LOSS_SEED", "0"))  # other loss patterns, by hand
