@@ -18,7 +18,7 @@ What is here, each with why and the upstream change that would retire it:
 * options as aiocoap stores them (:func:`option_lists`), for copies without deep copies;
 * resources: :func:`site_children`, :func:`replace_block_state` (bounded block-wise state);
 * the message manager: :func:`replace_duplicate_table`, :func:`send_datagram`,
-  :func:`acknowledge_repeated_responses`,
+  :func:`acknowledge_repeated_responses`, :func:`abandon_request`,
   :func:`wrap_sending`, :func:`message_manager_of`, :func:`next_message_id`;
 * datagrams below the message layer (coap-proxy's fast path; and coap-server's listeners,
   read in batches): :func:`intercept_datagrams`, :func:`datagram_sender`,
@@ -324,6 +324,33 @@ def acknowledge_repeated_responses(mman: Any, remember: int = REPEATED_RESPONSES
 
     process_response._coaplayers = True  # type: ignore[attr-defined]
     mman._process_response = process_response
+
+
+def abandon_request(request_interface: Any, message: Any) -> bool:
+    """Stop the message layer's work on ``message``, a CON request sent through
+    ``request_interface`` whose answer nobody waits for any more (coap-proxy answered its
+    client 5.04): no more retransmissions, and it no longer holds the peer's NSTART slot
+    (RFC 7252 4.7 counts an interaction only while its answer "is still expected"); one
+    still waiting in that backlog is not sent at all. True if there was such work.
+
+    aiocoap 0.4.17 retransmits a CON until MAX_RETRANSMIT even when the request's interest
+    ended (its ``send_message`` returns no canceller), holding every later CON to that peer
+    behind it. Upstream: a canceller from ``MessageManager.send_message``, called when a
+    request's interest ends."""
+    mman = message_manager_of(request_interface)
+    if mman is None or message.mtype is not Type.CON or message.mid is None:
+        return False
+    backlog = mman._backlogs.get(message.remote)
+    if backlog:
+        for i, (queued, _) in enumerate(backlog):
+            if queued is message:
+                del backlog[i]
+                return True
+    exchanges = mman._active_exchanges
+    if exchanges is None or (message.remote, message.mid) not in exchanges:
+        return False
+    mman._remove_exchange(message)  # (its retransmission timer and the backlog's next go)
+    return True
 
 
 def send_datagram(mman: Any, message: Any) -> None:

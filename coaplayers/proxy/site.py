@@ -582,6 +582,7 @@ class ProxySite:
             return
         except (TimeoutError, error.TimeoutError):
             pool.forget(client, target)
+            pool.abandon(client, out)  # (as the fast path ends its exchange at 5.04)
             if quiet:
                 self._silent(pipe, entry, started)
                 return

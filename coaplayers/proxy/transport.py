@@ -159,6 +159,17 @@ class UpstreamPool:
             self._own_ports = ports
         return port in self._own_ports
 
+    def abandon(self, client: Hashable, message: Message) -> None:
+        """Stop retransmitting ``message`` (sent by :meth:`request` for ``client``), whose
+        answer the proxy no longer waits for: the client's next CON to that upstream then
+        goes at once instead of waiting behind it (NSTART, RFC 7252 4.7)."""
+        index = self._assigned.get(client)
+        if index is None or message.remote is None:
+            return
+        for interface in self.contexts[index].request_interfaces:
+            if _aiocoap.abandon_request(interface, message):
+                return
+
     def forget(self, client: Hashable, target: str) -> None:
         """Resolve ``target`` afresh next time (after a failure towards it)."""
         index = self._assigned.get(client)

@@ -951,6 +951,32 @@ async def test_silent_upstream_is_504_after_the_upstream_timeout_and_a_late_answ
     assert all(m.mid == answer.mid and m.code == answer.code for m in seen[:-1]), seen
 
 
+async def test_after_a_504_the_clients_next_con_to_that_upstream_goes_at_once(
+    client: Client, upstream: tuple[RawOrigin, int]
+) -> None:
+    """The upstream is alive but silent past --upstream-timeout: the client gets 5.04, and
+    the proxy stops sending that request (its answer is no longer expected), so it no longer
+    counts against NSTART (RFC 7252 4.7: an interaction is outstanding while its answer "is
+    still expected"): the client's next CON to the same upstream is forwarded at once, not
+    after the abandoned one's retransmissions (or its late answer)."""
+    origin, port = upstream
+    t = tag()
+    loop = asyncio.get_running_loop()
+    client.send(req := request(CON, GET, up(port, f"late/{t}?d=4"), token=b"ab"))
+    answer, _ = await client.answer(req, timeout=UPSTREAM_TIMEOUT + WAIT)
+    assert answer.code == code("5.04"), answer
+    failed_at = loop.time()
+    client.send(after := request(CON, GET, up(port, f"ok/{t}"), token=b"next"))
+    answer, _ = await client.answer(after, timeout=1.0)
+    assert (answer.code, answer.payload) == (code("2.05"), b"ok"), answer
+    (forwarded,) = origin.requests(f"ok/{t}")
+    assert forwarded.at - failed_at < 0.5, forwarded.at - failed_at
+    # and the abandoned request is not sent again (one already on its way aside)
+    await asyncio.sleep(UPSTREAM_ACK_TIMEOUT * 4)  # when the next retransmissions were due
+    again = [m for m in origin.received if m.path == ["late", t] and m.at > failed_at + 0.05]
+    assert not again, again
+
+
 async def test_separate_answer_sent_twice_upstream_is_acknowledged_twice_and_relayed_once(
     client: Client, upstream: tuple[RawOrigin, int]
 ) -> None:
@@ -1519,9 +1545,9 @@ async def test_every_way_an_exchange_ends_frees_its_in_flight_slot(
         assert refused.code == code("5.03") and refused.one(MAX_AGE) is not None, refused
         answer, _ = await client.answer(slow)
         assert answer.payload == f"{t}/slow".encode()
-        # A timeout last (aiocoap's path keeps the CON to that upstream outstanding after
-        # the 5.04, and queues this client's next CON to it behind: RFC 7252 4.7's NSTART).
+        # A timeout last; the next CON to the same upstream and to another still find it.
         assert (await ask(CON, up(port, f"late/{t}?d=5"), b"late")).code == code("5.04")
+        assert (await ask(CON, up(port, f"ok/{t}/after"), b"after")).code == code("2.05")
         answer = await ask(CON, f"coap://{echo_origin.hostport}/echo", b"other")
         assert answer.code == code("2.04")
     finally:
