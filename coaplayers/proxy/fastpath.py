@@ -162,7 +162,7 @@ def _code_text(code: int) -> str:
     return _CODE_TEXT[code]
 
 
-def _is_multicast(pktinfo: bytes) -> bool:
+def is_multicast(pktinfo: bytes) -> bool:
     """Whether a datagram came to a multicast address (its answer may not come from there)."""
     return pktinfo[0] == 0xFF or (pktinfo[:12] == b"\0" * 10 + b"\xff\xff"
                                   and 224 <= pktinfo[12] < 240)
@@ -361,7 +361,7 @@ class FastPath:
     def _forward(self, data: bytes, pktinfo: Any, address: Any, peer: Hashable, mtype: int,
                  code: int, mid: int, tkl: int) -> bool:
         site = self.site
-        if site.draining or (pktinfo is not None and _is_multicast(pktinfo)):
+        if site.draining or (pktinfo is not None and is_multicast(pktinfo)):
             return False
         try:
             options, payload_at = parse_options(data, 4 + tkl)

@@ -32,6 +32,7 @@ from ..errors import LocalError
 from ..layer1.context import ResolvedAddress, ServerContext
 from ..message import request_through
 from .config import ConfigError, ProxyConfig
+from .fastpath import is_multicast
 from .metrics import MetricsRegistry
 from .screen import malformed_answer, screen_request
 
@@ -644,6 +645,8 @@ def screened(site: Any, send_down: Callable[[bytes, Any, Any], None],
     def hook(data: bytes, pktinfo: Any, address: Any) -> bool:
         if fast is not None and fast(data, pktinfo, address):
             return True
+        if pktinfo is not None and is_multicast(pktinfo):
+            return False  # (no RST or error to a multicast request: aiocoap's path decides)
         verdict = screen_request(data, next_mid)
         if verdict is None:
             return False
