@@ -243,9 +243,14 @@ class ProxyConfig:
     health_timeout: float = 3.0
     # Clients observing the same unprotected resource share one upstream observation.
     aggregate_observations: bool = True
-    # Plain requests that need nothing of aiocoap's (no block-wise, Observe, Echo,
-    # No-Response, cache, Layer 1 or replica set) are forwarded as datagrams (fastpath.py).
+    # Requests that need nothing of aiocoap's (no block-wise, Observe, Echo, No-Response,
+    # cache) are forwarded as datagrams (fastpath.py), plain or Layer 1's plaintext.
     fast_path: bool = True
+    # Its bounds: upstream sockets and Layer 1 sessions in all, routing decisions remembered,
+    # upstream names being looked up at once.
+    fast_path_sockets: int = 256
+    fast_path_decisions: int = 16384
+    fast_path_lookups: int = 16
     # Processes sharing the listen ports (coaplayers.workers); "auto" in TOML and on the
     # command line means one per core.
     workers: int = 1
@@ -286,6 +291,11 @@ class ProxyConfig:
             raise ConfigError("upstream_timeout must be > 0 and shutdown_grace >= 0")
         if not 1 <= self.upstream_sockets <= 1024:
             raise ConfigError("upstream_sockets must be between 1 and 1024")
+        if (not 1 <= self.fast_path_sockets <= 65536
+                or not 16 <= self.fast_path_decisions <= 1 << 24
+                or not 1 <= self.fast_path_lookups <= 1024):
+            raise ConfigError("fast_path_sockets must be 1..65536, fast_path_decisions"
+                              " 16..16777216 and fast_path_lookups 1..1024")
         if not 0.05 <= self.health_interval <= 60 or not 0.1 <= self.health_timeout <= 600:
             raise ConfigError("health_interval must be 0.05..60 s and health_timeout 0.1..600 s")
         if not 1 <= self.workers <= 64:
@@ -313,6 +323,9 @@ _SCALARS: dict[str, type] = {
     "forward": bool,
     "aggregate_observations": bool,
     "fast_path": bool,
+    "fast_path_sockets": int,
+    "fast_path_decisions": int,
+    "fast_path_lookups": int,
     "pin_workers": bool,
     "upstream_timeout": float,
     "no_response_wait": float,

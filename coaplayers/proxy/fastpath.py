@@ -61,7 +61,6 @@ ROUTING = frozenset({3, 7, 11, 15, 16, 35, 39})  # consumed, and regenerated fro
 EXCHANGE_LIFETIME = 247.0  # RFC 7252 4.8.2 with the default parameters
 TICK = 0.05  # seconds between looks at exchanges older than EMPTY_ACK_DELAY
 TOKEN = 4  # upstream token bytes, random: RFC 7252 5.3.1's 32 bits for Internet clients
-DECISIONS = 16384  # routing decisions remembered (by the routing options' bytes; per set too)
 RECENTLY_DONE = 1024  # upstream tokens of finished exchanges whose CON answers are ACKed again
 
 log = logging.getLogger("coaplayers.proxy")
@@ -77,8 +76,8 @@ class _SetRoute:
     # (routing options, member) -> the decision: a session's requests reuse theirs
     members: dict[Any, _Route] = field(default_factory=dict)
 
-    def remember(self, key: Any, member: str, route: _Route) -> None:
-        if len(self.members) >= DECISIONS:
+    def remember(self, key: Any, member: str, route: _Route, bound: int) -> None:
+        if len(self.members) >= bound:
             self.members.clear()
         self.members[(key, member)] = route
 
@@ -288,6 +287,9 @@ class FastPath:
         self.exchange_lifetime = float(tuning.EXCHANGE_LIFETIME)
         self.ack_timeout = self.config.ack_timeout or float(tuning.ACK_TIMEOUT)
         self.down_ack_timeout = self.config.downstream_ack_timeout or float(tuning.ACK_TIMEOUT)
+        # Routing decisions remembered (by the routing options' bytes; per set member too),
+        # and upstream addresses: each table at most this many entries
+        self.decisions = self.config.fast_path_decisions
         self._routes: dict[tuple[tuple[int, bytes], ...], object] = {}
         self._sets: dict[str, _SetRoute] = {}  # route -> its remembered member decisions
         self._addresses: dict[tuple[str, int], tuple[Any, int] | None] = {}
@@ -526,8 +528,9 @@ class FastPath:
                     remembered = self._sets[match] = _SetRoute(match)
                 assert route is not None
                 d = route.decision
-                remembered.remember(key, f"{d.upstream.scheme}://{d.upstream.hostinfo}", route)
-        if len(self._routes) >= DECISIONS:
+                remembered.remember(key, f"{d.upstream.scheme}://{d.upstream.hostinfo}", route,
+                                    self.decisions)
+        if len(self._routes) >= self.decisions:
             self._routes.clear()
         self._routes[key] = remembered
         return route
@@ -557,7 +560,7 @@ class FastPath:
             return None
         d = route.decision
         if f"{d.upstream.scheme}://{d.upstream.hostinfo}" == member.key:
-            known.remember(key, member.key, route)
+            known.remember(key, member.key, route, self.decisions)
         return route
 
     def _decide(self, data: bytes, client: str) -> _Route | None:
@@ -595,7 +598,7 @@ class FastPath:
             result = ((str(ip), port, 0, 0), 6)
         if check and not self.site.router.allow.address_allowed(str(ip), port):
             result = None
-        if len(self._addresses) >= DECISIONS:
+        if len(self._addresses) >= self.decisions:
             self._addresses.clear()
         self._addresses[key] = result
         return result

@@ -360,7 +360,7 @@ class FastPathShell:
     one wakeup. A socket's message IDs may not repeat towards its upstream within
     EXCHANGE_LIFETIME (RFC 7252 4.4), so once it has sent 65,536 requests the next socket of
     that upstream takes over (up to ``upstream_sockets`` per upstream; the first to have
-    rested a lifetime is reused). At most ``max_sockets`` in all, an idle one closed for a
+    rested a lifetime is reused). At most ``fast_path_sockets`` in all, an idle one closed for a
     new one. Upstream names are resolved off the path (``resolve_ttl``). Whatever finds no
     socket or no address yet goes through aiocoap.
 
@@ -374,15 +374,15 @@ class FastPathShell:
                  duplicates: Any, next_mid: Callable[[], int], hostinfo: Callable[[Any], str],
                  identity: Callable[[Any], str | None] | None = None,
                  layer1_upstream: Callable[[], Awaitable[tuple[aiocoap.Context, Any]]] | None
-                 = None, max_sockets: int = 256, max_lookups: int = 16) -> None:
+                 = None) -> None:
         from .fastpath import FastPath
 
         self.loop = asyncio.get_running_loop()
         self.site = site
         self.config = site.config
         self.per_upstream = self.config.upstream_sockets
-        self.max_sockets = max_sockets
-        self.max_lookups = max_lookups
+        self.max_sockets = self.config.fast_path_sockets
+        self.max_lookups = self.config.fast_path_lookups
         self._active: dict[Any, Any] = {}  # upstream address -> the Upstream in use
         self._sockets: OrderedDict[tuple[Any, int], tuple[Any, socket.socket]] = OrderedDict()
         self._names: dict[tuple[str, int], tuple[tuple[Any, int] | None, float]] = {}
