@@ -262,53 +262,84 @@ class _HalfOpenTable:
         return next(iter(fullest))
 
 
-class _Endpoint(asyncio.DatagramProtocol):
-    """One UDP socket; a listener if it has DTLS listeners, else client-only."""
+class _Endpoint:
+    """One UDP socket; a listener if it has DTLS listeners, else client-only.
 
-    def __init__(self, transport: MessageInterfaceLayer1, kinds: dtls.KindListener | None
-                 ) -> None:
+    The socket is read here, up to ``READ_BATCH`` datagrams per wakeup of the event loop
+    (asyncio's datagram transport reads one per wakeup: with many sessions on one socket,
+    each queued datagram would cost another round of the loop). A datagram the kernel cannot
+    take at once is lost, as on the wire (DTLS and CoAP retransmit); asyncio would queue it.
+    """
+
+    READ_BATCH = 32
+
+    def __init__(self, transport: MessageInterfaceLayer1, kinds: dtls.KindListener | None,
+                 sock: socket.socket) -> None:
         self.owner = transport
         self.kinds = kinds  # hands each ClientHello to the backend of its kind
         self.listeners: list[SessionListener] = kinds.listeners if kinds is not None else []
-        self.udp: asyncio.DatagramTransport | None = None
-        self.local_hostinfo = ""
-        self.family = socket.AF_INET6
-        self._sending_to: tuple[Any, ...] | None = None
-        self.raw_socket: socket.socket | None = None  # for its error queue (asyncio's lacks it)
-
-    def connection_made(self, udp: asyncio.BaseTransport) -> None:
-        self.udp = udp  # type: ignore[assignment]
-        sock = udp.get_extra_info("socket")
+        self.raw_socket = sock  # (its error queue names where ICMP errors came from)
         self.family = sock.family
         host, port = sock.getsockname()[:2]
         self.sockname = (host, port)
         self.local_hostinfo = hostportjoin(host, port)
+        self.closed = False
+        self._sending_to: tuple[Any, ...] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        recvfrom = self.raw_socket.recvfrom
+        size = self.owner.limits.max_datagram_size + 1  # (a longer one is cut, then dropped)
+        for _ in range(self.READ_BATCH):
+            if self.closed:
+                return
+            try:
+                data, addr = recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier datagram (IP_RECVERR)
+                self.error_received(exc)
+                continue
+            self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.owner._datagram_received(self, data, addr[:2])
 
     def error_received(self, exc: Exception) -> None:
-        # asyncio reports a failed sendto() here, synchronously inside sendto(), without the
-        # address: _sending_to supplies it. Handled on the next loop pass, not re-entrantly.
+        # A failed sendto() is reported with _sending_to naming where it went; handled on the
+        # next loop pass, not re-entrantly.
         dest = self._sending_to
         if dest is not None and isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
-            asyncio.get_running_loop().call_soon(self.owner._unreachable, self, dest, exc)
+            self._loop.call_soon(self.owner._unreachable, self, dest, exc)
             return
         if isinstance(exc, OSError) and exc.errno in _REFUSED:
             # An ICMP error for an earlier datagram (IP_RECVERR): the error queue names
             # the address it was sent to.
             for addr in _errqueue_addresses(self.raw_socket):
-                asyncio.get_running_loop().call_soon(self.owner._unreachable, self, addr, exc)
+                self._loop.call_soon(self.owner._unreachable, self, addr, exc)
             return
         log.debug("socket error on %s: %s", self.local_hostinfo, exc)
 
     def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if self.udp is not None and not self.udp.is_closing():
+        if self.closed:
+            return
+        try:
+            self.raw_socket.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket's buffer is full: lost, as on the wire
+        except OSError as exc:
             self._sending_to = addr
             try:
-                self.udp.sendto(data, addr)
+                self.error_received(exc)
             finally:
                 self._sending_to = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.raw_socket.fileno())
+            self.raw_socket.close()
 
 
 class MessageInterfaceLayer1(interfaces.MessageInterface):
@@ -406,10 +437,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             raise OSError(exc.errno, f"cannot bind coaps to {where}: {exc.strerror}") from exc
         sock.setblocking(False)
         _receive_icmp_errors(sock)
-        _, endpoint = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self, kinds), sock=sock
-        )
-        endpoint.raw_socket = sock
+        endpoint = _Endpoint(self, kinds, sock)
         self._endpoints.append(endpoint)
         return endpoint
 
@@ -597,8 +625,7 @@ class MessageInterfaceLayer1(interfaces.MessageInterface):
             self._drop_session(peer, None, notify=False)
         self._mman = None
         for endpoint in self._endpoints:
-            if endpoint.udp is not None:
-                endpoint.udp.close()
+            endpoint.close()
         self._endpoints.clear()
 
     # ------------------------------------------------------------- internals

@@ -118,7 +118,7 @@ async def test_an_observation_survives_a_replayed_client_hello(demo_pki, replaye
         # the attack: the captured ClientHello again, from the client's address
         while not answers.empty():
             answers.get_nowait()
-        endpoint.udp.sendto(hello, srv.layer1.bound_addresses[0])
+        endpoint.raw_socket.sendto(hello, srv.layer1.bound_addresses[0])
         answer = await asyncio.wait_for(answers.get(), T)  # the server has taken it in
         assert records.content_type(answer) == records.CONTENT_HANDSHAKE
         assert srv.layer1.half_open_count == 1  # the replay's handshake, beside the session
