@@ -170,3 +170,38 @@ async def test_layer1_upstream_gone_is_504_before_the_upstream_timeout(
     assert str(gone.code) == "5.04 Gateway Timeout"
     assert took < 8
     assert fast == 0 if extra else fast >= 9  # (the first while the fast path opens its own)
+
+
+@pytest.mark.parametrize("extra", PATHS)
+async def test_layer1_clients_format_errors_and_long_tokens_are_answered_as_on_udp(
+    tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """Inside a client's Layer 1 session the listener applies the same wire-format rules as
+    on plain UDP (docs/PROXY.md, Message layer): a CON whose payload marker has no payload
+    gets an RST of its message ID (RFC 7252 3, 4.2), one with a 13-byte token 4.00 with
+    that token (RFC 8974 2.2.2)."""
+    creds = ClientCredentials()
+    creds.load_from_dict({"coaps://*": {"dtls": {
+        "psk": {"ascii": HOP1[1]}, "client-identity": {"ascii": HOP1[0]}}}})
+    ctx = await layer1.create_context(client_credentials=creds)
+    proxy = await start_proxy(tmp_path, "--psk", f"{HOP1[0]}:{HOP1[1]}", *extra,
+                              listen="coaps://127.0.0.1:0")
+    try:
+        uri = f"coaps://127.0.0.1:{proxy.port}"
+        first = aiocoap.Message(code=aiocoap.GET, uri=uri + "/nowhere")
+        answer = await asyncio.wait_for(ctx.context.request(first).response, 20)
+        assert answer.code == aiocoap.PROXYING_NOT_SUPPORTED  # (the session is up)
+        transport = ctx.layer1
+        remote = await transport.determine_remote(aiocoap.Message(code=aiocoap.GET, uri=uri))
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+        transport.plaintext_hook = lambda data, _remote: bool(got.put_nowait(data)) or True
+        transport.send_encoded(remote, bytes([0x40, 0x01, 0x4A, 0x01, 0xFF]))
+        assert await asyncio.wait_for(got.get(), 5) == bytes([0x70, 0x00, 0x4A, 0x01])
+        token = b"t" * 13
+        transport.send_encoded(remote, bytes([0x4D, 0x01, 0x4A, 0x02, 0x00]) + token)
+        reply = await asyncio.wait_for(got.get(), 5)
+        assert reply[:5] == bytes([0x6D, 0x80, 0x4A, 0x02, 0x00]), reply
+        assert reply[5:18] == token
+    finally:
+        await ctx.shutdown()
+        await _stop(proxy.proc)
