@@ -22,7 +22,7 @@ What is here, each with why and the upstream change that would retire it:
   :func:`wrap_sending`, :func:`message_manager_of`, :func:`next_message_id`;
 * datagrams below the message layer (coap-proxy's fast path; and coap-server's listeners,
   read in batches): :func:`intercept_datagrams`, :func:`datagram_sender`,
-  :func:`reject_malformed_responses`,
+  :func:`reject_malformed_responses`, :func:`end_malformed_response`,
   :func:`udp6_message_manager`;
 * the OSCORE transport's internals (:func:`oscore_transport_run` and friends);
 * credentials: :func:`credentials_entry_base`, :func:`credentials_map_base`;
@@ -424,39 +424,47 @@ def intercept_datagrams(interface: Any, hook: Callable[[bytes, Any, Any], bool],
 
 def reject_malformed_responses(interface: Any, malformed: Callable[[bytes], bool]) -> None:
     """Have aiocoap's udp6 ``interface`` (a client socket) end the exchange of an answer that
-    ``malformed`` says has a message format error aiocoap's decoder lets pass (RFC 7252 3: a
-    payload marker followed by no payload, which aiocoap reads as no payload): the request
-    gets ``UnparsableMessage`` instead of the answer, a CON answer is reset (RFC 7252 4.2),
-    and a piggybacked one still acknowledges the request (its retransmission stops), as
-    RFC 8974 3.3 has a client treat an ACK whose answer it discards. ``malformed`` sees
-    only datagrams whose last byte is 0xFF (where that error can be). Upstream: a strict
-    decoder in ``Message.decode``."""
+    ``malformed`` says has a message format error aiocoap's decoder lets pass (see
+    :func:`end_malformed_response`). Upstream: a strict decoder in ``Message.decode``."""
     mman = interface._ctx
     send = datagram_sender(interface)
     from aiocoap.transports.udp6 import UDP6EndpointAddress
 
     def hook(data: bytes, pktinfo: Any, address: Any) -> bool:
-        if not data or data[-1] != 0xFF or len(data) < 4 or data[1] < 0x40 \
-                or not malformed(data):
+        if not data or data[-1] != 0xFF or not malformed(data):
             return False
-        try:
-            message = Message.decode(data, UDP6EndpointAddress(address, interface,
-                                                               pktinfo=pktinfo))
-        except (error.UnparsableMessage, UnicodeDecodeError):
-            return False  # (aiocoap ignores it anyway)
-        if message.mtype is Type.CON:
-            send(bytes((0x70, 0)) + data[2:4], pktinfo, address)
-        elif message.mtype is Type.ACK:
-            mman._remove_exchange(message)
-        tokens = mman.token_manager
-        key = (message.token, message.remote)
-        request = tokens.outgoing_requests.pop(key, None) if tokens.outgoing_requests else None
-        if request is not None:
-            request.add_exception(error.UnparsableMessage(
-                "answer with a payload marker and no payload"))
-        return True
+        return end_malformed_response(
+            mman, data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo),
+            lambda rst: send(rst, pktinfo, address))
 
     intercept_datagrams(interface, hook)
+
+
+def end_malformed_response(mman: Any, data: bytes, remote: Any,
+                           reset: Callable[[bytes], None]) -> bool:
+    """End the exchange that ``data``, an answer from ``remote`` with a message format error
+    aiocoap's decoder lets pass (RFC 7252 3: a payload marker followed by no payload, which
+    aiocoap reads as no payload), belongs to, in ``mman`` (an aiocoap ``MessageManager``):
+    the request gets ``UnparsableMessage`` instead of the answer, a CON answer is reset
+    through ``reset`` (RFC 7252 4.2), and a piggybacked one still acknowledges the request
+    (its retransmission stops), as RFC 8974 3.3 has a client treat an ACK whose answer it
+    discards. False if ``data`` is no answer aiocoap could decode (it ignores it anyway)."""
+    if len(data) < 4 or data[1] < 0x40:
+        return False
+    try:
+        message = Message.decode(data, remote)
+    except (error.UnparsableMessage, UnicodeDecodeError):
+        return False
+    if message.mtype is Type.CON:
+        reset(bytes((0x70, 0)) + data[2:4])
+    elif message.mtype is Type.ACK:
+        mman._remove_exchange(message)
+    requests = mman.token_manager.outgoing_requests
+    request = requests.pop((message.token, message.remote), None) if requests else None
+    if request is not None:
+        request.add_exception(error.UnparsableMessage(
+            "answer with a payload marker and no payload"))
+    return True
 
 
 def datagram_sender(interface: Any) -> Callable[[bytes, Any, Any], None]:

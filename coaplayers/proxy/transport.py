@@ -295,7 +295,9 @@ async def build_context(
 
         async def upstream_context_l1() -> aiocoap.Context:
             up = await upstream_context()
-            await layer1.attach_layer1(up, client_credentials=client_creds, on_event=on_event)
+            t = await layer1.attach_layer1(up, client_credentials=client_creds,
+                                           on_event=on_event)
+            t.plaintext_hook = functools.partial(_malformed_from_layer1, t)
             return up
 
         async def layer1_upstream() -> tuple[aiocoap.Context, Any]:
@@ -322,6 +324,16 @@ async def build_context(
         ctx, bound, upstream_pool, frozenset(upstream),
         extra,
     )
+
+
+def _malformed_from_layer1(transport: Any, data: bytes, remote: Any) -> bool:
+    """An upstream's answer inside a Layer 1 session with a format error aiocoap's decoder
+    lets pass: its exchange ends, 5.02, as for ``coap://`` upstreams (RFC 7252 3)."""
+    if not data or data[-1] != 0xFF or not malformed_answer(data):
+        return False
+    mman = transport.message_manager
+    return mman is not None and _aiocoap.end_malformed_response(
+        mman, data, remote, lambda rst: transport.send_encoded(remote, rst))
 
 
 def _layer1_metrics(metrics: MetricsRegistry) -> Callable[[str, dict[str, Any]], None]:

@@ -14,6 +14,7 @@ import aiocoap
 import pytest
 
 from coaplayers import layer1
+from coaplayers.credentials import psk_store_from
 from coaplayers.layer1 import ClientCredentials
 
 from .conftest import Running, _read_until, _stop, http_get, metric, start_proxy
@@ -205,3 +206,35 @@ async def test_layer1_clients_format_errors_and_long_tokens_are_answered_as_on_u
     finally:
         await ctx.shutdown()
         await _stop(proxy.proc)
+
+
+@pytest.mark.parametrize("extra", PATHS)
+async def test_a_layer1_upstreams_answer_with_an_empty_payload_marker_is_502(
+    tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
+) -> None:
+    """A coaps:// upstream (a Layer 1 listener in this process that answers in raw bytes)
+    answers with a payload marker followed by no payload, a message format error (RFC 7252
+    3): the client gets 5.02, as from a coap:// upstream, not the answer relayed."""
+    origin = await layer1.create_context(
+        listen=["coaps://127.0.0.1:0"], psk_store=psk_store_from([f"{HOP2[0]}:{HOP2[1]}"]))
+    transport = origin.layer1
+
+    def answer(data: bytes, remote: object) -> bool:
+        if len(data) >= 4 and 1 <= data[1] < 32 and data[0] >> 4 & 3 == 0:  # a CON request
+            tkl = data[0] & 0x0F
+            transport.send_encoded(remote, bytes([0x60 | tkl, 0x45]) + data[2:4 + tkl] + b"\xff")
+            return True
+        return False
+
+    transport.plaintext_hook = answer
+    origin_uri = origin.bound[0]
+    try:
+        proxy = await proxy_for(tmp_path, origin_uri, extra)
+        try:
+            answers = [await through(client, proxy, origin_uri + "/x", code=aiocoap.GET)
+                       for _ in range(3)]  # (the fast path's own session opens meanwhile)
+        finally:
+            await _stop(proxy.proc)
+    finally:
+        await origin.shutdown()
+    assert [a.code for a in answers] == [aiocoap.BAD_GATEWAY] * 3, answers
