@@ -284,7 +284,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             _say("proxy shield: reads and observations of one resource through each proxy")
             results["shield"] = await shield.measure(
                 {"coap-proxy": ep.proxy_coap, "aiocoap-proxy": ep.aio_proxy}, ep.aio_server,
-                ep.pids, clients=args.clients, duration=duration)
+                ep.pids, clients=args.clients, duration=duration,
+                observe_timeout=5.0 if quick else 10.0)
             results["meta"]["seconds"] = round(time.monotonic() - t0, 1)
             results["targets"] = report.evaluate(results)
             return results
@@ -302,7 +303,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         _say("proxy shield: reads and observations of one resource through each proxy")
         results["shield"] = await shield.measure(
             {"coap-proxy": ep.proxy_coap, "aiocoap-proxy": ep.aio_proxy}, ep.aio_server,
-            ep.pids, clients=args.clients, duration=duration)
+            ep.pids, clients=args.clients, duration=duration,
+            observe_timeout=5.0 if quick else 10.0)
         _say("certificate handshakes over the wire")
         from coaplayers_tools.bench.clients import _e2e_cert, _e2e_rpk
 

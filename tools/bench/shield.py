@@ -138,8 +138,11 @@ async def _observe(readers: list[_Reader], server: str, notifications: int = 2,
 
 
 async def measure(proxies: dict[str, str], server: str, pids: dict[str, int], *,
-                  clients: int, duration: float) -> dict[str, Any]:
-    """For each proxy (name -> coap:// URI): reads and observations of ``server``'s reading."""
+                  clients: int, duration: float, observe_timeout: float = 10.0) -> dict[str, Any]:
+    """For each proxy (name -> coap:// URI): reads and observations of ``server``'s reading.
+
+    ``observe_timeout`` bounds the observers' wait for their notifications; aiocoap-proxy's
+    pooled observations never answer 50 observers, so every run waits it out once."""
     out: dict[str, Any] = {}
     for name, proxy in proxies.items():
         readers = await _readers(proxy, server + READING, clients)
@@ -150,7 +153,7 @@ async def measure(proxies: dict[str, str], server: str, pids: dict[str, int], *,
             except Exception as exc:  # a proxy that cannot do it is a result, not a crash
                 entry["reads"] = {"error": repr(exc)}
             try:
-                entry["observe"] = await _observe(readers, server)
+                entry["observe"] = await _observe(readers, server, timeout=observe_timeout)
             except Exception as exc:
                 entry["observe"] = {"error": repr(exc)}
             out[name] = entry
