@@ -5,9 +5,9 @@ aiocoap's path does on the wire (every test runs on both paths)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiocoap
@@ -18,24 +18,11 @@ from coaplayers.credentials import psk_store_from
 from coaplayers.layer1 import ClientCredentials
 
 from .conftest import Running, _read_until, _stop, http_get, metric, start_proxy
+from .test_proxy_layer1 import HOP1, HOP2, SERVER, upstream_credentials
 
-HOP1 = ("dev1", "hop1-secret")  # client <-> proxy
-HOP2 = ("proxy", "hop2-secret")  # proxy <-> upstream server
-SERVER = str(Path(sys.executable).with_name("coap-server"))
 FAST = "coap_proxy_fast_path_total"
 
 PATHS = [pytest.param((), id="fast"), pytest.param(("--no-fast-path",), id="aiocoap")]
-
-
-def upstream_credentials(tmp: Path, port: int) -> Path:
-    path = tmp / "upstream.json"
-    path.write_text(json.dumps({
-        f"coaps://127.0.0.1:{port}*": {"dtls": {
-            "psk": {"ascii": HOP2[1]}, "client-identity": {"ascii": HOP2[0]},
-        }},
-    }))
-    path.chmod(0o600)
-    return path
 
 
 async def start_server(port: int = 0) -> tuple[asyncio.subprocess.Process, str]:
@@ -83,26 +70,49 @@ async def proxy_for(tmp: Path, server_uri: str, extra: tuple[str, ...]) -> Runni
     )
 
 
+@dataclass
+class Hops:
+    """coap-server behind coap-proxy, both on Layer 1 (``server`` replaced if restarted)."""
+
+    server: asyncio.subprocess.Process
+    server_uri: str
+    proxy: Running
+
+    async def request(self, ctx: aiocoap.Context, path: str, payload: bytes = b"",
+                      code: aiocoap.Code = aiocoap.POST) -> aiocoap.Message:
+        return await through(ctx, self.proxy, self.server_uri + path, payload, code)
+
+    async def fast_path_count(self) -> float:
+        assert self.proxy.metrics is not None
+        return metric(await http_get(self.proxy.metrics), FAST)
+
+
+@contextlib.asynccontextmanager
+async def hops(tmp: Path, extra: tuple[str, ...]) -> AsyncIterator[Hops]:
+    server, server_uri = await start_server()
+    h = Hops(server, server_uri, proxy=None)  # type: ignore[arg-type]
+    try:
+        h.proxy = await proxy_for(tmp, server_uri, extra)
+        try:
+            yield h
+        finally:
+            await _stop(h.proxy.proc)
+    finally:
+        await _stop(h.server)
+
+
 @pytest.mark.parametrize("extra", PATHS)
 async def test_layer1_requests_go_between_the_sessions(
     tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
 ) -> None:
-    server, server_uri = await start_server()
-    try:
-        proxy = await proxy_for(tmp_path, server_uri, extra)
-        try:
-            hello = await through(client, proxy, server_uri + "/hello", code=aiocoap.GET)
-            answers = [await through(client, proxy, server_uri + "/echo", b"%d" % i * 10)
-                       for i in range(30)]
-            # Concurrently too: each answer is its own request's.
-            many = await asyncio.gather(*(
-                through(client, proxy, server_uri + "/echo", b"c%d" % i * 8) for i in range(20)))
-            assert proxy.metrics is not None
-            fast = metric(await http_get(proxy.metrics), FAST)
-        finally:
-            await _stop(proxy.proc)
-    finally:
-        await _stop(server)
+    async with hops(tmp_path, extra) as h:
+        hello = await h.request(client, "/hello", code=aiocoap.GET)
+        answers = [await h.request(client, "/echo", b"%d" % i * 10) for i in range(30)]
+        # Concurrently too: each answer is its own request's.
+        many = await asyncio.gather(*(h.request(client, "/echo", b"c%d" % i * 8)
+                                      for i in range(20)))
+        fast = await h.fast_path_count()
+    proxy = h.proxy
     # Hop by hop: the server saw the proxy's Layer 1 identity.
     assert hello.payload == b"Hello from coap-server (mode plain, layer 1 peer proxy)"
     assert [(a.code, a.payload) for a in answers] == [
@@ -123,22 +133,12 @@ async def test_layer1_requests_go_between_the_sessions(
 async def test_layer1_upstream_that_lost_the_session_is_handshaken_again(
     tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
 ) -> None:
-    server, server_uri = await start_server()
-    port = int(server_uri.rsplit(":", 1)[1])
-    try:
-        proxy = await proxy_for(tmp_path, server_uri, extra)
-        try:
-            before = [await through(client, proxy, server_uri + "/echo", b"a%d" % i)
-                      for i in range(10)]
-            server.kill()  # its sessions are gone with it, without a close_notify
-            await server.wait()
-            server, _ = await start_server(port)
-            after = [await through(client, proxy, server_uri + "/echo", b"b%d" % i)
-                     for i in range(10)]
-        finally:
-            await _stop(proxy.proc)
-    finally:
-        await _stop(server)
+    async with hops(tmp_path, extra) as h:
+        before = [await h.request(client, "/echo", b"a%d" % i) for i in range(10)]
+        h.server.kill()  # its sessions are gone with it, without a close_notify
+        await h.server.wait()
+        h.server, _ = await start_server(int(h.server_uri.rsplit(":", 1)[1]))
+        after = [await h.request(client, "/echo", b"b%d" % i) for i in range(10)]
     assert [a.payload for a in before] == [b"a%d" % i for i in range(10)]
     assert [(a.code, a.payload) for a in after] == [
         (aiocoap.CHANGED, b"b%d" % i) for i in range(10)]
@@ -148,23 +148,14 @@ async def test_layer1_upstream_that_lost_the_session_is_handshaken_again(
 async def test_layer1_upstream_gone_is_504_before_the_upstream_timeout(
     tmp_path: Path, client: aiocoap.Context, extra: tuple[str, ...]
 ) -> None:
-    server, server_uri = await start_server()
-    try:
-        proxy = await proxy_for(tmp_path, server_uri, (*extra, "--ack-timeout", "0.5"))
-        try:
-            before = [await through(client, proxy, server_uri + "/echo", b"a%d" % i)
-                      for i in range(10)]
-            server.kill()  # no close_notify: the proxy's session looks alive
-            await server.wait()
-            started = asyncio.get_running_loop().time()
-            gone = await through(client, proxy, server_uri + "/echo", b"x")
-            took = asyncio.get_running_loop().time() - started
-            assert proxy.metrics is not None
-            fast = metric(await http_get(proxy.metrics), FAST)
-        finally:
-            await _stop(proxy.proc)
-    finally:
-        await _stop(server)
+    async with hops(tmp_path, (*extra, "--ack-timeout", "0.5")) as h:
+        before = [await h.request(client, "/echo", b"a%d" % i) for i in range(10)]
+        h.server.kill()  # no close_notify: the proxy's session looks alive
+        await h.server.wait()
+        started = asyncio.get_running_loop().time()
+        gone = await h.request(client, "/echo", b"x")
+        took = asyncio.get_running_loop().time() - started
+        fast = await h.fast_path_count()
     assert [a.payload for a in before] == [b"a%d" % i for i in range(10)]
     # Its retransmissions go unanswered, a new handshake meets the ICMP error: 5.04, not
     # the 10 s upstream timeout.
