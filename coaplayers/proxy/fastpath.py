@@ -487,10 +487,28 @@ class FastPath:
         except BlockingIOError:
             pass  # the socket's buffer is full: lost, as on the wire (a CON is sent again)
         except OSError as exc:
+            if exc.errno in ICMP_ERRNOS:
+                self._icmp_on_send(ex.up, exc)
+                return True  # (still waiting: the error's handling moves or ends it)
             log.debug("upstream send failed: %s", exc)
             self._fail(ex, codes.GATEWAY_TIMEOUT, "upstream unreachable", "unreachable")
             return False
         return True
+
+    def _reply_up(self, up: Upstream, data: bytes) -> None:
+        """An ACK or RST to an upstream's message."""
+        try:
+            up.send(data)
+        except OSError as exc:
+            if exc.errno in ICMP_ERRNOS:
+                self._icmp_on_send(up, exc)
+            # (else: lost, as on the wire; the upstream sends its message again)
+
+    def _icmp_on_send(self, up: Upstream, exc: OSError) -> None:
+        """A connected socket reports an ICMP error for an earlier datagram at the next send
+        (and no longer to its reader): handled as the reader would, on the next turn of the
+        loop (not inside the step that was sending: it may be ending an exchange)."""
+        self.call_later(0, lambda: self.upstream_failed(up, exc))
 
     def _token(self) -> bytes:
         """A random upstream token (read from the OS 4 KiB at a time: a system call per
@@ -626,7 +644,7 @@ class FastPath:
                 if ex is not None:
                     self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
             elif mtype == CON:
-                up.send(bytes((0x70, 0)) + data[2:4])  # a ping: RST (RFC 7252 4.3)
+                self._reply_up(up, bytes((0x70, 0)) + data[2:4])  # a ping: RST (RFC 7252 4.3)
             return
         if code < 0x40 or tkl > 8:
             return
@@ -634,15 +652,15 @@ class FastPath:
         ex = up.by_token.get(token)
         if code >= 0xC0:  # 6.xx and 7.xx: no response codes over UDP (RFC 8323's signals)
             if mtype == CON:
-                up.send(bytes((0x70, 0)) + data[2:4])
+                self._reply_up(up, bytes((0x70, 0)) + data[2:4])
             if ex is not None and (mtype != ACK or ex.up_mid == mid):
                 self._fail(ex, codes.BAD_GATEWAY, "upstream failed", "bad_gateway")
             return
         if mtype == CON:
             if ex is None and token not in up.done:
-                up.send(bytes((0x70, 0)) + data[2:4])
+                self._reply_up(up, bytes((0x70, 0)) + data[2:4])
                 return
-            up.send(bytes((0x60, 0)) + data[2:4])
+            self._reply_up(up, bytes((0x60, 0)) + data[2:4])
         if ex is None or (mtype == ACK and ex.up_mid != mid):
             return
         self._answer(ex, data, tkl, code)

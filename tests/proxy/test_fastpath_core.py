@@ -392,6 +392,43 @@ def test_replica_set_requests_go_to_the_member_their_session_names() -> None:
     assert not rig.core.from_client(session(1, 11), None, CLIENT)
 
 
+def test_an_icmp_error_reported_at_a_send_moves_a_set_members_requests() -> None:
+    """A connected socket reports the ICMP error of an earlier datagram (the member died) at
+    the next send: the request goes once to another member, as when the reader gets it,
+    not 5.04 at once (which an OSCORE or Layer 0 client of the dead member would take for
+    the end, instead of re-keying with another)."""
+    import errno
+
+    from coaplayers import replica
+    from coaplayers.proxy.config import Route
+
+    rig = Rig(routes=(Route.parse("/=replicas:coap://127.0.0.1:1,coap://127.0.0.1:2"),),
+              forward=False)
+    sent: dict[int, list[bytes]] = {1: [], 2: []}
+
+    def refused(data: bytes) -> None:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    ups = {1: Upstream("m1", refused), 2: Upstream("m2", sent[2].append)}
+    rig.core.upstream_for = (  # type: ignore[method-assign]
+        lambda sockaddr, version, decision: ups[sockaddr[1]])
+    s = rig.site.router.sets["/"]
+    for i, m in enumerate(sorted(s.members.values(), key=lambda m: m.key)):
+        s.answered(m, i, now=0.0)
+    m = Message(code=Code.POST, payload=b"record",
+                uri="coap://proxy/~" + replica.session_name(0, "AAAAA")[0] + "bcd")
+    m.mtype, m.mid, m.token = Type.CON, 5, b"s"
+    assert rig.core.from_client(m.encode(), None, CLIENT)
+    rig.clock.advance(0.01)
+    assert rig.down == []  # no 5.04
+    (moved,) = sent[2]
+    assert decoded(moved).payload == b"record"
+    assert s.members["coap://127.0.0.1:1"].up is False
+    rig.core.from_upstream(ups[2], bytes((0x60 | moved[0] & 0x0F, 0x44)) + moved[2:])
+    (answer,) = rig.down
+    assert decoded(answer).code == Code.CHANGED
+
+
 def test_a_clients_second_con_waits_for_the_first_and_is_then_retransmitted() -> None:
     rig = Rig(ack_timeout=1.0, upstream_timeout=30.0)
     rig.core.from_client(request(mid=1, token=b"a"), None, CLIENT)
