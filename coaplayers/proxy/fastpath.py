@@ -155,6 +155,7 @@ def _uint(value: int) -> bytes:
 
 
 _CODE_TEXT = [f"{c >> 5}.{c & 0x1F:02d}" for c in range(256)]
+_METHOD_TEXT = {c: str(Code(c)) for c in range(GET, 8)}  # GET..iPATCH, as aiocoap names them
 
 
 def _code_text(code: int) -> str:
@@ -174,6 +175,9 @@ class _Route:
     decision: Decision
     options: list[tuple[int, bytes]]
     encoded: bytes  # ``options`` encoded: the upstream request's when it has no others
+    # The exchange log's fields that follow from the decision and the routing options alone,
+    # made for the first request (aiocoap's decoder and the URI text are most of a line)
+    log: dict[str, Any] | None = None
 
 
 class _Exchange:
@@ -444,7 +448,8 @@ class FastPath:
         kinds = self._kinds
         kinds[d.kind] = kinds.get(d.kind, 0) + 1
         if site.log_exchanges:
-            ex.entry = self._entry(ex, client, identity, data, payload_at)
+            ex.entry = self._entry(ex, client, identity, data,
+                                   any(n == OPT_OSCORE for n, _ in others))
         if self._tick is None:
             self._tick = self.call_later(TICK, self._on_tick)
         self.forwarded += 1
@@ -922,19 +927,26 @@ class FastPath:
     # -- the exchange log ------------------------------------------------------------------
 
     def _entry(self, ex: _Exchange, client: str | None, identity: str | None, data: bytes,
-               payload_at: int) -> dict[str, Any]:
-        from .site import routing_fields  # (site imports this module)
+               oscore: bool) -> dict[str, Any]:
+        fixed = ex.route.log
+        if fixed is None:
+            from .site import routing_fields  # (site imports this module)
 
-        d = ex.route.decision
+            d = ex.route.decision
+            routing = routing_fields(Message.decode(data))
+            routing.pop("oscore", None)  # (not a routing option: added per request)
+            fixed = ex.route.log = {"routing": routing, "kind": d.kind, "upstream": d.uri}
+            if d.route is not None:
+                fixed["route"] = d.route
         entry: dict[str, Any] = {
             "event": "exchange", "client": client, "identity": identity,
-            "method": str(Code(ex.code)), "type": "CON" if ex.con else "NON",
-            "routing": routing_fields(Message.decode(data)),
+            "method": _METHOD_TEXT[ex.code], "type": "CON" if ex.con else "NON",
+            "routing": {**fixed["routing"], "oscore": True} if oscore else fixed["routing"],
             "request_bytes": ex.request_payload,
-            "kind": d.kind, "upstream": d.uri,
+            "kind": fixed["kind"], "upstream": fixed["upstream"],
         }
-        if d.route is not None:
-            entry["route"] = d.route
+        if "route" in fixed:
+            entry["route"] = fixed["route"]
         return entry
 
     def close(self) -> None:

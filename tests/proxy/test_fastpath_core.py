@@ -207,6 +207,32 @@ def test_unknown_safe_to_forward_options_are_forwarded_as_they_came() -> None:
             if int(o.number) in (2048, 65052)] == [(2048, b"x"), (65052, b"\0" * 30)]
 
 
+def test_exchange_lines_are_the_routing_decisions_and_each_requests_own() -> None:
+    """The log fields that follow from the routing options are made once per decision; the
+    OSCORE flag, method, type, client and sizes are each request's (as aiocoap's path logs
+    them: site.routing_fields)."""
+    import io
+    import json
+
+    from coaplayers.proxy.site import routing_fields
+
+    rig = Rig(log_exchanges=True)
+    stream = io.StringIO()
+    rig.site.access_log = AccessLog(stream=stream)
+    first = request(mid=1, token=b"a", payload=b"x" * 10)
+    second = request(mtype=NON, mid=2, token=b"b", payload=b"y" * 3, oscore=b"\x09\x01")
+    for data in (first, second):
+        assert rig.core.from_client(data, None, CLIENT)
+        rig.answer_up(ACK if data is first else NON, 0x44)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["routing"] for line in lines] == [
+        routing_fields(decoded(first)), routing_fields(decoded(second))]
+    assert "oscore" not in lines[0]["routing"] and lines[1]["routing"]["oscore"] is True
+    assert [(line["method"], line["type"], line["request_bytes"]) for line in lines] == [
+        ("POST", "CON", 10), ("POST", "NON", 3)]
+    assert {line["upstream"] for line in lines} == {f"coap://{ORIGIN}/echo"}
+
+
 def test_get_is_left_to_aiocoap_with_the_cache_on_or_from_an_unverified_address() -> None:
     assert not Rig(cache_entries=16).core.from_client(request(code=Code.GET, payload=b""),
                                                       None, CLIENT)
