@@ -982,7 +982,7 @@ class Layer0ClientCore:
                     raise HandshakeFailed("the server created the session without a ServerHello")
                 path, tag = location, created_tag
             elif code == Code.SERVICE_UNAVAILABLE:
-                raise ServerBusy("the server has too many handshakes in progress (5.03)")
+                raise ServerBusy(_busy(result.payload))
             elif code == Code.NOT_FOUND and path != WELL_KNOWN_PATH:
                 raise _Restart("the server kept dropping our handshake")
             elif code == Code.FORBIDDEN:
@@ -1489,6 +1489,14 @@ def _holds_alert(payload: bytes) -> bool:
     except ProtocolViolation:
         return False
     return any(records.content_type(r) == records.CONTENT_ALERT for r in found)
+
+
+def _busy(payload: bytes) -> str:
+    """A 5.03 to a handshake: the origin or a proxy on the way has no room now (a proxy says
+    why in its diagnostic payload: "proxy busy", "proxy starting", ...)."""
+    text = payload[:120].decode("utf-8", "replace")
+    said = f" {text!r}" if text.isprintable() and text else ""
+    return f"5.03 Service Unavailable{said}: the server or a proxy on the way is busy; retry"
 
 
 def _refused_on_the_way(payload: bytes) -> str:

@@ -39,7 +39,8 @@ class ResponseRejected(Layer0Error, RemoteError):
 
 
 class ServerBusy(Layer0Error, RemoteError):
-    """The server has no room for another handshake (5.03); retry later."""
+    """The server, or a proxy on the way, has no room for the handshake now (5.03; the
+    message carries the diagnostic it gave, such as a proxy's "proxy starting"); retry later."""
 
 
 class OuterError(Layer0Error, RemoteError):

@@ -48,6 +48,7 @@ from coaplayers.layer0.errors import (
     NoAnswer,
     OuterError,
     ResponseRejected,
+    ServerBusy,
     SessionLost,
 )
 from coaplayers.layer0.profile import INNER_BLOCK_SIZE, WELL_KNOWN_PATH
@@ -457,6 +458,22 @@ def test_a_refused_handshake_is_a_handshake_failure() -> None:
     net.server.answer = busy  # type: ignore[method-assign]
     outcome = net.result(net.client.request(get("hello"), net.now))
     assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, HandshakeFailed)
+
+
+def test_a_busy_answer_says_who_was_busy() -> None:
+    """A 5.03 to a ClientHello may come from a proxy (its diagnostic says why), not only
+    from an origin with too many handshakes: the error passes the reason on."""
+    net = network()
+    net.fate = lambda request: "answer"
+
+    def starting(request: OuterRequest, now: float) -> OuterAnswer:
+        return OuterAnswer(Code.SERVICE_UNAVAILABLE, b"proxy starting")
+
+    net.server.answer = starting  # type: ignore[method-assign]
+    outcome = net.result(net.client.request(get("hello"), net.now))
+    assert isinstance(outcome, RequestFailed) and isinstance(outcome.error, ServerBusy)
+    assert "proxy starting" in str(outcome.error)
+    assert "too many handshakes" not in str(outcome.error)
 
 
 def test_a_get_whose_exchange_times_out_is_sent_again() -> None:
