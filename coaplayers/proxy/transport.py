@@ -567,8 +567,11 @@ class FastPathShell:
             remote = await transport.determine_remote(Message(code=aiocoap.POST, uri=uri))
         except Exception as exc:  # (no credentials, a name that does not resolve, ...)
             log.debug("fast path: no Layer 1 session to %s: %s", uri, exc)
-            return  # (the key stays None: aiocoap's path takes these requests)
+            remote = None
         if remote is None or not getattr(remote, "reusable", False):
+            # aiocoap's path takes these requests; tried again after resolve_ttl (the cause
+            # may pass: a name not resolving yet, credentials fixed by a restart)
+            self.loop.call_later(max(1.0, self.config.resolve_ttl), self._forget_layer1, key)
             return
 
         def send(data: bytes) -> None:
@@ -580,6 +583,10 @@ class FastPathShell:
         transport.ready(remote)  # (the handshake starts now)
         self._l1[key] = up
         self._l1_by_remote[(index, remote)] = up
+
+    def _forget_layer1(self, key: tuple[Any, str, int]) -> None:
+        if key in self._l1 and self._l1[key] is None:
+            del self._l1[key]
 
     def _from_layer1(self, index: int, data: bytes, remote: Any) -> bool:
         up = self._l1_by_remote.get((index, remote))
